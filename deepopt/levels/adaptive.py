@@ -1,0 +1,151 @@
+"""Adam and diagonal preconditioners as element-wise L2 memories of gradients (paper App. B).
+
+Adam's moments are the optimal memory of an element-wise regression of gradients: the solution of
+sum_i ||m (.) g_i - P||^2 + lambda ||m||^2 with P = (sum_i g_i^2)^(1/2) gives the step
+``W <- W - eta M / (sqrt(H) + eps)`` with accumulators ``M += b1 g`` and ``H += b2 g^2``
+(``form="accumulate"``, paper-literal, AdaGrad-like). The exponential-moving-average form with
+bias correction (``form="ema"``, the default) is exactly ``torch.optim.AdamW``'s:
+
+    m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2,
+    d = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
+
+:class:`DiagonalPreconditioner` keeps only the second moment and preconditions its input,
+``P(x) = x / (sqrt(v_hat) + eps)``; with a ``period`` it is a slow level ("preconditioners as
+levels", Eq. 47).
+
+Example:
+    >>> import torch
+    >>> from deepopt.levels import AdamMoments
+    >>> lvl = AdamMoments(); group = dict(lvl.defaults); p = torch.zeros(2)
+    >>> s = lvl.write(lvl.init(p, group), torch.tensor([1.0, -2.0]), p, group, t=1)
+    >>> lvl.read(s, None, p, group, t=1).materialize()  # first Adam step is ~ sign(g)
+    tensor([ 1.0000, -1.0000])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
+
+__all__ = ["AdamMoments", "DiagonalPreconditioner", "ADAM_FORMS"]
+
+ADAM_FORMS = ("ema", "accumulate")
+
+
+def _check_betas(group: Mapping[str, Any], key: str, form: str) -> None:
+    betas = group[key]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"invalid {key}: {betas!r}; give two floats (beta1, beta2)")
+    for i, b in enumerate(betas):
+        if form == "ema":
+            check_unit_interval(group, f"{key}[{i}]", value=b)
+        elif not float(b) >= 0.0:
+            raise ValueError(f"invalid {key}[{i}]: {b!r}; it must be >= 0")
+
+
+class AdamMoments(Level):
+    """Adam's first and second moments; read-out ``m_hat / (sqrt(v_hat) + eps)``.
+
+    Args:
+        betas: ``(b1, b2)`` (group key ``"betas"``).
+        eps: added to the denominator (group key ``"eps"``).
+        form: ``"ema"`` (torch AdamW, default) or ``"accumulate"`` (paper-literal sums).
+    """
+
+    name = "adam"
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 form: str = "ema", period: int = 1, keys: Mapping[str, str] | None = None) -> None:
+        super().__init__(period=period, keys=keys, betas=tuple(betas), eps=eps, form=form)
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        form = self.hp(group, "form")
+        if form not in ADAM_FORMS:
+            raise ValueError(f"invalid form: {form!r}; use one of {ADAM_FORMS}")
+        _check_betas(group, self.key("betas"), form)
+        check_nonnegative(group, self.key("eps"))
+
+    def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
+        return {"exp_avg": zeros_like(p), "exp_avg_sq": zeros_like(p)}
+
+    def write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
+        b1, b2 = self.hp(group, "betas")
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if self.hp(group, "form") == "accumulate":
+            return {"exp_avg": torch.add(m, x, alpha=b1), "exp_avg_sq": torch.addcmul(v, x, x, value=b2)}
+        return {"exp_avg": m.lerp(x, 1 - b1), "exp_avg_sq": torch.addcmul(v * b2, x, x, value=1 - b2)}
+
+    def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
+        m, v, eps = state["exp_avg"], state["exp_avg_sq"], self.hp(group, "eps")
+        if self.hp(group, "form") == "accumulate":
+            return Direction(m, v.sqrt() + eps)
+        b1, b2 = self.hp(group, "betas")
+        bc2_sqrt = (1 - b2**t) ** 0.5
+        return Direction(m, v.sqrt() / bc2_sqrt + eps, div=1 - b1**t)
+
+    def write_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+               group: Mapping[str, Any], ts: list[int]) -> None:
+        b1, b2 = self.hp(group, "betas")
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        if self.hp(group, "form") == "accumulate":
+            torch._foreach_add_(ms, xs, alpha=b1)
+            torch._foreach_addcmul_(vs, xs, xs, value=b2)
+            return
+        torch._foreach_lerp_(ms, xs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, xs, xs, value=1 - b2)
+
+    def read_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+              group: Mapping[str, Any], ts: list[int]) -> list[Direction]:
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        dens = torch._foreach_sqrt(vs)
+        eps = self.hp(group, "eps")
+        if self.hp(group, "form") == "accumulate":
+            torch._foreach_add_(dens, eps)
+            return [Direction(m, d) for m, d in zip(ms, dens)]
+        b1, b2 = self.hp(group, "betas")
+        torch._foreach_div_(dens, [(1 - b2**t) ** 0.5 for t in ts])
+        torch._foreach_add_(dens, eps)
+        return [Direction(m, d, div=1 - b1**t) for m, d, t in zip(ms, dens, ts)]
+
+
+class DiagonalPreconditioner(Level):
+    """Second-moment memory ``v <- b2 v + (1 - b2) g^2``; read ``x / (sqrt(v_hat) + eps)``.
+
+    As a slow level (``period=C``) it accumulates ``g^2`` and is rewritten at steps
+    1, C + 1, 2C + 1, ... (a preconditioner is undefined before its first write), while every
+    step's input is preconditioned by the held statistic.
+
+    Args:
+        beta2: decay of the second moment (group key ``"beta2"``).
+        eps: added to the denominator (group key ``"eps"``).
+    """
+
+    name = "precond"
+    write_first = True
+
+    def __init__(self, beta2: float = 0.999, eps: float = 1e-8, period: int = 1,
+                 keys: Mapping[str, str] | None = None) -> None:
+        super().__init__(period=period, keys=keys, beta2=beta2, eps=eps)
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        check_unit_interval(group, self.key("beta2"))
+        check_nonnegative(group, self.key("eps"))
+
+    def write_input(self, x: Tensor) -> Tensor:
+        return x * x
+
+    def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
+        return {"exp_avg_sq": zeros_like(p)}
+
+    def write(self, state: State, x2: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
+        b2 = self.hp(group, "beta2")
+        return {"exp_avg_sq": torch.add(state["exp_avg_sq"] * b2, x2, alpha=1 - b2)}
+
+    def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
+        bc2_sqrt = (1 - self.hp(group, "beta2") ** t) ** 0.5
+        return Direction(x, state["exp_avg_sq"].sqrt() / bc2_sqrt + self.hp(group, "eps"))

@@ -1,0 +1,174 @@
+"""The level: one associative memory of an optimizer.
+
+A level is a memory ``M`` with a *write* (one step of its inner optimizer on its inner
+objective, i.e. the state update) and a *read* (the memory's output for the current input).
+Levels are chained: the read of one level is the input of the next, and the read of the last
+level is the update direction ``d`` that the optimizer applies as ``W <- W - lr * d``.
+
+Every level has two forms that must agree (tests check it in float64):
+
+* the **reference**: pure functions over one tensor, ``write(state, x, ...) -> new_state`` and
+  ``read(state, x, ...) -> Direction``. They never mutate their inputs, so they work under
+  ``torch.func.grad`` and ``torch.func.vmap``.
+* the **fast path**: ``write_(states, xs, ...)`` over a list of tensors that updates state in
+  place (``torch._foreach_*`` where it pays), and ``read_`` over a list.
+
+A level may have an update ``period`` C (DESIGN.md 4, "slow levels"): its input is accumulated
+over C steps and it is written only at the boundary ``t % C == 0`` with the mean of the chunk;
+between boundaries its state is held and reads use the held state.
+
+Hyperparameters live in the optimizer's param group (so LR schedulers, ``OneCycleLR``'s momentum
+cycling and checkpointing all work): a level declares its group keys and their defaults in
+``defaults``, validates them in ``validate`` and reads them from ``group`` at every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import torch
+from torch import Tensor
+
+State = dict[str, Tensor]
+
+
+class Direction(NamedTuple):
+    """An update direction ``d = (mul / div) * num / den`` (``den`` optional).
+
+    Keeping the ratio and the scalars apart lets the shell apply the step with exactly the
+    floating-point operations torch's optimizers use (``addcdiv_`` for Adam, ``add_`` with
+    ``alpha`` for SGD and Muon), which is what makes the equality tests bit-exact.
+    """
+
+    num: Tensor
+    den: Tensor | None = None
+    mul: float = 1.0
+    div: float = 1.0
+
+    def materialize(self) -> Tensor:
+        """The direction as one tensor (used when a later level consumes it)."""
+        out = self.num if self.den is None else self.num / self.den
+        if self.mul != 1.0 or self.div != 1.0:
+            out = out * (self.mul / self.div)
+        return out
+
+
+class Level:
+    """Base class of a level. Subclasses set ``name`` and implement ``init``/``write``/``read``.
+
+    Args:
+        period: update period C of the memory (1 = every step).
+        keys: renames of hyperparameter keys in the param group (so two levels of one optimizer
+            can both have, say, an ``eps``), e.g. ``{"eps": "fallback_eps"}``.
+        **defaults: hyperparameter defaults, stored under these keys in each param group.
+    """
+
+    name: str = "level"
+    #: write also at step 1 (a memory that is undefined before its first write, such as a
+    #: preconditioner, is then written at t = 1, C + 1, 2C + 1, ...).
+    write_first: bool = False
+
+    def __init__(self, period: int = 1, keys: Mapping[str, str] | None = None, **defaults: Any) -> None:
+        if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+            raise ValueError(f"{type(self).__name__}: period must be an int >= 1, got {period!r}")
+        self.period = period
+        self.keys = dict(keys or {})
+        self.defaults = {self.key(k): v for k, v in defaults.items()}
+
+    def key(self, name: str) -> str:
+        """The param-group key under which this level keeps hyperparameter ``name``."""
+        return self.keys.get(name, name)
+
+    def hp(self, group: Mapping[str, Any], name: str) -> Any:
+        """This level's hyperparameter ``name`` as set in ``group``."""
+        return group[self.key(name)]
+
+    # ----------------------------------------------------------------- hyperparameters
+    def validate(self, group: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the hyperparameter if the group's value is invalid."""
+
+    def applies_to(self, p: Tensor, group: Mapping[str, Any]) -> bool:
+        """Whether this level acts on ``p`` (matrix levels skip vectors). Default: always."""
+        return True
+
+    # ----------------------------------------------------------------- reference (pure)
+    def write_input(self, x: Tensor) -> Tensor:
+        """What a slow level accumulates between writes (``x``; ``x * x`` for second moments)."""
+        return x
+
+    def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
+        """Fresh state for parameter ``p`` (keys without the level prefix)."""
+        return {}
+
+    def write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
+        """One inner step of the memory on input ``x``; ``t`` is the level's own 1-based step."""
+        return state
+
+    def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
+        """The memory's output for input ``x`` (``t`` = number of writes so far)."""
+        return Direction(x)
+
+    # ----------------------------------------------------------------- fast path (in place)
+    def write_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+               group: Mapping[str, Any], ts: list[int]) -> None:
+        """In-place write over a list. Default: the reference, copied back into the state."""
+        for state, x, p, t in zip(states, xs, ps, ts):
+            new = self.write(state, x, p, group, t)
+            for k, v in new.items():
+                if state[k] is not v:
+                    state[k].copy_(v)
+
+    def read_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+              group: Mapping[str, Any], ts: list[int]) -> list[Direction]:
+        """Read over a list. Default: the reference, tensor by tensor."""
+        return [self.read(s, x, p, group, t) for s, x, p, t in zip(states, xs, ps, ts)]
+
+    # ----------------------------------------------------------------- statistics
+    def stats(self, state: State) -> dict[str, float]:
+        """Scalar statistics of the memory for logging (norms of its buffers)."""
+        return {k: float(v.detach().float().norm()) for k, v in state.items() if v.numel() > 1}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
+        per = f", period={self.period}" if self.period != 1 else ""
+        return f"{type(self).__name__}({args}{per})"
+
+
+def is_boundary(t: int, period: int, write_first: bool = False) -> bool:
+    """Whether global step ``t`` (1-based) is a write step of a level of this period."""
+    if period == 1:
+        return True
+    return (t - 1) % period == 0 if write_first else t % period == 0
+
+
+def level_step(t: int, period: int, write_first: bool = False) -> int:
+    """Number of writes a level of this period has made after global step ``t``."""
+    if period == 1:
+        return t
+    return (t - 1) // period + 1 if write_first else t // period
+
+
+def check_unit_interval(group: Mapping[str, Any], key: str, *, closed_right: bool = False,
+                        value: Any = None) -> None:
+    """Raise a ValueError naming ``key`` unless ``0 <= group[key] < 1`` (``<= 1`` if closed)."""
+    v = group[key] if value is None else value
+    if isinstance(v, Tensor):
+        v = float(v)
+    ok = 0.0 <= v <= 1.0 if closed_right else 0.0 <= v < 1.0
+    if not ok:
+        bound = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"invalid {key}: {v!r}; it must lie in {bound}")
+
+
+def check_nonnegative(group: Mapping[str, Any], key: str) -> None:
+    """Raise a ValueError naming ``key`` unless ``group[key] >= 0``."""
+    v = group[key]
+    if isinstance(v, Tensor):
+        v = float(v)
+    if not v >= 0.0:
+        raise ValueError(f"invalid {key}: {v!r}; it must be >= 0")
+
+
+def zeros_like(p: Tensor) -> Tensor:
+    """A state buffer shaped like ``p`` (dense, same dtype and device)."""
+    return torch.zeros_like(p, memory_format=torch.preserve_format)

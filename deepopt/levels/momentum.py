@@ -1,0 +1,169 @@
+"""Momentum as an associative memory of gradients, and its delta-rule variant.
+
+Momentum (paper Eqs. 10-13, 33) is the memory that solves, at every step,
+
+    m_t = argmin_m  -<m, g_t> + 1/(2 eta) ||m - a m_{t-1}||^2   =>   m_t = a m_{t-1} + eta g_t,
+
+i.e. one gradient step on a dot-product (Hebbian) objective. Delta momentum (Eq. 49) swaps the
+objective for an L2 regression, so the memory also *forgets along the current gradient*:
+
+    m_t = m_{t-1} (a I - lam G^T G / ||G||_F^2) + g_t,     lam in [0, 1],
+
+with the gradient normalized so the decay stays bounded; lam = 0 is classic momentum.
+
+Example:
+    >>> import torch
+    >>> from deepopt.levels import Momentum
+    >>> lvl = Momentum(momentum=0.9)
+    >>> p = torch.zeros(3); g = torch.ones(3); group = dict(lvl.defaults)
+    >>> s = lvl.write(lvl.init(p, group), g, p, group, t=1)
+    >>> s = lvl.write(s, g, p, group, t=2)
+    >>> s["momentum_buffer"]
+    tensor([1.9000, 1.9000, 1.9000])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
+
+__all__ = ["Momentum", "DeltaMomentumLevel", "as_matrix"]
+
+_FORMS = ("sgd", "ema")
+
+
+class Momentum(Level):
+    """Momentum memory ``m <- a m + (1 - dampening) g`` (``form="sgd"``, torch's SGD) or
+    ``m <- a m + (1 - a) g`` (``form="ema"``, torch's Muon).
+
+    Read-out: ``m``, or with Nesterov ``g + a m`` (sgd) / ``(1 - a) g + a m`` (ema).
+
+    Args:
+        momentum: the decay ``a`` (group key ``"momentum"``).
+        dampening: sgd form only; the first write copies ``g`` as torch's SGD does.
+        nesterov: read the look-ahead.
+        form: ``"sgd"`` or ``"ema"``.
+        period, keys: see :class:`~deepopt.levels.base.Level`.
+    """
+
+    name = "momentum"
+
+    def __init__(self, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False,
+                 form: str = "sgd", period: int = 1, keys: Mapping[str, str] | None = None) -> None:
+        if form not in _FORMS:
+            raise ValueError(f"invalid form: {form!r}; use one of {_FORMS}")
+        self.form = form
+        hp = dict(momentum=momentum, nesterov=nesterov)
+        if form == "sgd":
+            hp["dampening"] = dampening
+        super().__init__(period=period, keys=keys, **hp)
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        check_nonnegative(group, self.key("momentum"))
+        if self.form == "sgd":
+            check_nonnegative(group, self.key("dampening"))
+            if self.hp(group, "nesterov") and (self.hp(group, "momentum") <= 0 or self.hp(group, "dampening") != 0):
+                raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
+
+    def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
+        return {"momentum_buffer": zeros_like(p)}
+
+    def write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
+        buf, a = state["momentum_buffer"], self.hp(group, "momentum")
+        if self.form == "ema":
+            return {"momentum_buffer": buf.lerp(x, 1 - a)}
+        if t == 1:  # torch's SGD starts the buffer as a copy of the first gradient
+            return {"momentum_buffer": x.clone()}
+        return {"momentum_buffer": torch.add(buf * a, x, alpha=1 - self.hp(group, "dampening"))}
+
+    def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
+        buf, a = state["momentum_buffer"], self.hp(group, "momentum")
+        if not self.hp(group, "nesterov"):
+            return Direction(buf)
+        return Direction(x.lerp(buf, a) if self.form == "ema" else x.add(buf, alpha=a))
+
+    def write_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+               group: Mapping[str, Any], ts: list[int]) -> None:
+        bufs = [s["momentum_buffer"] for s in states]
+        a = self.hp(group, "momentum")
+        if self.form == "ema":
+            torch._foreach_lerp_(bufs, xs, 1 - a)
+            return
+        first = [i for i, t in enumerate(ts) if t == 1]
+        for i in first:
+            bufs[i].copy_(xs[i])
+        if len(first) < len(bufs):
+            keep = set(first)
+            rest = [i for i in range(len(bufs)) if i not in keep]
+            b, g = [bufs[i] for i in rest], [xs[i] for i in rest]
+            torch._foreach_mul_(b, a)
+            torch._foreach_add_(b, g, alpha=1 - self.hp(group, "dampening"))
+
+    def read_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+              group: Mapping[str, Any], ts: list[int]) -> list[Direction]:
+        bufs = [s["momentum_buffer"] for s in states]
+        if not self.hp(group, "nesterov"):
+            return [Direction(b) for b in bufs]
+        a = self.hp(group, "momentum")
+        if self.form == "ema":
+            return [Direction(x.lerp(b, a)) for x, b in zip(xs, bufs)]
+        return [Direction(d) for d in torch._foreach_add(xs, bufs, alpha=a)]
+
+
+def as_matrix(x: Tensor) -> Tensor:
+    """View a tensor as a matrix: rows = first dim (vectors and scalars become one row)."""
+    if x.ndim <= 1:
+        return x.reshape(1, -1)
+    return x.reshape(x.shape[0], -1)
+
+
+class DeltaMomentumLevel(Level):
+    """Delta momentum: ``m <- a m - lam (m G^T G) / ||G||_F^2 + g`` (Eq. 49, normalized).
+
+    The memory is the momentum buffer viewed as a matrix (rows = first dim; a vector is one
+    row, where ``G^T G / ||G||^2`` is the rank-1 projection on the gradient direction). The
+    first write copies ``g`` and ``lam = 0`` is exactly :class:`Momentum` (sgd form, dampening 0).
+
+    Args:
+        momentum: the decay ``a`` (group key ``"momentum"``).
+        delta: ``lam`` in [0, 1], the strength of forgetting along the gradient (key ``"delta"``).
+        nesterov: read ``g + a m``.
+    """
+
+    name = "delta"
+
+    def __init__(self, momentum: float = 0.9, delta: float = 0.5, nesterov: bool = False,
+                 period: int = 1, keys: Mapping[str, str] | None = None) -> None:
+        super().__init__(period=period, keys=keys, momentum=momentum, delta=delta, nesterov=nesterov)
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        check_nonnegative(group, self.key("momentum"))
+        check_unit_interval(group, self.key("delta"), closed_right=True)
+
+    def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
+        return {"momentum_buffer": zeros_like(p)}
+
+    def write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
+        if t == 1:
+            return {"momentum_buffer": x.clone()}
+        buf = state["momentum_buffer"]
+        a, lam = self.hp(group, "momentum"), self.hp(group, "delta")
+        decayed = buf * a
+        if lam != 0:
+            m, g = as_matrix(buf), as_matrix(x)
+            sq = (g * g).sum()
+            if bool(sq > 0):
+                gt = g.transpose(0, 1)  # associate the cheaper way round
+                forget = (m @ gt) @ g if m.shape[0] <= m.shape[1] else m @ (gt @ g)
+                decayed = decayed - (forget * (lam / sq)).reshape(buf.shape)
+        return {"momentum_buffer": torch.add(decayed, x, alpha=1.0)}
+
+    def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
+        buf = state["momentum_buffer"]
+        if self.hp(group, "nesterov"):
+            return Direction(x.add(buf, alpha=self.hp(group, "momentum")))
+        return Direction(buf)

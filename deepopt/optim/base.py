@@ -1,0 +1,284 @@
+"""The ``torch.optim.Optimizer`` shell over chains of levels.
+
+A deepopt optimizer is a list of chains (the first chain that applies to a parameter takes it:
+Muon's chain takes matrices, the element-wise fallback the rest) plus this shell, which owns what
+torch users expect: ``param_groups`` with validated hyperparameters, ``step(closure)``, weight
+decay, slow parameter groups, the non-finite-gradient policy and checked checkpoints.
+
+The step applied to each parameter, for the chain's direction ``d = (mul/div) num/den``:
+
+    W <- W (1 - lr wd)                     (decoupled weight decay; coupled: g <- g + wd W)
+    W <- W - (lr mul / div) num / den      (``addcdiv_``, or ``add_`` when there is no den)
+
+Slow parameter groups: a group with ``period=C`` accumulates its gradients over C steps and is
+updated at every C-th step with their mean; its optimizer state (and step count) advances only
+then (the Continuum Memory System rule, DESIGN.md 4).
+
+Non-finite gradients (``nonfinite=``): ``"skip"`` (default) checks all gradients first and, if any
+holds NaN or Inf, leaves every parameter and every state untouched, warns, and counts the step in
+``optimizer.skipped_steps``; ``"raise"`` raises ``FloatingPointError``; ``"ignore"`` does no check
+(one device sync fewer per step) and lets NaN propagate, as torch's optimizers do.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from ..chain import Chain
+from ..levels.base import Direction, State
+
+__all__ = ["LevelOptimizer", "IMPLS", "NONFINITE_POLICIES"]
+
+IMPLS = ("foreach", "reference")
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+_SLOW_SUM, _SLOW_CALLS = "slow.grad_sum", "slow.calls"
+
+
+class LevelOptimizer(torch.optim.Optimizer):
+    """Base class of every deepopt optimizer. Subclasses pass their chains and defaults.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer. A group may set
+            ``period`` (slow group, default 1).
+        defaults: hyperparameter defaults (must hold ``lr`` and ``weight_decay``).
+        chains: the update rules; each parameter goes to the first chain that applies to it.
+        weight_decay_mode: ``"decoupled"`` (AdamW, Muon) or ``"coupled"`` (SGD).
+        impl: ``"foreach"`` (fast path, default) or ``"reference"`` (the pure functional core).
+        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see the module docstring).
+    """
+
+    weight_decay_mode = "decoupled"
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], chains: list[Chain], *,
+                 impl: str = "foreach", nonfinite: str = "skip") -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"invalid impl: {impl!r}; use one of {IMPLS}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"invalid nonfinite: {nonfinite!r}; use one of {NONFINITE_POLICIES}")
+        self.chains = list(chains)
+        self.impl = impl
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        merged: dict[str, Any] = {"period": 1}
+        for chain in self.chains:
+            merged.update(chain.defaults)
+        merged.update(defaults)
+        super().__init__(params, merged)
+
+    # ------------------------------------------------------------------ validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _validate(self, group: Mapping[str, Any]) -> None:
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("invalid lr: a Tensor lr must have one element")
+        if not float(lr) >= 0.0:
+            raise ValueError(f"invalid lr: {float(lr)!r}; the learning rate must be >= 0")
+        if not float(group["weight_decay"]) >= 0.0:
+            raise ValueError(f"invalid weight_decay: {group['weight_decay']!r}; it must be >= 0")
+        period = group["period"]
+        if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+            raise ValueError(f"invalid period: {period!r}; a group's update period must be an int >= 1")
+        for chain in self.chains:
+            chain.validate(group)
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise ValueError(f"{type(self).__name__} does not support complex parameters; "
+                                 "optimize torch.view_as_real(p) instead")
+            if not p.is_floating_point():
+                raise ValueError(f"{type(self).__name__} can only optimize floating-point parameters, got {p.dtype}")
+            if self._chain_for(p, group) is None:
+                raise ValueError(f"no level of {type(self).__name__} applies to a parameter of shape "
+                                 f"{tuple(p.shape)}; put it in a group the optimizer supports")
+
+    def _chain_for(self, p: Tensor, group: Mapping[str, Any]) -> Chain | None:
+        for chain in self.chains:
+            if chain.applies_to(p, group):
+                return chain
+        return None
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (or None)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads_by_group = [self._collect(group) for group in self.param_groups]
+        if self.nonfinite != "ignore" and not _all_finite([g for ps, gs in grads_by_group for g in gs]):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"{type(self).__name__}: a gradient holds NaN or Inf; no parameter "
+                                         "was changed (use nonfinite='skip' to skip such steps)")
+            self.skipped_steps += 1
+            warnings.warn(f"{type(self).__name__}: skipped a step because a gradient holds NaN or Inf "
+                          f"(parameters and state unchanged; {self.skipped_steps} skipped so far)",
+                          RuntimeWarning, stacklevel=2)
+            return loss
+        for group, (params, grads) in zip(self.param_groups, grads_by_group):
+            if group["period"] > 1:
+                params, grads = self._slow(group, params, grads)
+            if params:
+                self._step_group(group, params, grads)
+        return loss
+
+    def _collect(self, group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use "
+                                   "torch.optim.SparseAdam or a dense nn.Embedding (sparse=False)")
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _slow(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]):
+        """Accumulate a slow group's gradients; return the parameters due at this step."""
+        period = group["period"]
+        due_p, due_g = [], []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if _SLOW_SUM not in state:
+                state[_SLOW_SUM] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[_SLOW_CALLS] = torch.tensor(0.0, dtype=torch.float32)
+            state[_SLOW_SUM].add_(g)
+            state[_SLOW_CALLS] += 1
+            if int(state[_SLOW_CALLS]) >= period:
+                due_p.append(p)
+                due_g.append(state[_SLOW_SUM] / period)
+                state[_SLOW_SUM].zero_()
+                state[_SLOW_CALLS].zero_()
+        return due_p, due_g
+
+    def _step_group(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        lr = float(group["lr"])
+        wd = float(group["weight_decay"])
+        if wd != 0 and self.weight_decay_mode == "coupled":
+            grads = [g.add(p, alpha=wd) for p, g in zip(params, grads)]
+        by_chain: dict[int, tuple[Chain, list[Tensor], list[Tensor]]] = {}
+        for p, g in zip(params, grads):
+            chain = self._chain_for(p, group)
+            by_chain.setdefault(id(chain), (chain, [], []))
+            by_chain[id(chain)][1].append(p)
+            by_chain[id(chain)][2].append(g)
+        for chain, ps, gs in by_chain.values():
+            states = [self._state(p, chain, group) for p in ps]
+            if self.impl == "reference":
+                directions = []
+                for p, g, state in zip(ps, gs, states):
+                    d, new = chain.update(state, g, p, group)
+                    state.update(new)
+                    directions.append(d)
+            else:
+                directions = chain.update_(states, gs, ps, group)
+            if wd != 0 and self.weight_decay_mode == "decoupled":
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            _apply(ps, directions, lr)
+
+    def _state(self, p: Tensor, chain: Chain, group: Mapping[str, Any]) -> State:
+        state = self.state[p]
+        if "step" not in state:
+            state.update(chain.init(p, group))
+        return state
+
+    # ------------------------------------------------------------------ introspection
+    def memory_stats(self) -> dict[str, float]:
+        """Root-mean-square over parameters of each memory buffer's norm, e.g.
+        ``{"momentum/momentum_buffer_norm": 0.12}`` (for loggers such as LevelMonitor)."""
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                chain = self._chain_for(p, group)
+                if not state or "step" not in state or chain is None:
+                    continue
+                for k, v in chain.stats(state).items():
+                    sums[k] = sums.get(k, 0.0) + v * v
+                    counts[k] = counts.get(k, 0) + 1
+        return {k: (sums[k] / counts[k]) ** 0.5 for k in sums}
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint after checking it was written by this optimizer for these shapes."""
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{name}.load_state_dict expects the dict returned by optimizer.state_dict()")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{name}: the checkpoint has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}; build the optimizer with the same groups")
+        needed = set(self.defaults)
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            missing = sorted(needed - set(saved))
+            if missing:
+                raise ValueError(f"{name}: this checkpoint was not written by {name} (param group {i} lacks "
+                                 f"{missing}); load it into the optimizer that saved it")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{name}: param group {i} has {len(saved['params'])} parameters in the "
+                                 f"checkpoint but {len(group['params'])} here")
+            for pid, p in zip(saved["params"], group["params"]):
+                self._check_param_state(state_dict["state"].get(pid), p, {**group, **saved}, i)
+        super().load_state_dict(state_dict)
+
+    def _check_param_state(self, saved: Mapping[str, Any] | None, p: Tensor, group: Mapping[str, Any],
+                           gi: int) -> None:
+        if not saved:
+            return
+        name = type(self).__name__
+        expected = {}
+        chain = self._chain_for(p, group)
+        if chain is not None and "step" in saved:
+            expected.update(chain.init(p, group))
+        if _SLOW_SUM in saved:
+            expected[_SLOW_SUM], expected[_SLOW_CALLS] = p, torch.tensor(0.0)
+        if set(saved) != set(expected):
+            raise ValueError(f"{name}: the checkpoint's state for a parameter of shape {tuple(p.shape)} in group "
+                             f"{gi} has keys {sorted(saved)}, expected {sorted(expected)}; it was written by "
+                             "another optimizer or configuration")
+        for k, v in saved.items():
+            if isinstance(v, Tensor) and tuple(v.shape) != tuple(expected[k].shape):
+                raise ValueError(f"{name}: checkpoint state {k!r} has shape {tuple(v.shape)} but the parameter "
+                                 f"needs {tuple(expected[k].shape)}; the model's shapes changed")
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """One reduction (and one sync) per device: are all entries of all tensors finite?"""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for ts in by_device.values():
+        norms = torch._foreach_norm(ts, float("inf"))
+        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+            return False
+    return True
+
+
+def _apply(params: list[Tensor], directions: list[Direction], lr: float) -> None:
+    """``W <- W - (lr mul/div) num/den``, batched by equal scalar and dtype."""
+    buckets: dict[tuple, tuple[list, list, list]] = {}
+    for p, d in zip(params, directions):
+        alpha = -(lr * d.mul) / d.div
+        key = (alpha, d.den is None, d.num.dtype == p.dtype, p.device)
+        b = buckets.setdefault(key, ([], [], []))
+        b[0].append(p)
+        b[1].append(d.num)
+        b[2].append(d.den)
+    for (alpha, no_den, _, _), (ps, nums, dens) in buckets.items():
+        if no_den:
+            torch._foreach_add_(ps, nums, alpha=alpha)
+        else:
+            torch._foreach_addcdiv_(ps, nums, dens, value=alpha)
