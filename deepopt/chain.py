@@ -40,9 +40,12 @@ class Chain:
 
     Args:
         *levels: the levels, input side first. Names must be unique within the chain.
+        lr_scale: a param-group key whose value multiplies this chain's learning rate (e.g.
+            ``"fallback_lr_ratio"`` for Muon's element-wise fallback); None for none.
     """
 
-    def __init__(self, *levels: Level) -> None:
+    def __init__(self, *levels: Level, lr_scale: str | None = None) -> None:
+        self.lr_scale = lr_scale
         if not levels:
             raise ValueError("Chain needs at least one level")
         names = [lvl.name for lvl in levels]
@@ -108,7 +111,12 @@ class Chain:
             d = lvl.read(sub, x, p, group, tl) if tl > 0 else Direction(torch.zeros_like(x))
             if i + 1 < len(self.levels):
                 x = d.materialize()
-        return d, new
+        return self._scaled(d, group), new
+
+    def _scaled(self, d: Direction, group: Mapping[str, Any]) -> Direction:
+        if self.lr_scale is None:
+            return d
+        return d._replace(mul=d.mul * group[self.lr_scale])
 
     # ------------------------------------------------------------------ fast path (in place)
     def update_(self, states: Sequence[State], xs: Sequence[Tensor], ps: Sequence[Tensor],
@@ -140,7 +148,7 @@ class Chain:
                 ds[j] = d
             if i + 1 < len(self.levels):
                 xs = [d.materialize() for d in ds]
-        return ds
+        return [self._scaled(d, group) for d in ds]
 
 
 def _sub(state: State, name: str) -> State:

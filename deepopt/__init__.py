@@ -1,0 +1,55 @@
+"""deepopt: optimizers as associative memories (Nested Learning), as drop-in torch.optim optimizers.
+
+Example:
+    >>> import torch, deepopt
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = deepopt.OPTIMIZERS["M3"](model.parameters(), lr=1e-3)
+"""
+
+from . import levels
+from .chain import Chain
+from .optim import (
+    DGD,
+    M3,
+    AdamMemory,
+    DeepMomentum,
+    DeltaMomentum,
+    LevelOptimizer,
+    MomentumMemory,
+    MuonMemory,
+    NestedOptimizer,
+    PreconditionedMomentum,
+)
+from .periods import group_by_period, match_periods
+
+__version__ = "0.1.0"
+
+#: The named optimizers, name -> class (NestedOptimizer is generic and takes levels=).
+OPTIMIZERS: dict[str, type[LevelOptimizer]] = {
+    "MomentumMemory": MomentumMemory,
+    "AdamMemory": AdamMemory,
+    "MuonMemory": MuonMemory,
+    "PreconditionedMomentum": PreconditionedMomentum,
+    "DeltaMomentum": DeltaMomentum,
+    "DeepMomentum": DeepMomentum,
+    "M3": M3,
+    "DGD": DGD,
+}
+
+__all__ = [
+    "DGD",
+    "M3",
+    "OPTIMIZERS",
+    "AdamMemory",
+    "Chain",
+    "DeepMomentum",
+    "DeltaMomentum",
+    "LevelOptimizer",
+    "MomentumMemory",
+    "MuonMemory",
+    "NestedOptimizer",
+    "PreconditionedMomentum",
+    "group_by_period",
+    "levels",
+    "match_periods",
+]

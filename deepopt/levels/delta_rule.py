@@ -1,0 +1,68 @@
+"""Delta gradient descent (DGD, paper Eqs. 56-57): a linear layer's step that also forgets.
+
+For a linear layer ``y = W x`` with output gradient ``dy``, the step that solves
+``min_W 1/2 ||W x - u||^2 + 1/(2 eta) ||W - W_t||^2`` with ``u = -dy`` is
+
+    W <- W - c (W x x^T + dy x^T),    c = eta / (1 + eta ||x||^2):
+
+gradient descent plus a decay of ``W`` along the input direction. For a batch, ``dy x^T`` summed
+is the weight gradient ``G`` and ``x x^T`` (and ``||x||^2``) are averaged over the batch rows:
+
+    d = G + W (X^T X) / N,    W <- W - eta / (1 + eta mean||x||^2) d.
+
+The level reads the inputs that forward pre-hooks captured (see :class:`deepopt.DGD`).
+
+Example:
+    >>> import torch
+    >>> from deepopt.levels.delta_rule import dgd_direction
+    >>> W, G, X = torch.randn(3, 4), torch.zeros(3, 4), torch.randn(5, 4)
+    >>> d, c = dgd_direction(W, G, X, lr=0.1)   # with no gradient, DGD still forgets along X
+    >>> bool(((W - 0.1 * c * d) @ X.T).norm() < (W @ X.T).norm())
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from .base import Direction, Level, State
+
+__all__ = ["DeltaRule", "dgd_direction"]
+
+
+def dgd_direction(w: Tensor, g: Tensor, x: Tensor, lr: float) -> tuple[Tensor, float]:
+    """Pure DGD direction ``d = G + W X^T X / N`` and its step factor ``1 / (1 + lr mean||x||^2)``."""
+    x = x.to(w.dtype)
+    n = x.shape[0]
+    d = g + (w @ x.transpose(0, 1)) @ x / n
+    sq = float(x.square().sum()) / n
+    return d, 1.0 / (1.0 + lr * sq)
+
+
+class DeltaRule(Level):
+    """DGD on the weights of linear layers whose inputs were captured.
+
+    Args:
+        inputs: a mapping ``id(weight) -> last input (N, in_features)``, filled by hooks.
+        weights: ids of the weights this level owns.
+    """
+
+    name = "dgd"
+
+    def __init__(self, inputs: Mapping[int, Tensor], weights: set[int]) -> None:
+        super().__init__()
+        self.inputs = inputs
+        self.weights = weights
+
+    def applies_to(self, p: Tensor, group: Mapping[str, Any]) -> bool:
+        return id(p) in self.weights
+
+    def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
+        inp = self.inputs.get(id(p))
+        if inp is None:
+            raise RuntimeError("DGD: no input was captured for a linear layer's weight; run the model's forward "
+                               "(with grad enabled) before optimizer.step()")
+        d, c = dgd_direction(p, x, inp, float(group["lr"]))
+        return Direction(d, mul=c)

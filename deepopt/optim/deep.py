@@ -1,0 +1,55 @@
+"""DeepMomentum (DMGD): the momentum buffer is a small network trained by its own objective."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from torch import Tensor
+
+from ..chain import Chain
+from ..levels.deep import DeepMemory
+from .base import LevelOptimizer
+
+__all__ = ["DeepMomentum"]
+
+
+class DeepMomentum(LevelOptimizer):
+    r"""Deep momentum gradient descent (Eq. 50): ``W <- W - lr sigma(m_phi(g_t))``.
+
+    The memory of each parameter tensor is a network
+    :math:`m_\phi(u) = b + \sum_j w_{2j} \tanh(w_{1j} k + b_{1j})` (element-wise, ``k`` the
+    gradient normalized by its RMS) whose parameters learn by gradient descent with decay
+    :math:`\mu` on momentum's inner objective :math:`-\langle m_\phi(u), u\rangle`, computed with
+    ``torch.func.grad`` (:mod:`deepopt.levels.deep`). ``sigma`` is ``"identity"``, ``"sign"`` or
+    ``"ns"`` (Newton-Schulz on matrices, identity on the rest).
+
+    Reduction: ``inner_lr=0`` (with the default silent MLP init) is exactly
+    ``torch.optim.SGD(momentum=momentum)``. The memory's initial MLP weights (``memory_init``) and
+    ``inner_lr`` are what :mod:`deepopt.meta` learns.
+
+    Args:
+        params: parameters or param groups.
+        lr, momentum, weight_decay (coupled, as SGD): as usual.
+        inner_lr: the memory network's inner learning rate.
+        sigma: read-out map.
+        hidden: width of the memory MLP.
+        memory_init: initial ``{"w1", "b1", "w2"}`` of shape ``(hidden,)``.
+        impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
+
+    Example:
+        >>> import torch, deepopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = deepopt.DeepMomentum(model.parameters(), lr=0.05, momentum=0.9, inner_lr=0.1)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    weight_decay_mode = "coupled"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, inner_lr: float = 0.1,
+                 sigma: str = "identity", hidden: int = 8, weight_decay: float = 0.0,
+                 memory_init: Mapping[str, Tensor] | None = None, *, impl: str = "foreach",
+                 nonfinite: str = "skip") -> None:
+        self.memory = DeepMemory(momentum, inner_lr, sigma, hidden, memory_init)
+        defaults = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, sigma=sigma, weight_decay=weight_decay)
+        super().__init__(params, defaults, [Chain(self.memory)], impl=impl, nonfinite=nonfinite)

@@ -1,0 +1,48 @@
+"""DeltaMomentum: a momentum memory trained by the delta rule (it forgets along the gradient)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from ..chain import Chain
+from ..levels import DeltaMomentumLevel
+from .base import LevelOptimizer
+
+__all__ = ["DeltaMomentum"]
+
+
+class DeltaMomentum(LevelOptimizer):
+    r"""Delta momentum (Eq. 49): momentum whose inner objective is L2 regression, not a dot product.
+
+    .. math::
+        m \leftarrow m\Big(\mu I - \lambda \frac{G^\top G}{\|G\|_F^2}\Big) + g,\qquad
+        W \leftarrow W - \eta\,m \ \ (\text{or } g + \mu m \text{ with nesterov})
+
+    Nested Learning reading: one gradient step on :math:`\|m\,g^\top - P\|^2` makes the memory
+    erase what it holds along the current gradient's directions before writing it (the delta
+    rule of DeltaNet, one level up). The gradient is normalized so the decay's spectrum lies in
+    :math:`[\mu - \lambda, \mu]`. Matrices use their row space; a vector ``m`` forgets its
+    component along ``g`` (a rank-1 projection). ``delta=0`` is exactly ``torch.optim.SGD``.
+
+    Args:
+        params: parameters or param groups.
+        lr, momentum, nesterov: as in SGD; weight_decay: coupled, as in SGD.
+        delta: :math:`\lambda \in [0, 1]`, how strongly the memory forgets along the gradient.
+        impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
+
+    Example:
+        >>> import torch, deepopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = deepopt.DeltaMomentum(model.parameters(), lr=0.05, momentum=0.9, delta=0.5)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    weight_decay_mode = "coupled"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, delta: float = 0.5,
+                 nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "foreach",
+                 nonfinite: str = "skip") -> None:
+        chain = Chain(DeltaMomentumLevel(momentum, delta, nesterov))
+        defaults = dict(lr=lr, momentum=momentum, delta=delta, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(params, defaults, [chain], impl=impl, nonfinite=nonfinite)

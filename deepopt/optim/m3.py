@@ -1,0 +1,71 @@
+"""M3: multi-scale momentum Muon (paper Algorithm 1), any number of momentum levels."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..chain import Chain
+from ..levels.multiscale import MultiScaleMomentum
+from ..levels.orthogonal import NS_COEFFICIENTS
+from .base import LevelOptimizer
+
+__all__ = ["M3"]
+
+
+class M3(LevelOptimizer):
+    r"""Multi-scale momentum Muon: fast and slow momentum memories, orthogonalized and mixed.
+
+    With the paper's two levels (``betas=(b1, b2, b3)``, ``alpha``, ``frequency=f``):
+
+    .. math::
+        M_1 \leftarrow M_1 + \beta_1 g \ \text{(every step)},\quad
+        M_2 \leftarrow M_2 + \beta_3 \textstyle\sum_{\text{chunk}} g \ \text{(every } f \text{ steps)},\quad
+        V \leftarrow V + \beta_2 g^2,
+
+    .. math::
+        W \leftarrow W - \eta\,\frac{\mathrm{NS}(M_1) + \alpha\,\mathrm{NS}(M_2)}{\sqrt{V} + \epsilon}
+
+    (``form="literal"``; ``NS(M_2)`` recomputed only at the chunk boundary). The literal
+    accumulators never forget and ``NS(M)/sqrt(V)`` has the wrong scale, so its steps blow up
+    on trained models. ``form="stable"`` (default) uses EMAs with bias correction
+    (:math:`M_i \leftarrow \beta_i M_i + (1-\beta_i)\,\mathrm{mean}_\text{chunk}\, g`, likewise
+    ``V``) and rescales each matrix step to RMS ``target_rms`` (0.2, AdamW's typical update RMS),
+    so AdamW's learning rate carries over. Non-matrix parameters (and groups with
+    ``orthogonalize=False``) skip the orthogonalization: for them M3 is a multi-scale Adam.
+
+    ``momenta=((beta, period, weight), ...)`` gives any number of levels instead. Special cases
+    (tested exactly): one level ``(b1, 1, 1.0)``, ``orthogonalize=False`` is ``torch.optim.AdamW``
+    (stable) and ``AdamMemory(form="accumulate")`` (literal).
+
+    Args:
+        params: parameters or param groups.
+        lr, weight_decay (decoupled): as usual.
+        betas: ``(b1, b2, b3)``: fast momentum, second moment, slow momentum.
+        alpha: weight of the slow level; frequency: its period ``f``.
+        momenta: explicit levels (overrides ``betas[0]``, ``betas[2]``, ``alpha``, ``frequency``).
+        eps, form, target_rms, ns_steps, ns_coefficients, ns_dtype: see above.
+        impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
+
+    Example:
+        >>> import torch, deepopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> opt = deepopt.M3(model.parameters(), lr=1e-3, frequency=10)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.99),
+                 alpha: float = 0.5, frequency: int = 10, eps: float = 1e-8, weight_decay: float = 0.0,
+                 form: str = "stable", target_rms: float | None = 0.2,
+                 momenta: Sequence[tuple[float, int, float]] | None = None, ns_steps: int = 5,
+                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, *,
+                 ns_dtype: torch.dtype | None = torch.bfloat16, impl: str = "foreach", nonfinite: str = "skip") -> None:
+        if len(betas) != 3:
+            raise ValueError(f"invalid betas: {betas!r}; M3 takes (beta1, beta2, beta3)")
+        if momenta is None:
+            momenta = ((betas[0], 1, 1.0), (betas[2], frequency, alpha))
+        level = MultiScaleMomentum(momenta, betas[1], eps, form, target_rms, ns_steps, ns_coefficients, ns_dtype)
+        defaults = dict(lr=lr, weight_decay=weight_decay, orthogonalize=None, **level.defaults)
+        super().__init__(params, defaults, [Chain(level)], impl=impl, nonfinite=nonfinite)
