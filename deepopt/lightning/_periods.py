@@ -67,7 +67,7 @@ def validate_levels(levels: Mapping[str, int], *, name: str = "levels") -> dict[
 
 
 def resolve_levels(names: Iterable[str], levels: Mapping[str, int], *, strict: bool = True) -> dict[str, int]:
-    """Period of every parameter name: exact names first, then the first matching pattern.
+    """Period of every parameter name: an exact name first, else the last matching pattern.
 
     Args:
         names: parameter names, e.g. ``[n for n, _ in model.named_parameters()]``.
@@ -78,8 +78,9 @@ def resolve_levels(names: Iterable[str], levels: Mapping[str, int], *, strict: b
         ``{name: period}`` for every name (period 1 where nothing matched).
 
     Example:
-        >>> resolve_levels(["a.weight", "a.bias", "b.weight"], {"a.*": 4, "a.bias": 2})
-        {'a.weight': 4, 'a.bias': 2, 'b.weight': 1}
+        >>> resolve_levels(["a.0.weight", "a.0.bias", "a.1.weight", "b.weight"],
+        ...                {"a.*": 4, "a.1.*": 2, "a.0.bias": 8})
+        {'a.0.weight': 4, 'a.0.bias': 8, 'a.1.weight': 2, 'b.weight': 1}
     """
     levels = validate_levels(levels)
     names = list(names)
@@ -92,11 +93,10 @@ def resolve_levels(names: Iterable[str], levels: Mapping[str, int], *, strict: b
             used.add(n)
             continue
         periods[n] = 1
-        for pattern, period in levels.items():
+        for pattern, period in levels.items():  # later patterns override earlier ones
             if pattern not in known and fnmatch.fnmatchcase(n, pattern):
                 periods[n] = period
                 used.add(pattern)
-                break
     unused = [k for k in levels if k not in used]
     if strict and unused:
         sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")

@@ -20,7 +20,9 @@ class DeepMomentum(LevelOptimizer):
     :math:`m_\phi(u) = b + \sum_j w_{2j} \tanh(w_{1j} k + b_{1j})` (element-wise, ``k`` the
     gradient normalized by its RMS) whose parameters learn by gradient descent with decay
     :math:`\mu` on momentum's inner objective :math:`-\langle m_\phi(u), u\rangle`, computed with
-    ``torch.func.grad`` (:mod:`deepopt.levels.deep`). ``sigma`` is ``"identity"``, ``"sign"`` or
+    ``torch.func.grad`` (:mod:`deepopt.levels.deep`). Nested Learning reading: momentum is a
+    linear memory of gradients trained by one gradient step per token of the gradient stream;
+    DMGD gives that memory depth (an MLP), so it can compress the stream non-linearly. ``sigma`` is ``"identity"``, ``"sign"`` or
     ``"ns"`` (Newton-Schulz on matrices, identity on the rest).
 
     Reduction: ``inner_lr=0`` (with the default silent MLP init) is exactly

@@ -35,6 +35,9 @@ class M3(LevelOptimizer):
     so AdamW's learning rate carries over. Non-matrix parameters (and groups with
     ``orthogonalize=False``) skip the orthogonalization: for them M3 is a multi-scale Adam.
 
+    Nested Learning reading: each momentum is a memory of gradients at its own frequency (a
+    Continuum Memory System over the gradient stream); the slow one keeps what the fast one
+    overwrites; Newton-Schulz maps each memory to its read-out.
     ``momenta=((beta, period, weight), ...)`` gives any number of levels instead. Special cases
     (tested exactly): one level ``(b1, 1, 1.0)``, ``orthogonalize=False`` is ``torch.optim.AdamW``
     (stable) and ``AdamMemory(form="accumulate")`` (literal).

@@ -19,8 +19,8 @@ class PreconditionedMomentum(LevelOptimizer):
         m \leftarrow \mu m + \frac{g}{\sqrt{\hat v} + \epsilon},\quad
         W \leftarrow W(1-\eta\lambda) - \eta\,m
 
-    where :math:`\overline{g^2}` is the mean of :math:`g^2` over the preconditioner's chunk. Nested
-    Learning reading: two memories at two frequencies: the preconditioner ``P`` (a memory of
+    where :math:`\overline{g^2}` is the mean of :math:`g^2` over the preconditioner's chunk.
+    Nested Learning reading: two memories at two frequencies: the preconditioner ``P`` (a memory of
     squared gradients, slow when ``precond_period > 1``) feeds the momentum memory
     :math:`m \leftarrow \mu m + P(g)`: "preconditioners as levels". With ``precond_period=1`` and
     ``momentum=0`` it is RMSProp with bias correction.
