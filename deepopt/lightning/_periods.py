@@ -23,7 +23,7 @@ Example (a plain loop; the Lightning callback ``MultiTimescale`` is a thin adapt
     >>> periodic = PeriodicGradients(model.named_parameters(), {"0.*": 4})
     >>> for _ in range(8):
     ...     model(torch.randn(16, 4)).pow(2).mean().backward()
-    ...     periodic.before_step()   # holds "0.weight", "0.bias" except at steps 4 and 8
+    ...     stepped = periodic.before_step()   # ["0.weight", "0.bias"] at steps 4 and 8, else []
     ...     opt.step()
     ...     opt.zero_grad()
     >>> periodic.step

@@ -13,7 +13,7 @@ from deepopt.lightning import MultiTimescale
 from deepopt.optim.adam import AdamMemory
 from deepopt.optim.momentum import MomentumMemory
 
-from lightning_reference import LEVELS, PERIODS, TinyModule, loader, reference_fit
+from .lightning_reference import LEVELS, PERIODS, TinyModule, loader, reference_fit
 
 
 def _trainer(callbacks, max_steps, **kw) -> Trainer:
