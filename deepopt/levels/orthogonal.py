@@ -86,8 +86,9 @@ class NewtonSchulz(Level):
     """Stateless level: read-out ``O = NS(x)`` with Muon's learning-rate ratio as ``mul``.
 
     Args:
-        ns_coefficients, ns_steps, eps: the iteration (group keys of the same names; ``eps``
-            is the norm floor, torch's Muon calls it ``eps`` too).
+        ns_coefficients, ns_steps: the iteration (group keys of the same names).
+        eps: the floor of the norm that scales the input (group key ``"ns_eps"``; MuonMemory
+            maps it to ``"eps"``, the name torch's Muon uses).
         adjust_lr_fn: see :func:`adjust_lr_ratio`.
         ns_dtype: computation dtype (not a group key): ``torch.bfloat16`` as torch's Muon.
     """
@@ -97,6 +98,7 @@ class NewtonSchulz(Level):
     def __init__(self, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, ns_steps: int = 5,
                  eps: float = 1e-7, adjust_lr_fn: str | None = None,
                  ns_dtype: torch.dtype | None = torch.bfloat16, keys: Mapping[str, str] | None = None) -> None:
+        keys = {"eps": "ns_eps", **(keys or {})}  # "eps" is usually a denominator's floor elsewhere
         super().__init__(keys=keys, ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps,
                          adjust_lr_fn=adjust_lr_fn)
         self.ns_dtype = ns_dtype

@@ -54,7 +54,7 @@ class MuonMemory(LevelOptimizer):
         if not fallback_lr_ratio >= 0:
             raise ValueError(f"invalid fallback_lr_ratio: {fallback_lr_ratio!r}; it must be >= 0")
         muon = Chain(Momentum(momentum, nesterov=nesterov, form="ema"),
-                     NewtonSchulz(ns_coefficients, ns_steps, eps, adjust_lr_fn, ns_dtype))
+                     NewtonSchulz(ns_coefficients, ns_steps, eps, adjust_lr_fn, ns_dtype, keys={"eps": "eps"}))
         fallback = Chain(AdamMoments(fallback_betas, fallback_eps, keys={"betas": "fallback_betas",
                                                                          "eps": "fallback_eps"}),
                          lr_scale="fallback_lr_ratio")
