@@ -1,0 +1,108 @@
+"""Level-level properties: Newton-Schulz quality, delta forgetting, deep memory learning, docs."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+import torch
+
+import deepopt
+from deepopt.levels import DeltaMomentumLevel, Momentum, newton_schulz
+from deepopt.levels.deep import DeepMemory
+
+
+def orthogonality_error(o):
+    o = o.double()
+    small = o @ o.T if o.shape[0] <= o.shape[1] else o.T @ o
+    return (small - torch.eye(small.shape[0], dtype=torch.float64)).norm() / small.shape[0] ** 0.5
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (8, 40), (40, 8), (3, 63)])
+def test_newton_schulz_matches_torch_muon_and_is_near_orthogonal(shape):
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    g = torch.randn(shape)
+    ours = newton_schulz(g)
+    theirs = _zeropower_via_newtonschulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    assert torch.equal(ours, theirs)
+    assert orthogonality_error(newton_schulz(g, dtype=torch.float32)) < 0.35
+
+
+def test_batched_newton_schulz_equals_one_by_one():
+    g = torch.randn(4, 6, 10, dtype=torch.float64)
+    batched = newton_schulz(g, dtype=None)
+    single = torch.stack([newton_schulz(m, dtype=None) for m in g])
+    torch.testing.assert_close(batched, single)
+
+
+def test_delta_momentum_forgets_along_the_gradient_of_a_vector():
+    lvl = DeltaMomentumLevel(momentum=1.0, delta=1.0)
+    group = dict(lvl.defaults)
+    p = torch.zeros(3, dtype=torch.float64)
+    state = {"momentum_buffer": torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)}
+    g = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    new = lvl.write(state, g, p, group, t=2)
+    # full forgetting along e2, then g is written: [1, 2, 0] -> [1, 0, 0] + g
+    torch.testing.assert_close(new["momentum_buffer"], torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+
+
+def test_delta_momentum_matrix_decay_is_bounded():
+    lvl = DeltaMomentumLevel(momentum=0.9, delta=1.0)
+    group = dict(lvl.defaults)
+    p = torch.zeros(6, 5, dtype=torch.float64)
+    state = lvl.init(p, group)
+    for t in range(1, 200):
+        state = lvl.write(state, torch.randn(6, 5, dtype=torch.float64), p, group, t)
+    assert state["momentum_buffer"].norm() < 10 * 30 ** 0.5  # a geometric sum of unit-scale gradients
+
+
+def test_deep_memory_is_a_real_network_that_learns():
+    lvl = DeepMemory(momentum=0.9, inner_lr=0.5, hidden=4)
+    group = dict(lvl.defaults)
+    p = torch.zeros(50)
+    state = lvl.init(p, group)
+    for t in range(1, 20):
+        state = lvl.write(state, torch.randn(50) * 1e-3 + 1e-3, p, group, t)
+    assert state["w2"].abs().sum() > 0  # the MLP's output layer has learned
+    assert not torch.equal(state["w1"], lvl.memory_init["w1"])  # and so have its features
+    read = lvl.read(state, torch.ones(50) * 1e-3, p, group, 20).num
+    assert not torch.allclose(read, state["bias"])  # and it changes the read-out
+
+
+@pytest.mark.parametrize("sigma", ["identity", "sign", "ns"])
+def test_deep_momentum_sigmas(sigma):
+    model = torch.nn.Linear(6, 4)
+    opt = deepopt.DeepMomentum(model.parameters(), lr=0.01, sigma=sigma)
+    model(torch.randn(3, 6)).square().sum().backward()
+    before = model.weight.detach().clone()
+    opt.step()
+    step = (before - model.weight.detach()) / 0.01
+    if sigma == "sign":
+        assert set(step.abs().round(decimals=4).unique().tolist()) <= {0.0, 1.0}
+    if sigma == "ns":
+        assert orthogonality_error(step / step.norm() * 2) < 1.0
+
+
+def test_momentum_level_rejects_unknown_form():
+    with pytest.raises(ValueError, match="form"):
+        Momentum(form="adam")
+
+
+def test_chain_rejects_conflicting_hyperparameters():
+    with pytest.raises(ValueError, match="momentum"):
+        deepopt.Chain(Momentum(0.9), DeltaMomentumLevel(momentum=0.5))
+
+
+def _modules():
+    for info in pkgutil.walk_packages(deepopt.__path__, "deepopt."):
+        if ".lightning" in info.name or ".kernels" in info.name:
+            continue
+        yield info.name
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_docstring_examples_run(module):
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
