@@ -133,7 +133,9 @@ def reference_grads(anchor: dict, k: torch.Tensor, v: torch.Tensor, loss: Callab
     """
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = {n: a if (outer and a.requires_grad) else a.detach().requires_grad_() for n, a in anchor.items()}
+        # A fresh view is a node of its own: tensors already computed from the anchor (such as a
+        # self-generated target) stay constants of the inner gradient, yet the outer graph is kept.
+        leaves = {n: a.view_as(a) if (outer and a.requires_grad) else a.detach().requires_grad_() for n, a in anchor.items()}
         total = loss(leaves, k, v)
         grads = torch.autograd.grad(total, list(leaves.values()), create_graph=outer, allow_unused=True)
     return {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(leaves, grads)}

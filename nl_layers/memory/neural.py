@@ -5,8 +5,13 @@ weights W are fast weights, one copy per batch row and head. Token t writes key 
 
     loss     l(W; k, v) = 1/2 ||M_W(k) - v||^2
     surprise S_t = eta_t S_{t-1} - theta_t grad l(W_anchor; k_t, v_t)
-    memory   W_t = (1 - alpha_t) W_{t-1} + S_t
+    memory   W_t = W_0 + (1 - alpha_t)(W_{t-1} - W_0) + S_t
     read     y_t = M_{W_t}(q_t)
+
+Forgetting pulls the fast weights back to the learnable initial weights W_0 (the slow level that
+outer training shapes), not to zero: a residual-MLP memory forgets what it wrote in context but
+keeps what it was trained to start from. For a memory with W_0 = 0 (``memory="linear"``) this is
+the literal Titans rule W_t = (1 - alpha_t) W_{t-1} + S_t.
 
 theta_t = max_lr * sigmoid(w_theta . x_t), eta_t = sigmoid(w_eta . x_t), alpha_t = sigmoid(w_alpha . x_t)
 are data-dependent per head. q, k, v come from linear projections followed by a causal depthwise
@@ -156,8 +161,9 @@ class NeuralMemory(nn.Module):
         state = self.initial_state(b, x) if state is None else state
         q, k, v, lr, log_m, log_a, conv = self._prepare(x, state)
         w, anchor, s = flatten(state.weights), flatten(state.anchor), flatten(state.momentum)
+        base = flatten(expand_params(self.memory, b, self.heads))
         run = self._chunked if mode == "chunked" else self._recurrent
-        y, w, anchor, s = run(q, k, v, lr, log_m, log_a, w, anchor, s, state.position)
+        y, w, anchor, s = run(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
         new_state = NeuralMemoryState(
             unflatten(w, b, self.heads), unflatten(anchor, b, self.heads), unflatten(s, b, self.heads), conv, state.position + t
@@ -165,20 +171,22 @@ class NeuralMemory(nn.Module):
         return self.out(y), new_state
 
     # -- chunked parallel form ----------------------------------------------------------------
-    def _chunked(self, q, k, v, lr, log_m, log_a, w, anchor, s, position):
+    def _chunked(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position):
         ys = []
         for start, end, completes in pieces(q.shape[1], self.chunk_size, position % self.chunk_size):
             sl = slice(start, end)
             g = self.fns.token_grads(anchor, k[:, sl], v[:, sl])
             u = {n: -lr[:, sl].reshape(lr.shape[0], -1, *([1] * (gn.ndim - 2))) * gn for n, gn in g.items()}
-            w_all, w, s = scan(w, s, u, None if log_m is None else log_m[:, sl], log_a[:, sl], per_token=True)
-            ys.append(self.fns.read_per_token(w_all, q[:, sl]))
+            delta = {n: w[n] - base[n] for n in w}  # the scan decays W - W_0
+            d_all, delta, s = scan(delta, s, u, None if log_m is None else log_m[:, sl], log_a[:, sl], per_token=True)
+            w = {n: delta[n] + base[n] for n in w}
+            ys.append(self.fns.read_per_token({n: d_all[n] + base[n][:, None] for n in w}, q[:, sl]))
             if completes:
                 anchor = w
         return torch.cat(ys, dim=1), w, anchor, s
 
     # -- token-by-token reference ---------------------------------------------------------------
-    def _recurrent(self, q, k, v, lr, log_m, log_a, w, anchor, s, position):
+    def _recurrent(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position):
         read = vmap(lambda p, x: functional_call(self.memory, p, (x,)))
         ys = []
         for i in range(q.shape[1]):
@@ -193,7 +201,7 @@ class NeuralMemory(nn.Module):
                 shape = (-1,) + (1,) * (w[n].ndim - 1)
                 step = -theta.reshape(shape) * g[n]
                 new_s[n] = step if eta is None else eta.reshape(shape) * s[n] + step
-                new_w[n] = a.reshape(shape) * w[n] + new_s[n]
+                new_w[n] = base[n] + a.reshape(shape) * (w[n] - base[n]) + new_s[n]
             s, w = new_s, new_w
             ys.append(read(w, q[:, i]))
         return torch.stack(ys, dim=1), w, anchor, s

@@ -1,0 +1,239 @@
+"""Self-modifying Titans: keys, values, step sizes and decays are produced by memories that learn in context.
+
+Per head, with x_t the head's slice of the input (only the query projection is static):
+
+    k_t = normalize(M_k(x^_t)),  v_t = normalize(M_v(x^_t)),  q_t = normalize(W_q x_t),  x^_t = normalize(x_t),
+    eta_t = max_lr * sigmoid(w_eta . M_eta(x_t) + b_eta),  alpha_t = sigmoid(w_alpha . M_alpha(x_t) + b_alpha),
+    y_t = M_mem(q_t)
+
+where M_k, M_v, M_eta, M_alpha and M_mem are residual-MLP fast-weight memories (the readouts w, b
+of eta and alpha are static). Every memory writes its own value, v_hat = M(v_t) (stop-gradient by
+default), and learns by delta gradient descent (DGD) with decay and momentum:
+
+    u_t = -eta_t [ W a a^T + grad_W 1/2 ||M(k_t) - v_hat_t||^2 ]   for every weight matrix W with input a
+    S_t = beta S_{t-1} + u_t,      W_t = W_0 + alpha_t (W_{t-1} - W_0) + S_t   (beta = sigmoid(learned scalar))
+
+which is M <- M(alpha I - eta k k^T) - eta grad for a linear memory with W_0 = 0 and no momentum.
+As in :class:`~nl_layers.NeuralMemory`, the decay pulls toward the learnable initial weights W_0.
+The input-direction decay W a a^T acts on the output layer of each residual MLP (input
+a = act(W_in k)); the hidden layer takes the plain gradient step: decaying W_in along k as well
+collapses the hidden features to zero within a few hundred tokens. The four component memories
+are read (and take their gradients) at the state from the start of their chunk of
+``component_chunk_size`` tokens; the main memory uses ``chunk_size`` and is read with its
+per-token weights, as in :class:`~nl_layers.NeuralMemory`. ``mode="recurrent"`` is the
+token-by-token reference (plain autograd gradients).
+
+Reference: Behrouz et al. 2025 (Nested Learning), section 8; DESIGN.md section 5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ._checks import check_choice, check_positive_int, check_sequence
+from ._modules import l2_normalize, merge_heads, split_heads
+from .memory.fast_weights import FastWeightFunctions, expand_params, flatten, pieces, reference_grads, scan, unflatten
+from .memory.mlp import ResidualMLPMemory
+
+COMPONENTS = ("key", "value", "lr", "decay")
+MEMORIES = COMPONENTS + ("memory",)
+
+
+class SelfModifyingState(NamedTuple):
+    """Streaming state: per memory name, weights / anchor / momentum dicts of (B, H, *shape); tokens seen."""
+
+    weights: dict
+    anchor: dict
+    momentum: dict
+    position: int
+
+    def detach(self) -> "SelfModifyingState":
+        """A copy cut from the autograd graph (truncated backpropagation through time)."""
+        cut = lambda tree: {m: {n: t.detach() for n, t in d.items()} for m, d in tree.items()}  # noqa: E731
+        return SelfModifyingState(cut(self.weights), cut(self.anchor), cut(self.momentum), self.position)
+
+
+def _dgd_decay(template: ResidualMLPMemory):
+    """(params, k) -> {name: (W a) a^T} for one token: the decay along each weight's input."""
+
+    def fn(params, k):
+        a = template.layer_inputs(params, k)["w_out"]
+        decay = {n: torch.zeros_like(p) for n, p in params.items()}
+        decay["w_out"] = (params["w_out"] @ a)[:, None] * a[None, :]
+        return decay
+
+    return fn
+
+
+class SelfModifyingTitans(nn.Module):
+    """Self-modifying Titans layer (the sequence mixer of HOPE).
+
+    Args:
+        dim: model width; heads: number of heads (dim divisible by heads).
+        chunk_size: chunk of the main memory; component_chunk_size: chunk of the k/v/eta/alpha
+            memories (default: chunk_size).
+        expansion: hidden width of every memory, as a multiple of the head dimension.
+        max_lr: upper bound of eta_t.
+        momentum: initial momentum beta of every memory (learned).
+        detach_values: stop the gradient through the self-generated values v_hat = M(v).
+
+    ``forward(x, state=None, mode="chunked")`` returns ``(y, SelfModifyingState)``.
+
+    Example:
+        >>> layer = SelfModifyingTitans(dim=32, heads=2, chunk_size=8, component_chunk_size=4)
+        >>> x = torch.randn(2, 19, 32)
+        >>> y, state = layer(x)
+        >>> y_a, s = layer(x[:, :10]); y_b, _ = layer(x[:, 10:], s)
+        >>> bool(torch.allclose(torch.cat([y_a, y_b], 1), y, atol=1e-5))
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        chunk_size: int = 16,
+        component_chunk_size: int | None = None,
+        expansion: float = 2.0,
+        max_lr: float = 0.1,
+        momentum: float = 0.9,
+        detach_values: bool = True,
+    ):
+        super().__init__()
+        check_positive_int(dim, "dim")
+        check_positive_int(heads, "heads")
+        check_positive_int(chunk_size, "chunk_size")
+        component_chunk_size = chunk_size if component_chunk_size is None else component_chunk_size
+        check_positive_int(component_chunk_size, "component_chunk_size")
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        if not max_lr > 0:
+            raise ValueError(f"max_lr must be > 0, got {max_lr}")
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must lie in (0, 1), got {momentum}")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.chunk_size, self.component_chunk_size, self.max_lr = chunk_size, component_chunk_size, max_lr
+        self.detach_values = detach_values
+        hidden = max(1, int(round(expansion * self.head_dim)))
+        self.memories = nn.ModuleDict({m: ResidualMLPMemory(self.head_dim, hidden) for m in MEMORIES})
+        self.momentum_logit = nn.Parameter(torch.full((len(MEMORIES),), math.log(momentum / (1 - momentum))))
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.lr_head = nn.Linear(self.head_dim, 1)
+        self.decay_head = nn.Linear(self.head_dim, 1)
+        nn.init.constant_(self.decay_head.bias, 4.0)  # alpha ~ 0.98 at init
+        self.out = nn.Linear(dim, dim, bias=False)
+        # Batched functional forms, built once: per chunk (N, L) and per token (N,).
+        self.fns, self.chunk_decay, self.token_decay, self.token_read = {}, {}, {}, {}
+        for m, template in self.memories.items():
+            self.fns[m] = FastWeightFunctions(template, self._loss_fn(template))
+            decay = _dgd_decay(template)
+            self.chunk_decay[m] = vmap(vmap(decay, in_dims=(None, 0)))
+            self.token_decay[m] = vmap(decay)
+            self.token_read[m] = vmap(lambda p, z, _t=template: functional_call(_t, p, (z,)))
+
+    def _loss_fn(self, template):
+        if self.detach_values:
+            return lambda p, k, v: 0.5 * (functional_call(template, p, (k,)) - v).pow(2).sum()
+        return lambda p, k, v: 0.5 * (functional_call(template, p, (k,)) - functional_call(template, p, (v,))).pow(2).sum()
+
+    def initial_state(self, batch: int) -> SelfModifyingState:
+        w = {m: expand_params(t, batch, self.heads) for m, t in self.memories.items()}
+        s = {m: {n: torch.zeros_like(x) for n, x in d.items()} for m, d in w.items()}
+        return SelfModifyingState(w, w, s, 0)
+
+    def _components(self, reads, anchors, xs):
+        """k, v, eta, log alpha for tokens xs (N, L, dh) (or (N, dh)) read at the component anchors."""
+        k = l2_normalize(reads["key"](anchors["key"], xs))
+        v = l2_normalize(reads["value"](anchors["value"], xs))
+        lr = self.max_lr * torch.sigmoid(self.lr_head(reads["lr"](anchors["lr"], xs))[..., 0])
+        log_a = F.logsigmoid(self.decay_head(reads["decay"](anchors["decay"], xs))[..., 0])
+        return k, v, lr, log_a
+
+    def _direction(self, m, anchor, k, v, lr):
+        """u_t = -eta_t (grad + W a a^T) for every token of a chunk, at the anchor weights."""
+        fns = self.fns[m]
+        target = fns.read(anchor, v) if self.detach_values else v
+        g = fns.token_grads(anchor, k, target)
+        d = self.chunk_decay[m](anchor, k)
+        return {n: -lr.reshape(lr.shape + (1,) * (g[n].ndim - lr.ndim)) * (g[n] + d[n]) for n in g}
+
+    def forward(self, x: torch.Tensor, state: SelfModifyingState | None = None, mode: str = "chunked"):
+        check_sequence(x, self.dim)
+        check_choice(mode, "mode", ("chunked", "recurrent"))
+        b, t, _ = x.shape
+        state = self.initial_state(b) if state is None else state
+        xh = l2_normalize(split_heads(x, self.heads)).reshape(b * self.heads, t, self.head_dim)
+        q = l2_normalize(split_heads(self.to_q(x), self.heads)).reshape(b * self.heads, t, self.head_dim)
+        w = {m: flatten(d) for m, d in state.weights.items()}
+        a = {m: flatten(d) for m, d in state.anchor.items()}
+        s = {m: flatten(d) for m, d in state.momentum.items()}
+        log_beta = F.logsigmoid(self.momentum_logit)
+        base = {m: flatten(expand_params(t, b, self.heads)) for m, t in self.memories.items()}
+        run = self._chunked if mode == "chunked" else self._recurrent
+        y = run(xh, q, w, a, s, base, log_beta, state.position)
+        y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
+        unf = lambda tree: {m: unflatten(d, b, self.heads) for m, d in tree.items()}  # noqa: E731
+        return self.out(y), SelfModifyingState(unf(w), unf(a), unf(s), state.position + t)
+
+    def _chunked(self, xh, q, w, a, s, base, log_beta, position):
+        n, t, _ = xh.shape
+        reads = {m: f.read for m, f in self.fns.items()}
+        ks, vs, lrs, log_as = [], [], [], []
+        for start, end, completes in pieces(t, self.component_chunk_size, position % self.component_chunk_size):
+            k, v, lr, log_a = self._components(reads, a, xh[:, start:end])
+            for i, m in enumerate(COMPONENTS):
+                u = self._direction(m, a[m], k, v, lr)
+                delta = {n: w[m][n] - base[m][n] for n in u}  # the scan decays W - W_0
+                _, delta, s[m] = scan(delta, s[m], u, log_beta[i].expand_as(lr), log_a, per_token=False)
+                w[m] = {n: delta[n] + base[m][n] for n in u}
+            if completes:
+                a.update({m: w[m] for m in COMPONENTS})
+            ks.append(k), vs.append(v), lrs.append(lr), log_as.append(log_a)
+        k, v, lr, log_a = (torch.cat(z, dim=1) for z in (ks, vs, lrs, log_as))
+        log_b, ys = log_beta[len(COMPONENTS)].expand(n, t), []
+        for start, end, completes in pieces(t, self.chunk_size, position % self.chunk_size):
+            sl = slice(start, end)
+            u = self._direction("memory", a["memory"], k[:, sl], v[:, sl], lr[:, sl])
+            b0 = base["memory"]
+            delta = {n: w["memory"][n] - b0[n] for n in u}
+            d_all, delta, s["memory"] = scan(delta, s["memory"], u, log_b[:, sl], log_a[:, sl], per_token=True)
+            w["memory"] = {n: delta[n] + b0[n] for n in u}
+            ys.append(self.fns["memory"].read_per_token({n: d_all[n] + b0[n][:, None] for n in u}, q[:, sl]))
+            if completes:
+                a["memory"] = w["memory"]
+        return torch.cat(ys, dim=1)
+
+    def _recurrent(self, xh, q, w, a, s, base, log_beta, position):
+        ys = []
+        for i in range(xh.shape[1]):
+            pos = position + i
+            if pos % self.component_chunk_size == 0:
+                a.update({m: w[m] for m in COMPONENTS})
+            if pos % self.chunk_size == 0:
+                a["memory"] = w["memory"]
+            k, v, lr, log_a = self._components(self.token_read, a, xh[:, i])
+            for j, m in enumerate(MEMORIES):
+                target = self.token_read[m](a[m], v) if self.detach_values else v
+                g = reference_grads(a[m], k, target, self._batch_loss(m))
+                d = self.token_decay[m](a[m], k)
+                beta, new_w, new_s = log_beta[j].exp(), {}, {}
+                for name in w[m]:
+                    shape = (-1,) + (1,) * (w[m][name].ndim - 1)
+                    new_s[name] = beta * s[m][name] - lr.reshape(shape) * (g[name] + d[name])
+                    b0 = base[m][name]
+                    new_w[name] = b0 + log_a.exp().reshape(shape) * (w[m][name] - b0) + new_s[name]
+                w[m], s[m] = new_w, new_s
+            ys.append(self.token_read["memory"](w["memory"], q[:, i]))
+        return torch.stack(ys, dim=1)
+
+    def _batch_loss(self, m):
+        call = self.token_read[m]
+        if self.detach_values:
+            return lambda p, k, v: 0.5 * (call(p, k) - v).pow(2).sum()
+        return lambda p, k, v: 0.5 * (call(p, k) - call(p, v)).pow(2).sum()
