@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..periods import match_periods
+
 REDUCTIONS = ("mean", "sum")
 
 
@@ -67,44 +69,26 @@ def validate_levels(levels: Mapping[str, int], *, name: str = "levels") -> dict[
 
 
 def resolve_levels(names: Iterable[str], levels: Mapping[str, int], *, strict: bool = True) -> dict[str, int]:
-    """Period of every parameter name: an exact name first, else the last matching pattern.
+    """Period of every parameter name (1 where nothing matches); ``deepopt.match_periods`` rules.
+
+    A key matches a name exactly or as an ``fnmatch`` pattern; a name matched by keys of different
+    periods is an error (make the patterns disjoint), so the order of the keys never matters.
 
     Args:
         names: parameter names, e.g. ``[n for n, _ in model.named_parameters()]``.
         levels: the level specification (names or ``fnmatch`` patterns -> period).
-        strict: raise if a key matches no parameter (catches typos).
-
-    Returns:
-        ``{name: period}`` for every name (period 1 where nothing matched).
+        strict: raise if a key matches no name (catches typos); ``False`` ignores such keys
+            (used for one optimizer's share of a model's parameters).
 
     Example:
-        >>> resolve_levels(["a.0.weight", "a.0.bias", "a.1.weight", "b.weight"],
-        ...                {"a.*": 4, "a.1.*": 2, "a.0.bias": 8})
-        {'a.0.weight': 4, 'a.0.bias': 8, 'a.1.weight': 2, 'b.weight': 1}
+        >>> resolve_levels(["a.0.weight", "a.0.bias", "b.weight"], {"a.*": 4})
+        {'a.0.weight': 4, 'a.0.bias': 4, 'b.weight': 1}
     """
     levels = validate_levels(levels)
     names = list(names)
-    known = set(names)
-    periods: dict[str, int] = {}
-    used: set[str] = set()
-    for n in names:
-        if n in levels:
-            periods[n] = levels[n]
-            used.add(n)
-            continue
-        periods[n] = 1
-        for pattern, period in levels.items():  # later patterns override earlier ones
-            if pattern not in known and fnmatch.fnmatchcase(n, pattern):
-                periods[n] = period
-                used.add(pattern)
-    unused = [k for k in levels if k not in used]
-    if strict and unused:
-        sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-        raise ValueError(
-            f"levels: {unused} match no parameter name; names look like: {sample} "
-            "(use model.named_parameters() names or fnmatch patterns such as 'layers.*.ffn.*')"
-        )
-    return periods
+    if not strict:
+        levels = {k: c for k, c in levels.items() if any(n == k or fnmatch.fnmatchcase(n, k) for n in names)}
+    return match_periods(names, levels)
 
 
 class PeriodicGradients:

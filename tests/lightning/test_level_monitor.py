@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from deepopt.lightning import LevelMonitor, MultiTimescale, NestLevels
-from deepopt.optim.momentum import MomentumMemory
+from deepopt import MomentumMemory
 
 from .lightning_reference import TinyModule, loader
 

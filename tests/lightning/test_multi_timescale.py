@@ -10,8 +10,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from deepopt.lightning import MultiTimescale
-from deepopt.optim.adam import AdamMemory
-from deepopt.optim.momentum import MomentumMemory
+from deepopt import AdamMemory, MomentumMemory
 
 from .lightning_reference import LEVELS, PERIODS, TinyModule, loader, reference_fit
 
@@ -150,7 +149,7 @@ def test_bad_arguments_name_the_parameter():
         MultiTimescale({"net.*": 0})
     with pytest.raises(TypeError, match="levels must be a dict"):
         MultiTimescale(["net.*"])
-    with pytest.raises(ValueError, match="match no parameter"):
+    with pytest.raises(ValueError, match="matches no parameter"):
         _trainer([MultiTimescale({"encoder.*": 2})], max_steps=1).fit(TinyModule(), loader())
     with pytest.raises(ValueError, match="NestLevels"):
         _trainer([MultiTimescale()], max_steps=1).fit(TinyModule(), loader())

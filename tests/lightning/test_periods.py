@@ -10,21 +10,22 @@ import torch
 import torch.nn.functional as F
 
 from deepopt.lightning import PeriodicGradients, resolve_levels
-from deepopt.optim.momentum import MomentumMemory
+from deepopt import MomentumMemory
 
 from .lightning_reference import PERIODS, loader, make_net, reference_fit
 
 
-def test_resolve_levels_exact_names_beat_patterns_and_later_patterns_override():
+def test_resolve_levels_patterns_and_conflicts():
     names = ["enc.0.weight", "enc.0.bias", "enc.1.weight", "head.weight"]
-    spec = {"enc.*": 4, "enc.1.*": 2, "enc.0.bias": 8}
-    assert resolve_levels(names, spec) == {"enc.0.weight": 4, "enc.0.bias": 8, "enc.1.weight": 2,
-                                           "head.weight": 1}
-    assert resolve_levels(names, {"enc.1.*": 2, "enc.*": 4})["enc.1.weight"] == 4
+    spec = {"enc.*": 4, "enc.0.bias": 4, "head.weight": 2}
+    assert resolve_levels(names, spec) == {"enc.0.weight": 4, "enc.0.bias": 4, "enc.1.weight": 4,
+                                           "head.weight": 2}
+    with pytest.raises(ValueError, match="disjoint"):
+        resolve_levels(names, {"enc.*": 4, "enc.1.*": 2})
 
 
 def test_resolve_levels_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"\['dec\.\*'\] match no parameter"):
+    with pytest.raises(ValueError, match=r"'dec\.\*' matches no parameter"):
         resolve_levels(["enc.weight"], {"dec.*": 2})
     assert resolve_levels(["enc.weight"], {"dec.*": 2}, strict=False) == {"enc.weight": 1}
     with pytest.raises(ValueError, match="period must be >= 1"):
