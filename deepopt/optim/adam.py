@@ -44,7 +44,7 @@ class AdamMemory(LevelOptimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, form: str = "ema", *, impl: str = "foreach",
+                 eps: float = 1e-8, weight_decay: float = 1e-2, form: str = "ema", *, impl: str = "auto",
                  nonfinite: str = "skip") -> None:
         chain = Chain(AdamMoments(betas, eps, form))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, form=form)

@@ -33,7 +33,7 @@ from ..levels.base import Direction, State
 
 __all__ = ["LevelOptimizer", "IMPLS", "NONFINITE_POLICIES"]
 
-IMPLS = ("foreach", "reference")
+IMPLS = ("auto", "foreach", "reference", "triton")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _SLOW_SUM, _SLOW_CALLS = "slow.grad_sum", "slow.calls"
 
@@ -47,14 +47,17 @@ class LevelOptimizer(torch.optim.Optimizer):
         defaults: hyperparameter defaults (must hold ``lr`` and ``weight_decay``).
         chains: the update rules; each parameter goes to the first chain that applies to it.
         weight_decay_mode: ``"decoupled"`` (AdamW, Muon) or ``"coupled"`` (SGD).
-        impl: ``"foreach"`` (fast path, default) or ``"reference"`` (the pure functional core).
+        impl: ``"auto"`` (default: a fused Triton kernel where ``deepopt.kernels`` has one for the
+            chain and the parameters are on CUDA, else ``"foreach"``), ``"foreach"`` (in-place
+            multi-tensor path), ``"reference"`` (the pure functional core, tensor by tensor) or
+            ``"triton"`` (require the kernel).
         nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see the module docstring).
     """
 
     weight_decay_mode = "decoupled"
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], chains: list[Chain], *,
-                 impl: str = "foreach", nonfinite: str = "skip") -> None:
+                 impl: str = "auto", nonfinite: str = "skip") -> None:
         if impl not in IMPLS:
             raise ValueError(f"invalid impl: {impl!r}; use one of {IMPLS}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -176,6 +179,10 @@ class LevelOptimizer(torch.optim.Optimizer):
             by_chain[id(chain)][2].append(g)
         for chain, ps, gs in by_chain.values():
             states = [self._state(p, chain, group) for p in ps]
+            fused = self._fused(chain, group, ps)
+            if fused is not None:  # one kernel: state update, decay and parameter step together
+                fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=self.weight_decay_mode == "decoupled")
+                continue
             if self.impl == "reference":
                 directions = []
                 for p, g, state in zip(ps, gs, states):
@@ -187,6 +194,22 @@ class LevelOptimizer(torch.optim.Optimizer):
             if wd != 0 and self.weight_decay_mode == "decoupled":
                 torch._foreach_mul_(ps, 1 - lr * wd)
             _apply(ps, directions, lr)
+
+    def _fused(self, chain: Chain, group: Mapping[str, Any], params: list[Tensor]) -> Callable | None:
+        """The fused kernel step for this chain, if ``impl`` asks for one and one exists."""
+        if self.impl in ("foreach", "reference") or (self.impl == "auto" and not params[0].is_cuda):
+            return None
+        try:
+            from ..kernels import fused_step_for
+        except ImportError as err:
+            if self.impl == "triton":
+                raise RuntimeError(f"impl='triton' needs Triton and deepopt.kernels: {err}") from err
+            return None
+        fused = fused_step_for(chain, group)
+        if fused is None and self.impl == "triton":
+            raise RuntimeError(f"impl='triton': deepopt.kernels has no fused step for {chain!r}; "
+                               "use impl='foreach'")
+        return fused
 
     def _state(self, p: Tensor, chain: Chain, group: Mapping[str, Any]) -> State:
         state = self.state[p]

@@ -50,7 +50,7 @@ class DeepMomentum(LevelOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, inner_lr: float = 0.1,
                  sigma: str = "identity", hidden: int = 8, weight_decay: float = 0.0,
-                 memory_init: Mapping[str, Tensor] | None = None, *, impl: str = "foreach",
+                 memory_init: Mapping[str, Tensor] | None = None, *, impl: str = "auto",
                  nonfinite: str = "skip") -> None:
         self.memory = DeepMemory(momentum, inner_lr, sigma, hidden, memory_init)
         defaults = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, sigma=sigma, weight_decay=weight_decay)

@@ -41,7 +41,7 @@ class DeltaMomentum(LevelOptimizer):
     weight_decay_mode = "coupled"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, delta: float = 0.5,
-                 nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "foreach",
+                 nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "auto",
                  nonfinite: str = "skip") -> None:
         chain = Chain(DeltaMomentumLevel(momentum, delta, nesterov))
         defaults = dict(lr=lr, momentum=momentum, delta=delta, nesterov=nesterov, weight_decay=weight_decay)

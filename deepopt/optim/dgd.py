@@ -52,7 +52,7 @@ class DGD(LevelOptimizer):
     requires_model = True
 
     def __init__(self, params: Iterable[Any] | nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, *,
-                 model: nn.Module | None = None, impl: str = "foreach", nonfinite: str = "skip") -> None:
+                 model: nn.Module | None = None, impl: str = "auto", nonfinite: str = "skip") -> None:
         if isinstance(params, nn.Module):
             model, params = params, params.parameters()
         if model is None:

@@ -64,7 +64,7 @@ class M3(LevelOptimizer):
                  form: str = "stable", target_rms: float | None = 0.2,
                  momenta: Sequence[tuple[float, int, float]] | None = None, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, *,
-                 ns_dtype: torch.dtype | None = torch.bfloat16, impl: str = "foreach", nonfinite: str = "skip") -> None:
+                 ns_dtype: torch.dtype | None = torch.bfloat16, impl: str = "auto", nonfinite: str = "skip") -> None:
         if len(betas) != 3:
             raise ValueError(f"invalid betas: {betas!r}; M3 takes (beta1, beta2, beta3)")
         if momenta is None:

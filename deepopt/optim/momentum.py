@@ -43,7 +43,7 @@ class MomentumMemory(LevelOptimizer):
     weight_decay_mode = "coupled"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "foreach",
+                 nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "auto",
                  nonfinite: str = "skip") -> None:
         chain = Chain(Momentum(momentum, dampening, nesterov, form="sgd"))
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,

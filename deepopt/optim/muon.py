@@ -50,7 +50,7 @@ class MuonMemory(LevelOptimizer):
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.95), fallback_eps: float = 1e-8,
                  fallback_lr_ratio: float = 1.0, *, ns_dtype: torch.dtype | None = torch.bfloat16,
-                 impl: str = "foreach", nonfinite: str = "skip") -> None:
+                 impl: str = "auto", nonfinite: str = "skip") -> None:
         if not fallback_lr_ratio >= 0:
             raise ValueError(f"invalid fallback_lr_ratio: {fallback_lr_ratio!r}; it must be >= 0")
         muon = Chain(Momentum(momentum, nesterov=nesterov, form="ema"),

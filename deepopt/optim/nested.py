@@ -38,7 +38,7 @@ class NestedOptimizer(LevelOptimizer):
 
     def __init__(self, params: Iterable[Any], levels: Sequence[Level], lr: float = 1e-3, weight_decay: float = 0.0,
                  weight_decay_mode: str = "decoupled", fallback: Sequence[Level] | None = None, *,
-                 impl: str = "foreach", nonfinite: str = "skip") -> None:
+                 impl: str = "auto", nonfinite: str = "skip") -> None:
         if weight_decay_mode not in ("decoupled", "coupled"):
             raise ValueError(f"invalid weight_decay_mode: {weight_decay_mode!r}; use 'decoupled' or 'coupled'")
         if not levels or not all(isinstance(lvl, Level) for lvl in levels):

@@ -42,7 +42,7 @@ class PreconditionedMomentum(LevelOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, precond_period: int = 1, nesterov: bool = False, weight_decay: float = 0.0, *,
-                 impl: str = "foreach", nonfinite: str = "skip") -> None:
+                 impl: str = "auto", nonfinite: str = "skip") -> None:
         chain = Chain(DiagonalPreconditioner(beta2, eps, period=precond_period),
                       Momentum(momentum, 0.0, nesterov, form="sgd"))
         defaults = dict(lr=lr, momentum=momentum, dampening=0.0, nesterov=nesterov, beta2=beta2, eps=eps,
