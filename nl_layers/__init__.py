@@ -1,0 +1,63 @@
+"""Memory layers over tokens (Nested Learning): linear and deep associative memories, Titans,
+softmax attention as a memory, the Continuum Memory System, self-modifying Titans, HOPE, small
+language models, and nest() to put CMS levels into an existing model.
+
+Example:
+    >>> import torch, nl_layers
+    >>> lm = nl_layers.HopeLM(vocab_size=64, dim=32, depth=2, heads=2, cms_periods=(1, 4))
+    >>> logits = lm(torch.randint(0, 64, (2, 16)))
+    >>> spec = lm.level_spec()    # {parameter name: period} for deepopt / the Lightning callback
+"""
+
+from . import data
+from ._checks import set_finite_checks
+from .cms import CMS, MLPBlock
+from .cms_in_context import CMSState
+from .hope import HopeAttentionBlock, HopeBlock, HopeBlockState
+from .lm import HopeLM, TransformerLM
+from .memory import (
+    AttentionMemory,
+    AttentionMemoryState,
+    LinearMapMemory,
+    LinearMemory,
+    LinearMemoryState,
+    NeuralMemory,
+    NeuralMemoryState,
+    ResidualMLPMemory,
+    linear_memory_chunked,
+    linear_memory_recurrent,
+    memory_objective,
+    softmax_memory,
+    softmax_memory_reference,
+)
+from .nest import nest
+from .self_modifying import SelfModifyingState, SelfModifyingTitans
+
+__all__ = [
+    "AttentionMemory",
+    "AttentionMemoryState",
+    "CMS",
+    "CMSState",
+    "HopeAttentionBlock",
+    "HopeBlock",
+    "HopeBlockState",
+    "HopeLM",
+    "LinearMapMemory",
+    "LinearMemory",
+    "LinearMemoryState",
+    "MLPBlock",
+    "NeuralMemory",
+    "NeuralMemoryState",
+    "ResidualMLPMemory",
+    "SelfModifyingState",
+    "SelfModifyingTitans",
+    "TransformerLM",
+    "data",
+    "linear_memory_chunked",
+    "linear_memory_recurrent",
+    "memory_objective",
+    "nest",
+    "set_finite_checks",
+    "softmax_memory",
+    "softmax_memory_reference",
+]

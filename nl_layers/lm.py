@@ -1,0 +1,179 @@
+"""Small language models for examples and benchmarks: HopeLM and a Transformer++ baseline.
+
+Both share one constructor shape ``(vocab_size, dim, depth, heads=...)``, one call signature
+
+    logits = model(tokens)                                   # (B, T) -> (B, T, vocab)
+    logits, state = model(tokens, state, return_state=True)   # streaming
+
+and ``generate(prompt, max_new_tokens, temperature=1.0, top_k=None)``, which feeds the prompt
+once and then one token at a time through the streaming state (KV cache for attention, fast
+weights for the memories).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_choice, check_positive_int, check_tokens
+from ._modules import SwiGLU
+from .hope import HopeAttentionBlock, HopeBlock
+from .memory.attention import AttentionMemory
+
+
+class _LanguageModel(nn.Module):
+    """Embedding -> blocks (each returns (x, state)) -> RMSNorm -> linear head."""
+
+    def __init__(self, vocab_size: int, dim: int, depth: int, blocks: list):
+        super().__init__()
+        self.vocab_size, self.dim, self.depth = vocab_size, dim, depth
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, state: tuple | None = None, return_state: bool = False):
+        check_tokens(tokens, self.vocab_size)
+        if state is not None and len(state) != len(self.blocks):
+            raise ValueError(f"state has {len(state)} entries but the model has {len(self.blocks)} blocks")
+        x = self.embed(tokens)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, None if state is None else state[i])
+            new_state.append(s)
+        logits = self.head(self.norm(x))
+        return (logits, tuple(new_state)) if return_state else logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` continuations of ``prompt`` ((T,) or (B, T) token ids).
+
+        temperature 0 picks the most likely token; top_k keeps only the k most likely.
+        Returns the prompt followed by the new tokens, with the prompt's shape convention.
+        """
+        check_positive_int(max_new_tokens, "max_new_tokens")
+        check_positive_int(top_k, "top_k", allow_none=True)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        squeeze = prompt.ndim == 1
+        tokens = prompt[None] if squeeze else prompt
+        logits, state = self(tokens, return_state=True)
+        out = [tokens]
+        for _ in range(max_new_tokens):
+            last = logits[:, -1].float()
+            if temperature == 0:
+                nxt = last.argmax(-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k is not None:
+                    kth = last.topk(min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                nxt = torch.multinomial(last.softmax(-1), 1, generator=generator)
+            out.append(nxt)
+            logits, state = self(nxt, state, return_state=True)
+        result = torch.cat(out, dim=1)
+        return result[0] if squeeze else result
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (nats) of a (B, T) batch."""
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+class HopeLM(_LanguageModel):
+    """A small HOPE language model: ``depth`` HOPE blocks between an embedding and a head.
+
+    Args:
+        vocab_size, dim, depth, heads: sizes.
+        block: "hope" (self-modifying Titans + CMS) or "attention" (softmax attention + CMS).
+        chunk_size, component_chunk_size, max_lr: of the self-modifying Titans mixer.
+        cms_periods, cms_hidden, cms_variant, cms_in_context, cms_in_context_lr: of every CMS.
+
+    Example:
+        >>> lm = HopeLM(vocab_size=50, dim=32, depth=2, heads=2, chunk_size=8, cms_periods=(1, 4))
+        >>> tokens = torch.randint(0, 50, (2, 16))
+        >>> lm(tokens).shape
+        torch.Size([2, 16, 50])
+        >>> lm.generate(tokens[0, :4], max_new_tokens=5).shape
+        torch.Size([9])
+        >>> spec = lm.level_spec()      # for deepopt.group_by_period / the Lightning callback
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        heads: int = 4,
+        block: str = "hope",
+        chunk_size: int = 16,
+        component_chunk_size: int | None = None,
+        max_lr: float = 0.1,
+        cms_periods: Sequence[int] = (1,),
+        cms_hidden: int | None = None,
+        cms_variant: str = "sequential",
+        cms_in_context: Sequence[int | None] | None = None,
+        cms_in_context_lr: float | Sequence[float] = 1e-2,
+    ):
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
+            check_positive_int(value, name)
+        check_choice(block, "block", ("hope", "attention"))
+        cms = dict(
+            cms_periods=cms_periods, cms_hidden=cms_hidden, cms_variant=cms_variant,
+            cms_in_context=cms_in_context, cms_in_context_lr=cms_in_context_lr,
+        )
+        if block == "hope":
+            blocks = [HopeBlock(dim, heads, chunk_size, component_chunk_size, max_lr, **cms) for _ in range(depth)]
+        else:
+            blocks = [HopeAttentionBlock(dim, heads, **cms) for _ in range(depth)]
+        super().__init__(vocab_size, dim, depth, blocks)
+
+    def level_spec(self, prefix: str = "") -> dict[str, int]:
+        """Level specification of every CMS parameter (other parameters: period 1)."""
+        spec = {}
+        for i, blk in enumerate(self.blocks):
+            spec.update(blk.level_spec(prefix=f"{prefix}blocks.{i}."))
+        return spec
+
+
+class TransformerBlock(nn.Module):
+    """Transformer++ block: x + Attn(RMSNorm(x)) (causal SDPA, RoPE), then x + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.attn = AttentionMemory(dim, heads, causal=True, rope=True, impl="sdpa")
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor, state=None):
+        a, state = self.attn(self.norm1(x), state)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), state
+
+
+class TransformerLM(_LanguageModel):
+    """Transformer++ baseline (SDPA causal attention with RoPE, RMSNorm, SwiGLU), same API as HopeLM.
+
+    ``hidden`` defaults to the multiple of 8 nearest 8/3 * dim (SwiGLU's usual width).
+
+    Example:
+        >>> lm = TransformerLM(vocab_size=50, dim=32, depth=2, heads=4)
+        >>> lm.generate(torch.randint(0, 50, (1, 4)), max_new_tokens=3, temperature=0).shape
+        torch.Size([1, 7])
+    """
+
+    def __init__(self, vocab_size: int, dim: int, depth: int, heads: int = 4, hidden: int | None = None):
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
+            check_positive_int(value, name)
+        hidden = hidden if hidden is not None else max(8, int(round(8 * dim / 3 / 8)) * 8)
+        super().__init__(vocab_size, dim, depth, [TransformerBlock(dim, heads, hidden) for _ in range(depth)])
