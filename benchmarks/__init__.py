@@ -1,0 +1,1 @@
+"""deepopt's benchmark suites: ``python -m benchmarks run --suite quick`` (see benchmarks/README.md)."""

@@ -1,0 +1,78 @@
+"""Command line: ``python -m benchmarks run --suite quick`` and ``python -m benchmarks list``.
+
+Example:
+    >>> args = parser().parse_args(["run", "--suite", "quick", "--optimizers", "AdamW", "SGD"])
+    >>> args.suite, args.optimizers
+    ('quick', ['AdamW', 'SGD'])
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from .suites import SUITES
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks",
+                                description="deepopt's optimizer benchmarks against AdamW, SGD and Muon.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a suite and write JSON, Markdown and PNG results")
+    run.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    run.add_argument("--optimizers", nargs="+", help="optimizer names (default: all available; see `list`)")
+    run.add_argument("--tasks", nargs="+", help="task (or continual sequence) names (default: the suite's)")
+    run.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the suite's)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda (speed and memory need cuda)")
+    run.add_argument("--out", help="output folder (default: benchmarks/results/<suite>/)")
+    run.add_argument("--steps", type=int, help="override every task's steps (steps per task for continual)")
+    run.add_argument("--factors", type=float, nargs="+", help="learning-rate sweep factors (default 1/3 1 3)")
+    run.add_argument("--jobs", type=int, default=1, help="worker processes over tasks (quick/quality; default 1)")
+    run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sub.add_parser("list", help="list suites, tasks (and why any is unavailable) and optimizers")
+    return p
+
+
+def list_everything() -> str:
+    from .continual_tasks import SEQUENCES
+    from .optimizers import available_optimizers
+    from .tasks import TASKS
+
+    lines = ["Suites:"] + [f"  {s.name:<10} {s.description}" for s in SUITES.values()]
+    lines.append("Tasks (quick / quality):")
+    for task in TASKS.values():
+        reason = task.availability()
+        status = f"  [skipped: {reason}]" if reason else ""
+        lines.append(f"  {task.name:<18} {task.steps:>4} steps  {task.description}{status}")
+    lines.append("Continual sequences:")
+    for name, cls in SEQUENCES.items():
+        lines.append(f"  {name:<18} metric {cls.metric}")
+    lines.append("Optimizers:")
+    for spec in available_optimizers().values():
+        lines.append(f"  {spec.name:<24} {spec.source:<8} lr family {spec.family}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.command_line = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
+    if args.command == "list":
+        print(list_everything())
+        return 0
+    if args.seeds is not None and args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
+    from .suites import run_named_suite
+
+    try:
+        run_named_suite(args)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

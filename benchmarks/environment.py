@@ -1,0 +1,67 @@
+"""What every result file records about where and how it was made.
+
+Example:
+    >>> info = describe(seeds=[0], command="python -m benchmarks run --suite quick")
+    >>> sorted(info) == ["command", "date", "machine", "seeds", "versions"]
+    True
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str = "cpu") -> dict:
+    """CPU model and core count, torch threads, and the GPU name when ``device`` is CUDA."""
+    info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def versions() -> dict:
+    """python, torch, deepopt and nl_layers versions (and optional packages when installed)."""
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    from importlib import metadata
+
+    for dist in ("deepopt", "heavyball", "schedulefree", "matplotlib", "rich"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out["git_commit"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def describe(seeds, command: str | None = None, device: str = "cpu") -> dict:
+    """The header of a result file: machine, versions, seeds, command line and UTC date."""
+    if command is None:
+        command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return {"machine": machine(device), "versions": versions(), "seeds": list(seeds), "command": command,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -1,0 +1,208 @@
+"""The optimizer registry: torch baselines, deepopt's optimizers (read lazily) and optional extras.
+
+Every entry is an :class:`OptimizerSpec` with a *family* ("sgd", "adam" or "muon"): the family
+picks which of a task's learning-rate centres the sweep multiplies, so every optimizer gets the
+same number of trials around a sensible scale. No weight decay anywhere (the synthetic tasks
+have exact minima that decay would move).
+
+Baselines (BENCHMARKS.md): ``AdamW`` (torch, fused where the device supports it),
+``SGD`` (momentum 0.9), ``Muon`` (torch.optim.Muon on 2-D weights, AdamW at the task's Adam rate
+on everything else: vectors, convolutions, embeddings and heads). Optional columns when the
+packages are installed: heavyball's AdamW and schedulefree's AdamWScheduleFree.
+deepopt's optimizers come from ``deepopt.OPTIMIZERS`` at call time, so the suite includes
+whatever the registry holds when it runs.
+
+Example:
+    >>> from benchmarks.optimizers import available_optimizers
+    >>> specs = available_optimizers()
+    >>> {"AdamW", "SGD", "Muon"} <= set(specs)
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+NamedParams = list[tuple[str, nn.Parameter]]
+
+# deepopt names -> family (the scale of their learning rate); unknown names default to "adam".
+DEEPOPT_FAMILIES = {
+    "MomentumMemory": "sgd", "DeltaMomentum": "sgd", "DeepMomentum": "sgd", "DGD": "sgd",
+    "AdamMemory": "adam", "PreconditionedMomentum": "adam",
+    "MuonMemory": "muon", "M3": "muon",
+}
+BASELINES = ("AdamW", "SGD", "Muon")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to build one optimizer. ``build(model, named_params, lrs, muon_exclude)`` -> optimizer,
+    where ``lrs`` maps each family to this trial's rate; the spec uses ``lrs[family]`` (Muon also
+    uses ``lrs["adam"]`` for its AdamW half). ``model`` is there for optimizers that need the layers
+    themselves (deepopt's DGD reads the layer inputs through forward hooks)."""
+
+    name: str
+    family: str
+    source: str
+    build: Callable[[nn.Module, NamedParams, dict[str, float], tuple[str, ...]], torch.optim.Optimizer]
+
+
+class Combined:
+    """Several optimizers stepped as one (Muon for matrices + AdamW for the rest).
+
+    ``param_groups`` and ``state`` are the union of the parts', so code that reads them (EWC,
+    the speed suite's state-byte count) works unchanged.
+    """
+
+    def __init__(self, parts: Iterable[torch.optim.Optimizer]):
+        self.parts = [p for p in parts if p is not None]
+        if not self.parts:
+            raise ValueError("Combined needs at least one optimizer")
+        self.param_groups = [g for part in self.parts for g in part.param_groups]
+
+    @property
+    def state(self) -> dict:
+        merged = {}
+        for part in self.parts:
+            merged.update(part.state)
+        return merged
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for part in self.parts:
+            part.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict):
+        for part, sd in zip(self.parts, state_dict["parts"]):
+            part.load_state_dict(sd)
+
+
+def _fused_ok(params: NamedParams) -> bool:
+    return bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                for _, p in params)
+
+
+def _adamw(params: NamedParams, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=0.0,
+                             fused=True if _fused_ok(params) else None)
+
+
+def _sgd(params: NamedParams, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for _, p in params], lr=lr, momentum=0.9,
+                           fused=True if _fused_ok(params) else None)
+
+
+def muon_split(params: NamedParams, exclude: tuple[str, ...]) -> tuple[NamedParams, NamedParams]:
+    """(matrices for Muon, the rest for AdamW): 2-D weights whose name contains none of ``exclude``."""
+    muon, rest = [], []
+    for name, p in params:
+        (muon if p.ndim == 2 and not any(e in name for e in exclude) else rest).append((name, p))
+    return muon, rest
+
+
+def _muon(model: nn.Module, params: NamedParams, lrs: dict[str, float], exclude: tuple[str, ...]) -> torch.optim.Optimizer:
+    matrices, rest = muon_split(params, exclude)
+    muon = torch.optim.Muon([p for _, p in matrices], lr=lrs["muon"], weight_decay=0.0) if matrices else None
+    adamw = _adamw(rest, lrs["adam"]) if rest else None
+    return Combined([muon, adamw])
+
+
+def baseline_specs() -> dict[str, OptimizerSpec]:
+    return {
+        "AdamW": OptimizerSpec("AdamW", "adam", "torch", lambda model, ps, lrs, ex: _adamw(ps, lrs["adam"])),
+        "SGD": OptimizerSpec("SGD", "sgd", "torch", lambda model, ps, lrs, ex: _sgd(ps, lrs["sgd"])),
+        "Muon": OptimizerSpec("Muon", "muon", "torch", _muon),
+    }
+
+
+def deepopt_registry() -> dict[str, type]:
+    """``deepopt.OPTIMIZERS`` as it is now (empty if deepopt has none yet)."""
+    try:
+        deepopt = importlib.import_module("deepopt")
+    except ImportError:
+        return {}
+    return dict(getattr(deepopt, "OPTIMIZERS", {}) or {})
+
+
+def _deepopt_spec(name: str, cls: type) -> OptimizerSpec:
+    family = DEEPOPT_FAMILIES.get(name, "adam")
+
+    def build(model: nn.Module, params, lrs: dict[str, float], exclude: tuple[str, ...]) -> torch.optim.Optimizer:
+        return make_deepopt(cls, [p for _, p in params], model, lrs[family])
+
+    return OptimizerSpec(name, family, "deepopt", build)
+
+
+def make_deepopt(cls: type, params, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """``cls(params, lr=lr)``, plus ``model=model`` for optimizers that declare ``requires_model`` (DGD)."""
+    if getattr(cls, "requires_model", False):
+        return cls(params, lr=lr, model=model)
+    return cls(params, lr=lr)
+
+
+def extra_specs() -> dict[str, OptimizerSpec]:
+    """heavyball / schedulefree columns, only when those packages are installed."""
+    specs: dict[str, OptimizerSpec] = {}
+    try:
+        heavyball = importlib.import_module("heavyball")
+        cls = getattr(heavyball, "ForeachAdamW", None) or getattr(heavyball, "AdamW", None)
+        if cls is not None:
+            specs["heavyball.AdamW"] = OptimizerSpec(
+                "heavyball.AdamW", "adam", "heavyball", lambda model, ps, lrs, ex: cls([p for _, p in ps], lr=lrs["adam"]))
+    except ImportError:
+        pass
+    try:
+        sf = importlib.import_module("schedulefree")
+        specs["schedulefree.AdamW"] = OptimizerSpec(
+            "schedulefree.AdamW", "adam", "schedulefree", lambda model, ps, lrs, ex: _train_mode(
+                sf.AdamWScheduleFree([p for _, p in ps], lr=lrs["adam"], warmup_steps=0)))
+    except ImportError:
+        pass
+    return specs
+
+
+def _train_mode(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    opt.train()  # schedule-free optimizers must be put in train mode before stepping
+    return opt
+
+
+def available_optimizers() -> dict[str, OptimizerSpec]:
+    """Baselines, then deepopt's (sorted), then the optional extras, by name."""
+    specs = baseline_specs()
+    for name, cls in sorted(deepopt_registry().items()):
+        specs[name] = _deepopt_spec(name, cls)
+    specs.update(extra_specs())
+    return specs
+
+
+def select_optimizers(names: Iterable[str] | None) -> dict[str, OptimizerSpec]:
+    """The named optimizers (all available ones if ``names`` is None); ValueError on unknown names."""
+    specs = available_optimizers()
+    if names is None:
+        return specs
+    names = list(names)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise ValueError(f"unknown optimizers {unknown}; available now: {sorted(specs)}")
+    return {n: specs[n] for n in names}
+
+
+def build_optimizer(spec: OptimizerSpec, model: nn.Module, lrs: dict[str, float],
+                    muon_exclude: tuple[str, ...] = ("embed", "head")) -> torch.optim.Optimizer:
+    """``spec`` built over ``model.named_parameters()`` (trainable ones only)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return spec.build(model, params, lrs, muon_exclude)

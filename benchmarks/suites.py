@@ -1,0 +1,193 @@
+"""The five suites: what each runs, and how its results are written.
+
+| suite | runs | writes |
+|---|---|---|
+| quick | digits MLP, ill-conditioned quadratic, tiny char LM; 1 seed | results.json, results.md, loss_curves.png, steps_to_target.png |
+| quality | every available task; 3 seeds by default | the same + performance_profile.png |
+| continual | permuted digits, split digits, Shakespeare by genre | results.json, results.md, accuracy_<sequence>.png |
+| speed | GPU only: optimizer step on a GPT-like parameter list | results.json, results.md |
+| memory | GPU only: nl_layers forward+backward vs SDPA | results.json, results.md |
+
+Example:
+    >>> SUITES["quick"].tasks
+    ('digits_mlp', 'quadratic_illcond', 'char_transformer')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+from . import plots
+from .continual import continual_trial_count, run_continual
+from .continual_tasks import SEQUENCES
+from .environment import describe
+from .optimizers import deepopt_registry, select_optimizers
+from .quality import run_suite, trial_count
+from .runner import SWEEP_FACTORS
+from .report import (fmt_loss, fmt_ratio, header_lines, markdown_table, print_table, quality_markdown, ratio_rows,
+                     write_json)
+from .tasks import TASKS, get_task
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A suite: its tasks (or sequences), default seeds, and per-task step overrides."""
+
+    name: str
+    description: str
+    tasks: tuple[str, ...]
+    seeds: int
+    steps: dict[str, tuple[int, int]] = field(default_factory=dict)  # task -> (steps, eval_every)
+    needs_cuda: bool = False
+
+
+SUITES = {
+    "quick": Suite("quick", "each optimizer on 3 small tasks, 1 seed, under 5 minutes on a 2-core CPU",
+                   ("digits_mlp", "quadratic_illcond", "char_transformer"), seeds=1,
+                   steps={"digits_mlp": (200, 10), "quadratic_illcond": (200, 10), "char_transformer": (80, 10)}),
+    "quality": Suite("quality", "every task, learning-rate sweep, >= 3 seeds, steps to AdamW's target",
+                     tuple(TASKS), seeds=3),
+    "continual": Suite("continual", "task sequences: average metric, backward and forward transfer",
+                       tuple(SEQUENCES), seeds=2),
+    "speed": Suite("speed", "GPU: optimizer step time on a GPT-like 1.3B parameter list, fp32 and bf16",
+                   ("gpt_1.3b",), seeds=1, needs_cuda=True),
+    "memory": Suite("memory", "GPU: nl_layers forward+backward tokens/s and peak memory vs SDPA",
+                    ("seq_1k_32k",), seeds=1, needs_cuda=True),
+}
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar; yields ``advance(description)``."""
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        yield lambda desc: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as progress:
+        bar = progress.add_task(label, total=total)
+        yield lambda desc: progress.update(bar, advance=1, description=f"{label}: {desc}")
+
+
+def check_cuda(suite: Suite, device: str) -> None:
+    """Refuse a GPU suite without CUDA, with the reason."""
+    import torch
+
+    if suite.needs_cuda and (not device.startswith("cuda") or not torch.cuda.is_available()):
+        raise SystemExit(f"the `{suite.name}` suite needs a CUDA GPU (it times kernels with CUDA events); "
+                         f"this machine has {'no CUDA device' if not torch.cuda.is_available() else 'device=' + device}. "
+                         "Run it on a GPU machine with --device cuda.")
+
+
+def resolve_tasks(suite: Suite, names: Sequence[str] | None, steps: int | None) -> tuple[list, dict]:
+    """The suite's (or the named) tasks that can run here, with step overrides; and the skipped ones."""
+    chosen, skipped = [], {}
+    for name in names or suite.tasks:
+        task = get_task(name)
+        reason = task.availability()
+        if reason:
+            skipped[name] = reason
+            continue
+        if steps is not None:
+            task = task.with_steps(steps)
+        elif name in suite.steps:
+            task = task.with_steps(*suite.steps[name])
+        chosen.append(task)
+    return chosen, skipped
+
+
+def run_quality_suite(suite: Suite, args, out_dir: str) -> dict:
+    tasks, skipped = resolve_tasks(suite, args.tasks, args.steps)
+    specs = select_optimizers(args.optimizers)
+    seeds = list(range(args.seeds or suite.seeds))
+    factors = tuple(args.factors) if args.factors else None
+    kwargs = {"factors": factors} if factors else {}
+    start = time.time()
+    with progress_bar(trial_count(tasks, specs, seeds, factors or SWEEP_FACTORS), suite.name) as advance:
+        result = run_suite(tasks, specs, seeds, device=args.device, advance=advance, jobs=args.jobs, **kwargs)
+    result.update(describe(seeds, command=args.command_line, device=args.device), suite=suite.name, skipped_tasks=skipped, jobs=args.jobs,
+                  deepopt_registry=sorted(deepopt_registry()), wall_seconds=time.time() - start)
+    made = [] if args.no_plots else [
+        plots.loss_curves(result, os.path.join(out_dir, "loss_curves.png")),
+        plots.steps_bars(result, os.path.join(out_dir, "steps_to_target.png"))]
+    if suite.name != "quick" and not args.no_plots:
+        made.append(plots.performance_profile(result, os.path.join(out_dir, "performance_profile.png")))
+    write_json(result, os.path.join(out_dir, "results.json"))
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(quality_markdown(result, made))
+    print_table(f"{suite.name}: steps to target relative to AdamW (lower is better)", *ratio_rows(result))
+    return result
+
+
+def continual_markdown(result: dict, plot_paths: Sequence[str]) -> str:
+    parts = ["# `continual` suite results", ""] + header_lines(result) + [""]
+    parts += [f"EWC lambda {result['ewc_lambda']:g}; replay buffer {result['replay_per_task']} examples per task "
+              "(an upper reference: it stores data). BWT < 0 means forgetting; FWT > 0 means earlier tasks helped. "
+              "Mean +- std over seeds.", ""]
+    for name, seq in result["sequences"].items():
+        parts += [f"## {name} ({seq['n_tasks']} tasks x {seq['steps_per_task']} steps; metric: {seq['metric']}, "
+                  f"{'higher' if seq['higher_is_better'] else 'lower'} is better)", ""]
+        rows = []
+        for method, r in seq["results"].items():
+            cells = [fmt_loss(r[k]["mean"], r[k]["std"]) if r[k]["failed"] < r[k]["n"] else "failed"
+                     for k in ("average", "bwt", "fwt")]
+            rows.append([method, f"{r['lr']:.2g}"] + cells)
+        parts += [markdown_table(["method", "lr", f"average {seq['metric']}", "BWT", "FWT"], rows), ""]
+    errors = [(s, m, e) for s, seq in result["sequences"].items() for m, r in seq["results"].items() for e in r["errors"]]
+    if errors:
+        parts += ["## Errors", ""] + [f"- `{m}` on `{s}`: {e}" for s, m, e in errors] + [""]
+    parts += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plot_paths]
+    return "\n".join(parts) + "\n"
+
+
+def run_continual_suite(suite: Suite, args, out_dir: str) -> dict:
+    sequences = list(args.tasks or suite.tasks)
+    unknown = [s for s in sequences if s not in SEQUENCES]
+    if unknown:
+        raise SystemExit(f"unknown continual sequences {unknown}; choose from {sorted(SEQUENCES)}")
+    specs = select_optimizers(args.optimizers)
+    seeds = list(range(args.seeds or suite.seeds))
+    kwargs = {"factors": tuple(args.factors)} if args.factors else {}
+    start = time.time()
+    with progress_bar(continual_trial_count(sequences, specs, seeds), suite.name) as advance:
+        result = run_continual(sequences, specs, seeds, steps=args.steps, advance=advance, **kwargs)
+    result.update(describe(seeds, command=args.command_line, device=args.device), suite=suite.name, deepopt_registry=sorted(deepopt_registry()),
+                  wall_seconds=time.time() - start)
+    made = [] if args.no_plots else [
+        plots.accuracy_matrices(name, seq["results"], seq["metric"], os.path.join(out_dir, f"accuracy_{name}.png"))
+        for name, seq in result["sequences"].items()]
+    write_json(result, os.path.join(out_dir, "results.json"))
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(continual_markdown(result, made))
+    for name, seq in result["sequences"].items():
+        rows = [[m, fmt_loss(r["average"]["mean"]), fmt_loss(r["bwt"]["mean"]), fmt_loss(r["fwt"]["mean"])]
+                for m, r in seq["results"].items()]
+        print_table(f"continual / {name} ({seq['metric']})", ["method", "average", "BWT", "FWT"], rows)
+    return result
+
+
+def run_named_suite(args) -> dict:
+    """Dispatch ``python -m benchmarks run`` (``args`` from :mod:`benchmarks.cli`)."""
+    suite = SUITES[args.suite]
+    check_cuda(suite, args.device)
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", suite.name)
+    os.makedirs(out_dir, exist_ok=True)
+    if suite.name in ("quick", "quality"):
+        return run_quality_suite(suite, args, out_dir)
+    if suite.name == "continual":
+        return run_continual_suite(suite, args, out_dir)
+    if suite.name == "speed":
+        from .speed import run_speed_suite
+
+        return run_speed_suite(args, out_dir)
+    from .memory import run_memory_suite
+
+    return run_memory_suite(args, out_dir)
+
+
+__all__ = ["SUITES", "Suite", "run_named_suite", "fmt_ratio"]

@@ -1,0 +1,85 @@
+"""The GPU suites' CPU-testable pieces: refusal without CUDA, byte and flop accounting, tables."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from benchmarks import memory, speed
+from benchmarks.cli import main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("suite", ["speed", "memory"])
+def test_gpu_suites_refuse_clearly_without_cuda(suite, tmp_path):
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main(["run", "--suite", suite, "--device", "cuda", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main(["run", "--suite", suite, "--out", str(tmp_path)])
+
+
+def test_gpt_list_matches_benchmarks_md():
+    shapes = speed.gpt_param_shapes()
+    total = sum(math.prod(s) for _, s in shapes)
+    matrices = sum(math.prod(s) for n, s in shapes if n != "embed")
+    assert len(shapes) == 145
+    assert round(total / 1e9, 2) == 1.31 and round(matrices / 1e9, 2) == 1.21
+
+
+def test_bytes_per_param_for_sgd_and_adamw_measured_from_real_state():
+    params = [torch.randn(6, 5, requires_grad=True), torch.randn(7, requires_grad=True)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    adamw = torch.optim.AdamW(params, lr=0.1)
+    sgd.step(), adamw.step()
+    sgd_state = speed.state_bytes_per_param(sgd, params)
+    assert sgd_state == 4.0
+    assert speed.bytes_per_param(4, 4, sgd_state) == 20  # BENCHMARKS.md: 20 B/param for SGD momentum
+    adam_state = speed.state_bytes_per_param(adamw, params)  # exp_avg, exp_avg_sq; the 0-d step is not counted
+    assert adam_state == 8.0
+    assert speed.bytes_per_param(4, 4, 8) == 28
+    assert speed.bytes_per_param(2, 2, 4) == 14  # bf16 SGD momentum
+
+
+def test_newton_schulz_flops_by_hand():
+    # one 2 x 3 matrix, 1 step: 4 * 2^2 * 3 + 2 * 2^3 = 48 + 16; orientation does not matter
+    assert speed.newton_schulz_flops([(2, 3)], steps=1) == 64
+    assert speed.newton_schulz_flops([(3, 2), (2, 3)], steps=5) == 640
+
+
+def test_speed_table_formats_rows_and_errors():
+    rows = [{"optimizer": "SGD(fused)", "dtype": "float32", "params": 1.31e9, "tensors": 145, "ms": 10.4,
+             "state_bytes_per_param": 4.0, "bytes_per_param": 20.0, "GBps": 2531.0, "copy_fraction": 0.846,
+             "memory_floor_ms": 8.8, "ratio_to_muon": 0.08},
+            {"optimizer": "Muon", "dtype": "float32", "params": 1.21e9, "tensors": 144, "ms": 130.0,
+             "state_bytes_per_param": 4.0, "bytes_per_param": 20.0, "GBps": 186.0, "copy_fraction": 0.062,
+             "memory_floor_ms": 8.1, "ns_floor_ms": 40.2, "ratio_to_muon": 1.0},
+            {"optimizer": "X", "dtype": "bfloat16", "params": 1e9, "tensors": 1, "error": "OutOfMemoryError: ..."}]
+    header, out = speed.speed_table(rows)
+    assert len(header) == len(out[0]) == len(out[2])
+    assert out[0][:4] == ["SGD(fused)", "float32", "1.31", "10.4"] and out[0][6] == "85"
+    assert out[1][4] == "8.1 / 40.2"
+    assert out[2][3].startswith("OutOfMemoryError")
+
+
+def _cpu_timer(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def test_memory_layers_measure_on_cpu_with_a_cpu_timer():
+    builders = memory.layer_builders(dim=16, heads=2)
+    assert {"SDPA attention", "linear memory (delta)", "Titans neural memory"} <= set(builders)
+    row = memory.measure_layer(builders["SDPA attention"], batch=2, length=16, dim=16, device="cpu",
+                               dtype=torch.float32, warmup=1, repeats=2, timer=_cpu_timer)
+    assert row["tokens_per_s"] > 0 and row["peak_GiB"] is None
+    assert memory.length_schedule(65536, (1024, 32768)) == [(64, 1024), (2, 32768)]
+    header, rows = memory.memory_table([{"layer": "a", "batch": 2, "length": 16, **row},
+                                        {"layer": "b", "batch": 1, "length": 32768, "error": "OutOfMemoryError"}])
+    assert len(header) == len(rows[0]) == len(rows[1]) and rows[1][2] == "OutOfMemoryError"
