@@ -161,7 +161,7 @@ def save_png(results: dict[tuple[str, str], list[list[float]]], path: str) -> No
     for r, scenario in enumerate(scenarios):
         for c, method in enumerate(methods):
             ax, m = axes[r][c], torch.tensor(results[(scenario, method)])
-            ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+            ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="viridis")
             for (i, j), a in zip(torch.cartesian_prod(torch.arange(m.shape[0]), torch.arange(m.shape[1])).tolist(),
                                  m.flatten().tolist()):
                 ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=7, color="w" if a < 0.6 else "k")

@@ -64,16 +64,23 @@ class MultiTimescale(Callback):
             from the :class:`NestLevels` callbacks of the Trainer (set in their ``setup``).
         reduce: ``"mean"`` (default) or ``"sum"`` of a chunk's gradients at the boundary.
         strict: raise if a key of ``levels`` matches no parameter (catches typos).
+        module: dotted path of the submodule whose parameter names ``levels`` uses (e.g.
+            ``"model"`` for ``levels=nl_layers.nest(self.model)``); ``""`` = the LightningModule.
 
     Attributes:
         periods: ``{name: period}`` of every parameter, known from ``on_fit_start``.
     """
 
     def __init__(self, levels: Mapping[str, int] | None = None, reduce: str = "mean",
-                 strict: bool = True) -> None:
+                 strict: bool = True, module: str = "") -> None:
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-        self.levels = None if levels is None else validate_levels(levels)
+        if not isinstance(module, str):
+            raise TypeError(f"module must be a dotted submodule path (str), got {type(module).__name__}")
+        if levels is not None:
+            prefix = f"{module}." if module else ""
+            levels = {prefix + k: c for k, c in validate_levels(levels).items()}
+        self.levels = levels
         self.reduce = reduce
         self.strict = strict
         self.periods: dict[str, int] = {}

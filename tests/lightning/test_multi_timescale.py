@@ -142,6 +142,15 @@ def test_resume_without_callback_state_would_differ(tmp_path):
     assert not torch.equal(resumed.net[0].weight, full.net[0].weight)
 
 
+def test_levels_relative_to_a_submodule():
+    hp = dict(opt="sgd", lr=0.05, weight_decay=0.1)
+    module = TinyModule(**hp)
+    cb = MultiTimescale(PERIODS, module="net")  # names as nl_layers.nest(self.net) would return them
+    _trainer([cb], max_steps=6).fit(module, loader())
+    assert cb.periods["net.0.weight"] == 3 and cb.periods["net.2.bias"] == 1
+    _assert_same(_params(module), reference_fit(6, periods=PERIODS, **hp))
+
+
 def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="reduce"):
         MultiTimescale(LEVELS, reduce="max")

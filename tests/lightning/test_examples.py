@@ -1,0 +1,66 @@
+"""Each Lightning example: ``--help`` works, and a tiny config runs end to end (in process, CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deepopt.lightning import LevelMonitor, MultiTimescale
+
+CONFIGS = Path(__file__).resolve().parents[2] / "lightning_examples" / "configs"
+
+
+@pytest.mark.parametrize("module,args,expect", [
+    ("continual", ["--help"], ["--methods", "--scenarios", "--model.slow_levels", "--data.scenario"]),
+    ("char_lm", ["fit", "--help"], ["--model.arch", "--model.optimizer", "--data.genre"]),
+    ("nest_existing", ["--help"], ["--pretrain_steps", "--trainer.callbacks"]),
+])
+def test_help(module, args, expect, capsys):
+    import importlib
+
+    main = importlib.import_module(f"lightning_examples.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in expect:
+        assert flag in out, f"{module} --help does not mention {flag}"
+
+
+def test_continual_tiny_config(tmp_path, monkeypatch, capsys):
+    from lightning_examples.continual import main
+
+    monkeypatch.chdir(tmp_path)
+    results = main(["--config", str(CONFIGS / "continual_tiny.yaml"), "--png", str(tmp_path / "acc.png")])
+    assert set(results) == {(s, m) for s in ("permuted", "split")
+                            for m in ("adamw", "adamw+multitimescale", "deepopt")}
+    for matrix in results.values():
+        assert len(matrix) == 2 and all(len(row) == 2 and all(0 <= a <= 1 for a in row) for row in matrix)
+    assert (tmp_path / "acc.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "after \\ on | task 1 | task 2" in out and "final avg acc" in out
+
+
+def test_char_lm_tiny_config_hope_with_deepopt_optimizer(tmp_path, monkeypatch):
+    from lightning_examples.char_lm import main
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", str(CONFIGS / "char_lm_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 4
+    assert type(cli.trainer.optimizers[0]).__name__ == "M3"
+    mts = next(cb for cb in cli.trainer.callbacks if isinstance(cb, MultiTimescale))
+    assert mts.steps == [4] and 2 in mts.periods.values()
+    monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LevelMonitor))
+    assert monitor.periods == mts.periods
+
+
+def test_nest_existing_tiny_config_preserves_function_then_trains(tmp_path, monkeypatch, capsys):
+    from lightning_examples.nest_existing import main
+
+    monkeypatch.chdir(tmp_path)
+    result = main(["--config", str(CONFIGS / "nest_existing_tiny.yaml")])
+    assert result["nested"] == pytest.approx(result["pretrained"], abs=1e-4)
+    assert result["continued"] != result["nested"]
+    out = capsys.readouterr().out
+    assert "C = 2" in out and "C = 1" in out
