@@ -89,6 +89,33 @@ def test_held_steps_change_neither_parameter_nor_optimizer_state(precision):
             assert not torch.equal(rec.params[t - 1], rec.params[t - 2]), f"step {t} is a boundary"
 
 
+class _FastParamMoved(Callback):
+    def __init__(self):
+        self.moved, self._before = [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = pl_module.net[2].weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.moved.append(not torch.equal(self._before, pl_module.net[2].weight))
+
+
+def test_steps_skipped_by_the_grad_scaler_are_not_counted():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = TinyModule(opt="adamw").float()
+    cb, moved = MultiTimescale({"net.0.*": 3}), _FastParamMoved()
+    scaler = torch.amp.GradScaler("cpu")  # fp16 overflows at the initial scale 2**16: early steps are skipped
+    trainer = _trainer([cb, moved], max_steps=10, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(module, loader(dtype=torch.float32))
+    taken = sum(moved.moved)
+    assert 0 < taken < 10, "the test needs both skipped and taken steps"
+    assert cb.steps == [taken]
+    state = trainer.optimizers[0].state[module.net[0].weight]
+    assert int(state["step"]) == taken // 3
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
 class _Crash(Callback):
     def __init__(self, at_step: int):
         self.at_step = at_step
