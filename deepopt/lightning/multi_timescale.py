@@ -14,7 +14,8 @@ How it composes with the rest of the Trainer:
   the gradient the optimizer steps with: fast gradients on held steps, fast gradients plus the
   reduced slow chunk at a boundary.
 * mixed precision: the hook runs after ``GradScaler.unscale_``; a step the scaler skips (inf/nan
-  gradients) is neither accumulated nor counted.
+  gradients) is neither accumulated nor counted, nor is one that a deepopt optimizer skips
+  (``nonfinite="skip"``, its default).
 * several param groups, LR schedulers, any torch or deepopt optimizer, manual optimization with
   several optimizers (one counter each).
 * checkpoints: the step counters and the open chunks go into ``state_dict``; a run resumed with
@@ -45,13 +46,17 @@ def _raw_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
 
 
-def _scaler_will_skip(trainer: Trainer, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a GradScaler will skip this step (it skips iff an unscaled gradient is not finite)."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return False
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return bool(grads) and not all(bool(torch.isfinite(g).all()) for g in grads)
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def step_will_be_skipped(trainer: Trainer, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the coming step will not happen: a GradScaler skips it (an unscaled gradient is not
+    finite), or a deepopt optimizer with ``nonfinite="skip"`` will (same condition)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    skips = (scaler is not None and scaler.is_enabled()) or getattr(optimizer, "nonfinite", None) == "skip"
+    return skips and not _grads_finite(optimizer)
 
 
 class MultiTimescale(Callback):
@@ -131,7 +136,7 @@ class MultiTimescale(Callback):
                 "MultiTimescale saw an optimizer it was not bound to; optimizers must be created by "
                 "configure_optimizers (they are bound in on_fit_start)"
             )
-        periodic.before_step(skip=_scaler_will_skip(trainer, opt))
+        periodic.before_step(skip=step_will_be_skipped(trainer, opt))
 
     @property
     def steps(self) -> list[int]:

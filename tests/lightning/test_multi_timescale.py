@@ -113,7 +113,25 @@ def test_steps_skipped_by_the_grad_scaler_are_not_counted():
     assert cb.steps == [taken]
     state = trainer.optimizers[0].state[module.net[0].weight]
     assert int(state["step"]) == taken // 3
-    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    assert _all_finite(module)
+
+
+class _InfAt(TinyModule):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx == 2 else loss
+
+
+def test_steps_a_deepopt_optimizer_skips_are_not_counted():
+    module = _InfAt(opt_cls=lambda groups, lr: MomentumMemory(groups, lr=lr, momentum=0.9))
+    cb = MultiTimescale({"net.0.*": 3})
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        _trainer([cb], max_steps=7).fit(module, loader())
+    assert cb.steps == [6] and _all_finite(module)
+
+
+def _all_finite(module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 class _Crash(Callback):
