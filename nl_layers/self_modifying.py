@@ -38,7 +38,7 @@ from torch.func import functional_call, vmap
 
 from ._checks import check_choice, check_positive_int, check_sequence
 from ._modules import l2_normalize, merge_heads, split_heads
-from .memory.fast_weights import FastWeightFunctions, expand_params, flatten, pieces, reference_grads, scan, unflatten
+from .memory.fast_weights import expand_params, flatten, make_engine, pieces, reference_grads, unflatten
 from .memory.mlp import ResidualMLPMemory
 
 COMPONENTS = ("key", "value", "lr", "decay")
@@ -60,7 +60,7 @@ class SelfModifyingState(NamedTuple):
 
 
 def _dgd_decay(template: ResidualMLPMemory):
-    """(params, k) -> {name: (W a) a^T} for one token: the decay along each weight's input."""
+    """(params, k) -> {name: (W a) a^T} for one token on the output layer (zero elsewhere); reference."""
 
     def fn(params, k):
         a = template.layer_inputs(params, k)["w_out"]
@@ -82,6 +82,9 @@ class SelfModifyingTitans(nn.Module):
         max_lr: upper bound of eta_t.
         momentum: initial momentum beta of every memory (learned).
         detach_values: stop the gradient through the self-generated values v_hat = M(v).
+        grad_impl: "analytic" (default: closed-form per-token gradients of the residual MLPs) or
+            "func" (``vmap(grad(functional_call))``); they agree to rounding. detach_values=False
+            needs "func".
 
     ``forward(x, state=None, mode="chunked")`` returns ``(y, SelfModifyingState)``.
 
@@ -104,6 +107,7 @@ class SelfModifyingTitans(nn.Module):
         max_lr: float = 0.1,
         momentum: float = 0.9,
         detach_values: bool = True,
+        grad_impl: str = "analytic",
     ):
         super().__init__()
         check_positive_int(dim, "dim")
@@ -115,6 +119,9 @@ class SelfModifyingTitans(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if not max_lr > 0:
             raise ValueError(f"max_lr must be > 0, got {max_lr}")
+        check_choice(grad_impl, "grad_impl", ("func", "analytic"))
+        if grad_impl == "analytic" and not detach_values:
+            raise ValueError("detach_values=False differentiates through M(v) inside the inner loss: use grad_impl='func'")
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"momentum must lie in (0, 1), got {momentum}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
@@ -128,13 +135,11 @@ class SelfModifyingTitans(nn.Module):
         self.decay_head = nn.Linear(self.head_dim, 1)
         nn.init.constant_(self.decay_head.bias, 4.0)  # alpha ~ 0.98 at init
         self.out = nn.Linear(dim, dim, bias=False)
-        # Batched functional forms, built once: per chunk (N, L) and per token (N,).
-        self.fns, self.chunk_decay, self.token_decay, self.token_read = {}, {}, {}, {}
+        # Chunk engines and the reference's per-token functions, built once.
+        self.engines, self.token_decay, self.token_read = {}, {}, {}
         for m, template in self.memories.items():
-            self.fns[m] = FastWeightFunctions(template, self._loss_fn(template))
-            decay = _dgd_decay(template)
-            self.chunk_decay[m] = vmap(vmap(decay, in_dims=(None, 0)))
-            self.token_decay[m] = vmap(decay)
+            self.engines[m] = make_engine(template, self._loss_fn(template), grad_impl)
+            self.token_decay[m] = vmap(_dgd_decay(template))
             self.token_read[m] = vmap(lambda p, z, _t=template: functional_call(_t, p, (z,)))
 
     def _loss_fn(self, template):
@@ -147,21 +152,19 @@ class SelfModifyingTitans(nn.Module):
         s = {m: {n: torch.zeros_like(x) for n, x in d.items()} for m, d in w.items()}
         return SelfModifyingState(w, w, s, 0)
 
-    def _components(self, reads, anchors, xs):
-        """k, v, eta, log alpha for tokens xs (N, L, dh) (or (N, dh)) read at the component anchors."""
-        k = l2_normalize(reads["key"](anchors["key"], xs))
-        v = l2_normalize(reads["value"](anchors["value"], xs))
-        lr = self.max_lr * torch.sigmoid(self.lr_head(reads["lr"](anchors["lr"], xs))[..., 0])
-        log_a = F.logsigmoid(self.decay_head(reads["decay"](anchors["decay"], xs))[..., 0])
-        return k, v, lr, log_a
+    def _gates(self, key_out, value_out, lr_out, decay_out):
+        """k, v, eta, log alpha from the four component memories' outputs."""
+        lr = self.max_lr * torch.sigmoid(self.lr_head(lr_out)[..., 0])
+        log_a = F.logsigmoid(self.decay_head(decay_out)[..., 0])
+        return l2_normalize(key_out), l2_normalize(value_out), lr, log_a
 
-    def _direction(self, m, anchor, k, v, lr):
-        """u_t = -eta_t (grad + W a a^T) for every token of a chunk, at the anchor weights."""
-        fns = self.fns[m]
-        target = fns.read(anchor, v) if self.detach_values else v
-        g = fns.token_grads(anchor, k, target)
-        d = self.chunk_decay[m](anchor, k)
-        return {n: -lr.reshape(lr.shape + (1,) * (g[n].ndim - lr.ndim)) * (g[n] + d[n]) for n in g}
+    def _write(self, m, w, a, s, base, k, v, lr, log_beta, log_a, q=None):
+        """One chunk of memory m: DGD + momentum + decay at the anchor; returns (read-out, W, S)."""
+        engine = self.engines[m]
+        target = engine.read(a, v) if self.detach_values else v
+        delta = {n: w[n] - base[n] for n in w}  # the scan decays W - W_0
+        y, delta, s = engine.chunk(a, delta, s, base, k, target, lr, log_beta.expand_as(lr), log_a, q=q, dgd=True)
+        return y, {n: delta[n] + base[n] for n in w}, s
 
     def forward(self, x: torch.Tensor, state: SelfModifyingState | None = None, mode: str = "chunked"):
         check_sequence(x, self.dim)
@@ -183,28 +186,33 @@ class SelfModifyingTitans(nn.Module):
 
     def _chunked(self, xh, q, w, a, s, base, log_beta, position):
         n, t, _ = xh.shape
-        reads = {m: f.read for m, f in self.fns.items()}
-        ks, vs, lrs, log_as = [], [], [], []
+        # The four component memories share one structure: run them stacked along the copy axis.
+        stack = lambda tree: {p: torch.cat([tree[m][p] for m in COMPONENTS]) for p in tree["key"]}  # noqa: E731
+        wc, ac, sc, bc = stack(w), stack(a), stack(s), stack(base)
+        rep = lambda z: z.repeat(len(COMPONENTS), *([1] * (z.ndim - 1)))  # noqa: E731
+        log_bc = log_beta[: len(COMPONENTS)].repeat_interleave(n)[:, None]
+        engine, ks, vs, lrs, log_as = self.engines["key"], [], [], [], []
         for start, end, completes in pieces(t, self.component_chunk_size, position % self.component_chunk_size):
-            k, v, lr, log_a = self._components(reads, a, xh[:, start:end])
-            for i, m in enumerate(COMPONENTS):
-                u = self._direction(m, a[m], k, v, lr)
-                delta = {n: w[m][n] - base[m][n] for n in u}  # the scan decays W - W_0
-                _, delta, s[m] = scan(delta, s[m], u, log_beta[i].expand_as(lr), log_a, per_token=False)
-                w[m] = {n: delta[n] + base[m][n] for n in u}
+            outs = engine.read(ac, rep(xh[:, start:end])).split(n)
+            k, v, lr, log_a = self._gates(*outs)
+            target = engine.read(ac, rep(v)) if self.detach_values else rep(v)
+            delta = {p: wc[p] - bc[p] for p in wc}  # the scan decays W - W_0
+            _, delta, sc = engine.chunk(ac, delta, sc, bc, rep(k), target, rep(lr), log_bc.expand(-1, end - start), rep(log_a), dgd=True)
+            wc = {p: delta[p] + bc[p] for p in wc}
             if completes:
-                a.update({m: w[m] for m in COMPONENTS})
+                ac = wc
             ks.append(k), vs.append(v), lrs.append(lr), log_as.append(log_a)
+        for i, m in enumerate(COMPONENTS):
+            w[m], a[m], s[m] = ({p: z[p][i * n : (i + 1) * n] for p in z} for z in (wc, ac, sc))
         k, v, lr, log_a = (torch.cat(z, dim=1) for z in (ks, vs, lrs, log_as))
-        log_b, ys = log_beta[len(COMPONENTS)].expand(n, t), []
+        ys, last = [], len(COMPONENTS)
         for start, end, completes in pieces(t, self.chunk_size, position % self.chunk_size):
             sl = slice(start, end)
-            u = self._direction("memory", a["memory"], k[:, sl], v[:, sl], lr[:, sl])
-            b0 = base["memory"]
-            delta = {n: w["memory"][n] - b0[n] for n in u}
-            d_all, delta, s["memory"] = scan(delta, s["memory"], u, log_b[:, sl], log_a[:, sl], per_token=True)
-            w["memory"] = {n: delta[n] + b0[n] for n in u}
-            ys.append(self.fns["memory"].read_per_token({n: d_all[n] + b0[n][:, None] for n in u}, q[:, sl]))
+            y, w["memory"], s["memory"] = self._write(
+                "memory", w["memory"], a["memory"], s["memory"], base["memory"],
+                k[:, sl], v[:, sl], lr[:, sl], log_beta[last], log_a[:, sl], q=q[:, sl],
+            )
+            ys.append(y)
             if completes:
                 a["memory"] = w["memory"]
         return torch.cat(ys, dim=1)
@@ -217,7 +225,7 @@ class SelfModifyingTitans(nn.Module):
                 a.update({m: w[m] for m in COMPONENTS})
             if pos % self.chunk_size == 0:
                 a["memory"] = w["memory"]
-            k, v, lr, log_a = self._components(self.token_read, a, xh[:, i])
+            k, v, lr, log_a = self._gates(*(self.token_read[m](a[m], xh[:, i]) for m in COMPONENTS))
             for j, m in enumerate(MEMORIES):
                 target = self.token_read[m](a[m], v) if self.detach_values else v
                 g = reference_grads(a[m], k, target, self._batch_loss(m))

@@ -1,20 +1,31 @@
 """Fast-weight machinery shared by NeuralMemory (Titans) and SelfModifyingTitans.
 
 A fast-weight memory holds one copy W of a memory model's parameters per (batch row, head),
-flattened here to a leading dimension N. Over a chunk of L tokens every token t contributes an
-update direction u_t computed at the chunk-start weights W_anchor (so all L directions are one
-``vmap``), and a scan with scalar per-token coefficients applies momentum m_t and decay a_t:
+flattened here to a leading dimension N. Writing is done on the offset D = W - W_0 from the
+learnable initial weights W_0. Over a chunk of L tokens, token t contributes an update direction
+u_t computed at the chunk-start weights W_anchor (so the L directions are one batched call), and
+a scan with scalar per-token coefficients applies momentum m_t and decay a_t:
 
-    S_t = m_t S_{t-1} + u_t,        W_t = a_t W_{t-1} + S_t.
+    S_t = m_t S_{t-1} + u_t,        D_t = a_t D_{t-1} + S_t.
 
 The scan is solved in closed form with L x L matrices of decay products (no loop over tokens):
-S_t = P^m_t S_0 + sum_{r<=t} D^m_tr u_r and W_t = P^a_t W_0 + (D^a P^m)_t S_0 + sum_r (D^a D^m)_tr u_r,
+D_t = P^a_t D_0 + (D^a P^m)_t S_0 + sum_r (D^a D^m)_tr u_r and S_t = P^m_t S_0 + sum_r D^m_tr u_r,
 where D^x_ts = prod_{s<r<=t} x_r and P^x_t = prod_{r<=t} x_r. Without momentum S_t = u_t.
+
+Two engines compute a chunk (same numbers, see the tests):
+
+- :class:`FuncEngine`: per-token gradients by ``vmap(grad(functional_call))`` over any memory
+  model, materialised per token, then the scan (titans-pytorch style; built once);
+- :class:`AnalyticEngine`: for the built-in memories, whose per-token gradients are rank-1 per
+  weight matrix (grad = left (x) right). Then D_L = ... + (left * coef)^T right and the per-token
+  read-out W_t x_t = W_0 x_t + P^a_t D_0 x_t + ... + ((D^a D^m) * (x right^T)) (-lr * left) never
+  forms a per-token weight (the "dual form" of test-time training): matrix products only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -45,68 +56,130 @@ def decay_products(log_x: torch.Tensor):
     return d, cum.exp()
 
 
+class ChunkCoefficients(NamedTuple):
+    """D_t = pa_t D_0 + from_s0_t S_0 + sum_r mix_tr u_r;  S_L = pm_last S_0 + sum_r dm_last_r u_r."""
+
+    mix: torch.Tensor  # (N, L, L)
+    pa: torch.Tensor  # (N, L)
+    from_s0: torch.Tensor | None  # (N, L); None without momentum
+    dm_last: torch.Tensor | None  # (N, L); None without momentum (then S_L = u_L)
+    pm_last: torch.Tensor | None  # (N,)
+
+
+def chunk_coefficients(log_m: torch.Tensor | None, log_a: torch.Tensor) -> ChunkCoefficients:
+    """Scan coefficients from log-momentum (N, L) (None: no momentum) and log-decay (N, L)."""
+    da, pa = decay_products(log_a)
+    if log_m is None:
+        return ChunkCoefficients(da, pa, None, None, None)
+    dm, pm = decay_products(log_m)
+    return ChunkCoefficients(da @ dm, pa, (da @ pm[..., None])[..., 0], dm[:, -1], pm[:, -1])
+
+
 def _bc(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a (N,) or (N, L) coefficient against a tensor with trailing parameter dims."""
     return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
 
 
-def scan(w0: dict, s0: dict, u: dict, log_m: torch.Tensor | None, log_a: torch.Tensor, per_token: bool):
-    """Apply S_t = m_t S_{t-1} + u_t, W_t = a_t W_{t-1} + S_t over one piece of L tokens.
-
-    Args:
-        w0, s0: name -> (N, *shape) weights and momentum before the piece.
-        u: name -> (N, L, *shape) update directions.
-        log_m: (N, L) log-momentum coefficients, or None for no momentum (S_t = u_t).
-        log_a: (N, L) log-decay coefficients (0 = no decay).
-        per_token: also return the weights after every token, name -> (N, L, *shape).
-
-    Returns:
-        (w_all or None, w_L, s_L).
-    """
-    da, pa = decay_products(log_a)
-    if log_m is None:
-        mix, from_s0 = da, torch.zeros_like(pa)
-    else:
-        dm, pm = decay_products(log_m)
-        mix = da @ dm  # (N, L, L)
-        from_s0 = (da @ pm[..., None])[..., 0]  # (N, L)
-    rows = mix if per_token else mix[:, -1:]
-    w_all, w_last, s_last = {}, {}, {}
-    for name, un in u.items():
-        w = torch.einsum("ntr,nr...->nt...", rows, un)
-        sel = slice(None) if per_token else slice(-1, None)
-        w = w + _bc(pa[:, sel], w) * w0[name][:, None] + _bc(from_s0[:, sel], w) * s0[name][:, None]
-        if per_token:
-            w_all[name] = w
-        w_last[name] = w[:, -1]
-        if log_m is None:
-            s_last[name] = un[:, -1]
-        else:
-            s_last[name] = torch.einsum("nr,nr...->n...", dm[:, -1], un) + _bc(pm[:, -1], s0[name]) * s0[name]
-    return (w_all if per_token else None), w_last, s_last
+def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x @ w.transpose(-1, -2)
 
 
-class FastWeightFunctions:
-    """Batched functional forms of a memory model, built once (titans-pytorch style).
+class FuncEngine:
+    """Chunks by ``vmap(grad(functional_call))`` over any memory model (functions built once).
 
     Args:
         template: the memory model (its parameters give names and shapes; values are substituted).
         token_loss: ``loss(params, k, v) -> scalar`` for one token and one memory copy.
-
-    Attributes:
-        token_grads(anchor (N, ...), k (N, L, d), v (N, L, d)) -> name -> (N, L, ...): the gradient
-            of every token's loss at the anchor weights of its memory copy.
-        read_per_token(w (N, L, ...), x (N, L, d)) -> (N, L, d): token t read with its own weights.
-        read(w (N, ...), x (N, L, d)) -> (N, L, d): all tokens read with one set of weights.
     """
 
     def __init__(self, template: nn.Module, token_loss: Callable):
         def call(params, x):
             return functional_call(template, params, (x,))
 
+        def dgd_decay(params, k):  # (W a) a^T on the DGD layer, zero elsewhere, for one token
+            name = template.dgd_layer
+            a = template.layer_inputs(params, k)[name]
+            out = {n: torch.zeros_like(p) for n, p in params.items()}
+            out[name] = (params[name] @ a)[:, None] * a[None, :]
+            return out
+
         self.token_grads = vmap(vmap(grad(token_loss), in_dims=(None, 0, 0)), in_dims=(0, 0, 0))
         self.read_per_token = vmap(vmap(call))
         self.read = vmap(call)
+        self.token_decay = vmap(vmap(dgd_decay, in_dims=(None, 0))) if hasattr(template, "dgd_layer") else None
+
+    def chunk(self, anchor, delta0, s0, base, k, v, lr, log_m, log_a, q=None, dgd=False):
+        """One chunk: returns (read-out of q with per-token weights or None, D_L, S_L)."""
+        co = chunk_coefficients(log_m, log_a)
+        g = self.token_grads(anchor, k, v)
+        if dgd:
+            if self.token_decay is None:
+                raise ValueError("the DGD rule needs a memory with dgd_layer and layer_inputs")
+            d = self.token_decay(anchor, k)
+            g = {n: g[n] + d[n] for n in g}
+        u = {n: -_bc(lr, gn) * gn for n, gn in g.items()}
+        rows = co.mix if q is not None else co.mix[:, -1:]
+        sel = slice(None) if q is not None else slice(-1, None)
+        delta_all, delta_last, s_last = {}, {}, {}
+        for n, un in u.items():
+            dn = torch.einsum("ntr,nr...->nt...", rows, un) + _bc(co.pa[:, sel], un) * delta0[n][:, None]
+            if co.from_s0 is not None:
+                dn = dn + _bc(co.from_s0[:, sel], un) * s0[n][:, None]
+                s_last[n] = torch.einsum("nr,nr...->n...", co.dm_last, un) + _bc(co.pm_last, s0[n]) * s0[n]
+            else:
+                s_last[n] = un[:, -1]
+            delta_all[n], delta_last[n] = dn, dn[:, -1]
+        y = None
+        if q is not None:
+            y = self.read_per_token({n: base[n][:, None] + delta_all[n] for n in u}, q)
+        return y, delta_last, s_last
+
+
+class AnalyticEngine:
+    """Chunks in closed form for memories with ``factors`` and ``compose`` (see memory/mlp.py)."""
+
+    def __init__(self, template: nn.Module):
+        if not all(hasattr(template, a) for a in ("factors", "compose")):
+            raise ValueError(
+                f"grad_impl='analytic' needs a memory with closed-form factors/compose "
+                f"(ResidualMLPMemory, LinearMapMemory); {type(template).__name__} has none: use grad_impl='func'"
+            )
+        self.template = template
+
+    def read(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+        """All tokens x (N, L, d) read with one set of weights per copy (N, ...)."""
+        return self.template.compose(x, lambda n, inp: _apply(w[n], inp))
+
+    def chunk(self, anchor, delta0, s0, base, k, v, lr, log_m, log_a, q=None, dgd=False):
+        """One chunk: returns (read-out of q with per-token weights or None, D_L, S_L)."""
+        co = chunk_coefficients(log_m, log_a)
+        facs = {n: (-lr[..., None] * left, right) for n, (left, right) in self.template.factors(anchor, k, v, dgd).items()}
+        delta_last, s_last = {}, {}
+        for n, (left, right) in facs.items():
+            dn = (left * co.mix[:, -1, :, None]).transpose(-1, -2) @ right + _bc(co.pa[:, -1], delta0[n]) * delta0[n]
+            if co.from_s0 is not None:
+                dn = dn + _bc(co.from_s0[:, -1], s0[n]) * s0[n]
+                s_last[n] = (left * co.dm_last[..., None]).transpose(-1, -2) @ right + _bc(co.pm_last, s0[n]) * s0[n]
+            else:
+                s_last[n] = left[:, -1, :, None] * right[:, -1, None, :]
+            delta_last[n] = dn
+        y = None
+        if q is not None:
+
+            def linear(n, x):  # W_t x_t for every token t, without forming W_t
+                left, right = facs[n]
+                out = _apply(base[n], x) + co.pa[..., None] * _apply(delta0[n], x)
+                if co.from_s0 is not None:
+                    out = out + co.from_s0[..., None] * _apply(s0[n], x)
+                return out + (co.mix * (x @ right.transpose(-1, -2))) @ left
+
+            y = self.template.compose(q, linear)
+        return y, delta_last, s_last
+
+
+def make_engine(template: nn.Module, token_loss: Callable, grad_impl: str):
+    """FuncEngine for "func", AnalyticEngine for "analytic"."""
+    return AnalyticEngine(template) if grad_impl == "analytic" else FuncEngine(template, token_loss)
 
 
 def expand_params(template: nn.Module, batch: int, heads: int) -> dict:

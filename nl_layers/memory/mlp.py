@@ -3,8 +3,16 @@
 A memory model is an ordinary ``nn.Module`` mapping (..., d) -> (..., d). Its parameters are the
 *initial* fast weights (learnable by the outer optimizer); the layers hold one copy per batch row
 and head in their state and call the module with :func:`torch.func.functional_call`.
-``layer_inputs(params, x)`` gives, for every weight matrix, the input it multiplies, which the
-delta-gradient-descent (DGD) rule needs for its decay along the input direction.
+
+The two built-in models also expose their structure for the closed-form ("analytic") fast path:
+
+- ``compose(x, linear)`` runs the model with every weight product ``W x`` replaced by
+  ``linear(name, x)``, so a caller can apply weights that differ per token without building them;
+- ``factors(params, k, v, dgd)`` writes the per-token gradient of 1/2||M(k) - v||^2 at ``params``
+  as rank-1 outer products, grad_W = left (x) right per weight matrix (plus, with ``dgd``, the
+  delta-gradient-descent decay (W a) a^T of the output layer, a its input);
+- ``dgd_layer`` names the layer whose input-direction decay the DGD rule applies, and
+  ``layer_inputs(params, k)`` gives the input of every weight matrix for one key.
 """
 
 from __future__ import annotations
@@ -15,7 +23,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}
+_ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
+
+
+def activation_and_slope(name: str, z: torch.Tensor):
+    """act(z) and act'(z)."""
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return z * s, s * (1 + z * (1 - s))
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+        return z * cdf, cdf + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    if name == "relu":
+        return F.relu(z), (z > 0).to(z.dtype)
+    t = torch.tanh(z)
+    return t, 1 - t * t
+
+
+def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x @ w.transpose(-1, -2)
 
 
 class ResidualMLPMemory(nn.Module):
@@ -29,22 +55,39 @@ class ResidualMLPMemory(nn.Module):
         torch.Size([3, 8])
     """
 
+    dgd_layer = "w_out"
+
     def __init__(self, dim: int, hidden: int, activation: str = "silu", out_scale: float = 0.1):
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
         self.activation = activation
         self.w_in = nn.Parameter(torch.randn(hidden, dim) / math.sqrt(dim))
         self.w_out = nn.Parameter(torch.randn(dim, hidden) * (out_scale / math.sqrt(hidden)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = _ACTIVATIONS[self.activation]
-        return x + act(x @ self.w_in.transpose(-1, -2)) @ self.w_out.transpose(-1, -2)
+        return self.compose(x, lambda name, inp: _apply(getattr(self, name), inp))
+
+    def compose(self, x: torch.Tensor, linear) -> torch.Tensor:
+        """x + linear("w_out", act(linear("w_in", x)))."""
+        return x + linear("w_out", activation_and_slope(self.activation, linear("w_in", x))[0])
 
     def layer_inputs(self, params: dict, x: torch.Tensor) -> dict:
-        """Input of each weight matrix for key x (one token): {"w_in": x, "w_out": act(W_in x)}."""
-        act = _ACTIVATIONS[self.activation]
-        return {"w_in": x, "w_out": act(params["w_in"] @ x)}
+        """Input of each weight matrix for key x: {"w_in": x, "w_out": act(W_in x)}."""
+        return {"w_in": x, "w_out": activation_and_slope(self.activation, _apply(params["w_in"], x))[0]}
+
+    def factors(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False) -> dict:
+        """Per-token gradients at shared weights (N, ...) for k, v (N, L, d), as (left, right) factors.
+
+        grad_{W_out} = e h^T and grad_{W_in} = ((W_out^T e) * act'(z)) k^T with z = W_in k,
+        h = act(z), e = M(k) - v. With ``dgd`` the output layer's left factor gains W_out h.
+        """
+        w_in, w_out = params["w_in"], params["w_out"]
+        h, slope = activation_and_slope(self.activation, _apply(w_in, k))
+        out = _apply(w_out, h)
+        err = k + out - v
+        back = (err @ w_out) * slope
+        return {"w_in": (back, k), "w_out": (err + out if dgd else err, h)}
 
 
 class LinearMapMemory(nn.Module):
@@ -55,15 +98,25 @@ class LinearMapMemory(nn.Module):
         0.0
     """
 
+    dgd_layer = "weight"
+
     def __init__(self, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.transpose(-1, -2)
+        return _apply(self.weight, x)
+
+    def compose(self, x: torch.Tensor, linear) -> torch.Tensor:
+        return linear("weight", x)
 
     def layer_inputs(self, params: dict, x: torch.Tensor) -> dict:
         return {"weight": x}
+
+    def factors(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False) -> dict:
+        """grad_W = (W k - v) k^T; with ``dgd`` the left factor gains W k."""
+        out = _apply(params["weight"], k)
+        return {"weight": (out - v + out if dgd else out - v, k)}
 
 
 def make_memory(kind, dim: int, expansion: float = 2.0) -> nn.Module:

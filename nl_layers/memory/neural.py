@@ -36,7 +36,7 @@ from torch.func import functional_call, vmap
 
 from .._checks import check_choice, check_positive_int, check_sequence
 from .._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, split_heads
-from .fast_weights import FastWeightFunctions, expand_params, flatten, pieces, reference_grads, scan, unflatten
+from .fast_weights import expand_params, flatten, make_engine, pieces, reference_grads, unflatten
 from .mlp import make_memory
 
 
@@ -75,6 +75,9 @@ class NeuralMemory(nn.Module):
         momentum: learn the surprise momentum eta_t (otherwise eta_t = 0: S_t = -theta_t grad).
         forget: learn the forgetting gate alpha_t (otherwise alpha_t = 0).
         conv_width: width of the causal depthwise convolution on q, k, v (1 = none).
+        grad_impl: "func" (default: ``vmap(grad(functional_call))`` over the memory model) or
+            "analytic" (closed-form gradients of the built-in memories: same numbers, much less
+            overhead for small memories).
 
     ``forward(x, state=None, mode="chunked")`` returns ``(y, NeuralMemoryState)``. Feeding a
     sequence in pieces, passing the state along, gives the same outputs as one call.
@@ -100,12 +103,14 @@ class NeuralMemory(nn.Module):
         momentum: bool = True,
         forget: bool = True,
         conv_width: int = 4,
+        grad_impl: str = "func",
     ):
         super().__init__()
         check_positive_int(dim, "dim")
         check_positive_int(heads, "heads")
         check_positive_int(chunk_size, "chunk_size")
         check_positive_int(conv_width, "conv_width")
+        check_choice(grad_impl, "grad_impl", ("func", "analytic"))
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}), or pass head_dim")
@@ -123,7 +128,7 @@ class NeuralMemory(nn.Module):
         if self.to_forget is not None:
             nn.init.constant_(self.to_forget.bias, -4.0)  # alpha ~ 0.02 at init
         self.out = nn.Linear(inner, dim, bias=False)
-        self.fns = FastWeightFunctions(self.memory, self._token_loss)
+        self.engine = make_engine(self.memory, self._token_loss, grad_impl)
 
     # -- the inner objective ------------------------------------------------------------------
     def _token_loss(self, params, k, v):
@@ -175,12 +180,13 @@ class NeuralMemory(nn.Module):
         ys = []
         for start, end, completes in pieces(q.shape[1], self.chunk_size, position % self.chunk_size):
             sl = slice(start, end)
-            g = self.fns.token_grads(anchor, k[:, sl], v[:, sl])
-            u = {n: -lr[:, sl].reshape(lr.shape[0], -1, *([1] * (gn.ndim - 2))) * gn for n, gn in g.items()}
             delta = {n: w[n] - base[n] for n in w}  # the scan decays W - W_0
-            d_all, delta, s = scan(delta, s, u, None if log_m is None else log_m[:, sl], log_a[:, sl], per_token=True)
+            y, delta, s = self.engine.chunk(
+                anchor, delta, s, base, k[:, sl], v[:, sl], lr[:, sl],
+                None if log_m is None else log_m[:, sl], log_a[:, sl], q=q[:, sl],
+            )
             w = {n: delta[n] + base[n] for n in w}
-            ys.append(self.fns.read_per_token({n: d_all[n] + base[n][:, None] for n in w}, q[:, sl]))
+            ys.append(y)
             if completes:
                 anchor = w
         return torch.cat(ys, dim=1), w, anchor, s
