@@ -37,7 +37,7 @@ from torch import nn
 
 from .continual_tasks import LR_CENTRES, SEQUENCES, data_generator
 from .metrics import average_final, backward_transfer, forward_transfer, spread
-from .optimizers import OptimizerSpec, build_optimizer, deepopt_registry, make_deepopt
+from .optimizers import OptimizerSpec, build_optimizer, deepopt_kwargs, deepopt_registry, make_deepopt
 from .runner import SWEEP_FACTORS
 
 EWC_LAMBDA = 100.0
@@ -86,7 +86,8 @@ def period_groups(model: nn.Module, spec: dict[str, int]) -> list[dict]:
 def _optimizer(method: Method, model: nn.Module, lrs: dict[str, float], slow_spec: dict[str, int]):
     if method.kind == "slow":
         cls = deepopt_registry()[method.spec.name]
-        return make_deepopt(cls, period_groups(model, slow_spec), model, lrs[method.spec.family])
+        return make_deepopt(cls, period_groups(model, slow_spec), model, lrs[method.spec.family],
+                            **deepopt_kwargs(method.spec.name, lrs))
     return build_optimizer(method.spec, model, lrs)
 
 

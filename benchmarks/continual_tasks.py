@@ -98,12 +98,12 @@ class ShakespeareGenres:
     slow_spec = {"blocks.*.mlp.*": 4}
     genres = ("comedies", "histories", "tragedies")
 
-    def __init__(self, steps: int = 150):
+    def __init__(self, steps: int = 100):
         self.n_tasks, self.steps = len(self.genres), steps
         self.data = [genre_text(g) for g in self.genres]
         self.eval_windows = []
         for _, held_out in self.data:
-            starts = torch.linspace(0, len(held_out) - CONTEXT - 2, 16).long()
+            starts = torch.linspace(0, len(held_out) - CONTEXT - 2, 32).long()
             self.eval_windows.append(_windows(held_out, starts))
 
     def model(self, seed: int) -> nn.Module:
@@ -130,9 +130,9 @@ SEQUENCES = {"permuted_digits": PermutedDigits, "split_digits": SplitDigits, "sh
 
 # learning-rate centres per family for each sequence's model (the quality suite's for the same models)
 LR_CENTRES = {
-    "permuted_digits": {"sgd": 0.1, "adam": 3e-3, "muon": 3e-2},
-    "split_digits": {"sgd": 0.1, "adam": 3e-3, "muon": 3e-2},
-    "shakespeare_genres": {"sgd": 0.3, "adam": 3e-3, "muon": 3e-2},
+    "permuted_digits": {"sgd": 0.1, "adam": 1e-2, "muon": 1e-2},
+    "split_digits": {"sgd": 0.1, "adam": 1e-2, "muon": 1e-2},
+    "shakespeare_genres": {"sgd": 0.3, "adam": 3e-3, "muon": 1e-2},
 }
 
 

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -33,9 +34,12 @@ NamedParams = list[tuple[str, nn.Parameter]]
 # deepopt names -> family (the scale of their learning rate); unknown names default to "adam".
 DEEPOPT_FAMILIES = {
     "MomentumMemory": "sgd", "DeltaMomentum": "sgd", "DeepMomentum": "sgd", "DGD": "sgd",
-    "AdamMemory": "adam", "PreconditionedMomentum": "adam",
-    "MuonMemory": "muon", "M3": "muon",
+    "AdamMemory": "adam", "PreconditionedMomentum": "adam", "M3": "adam",  # M3's stable form: AdamW's rate
+    "MuonMemory": "muon",
 }
+# deepopt optimizers that orthogonalize matrices: embeddings and heads go to their element-wise
+# fallback (param-group key ``orthogonalize=False``), as the Muon baseline hands them to AdamW.
+ORTHOGONALIZING = ("MuonMemory", "M3")
 BASELINES = ("AdamW", "SGD", "Muon")
 
 
@@ -138,20 +142,38 @@ def deepopt_registry() -> dict[str, type]:
     return dict(getattr(deepopt, "OPTIMIZERS", {}) or {})
 
 
+def deepopt_kwargs(name: str, lrs: dict[str, float]) -> dict:
+    """Extra constructor arguments that mirror the baselines: MuonMemory's element-wise fallback
+    runs at the task's Adam rate (``fallback_lr_ratio``), as the Muon baseline's AdamW half does."""
+    if name == "MuonMemory":
+        return {"fallback_lr_ratio": lrs["adam"] / lrs["muon"]}
+    return {}
+
+
 def _deepopt_spec(name: str, cls: type) -> OptimizerSpec:
     family = DEEPOPT_FAMILIES.get(name, "adam")
 
     def build(model: nn.Module, params, lrs: dict[str, float], exclude: tuple[str, ...]) -> torch.optim.Optimizer:
-        return make_deepopt(cls, [p for _, p in params], model, lrs[family])
+        groups: list = [p for _, p in params]
+        if name in ORTHOGONALIZING:
+            kept, excluded = [], []
+            for n, p in params:
+                (excluded if p.ndim >= 2 and any(e in n for e in exclude) else kept).append(p)
+            groups = [{"params": kept}] + ([{"params": excluded, "orthogonalize": False}] if excluded else [])
+            groups = [g for g in groups if g["params"]]
+        return make_deepopt(cls, groups, model, lrs[family], **deepopt_kwargs(name, lrs))
 
     return OptimizerSpec(name, family, "deepopt", build)
 
 
-def make_deepopt(cls: type, params, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """``cls(params, lr=lr)``, plus ``model=model`` for optimizers that declare ``requires_model`` (DGD)."""
+def make_deepopt(cls: type, params, model: nn.Module | None, lr: float, **kwargs) -> torch.optim.Optimizer:
+    """``cls(params, lr=lr, weight_decay=0, **kwargs)``, plus ``model=model`` for optimizers that
+    declare ``requires_model`` (DGD reads layer inputs)."""
+    if "weight_decay" in inspect.signature(cls).parameters:
+        kwargs.setdefault("weight_decay", 0.0)
     if getattr(cls, "requires_model", False):
-        return cls(params, lr=lr, model=model)
-    return cls(params, lr=lr)
+        kwargs["model"] = model
+    return cls(params, lr=lr, **kwargs)
 
 
 def extra_specs() -> dict[str, OptimizerSpec]:

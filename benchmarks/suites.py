@@ -48,11 +48,11 @@ class Suite:
 SUITES = {
     "quick": Suite("quick", "each optimizer on 3 small tasks, 1 seed, under 5 minutes on a 2-core CPU",
                    ("digits_mlp", "quadratic_illcond", "char_transformer"), seeds=1,
-                   steps={"digits_mlp": (200, 10), "quadratic_illcond": (200, 10), "char_transformer": (80, 10)}),
+                   steps={"digits_mlp": (200, 10), "quadratic_illcond": (200, 10), "char_transformer": (60, 10)}),
     "quality": Suite("quality", "every task, learning-rate sweep, >= 3 seeds, steps to AdamW's target",
                      tuple(TASKS), seeds=3),
     "continual": Suite("continual", "task sequences: average metric, backward and forward transfer",
-                       tuple(SEQUENCES), seeds=2),
+                       tuple(SEQUENCES), seeds=3),
     "speed": Suite("speed", "GPU: optimizer step time on a GPT-like 1.3B parameter list, fp32 and bf16",
                    ("gpt_1.3b",), seeds=1, needs_cuda=True),
     "memory": Suite("memory", "GPU: nl_layers forward+backward tokens/s and peak memory vs SDPA",

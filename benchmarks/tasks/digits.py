@@ -90,9 +90,9 @@ TASKS = {
     "digits_mlp": Task(
         "digits_mlp", "MLP 64-64-64-10 on 8x8 digits, batch 64; held-out cross-entropy",
         lambda seed, dev: DigitsProblem(DigitsMLP(), seed, dev), steps=300, eval_every=15,
-        lr_centres={"sgd": 0.1, "adam": 1e-2, "muon": 3e-2}, tags=("real",)),
+        lr_centres={"sgd": 0.1, "adam": 1e-2, "muon": 1e-2}, tags=("real",)),
     "digits_cnn": Task(
         "digits_cnn", "CNN (two 3x3 convs, 8 and 16 channels) on 8x8 digits; held-out cross-entropy",
         lambda seed, dev: DigitsProblem(DigitsCNN(), seed, dev), steps=200, eval_every=10,
-        lr_centres={"sgd": 0.1, "adam": 3e-3, "muon": 3e-2}, tags=("real",)),
+        lr_centres={"sgd": 0.03, "adam": 1e-2, "muon": 3e-2}, tags=("real",)),
 }

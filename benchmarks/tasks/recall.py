@@ -4,7 +4,7 @@ A sequence holds ``PAIRS`` key-value pairs ``k1 v1 k2 v2 ...`` followed by ``QUE
 again from them; at each query position the model must output the value that was paired with
 that key. Keys and values use disjoint token ranges. The model is an embedding, one memory layer
 (residual), a norm and a linear head; loss and accuracy are counted on query positions only.
-``eval_loss`` is that cross-entropy on 256 fixed held-out sequences.
+``eval_loss`` is that cross-entropy on 128 fixed held-out sequences.
 
 Example:
     >>> from benchmarks.tasks.recall import make_batch
@@ -25,7 +25,7 @@ from torch import nn
 from .base import Task, seeded_generator
 
 KEYS, VALUES, PAIRS, QUERIES, DIM = 16, 16, 6, 4, 32
-CHUNK, BATCH = 4, 16
+CHUNK, BATCH, EVAL_SEQUENCES = 4, 8, 128
 VOCAB = KEYS + VALUES
 SEQ = 2 * PAIRS + QUERIES
 MEMORY_MODULE, MEMORY_CLASS = "nl_layers.memory", "NeuralMemory"
@@ -76,7 +76,7 @@ class RecallProblem:
     def __init__(self, seed: int, device: torch.device, batch: int = BATCH):
         self.model = RecallModel().to(device)
         self.gen, self.batch, self.device = seeded_generator(seed, salt=55), batch, device
-        held_out = make_batch(256, torch.Generator().manual_seed(12345))
+        held_out = make_batch(EVAL_SEQUENCES, torch.Generator().manual_seed(12345))
         self.eval_batch = tuple(t.to(device) for t in held_out)
 
     def _loss(self, tokens, targets, mask) -> torch.Tensor:
@@ -99,7 +99,7 @@ class RecallProblem:
 TASKS = {
     "recall_titans": Task(
         "recall_titans", f"associative recall ({PAIRS} pairs, {QUERIES} queries) through a Titans memory layer",
-        lambda seed, dev: RecallProblem(seed, dev), steps=150, eval_every=10,
-        lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 3e-2},
+        lambda seed, dev: RecallProblem(seed, dev), steps=100, eval_every=10,
+        lr_centres={"sgd": 0.3, "adam": 1e-2, "muon": 0.1},
         requires=f"{MEMORY_MODULE}:{MEMORY_CLASS}", tags=("real", "nl_layers")),
 }

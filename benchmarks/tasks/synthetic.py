@@ -124,25 +124,25 @@ TASKS = {
     "rosenbrock_2d": Task(
         "rosenbrock_2d", "Rosenbrock valley, 2-D, from (-1.2, 1) + jitter; loss min 0",
         lambda seed, dev: Rosenbrock(2, seed, dev), steps=500, eval_every=10,
-        lr_centres={"sgd": 1e-3, "adam": 3e-2, "muon": 3e-2}, tags=("synthetic",)),
+        lr_centres={"sgd": 1e-3, "adam": 0.1, "muon": 0.1}, tags=("synthetic",)),
     "rosenbrock_100d": Task(
         "rosenbrock_100d", "Rosenbrock valley, 100-D (sum over consecutive pairs); loss min 0",
         lambda seed, dev: Rosenbrock(100, seed, dev), steps=500, eval_every=10,
-        lr_centres={"sgd": 3e-4, "adam": 1e-2, "muon": 1e-2}, tags=("synthetic",)),
+        lr_centres={"sgd": 1e-3, "adam": 0.1, "muon": 0.1}, tags=("synthetic",)),
     "quadratic_illcond": Task(
         "quadratic_illcond", "quadratic over a 16x32 matrix, rotated spectrum, condition 1e4",
         lambda seed, dev: Quadratic(seed, dev, condition=1e4), steps=300, eval_every=10,
-        lr_centres={"sgd": 10.0, "adam": 0.1, "muon": 0.1}, tags=("synthetic",)),
+        lr_centres={"sgd": 30.0, "adam": 0.3, "muon": 0.1}, tags=("synthetic",)),
     "quadratic_noisy": Task(
         "quadratic_noisy", "quadratic (condition 1e2) with curvature-shaped gradient noise",
         lambda seed, dev: Quadratic(seed, dev, condition=1e2, noise=1.0), steps=300, eval_every=10,
-        lr_centres={"sgd": 0.3, "adam": 1e-2, "muon": 1e-2}, tags=("synthetic",)),
+        lr_centres={"sgd": 0.1, "adam": 3e-2, "muon": 3e-2}, tags=("synthetic",)),
     "moving_target": Task(
         "moving_target", "quadratic (condition 1e2) whose minimum random-walks; tracking error",
         lambda seed, dev: Quadratic(seed, dev, condition=1e2, drift=0.01), steps=300, eval_every=10,
-        lr_centres={"sgd": 1.0, "adam": 3e-2, "muon": 3e-2}, tags=("synthetic",)),
+        lr_centres={"sgd": 10.0, "adam": 0.1, "muon": 0.1}, tags=("synthetic",)),
     "saddle": Task(
         "saddle", "escape a strict saddle (10 positive, 10 quartic negative directions); min 0",
         lambda seed, dev: Saddle(seed, dev), steps=300, eval_every=10,
-        lr_centres={"sgd": 0.1, "adam": 1e-2, "muon": 1e-2}, tags=("synthetic",)),
+        lr_centres={"sgd": 0.03, "adam": 3e-2, "muon": 3e-2}, tags=("synthetic",)),
 }

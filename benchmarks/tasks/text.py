@@ -29,7 +29,7 @@ from .base import Task, seeded_generator
 
 ALPHABET = "\nabcdefghijklmnopqrstuvwxyz .,;:!?'-"  # index 0 is the newline
 _INDEX = {c: i for i, c in enumerate(ALPHABET)}
-CONTEXT, BATCH, EVAL_WINDOWS = 64, 8, 16
+CONTEXT, BATCH, EVAL_WINDOWS = 32, 8, 32
 MAX_CHARS = 400_000
 
 
@@ -178,11 +178,11 @@ class _Logits(nn.Module):
 
 TASKS = {
     "char_transformer": Task(
-        "char_transformer", "2-layer char Transformer (d=64, context 64, batch 8) on Shakespeare comedies; held-out nats/char",
-        lambda seed, dev: CharLMProblem(CharTransformer(), seed, dev), steps=200, eval_every=10,
-        lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 3e-2}, tags=("real",)),
+        "char_transformer", "2-layer char Transformer (d=64, context 32, batch 8) on Shakespeare comedies; held-out nats/char",
+        lambda seed, dev: CharLMProblem(CharTransformer(), seed, dev), steps=150, eval_every=10,
+        lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 1e-2}, tags=("real",)),
     "hope_lm": Task(
-        "hope_lm", "nl_layers.HopeLM (d=64, 2 blocks) on Shakespeare comedies; held-out nats/char",
-        lambda seed, dev: CharLMProblem(_Logits(build_hope_lm()), seed, dev), steps=300, eval_every=20,
+        "hope_lm", "nl_layers.HopeLM (d=64, 2 blocks, context 32, batch 8) on Shakespeare comedies; held-out nats/char",
+        lambda seed, dev: CharLMProblem(_Logits(build_hope_lm()), seed, dev), steps=100, eval_every=10,
         lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 3e-2}, requires="nl_layers:HopeLM", tags=("real",)),
 }
