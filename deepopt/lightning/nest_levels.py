@@ -10,7 +10,7 @@ slow and fast levels without a line of its code changing.
 Example:
     >>> from lightning.pytorch import Trainer
     >>> from deepopt.lightning import LevelMonitor, MultiTimescale, NestLevels
-    >>> callbacks = [NestLevels(module="model", nest_kwargs={"periods": [1, 4]}),
+    >>> callbacks = [NestLevels(module="model", nest_kwargs={"levels": (8, 1)}),
     ...              MultiTimescale(), LevelMonitor()]
     >>> trainer = Trainer(callbacks=callbacks, max_steps=10, logger=False)
 """

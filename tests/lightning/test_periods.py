@@ -4,6 +4,9 @@ reference for torch and deepopt optimizers, skipped steps, and checkpoints mid-p
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,3 +134,14 @@ def test_load_state_dict_refuses_other_levels():
         PeriodicGradients(net.named_parameters(), {"0.weight": 3}).load_state_dict(state)
     with pytest.raises(ValueError, match="reduce"):
         PeriodicGradients(net.named_parameters(), {"0.weight": 2}, reduce="sum").load_state_dict(state)
+
+
+def test_import_deepopt_and_periodic_gradients_without_lightning():
+    code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"
+            "import deepopt, deepopt.lightning\n"
+            "from deepopt.lightning import PeriodicGradients\n"
+            "try:\n    deepopt.lightning.MultiTimescale\nexcept ModuleNotFoundError as e:\n"
+            "    assert 'deepopt[lightning]' in str(e)\nelse:\n    raise SystemExit('no error')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
