@@ -220,11 +220,6 @@ class SelfModifyingTitans(nn.Module):
     def _recurrent(self, xh, q, w, a, s, base, log_beta, position):
         ys = []
         for i in range(xh.shape[1]):
-            pos = position + i
-            if pos % self.component_chunk_size == 0:
-                a.update({m: w[m] for m in COMPONENTS})
-            if pos % self.chunk_size == 0:
-                a["memory"] = w["memory"]
             k, v, lr, log_a = self._gates(*(self.token_read[m](a[m], xh[:, i]) for m in COMPONENTS))
             for j, m in enumerate(MEMORIES):
                 target = self.token_read[m](a[m], v) if self.detach_values else v
@@ -238,6 +233,10 @@ class SelfModifyingTitans(nn.Module):
                     new_w[name] = b0 + log_a.exp().reshape(shape) * (w[m][name] - b0) + new_s[name]
                 w[m], s[m] = new_w, new_s
             ys.append(self.token_read["memory"](w["memory"], q[:, i]))
+            if (position + i + 1) % self.component_chunk_size == 0:  # chunk done: re-anchor
+                a.update({m: w[m] for m in COMPONENTS})
+            if (position + i + 1) % self.chunk_size == 0:
+                a["memory"] = w["memory"]
         return torch.stack(ys, dim=1)
 
     def _batch_loss(self, m):

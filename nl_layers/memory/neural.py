@@ -196,8 +196,6 @@ class NeuralMemory(nn.Module):
         read = vmap(lambda p, x: functional_call(self.memory, p, (x,)))
         ys = []
         for i in range(q.shape[1]):
-            if (position + i) % self.chunk_size == 0:
-                anchor = w
             g = reference_grads(anchor, k[:, i], v[:, i], self._batch_loss)
             theta = lr[:, i]
             eta = log_m[:, i].exp() if log_m is not None else None
@@ -210,4 +208,6 @@ class NeuralMemory(nn.Module):
                 new_w[n] = base[n] + a.reshape(shape) * (w[n] - base[n]) + new_s[n]
             s, w = new_s, new_w
             ys.append(read(w, q[:, i]))
+            if (position + i + 1) % self.chunk_size == 0:  # chunk done: the next gradients are taken here
+                anchor = w
         return torch.stack(ys, dim=1), w, anchor, s

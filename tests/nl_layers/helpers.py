@@ -1,0 +1,28 @@
+"""Shared helpers for the nl_layers tests."""
+
+import torch
+
+
+def max_diff(a, b) -> float:
+    return float((a - b).detach().abs().max())
+
+
+def grads_of(outputs, inputs):
+    """Gradients of sum(outputs * fixed random weights) w.r.t. inputs (None where unused)."""
+    g = torch.Generator().manual_seed(123)
+    weights = torch.randn(outputs.shape, generator=g, dtype=outputs.dtype)
+    return torch.autograd.grad((outputs * weights).sum(), inputs, allow_unused=True, retain_graph=True)
+
+
+def assert_grads_close(module, x, out_a, out_b, atol=1e-10, module_b=None):
+    """out_a (of ``module``) and out_b (of ``module_b``, default the same module, with the same
+    parameter values) have the same gradients w.r.t. x and every parameter."""
+    module_b = module if module_b is None else module_b
+    named_a = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    named_b = dict(module_b.named_parameters())
+    ga = grads_of(out_a, [x] + [p for _, p in named_a])
+    gb = grads_of(out_b, [x] + [named_b[n] for n, _ in named_a])
+    for name, a, b in zip(["x"] + [n for n, _ in named_a], ga, gb):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.allclose(a, b, atol=atol, rtol=1e-8), f"gradient of {name} differs by {max_diff(a, b)}"
