@@ -62,7 +62,9 @@ def header_lines(result: dict) -> list[str]:
     extra = ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("python", "torch") and val)
     return [f"- command: `{result['command']}`", f"- date: {result['date']}; machine: {where}",
             f"- python {v['python']}, torch {v['torch']}" + (f", {extra}" if extra else ""),
-            f"- seeds: {result['seeds']}; wall time: {result.get('wall_seconds', 0):.0f} s"]
+            f"- seeds: {result['seeds']}; wall time {result.get('wall_seconds', 0):.0f} s, CPU time "
+            f"{result.get('cpu_seconds', 0):.0f} s (1 thread; {result.get('jobs', 1)} process(es)), load average "
+            f"{result.get('load_average_1min', 0):.1f} at the end (the 2-core CPU is shared)"]
 
 
 def ratio_rows(result: dict) -> tuple[list[str], list[list[str]]]:

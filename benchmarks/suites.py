@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -50,7 +51,7 @@ SUITES = {
                    ("digits_mlp", "quadratic_illcond", "char_transformer"), seeds=1,
                    steps={"digits_mlp": (200, 10), "quadratic_illcond": (200, 10), "char_transformer": (60, 10)}),
     "quality": Suite("quality", "every task, learning-rate sweep, >= 3 seeds, steps to AdamW's target",
-                     tuple(TASKS), seeds=3),
+                     tuple(n for n, t in TASKS.items() if "slow" not in t.tags), seeds=3),
     "continual": Suite("continual", "task sequences: average metric, backward and forward transfer",
                        tuple(SEQUENCES), seeds=3),
     "speed": Suite("speed", "GPU: optimizer step time on a GPT-like 1.3B parameter list, fp32 and bf16",
@@ -101,17 +102,26 @@ def resolve_tasks(suite: Suite, names: Sequence[str] | None, steps: int | None) 
     return chosen, skipped
 
 
+def load_info(start_wall: float, start_cpu: float) -> dict:
+    """Wall and CPU seconds of this run and the machine's 1-minute load average at its end (the
+    CPU is shared: CPU seconds are what the run would take alone on one free core)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_seconds": time.time() - start_wall,
+            "cpu_seconds": time.process_time() - start_cpu + children.ru_utime + children.ru_stime,
+            "load_average_1min": os.getloadavg()[0]}
+
+
 def run_quality_suite(suite: Suite, args, out_dir: str) -> dict:
     tasks, skipped = resolve_tasks(suite, args.tasks, args.steps)
     specs = select_optimizers(args.optimizers)
     seeds = list(range(args.seeds or suite.seeds))
     factors = tuple(args.factors) if args.factors else None
     kwargs = {"factors": factors} if factors else {}
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     with progress_bar(trial_count(tasks, specs, seeds, factors or SWEEP_FACTORS), suite.name) as advance:
         result = run_suite(tasks, specs, seeds, device=args.device, advance=advance, jobs=args.jobs, **kwargs)
     result.update(describe(seeds, command=args.command_line, device=args.device), suite=suite.name, skipped_tasks=skipped, jobs=args.jobs,
-                  deepopt_registry=sorted(deepopt_registry()), wall_seconds=time.time() - start)
+                  deepopt_registry=sorted(deepopt_registry()), **load_info(start, start_cpu))
     made = [] if args.no_plots else [
         plots.loss_curves(result, os.path.join(out_dir, "loss_curves.png")),
         plots.steps_bars(result, os.path.join(out_dir, "steps_to_target.png"))]
@@ -153,11 +163,11 @@ def run_continual_suite(suite: Suite, args, out_dir: str) -> dict:
     specs = select_optimizers(args.optimizers)
     seeds = list(range(args.seeds or suite.seeds))
     kwargs = {"factors": tuple(args.factors)} if args.factors else {}
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     with progress_bar(continual_trial_count(sequences, specs, seeds), suite.name) as advance:
         result = run_continual(sequences, specs, seeds, steps=args.steps, advance=advance, **kwargs)
-    result.update(describe(seeds, command=args.command_line, device=args.device), suite=suite.name, deepopt_registry=sorted(deepopt_registry()),
-                  wall_seconds=time.time() - start)
+    result.update(describe(seeds, command=args.command_line, device=args.device), suite=suite.name,
+                  deepopt_registry=sorted(deepopt_registry()), **load_info(start, start_cpu))
     made = [] if args.no_plots else [
         plots.accuracy_matrices(name, seq["results"], seq["metric"], os.path.join(out_dir, f"accuracy_{name}.png"))
         for name, seq in result["sequences"].items()]

@@ -141,25 +141,13 @@ class CharLMProblem:
         return self.eval_loss() / math.log(2.0)
 
 
-def build_hope_lm(vocab: int = len(ALPHABET), dim: int = 64, depth: int = 2) -> nn.Module:
-    """A small ``nl_layers.HopeLM`` for the tasks; its constructor keywords are read at run time."""
-    import inspect
-
+def build_hope_lm(block: str = "attention", dim: int = 64, depth: int = 2, chunk_size: int = 16) -> nn.Module:
+    """A small ``nl_layers.HopeLM``: ``block="attention"`` (HOPE-attention: softmax attention + CMS) or
+    ``"hope"`` (self-modifying Titans + CMS), 2 heads, CMS with one level (period 1)."""
     import nl_layers
 
-    cls = nl_layers.HopeLM
-    names = set(inspect.signature(cls).parameters)
-    kwargs = {}
-    for key in ("vocab_size", "vocab", "num_tokens", "n_vocab"):
-        if key in names:
-            kwargs[key] = vocab
-    for key in ("dim", "d_model", "hidden", "width"):
-        if key in names:
-            kwargs[key] = dim
-    for key in ("depth", "n_layers", "num_layers", "layers"):
-        if key in names:
-            kwargs[key] = depth
-    return cls(**kwargs)
+    return nl_layers.HopeLM(vocab_size=len(ALPHABET), dim=dim, depth=depth, heads=2, block=block,
+                            chunk_size=chunk_size)
 
 
 class _Logits(nn.Module):
@@ -182,7 +170,14 @@ TASKS = {
         lambda seed, dev: CharLMProblem(CharTransformer(), seed, dev), steps=150, eval_every=10,
         lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 1e-2}, tags=("real",)),
     "hope_lm": Task(
-        "hope_lm", "nl_layers.HopeLM (d=64, 2 blocks, context 32, batch 8) on Shakespeare comedies; held-out nats/char",
-        lambda seed, dev: CharLMProblem(_Logits(build_hope_lm()), seed, dev), steps=100, eval_every=10,
-        lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 3e-2}, requires="nl_layers:HopeLM", tags=("real",)),
+        "hope_lm", "nl_layers.HopeLM, HOPE-attention blocks (d=64, 2 blocks, context 32, batch 8) on Shakespeare "
+        "comedies; held-out nats/char",
+        lambda seed, dev: CharLMProblem(_Logits(build_hope_lm("attention")), seed, dev), steps=100, eval_every=10,
+        lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 1e-2}, requires="nl_layers:HopeLM", tags=("real",)),
+    "hope_lm_titans": Task(
+        "hope_lm_titans", "nl_layers.HopeLM, self-modifying-Titans HOPE block (d=32, 1 block, chunk 16) on "
+        "Shakespeare comedies; held-out nats/char (GPU-sized: not in the CPU quality suite)",
+        lambda seed, dev: CharLMProblem(_Logits(build_hope_lm("hope", dim=32, depth=1)), seed, dev), steps=100,
+        eval_every=10, lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 1e-2}, requires="nl_layers:HopeLM",
+        tags=("real", "slow")),
 }
