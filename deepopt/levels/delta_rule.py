@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 from torch import Tensor
@@ -32,37 +33,59 @@ from .base import Direction, Level, State
 __all__ = ["DeltaRule", "dgd_direction"]
 
 
-def dgd_direction(w: Tensor, g: Tensor, x: Tensor, lr: float) -> tuple[Tensor, float]:
-    """Pure DGD direction ``d = G + W X^T X / N`` and its step factor ``1 / (1 + lr mean||x||^2)``."""
+def dgd_direction(w: Tensor, g: Tensor, x: Tensor, lr: float, sync: bool = False) -> tuple[Tensor, float]:
+    """Pure DGD direction ``d = G + W X^T X / N`` and its step factor ``1 / (1 + lr mean||x||^2)``.
+
+    ``sync=True`` averages the input statistics over the default process group (data-parallel
+    ranks each hold a slice of the batch; ``W`` and ``G`` are already the same on all of them).
+    """
     x = x.to(w.dtype)
     n = x.shape[0]
-    d = g + (w @ x.transpose(0, 1)) @ x / n
-    sq = float(x.square().sum()) / n
-    return d, 1.0 / (1.0 + lr * sq)
+    decay = (w @ x.transpose(0, 1)) @ x / n
+    sq = x.square().sum().reshape(1) / n
+    if sync:
+        from ..distributed import all_reduce_mean
+
+        all_reduce_mean(decay)
+        all_reduce_mean(sq)
+    return g + decay, 1.0 / (1.0 + lr * float(sq))
+
+
+def _source(p: Tensor) -> Tensor:
+    """The optimizer's parameter behind ``p`` (``p`` itself, or the DTensor a full copy came from)."""
+    return getattr(p, "source", p)
 
 
 class DeltaRule(Level):
     """DGD on the weights of linear layers whose inputs were captured.
 
+    A weight whose layer has not run forward since the optimizer was built (for example in the
+    zero-gradient step that ``torch.distributed.checkpoint`` uses to create optimizer state) gets a
+    plain gradient step, with a warning.
+
     Args:
         inputs: a mapping ``id(weight) -> last input (N, in_features)``, filled by hooks.
         weights: ids of the weights this level owns.
+        sync: average the input statistics over data-parallel ranks (see :func:`dgd_direction`).
     """
 
     name = "dgd"
 
-    def __init__(self, inputs: Mapping[int, Tensor], weights: set[int]) -> None:
+    def __init__(self, inputs: Mapping[int, Tensor], weights: set[int], sync: bool = False) -> None:
         super().__init__()
         self.inputs = inputs
         self.weights = weights
+        self.sync = sync
 
     def applies_to(self, p: Tensor, group: Mapping[str, Any]) -> bool:
-        return id(p) in self.weights
+        return id(_source(p)) in self.weights
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
-        inp = self.inputs.get(id(p))
+        inp = self.inputs.get(id(_source(p)))
         if inp is None:
-            raise RuntimeError("DGD: no input was captured for a linear layer's weight; run the model's forward "
-                               "(with grad enabled) before optimizer.step()")
-        d, c = dgd_direction(p, x, inp, float(group["lr"]))
+            warnings.warn("DGD: no input was captured for a linear layer's weight (run the model's forward with "
+                          "grad enabled before optimizer.step()); this step is plain gradient descent",
+                          RuntimeWarning, stacklevel=2)
+            return Direction(x)
+        d, c = dgd_direction(p, x, inp, float(group["lr"]), self.sync)
         return Direction(d, mul=c)
