@@ -36,11 +36,11 @@ STEPS = 4
 REAL = K.fused_step_for
 
 
-def make_params(dtype):
+def make_params(dtype, device="cpu", scale=1):
     g = torch.Generator().manual_seed(0)
-    shapes = [(5, 7), (3, 2, 3), (7,), (), (130,)]
-    ps = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    ps.append(torch.randn((6, 4), generator=g).to(dtype).t())  # a non-contiguous matrix
+    shapes = [(5 * scale, 7 * scale), (3, 2, 3), (7,), (), (130 * scale,)]
+    ps = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+    ps.append(torch.randn((6, 4), generator=g).to(device, dtype).t())  # a non-contiguous matrix
     return [torch.nn.Parameter(p) for p in ps]
 
 
@@ -48,14 +48,14 @@ def grads_for(params, step):
     g = torch.Generator().manual_seed(100 + step)
     out = []
     for p in params:
-        gr = torch.randn(p.shape, generator=g).to(p.dtype)
+        gr = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
         out.append(gr.contiguous())  # a contiguous gradient for the transposed parameter too
     return out
 
 
-def run(name, impl, dtype=torch.float32, state_dtype=None, monkeypatch=None):
+def run(name, impl, dtype=torch.float32, state_dtype=None, monkeypatch=None, device="cpu", scale=1):
     cls, kw = CASES[name]
-    params = make_params(dtype)
+    params = make_params(dtype, device, scale)
     group = {"params": params}
     if state_dtype is not None:
         group["state_dtype"] = state_dtype

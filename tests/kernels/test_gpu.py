@@ -1,0 +1,49 @@
+"""The fused steps and the batched Newton-Schulz on a CUDA device (compiled Triton, not the interpreter)."""
+
+import pytest
+import torch
+
+from deepopt.kernels.newton_schulz import newton_schulz_many, orthogonality_error
+from deepopt.kernels.steps import interpreting
+from deepopt.levels.orthogonal import newton_schulz
+
+from .test_fused_steps import CASES, compare, run
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _compiled():
+    if interpreting():
+        pytest.fail("run the gpu tests with TRITON_INTERPRET=0 (the CPU tests set it to 1 by default)")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                               (torch.bfloat16, torch.float32)])
+def test_kernel_equals_reference_on_cuda(name, dtype, state_dtype, monkeypatch):
+    pk, ok = run(name, "triton", dtype, state_dtype, monkeypatch, device="cuda", scale=40)
+    pr, orf = run(name, "reference", dtype, state_dtype, monkeypatch, device="cuda", scale=40)
+    ns = "muon" in name or "m3" in name or "ns" in name
+    compare(pk, ok, pr, orf, (1e-4 if not ns else 2e-3) if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernel_equals_foreach_on_cuda(name, monkeypatch):
+    pk, ok = run(name, "triton", torch.float32, None, monkeypatch, device="cuda", scale=40)
+    pf, of = run(name, "foreach", torch.float32, None, monkeypatch, device="cuda", scale=40)
+    ns = "muon" in name or "m3" in name or "ns" in name
+    compare(pk, ok, pf, of, 2e-3 if ns else 1e-4)
+
+
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_newton_schulz_orthogonality_on_cuda(method):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in [(256, 1024), (1024, 256), (512, 512)]:
+        ms = [torch.randn(shape, generator=g, device="cuda") for _ in range(3)]
+        ms.append(torch.randn(shape[0], 4, device="cuda", generator=g) @ torch.randn(4, shape[1], device="cuda",
+                                                                                     generator=g))
+        outs = newton_schulz_many(ms, method=method)
+        for m, o in zip(ms, outs):
+            ref = orthogonality_error(newton_schulz(m))
+            assert orthogonality_error(o) <= ref * (1.02 if method == "standard" else 1.1) + 1e-3, (shape, method)
