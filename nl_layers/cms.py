@@ -147,7 +147,9 @@ class CMS(nn.Module):
             for blk in self.blocks[1:]:
                 if [(n, p.shape) for n, p in blk.named_parameters()] != ref:
                     raise ValueError("the nested variant needs blocks with identical parameter names and shapes")
-        self.mix = nn.Parameter(torch.full((k,), 1.0 / k)) if variant == "independent" else None
+        ref = next(self.blocks[0].parameters(), None)
+        like = dict(dtype=ref.dtype, device=ref.device) if ref is not None else {}
+        self.mix = nn.Parameter(torch.full((k,), 1.0 / k, **like)) if variant == "independent" else None
         self.engine = None
         if in_context is not None:
             chunks = _as_list(in_context, k, "in_context")
