@@ -104,8 +104,8 @@ class MultiTimescale(Callback):
                 spec.update(nested)
         if not spec:
             raise ValueError(
-                "MultiTimescale(levels=None) takes its levels from a NestLevels callback placed before "
-                "it in Trainer(callbacks=[...]); none was found (or nest found no block). Pass "
+                "MultiTimescale(levels=None) takes its levels from a NestLevels callback among "
+                "Trainer(callbacks=[...]); none was found (or nest found no block). Pass "
                 "levels={'pattern': period} or add deepopt.lightning.NestLevels(...)."
             )
         return spec

@@ -114,3 +114,22 @@ def test_nest_levels_bad_module_path():
     nest = NestLevels(module="encoder", nest_fn=_split_last_linear)
     with pytest.raises(ValueError, match="no such submodule"):
         _trainer([nest], max_steps=1).fit(TinyModule(), loader())
+
+
+def test_nested_run_resumes_from_checkpoint_exactly(tmp_path):
+    """NestLevels nests in setup, before Lightning restores the checkpoint's (nested) weights."""
+
+    def callbacks():
+        return [NestLevels(module="net", nest_kwargs={"periods": (1, 3)}, nest_fn=_split_last_linear),
+                MultiTimescale()]
+
+    full = TinyModule()
+    _trainer(callbacks(), max_steps=-1, max_epochs=2).fit(full, loader())
+    first = TinyModule()
+    trainer = _trainer(callbacks(), max_steps=-1, max_epochs=1)
+    trainer.fit(first, loader())  # 8 steps: the period-3 level holds an open chunk of 2
+    trainer.save_checkpoint(tmp_path / "nested.ckpt")
+    resumed = TinyModule()
+    _trainer(callbacks(), max_steps=-1, max_epochs=2).fit(resumed, loader(), ckpt_path=tmp_path / "nested.ckpt")
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
