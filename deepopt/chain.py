@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .levels.base import Direction, Level, State, is_boundary, level_step
+from .levels.base import Direction, Level, State, is_boundary, level_step, static_step
 
 __all__ = ["Chain"]
 
@@ -93,7 +93,7 @@ class Chain:
     def update(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any]) -> tuple[Direction, State]:
         """One step on one tensor. Pure: returns the direction and a new state dict."""
         new: State = {"step": state["step"] + 1}
-        t = int(state["step"]) + 1
+        t = static_step(state["step"]) + 1
         d = Direction(x)
         for i, lvl in enumerate(self.levels):
             sub = _sub(state, lvl.name)

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
+from .base import Direction, Level, State, addcmul, axpy, check_nonnegative, check_unit_interval, zeros_like
 
 __all__ = ["AdamMoments", "DiagonalPreconditioner", "ADAM_FORMS"]
 
@@ -76,8 +76,8 @@ class AdamMoments(Level):
         b1, b2 = self.hp(group, "betas")
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if self.hp(group, "form") == "accumulate":
-            return {"exp_avg": torch.add(m, x, alpha=b1), "exp_avg_sq": torch.addcmul(v, x, x, value=b2)}
-        return {"exp_avg": m.lerp(x, 1 - b1), "exp_avg_sq": torch.addcmul(v * b2, x, x, value=1 - b2)}
+            return {"exp_avg": axpy(m, x, b1), "exp_avg_sq": addcmul(v, x, x, b2)}
+        return {"exp_avg": m.lerp(x, 1 - b1), "exp_avg_sq": addcmul(v * b2, x, x, 1 - b2)}
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         m, v, eps = state["exp_avg"], state["exp_avg_sq"], self.hp(group, "eps")
@@ -144,7 +144,7 @@ class DiagonalPreconditioner(Level):
 
     def write(self, state: State, x2: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
         b2 = self.hp(group, "beta2")
-        return {"exp_avg_sq": torch.add(state["exp_avg_sq"] * b2, x2, alpha=1 - b2)}
+        return {"exp_avg_sq": axpy(state["exp_avg_sq"] * b2, x2, 1 - b2)}
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         bc2_sqrt = (1 - self.hp(group, "beta2") ** t) ** 0.5

@@ -9,7 +9,8 @@ Every level has two forms that must agree (tests check it in float64):
 
 * the **reference**: pure functions over one tensor, ``write(state, x, ...) -> new_state`` and
   ``read(state, x, ...) -> Direction``. They never mutate their inputs, so they work under
-  ``torch.func.grad`` and ``torch.func.vmap``.
+  ``torch.func.grad`` and ``torch.func.vmap``: hyperparameters may be tensors (to differentiate
+  with respect to them; see :func:`axpy`), and no branch depends on a tensor's value.
 * the **fast path**: ``write_(states, xs, ...)`` over a list of tensors that updates state in
   place (``torch._foreach_*`` where it pays), and ``read_`` over a list.
 
@@ -48,7 +49,7 @@ class Direction(NamedTuple):
     def materialize(self) -> Tensor:
         """The direction as one tensor (used when a later level consumes it)."""
         out = self.num if self.den is None else self.num / self.den
-        if self.mul != 1.0 or self.div != 1.0:
+        if not (is_one(self.mul) and is_one(self.div)):
             out = out * (self.mul / self.div)
         return out
 
@@ -134,6 +135,46 @@ class Level:
         return f"{type(self).__name__}({args}{per})"
 
 
+def is_one(x: Any) -> bool:
+    """Whether ``x`` is the Python number 1 (a tensor, possibly traced by torch.func, never is)."""
+    return not isinstance(x, Tensor) and x == 1.0
+
+
+def axpy(x: Tensor, y: Tensor, alpha: Any) -> Tensor:
+    """``x + alpha * y``: ``torch.add(x, y, alpha=alpha)`` for a number (bit-exact with torch's
+    optimizers), plain arithmetic for a tensor ``alpha`` (a hyperparameter being differentiated)."""
+    if isinstance(alpha, Tensor):
+        return x + alpha * y
+    return torch.add(x, y, alpha=alpha)
+
+
+def addcmul(x: Tensor, y: Tensor, z: Tensor, value: Any) -> Tensor:
+    """``x + value * y * z``, as :func:`axpy` for a tensor ``value``."""
+    if isinstance(value, Tensor):
+        return x + value * (y * z)
+    return torch.addcmul(x, y, z, value=value)
+
+
+def static_step(step: Tensor) -> int:
+    """The value of a step counter as a Python int, also under ``torch.func.vmap`` and ``grad``.
+
+    A step count is structural (it picks bias corrections and period boundaries), and every
+    member of a vmapped batch is at the same step, so the batched counter is unwrapped and its
+    first entry read (all entries are checked equal).
+    """
+    from torch._C import _functorch
+
+    while _functorch.is_functorch_wrapped_tensor(step):
+        level_batched = _functorch.is_batchedtensor(step)
+        step = _functorch.get_unwrapped(step)
+        if level_batched:
+            flat = step.reshape(-1)
+            if flat.numel() and not bool((flat == flat[0]).all()):
+                raise ValueError("vmap over optimizer states at different steps; vmapped runs must advance together")
+            step = flat[0] if flat.numel() else step
+    return int(step)
+
+
 def is_boundary(t: int, period: int, write_first: bool = False) -> bool:
     """Whether global step ``t`` (1-based) is a write step of a level of this period."""
     if period == 1:
@@ -153,7 +194,7 @@ def check_unit_interval(group: Mapping[str, Any], key: str, *, closed_right: boo
     """Raise a ValueError naming ``key`` unless ``0 <= group[key] < 1`` (``<= 1`` if closed)."""
     v = group[key] if value is None else value
     if isinstance(v, Tensor):
-        v = float(v)
+        v = float(v.detach())
     ok = 0.0 <= v <= 1.0 if closed_right else 0.0 <= v < 1.0
     if not ok:
         bound = "[0, 1]" if closed_right else "[0, 1)"
@@ -164,7 +205,7 @@ def check_nonnegative(group: Mapping[str, Any], key: str) -> None:
     """Raise a ValueError naming ``key`` unless ``group[key] >= 0``."""
     v = group[key]
     if isinstance(v, Tensor):
-        v = float(v)
+        v = float(v.detach())
     if not v >= 0.0:
         raise ValueError(f"invalid {key}: {v!r}; it must be >= 0")
 

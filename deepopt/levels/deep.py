@@ -21,6 +21,10 @@ Reduction: the update of ``b`` is exactly ``b <- a b + u``; with ``inner_lr=0`` 
 ``w2 = 0`` the MLP stays silent and DeepMomentum is exactly SGD momentum (``torch.optim.SGD``,
 dampening 0), which a test checks bit for bit.
 
+The memory's initial MLP weights are the group key ``"memory_init"`` (so a meta-learned
+initialization travels in the optimizer's ``state_dict``), and ``momentum``/``inner_lr`` may be
+tensors: :mod:`deepopt.meta` differentiates through the memory with respect to all three.
+
 Example:
     >>> import torch
     >>> from deepopt.levels.deep import DeepMemory
@@ -38,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from .base import Direction, Level, State, check_nonnegative, zeros_like
+from .base import Direction, Level, State, axpy, check_nonnegative, zeros_like
 from .orthogonal import NS_COEFFICIENTS, adjust_lr_ratio, newton_schulz
 
 __all__ = ["DeepMemory", "default_memory_init", "SIGMAS"]
@@ -78,32 +82,40 @@ class DeepMemory(Level):
         inner_lr: the MLP's inner learning rate (group key ``"inner_lr"``; 0 = classic momentum).
         sigma: read-out map, one of ``SIGMAS`` (group key ``"sigma"``).
         hidden: width of the element-wise MLP (structural).
-        memory_init: initial ``{"w1", "b1", "w2"}`` tensors of shape ``(hidden,)`` (learnable by
-            :mod:`deepopt.meta`); default :func:`default_memory_init`.
+        memory_init: initial ``{"w1", "b1", "w2"}`` tensors of shape ``(hidden,)`` (group key
+            ``"memory_init"``, learnable by :mod:`deepopt.meta`); default :func:`default_memory_init`.
     """
 
     name = "deep"
 
     def __init__(self, momentum: float = 0.9, inner_lr: float = 0.1, sigma: str = "identity", hidden: int = 8,
                  memory_init: Mapping[str, Tensor] | None = None, keys: Mapping[str, str] | None = None) -> None:
-        super().__init__(keys=keys, momentum=momentum, inner_lr=inner_lr, sigma=sigma)
         if not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"invalid hidden: {hidden!r}; the memory MLP needs an int width >= 1")
-        init = dict(memory_init) if memory_init is not None else default_memory_init(hidden)
-        for k in _MLP_KEYS:
-            if k not in init or tuple(init[k].shape) != (hidden,):
-                raise ValueError(f"invalid memory_init: needs tensors {_MLP_KEYS} of shape ({hidden},)")
         self.hidden = hidden
+        init = dict(memory_init) if memory_init is not None else default_memory_init(hidden)
+        self._check_init(init)
         self.memory_init = {k: init[k].detach().clone() for k in _MLP_KEYS}
+        super().__init__(keys=keys, momentum=momentum, inner_lr=inner_lr, sigma=sigma, memory_init=self.memory_init)
+
+    def _check_init(self, init: Any) -> None:
+        if not isinstance(init, Mapping) or any(
+                k not in init or not isinstance(init[k], Tensor) or tuple(init[k].shape) != (self.hidden,)
+                for k in _MLP_KEYS):
+            raise ValueError(f"invalid memory_init: needs a dict of tensors {_MLP_KEYS} of shape ({self.hidden},) "
+                             f"(hidden={self.hidden})")
 
     def validate(self, group: Mapping[str, Any]) -> None:
         check_nonnegative(group, self.key("momentum"))
         check_nonnegative(group, self.key("inner_lr"))
         if self.hp(group, "sigma") not in SIGMAS:
             raise ValueError(f"invalid sigma: {self.hp(group, 'sigma')!r}; use one of {SIGMAS}")
+        self._check_init(self.hp(group, "memory_init"))
 
     def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
-        state = {k: v.to(device=p.device, dtype=p.dtype) for k, v in self.memory_init.items()}
+        init = self.hp(group, "memory_init")
+        # a copy per parameter: the in-place fast path writes into these buffers
+        state = {k: init[k].to(device=p.device, dtype=p.dtype, copy=True) for k in _MLP_KEYS}
         state["bias"] = zeros_like(p)
         return state
 
@@ -113,13 +125,12 @@ class DeepMemory(Level):
         new = {"bias": torch.add(state["bias"] * a, grads["bias"], alpha=-1.0)}
         for k in _MLP_KEYS:
             keep = state[k] * a if k == "w2" else state[k]  # decay the memory's content, not its features
-            new[k] = torch.add(keep, grads[k], alpha=-eta) if eta != 0 else keep
+            new[k] = axpy(keep, grads[k], -eta) if isinstance(eta, Tensor) or eta != 0 else keep
         return new
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
-        out = state["bias"]
-        if self.hp(group, "inner_lr") != 0 or bool(state["w2"].any()):
-            out = out + _mlp(state, _normalize(x))
+        # the MLP is always read (a silent one adds exact zeros), so no branch depends on the state
+        out = state["bias"] + _mlp(state, _normalize(x))
         sigma = self.hp(group, "sigma")
         if sigma == "sign":
             return Direction(out.sign())

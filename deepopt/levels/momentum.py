@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
+from .base import Direction, Level, State, axpy, check_nonnegative, check_unit_interval, zeros_like
 
 __all__ = ["Momentum", "DeltaMomentumLevel", "as_matrix"]
 
@@ -76,15 +76,15 @@ class Momentum(Level):
         buf, a = state["momentum_buffer"], self.hp(group, "momentum")
         if self.form == "ema":
             return {"momentum_buffer": buf.lerp(x, 1 - a)}
-        if t == 1:  # torch's SGD starts the buffer as a copy of the first gradient
-            return {"momentum_buffer": x.clone()}
-        return {"momentum_buffer": torch.add(buf * a, x, alpha=1 - self.hp(group, "dampening"))}
+        if t == 1 or _no_momentum(a):  # torch's SGD starts the buffer as a copy of the first gradient
+            return {"momentum_buffer": x.clone()}  # (and without momentum steps along g, ignoring dampening)
+        return {"momentum_buffer": axpy(buf * a, x, 1 - self.hp(group, "dampening"))}
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         buf, a = state["momentum_buffer"], self.hp(group, "momentum")
         if not self.hp(group, "nesterov"):
             return Direction(buf)
-        return Direction(x.lerp(buf, a) if self.form == "ema" else x.add(buf, alpha=a))
+        return Direction(x.lerp(buf, a) if self.form == "ema" else axpy(x, buf, a))
 
     def write_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
                group: Mapping[str, Any], ts: list[int]) -> None:
@@ -93,7 +93,7 @@ class Momentum(Level):
         if self.form == "ema":
             torch._foreach_lerp_(bufs, xs, 1 - a)
             return
-        first = [i for i, t in enumerate(ts) if t == 1]
+        first = [i for i, t in enumerate(ts) if t == 1 or _no_momentum(a)]
         for i in first:
             bufs[i].copy_(xs[i])
         if len(first) < len(bufs):
@@ -112,6 +112,10 @@ class Momentum(Level):
         if self.form == "ema":
             return [Direction(x.lerp(b, a)) for x, b in zip(xs, bufs)]
         return [Direction(d) for d in torch._foreach_add(xs, bufs, alpha=a)]
+
+
+def _no_momentum(a: Any) -> bool:
+    return not isinstance(a, Tensor) and a == 0
 
 
 def as_matrix(x: Tensor) -> Tensor:
@@ -153,17 +157,17 @@ class DeltaMomentumLevel(Level):
         buf = state["momentum_buffer"]
         a, lam = self.hp(group, "momentum"), self.hp(group, "delta")
         decayed = buf * a
-        if lam != 0:
+        if isinstance(lam, Tensor) or lam != 0:
             m, g = as_matrix(buf), as_matrix(x)
             sq = (g * g).sum()
-            if bool(sq > 0):
-                gt = g.transpose(0, 1)  # associate the cheaper way round
-                forget = (m @ gt) @ g if m.shape[0] <= m.shape[1] else m @ (gt @ g)
-                decayed = decayed - (forget * (lam / sq)).reshape(buf.shape)
+            sq = torch.where(sq > 0, sq, torch.ones_like(sq))  # g = 0 forgets nothing (forget = 0)
+            gt = g.transpose(0, 1)  # associate the cheaper way round
+            forget = (m @ gt) @ g if m.shape[0] <= m.shape[1] else m @ (gt @ g)
+            decayed = decayed - (forget * (lam / sq)).reshape(buf.shape)
         return {"momentum_buffer": torch.add(decayed, x, alpha=1.0)}
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         buf = state["momentum_buffer"]
         if self.hp(group, "nesterov"):
-            return Direction(x.add(buf, alpha=self.hp(group, "momentum")))
+            return Direction(axpy(x, buf, self.hp(group, "momentum")))
         return Direction(buf)

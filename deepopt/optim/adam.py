@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 from ..chain import Chain
 from ..levels import AdamMoments
-from .base import LevelOptimizer
+from .base import LevelOptimizer, Rule
 
 __all__ = ["AdamMemory"]
 
@@ -46,6 +46,11 @@ class AdamMemory(LevelOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, form: str = "ema", *, impl: str = "auto",
                  nonfinite: str = "skip") -> None:
+        rule = self._rule(lr, betas, eps, weight_decay, form)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+
+    @classmethod
+    def _rule(cls, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, form: str) -> Rule:
         chain = Chain(AdamMoments(betas, eps, form))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, form=form)
-        super().__init__(params, defaults, [chain], impl=impl, nonfinite=nonfinite)
+        return Rule([chain], defaults, cls.weight_decay_mode)

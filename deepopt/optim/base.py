@@ -22,20 +22,74 @@ holds NaN or Inf, leaves every parameter and every state untouched, warns, and c
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..chain import Chain
-from ..levels.base import Direction, State
+from ..levels.base import Direction, State, axpy
 
-__all__ = ["LevelOptimizer", "IMPLS", "NONFINITE_POLICIES"]
+__all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direction", "chain_for", "coupled_decay",
+           "group_defaults"]
 
 IMPLS = ("auto", "foreach", "reference", "triton")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _SLOW_SUM, _SLOW_CALLS = "slow.grad_sum", "slow.calls"
+#: constructor arguments that configure the shell, not the update rule
+_SHELL_ARGS = ("self", "params", "impl", "nonfinite", "model")
+
+
+class Rule(NamedTuple):
+    """An optimizer's update rule without parameters: what both the class and
+    :mod:`deepopt.functional` are built from."""
+
+    chains: list[Chain]
+    defaults: dict[str, Any]
+    weight_decay_mode: str
+
+
+def group_defaults(chains: Iterable[Chain], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Every level's hyperparameter defaults, overridden by the optimizer's ``defaults``."""
+    merged: dict[str, Any] = {}
+    for chain in chains:
+        merged.update(chain.defaults)
+    merged.update(defaults)
+    return merged
+
+
+def chain_for(chains: Iterable[Chain], p: Tensor, group: Mapping[str, Any]) -> Chain | None:
+    """The first chain that applies to ``p`` (Muon's chain takes matrices, its fallback the rest)."""
+    for chain in chains:
+        if chain.applies_to(p, group):
+            return chain
+    return None
+
+
+def coupled_decay(g: Tensor, p: Tensor, weight_decay: Any) -> Tensor:
+    """SGD's coupled weight decay ``g + wd W`` (the gradient itself when ``wd`` is the number 0)."""
+    if not isinstance(weight_decay, Tensor) and weight_decay == 0:
+        return g
+    return axpy(g, p, weight_decay)
+
+
+def apply_direction(p: Tensor, d: Direction, lr: Any, decay: Any = 0.0) -> Tensor:
+    """The parameter after one step (pure): ``W (1 - lr decay) - (lr mul / div) num / den``.
+
+    The same floating-point operations as the shell's in-place foreach step (``mul_``, then
+    ``addcdiv_``/``add_`` with ``alpha``); tensor ``lr``/``decay``/``mul`` (being differentiated)
+    use plain arithmetic. ``decay`` is the decoupled weight decay (0 for coupled optimizers).
+    """
+    out = p if (not isinstance(decay, Tensor) and decay == 0) else p * (1 - lr * decay)
+    alpha = -(lr * d.mul) / d.div
+    if isinstance(alpha, Tensor):
+        return out + alpha * (d.num if d.den is None else d.num / d.den)
+    if d.den is None:
+        return torch.add(out, d.num, alpha=alpha)
+    return torch.addcdiv(out, d.num, d.den, value=alpha)
+
 
 
 class LevelOptimizer(torch.optim.Optimizer):
@@ -56,6 +110,34 @@ class LevelOptimizer(torch.optim.Optimizer):
 
     weight_decay_mode = "decoupled"
 
+    @classmethod
+    def rule(cls, **hyperparameters: Any) -> Rule:
+        """The update rule for these hyperparameters (the constructor's defaults fill the rest),
+        without parameters: the chains and group defaults the constructor would build. This is
+        what :func:`deepopt.functional.make` turns into a pure ``init``/``update`` pair.
+
+        Example:
+            >>> import deepopt
+            >>> rule = deepopt.AdamMemory.rule(lr=1e-2)
+            >>> rule.defaults["lr"], rule.weight_decay_mode
+            (0.01, 'decoupled')
+        """
+        sig = inspect.signature(cls.__init__)
+        names = [n for n in sig.parameters if n not in _SHELL_ARGS]
+        unknown = sorted(set(hyperparameters) - set(names))
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no hyperparameter {unknown}; it takes {names}")
+        kwargs = {n: sig.parameters[n].default for n in names if sig.parameters[n].default is not inspect._empty}
+        kwargs.update(hyperparameters)
+        missing = sorted(set(names) - set(kwargs))
+        if missing:
+            raise TypeError(f"{cls.__name__}.rule needs {missing}")
+        return cls._rule(**kwargs)
+
+    @classmethod
+    def _rule(cls, **hyperparameters: Any) -> Rule:
+        raise TypeError(f"{cls.__name__} builds its chains from its parameters; it has no parameter-free rule")
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], chains: list[Chain], *,
                  impl: str = "auto", nonfinite: str = "skip") -> None:
         if impl not in IMPLS:
@@ -66,11 +148,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         self.impl = impl
         self.nonfinite = nonfinite
         self.skipped_steps = 0
-        merged: dict[str, Any] = {"period": 1}
-        for chain in self.chains:
-            merged.update(chain.defaults)
-        merged.update(defaults)
-        super().__init__(params, merged)
+        super().__init__(params, {"period": 1, **group_defaults(self.chains, defaults)})
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -106,10 +184,7 @@ class LevelOptimizer(torch.optim.Optimizer):
                                  f"{tuple(p.shape)}; put it in a group the optimizer supports")
 
     def _chain_for(self, p: Tensor, group: Mapping[str, Any]) -> Chain | None:
-        for chain in self.chains:
-            if chain.applies_to(p, group):
-                return chain
-        return None
+        return chain_for(self.chains, p, group)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -169,8 +244,8 @@ class LevelOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         lr = float(group["lr"])
         wd = float(group["weight_decay"])
-        if wd != 0 and self.weight_decay_mode == "coupled":
-            grads = [g.add(p, alpha=wd) for p, g in zip(params, grads)]
+        if self.weight_decay_mode == "coupled":
+            grads = [coupled_decay(g, p, wd) for p, g in zip(params, grads)]
         by_chain: dict[int, tuple[Chain, list[Tensor], list[Tensor]]] = {}
         for p, g in zip(params, grads):
             chain = self._chain_for(p, group)
@@ -183,14 +258,14 @@ class LevelOptimizer(torch.optim.Optimizer):
             if fused is not None:  # one kernel: state update, decay and parameter step together
                 fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=self.weight_decay_mode == "decoupled")
                 continue
-            if self.impl == "reference":
-                directions = []
+            if self.impl == "reference":  # the functional core, exactly as deepopt.functional runs it
+                decay = wd if self.weight_decay_mode == "decoupled" else 0.0
                 for p, g, state in zip(ps, gs, states):
                     d, new = chain.update(state, g, p, group)
                     state.update(new)
-                    directions.append(d)
-            else:
-                directions = chain.update_(states, gs, ps, group)
+                    p.copy_(apply_direction(p, d, lr, decay))
+                continue
+            directions = chain.update_(states, gs, ps, group)
             if wd != 0 and self.weight_decay_mode == "decoupled":
                 torch._foreach_mul_(ps, 1 - lr * wd)
             _apply(ps, directions, lr)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..chain import Chain
 from ..levels.deep import DeepMemory
-from .base import LevelOptimizer
+from .base import LevelOptimizer, Rule
 
 __all__ = ["DeepMomentum"]
 
@@ -26,8 +26,9 @@ class DeepMomentum(LevelOptimizer):
     ``"ns"`` (Newton-Schulz on matrices, identity on the rest).
 
     Reduction: ``inner_lr=0`` (with the default silent MLP init) is exactly
-    ``torch.optim.SGD(momentum=momentum)``. The memory's initial MLP weights (``memory_init``) and
-    ``inner_lr`` are what :mod:`deepopt.meta` learns.
+    ``torch.optim.SGD(momentum=momentum)``. The memory's initial MLP weights (``memory_init``, a
+    param-group key, so it is saved in ``state_dict()``), ``momentum`` and ``inner_lr`` are what
+    :mod:`deepopt.meta` learns.
 
     Args:
         params: parameters or param groups.
@@ -52,6 +53,14 @@ class DeepMomentum(LevelOptimizer):
                  sigma: str = "identity", hidden: int = 8, weight_decay: float = 0.0,
                  memory_init: Mapping[str, Tensor] | None = None, *, impl: str = "auto",
                  nonfinite: str = "skip") -> None:
-        self.memory = DeepMemory(momentum, inner_lr, sigma, hidden, memory_init)
-        defaults = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, sigma=sigma, weight_decay=weight_decay)
-        super().__init__(params, defaults, [Chain(self.memory)], impl=impl, nonfinite=nonfinite)
+        rule = self._rule(lr, momentum, inner_lr, sigma, hidden, weight_decay, memory_init)
+        self.memory: DeepMemory = rule.chains[0].levels[0]
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+
+    @classmethod
+    def _rule(cls, lr: float, momentum: float, inner_lr: float, sigma: str, hidden: int, weight_decay: float,
+              memory_init: Mapping[str, Tensor] | None) -> Rule:
+        memory = DeepMemory(momentum, inner_lr, sigma, hidden, memory_init)
+        defaults = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, sigma=sigma, weight_decay=weight_decay,
+                        memory_init=memory.memory_init)
+        return Rule([Chain(memory)], defaults, cls.weight_decay_mode)

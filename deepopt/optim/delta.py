@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 from ..chain import Chain
 from ..levels import DeltaMomentumLevel
-from .base import LevelOptimizer
+from .base import LevelOptimizer, Rule
 
 __all__ = ["DeltaMomentum"]
 
@@ -43,6 +43,11 @@ class DeltaMomentum(LevelOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, delta: float = 0.5,
                  nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "auto",
                  nonfinite: str = "skip") -> None:
+        rule = self._rule(lr, momentum, delta, nesterov, weight_decay)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+
+    @classmethod
+    def _rule(cls, lr: float, momentum: float, delta: float, nesterov: bool, weight_decay: float) -> Rule:
         chain = Chain(DeltaMomentumLevel(momentum, delta, nesterov))
         defaults = dict(lr=lr, momentum=momentum, delta=delta, nesterov=nesterov, weight_decay=weight_decay)
-        super().__init__(params, defaults, [chain], impl=impl, nonfinite=nonfinite)
+        return Rule([chain], defaults, cls.weight_decay_mode)

@@ -9,7 +9,7 @@ import torch
 from ..chain import Chain
 from ..levels.multiscale import MultiScaleMomentum
 from ..levels.orthogonal import NS_COEFFICIENTS
-from .base import LevelOptimizer
+from .base import LevelOptimizer, Rule
 
 __all__ = ["M3"]
 
@@ -65,10 +65,19 @@ class M3(LevelOptimizer):
                  momenta: Sequence[tuple[float, int, float]] | None = None, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, *,
                  ns_dtype: torch.dtype | None = torch.bfloat16, impl: str = "auto", nonfinite: str = "skip") -> None:
+        rule = self._rule(lr, betas, alpha, frequency, eps, weight_decay, form, target_rms, momenta, ns_steps,
+                          ns_coefficients, ns_dtype)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+
+    @classmethod
+    def _rule(cls, lr: float, betas: tuple[float, float, float], alpha: float, frequency: int, eps: float,
+              weight_decay: float, form: str, target_rms: float | None,
+              momenta: Sequence[tuple[float, int, float]] | None, ns_steps: int,
+              ns_coefficients: tuple[float, float, float], ns_dtype: torch.dtype | None) -> Rule:
         if len(betas) != 3:
             raise ValueError(f"invalid betas: {betas!r}; M3 takes (beta1, beta2, beta3)")
         if momenta is None:
             momenta = ((betas[0], 1, 1.0), (betas[2], frequency, alpha))
         level = MultiScaleMomentum(momenta, betas[1], eps, form, target_rms, ns_steps, ns_coefficients, ns_dtype)
         defaults = dict(lr=lr, weight_decay=weight_decay, orthogonalize=None, **level.defaults)
-        super().__init__(params, defaults, [Chain(level)], impl=impl, nonfinite=nonfinite)
+        return Rule([Chain(level)], defaults, cls.weight_decay_mode)

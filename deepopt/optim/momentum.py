@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 from ..chain import Chain
 from ..levels import Momentum
-from .base import LevelOptimizer
+from .base import LevelOptimizer, Rule
 
 __all__ = ["MomentumMemory"]
 
@@ -45,7 +45,12 @@ class MomentumMemory(LevelOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "auto",
                  nonfinite: str = "skip") -> None:
+        rule = self._rule(lr, momentum, dampening, nesterov, weight_decay)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+
+    @classmethod
+    def _rule(cls, lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float) -> Rule:
         chain = Chain(Momentum(momentum, dampening, nesterov, form="sgd"))
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay)
-        super().__init__(params, defaults, [chain], impl=impl, nonfinite=nonfinite)
+        return Rule([chain], defaults, cls.weight_decay_mode)

@@ -9,7 +9,7 @@ import torch
 from ..chain import Chain
 from ..levels import AdamMoments, Momentum, NewtonSchulz
 from ..levels.orthogonal import NS_COEFFICIENTS
-from .base import LevelOptimizer
+from .base import LevelOptimizer, Rule
 
 __all__ = ["MuonMemory"]
 
@@ -51,6 +51,15 @@ class MuonMemory(LevelOptimizer):
                  fallback_betas: tuple[float, float] = (0.9, 0.95), fallback_eps: float = 1e-8,
                  fallback_lr_ratio: float = 1.0, *, ns_dtype: torch.dtype | None = torch.bfloat16,
                  impl: str = "auto", nonfinite: str = "skip") -> None:
+        rule = self._rule(lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
+                          fallback_betas, fallback_eps, fallback_lr_ratio, ns_dtype)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+
+    @classmethod
+    def _rule(cls, lr: float, weight_decay: float, momentum: float, nesterov: bool,
+              ns_coefficients: tuple[float, float, float], eps: float, ns_steps: int, adjust_lr_fn: str | None,
+              fallback_betas: tuple[float, float], fallback_eps: float, fallback_lr_ratio: float,
+              ns_dtype: torch.dtype | None) -> Rule:
         if not fallback_lr_ratio >= 0:
             raise ValueError(f"invalid fallback_lr_ratio: {fallback_lr_ratio!r}; it must be >= 0")
         muon = Chain(Momentum(momentum, nesterov=nesterov, form="ema"),
@@ -62,4 +71,4 @@ class MuonMemory(LevelOptimizer):
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         fallback_betas=tuple(fallback_betas), fallback_eps=fallback_eps,
                         fallback_lr_ratio=fallback_lr_ratio, orthogonalize=None)
-        super().__init__(params, defaults, [muon, fallback], impl=impl, nonfinite=nonfinite)
+        return Rule([muon, fallback], defaults, cls.weight_decay_mode)

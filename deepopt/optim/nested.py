@@ -6,7 +6,7 @@ from typing import Any, Iterable, Sequence
 
 from ..chain import Chain
 from ..levels.base import Level
-from .base import LevelOptimizer
+from .base import LevelOptimizer, Rule
 
 __all__ = ["NestedOptimizer"]
 
@@ -39,11 +39,17 @@ class NestedOptimizer(LevelOptimizer):
     def __init__(self, params: Iterable[Any], levels: Sequence[Level], lr: float = 1e-3, weight_decay: float = 0.0,
                  weight_decay_mode: str = "decoupled", fallback: Sequence[Level] | None = None, *,
                  impl: str = "auto", nonfinite: str = "skip") -> None:
+        rule = self._rule(levels, lr, weight_decay, weight_decay_mode, fallback)
+        self.weight_decay_mode = rule.weight_decay_mode
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+
+    @classmethod
+    def _rule(cls, levels: Sequence[Level], lr: float, weight_decay: float, weight_decay_mode: str,
+              fallback: Sequence[Level] | None) -> Rule:
         if weight_decay_mode not in ("decoupled", "coupled"):
             raise ValueError(f"invalid weight_decay_mode: {weight_decay_mode!r}; use 'decoupled' or 'coupled'")
         if not levels or not all(isinstance(lvl, Level) for lvl in levels):
             raise ValueError("levels must be a non-empty list of deepopt.levels.Level objects")
-        self.weight_decay_mode = weight_decay_mode
         chains = [Chain(*levels)]
         if fallback is not None:
             chains.append(Chain(*fallback))
@@ -51,4 +57,4 @@ class NestedOptimizer(LevelOptimizer):
             rest = [lvl for lvl in levels if type(lvl).applies_to is Level.applies_to]
             if rest and len(rest) < len(levels):
                 chains.append(Chain(*rest))
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), chains, impl=impl, nonfinite=nonfinite)
+        return Rule(chains, dict(lr=lr, weight_decay=weight_decay), weight_decay_mode)

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 from ..chain import Chain
 from ..levels import DiagonalPreconditioner, Momentum
-from .base import LevelOptimizer
+from .base import LevelOptimizer, Rule
 
 __all__ = ["PreconditionedMomentum"]
 
@@ -43,8 +43,14 @@ class PreconditionedMomentum(LevelOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, precond_period: int = 1, nesterov: bool = False, weight_decay: float = 0.0, *,
                  impl: str = "auto", nonfinite: str = "skip") -> None:
+        rule = self._rule(lr, momentum, beta2, eps, precond_period, nesterov, weight_decay)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+
+    @classmethod
+    def _rule(cls, lr: float, momentum: float, beta2: float, eps: float, precond_period: int, nesterov: bool,
+              weight_decay: float) -> Rule:
         chain = Chain(DiagonalPreconditioner(beta2, eps, period=precond_period),
                       Momentum(momentum, 0.0, nesterov, form="sgd"))
         defaults = dict(lr=lr, momentum=momentum, dampening=0.0, nesterov=nesterov, beta2=beta2, eps=eps,
                         weight_decay=weight_decay)
-        super().__init__(params, defaults, [chain], impl=impl, nonfinite=nonfinite)
+        return Rule([chain], defaults, cls.weight_decay_mode)
