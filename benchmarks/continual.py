@@ -117,12 +117,13 @@ class EWC:
         self.anchor = [p.detach().clone() for p in model.parameters()]
 
 
-def run_sequence(seq, method: Method, lrs: dict[str, float], seed: int, tasks: int | None = None) -> dict:
+def run_sequence(seq, method: Method, lrs: dict[str, float], seed: int, tasks: int | None = None,
+                 device: str = "cpu") -> dict:
     """Train ``method`` through the first ``tasks`` tasks of ``seq`` (all by default); R[i][j] and timing."""
     n = seq.n_tasks if tasks is None else tasks
     out = {"matrix": None, "untrained": None, "seconds": 0.0, "error": None}
     try:
-        model = seq.model(seed)
+        model = seq.model(seed).to(device)
         gen = data_generator(seed)
         opt = _optimizer(method, model, lrs, seq.slow_spec)
         out["untrained"] = [seq.evaluate(model, j) for j in range(seq.n_tasks)]
@@ -154,11 +155,11 @@ def run_sequence(seq, method: Method, lrs: dict[str, float], seed: int, tasks: i
     return out
 
 
-def _choose_factor(seq, method: Method, centres: dict, factors: Sequence[float]) -> tuple[float, list]:
+def _choose_factor(seq, method: Method, centres: dict, factors: Sequence[float], device: str) -> tuple[float, list]:
     scores = []
     for factor in factors:
         lrs = {f: c * factor for f, c in centres.items()}
-        res = run_sequence(seq, method, lrs, seed=0, tasks=1)
+        res = run_sequence(seq, method, lrs, seed=0, tasks=1, device=device)
         score = res["matrix"][0][0] if res["matrix"] else None
         if score is not None and not math.isfinite(score):
             score = None
@@ -188,7 +189,7 @@ def summarize_method(seq, runs: list[dict]) -> dict:
 
 def run_continual(sequences: Sequence[str], specs: dict[str, OptimizerSpec], seeds: Sequence[int],
                   factors: Sequence[float] = SWEEP_FACTORS, steps: int | None = None,
-                  advance: Callable[[str], None] = lambda _: None) -> dict:
+                  advance: Callable[[str], None] = lambda _: None, device: str = "cpu") -> dict:
     """Every method on every sequence (``steps`` overrides the steps per task, for tiny runs)."""
     methods = continual_methods(specs)
     out = {"sequences": {}, "methods": {m.name: {"optimizer": m.spec.name, "kind": m.kind} for m in methods.values()},
@@ -201,13 +202,13 @@ def run_continual(sequences: Sequence[str], specs: dict[str, OptimizerSpec], see
         for method in methods.values():
             key = (method.spec.name, method.kind == "slow")
             if key not in sweeps:
-                sweeps[key] = _choose_factor(seq, method, centres, factors)
+                sweeps[key] = _choose_factor(seq, method, centres, factors, device)
             factor, scores = sweeps[key]
             advance(f"{seq_name} / {method.name} sweep")
             lrs = {f: c * factor for f, c in centres.items()}
             runs = []
             for seed in seeds:
-                runs.append(run_sequence(seq, method, lrs, seed))
+                runs.append(run_sequence(seq, method, lrs, seed, device=device))
                 advance(f"{seq_name} / {method.name} seed {seed}")
             results[method.name] = {"lr": lrs[method.spec.family], "factor": factor, "sweep": scores,
                                     **summarize_method(seq, runs)}

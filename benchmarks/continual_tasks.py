@@ -35,6 +35,12 @@ from .tasks.text import CONTEXT, CharTransformer, _windows, genre_text
 DIGITS_BATCH = 64
 
 
+def _on(model: nn.Module, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors moved to the model's device (data stays on the CPU until it is used)."""
+    device = next(model.parameters()).device
+    return [t.to(device) for t in tensors]
+
+
 class PermutedDigits:
     name, metric, higher_is_better = "permuted_digits", "accuracy", True
     slow_spec = {"body.*": 4}
@@ -54,6 +60,7 @@ class PermutedDigits:
         return self.x_tr[idx][:, self.perms[task]], self.y_tr[idx]
 
     def loss_on(self, model: nn.Module, task: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = _on(model, x, y)
         return F.cross_entropy(model(x), y)
 
     def train_loss(self, model: nn.Module, task: int, gen: torch.Generator) -> torch.Tensor:
@@ -61,7 +68,8 @@ class PermutedDigits:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, task: int) -> float:
-        return float((model(self.x_te[:, self.perms[task]]).argmax(-1) == self.y_te).float().mean())
+        x, y = _on(model, self.x_te[:, self.perms[task]], self.y_te)
+        return float((model(x).argmax(-1) == y).float().mean())
 
 
 class SplitDigits(PermutedDigits):
@@ -75,7 +83,7 @@ class SplitDigits(PermutedDigits):
         self.test_idx = [torch.nonzero(torch.isin(self.y_te, c)).flatten() for c in self.classes]
 
     def _masked(self, logits: torch.Tensor, task: int) -> torch.Tensor:
-        mask = torch.full((10,), -math.inf)
+        mask = torch.full((10,), -math.inf, device=logits.device)
         mask[self.classes[task]] = 0.0
         return logits + mask
 
@@ -84,13 +92,13 @@ class SplitDigits(PermutedDigits):
         return self.x_tr[pick], self.y_tr[pick]
 
     def loss_on(self, model: nn.Module, task: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = _on(model, x, y)
         return F.cross_entropy(self._masked(model(x), task), y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, task: int) -> float:
-        idx = self.test_idx[task]
-        pred = self._masked(model(self.x_te[idx]), task).argmax(-1)
-        return float((pred == self.y_te[idx]).float().mean())
+        x, y = _on(model, self.x_te[self.test_idx[task]], self.y_te[self.test_idx[task]])
+        return float((self._masked(model(x), task).argmax(-1) == y).float().mean())
 
 
 class ShakespeareGenres:
@@ -115,6 +123,7 @@ class ShakespeareGenres:
         return _windows(train, torch.randint(len(train) - CONTEXT - 1, (n,), generator=gen))
 
     def loss_on(self, model: nn.Module, task: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = _on(model, x, y)
         return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
     def train_loss(self, model: nn.Module, task: int, gen: torch.Generator) -> torch.Tensor:
@@ -122,7 +131,7 @@ class ShakespeareGenres:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, task: int) -> float:
-        x, y = self.eval_windows[task]
+        x, y = _on(model, *self.eval_windows[task])
         return float(F.cross_entropy(model(x).flatten(0, 1), y.flatten())) / math.log(2.0)
 
 

@@ -165,7 +165,7 @@ def run_continual_suite(suite: Suite, args, out_dir: str) -> dict:
     kwargs = {"factors": tuple(args.factors)} if args.factors else {}
     start, start_cpu = time.time(), time.process_time()
     with progress_bar(continual_trial_count(sequences, specs, seeds), suite.name) as advance:
-        result = run_continual(sequences, specs, seeds, steps=args.steps, advance=advance, **kwargs)
+        result = run_continual(sequences, specs, seeds, steps=args.steps, advance=advance, device=args.device, **kwargs)
     result.update(describe(seeds, command=args.command_line, device=args.device), suite=suite.name,
                   deepopt_registry=sorted(deepopt_registry()), **load_info(start, start_cpu))
     made = [] if args.no_plots else [
