@@ -126,7 +126,8 @@ def linear_memory_chunked(q, k, v, *, rule="delta", lr=1.0, log_decay=None, chun
 
     Work inside a chunk is matrix products and one triangular solve per chunk, all chunks at
     once; only the state M is carried from chunk to chunk. Any length T works: the tail is
-    padded with inert tokens (b = 0, a = 1) that leave the state unchanged.
+    padded with inert tokens (b = 0, a = 1) that leave the state unchanged. Half and bfloat16
+    inputs are computed in float32 and the results cast back.
 
     Example:
         >>> q = k = F.normalize(torch.randn(1, 2, 63, 8), dim=-1); v = torch.randn(1, 2, 63, 8)
@@ -138,6 +139,13 @@ def linear_memory_chunked(q, k, v, *, rule="delta", lr=1.0, log_decay=None, chun
     check_choice(rule, "rule", RULES)
     check_positive_int(chunk_size, "chunk_size")
     _check_qkv(q, k, v, lr, log_decay, initial_state)
+    if q.dtype in (torch.float16, torch.bfloat16):  # gate products and the triangular solve need float32
+        up = lambda t: t.float() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        y, m = linear_memory_chunked(
+            up(q), up(k), up(v), rule=rule, lr=up(lr), log_decay=up(log_decay), chunk_size=chunk_size,
+            initial_state=up(initial_state),
+        )
+        return y.to(q.dtype), m.to(q.dtype)
     bsz, h, t, dk = k.shape
     dv = v.shape[-1]
     b = _step_sizes(rule, k, lr)
