@@ -163,7 +163,7 @@ def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, b
         return
     extra = () if scal is None else (scal,)
     kernel_fn[t.grid](t.ptrs, t.numel, t.blk_row, t.blk_start, *extra, *args, NCOL=len(rows.rows[0]),
-                      BLOCK=block, num_warps=num_warps, **consts)
+                      BLOCK=block, ALIGNED=t.aligned, num_warps=num_warps, **consts)
 
 
 class MomentumStep(FusedStep):

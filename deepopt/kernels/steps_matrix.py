@@ -233,7 +233,7 @@ class DeepStep(FusedStep):
                    H=h, HP=hp, WC=wc, block=1024, **dts)
             t = rows.tables(1024)
             k.deep_phi_kernel[(len(out_rows),)](t.ptrs, t.numel, sums, a, eta, NCOL=len(rows.rows[0]), S_DT=sdt, H=h,
-                                                HP=hp, WC=wc)
+                                                HP=hp, WC=wc, ALIGNED=t.aligned)
             launch(k.deep_read_kernel, rows, None, red, lr, decay, wd, S_DT=sdt,
                    O_DT=tl_dtype(slot[out_rows[0]].dtype) if to_out else sdt, COUPLED=coupled, SIGN=sigma == "sign",
                    TO_OUT=to_out, H=h, HP=hp, WC=wc, block=1024, **dts)

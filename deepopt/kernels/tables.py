@@ -5,7 +5,8 @@ A fused optimizer step touches, per parameter ``i``, a few tensors of the same n
 row at once: the rows are cut into blocks of ``BLOCK`` elements and program ``b`` handles block
 ``b``; three small device tables tell it where to go:
 
-    ptrs[i, c]       the address of column c of row i (int64, the kernel casts it to a pointer)
+    ptrs[i, c]       where column c of row i starts: its byte offset from the table's own address
+                     (so the kernel's pointers derive from an argument known to be 16-byte aligned)
     numel[i]         the row's number of elements
     blk_row[b], blk_start[b]   the row of block b and its first element
 
@@ -50,6 +51,8 @@ class Tables:
     numel: Tensor
     blk_row: Tensor
     blk_start: Tensor
+    #: every address 16-byte aligned and every numel a multiple of 16 (kernels then vectorize)
+    aligned: bool = False
 
     @property
     def grid(self) -> tuple[int]:
@@ -116,7 +119,10 @@ class RowSet:
         blk_row = torch.repeat_interleave(torch.arange(len(self.rows), dtype=torch.int32), nblk)
         first = torch.cumsum(nblk, 0) - nblk
         blk_start = (torch.arange(int(nblk.sum()), dtype=torch.int64) - first.repeat_interleave(nblk)) * block
-        tables = Tables(*(t.to(device) for t in (ptrs, numel, blk_row, blk_start)))
+        aligned = bool((ptrs % 16 == 0).all()) and bool((numel % 16 == 0).all()) and block % 16 == 0
+        table = torch.empty(ptrs.shape, dtype=torch.int64, device=device)
+        table.copy_(ptrs - table.data_ptr())  # byte offsets from the table itself (see triton_kernels._col)
+        tables = Tables(table, *(t.to(device) for t in (numel, blk_row, blk_start)), aligned=aligned)
         _CACHE[key] = tables
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
