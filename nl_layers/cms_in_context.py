@@ -10,8 +10,9 @@ read as a residual map:
 Outputs at tokens of a chunk use the weights from the chunk start; at every C_l-th token the level
 steps theta_l <- theta_l - lr_l * mean(grad l_t) over the pairs accumulated since its last step
 (paper Eq. 71, with the mean instead of the sum so that lr does not scale with C_l). Because the
-weights are constant inside a chunk, the chunk's outputs and gradients are one batched
-``functional_call`` and one ``vmap(grad)`` call: no Python loop per token (except C_l = 1).
+weights are constant inside a chunk, the chunk's outputs and its loss are one batched
+``functional_call`` (vmapped over the sequences' weights) and its gradient one autograd call:
+no Python loop per token (except C_l = 1).
 
 Nested variant: the levels are deltas, f(x; theta_1 + ... + theta_k); the chunk sizes must not
 increase along the levels (level 1 slowest). When level l steps, every faster level m > l is
@@ -26,7 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from ._checks import check_choice, check_finite
 from .memory.fast_weights import pieces, reference_grads
@@ -55,19 +56,31 @@ class CMSState(NamedTuple):
         return CMSState(levels, prev, self.position)
 
 
-def _pair_loss(block, params, keys, values, valid):
-    pred = keys + functional_call(block, params, (keys,))
-    return 0.5 * (valid[..., None] * (pred - values).pow(2)).sum()
-
-
 def _read(block, params, x):
     """Per-row weights (B, ...) applied to x (B, L, d)."""
     return vmap(lambda p, xi: functional_call(block, p, (xi,)), randomness="different")(params, x)
 
 
-def _grads(block, params, keys, values, valid):
-    fn = grad(lambda p, k, v: _pair_loss(block, p, k, v, valid))
-    return vmap(fn, randomness="different")(params, keys, values)
+def _chunk_step(block, w: dict, prev, seg: torch.Tensor):
+    """Outputs of a chunk at fixed weights, and the gradient of its summed pair losses.
+
+    One batched forward over [u_{start-1}, u_start, ..., u_end-1] gives both the chunk's outputs
+    f(u_t) and the predictions u_{t-1} + f(u_{t-1}); the gradient w.r.t. the per-row weights comes
+    from autograd (graph kept when grad mode is on). Returns (outputs, grads, number of pairs).
+    """
+    outer = torch.is_grad_enabled()
+    first = prev if prev is not None else seg[:, 0]
+    seq = torch.cat([first[:, None], seg], dim=1)
+    with torch.enable_grad():
+        leaves = {n: t.view_as(t) if (outer and t.requires_grad) else t.detach().requires_grad_() for n, t in w.items()}
+        out = _read(block, leaves, seq)
+        err = (seq[:, :-1] + out[:, :-1] - seg).pow(2).sum(-1)  # (B, L)
+        if prev is None:
+            err = err[:, 1:]
+        grads = torch.autograd.grad(0.5 * err.sum(), list(leaves.values()), create_graph=outer, allow_unused=True)
+    grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(leaves, grads)}
+    reads = out[:, 1:] if outer else out[:, 1:].detach()
+    return reads, grads, err.shape[1]
 
 
 class InContextEngine:
@@ -127,15 +140,10 @@ class InContextEngine:
         outs = []
         for s, e, completes in pieces(u.shape[1], chunk, position % chunk):
             seg = u[:, s:e]
-            outs.append(_read(block, w, seg))
-            first = prev if prev is not None else seg[:, 0]
-            keys = torch.cat([first[:, None], seg[:, :-1]], dim=1)
-            valid = torch.ones(e - s, dtype=u.dtype, device=u.device)
-            if prev is None:
-                valid[0] = 0.0
-            g = _grads(block, w, keys, seg, valid)
+            out, g, n_pairs = _chunk_step(block, w, prev, seg)
+            outs.append(out)
             gsum = {n: gsum[n] + g[n] for n in gsum}
-            count += int(e - s) - (prev is None)
+            count += n_pairs
             prev = seg[:, -1]
             if completes:
                 w, gsum, count = _step(w, gsum, count, lr)
@@ -188,13 +196,8 @@ class InContextEngine:
                     loss = lambda p, k, v: _batch_pair_loss(block, p, k, v)  # noqa: E731
                     g, n_pairs = reference_grads(w, prev, seg[:, 0], loss), 1
             else:
-                outs.append(_read(block, w, seg))
-                first = prev if prev is not None else seg[:, 0]
-                keys = torch.cat([first[:, None], seg[:, :-1]], dim=1)
-                valid = torch.ones(end - start, dtype=x.dtype, device=x.device)
-                if prev is None:
-                    valid[0] = 0.0
-                g, n_pairs = _grads(block, w, keys, seg, valid), (end - start) - (prev is None)
+                out, g, n_pairs = _chunk_step(block, w, prev, seg)
+                outs.append(out)
             for i, c in enumerate(self.chunks):
                 if c is not None and g is not None:
                     lv = levels[i]

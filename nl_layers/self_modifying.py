@@ -82,9 +82,9 @@ class SelfModifyingTitans(nn.Module):
         max_lr: upper bound of eta_t.
         momentum: initial momentum beta of every memory (learned).
         detach_values: stop the gradient through the self-generated values v_hat = M(v).
-        grad_impl: "analytic" (default: closed-form per-token gradients of the residual MLPs) or
-            "func" (``vmap(grad(functional_call))``); they agree to rounding. detach_values=False
-            needs "func".
+        grad_impl: "analytic" (closed-form per-token gradients of the residual MLPs), "func"
+            (``vmap(grad(functional_call))``) or "auto" (default: analytic, or func when
+            detach_values=False, which differentiates through M(v) inside the inner loss).
 
     ``forward(x, state=None, mode="chunked")`` returns ``(y, SelfModifyingState)``.
 
@@ -107,7 +107,7 @@ class SelfModifyingTitans(nn.Module):
         max_lr: float = 0.1,
         momentum: float = 0.9,
         detach_values: bool = True,
-        grad_impl: str = "analytic",
+        grad_impl: str = "auto",
     ):
         super().__init__()
         check_positive_int(dim, "dim")
@@ -119,7 +119,9 @@ class SelfModifyingTitans(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if not max_lr > 0:
             raise ValueError(f"max_lr must be > 0, got {max_lr}")
-        check_choice(grad_impl, "grad_impl", ("func", "analytic"))
+        check_choice(grad_impl, "grad_impl", ("auto", "func", "analytic"))
+        if grad_impl == "auto":
+            grad_impl = "analytic" if detach_values else "func"
         if grad_impl == "analytic" and not detach_values:
             raise ValueError("detach_values=False differentiates through M(v) inside the inner loss: use grad_impl='func'")
         if not 0.0 < momentum < 1.0:

@@ -178,7 +178,10 @@ class AnalyticEngine:
 
 
 def make_engine(template: nn.Module, token_loss: Callable, grad_impl: str):
-    """FuncEngine for "func", AnalyticEngine for "analytic"."""
+    """FuncEngine for "func", AnalyticEngine for "analytic"; "auto": analytic when the memory has
+    the closed forms (the built-in memories), torch.func otherwise."""
+    if grad_impl == "auto":
+        grad_impl = "analytic" if all(hasattr(template, a) for a in ("factors", "compose")) else "func"
     return AnalyticEngine(template) if grad_impl == "analytic" else FuncEngine(template, token_loss)
 
 

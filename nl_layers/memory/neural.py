@@ -16,8 +16,9 @@ the literal Titans rule W_t = (1 - alpha_t) W_{t-1} + S_t.
 theta_t = max_lr * sigmoid(w_theta . x_t), eta_t = sigmoid(w_eta . x_t), alpha_t = sigmoid(w_alpha . x_t)
 are data-dependent per head. q, k, v come from linear projections followed by a causal depthwise
 convolution (width 4); q and k are l2-normalized. W_anchor is the state at the start of the token's
-chunk (chunk_size tokens): within a chunk all gradients are one ``vmap(grad(functional_call))`` and
-the momentum/decay recurrence is a closed-form scan (see fast_weights.py). chunk_size=1 is the exact
+chunk (chunk_size tokens): within a chunk all gradients are one ``vmap(grad(functional_call))`` (or, for the built-in
+memories, their closed form) and the momentum/decay recurrence is a closed-form scan (see
+fast_weights.py). chunk_size=1 is the exact
 token-by-token Titans memory. ``mode="recurrent"`` runs a token-by-token reference with the same
 chunk semantics that takes its gradients with plain autograd.
 
@@ -75,9 +76,9 @@ class NeuralMemory(nn.Module):
         momentum: learn the surprise momentum eta_t (otherwise eta_t = 0: S_t = -theta_t grad).
         forget: learn the forgetting gate alpha_t (otherwise alpha_t = 0).
         conv_width: width of the causal depthwise convolution on q, k, v (1 = none).
-        grad_impl: "func" (default: ``vmap(grad(functional_call))`` over the memory model) or
-            "analytic" (closed-form gradients of the built-in memories: same numbers, much less
-            overhead for small memories).
+        grad_impl: "func" (``vmap(grad(functional_call))`` over the memory model, any module),
+            "analytic" (closed-form, dual-form chunks of the built-in memories: the same numbers
+            with several times less overhead) or "auto" (default: analytic when available).
 
     ``forward(x, state=None, mode="chunked")`` returns ``(y, NeuralMemoryState)``. Feeding a
     sequence in pieces, passing the state along, gives the same outputs as one call.
@@ -103,14 +104,14 @@ class NeuralMemory(nn.Module):
         momentum: bool = True,
         forget: bool = True,
         conv_width: int = 4,
-        grad_impl: str = "func",
+        grad_impl: str = "auto",
     ):
         super().__init__()
         check_positive_int(dim, "dim")
         check_positive_int(heads, "heads")
         check_positive_int(chunk_size, "chunk_size")
         check_positive_int(conv_width, "conv_width")
-        check_choice(grad_impl, "grad_impl", ("func", "analytic"))
+        check_choice(grad_impl, "grad_impl", ("auto", "func", "analytic"))
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}), or pass head_dim")

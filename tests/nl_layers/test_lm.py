@@ -89,14 +89,15 @@ def test_bad_tokens_and_arguments():
 
 @pytest.mark.slow
 def test_hope_lm_learns_shakespeare():
-    """A tiny HopeLM trained for 250 steps on CPU gets well below the unigram entropy."""
+    """A tiny HopeLM (self-modifying Titans + CMS) trained for 200 steps on CPU gets well below the
+    unigram entropy (3.30 nats on this slice; the run reaches about 2.47)."""
     text = shakespeare("tragedies")[:100_000]
     tok = CharTokenizer(text)
     ids = tok.encode(text)
     unigram = unigram_entropy(ids, tok.vocab_size)
     torch.manual_seed(0)
-    lm = nl_layers.HopeLM(tok.vocab_size, dim=32, depth=2, heads=2, chunk_size=16, cms_hidden=64)
-    steps = 250
+    lm = nl_layers.HopeLM(tok.vocab_size, dim=32, depth=2, heads=2, chunk_size=32, cms_hidden=64)
+    steps = 200
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps, pct_start=0.1)
     gen, losses = torch.Generator().manual_seed(0), []

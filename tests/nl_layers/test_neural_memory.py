@@ -108,6 +108,8 @@ def test_bad_arguments_and_inputs():
         nl_layers.NeuralMemory(16, grad_impl="jit")
     with pytest.raises(ValueError, match="analytic"):
         nl_layers.NeuralMemory(16, heads=2, memory=torch.nn.Linear(8, 8), grad_impl="analytic")
+    assert type(nl_layers.NeuralMemory(16, heads=2).engine).__name__ == "AnalyticEngine"  # auto
+    assert type(nl_layers.NeuralMemory(16, heads=2, memory=torch.nn.Linear(8, 8)).engine).__name__ == "FuncEngine"
     mem = nl_layers.NeuralMemory(16, heads=2)
     with pytest.raises(ValueError, match="shape"):
         mem(torch.randn(4, 16))

@@ -97,7 +97,8 @@ def test_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match="momentum"):
         nl_layers.SelfModifyingTitans(16, heads=2, momentum=1.0)
     with pytest.raises(ValueError, match="grad_impl='func'"):
-        nl_layers.SelfModifyingTitans(16, heads=2, detach_values=False)
+        nl_layers.SelfModifyingTitans(16, heads=2, detach_values=False, grad_impl="analytic")
+    assert nl_layers.SelfModifyingTitans(16, heads=2, detach_values=False).engines["key"].__class__.__name__ == "FuncEngine"
     with pytest.raises(ValueError, match="divisible"):
         nl_layers.SelfModifyingTitans(16, heads=3)
     layer = nl_layers.SelfModifyingTitans(16, heads=2)
