@@ -79,5 +79,14 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
         raise ValueError(f"{name} must lie in [0, {vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
 
 
+def check_state_batch(state_batch: int, batch: int) -> None:
+    """Raise if a streaming state was made for another batch size."""
+    if state_batch != batch:
+        raise ValueError(
+            f"state holds {state_batch} sequences but x has batch size {batch}; pass the state returned "
+            "for this batch (or state=None to start new sequences)"
+        )
+
+
 def tensor_dtype(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch.func import functional_call, vmap
 
-from ._checks import check_choice, check_finite
+from ._checks import check_choice, check_finite, check_state_batch
 from .memory.fast_weights import pieces, reference_grads
 
 
@@ -108,6 +108,7 @@ class InContextEngine:
         state = self.initial_state(cms, x.shape[0]) if state is None else state
         if len(state.levels) != len(cms.blocks):
             raise ValueError(f"state has {len(state.levels)} levels but the CMS has {len(cms.blocks)}")
+        check_state_batch(next(iter(state.levels[0].weights.values())).shape[0], x.shape[0])
         if cms.variant == "nested":
             return self._nested(cms, x, state, mode == "recurrent")
         levels, prev = list(state.levels), list(state.prev)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from ._checks import check_choice, check_positive_int, check_sequence
+from ._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from ._modules import l2_normalize, merge_heads, split_heads
 from .memory.fast_weights import expand_params, flatten, make_engine, pieces, reference_grads, unflatten
 from .memory.mlp import ResidualMLPMemory
@@ -172,6 +172,8 @@ class SelfModifyingTitans(nn.Module):
         check_sequence(x, self.dim)
         check_choice(mode, "mode", ("chunked", "recurrent"))
         b, t, _ = x.shape
+        if state is not None:
+            check_state_batch(state.weights["memory"]["w_in"].shape[0], b)
         state = self.initial_state(b) if state is None else state
         xh = l2_normalize(split_heads(x, self.heads)).reshape(b * self.heads, t, self.head_dim)
         q = l2_normalize(split_heads(self.to_q(x), self.heads)).reshape(b * self.heads, t, self.head_dim)
@@ -179,7 +181,7 @@ class SelfModifyingTitans(nn.Module):
         a = {m: flatten(d) for m, d in state.anchor.items()}
         s = {m: flatten(d) for m, d in state.momentum.items()}
         log_beta = F.logsigmoid(self.momentum_logit)
-        base = {m: flatten(expand_params(t, b, self.heads)) for m, t in self.memories.items()}
+        base = {m: flatten(expand_params(tpl, b, self.heads)) for m, tpl in self.memories.items()}
         run = self._chunked if mode == "chunked" else self._recurrent
         y = run(xh, q, w, a, s, base, log_beta, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_positive_int, check_sequence
+from .._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from .._modules import merge_heads, rotary, split_heads
 
 
@@ -168,6 +168,8 @@ class AttentionMemory(nn.Module):
         check_sequence(x, self.dim)
         if state is not None and not self.causal:
             raise ValueError("streaming with a state needs causal=True (a non-causal query would see future keys)")
+        if state is not None:
+            check_state_batch(state.keys.shape[0], x.shape[0])
         q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
         past = 0 if state is None else state.keys.shape[2]
         if self.rope:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_positive_int, check_sequence
+from .._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from .._modules import l2_normalize, merge_heads, split_heads
 
 RULES = ("hebbian", "delta", "dgd")
@@ -264,6 +264,8 @@ class LinearMemory(nn.Module):
             q, k = l2_normalize(q), l2_normalize(k)
         lr, log_decay = self.gates(x)
         m0 = state.memory if state is not None else None
+        if m0 is not None:
+            check_state_batch(m0.shape[0], x.shape[0])
         kwargs = dict(rule=self.rule, lr=lr, log_decay=log_decay, initial_state=m0)
         if mode == "chunked":
             y, m = linear_memory_chunked(q, k, v, chunk_size=self.chunk_size, **kwargs)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .._checks import check_choice, check_positive_int, check_sequence
+from .._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from .._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, split_heads
 from .fast_weights import expand_params, flatten, make_engine, pieces, reference_grads, unflatten
 from .mlp import make_memory
@@ -164,6 +164,8 @@ class NeuralMemory(nn.Module):
         check_sequence(x, self.dim)
         check_choice(mode, "mode", ("chunked", "recurrent"))
         b, t, _ = x.shape
+        if state is not None:
+            check_state_batch(state.conv.shape[0], b)
         state = self.initial_state(b, x) if state is None else state
         q, k, v, lr, log_m, log_a, conv = self._prepare(x, state)
         w, anchor, s = flatten(state.weights), flatten(state.anchor), flatten(state.momentum)

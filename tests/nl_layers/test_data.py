@@ -59,3 +59,4 @@ def test_docstring_examples_run(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, extraglobs={"torch": torch, "nn": nn, "F": F}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
