@@ -10,7 +10,8 @@ loss after K inner steps is differentiable with respect to them. :class:`MetaTra
     for each outer step:  sample a task; run ``unroll`` inner steps in segments of ``truncation``;
         after each segment: meta-loss = mean inner loss of the segment, backward, then detach the
         inner parameters and optimizer state (truncation: memory does not grow with ``unroll``
-        and is the same at every outer step); clip the meta-gradient's norm; one Adam step.
+        and is the same at every outer step); clip the meta-gradient's norm; one Adam step
+        (skipped, and counted, if the meta-gradient is not finite: an inner run that diverged).
 
 A task is any object with ``params`` (the initial ``{name: tensor}``) and
 ``loss(params, step) -> scalar`` (pure; the mini-batch may depend on ``step``).
@@ -32,7 +33,7 @@ Example:
     >>> trainer = MetaTrainer(learner, Quadratic, unroll=8, truncation=4, meta_lr=1e-2)
     >>> stats = trainer.step()
     >>> sorted(stats)
-    ['grad_norm', 'graph_nodes', 'meta_loss']
+    ['grad_norm', 'graph_nodes', 'meta_loss', 'skipped']
     >>> opt = learner.optimizer([torch.nn.Parameter(torch.zeros(3))])
 """
 
@@ -249,10 +250,12 @@ class MetaTrainer:
         self.unroll, self.truncation, self.clip, self.tasks_per_step = unroll, truncation, clip, tasks_per_step
         self.meta_opt = torch.optim.Adam(learner.parameters(), lr=meta_lr)
         self.generator = torch.Generator().manual_seed(seed)
+        self.skipped_steps = 0
 
     def step(self) -> dict[str, float]:
         """One outer step; returns the mean meta-loss, the meta-gradient norm before clipping and
-        the size of the largest segment's autograd graph (constant across steps: memory stays flat)."""
+        the size of the largest segment's autograd graph (constant across steps: memory stays flat)
+        and ``skipped`` (1.0 when a non-finite meta-gradient left the learner unchanged)."""
         self.meta_opt.zero_grad()
         segments = self.unroll // self.truncation
         scale = 1.0 / (segments * self.tasks_per_step)
@@ -268,8 +271,12 @@ class MetaTrainer:
                 total += float(loss.detach()) * scale
                 params, state = _detach(params), _detach(state)  # truncate: the graph ends here
         norm = torch.nn.utils.clip_grad_norm_(self.learner.parameters(), self.clip)
-        self.meta_opt.step()
-        return {"meta_loss": total, "grad_norm": float(norm), "graph_nodes": nodes}
+        skipped = not bool(torch.isfinite(norm))
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.meta_opt.step()
+        return {"meta_loss": total, "grad_norm": float(norm), "graph_nodes": nodes, "skipped": float(skipped)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"learner": self.learner.state_dict(), "meta_opt": self.meta_opt.state_dict(),

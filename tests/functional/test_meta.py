@@ -162,3 +162,16 @@ def test_bad_input():
         MetaTrainer(learner, Quadratic, unroll=10, truncation=3)
     with pytest.raises(ValueError, match="clip"):
         MetaTrainer(learner, Quadratic, clip=0.0)
+
+
+def test_non_finite_meta_gradient_skips_the_outer_step():
+    class Diverging(Quadratic):
+        def loss(self, params, step):
+            return super().loss(params, step) * (float("nan") if step == 2 else 1.0)
+
+    learner = MetaLearner("MomentumMemory", lr=0.05)
+    trainer = MetaTrainer(learner, Diverging, unroll=4, truncation=4)
+    before = [p.detach().clone() for p in learner.parameters()]
+    assert trainer.step()["skipped"] == 1.0 and trainer.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.parameters()))
+    assert trainer.step()["skipped"] == 1.0 and trainer.skipped_steps == 2
