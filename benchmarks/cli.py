@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, default=1, help="worker processes over tasks (quick/quality; default 1)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sub.add_parser("list", help="list suites, tasks (and why any is unavailable) and optimizers")
+    redo = sub.add_parser("report", help="redo results.md and the plots from a results folder's results.json")
+    redo.add_argument("folder", help="e.g. benchmarks/results/quality")
     return p
 
 
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "list":
         print(list_everything())
+        return 0
+    if args.command == "report":
+        from .suites import rewrite_report
+
+        rewrite_report(args.folder)
         return 0
     if args.seeds is not None and args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")

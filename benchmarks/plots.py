@@ -2,8 +2,8 @@
 
 - ``loss_curves``: one panel per task, eval loss vs step at each optimizer's best rate; the line
   is the median over seeds and the band spans the min and max seed. Baselines are dashed.
-- ``steps_bars``: per task, steps to target relative to AdamW (log scale; below 1 = faster than
-  AdamW); a missing bar with an ``x`` means the target was not reached.
+- ``steps_bars``: per task, steps to target relative to AdamW (log scale, bars grow from 1: down =
+  faster than AdamW); an ``x`` at the top means the target was not reached.
 - ``performance_profile``: rho(tau), the fraction of tasks an optimizer solves within tau times the
   fastest optimizer's steps; higher and further left is better.
 - ``accuracy_matrices``: for a continual sequence, one heatmap per method of R[i][j], the metric
@@ -54,9 +54,10 @@ def _grid(n: int) -> tuple[plt.Figure, list]:
     return fig, flat[:n]
 
 
-def _save(fig: plt.Figure, path: str) -> str:
+def _save(fig: plt.Figure, path: str, tight: bool = True) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -95,31 +96,38 @@ def loss_curves(result: dict, path: str) -> str:
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("eval loss")
-    axes[0].legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, ncol=min(7, len(labels)), loc="lower center")
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) > 7), 1, 1))
+    return _save(fig, path, tight=False)
 
 
 def steps_bars(result: dict, path: str) -> str:
-    """Grouped bars of steps-to-target relative to AdamW, per task (log scale)."""
+    """Grouped bars of steps-to-target relative to AdamW, per task (log scale, bars grow from 1)."""
     tasks = list(result["tasks"])
-    names = [n for n in result["optimizers"]]
+    names = list(result["optimizers"])
     styles = _style(names)
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(tasks) + 2), 4.2))
+    ratios = {(n, t): result["tasks"][t]["results"].get(n, {}).get("ratio_adamw") for n in names for t in tasks}
+    finite = [r for r in ratios.values() if _finite(r) and r > 0]
+    low, high = min(finite + [0.3]) / 1.2, max(finite + [3.0]) * 1.2
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(tasks) + 2), 4.6))
     for k, name in enumerate(names):
         for i, task in enumerate(tasks):
-            ratio = result["tasks"][task]["results"].get(name, {}).get("ratio_adamw")
-            x = i - 0.4 + (k + 0.5) * width
-            if _finite(ratio) and ratio > 0:
-                ax.bar(x, ratio, width, color=styles[name]["color"], label=name if i == 0 else None)
+            ratio, x = ratios[(name, task)], i - 0.4 + (k + 0.5) * width
+            label = name if i == 0 else None
+            if _finite(ratio) and ratio > 0:  # down from 1 = faster than AdamW, up = slower
+                ax.bar(x, ratio - 1.0, width, bottom=1.0, color=styles[name]["color"], label=label)
+                ax.plot(x, ratio, marker="_", markersize=6, color=styles[name]["color"])
             else:
-                ax.plot(x, 1.0, marker="x", color=styles[name]["color"], label=name if i == 0 else None)
+                ax.plot(x, high / 1.15, marker="x", color=styles[name]["color"], label=label)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    ax.set_ylim(low, high)
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("steps to target / AdamW's")
-    ax.set_title("steps to AdamW's target loss (x = not reached)")
-    ax.legend(fontsize=7, ncol=4)
+    ax.set_title("steps to AdamW's target / AdamW's steps (below 1 = faster; x = never reached)")
+    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.25))
     return _save(fig, path)
 
 
@@ -158,6 +166,7 @@ def accuracy_matrices(sequence: str, methods: dict, metric: str, path: str) -> s
         ax.set_xticks(range(n)), ax.set_yticks(range(n))
         ax.set_xlabel(f"{metric} on task")
         ax.set_ylabel("after training task")
-        ax.set_title(f"{name}  BWT {methods[name]['bwt']['mean']:+.3f}", fontsize=9)
+        bwt = methods[name]["bwt"]["mean"]
+        ax.set_title(f"{name}  BWT " + ("-" if bwt is None else f"{bwt:+.3f}"), fontsize=9)
     fig.suptitle(f"{sequence}: {metric} matrix R[i][j]")
     return _save(fig, path)

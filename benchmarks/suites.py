@@ -122,16 +122,47 @@ def run_quality_suite(suite: Suite, args, out_dir: str) -> dict:
         result = run_suite(tasks, specs, seeds, device=args.device, advance=advance, jobs=args.jobs, **kwargs)
     result.update(describe(seeds, command=args.command_line, device=args.device), suite=suite.name, skipped_tasks=skipped, jobs=args.jobs,
                   deepopt_registry=sorted(deepopt_registry()), **load_info(start, start_cpu))
-    made = [] if args.no_plots else [
-        plots.loss_curves(result, os.path.join(out_dir, "loss_curves.png")),
-        plots.steps_bars(result, os.path.join(out_dir, "steps_to_target.png"))]
-    if suite.name != "quick" and not args.no_plots:
-        made.append(plots.performance_profile(result, os.path.join(out_dir, "performance_profile.png")))
     write_json(result, os.path.join(out_dir, "results.json"))
-    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(quality_markdown(result, made))
+    write_quality_outputs(result, out_dir, plots_too=not args.no_plots)
     print_table(f"{suite.name}: steps to target relative to AdamW (lower is better)", *ratio_rows(result))
     return result
+
+
+def write_quality_outputs(result: dict, out_dir: str, plots_too: bool = True) -> None:
+    """results.md and the PNGs of a quick/quality result (also from a saved results.json)."""
+    made = [] if not plots_too else [
+        plots.loss_curves(result, os.path.join(out_dir, "loss_curves.png")),
+        plots.steps_bars(result, os.path.join(out_dir, "steps_to_target.png"))]
+    if result["suite"] != "quick" and plots_too:
+        made.append(plots.performance_profile(result, os.path.join(out_dir, "performance_profile.png")))
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(quality_markdown(result, made))
+
+
+def write_continual_outputs(result: dict, out_dir: str, plots_too: bool = True) -> None:
+    """results.md and the accuracy-matrix PNGs of a continual result."""
+    made = [] if not plots_too else [
+        plots.accuracy_matrices(name, seq["results"], seq["metric"], os.path.join(out_dir, f"accuracy_{name}.png"))
+        for name, seq in result["sequences"].items()]
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(continual_markdown(result, made))
+
+
+def rewrite_report(out_dir: str) -> None:
+    """``python -m benchmarks report DIR``: redo results.md and the plots from DIR/results.json."""
+    import json
+
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"no results.json in {out_dir}: pass a folder written by `python -m benchmarks run`")
+    with open(path, encoding="utf-8") as fh:
+        result = json.load(fh)
+    if result.get("suite") in ("quick", "quality"):
+        write_quality_outputs(result, out_dir)
+    elif result.get("suite") == "continual":
+        write_continual_outputs(result, out_dir)
+    else:
+        raise SystemExit(f"`report` redoes quick, quality and continual results, not {result.get('suite')!r}")
 
 
 def continual_markdown(result: dict, plot_paths: Sequence[str]) -> str:
@@ -168,12 +199,8 @@ def run_continual_suite(suite: Suite, args, out_dir: str) -> dict:
         result = run_continual(sequences, specs, seeds, steps=args.steps, advance=advance, device=args.device, **kwargs)
     result.update(describe(seeds, command=args.command_line, device=args.device), suite=suite.name,
                   deepopt_registry=sorted(deepopt_registry()), **load_info(start, start_cpu))
-    made = [] if args.no_plots else [
-        plots.accuracy_matrices(name, seq["results"], seq["metric"], os.path.join(out_dir, f"accuracy_{name}.png"))
-        for name, seq in result["sequences"].items()]
     write_json(result, os.path.join(out_dir, "results.json"))
-    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(continual_markdown(result, made))
+    write_continual_outputs(result, out_dir, plots_too=not args.no_plots)
     for name, seq in result["sequences"].items():
         rows = [[m, fmt_loss(r["average"]["mean"]), fmt_loss(r["bwt"]["mean"]), fmt_loss(r["fwt"]["mean"])]
                 for m, r in seq["results"].items()]

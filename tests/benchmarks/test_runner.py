@@ -38,6 +38,9 @@ def test_cli_tiny_run_writes_well_formed_results(tmp_path):
     assert "| AdamW |" in md and "1.00x" in md
     for png in ("loss_curves.png", "steps_to_target.png"):
         assert (out / png).stat().st_size > 1000
+    (out / "results.md").unlink()
+    main(["report", str(out)])  # the Markdown and plots can be redone from results.json alone
+    assert (out / "results.md").read_text() == md
 
 
 def test_same_seed_same_start_and_data_across_runs():
