@@ -16,6 +16,21 @@ pytest.importorskip("triton")
 import deepopt  # noqa: E402
 import deepopt.kernels as K  # noqa: E402
 
+
+def _mode_matches() -> bool:
+    """Whether Triton's standard library was built for the mode asked now (it is built at the
+    first ``import triton``: a process that imported it earlier, e.g. through torch.compile in
+    another test file, cannot switch to the interpreter)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction) == K.steps.interpreting()
+
+
+MODE_OK = _mode_matches()
+pytestmark = pytest.mark.skipif(not MODE_OK, reason="Triton was imported in the other mode earlier in this "
+                                "process; test_fresh_process.py runs this file in a new one")
+
 CASES = {
     "momentum": (deepopt.MomentumMemory, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
     "momentum_nesterov": (deepopt.MomentumMemory, dict(lr=0.1, momentum=0.9, nesterov=True)),
@@ -105,3 +120,4 @@ def test_kernel_equals_reference_bf16(name, state_dtype, monkeypatch):
         for k, v in ok.state[p].items():
             if k != "step":
                 assert v.dtype == (state_dtype or torch.bfloat16), k
+

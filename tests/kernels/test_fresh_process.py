@@ -1,0 +1,22 @@
+"""Where Triton was imported in compiled mode before these tests (torch.compile in another test
+file), the interpreter tests cannot run in this process: run them in a fresh one."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from .test_fused_steps import MODE_OK  # noqa: E402
+
+
+@pytest.mark.skipif(MODE_OK, reason="the kernel tests ran in this process")
+def test_kernel_files_in_fresh_process():
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = [os.path.join(here, f) for f in ("test_fused_steps.py", "test_newton_schulz.py")]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], env=env,
+                         capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(here)))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
