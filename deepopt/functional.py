@@ -108,7 +108,7 @@ def _batched(v: Any) -> bool:
     return False
 
 
-def from_rule(rule: Rule, inputs_level: Callable[..., Any] | None = None, **group: Any) -> Transformation:
+def from_rule(rule: Rule, **group: Any) -> Transformation:
     """The transformation of an update rule; ``group`` overrides its hyperparameters.
 
     Hyperparameters may be tensors (to differentiate through them); values that are

@@ -197,3 +197,14 @@ def test_rule_classmethod_builds_what_the_constructor_builds():
         assert rule.weight_decay_mode == opt.weight_decay_mode
         group = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "period")}
         assert set(group) == set(F.make(name, **KW[name]).group)
+
+
+def test_vmap_over_learning_rates_and_decays():
+    """A hyperparameter sweep as one vmapped run (hyperparameters as batched tensors)."""
+    w0 = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    lrs = torch.tensor([0.01, 0.05, 0.1], dtype=torch.float64)
+    mus = torch.tensor([0.0, 0.5, 0.9], dtype=torch.float64)
+    swept = vmap(lambda lr, mu: _run(F.deep_momentum(lr=lr, momentum=mu, inner_lr=0.1), w0)[1])(lrs, mus)
+    for i in range(3):
+        single = _run(F.deep_momentum(lr=float(lrs[i]), momentum=float(mus[i]), inner_lr=0.1), w0)[1]
+        torch.testing.assert_close(swept[i], single, rtol=1e-10, atol=1e-12)
