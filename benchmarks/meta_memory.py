@@ -1,8 +1,8 @@
 """Meta-learn a DeepMomentum memory on a family of digits tasks; compare on held-out tasks.
 
-Task family: 3-way classification of 8x8 digits (scikit-learn ``load_digits``) by a fresh
-MLP 64-32-3 (tanh), ``STEPS`` minibatch steps of 32 images. Meta-training tasks use class triples
-drawn from digits 0-6; held-out tasks are triples that contain at least one of 7, 8, 9 (classes
+Task family: 5-way classification of 8x8 digits (scikit-learn ``load_digits``) by a fresh
+MLP 64-32-5 (tanh), ``STEPS`` minibatch steps of 32 images. Meta-training tasks use class sets
+drawn from digits 0-6; held-out tasks are class sets that contain at least one of 7, 8, 9 (classes
 never seen in meta-training), each with its own network initialization and minibatch order.
 
 What is learned (``deepopt.meta``): DeepMomentum's memory initialization (w1, b1, w2), its inner
@@ -15,7 +15,7 @@ Evaluation: every optimizer runs as its ``torch.optim`` class on real ``nn.Modul
 (the learned one is ``learner.optimizer(model.parameters())``, reloaded from its saved
 ``state_dict``), on ``HELD_OUT`` held-out tasks.
 
-Run (about 5 minutes on a 2-core CPU):
+Run (about 5 minutes on a 2-core CPU, one thread):
     OMP_NUM_THREADS=1 python -m benchmarks.meta_memory --out benchmarks/results/meta
 """
 
@@ -37,12 +37,12 @@ from torch import nn
 import deepopt
 from deepopt.meta import MetaLearner, MetaTrainer
 
-STEPS, TRUNCATION, BATCH, HIDDEN = 40, 10, 32, 32
-META_STEPS, META_LR, TUNE_TASKS, HELD_OUT = 80, 0.03, 6, 24
+WAYS, STEPS, TRUNCATION, BATCH, HIDDEN = 5, 40, 10, 32, 32
+META_STEPS, META_LR, TASKS_PER_STEP, TUNE_TASKS, HELD_OUT = 200, 0.03, 1, 6, 24
 TRAIN_CLASSES, NEW_CLASSES = tuple(range(7)), (7, 8, 9)
 GRIDS = {
     "SGD momentum 0.9": ("MomentumMemory", dict(momentum=0.9), (0.03, 0.1, 0.3, 1.0)),
-    "AdamW": ("AdamMemory", dict(weight_decay=0.0), (1e-3, 3e-3, 1e-2, 3e-2)),
+    "AdamW": ("AdamMemory", dict(weight_decay=0.0), (1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
     "DeepMomentum (hand-set)": ("DeepMomentum", dict(momentum=0.9, inner_lr=0.1), (0.03, 0.1, 0.3, 1.0)),
 }
 
@@ -55,12 +55,12 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 X, Y = digits()
-HELD_OUT_TRIPLES = [t for t in itertools.combinations(range(10), 3) if set(t) & set(NEW_CLASSES)]
-TRAIN_TRIPLES = list(itertools.combinations(TRAIN_CLASSES, 3))
+HELD_OUT_TRIPLES = [t for t in itertools.combinations(range(10), WAYS) if set(t) & set(NEW_CLASSES)]
+TRAIN_TRIPLES = list(itertools.combinations(TRAIN_CLASSES, WAYS))
 
 
 class DigitsTask:
-    """One run: a class triple, a network initialization, a minibatch order (all from ``g``)."""
+    """One run: a class set, a network initialization, a minibatch order (all from ``g``)."""
 
     def __init__(self, g: torch.Generator, triples=TRAIN_TRIPLES) -> None:
         classes = triples[int(torch.randint(len(triples), (1,), generator=g))]
@@ -79,8 +79,8 @@ class DigitsTask:
     @staticmethod
     def model_from(g: torch.Generator) -> nn.Module:
         w1 = torch.randn(HIDDEN, 64, generator=g) / 8.0
-        w2 = torch.randn(3, HIDDEN, generator=g) / math.sqrt(HIDDEN)
-        net = nn.Sequential(nn.Linear(64, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 3))
+        w2 = torch.randn(WAYS, HIDDEN, generator=g) / math.sqrt(HIDDEN)
+        net = nn.Sequential(nn.Linear(64, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, WAYS))
         with torch.no_grad():
             net[0].weight.copy_(w1), net[0].bias.zero_(), net[2].weight.copy_(w2), net[2].bias.zero_()
         return net
@@ -91,7 +91,7 @@ class DigitsTask:
         return TF.cross_entropy(TF.linear(h, params["2.weight"], params["2.bias"]), self.y_train[b])
 
     def model(self) -> nn.Module:
-        net = nn.Sequential(nn.Linear(64, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 3))
+        net = nn.Sequential(nn.Linear(64, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, WAYS))
         net.load_state_dict({k: v.clone() for k, v in self.params.items()})
         return net
 
@@ -107,7 +107,7 @@ def run_class(task: DigitsTask, make_opt) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        curve.append(float(loss))
+        curve.append(float(loss.detach()))
     with torch.no_grad():
         final = float(TF.cross_entropy(net(task.x_train), task.y_train))
         acc = float((net(task.x_test).argmax(-1) == task.y_test).float().mean())
@@ -139,6 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/meta"))
     ap.add_argument("--meta-steps", type=int, default=META_STEPS)
+    ap.add_argument("--meta-lr", type=float, default=META_LR)
+    ap.add_argument("--tasks-per-step", type=int, default=TASKS_PER_STEP)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -150,8 +152,8 @@ def main() -> None:
     print("tuned learning rates:", best)
 
     learner = MetaLearner("DeepMomentum", lr=best["DeepMomentum (hand-set)"], momentum=0.9, inner_lr=0.1)
-    trainer = MetaTrainer(learner, DigitsTask, unroll=STEPS, truncation=TRUNCATION, meta_lr=META_LR, clip=1.0,
-                          seed=args.seed + 2)
+    trainer = MetaTrainer(learner, DigitsTask, unroll=STEPS, truncation=TRUNCATION, meta_lr=args.meta_lr, clip=1.0,
+                          tasks_per_step=args.tasks_per_step, seed=args.seed + 2)
     history = []
     for i in range(args.meta_steps):
         stats = trainer.step()
@@ -177,20 +179,24 @@ def main() -> None:
     makers["DeepMomentum (meta-learned)"] = learned_opt
     runs = {label: [run_class(t, make) for t in held_out] for label, make in makers.items()}
     results = {label: summarize(r) for label, r in runs.items()}
-    wins = sum(a["mean_loss"] < b["mean_loss"] for a, b in zip(runs["DeepMomentum (meta-learned)"],
-                                                                 runs["DeepMomentum (hand-set)"]))
+    pairs = list(zip(runs["DeepMomentum (meta-learned)"], runs["DeepMomentum (hand-set)"]))
+    wins = sum(a["mean_loss"] < b["mean_loss"] for a, b in pairs)
+    diff = torch.tensor([a["mean_loss"] - b["mean_loss"] for a, b in pairs])
     elapsed = time.perf_counter() - start
     meta = {
         "machine": "2-core CPU", "platform": platform.platform(), "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"OMP_NUM_THREADS=1 python -m benchmarks.meta_memory --out {args.out} --meta-steps "
-                   f"{args.meta_steps} --seed {args.seed}",
+                   f"{args.meta_steps} --meta-lr {args.meta_lr} --tasks-per-step {args.tasks_per_step} --seed {args.seed}",
         "seeds": {"tune_tasks": args.seed + 1, "meta_tasks": args.seed + 2, "held_out_tasks": args.seed + 3},
-        "steps": STEPS, "truncation": TRUNCATION, "meta_steps": args.meta_steps, "meta_lr": META_LR,
+        "steps": STEPS, "truncation": TRUNCATION, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr,
+        "tasks_per_step": args.tasks_per_step,
         "held_out_tasks": HELD_OUT, "tuned_lr": best, "seconds": round(elapsed, 1),
         "learned": {k: (v if not isinstance(v, dict) else {n: t.tolist() for n, t in v.items()})
                     for k, v in learned.items()},
         "wins_learned_vs_handset": f"{wins}/{HELD_OUT}",
+        "paired_diff_learned_minus_handset": {"mean": float(diff.mean()),
+                                              "sem": float(diff.std() / math.sqrt(len(diff)))},
     }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results,
                                                        "meta_history": history}, indent=1))
@@ -204,14 +210,16 @@ def write_table(out: Path, meta: dict, results: dict) -> None:
              f"Machine: {meta['machine']} ({meta['platform']}, torch {meta['torch']}), {meta['date']}, "
              f"{meta['seconds']} s in all.  ",
              f"Command: `{meta['command']}`  ",
-             f"Seeds: {meta['seeds']}. {meta['held_out_tasks']} held-out tasks (class triples containing 7, 8 or 9; "
-             f"meta-training saw only 0-6), {meta['steps']} steps of batch {BATCH}, MLP 64-{HIDDEN}-3.  ",
+             f"Seeds: {meta['seeds']}. {meta['held_out_tasks']} held-out tasks ({WAYS}-way, class sets containing 7, 8 or 9; "
+             f"meta-training saw only 0-6), {meta['steps']} steps of batch {BATCH}, MLP 64-{HIDDEN}-{WAYS}.  ",
              f"Learning rates tuned on meta-training tasks: {meta['tuned_lr']} (the meta-learned memory uses the "
              "hand-set DeepMomentum's).  ",
              f"Learned: momentum {meta['learned']['momentum']:.4f}, inner_lr {meta['learned']['inner_lr']:.4f} "
              f"(hand-set 0.9, 0.1), plus the memory MLP's initial weights.  ",
              f"Meta-learned beats hand-set DeepMomentum (mean training loss) on {meta['wins_learned_vs_handset']} "
-             "held-out tasks.", "",
+             f"held-out tasks; paired difference (learned - hand-set) "
+             f"{meta['paired_diff_learned_minus_handset']['mean']:.4f} ± "
+             f"{meta['paired_diff_learned_minus_handset']['sem']:.4f}.", "",
              "| optimizer | mean training loss over the run | final training loss | test accuracy |",
              "|---|---|---|---|"]
     for label, r in sorted(results.items(), key=lambda kv: kv[1]["mean_loss"]["mean"]):
