@@ -25,7 +25,7 @@ def test_kernel_equals_reference_on_cuda(name, dtype, state_dtype, monkeypatch):
     pk, ok = run(name, "triton", dtype, state_dtype, monkeypatch, device="cuda", scale=40)
     pr, orf = run(name, "reference", dtype, state_dtype, monkeypatch, device="cuda", scale=40)
     ns = "muon" in name or "m3" in name or "ns" in name
-    compare(pk, ok, pr, orf, (1e-4 if not ns else 2e-3) if dtype == torch.float32 else 3e-2)
+    compare(pk, ok, pr, orf, (1e-4 if not ns else 5e-3) if dtype == torch.float32 else 3e-2)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -33,7 +33,7 @@ def test_kernel_equals_foreach_on_cuda(name, monkeypatch):
     pk, ok = run(name, "triton", torch.float32, None, monkeypatch, device="cuda", scale=40)
     pf, of = run(name, "foreach", torch.float32, None, monkeypatch, device="cuda", scale=40)
     ns = "muon" in name or "m3" in name or "ns" in name
-    compare(pk, ok, pf, of, 2e-3 if ns else 1e-4)
+    compare(pk, ok, pf, of, 5e-3 if ns else 1e-4)
 
 
 @pytest.mark.parametrize("method", ["standard", "gram"])
