@@ -193,6 +193,30 @@ def bench_ns(shapes, device, reps, timeit) -> list[dict]:
     return out
 
 
+ELEMENTWISE = ("MomentumMemory", "AdamMemory", "AdamMemory(accumulate)", "PreconditionedMomentum",
+               "PreconditionedMomentum(C=10)", "DeltaMomentum(vectors)", "M3(element-wise)")
+
+
+def targets(rows) -> dict:
+    """Issue 6's targets per dtype: step-time ratios and the element-wise fractions of copy bandwidth."""
+    out = {}
+    for dt in sorted({r["dtype"] for r in rows if "dtype" in r}):
+        ms = {r["optimizer"]: r["ms"] for r in rows if r.get("dtype") == dt}
+        frac = {r["optimizer"]: r["frac_copy"] for r in rows if r.get("dtype") == dt and r["optimizer"] in ELEMENTWISE}
+        muon, adamw = ms.get("torch.optim.Muon"), ms.get("AdamW(fused)")
+        t = {"elementwise_frac_copy (>= 0.9)": frac}
+        for name in ("MuonMemory", "MuonMemory(gram)"):
+            if muon and name in ms:
+                t[f"{name} / Muon (<= 0.8)"] = round(ms[name] / muon, 3)
+        for name in ("M3", "M3(gram)"):
+            if muon and name in ms:
+                t[f"{name} / Muon (<= 1.0)"] = round(ms[name] / muon, 3)
+        if adamw and "DeepMomentum" in ms:
+            t["DeepMomentum / AdamW (<= 2.0)"] = round(ms["DeepMomentum"] / adamw, 3)
+        out[dt] = t
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/speed_kernels")
@@ -216,6 +240,7 @@ def main(argv=None) -> dict:
         result["steps"] += bench_list(shapes, dtype, device, args.reps, bw, timeit, False)
         result["steps"] += bench_list(matrices, dtype, device, max(3, args.reps // 2), bw, timeit, True)
     result["newton_schulz"] = bench_ns(matrices, device, max(3, args.reps // 2), timeit)
+    result["targets"] = targets(result["steps"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "speed.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -227,6 +252,8 @@ def main(argv=None) -> dict:
             continue
         print(f"{r['optimizer']:32s} {r['dtype']:9s} {r['ms']:9.2f} {r['bytes_per_param']:8d} {r['GB/s']:8.0f} "
               f"{r['frac_copy']:6.2f}")
+    for dt, t in result["targets"].items():
+        print(dt, json.dumps(t))
     for r in result["newton_schulz"]:
         print(f"NS {r['ns']:29s} {r['ms']:9.2f} ms {r['effective_TFLOP/s']:7.1f} TFLOP/s  "
               f"orth err {r['orthogonality_error']} (torch {r['torch_orthogonality_error']})")
