@@ -35,12 +35,19 @@ from ._periods import resolve_levels, validate_levels
 from .multi_timescale import MultiTimescale
 from .nest_levels import NestLevels
 
+from ..distributed import is_dtensor
+
 __all__ = ["LevelMonitor", "level_state_norms"]
 
 
+def _sq(t: Tensor) -> float:
+    """Sum of squares of ``t``; for a DTensor shard, over the whole tensor (the same on every rank)."""
+    s = t.detach().double().pow(2).sum()
+    return float(s.full_tensor() if is_dtensor(s) else s)
+
+
 def _norm(tensors: Iterable[Tensor]) -> float:
-    sq = sum(float(t.detach().double().pow(2).sum()) for t in tensors)
-    return sq ** 0.5
+    return sum(_sq(t) for t in tensors) ** 0.5
 
 
 def level_state_norms(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> dict[str, float]:
@@ -52,7 +59,7 @@ def level_state_norms(optimizer: torch.optim.Optimizer, params: list[Tensor]) ->
     for p in params:
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, Tensor) and value.numel() > 1:
-                sq[key] = sq.get(key, 0.0) + float(value.detach().double().pow(2).sum())
+                sq[key] = sq.get(key, 0.0) + _sq(value)
     return {k: v ** 0.5 for k, v in sq.items()}
 
 
@@ -141,7 +148,7 @@ class LevelMonitor(Callback):
             return
         sq = dict.fromkeys(self._level_params, 0.0)
         for pid, (p, before) in self._snapshots.items():
-            sq[self._level_of[pid]] += float((p.detach() - before).double().pow(2).sum())
+            sq[self._level_of[pid]] += _sq(p.detach() - before)
         self._snapshots = {}
         self._steps += 1
         for c, s in sq.items():
