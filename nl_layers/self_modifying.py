@@ -1,6 +1,7 @@
 """Self-modifying Titans: keys, values, step sizes and decays are produced by memories that learn in context.
 
-Per head, with x_t the head's slice of the input (only the query projection is static):
+Per head, with x_t the head's slice of the input after a causal depthwise convolution (width 4,
+starting as the identity; only it and the query projection are static):
 
     k_t = normalize(M_k(x^_t)),  v_t = normalize(M_v(x^_t)),  q_t = normalize(W_q x_t),  x^_t = normalize(x_t),
     eta_t = max_lr * sigmoid(w_eta . M_eta(x_t) + b_eta),  alpha_t = sigmoid(w_alpha . M_alpha(x_t) + b_alpha),
@@ -37,7 +38,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ._checks import check_choice, check_positive_int, check_sequence, check_state_batch
-from ._modules import l2_normalize, merge_heads, split_heads
+from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, split_heads
 from .memory.fast_weights import expand_params, flatten, make_engine, pieces, reference_grads, unflatten
 from .memory.mlp import ResidualMLPMemory
 
@@ -46,17 +47,19 @@ MEMORIES = COMPONENTS + ("memory",)
 
 
 class SelfModifyingState(NamedTuple):
-    """Streaming state: per memory name, weights / anchor / momentum dicts of (B, H, *shape); tokens seen."""
+    """Streaming state: per memory name, weights / anchor / momentum dicts of (B, H, *shape); the
+    causal convolution's last inputs (B, width - 1, dim); tokens seen."""
 
     weights: dict
     anchor: dict
     momentum: dict
+    conv: torch.Tensor
     position: int
 
     def detach(self) -> "SelfModifyingState":
         """A copy cut from the autograd graph (truncated backpropagation through time)."""
         cut = lambda tree: {m: {n: t.detach() for n, t in d.items()} for m, d in tree.items()}  # noqa: E731
-        return SelfModifyingState(cut(self.weights), cut(self.anchor), cut(self.momentum), self.position)
+        return SelfModifyingState(cut(self.weights), cut(self.anchor), cut(self.momentum), self.conv.detach(), self.position)
 
 
 def _dgd_decay(template: ResidualMLPMemory):
@@ -82,6 +85,7 @@ class SelfModifyingTitans(nn.Module):
         max_lr: upper bound of eta_t.
         momentum: initial momentum beta of every memory (learned).
         detach_values: stop the gradient through the self-generated values v_hat = M(v).
+        conv_width: width of the causal depthwise convolution on the input (1 = none).
         grad_impl: "analytic" (closed-form per-token gradients of the residual MLPs), "func"
             (``vmap(grad(functional_call))``) or "auto" (default: analytic, or func when
             detach_values=False, which differentiates through M(v) inside the inner loss).
@@ -108,6 +112,7 @@ class SelfModifyingTitans(nn.Module):
         momentum: float = 0.9,
         detach_values: bool = True,
         grad_impl: str = "auto",
+        conv_width: int = 4,
     ):
         super().__init__()
         check_positive_int(dim, "dim")
@@ -115,6 +120,7 @@ class SelfModifyingTitans(nn.Module):
         check_positive_int(chunk_size, "chunk_size")
         component_chunk_size = chunk_size if component_chunk_size is None else component_chunk_size
         check_positive_int(component_chunk_size, "component_chunk_size")
+        check_positive_int(conv_width, "conv_width")
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if not max_lr > 0:
@@ -132,6 +138,7 @@ class SelfModifyingTitans(nn.Module):
         hidden = max(1, int(round(expansion * self.head_dim)))
         self.memories = nn.ModuleDict({m: ResidualMLPMemory(self.head_dim, hidden) for m in MEMORIES})
         self.momentum_logit = nn.Parameter(torch.full((len(MEMORIES),), math.log(momentum / (1 - momentum))))
+        self.conv = CausalDepthwiseConv1d(dim, conv_width)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.lr_head = nn.Linear(self.head_dim, 1)
         self.decay_head = nn.Linear(self.head_dim, 1)
@@ -149,10 +156,11 @@ class SelfModifyingTitans(nn.Module):
             return lambda p, k, v: 0.5 * (functional_call(template, p, (k,)) - v).pow(2).sum()
         return lambda p, k, v: 0.5 * (functional_call(template, p, (k,)) - functional_call(template, p, (v,))).pow(2).sum()
 
-    def initial_state(self, batch: int) -> SelfModifyingState:
+    def initial_state(self, batch: int, like: torch.Tensor) -> SelfModifyingState:
+        """The state at the start of a sequence: the learnable initial weights, zero momentum."""
         w = {m: expand_params(t, batch, self.heads) for m, t in self.memories.items()}
         s = {m: {n: torch.zeros_like(x) for n, x in d.items()} for m, d in w.items()}
-        return SelfModifyingState(w, w, s, 0)
+        return SelfModifyingState(w, w, s, like.new_zeros(batch, self.conv.width - 1, self.dim), 0)
 
     def _gates(self, key_out, value_out, lr_out, decay_out):
         """k, v, eta, log alpha from the four component memories' outputs."""
@@ -174,7 +182,8 @@ class SelfModifyingTitans(nn.Module):
         b, t, _ = x.shape
         if state is not None:
             check_state_batch(state.weights["memory"]["w_in"].shape[0], b)
-        state = self.initial_state(b) if state is None else state
+        state = self.initial_state(b, x) if state is None else state
+        x, conv = self.conv(x, state.conv)
         xh = l2_normalize(split_heads(x, self.heads)).reshape(b * self.heads, t, self.head_dim)
         q = l2_normalize(split_heads(self.to_q(x), self.heads)).reshape(b * self.heads, t, self.head_dim)
         w = {m: flatten(d) for m, d in state.weights.items()}
@@ -186,7 +195,7 @@ class SelfModifyingTitans(nn.Module):
         y = run(xh, q, w, a, s, base, log_beta, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
         unf = lambda tree: {m: unflatten(d, b, self.heads) for m, d in tree.items()}  # noqa: E731
-        return self.out(y), SelfModifyingState(unf(w), unf(a), unf(s), state.position + t)
+        return self.out(y), SelfModifyingState(unf(w), unf(a), unf(s), conv, state.position + t)
 
     def _chunked(self, xh, q, w, a, s, base, log_beta, position):
         n, t, _ = xh.shape

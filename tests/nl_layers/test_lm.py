@@ -90,7 +90,7 @@ def test_bad_tokens_and_arguments():
 @pytest.mark.slow
 def test_hope_lm_learns_shakespeare():
     """A tiny HopeLM (self-modifying Titans + CMS) trained for 200 steps on CPU gets well below the
-    unigram entropy (3.30 nats on this slice; the run reaches about 2.47)."""
+    unigram entropy (3.30 nats on this slice; the run reaches about 2.12)."""
     text = shakespeare("tragedies")[:100_000]
     tok = CharTokenizer(text)
     ids = tok.encode(text)
@@ -111,6 +111,6 @@ def test_hope_lm_learns_shakespeare():
         losses.append(loss.item())
     final = sum(losses[-25:]) / 25
     assert 3.0 < unigram < 3.6
-    assert final < unigram - 0.6, (final, unigram)
+    assert final < unigram - 0.9, (final, unigram)
     sample = tok.decode(lm.generate(tok.encode("ROMEO"), max_new_tokens=20, generator=gen))
     assert sample.startswith("ROMEO") and len(sample) == 25
