@@ -57,6 +57,7 @@ class AdamMoments(Level):
     """
 
     name = "adam"
+    elementwise = True  # acts on each entry alone: runs on local DTensor shards
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  form: str = "ema", period: int = 1, keys: Mapping[str, str] | None = None) -> None:
@@ -126,6 +127,7 @@ class DiagonalPreconditioner(Level):
     """
 
     name = "precond"
+    elementwise = True  # acts on each entry alone: runs on local DTensor shards
     write_first = True
 
     def __init__(self, beta2: float = 0.999, eps: float = 1e-8, period: int = 1,

@@ -68,6 +68,9 @@ class Level:
     #: write also at step 1 (a memory that is undefined before its first write, such as a
     #: preconditioner, is then written at t = 1, C + 1, 2C + 1, ...).
     write_first: bool = False
+    #: the level acts on each entry independently (no reduction, no matrix product): it may run on
+    #: the local shard of a DTensor parameter; otherwise deepopt.distributed gathers the full tensor.
+    elementwise: bool = False
 
     def __init__(self, period: int = 1, keys: Mapping[str, str] | None = None, **defaults: Any) -> None:
         if not isinstance(period, int) or isinstance(period, bool) or period < 1:

@@ -51,6 +51,7 @@ class Momentum(Level):
     """
 
     name = "momentum"
+    elementwise = True  # acts on each entry alone: runs on local DTensor shards
 
     def __init__(self, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False,
                  form: str = "sgd", period: int = 1, keys: Mapping[str, str] | None = None) -> None:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..chain import Chain
+from ..distributed import is_dtensor, needs_full_tensors, on_full_tensors
 from ..levels.base import Direction, State, axpy
 
 __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direction", "chain_for", "coupled_decay",
@@ -89,7 +90,6 @@ def apply_direction(p: Tensor, d: Direction, lr: Any, decay: Any = 0.0) -> Tenso
     if d.den is None:
         return torch.add(out, d.num, alpha=alpha)
     return torch.addcdiv(out, d.num, d.den, value=alpha)
-
 
 
 class LevelOptimizer(torch.optim.Optimizer):
@@ -254,25 +254,35 @@ class LevelOptimizer(torch.optim.Optimizer):
             by_chain[id(chain)][2].append(g)
         for chain, ps, gs in by_chain.values():
             states = [self._state(p, chain, group) for p in ps]
-            fused = self._fused(chain, group, ps)
-            if fused is not None:  # one kernel: state update, decay and parameter step together
-                fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=self.weight_decay_mode == "decoupled")
-                continue
-            if self.impl == "reference":  # the functional core, exactly as deepopt.functional runs it
-                decay = wd if self.weight_decay_mode == "decoupled" else 0.0
-                for p, g, state in zip(ps, gs, states):
-                    d, new = chain.update(state, g, p, group)
-                    state.update(new)
-                    p.copy_(apply_direction(p, d, lr, decay))
-                continue
-            directions = chain.update_(states, gs, ps, group)
-            if wd != 0 and self.weight_decay_mode == "decoupled":
-                torch._foreach_mul_(ps, 1 - lr * wd)
-            _apply(ps, directions, lr)
+            if needs_full_tensors(chain, ps):  # a matrix level on DTensor shards: see deepopt.distributed
+                on_full_tensors(lambda fp, fg, fs: self._run_chain(chain, group, fp, fg, fs, lr, wd), ps, gs, states)
+            else:
+                self._run_chain(chain, group, ps, gs, states, lr, wd)
+
+    def _run_chain(self, chain: Chain, group: Mapping[str, Any], ps: list[Tensor], gs: list[Tensor],
+                   states: list[State], lr: float, wd: float) -> None:
+        """One chain's step on a list of parameters: the fused kernel, the reference or foreach."""
+        fused = self._fused(chain, group, ps)
+        if fused is not None:  # one kernel: state update, decay and parameter step together
+            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=self.weight_decay_mode == "decoupled")
+            return
+        if self.impl == "reference":  # the functional core, exactly as deepopt.functional runs it
+            decay = wd if self.weight_decay_mode == "decoupled" else 0.0
+            for p, g, state in zip(ps, gs, states):
+                d, new = chain.update(state, g, p, group)
+                state.update(new)
+                p.copy_(apply_direction(p, d, lr, decay))
+            return
+        directions = chain.update_(states, gs, ps, group)
+        if wd != 0 and self.weight_decay_mode == "decoupled":
+            torch._foreach_mul_(ps, 1 - lr * wd)
+        _apply(ps, directions, lr)
 
     def _fused(self, chain: Chain, group: Mapping[str, Any], params: list[Tensor]) -> Callable | None:
         """The fused kernel step for this chain, if ``impl`` asks for one and one exists."""
         if self.impl in ("foreach", "reference") or (self.impl == "auto" and not params[0].is_cuda):
+            return None
+        if any(is_dtensor(p) for p in params):  # kernels take plain tensors; DTensors use foreach
             return None
         try:
             from ..kernels import fused_step_for
@@ -304,6 +314,8 @@ class LevelOptimizer(torch.optim.Optimizer):
                 chain = self._chain_for(p, group)
                 if not state or "step" not in state or chain is None:
                     continue
+                if any(is_dtensor(v) for v in state.values()):  # statistics of the whole tensor, every rank
+                    state = {k: v.full_tensor() if is_dtensor(v) else v for k, v in state.items()}
                 for k, v in chain.stats(state).items():
                     sums[k] = sums.get(k, 0.0) + v * v
                     counts[k] = counts.get(k, 0) + 1

@@ -19,6 +19,7 @@ class _Plain(Level):
     """Identity level: the step is the gradient itself."""
 
     name = "sgd"
+    elementwise = True  # acts on each entry alone: runs on local DTensor shards
 
 
 class DGD(LevelOptimizer):
@@ -34,11 +35,16 @@ class DGD(LevelOptimizer):
     direction (the delta rule). DGD needs the layer inputs, so it takes the model: forward
     pre-hooks capture each linear layer's last input (only when grad is enabled, so evaluation
     under ``torch.no_grad()`` does not overwrite it). Call ``opt.remove_hooks()`` when done.
+    Under data parallelism (DDP, FSDP2) each rank sees a slice of the batch: the input statistics
+    are averaged over the ranks (``sync_inputs``, on by default inside a process group), so the
+    step equals the single-process step on the full batch.
 
     Args:
         params: the model (``nn.Module``), or parameters/param groups together with ``model=``.
         lr: learning rate; weight_decay: decoupled.
         model: the module whose ``nn.Linear`` layers get the DGD step.
+        sync_inputs: average input statistics over the default process group (default: when one
+            with more than one rank is initialized at construction).
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -52,7 +58,8 @@ class DGD(LevelOptimizer):
     requires_model = True
 
     def __init__(self, params: Iterable[Any] | nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, *,
-                 model: nn.Module | None = None, impl: str = "auto", nonfinite: str = "skip") -> None:
+                 model: nn.Module | None = None, sync_inputs: bool | None = None, impl: str = "auto",
+                 nonfinite: str = "skip") -> None:
         if isinstance(params, nn.Module):
             model, params = params, params.parameters()
         if model is None:
@@ -65,7 +72,11 @@ class DGD(LevelOptimizer):
             if isinstance(module, nn.Linear):
                 weights.add(id(module.weight))
                 self._hooks.append(module.register_forward_pre_hook(self._capture(id(module.weight))))
-        chains = [Chain(DeltaRule(self._inputs, weights)), Chain(_Plain())]
+        if sync_inputs is None:
+            import torch.distributed as dist
+
+            sync_inputs = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        chains = [Chain(DeltaRule(self._inputs, weights, sync=sync_inputs)), Chain(_Plain())]
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), chains, impl=impl, nonfinite=nonfinite)
 
     def _capture(self, key: int):
