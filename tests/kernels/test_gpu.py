@@ -25,7 +25,17 @@ def test_kernel_equals_reference_on_cuda(name, dtype, state_dtype, monkeypatch):
     pk, ok = run(name, "triton", dtype, state_dtype, monkeypatch, device="cuda", scale=40)
     pr, orf = run(name, "reference", dtype, state_dtype, monkeypatch, device="cuda", scale=40)
     ns = "muon" in name or "m3" in name or "ns" in name
-    compare(pk, ok, pr, orf, (1e-4 if not ns else 5e-3) if dtype == torch.float32 else 3e-2)
+    tol = (1e-4 if not ns else 5e-3) if dtype == torch.float32 else 3e-2
+    if "sign" in name and dtype == torch.bfloat16:
+        # sign() of a read-out within bf16 rounding of zero may flip between kernel and reference:
+        # the memory (state) must agree; a step may differ on a few entries (measured: 33 of 56,000)
+        for x, y in zip(pk, pr):
+            assert ((x.float() - y.float()).abs() > tol).float().mean() < 2e-3
+        for x, y in zip(pk, pr):
+            for k in ok.state[x]:
+                torch.testing.assert_close(ok.state[x][k].float(), orf.state[y][k].float(), rtol=tol, atol=tol)
+        return
+    compare(pk, ok, pr, orf, tol)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
