@@ -96,6 +96,8 @@ def optimizers(matrix_only: bool):
             "M3": (lambda ps: deepopt.M3(ps, lr=0.01, frequency=10), 5),
             "M3(gram)": (lambda ps: deepopt.M3([{"params": ps, "ns_method": "auto"}], lr=0.01, frequency=10), 5),
             "DeepMomentum(ns)": (lambda ps: deepopt.DeepMomentum(ps, lr=0.01, sigma="ns"), 1),
+            "MuonMemory(gram)[nocheck]": (lambda ps: deepopt.MuonMemory([{"params": ps, "ns_method": "auto"}], lr=0.02,
+                                                                        nonfinite="ignore"), 1),
         }
     return {
         "AdamW(fused)": (lambda ps: A.AdamW(ps, lr=1e-3, fused=True), 2),
@@ -108,6 +110,14 @@ def optimizers(matrix_only: bool):
         "DeltaMomentum(vectors)": (lambda ps: deepopt.DeltaMomentum(ps, lr=1e-2), 1),  # on flat views
         "M3(element-wise)": (lambda ps: deepopt.M3([{"params": ps, "orthogonalize": False}], lr=1e-3), 4),
         "DeepMomentum": (lambda ps: deepopt.DeepMomentum(ps, lr=1e-2, inner_lr=0.1), 1),
+        # the same without the default non-finite-gradient check (one extra read of the gradients
+        # and a host sync per step): what the kernels themselves cost
+        "MomentumMemory[nocheck]": (lambda ps: deepopt.MomentumMemory(ps, lr=1e-2, momentum=0.9,
+                                                                      nonfinite="ignore"), 1),
+        "AdamMemory[nocheck]": (lambda ps: deepopt.AdamMemory(ps, lr=1e-3, nonfinite="ignore"), 2),
+        "M3(element-wise)[nocheck]": (lambda ps: deepopt.M3([{"params": ps, "orthogonalize": False}], lr=1e-3,
+                                                            nonfinite="ignore"), 4),
+        "DeepMomentum[nocheck]": (lambda ps: deepopt.DeepMomentum(ps, lr=1e-2, inner_lr=0.1, nonfinite="ignore"), 1),
     }
 
 
@@ -194,7 +204,8 @@ def bench_ns(shapes, device, reps, timeit) -> list[dict]:
 
 
 ELEMENTWISE = ("MomentumMemory", "AdamMemory", "AdamMemory(accumulate)", "PreconditionedMomentum",
-               "PreconditionedMomentum(C=10)", "DeltaMomentum(vectors)", "M3(element-wise)")
+               "PreconditionedMomentum(C=10)", "DeltaMomentum(vectors)", "M3(element-wise)",
+               "MomentumMemory[nocheck]", "AdamMemory[nocheck]", "M3(element-wise)[nocheck]")
 
 
 def targets(rows) -> dict:
