@@ -102,6 +102,9 @@ class CMS(nn.Module):
 
     ``forward(x, state=None, return_state=False, mode="chunked")`` returns y, or ``(y, CMSState)``
     with ``return_state``; ``mode="recurrent"`` runs the token-by-token in-context reference.
+    Without in-context mode the CMS is position-wise (it runs as a model's FFN on inputs of any
+    shape (..., dim)) and does not scan its input for NaN: a NaN stays at its own position.
+    In-context mode needs (batch, time, dim) and rejects NaN/Inf like the other layers.
 
     Example:
         >>> cms = CMS(dim=16, periods=(1, 4, 16))
