@@ -176,3 +176,15 @@ def test_bad_arguments():
         CMS.from_ffn(nn.Sequential(nn.GELU()), periods=(1, 2))
     with pytest.raises(ValueError, match="activation"):
         MLPBlock.build(8, 16, activation="swish")
+
+
+def test_static_cms_keeps_nan_at_its_position():
+    """Documented: the position-wise (training-mode) CMS does not scan for NaN; it stays where it is."""
+    cms = CMS(8, 16, periods=(1, 4))
+    x = torch.randn(2, 5, 8)
+    x[1, 2, 0] = float("nan")
+    y = cms(x)
+    assert torch.isnan(y[1, 2]).all()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 2] = False
+    assert torch.isfinite(y[mask]).all()
