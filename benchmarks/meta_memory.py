@@ -7,15 +7,16 @@ never seen in meta-training), each with its own network initialization and minib
 
 What is learned (``deepopt.meta``): DeepMomentum's memory initialization (w1, b1, w2), its inner
 step size and its momentum decay, by truncated unrolled differentiation of the mean training
-loss over the run (segments of ``TRUNCATION`` steps, Adam, meta-gradient clipped at norm 1). The
-outer learning rate of every optimizer, the learned one included, is tuned on meta-training
-tasks (grid, same budget), so the comparison isolates the memory.
+loss over the run (segments of ``TRUNCATION`` steps, two tasks per outer step, Adam, meta-gradient
+clipped at norm 1). The learning rate of every baseline is tuned on meta-training tasks (grid);
+the meta-learned memory keeps the hand-set DeepMomentum's tuned rate, so the comparison of the
+two DeepMomentums isolates the memory.
 
-Evaluation: every optimizer runs as its ``torch.optim`` class on real ``nn.Module`` models
-(the learned one is ``learner.optimizer(model.parameters())``, reloaded from its saved
-``state_dict``), on ``HELD_OUT`` held-out tasks.
+Evaluation: every optimizer runs as its ``torch.optim`` class on real ``nn.Module`` models, on
+``HELD_OUT`` held-out tasks; the learned one is a plain ``deepopt.DeepMomentum`` that loaded the
+``state_dict`` saved from ``learner.optimizer(...)`` (``learned_deep_momentum.pt``).
 
-Run (about 5 minutes on a 2-core CPU, one thread):
+Run (5 to 9 minutes on a shared 2-core CPU, one thread):
     OMP_NUM_THREADS=1 python -m benchmarks.meta_memory --out benchmarks/results/meta
 """
 
@@ -38,7 +39,7 @@ import deepopt
 from deepopt.meta import MetaLearner, MetaTrainer
 
 WAYS, STEPS, TRUNCATION, BATCH, HIDDEN = 5, 40, 10, 32, 32
-META_STEPS, META_LR, TASKS_PER_STEP, TUNE_TASKS, HELD_OUT = 200, 0.03, 1, 6, 24
+META_STEPS, META_LR, TASKS_PER_STEP, TUNE_TASKS, HELD_OUT = 150, 0.03, 2, 6, 24
 TRAIN_CLASSES, NEW_CLASSES = tuple(range(7)), (7, 8, 9)
 GRIDS = {
     "SGD momentum 0.9": ("MomentumMemory", dict(momentum=0.9), (0.03, 0.1, 0.3, 1.0)),
