@@ -366,15 +366,19 @@ class LevelOptimizer(torch.optim.Optimizer):
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """One reduction (and one sync) per device: are all entries of all tensors finite?"""
-    by_device: dict[torch.device, list[Tensor]] = {}
+    """Are all entries of all tensors finite? One max-norm reduction per (device, dtype) over the
+    whole list (``torch._foreach_norm``) and a single host sync."""
+    buckets: dict[tuple, list[Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    for ts in by_device.values():
-        norms = torch._foreach_norm(ts, float("inf"))
-        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
-            return False
-    return True
+        buckets.setdefault((t.device, t.dtype, is_dtensor(t)), []).append(t)
+    flags = []
+    for ts in buckets.values():
+        flags.append(torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all())
+    if not flags:
+        return True
+    if len(flags) == 1:
+        return bool(flags[0])
+    return all(bool(f) for f in flags)
 
 
 def _apply(params: list[Tensor], directions: list[Direction], lr: float) -> None:
