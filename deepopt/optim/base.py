@@ -179,6 +179,10 @@ class LevelOptimizer(torch.optim.Optimizer):
                                  "optimize torch.view_as_real(p) instead")
             if not p.is_floating_point():
                 raise ValueError(f"{type(self).__name__} can only optimize floating-point parameters, got {p.dtype}")
+            if _is_fsdp1_flat(p) and not all(getattr(lvl, "elementwise", False) for c in self.chains for lvl in c.levels):
+                raise ValueError(f"{type(self).__name__} got a parameter flattened by FSDP1 (FullyShardedDataParallel, "
+                                 "Lightning strategy='fsdp'): its matrix levels would only see a flat vector. Use FSDP2 "
+                                 "(torch.distributed.fsdp.fully_shard, Lightning ModelParallelStrategy) instead")
             if self._chain_for(p, group) is None:
                 raise ValueError(f"no level of {type(self).__name__} applies to a parameter of shape "
                                  f"{tuple(p.shape)}; put it in a group the optimizer supports")
@@ -363,6 +367,11 @@ class LevelOptimizer(torch.optim.Optimizer):
             if isinstance(v, Tensor) and tuple(v.shape) != tuple(expected[k].shape):
                 raise ValueError(f"{name}: checkpoint state {k!r} has shape {tuple(v.shape)} but the parameter "
                                  f"needs {tuple(expected[k].shape)}; the model's shapes changed")
+
+
+def _is_fsdp1_flat(p: Tensor) -> bool:
+    """Whether ``p`` is one of FSDP1's FlatParameters (many parameters flattened into one vector)."""
+    return bool(getattr(p, "_is_flat_param", False))
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

@@ -173,3 +173,17 @@ def test_group_by_period_rejects_unmatched_and_conflicting_patterns():
         deepopt.group_by_period(model, {"0.*": 2, "0.weight": 4})
     with pytest.raises(ValueError, match="period"):
         deepopt.group_by_period(model, {"0.*": 0})
+
+
+@pytest.mark.parametrize("name", ["MuonMemory", "M3", "DeltaMomentum", "DeepMomentum"])
+def test_matrix_optimizer_refuses_fsdp1_flat_parameters(name):
+    flat = nn.Parameter(torch.randn(40))
+    flat._is_flat_param = True  # the marker FSDP1 puts on its FlatParameter
+    with pytest.raises(ValueError, match="FSDP1"):
+        make(name, nn.Linear(2, 2), params=[flat])
+
+
+def test_elementwise_optimizer_accepts_fsdp1_flat_parameters():
+    flat = nn.Parameter(torch.randn(40))
+    flat._is_flat_param = True
+    make("AdamMemory", nn.Linear(2, 2), params=[flat])
