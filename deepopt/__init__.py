@@ -6,7 +6,7 @@ Example:
     >>> opt = deepopt.OPTIMIZERS["M3"](model.parameters(), lr=1e-3)
 """
 
-from . import levels
+from . import distributed, functional, levels, meta
 from .chain import Chain
 from .optim import (
     DGD,
@@ -50,6 +50,9 @@ __all__ = [
     "NestedOptimizer",
     "PreconditionedMomentum",
     "group_by_period",
+    "distributed",
+    "functional",
     "levels",
+    "meta",
     "match_periods",
 ]
