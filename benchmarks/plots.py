@@ -152,6 +152,8 @@ def accuracy_matrices(sequence: str, methods: dict, metric: str, path: str) -> s
     names = list(methods)
     fig, axes = _grid(len(names))
     higher = metric != "bpc"
+    values = [v for m in methods.values() if m["matrix_mean"] for row in m["matrix_mean"] for v in row]
+    limits = (0.0, 1.0) if metric == "accuracy" else (min(values, default=0.0), max(values, default=1.0))
     for ax, name in zip(axes, names):
         matrix = methods[name]["matrix_mean"]
         if matrix is None:
@@ -159,7 +161,7 @@ def accuracy_matrices(sequence: str, methods: dict, metric: str, path: str) -> s
             ax.axis("off")
             continue
         n = len(matrix)
-        ax.imshow(matrix, cmap="viridis" if higher else "viridis_r")
+        ax.imshow(matrix, cmap="viridis" if higher else "viridis_r", vmin=limits[0], vmax=limits[1])
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7, color="white")
@@ -168,5 +170,6 @@ def accuracy_matrices(sequence: str, methods: dict, metric: str, path: str) -> s
         ax.set_ylabel("after training task")
         bwt = methods[name]["bwt"]["mean"]
         ax.set_title(f"{name}  BWT " + ("-" if bwt is None else f"{bwt:+.3f}"), fontsize=9)
-    fig.suptitle(f"{sequence}: {metric} matrix R[i][j]")
-    return _save(fig, path)
+    fig.suptitle(f"{sequence}: {metric} matrix R[i][j] (mean over seeds)")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return _save(fig, path, tight=False)
