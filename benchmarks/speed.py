@@ -18,7 +18,7 @@ the same run. Newton-Schulz steps are matmul-bound: per iteration on an m x n ma
 they cost 4 m^2 n + 2 m^3 flops; their floor is flops / the measured bf16 matmul rate.
 
 Example (the pieces that run anywhere):
-    >>> bytes_per_param(param_bytes=4, grad_bytes=4, state_bytes=8)
+    >>> bytes_per_param(param_bytes=4, grad_bytes=4, state_bytes=4)  # SGD momentum, fp32
     20
     >>> sum(1 for _ in gpt_param_shapes()), round(sum(math.prod(s) for _, s in gpt_param_shapes()) / 1e9, 2)
     (145, 1.31)

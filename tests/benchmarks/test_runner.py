@@ -110,3 +110,18 @@ def test_bad_input_names_the_fix():
         get_task("nope")
     with pytest.raises(SystemExit, match="seeds"):
         main(["run", "--suite", "quick", "--seeds", "0"])
+
+
+def test_parallel_tasks_give_the_same_numbers_as_serial():
+    from benchmarks.quality import run_suite
+
+    tasks = [get_task("saddle").with_steps(5, 5), get_task("quadratic_noisy").with_steps(5, 5)]
+    specs = select_optimizers(["AdamW", "SGD"])
+    serial = run_suite(tasks, specs, seeds=[0, 1], factors=(1.0,))
+    parallel = run_suite(tasks, specs, seeds=[0, 1], factors=(1.0,), jobs=2)
+    for task in ("saddle", "quadratic_noisy"):
+        for opt in ("AdamW", "SGD"):
+            a = [s["losses"] for s in serial["tasks"][task]["results"][opt]["seeds"]]
+            b = [s["losses"] for s in parallel["tasks"][task]["results"][opt]["seeds"]]
+            assert a == b
+    assert list(parallel["tasks"]) == ["saddle", "quadratic_noisy"]

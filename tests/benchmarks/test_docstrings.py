@@ -1,0 +1,20 @@
+"""Every docstring example in benchmarks/ runs and gives the output it shows."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["benchmarks.cli", "benchmarks.continual", "benchmarks.continual_tasks", "benchmarks.environment",
+           "benchmarks.memory", "benchmarks.metrics", "benchmarks.optimizers", "benchmarks.plots",
+           "benchmarks.quality", "benchmarks.report", "benchmarks.runner", "benchmarks.speed", "benchmarks.suites",
+           "benchmarks.tasks", "benchmarks.tasks.base", "benchmarks.tasks.digits", "benchmarks.tasks.recall",
+           "benchmarks.tasks.synthetic", "benchmarks.tasks.text"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    failures, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert attempted > 0, f"{name} has no docstring example"
+    assert failures == 0, f"{name}: {failures} of {attempted} docstring examples failed"
