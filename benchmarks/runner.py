@@ -72,6 +72,19 @@ def lrs_for(task: Task, factor: float) -> dict[str, float]:
     return {family: centre * factor for family, centre in task.lr_centres.items()}
 
 
+def evaluate(problem, optimizer) -> float:
+    """``problem.eval_loss()``, with optimizers that keep separate evaluation weights (schedule-free:
+    ``optimizer.eval()`` / ``optimizer.train()``) switched to them for the evaluation."""
+    switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+    if switch:
+        optimizer.eval()
+    try:
+        return problem.eval_loss()
+    finally:
+        if switch:
+            optimizer.train()
+
+
 def run_trial(task: Task, spec: OptimizerSpec, factor: float, seed: int, device: str = "cpu") -> Trial:
     """Train ``task`` (seed ``seed``) with ``spec`` at the sweep point ``factor``."""
     lrs = lrs_for(task, factor)
@@ -79,7 +92,7 @@ def run_trial(task: Task, spec: OptimizerSpec, factor: float, seed: int, device:
     try:
         problem = task.build(seed, device)
         optimizer = build_optimizer(spec, problem.model, lrs, task.muon_exclude)
-        start = problem.eval_loss()
+        start = evaluate(problem, optimizer)
         trial.steps.append(0), trial.losses.append(start)
         limit = DIVERGENCE_FACTOR * max(abs(start), 1.0)
         for step in range(1, task.steps + 1):
@@ -95,7 +108,7 @@ def run_trial(task: Task, spec: OptimizerSpec, factor: float, seed: int, device:
                 trial.diverged = True
                 break
             if step % task.eval_every == 0 or step == task.steps:
-                value = problem.eval_loss()
+                value = evaluate(problem, optimizer)
                 trial.steps.append(step), trial.losses.append(value)
                 if not math.isfinite(value) or abs(value) > limit:
                     trial.diverged = True

@@ -79,6 +79,8 @@ def check_cuda(suite: Suite, device: str) -> None:
     """Refuse a GPU suite without CUDA, with the reason."""
     import torch
 
+    if device.startswith("cuda") and not torch.cuda.is_available() and not suite.needs_cuda:
+        raise SystemExit(f"--device {device} was asked for, but this machine has no CUDA device; use --device cpu")
     if suite.needs_cuda and (not device.startswith("cuda") or not torch.cuda.is_available()):
         raise SystemExit(f"the `{suite.name}` suite needs a CUDA GPU (it times kernels with CUDA events); "
                          f"this machine has {'no CUDA device' if not torch.cuda.is_available() else 'device=' + device}. "

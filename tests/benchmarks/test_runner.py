@@ -125,3 +125,30 @@ def test_parallel_tasks_give_the_same_numbers_as_serial():
             b = [s["losses"] for s in parallel["tasks"][task]["results"][opt]["seeds"]]
             assert a == b
     assert list(parallel["tasks"]) == ["saddle", "quadratic_noisy"]
+
+
+def test_schedule_free_style_optimizers_are_evaluated_in_eval_mode():
+    from benchmarks.runner import evaluate
+
+    calls = []
+
+    class Modal:
+        def eval(self):
+            calls.append("eval")
+
+        def train(self):
+            calls.append("train")
+
+    class Problem:
+        def eval_loss(self):
+            calls.append("loss")
+            return 1.0
+
+    assert evaluate(Problem(), Modal()) == 1.0 and calls == ["eval", "loss", "train"]
+    assert evaluate(Problem(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)) == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cpu_suites_refuse_cuda_without_a_gpu(tmp_path):
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        main(["run", "--suite", "quick", "--device", "cuda", "--out", str(tmp_path)])
