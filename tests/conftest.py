@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Triton kernels run in Triton's interpreter on machines without CUDA; the mode is fixed at the
+# first `import triton` of the process, so it is set here, before anything can import it.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
