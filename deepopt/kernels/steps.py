@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -66,7 +67,7 @@ def kernels():
     return triton_kernels
 
 
-class FusedStep:
+class FusedStep(abc.ABC):
     """Base of the fused steps: step counting, dtype grouping and the choice of path.
 
     Subclasses implement ``run(idx, params, grads, states, group, ts, lr, wd, decoupled, kernel)``
@@ -132,8 +133,9 @@ class FusedStep:
             return 1.0, False
         return (1.0 - lr * wd, False) if decoupled else (1.0, True)
 
+    @abc.abstractmethod
     def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Update ``params`` and ``states`` in place for the parameters ``idx`` (one kernel family)."""
 
 
 def cast_state(states: list[dict], group: Mapping[str, Any]) -> None:
