@@ -1,0 +1,405 @@
+"""Multi-query associative recall (MQAR) by memory rule and width (issue 9, part 4).
+
+Task (Arora et al., "Zoology", 2023): a sequence of ``seq_len`` tokens starts with ``pairs``
+key-value pairs ``k_1 v_1 ... k_n v_n`` (keys 1..K and values K+1..K+V, disjoint, distinct
+within a sequence; 0 is the padding token). The rest is padding, except that every key appears
+once more, in random order at a random even offset, followed by its value. At each such query key
+the model must predict the value that was paired with it: loss and accuracy count only there
+(``pairs`` targets per sequence). Chance is 1/V; picking a value of the sequence at random, 1/pairs.
+
+Model: embedding -> 2 pre-norm blocks ``x + mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``
+-> RMSNorm -> linear head (evaluated at query positions only). Mixers: ``attention``
+(``nl_layers.AttentionMemory``, causal, RoPE), ``hebbian`` / ``delta`` / ``dgd``
+(``nl_layers.LinearMemory`` rules, each after a causal depthwise convolution of width 4 as in
+Zoology's and DeltaNet's models: the memory sees no positions otherwise), ``titans``
+(``nl_layers.NeuralMemory``, chunk 16) and ``self_modifying`` (``nl_layers.SelfModifyingTitans``,
+chunk 16); both Titans layers carry their own convolution. Heads: width // 64 (head dim 64).
+Training: AdamW (betas 0.9/0.98, weight decay 0.1), per-mixer learning rate (``LR``), linear
+warmup over 10% of the steps then cosine to 10%, gradient clipping at 1, fresh random batches
+every step, fp32 (TF32 matmuls on CUDA). Accuracy is measured on ``eval_sequences`` fixed
+held-out sequences (their own seed, the same for every job of a setting).
+
+GPU sizing. CPU seconds per training step, measured on the 2-core CPU (1 thread, batch 64, vocab
+512; ``cpu_seconds_per_step``), are in ``CPU_STEP``; a job's ``cost`` (expected GPU seconds) is
+steps x CPU_STEP / speedup with the assumed speedup of an H100 over one CPU thread: 30x for
+attention and the linear rules, 10x for titans / self_modifying (launch-bound chunk loops).
+These are assumptions, not measurements: the lead calibrates ``steps`` on the GPU (override).
+
+Example:
+    >>> tokens, targets, mask = mqar_batch(2, seq_len=16, pairs=4, keys=8, values=8, gen=torch.Generator().manual_seed(0))
+    >>> tokens.shape, int(mask.sum()), bool((targets[mask] > 8).all())
+    (torch.Size([2, 16]), 8, True)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.evidence.pool import Job
+from benchmarks.report import markdown_table, write_json
+
+MIXERS = ("attention", "hebbian", "delta", "dgd", "titans", "self_modifying")
+LR = {"attention": 1e-3, "hebbian": 3e-3, "delta": 3e-3, "dgd": 3e-3, "titans": 3e-3, "self_modifying": 3e-3}
+SPEEDUP = {"attention": 30.0, "hebbian": 30.0, "delta": 30.0, "dgd": 30.0, "titans": 10.0, "self_modifying": 10.0}
+# CPU seconds per training step (1 thread, batch 64, vocab 512), measured by cpu_seconds_per_step:
+# {(mixer, width, seq_len): seconds}
+CPU_STEP = {}
+
+PRESETS = {
+    "tiny": dict(mixers=["attention", "delta"], widths=[32], settings=[[32, 4]], seeds=[0], steps=30, batch=16,
+                 vocab=64, eval_sequences=64, evals=3),
+    "gpu": dict(mixers=list(MIXERS), widths=[64, 128, 256], settings=[[256, 16], [256, 64]], seeds=[0, 1],
+                steps=1500, batch=64, vocab=512, eval_sequences=512, evals=10,
+                long=dict(settings=[[1024, 128]], mixers=["attention", "delta", "titans"], widths=[128], steps=800),
+                max_seconds=150),
+}
+
+
+def mqar_batch(batch: int, seq_len: int, pairs: int, keys: int, values: int, gen: torch.Generator):
+    """(tokens, targets, mask), each (batch, seq_len): the target at query key positions is its value."""
+    query_slots = (seq_len - 2 * pairs) // 2
+    if pairs > keys or pairs > values or query_slots < pairs:
+        raise ValueError(f"need pairs <= keys, values and seq_len >= 4 * pairs; got pairs={pairs}, "
+                         f"keys={keys}, values={values}, seq_len={seq_len}")
+    k = 1 + torch.rand(batch, keys, generator=gen).argsort(-1)[:, :pairs]
+    v = 1 + keys + torch.rand(batch, values, generator=gen).argsort(-1)[:, :pairs]
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long)
+    tokens[:, 0 : 2 * pairs : 2], tokens[:, 1 : 2 * pairs : 2] = k, v
+    slots = torch.rand(batch, query_slots, generator=gen).argsort(-1)[:, :pairs]  # query i goes to slot i
+    pos = 2 * pairs + 2 * slots
+    tokens.scatter_(1, pos, k)
+    tokens.scatter_(1, pos + 1, v)
+    targets = torch.zeros_like(tokens).scatter_(1, pos, v)
+    mask = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, pos, True)
+    return tokens, targets, mask
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution y_t = sum_{j<width} w_j x_{t-j}, initialised to the identity."""
+
+    def __init__(self, dim: int, width: int = 4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, 1, width))
+        with torch.no_grad():
+            self.weight[:, 0, -1] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = F.pad(x.transpose(1, 2), (self.weight.shape[-1] - 1, 0))
+        return F.conv1d(pad, self.weight, groups=x.shape[-1]).transpose(1, 2)
+
+
+def make_mixer(mixer: str, dim: int) -> nn.Module:
+    """The sequence mixer ``mixer`` at width ``dim`` (see the module doc); forward returns (y, state)."""
+    import nl_layers
+
+    heads = max(1, dim // 64)
+    if mixer == "attention":
+        return nl_layers.AttentionMemory(dim, heads, causal=True, rope=True)
+    if mixer in ("hebbian", "delta", "dgd"):
+        return nl_layers.LinearMemory(dim, heads, rule=mixer, chunk_size=64)
+    if mixer == "titans":
+        return nl_layers.NeuralMemory(dim, heads, chunk_size=16)
+    if mixer == "self_modifying":
+        return nl_layers.SelfModifyingTitans(dim, heads, chunk_size=16)
+    raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+
+
+class Block(nn.Module):
+    def __init__(self, mixer: str, dim: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.conv = ShortConv(dim) if mixer in ("hebbian", "delta", "dgd") else None
+        self.mixer = make_mixer(mixer, dim)
+        self.gate, self.up = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)
+        self.down = nn.Linear(2 * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        h = self.conv(h) if self.conv is not None else h
+        x = x + self.mixer(h)[0]
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class RecallModel(nn.Module):
+    """Embedding -> 2 blocks -> RMSNorm -> head; ``forward(tokens, mask)`` gives logits at mask only."""
+
+    def __init__(self, mixer: str, dim: int, vocab: int, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(mixer, dim) for _ in range(depth))
+        self.norm, self.head = nn.RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[mask]))
+
+
+def _split_vocab(vocab: int) -> tuple[int, int]:
+    keys = (vocab - 1) // 2
+    return keys, vocab - 1 - keys
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    warm = max(1, steps // 10)
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def _evaluate(model, held_out, chunk: int = 128) -> tuple[float, float]:
+    model.eval()
+    tokens, targets, mask = held_out
+    loss = correct = count = 0.0
+    for i in range(0, tokens.shape[0], chunk):
+        t, y, m = tokens[i : i + chunk], targets[i : i + chunk], mask[i : i + chunk]
+        logits = model(t, m)
+        loss += float(F.cross_entropy(logits, y[m], reduction="sum"))
+        correct += float((logits.argmax(-1) == y[m]).sum())
+        count += int(m.sum())
+    model.train()
+    return loss / count, correct / count
+
+
+def run(params: dict, device: str) -> dict:
+    """Train one model from scratch on MQAR; returns final held-out accuracy, curves, steps, seconds."""
+    start = time.perf_counter()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    mixer, width, seq_len, pairs = params["mixer"], int(params["width"]), int(params["seq_len"]), int(params["pairs"])
+    steps, batch, seed = int(params["steps"]), int(params["batch"]), int(params["seed"])
+    keys, values = _split_vocab(int(params["vocab"]))
+    max_seconds = params.get("max_seconds")
+    lr = float(params.get("lr", LR[mixer]))
+    torch.manual_seed(seed)
+    model = RecallModel(mixer, width, int(params["vocab"])).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
+    held_gen = torch.Generator().manual_seed(987_654 + seq_len * 1000 + pairs)
+    held_out = tuple(t.to(dev) for t in mqar_batch(int(params["eval_sequences"]), seq_len, pairs, keys, values, held_gen))
+    every = max(1, steps // max(1, int(params.get("evals", 10))))
+    curve, train_losses, step, cut_short = [], [], 0, False
+    while step < steps:
+        if max_seconds is not None and time.perf_counter() - start > float(max_seconds):
+            cut_short = True
+            break
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        tokens, targets, mask = (t.to(dev, non_blocking=True) for t in mqar_batch(batch, seq_len, pairs, keys, values, gen))
+        loss = F.cross_entropy(model(tokens, mask), targets[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % every == 0 or step == steps:
+            train_losses.append([step, float(loss.detach())])
+            eval_loss, acc = _evaluate(model, held_out)
+            curve.append([step, eval_loss, acc])
+    if not curve or curve[-1][0] != step:
+        eval_loss, acc = _evaluate(model, held_out)
+        curve.append([step, eval_loss, acc])
+    seconds = time.perf_counter() - start
+    return {"accuracy": curve[-1][2], "eval_loss": curve[-1][1], "curve": curve, "train_loss": train_losses,
+            "steps_done": step, "steps": steps, "cut_short": cut_short, "seconds": seconds,
+            "seconds_per_step": seconds / max(1, step), "parameters": n_params, "lr": lr,
+            "chance": 1.0 / values, "chance_in_sequence": 1.0 / pairs, "finite": math.isfinite(curve[-1][1])}
+
+
+def _grid_jobs(cfg: dict, seeds: Sequence[int], tag: str) -> list[Job]:
+    out = []
+    for seq_len, pairs in cfg["settings"]:
+        for mixer in cfg["mixers"]:
+            for width in cfg["widths"]:
+                for seed in seeds:
+                    params = {k: cfg[k] for k in ("steps", "batch", "vocab", "eval_sequences", "evals")}
+                    params.update(mixer=mixer, width=width, seq_len=seq_len, pairs=pairs, seed=seed)
+                    for key in ("max_seconds", "lr"):
+                        if key in cfg:
+                            params[key] = cfg[key]
+                    per_step = estimated_gpu_step(mixer, width, seq_len, cfg["batch"])
+                    name = f"{mixer}_w{width}_T{seq_len}_p{pairs}_s{seed}{tag}"
+                    out.append(Job("recall", name, params, round(per_step * cfg["steps"] + 2.0, 2)))
+    return out
+
+
+def estimated_gpu_step(mixer: str, width: int, seq_len: int, batch: int) -> float:
+    """Expected GPU seconds per step: measured CPU seconds (``CPU_STEP``, scaled) / assumed speedup."""
+    near = [(abs(math.log(w / width)) + abs(math.log(t / seq_len)), s * (width / w) * (seq_len / t))
+            for (m, w, t), s in CPU_STEP.items() if m == mixer]
+    cpu = min(near)[1] if near else 1e-3 * width * seq_len / 64
+    return cpu * batch / 64 / SPEEDUP.get(mixer, 10.0)
+
+
+def jobs(preset: str, seeds: Sequence[int] | None = None, **overrides) -> list[Job]:
+    """The jobs of ``preset`` ("tiny" or "gpu"); ``overrides`` replace preset entries for every job."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    cfg = {k: v for k, v in PRESETS[preset].items()}
+    unknown = set(overrides) - set(cfg) - {"lr", "max_seconds"}
+    if unknown:
+        raise ValueError(f"unknown recall override(s) {sorted(unknown)}; known: {sorted(cfg)} and lr, max_seconds")
+    cfg.update(overrides)
+    bad = set(cfg["mixers"]) - set(MIXERS)
+    if bad:
+        raise ValueError(f"mixers must be among {MIXERS}, got {sorted(bad)}")
+    seeds = list(cfg["seeds"] if seeds is None else seeds)
+    out = _grid_jobs(cfg, seeds, "")
+    long = cfg.get("long")
+    if long:
+        out += _grid_jobs({**cfg, **long}, seeds, "")
+    return out
+
+
+def cpu_seconds_per_step(mixer: str, width: int, seq_len: int, batch: int = 64, vocab: int = 512, steps: int = 2) -> float:
+    """Measured seconds per training step (forward, backward, AdamW) on the CPU, after one warm-up step."""
+    torch.manual_seed(0)
+    model = RecallModel(mixer, width, vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    keys, values = _split_vocab(vocab)
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        tokens, targets, mask = mqar_batch(batch, seq_len, min(64, seq_len // 4), keys, values, gen)
+        loss = F.cross_entropy(model(tokens, mask), targets[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.fmean(times[1:])
+
+
+# ---------------------------------------------------------------- report
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(records: list[dict]) -> dict:
+    """{"T{seq}_p{pairs}": {mixer: {width: {mean, std, n, seeds, cut_short, steps_done}}}}."""
+    groups: dict = {}
+    for r in records:
+        if "result" not in r:
+            continue
+        p, res = r["job"]["params"], r["result"]
+        key = (p["seq_len"], p["pairs"])
+        cell = groups.setdefault(key, {}).setdefault(p["mixer"], {}).setdefault(p["width"], [])
+        cell.append((p["seed"], res))
+    out = {}
+    for (seq_len, pairs), by_mixer in sorted(groups.items()):
+        setting = {}
+        for mixer in [m for m in MIXERS if m in by_mixer]:
+            setting[mixer] = {}
+            for width, cell in sorted(by_mixer[mixer].items()):
+                accs = [res["accuracy"] for _, res in cell]
+                mean, std = _mean_std(accs)
+                setting[mixer][width] = {"mean": mean, "std": std, "n": len(accs), "seeds": sorted(s for s, _ in cell),
+                                         "cut_short": sum(bool(res["cut_short"]) for _, res in cell),
+                                         "steps_done": [res["steps_done"] for _, res in cell],
+                                         "seconds": statistics.fmean(res["seconds"] for _, res in cell)}
+        out[f"T{seq_len}_p{pairs}"] = {"seq_len": seq_len, "pairs": pairs, "mixers": setting}
+    return out
+
+
+def _sentences(summary: dict) -> list[str]:
+    lines = []
+    for name, s in summary.items():
+        best = {m: max(cells.values(), key=lambda c: c["mean"])["mean"] for m, cells in s["mixers"].items()}
+        if not best:
+            continue
+        top = max(best, key=best.get)
+        ranked = ", ".join(f"{m} {best[m]:.2f}" for m in sorted(best, key=best.get, reverse=True))
+        lines.append(f"- seq {s['seq_len']}, {s['pairs']} pairs: best accuracy (over widths) by mixer: {ranked}; "
+                     f"`{top}` recalls best (chance {1 / s['pairs']:.3f} among the sequence's values).")
+        grows = [m for m, cells in s["mixers"].items()
+                 if len(cells) > 1 and cells[max(cells)]["mean"] > cells[min(cells)]["mean"] + 0.05]
+        if grows:
+            lines.append(f"  Accuracy grows by more than 0.05 from the narrowest to the widest model for: "
+                         f"{', '.join(grows)}.")
+        cut = sum(c["cut_short"] for cells in s["mixers"].values() for c in cells.values())
+        if cut:
+            lines.append(f"  {cut} run(s) stopped at their time cap before the planned steps (see steps done).")
+    return lines
+
+
+def report(records: list[dict], out_dir: Path, header: dict) -> None:
+    """Write results.json, results.md and accuracy_vs_width.png under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records)
+    errors = [r for r in records if "error" in r]
+    gpus = sorted({r.get("gpu") or r.get("device", "?") for r in records})
+    write_json({"header": header, "summary": summary, "records": records}, str(out_dir / "results.json"))
+    _plot(summary, out_dir / "accuracy_vs_width.png")
+    steps = sorted({r["job"]["params"]["steps"] for r in records})
+    parts = ["# Multi-query associative recall by memory rule and width (issue 9)", "",
+             f"- report command: `{header.get('command', '?')}`",
+             f"- record files: {', '.join(f'`{p}`' for p in header.get('record_files', [])) or '-'}",
+             f"- device(s): {', '.join(gpus)}",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- {len(records)} records, {len(errors)} errors; planned steps per run: {steps}", "",
+             "Task: MQAR (Zoology), accuracy at the query positions of held-out sequences; mean +- std over seeds "
+             "(n = seeds). Model: 2 blocks (mixer + SwiGLU), AdamW, fresh batches each step (see "
+             "`benchmarks/evidence/recall.py`). A `*` marks cells where some run hit its time cap.", ""]
+    for name, s in summary.items():
+        widths = sorted({w for cells in s["mixers"].values() for w in cells})
+        rows = []
+        for mixer, cells in s["mixers"].items():
+            row = [mixer]
+            for w in widths:
+                c = cells.get(w)
+                row.append("" if c is None else f"{c['mean']:.3f} +- {c['std']:.3f} (n={c['n']})" + ("*" if c["cut_short"] else ""))
+            rows.append(row)
+        parts += [f"## seq_len {s['seq_len']}, {s['pairs']} pairs", "",
+                  markdown_table(["mixer"] + [f"width {w}" for w in widths], rows), ""]
+    parts += ["## What the numbers show", ""] + (_sentences(summary) or ["- no finished runs."]) + [""]
+    if errors:
+        parts += ["## Errors", ""] + [f"- `{r['job']['name']}`: {r['error'][:300]}" for r in errors] + [""]
+    parts += ["![accuracy vs width](accuracy_vs_width.png)", ""]
+    (out_dir / "results.md").write_text("\n".join(parts), encoding="utf-8")
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(summary))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    for ax, (name, s) in zip(axes[0], summary.items()):
+        for mixer, cells in s["mixers"].items():
+            ws = sorted(cells)
+            ax.errorbar(ws, [cells[w]["mean"] for w in ws], yerr=[cells[w]["std"] for w in ws], marker="o",
+                        capsize=3, label=mixer)
+        ax.axhline(1 / s["pairs"], color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"seq {s['seq_len']}, {s['pairs']} pairs")
+        ax.set_xlabel("model width")
+        ax.set_ylabel("query accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    if not summary:
+        axes[0][0].text(0.5, 0.5, "no finished runs", ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
