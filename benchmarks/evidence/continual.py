@@ -249,6 +249,24 @@ def build(params: dict, device: str):
     return seq, model, opt, periodic, spec
 
 
+def train_step(seq, model: nn.Module, opt: torch.optim.Optimizer, periodic, task: int, gen: torch.Generator,
+               params: dict, ewc: EWC | None = None, buffer: list | None = None) -> torch.Tensor:
+    """One AdamW step of the job's method on ``task`` (EWC penalty / replay batch / held slow gradients)."""
+    opt.zero_grad(set_to_none=True)
+    loss = seq.train_loss(model, task, gen)
+    if params["method"] == "ewc" and ewc is not None:
+        loss = loss + ewc.penalty(model)
+    if params["method"] == "replay" and buffer:
+        old, x, y = buffer[int(torch.randint(len(buffer), (1,), generator=gen))]
+        pick = torch.randint(len(y), (params["replay_batch"],), generator=gen).to(y.device)
+        loss = loss + seq.loss_on(model, old, x[pick], y[pick])
+    loss.backward()
+    if periodic is not None:
+        periodic.before_step()
+    opt.step()
+    return loss.detach()
+
+
 def run(params: dict, device: str) -> dict:
     """Train one (sequence, method, seed) through every task; the R matrix, transfers, timing."""
     start = time.perf_counter()
@@ -271,18 +289,7 @@ def run(params: dict, device: str) -> dict:
             if max_seconds is not None and time.perf_counter() - start > max_seconds:
                 cut_short = True
                 break
-            opt.zero_grad(set_to_none=True)
-            loss = seq.train_loss(model, task, gen)
-            if method == "ewc":
-                loss = loss + ewc.penalty(model)
-            if method == "replay" and buffer:
-                old, x, y = buffer[int(torch.randint(len(buffer), (1,), generator=gen))]
-                pick = torch.randint(len(y), (params["replay_batch"],), generator=gen).to(y.device)
-                loss = loss + seq.loss_on(model, old, x[pick], y[pick])
-            loss.backward()
-            if periodic is not None:
-                periodic.before_step()
-            opt.step()
+            train_step(seq, model, opt, periodic, task, gen, params, ewc, buffer)
             done += 1
             if (step + 1) % every == 0:
                 model.eval()

@@ -1,0 +1,107 @@
+"""benchmarks.evidence.continual: full matrices, the time cap, periods really applied, jobs, report."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.evidence import continual
+from benchmarks.evidence.pool import run_one
+
+
+def tiny(sequence: str, method: str = "finetune", seed: int = 0, **over) -> dict:
+    job = next(j for j in continual.jobs("tiny", [seed], methods=[method], sequences=[sequence]))
+    return {**job.params, **over}
+
+
+@pytest.mark.parametrize("sequence", continual.SEQUENCES)
+def test_run_gives_full_finite_matrix(sequence):
+    res = continual.run(tiny(sequence), "cpu")
+    n = res["n_tasks"]
+    assert n >= 3 and len(res["matrix"]) == n and all(len(row) == n for row in res["matrix"])
+    assert all(math.isfinite(v) for row in res["matrix"] for v in row)
+    assert not res["cut_short"] and res["steps"] == res["steps_planned"]
+    for key in ("average_final", "bwt", "fwt"):
+        assert math.isfinite(res[key])
+    assert res["average_final"] == pytest.approx(sum(res["matrix"][-1]) / n)
+    json.dumps(res)  # JSON-able
+
+
+@pytest.mark.parametrize("method", ["multitimescale", "nested_cms", "ewc", "replay"])
+def test_every_method_runs(method):
+    res = continual.run(tiny("permuted_digits", method, steps_per_task=3), "cpu")
+    assert len(res["matrix"]) == res["n_tasks"] and math.isfinite(res["bwt"])
+    assert bool(res["level_spec"]) == (method in ("multitimescale", "nested_cms"))
+
+
+def test_max_seconds_cuts_the_run_short():
+    res = continual.run(tiny("permuted_digits", steps_per_task=10_000, max_seconds=0.5), "cpu")
+    assert res["cut_short"]
+    assert 0 < res["steps"] < res["steps_planned"]
+    assert len(res["matrix"]) == 1 and res["average_final"] is None and res["bwt"] is None
+    assert res["seconds"] < 5.0
+
+
+@pytest.mark.parametrize("method,name,period", [
+    ("multitimescale", "blocks.1.mlp.0.weight", 4),
+    ("multitimescale", "blocks.2.mlp.2.weight", 16),
+    ("nested_cms", "blocks.0.mlp.blocks.1.fc2.weight", 4),
+    ("nested_cms", "blocks.1.mlp.blocks.0.0.weight", 1),
+])
+def test_periods_are_applied(method, name, period):
+    params = tiny("permuted_digits", method)
+    seq, model, opt, periodic, spec = continual.build(params, "cpu")
+    assert periodic.periods[name] == period
+    param = dict(model.named_parameters())[name]
+    gen = torch.Generator().manual_seed(0)
+    changed = []
+    for t in range(1, 17):
+        before = param.detach().clone()
+        continual.train_step(seq, model, opt, periodic, 0, gen, params)
+        if not torch.equal(before, param.detach()):
+            changed.append(t)
+    assert changed == [t for t in range(1, 17) if t % period == 0]
+
+
+def test_finetune_has_no_levels():
+    seq, model, opt, periodic, spec = continual.build(tiny("permuted_digits"), "cpu")
+    assert periodic is None and spec == {}
+    assert continual.depth_periods(4, [1, 4, 16]) == {"blocks.2.mlp.*": 4, "blocks.3.mlp.*": 16}
+
+
+def test_jobs_names_overrides_and_gpu_budget():
+    js = continual.jobs("tiny", None)
+    assert len({j.name for j in js}) == len(js) == len(continual.SEQUENCES) * len(continual.METHODS)
+    assert all(j.experiment == "continual" for j in js)
+    two = continual.jobs("tiny", [0, 1], methods=["ewc"], steps_per_task=5, **{"permuted_digits.n_tasks": 4})
+    assert {j.params["seed"] for j in two} == {0, 1}
+    assert all(j.params["steps_per_task"] == 5 for j in two)
+    assert {j.params["sequence"]: j.params.get("n_tasks") for j in two}["permuted_digits"] == 4
+    gpu = continual.jobs("gpu", None)
+    assert len(gpu) == 30 and all(j.params["max_seconds"] <= 150 for j in gpu)
+    assert 300 < sum(j.cost for j in gpu) < 800  # about 10 GPU-minutes
+    with pytest.raises(ValueError, match="methods"):
+        continual.jobs("tiny", None, methods=["sgd"])
+    with pytest.raises(ValueError, match="preset"):
+        continual.jobs("huge", None)
+
+
+def test_report_writes_files(tmp_path):
+    records = []
+    for seed in (0, 1):
+        for method in ("finetune", "multitimescale"):
+            job = next(iter(continual.jobs("tiny", [seed], methods=[method], sequences=["permuted_digits"],
+                                           steps_per_task=3)))
+            records.append(run_one(job, "cpu"))
+    bad = next(iter(continual.jobs("tiny", [0], methods=["ewc"], sequences=["permuted_digits"], lr="oops")))
+    records.append(run_one(bad, "cpu"))
+    assert "error" in records[-1]
+    continual.report(records, tmp_path, {"command": "python -m benchmarks.evidence run ...", "record_files": []})
+    md = (tmp_path / "results.md").read_text()
+    assert "| finetune |" in md and "| multitimescale |" in md and "BWT" in md
+    assert "## Errors" in md and "ewc/seed0" in md
+    data = json.loads((tmp_path / "results.json").read_text())
+    fin = data["summary"]["permuted_digits"]["methods"]["finetune"]
+    assert fin["average_final"]["n"] == 2 and len(fin["matrix_mean"]) == 3
+    assert (tmp_path / "permuted_digits_task0.png").stat().st_size > 1000
