@@ -14,7 +14,7 @@ from ._checks import set_finite_checks
 from .cms import CMS, MLPBlock
 from .cms_in_context import CMSState
 from .hope import HopeAttentionBlock, HopeBlock, HopeBlockState
-from .lm import HopeLM, TransformerLM
+from .lm import HopeLM, TitansLM, TransformerLM
 from .memory import (
     AttentionMemory,
     AttentionMemoryState,
@@ -51,6 +51,7 @@ __all__ = [
     "ResidualMLPMemory",
     "SelfModifyingState",
     "SelfModifyingTitans",
+    "TitansLM",
     "TransformerLM",
     "data",
     "linear_memory_chunked",

@@ -1,4 +1,4 @@
-"""Small language models for examples and benchmarks: HopeLM and a Transformer++ baseline.
+"""Small language models for examples and benchmarks: HopeLM, TitansLM and a Transformer++ baseline.
 
 Both share one constructor shape ``(vocab_size, dim, depth, heads=...)``, one call signature
 
@@ -22,6 +22,7 @@ from ._checks import check_choice, check_positive_int, check_tokens
 from ._modules import SwiGLU
 from .hope import HopeAttentionBlock, HopeBlock
 from .memory.attention import AttentionMemory
+from .memory.neural import NeuralMemory
 
 
 class _LanguageModel(nn.Module):
@@ -177,3 +178,41 @@ class TransformerLM(_LanguageModel):
             check_positive_int(value, name)
         hidden = hidden if hidden is not None else max(8, int(round(8 * dim / 3 / 8)) * 8)
         super().__init__(vocab_size, dim, depth, [TransformerBlock(dim, heads, hidden) for _ in range(depth)])
+
+
+class TitansBlock(nn.Module):
+    """Titans memory block (the paper's memory-as-a-layer variant, without attention):
+    x + NeuralMemory(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, chunk_size: int, max_lr: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.memory = NeuralMemory(dim, heads, chunk_size=chunk_size, max_lr=max_lr)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor, state=None):
+        m, state = self.memory(self.norm1(x), state)
+        x = x + m
+        return x + self.mlp(self.norm2(x)), state
+
+
+class TitansLM(_LanguageModel):
+    """Language model of Titans neural-memory blocks (memory as the sequence mixer, SwiGLU after it).
+
+    Every block's mixer is a :class:`~nl_layers.NeuralMemory` (residual-MLP fast weights written by
+    gradient descent with momentum and forgetting, one chunk of ``chunk_size`` tokens at a time);
+    same API as :class:`TransformerLM` and :class:`HopeLM`.
+
+    Example:
+        >>> lm = TitansLM(vocab_size=50, dim=32, depth=2, heads=2, chunk_size=8)
+        >>> lm(torch.randint(0, 50, (2, 12))).shape
+        torch.Size([2, 12, 50])
+    """
+
+    def __init__(self, vocab_size: int, dim: int, depth: int, heads: int = 4, hidden: int | None = None,
+                 chunk_size: int = 16, max_lr: float = 0.1):
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
+            check_positive_int(value, name)
+        hidden = hidden if hidden is not None else max(8, int(round(8 * dim / 3 / 8)) * 8)
+        blocks = [TitansBlock(dim, heads, hidden, chunk_size, max_lr) for _ in range(depth)]
+        super().__init__(vocab_size, dim, depth, blocks)

@@ -5,7 +5,9 @@
 
 ``run`` spreads every experiment's jobs over the devices (``--devices auto``: every visible GPU,
 else the CPU) and appends one record per job to ``<out>/records.jsonl`` (a rerun skips the jobs
-already there). ``report`` writes, per experiment, ``<out>/<experiment>/results.md``,
+already there). An experiment module may define ``prepare(preset, device, **overrides) -> dict``: extra overrides
+chosen on the first device before its jobs are made (``lm`` picks its token budget there).
+``report`` writes, per experiment, ``<out>/<experiment>/results.md``,
 ``results.json`` and its plots from any number of record files.
 
 Example:
@@ -17,6 +19,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import shlex
 import sys
 import time
@@ -40,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline", type=float, help="seconds after which no job starts and running jobs stop training")
     run.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a preset entry for every job (e.g. --set model=hope); value parsed as JSON")
+                     help="override a preset entry (value parsed as JSON): KEY=VALUE for every experiment, "
+                          "EXPERIMENT.KEY=VALUE for one (e.g. --set lm.phase=sweep)")
     rep = sub.add_parser("report", help="write results.md / results.json / plots from record files")
     rep.add_argument("--records", nargs="+", required=True)
     rep.add_argument("--out", required=True)
@@ -58,14 +63,20 @@ def devices(spec: str) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
 
 
-def overrides(pairs: list[str]) -> dict:
-    import json
-
+def overrides(pairs: list[str], experiment: str) -> dict:
+    """``--set`` values for ``experiment``: ``KEY=VALUE`` applies to every experiment,
+    ``EXPERIMENT.KEY=VALUE`` to that one only (``lm.phase=sweep``)."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
             raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
+        if "." in key:
+            scope, key = key.split(".", 1)
+            if scope not in EXPERIMENTS:
+                raise SystemExit(f"--set {pair!r}: {scope!r} is not an experiment ({', '.join(EXPERIMENTS)})")
+            if scope != experiment:
+                continue
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -79,15 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.evidence " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "run":
         seeds = None if args.seeds is None else list(range(args.seeds))
-        extra = overrides(args.set)
-        jobs = []
-        for name in args.experiments:
-            jobs += experiment_module(name).jobs(args.preset, seeds, **extra)
         devs = devices(args.devices)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         with (out / "commands.txt").open("a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  {command}\n")
+        jobs = []
+        for name in args.experiments:
+            module = experiment_module(name)
+            extra = overrides(args.set, name)
+            mine = dict(extra)
+            if hasattr(module, "prepare"):  # e.g. pick a token budget from measured step times
+                chosen = module.prepare(args.preset, devs[0], **extra)
+                mine.update(chosen)
+                print(f"{name}: prepared {chosen}", flush=True)
+                with (out / "commands.txt").open("a", encoding="utf-8") as fh:
+                    fh.write(f"  {name} prepare on {devs[0]}: {json.dumps(chosen)}\n")
+            jobs += module.jobs(args.preset, seeds, **mine)
         print(f"{len(jobs)} jobs over {devs}", flush=True)
         start = time.time()
         records = run_jobs(jobs, devs, out / "records.jsonl", deadline=args.deadline, threads=args.threads)
@@ -104,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: no records")
             continue
         header = {"command": command, "record_files": list(args.records)}
-        experiment_module(name).report(mine, Path(args.out) / name, header)
+        module = experiment_module(name)
+        kwargs = {}
+        if "other_records" in inspect.signature(module.report).parameters:  # e.g. lm_optimizers reads lm's AdamW runs
+            kwargs["other_records"] = [r for r in records if r["job"]["experiment"] != name]
+        module.report(mine, Path(args.out) / name, header, **kwargs)
         print(f"{name}: {len(mine)} records -> {Path(args.out) / name}")
     return 0

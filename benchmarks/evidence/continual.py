@@ -435,7 +435,9 @@ def _sentences(summary: dict) -> list[str]:
             m = ms[method]
             d_bwt = m["bwt"]["mean"] - base["bwt"]["mean"]
             noise = math.hypot(m["bwt"]["std"], base["bwt"]["std"])
-            verdict = ("less forgetting than finetune" if d_bwt > noise else
+            seeds = min(m["bwt"]["n"] - m["bwt"]["failed"], base["bwt"]["n"] - base["bwt"]["failed"])
+            verdict = ("fewer than 2 complete seeds: no verdict on forgetting" if seeds < 2 else
+                       "less forgetting than finetune" if d_bwt > noise else
                        "more forgetting than finetune" if d_bwt < -noise else
                        "no BWT difference from finetune beyond the seed spread")
             sign = 1 if seq["higher_is_better"] else -1

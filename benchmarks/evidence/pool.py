@@ -113,7 +113,7 @@ def _worker(device: str, queue, path: str, lock, deadline_at: float | None, thre
             continue  # drain: past the deadline, nothing new starts
         record = run_one(job, device, left)
         _append(Path(path), record, lock)
-        print(f"[{device}] {job.experiment}/{job.name}: {record['seconds']:.1f} s"
+        print(f"[{device}] {job.name}: {record['seconds']:.1f} s"
               + (f" ERROR {record['error'][:200]}" if "error" in record else ""), flush=True)
 
 

@@ -224,7 +224,7 @@ def run(params: dict, device: str) -> dict:
             "chance": 1.0 / values, "chance_in_sequence": 1.0 / pairs, "finite": math.isfinite(curve[-1][1])}
 
 
-def _grid_jobs(cfg: dict, seeds: Sequence[int], tag: str) -> list[Job]:
+def _grid_jobs(cfg: dict, seeds: Sequence[int]) -> list[Job]:
     out = []
     for seq_len, pairs in cfg["settings"]:
         for mixer in cfg["mixers"]:
@@ -236,7 +236,7 @@ def _grid_jobs(cfg: dict, seeds: Sequence[int], tag: str) -> list[Job]:
                         if key in cfg:
                             params[key] = cfg[key]
                     per_step = estimated_gpu_step(mixer, width, seq_len, cfg["batch"])
-                    name = f"{mixer}_w{width}_T{seq_len}_p{pairs}_s{seed}{tag}"
+                    name = f"{mixer}_w{width}_T{seq_len}_p{pairs}_s{seed}"
                     out.append(Job("recall", name, params, round(per_step * cfg["steps"] + 2.0, 2)))
     return out
 
@@ -250,7 +250,11 @@ def estimated_gpu_step(mixer: str, width: int, seq_len: int, batch: int) -> floa
 
 
 def jobs(preset: str, seeds: Sequence[int] | None = None, **overrides) -> list[Job]:
-    """The jobs of ``preset`` ("tiny" or "gpu"); ``overrides`` replace preset entries for every job."""
+    """The jobs of ``preset`` ("tiny" or "gpu"); ``overrides`` replace preset entries for every job.
+
+    The gpu preset's ``long`` entry adds a longer setting with fewer mixers and widths (its own
+    ``steps``); an override applies there too, and ``settings=...`` or ``long=None`` drops it.
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     cfg = {k: v for k, v in PRESETS[preset].items()}
@@ -262,10 +266,10 @@ def jobs(preset: str, seeds: Sequence[int] | None = None, **overrides) -> list[J
     if bad:
         raise ValueError(f"mixers must be among {MIXERS}, got {sorted(bad)}")
     seeds = list(cfg["seeds"] if seeds is None else seeds)
-    out = _grid_jobs(cfg, seeds, "")
+    out = _grid_jobs(cfg, seeds)
     long = cfg.get("long")
-    if long:
-        out += _grid_jobs({**cfg, **long}, seeds, "")
+    if long and "settings" not in overrides:  # the extra long setting; explicit overrides win there too
+        out += _grid_jobs({**cfg, **long, **{k: v for k, v in overrides.items() if k != "long"}}, seeds)
     return out
 
 
@@ -350,7 +354,7 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
     gpus = sorted({r.get("gpu") or r.get("device", "?") for r in records})
     write_json({"header": header, "summary": summary, "records": records}, str(out_dir / "results.json"))
     _plot(summary, out_dir / "accuracy_vs_width.png")
-    steps = sorted({r["job"]["params"]["steps"] for r in records})
+    steps = sorted({r["job"]["params"]["steps"] for r in records if "steps" in r["job"]["params"]})
     parts = ["# Multi-query associative recall by memory rule and width (issue 9)", "",
              f"- report command: `{header.get('command', '?')}`",
              f"- record files: {', '.join(f'`{p}`' for p in header.get('record_files', [])) or '-'}",

@@ -1,4 +1,4 @@
-"""HOPE blocks, HopeLM and TransformerLM: streaming, generation, level specification, training on Shakespeare."""
+"""HOPE blocks, HopeLM, TitansLM and TransformerLM: streaming, generation, level specification, training on Shakespeare."""
 
 import pytest
 import torch
@@ -32,11 +32,13 @@ def test_blocks_stream(block):
     assert state.detach() is not None
 
 
-@pytest.mark.parametrize("kind", ["hope", "attention", "transformer"])
+@pytest.mark.parametrize("kind", ["hope", "attention", "transformer", "titans"])
 def test_language_models_stream_and_generate_greedily(kind):
     torch.manual_seed(0)
     if kind == "transformer":
         lm = nl_layers.TransformerLM(30, dim=16, depth=2, heads=2)
+    elif kind == "titans":
+        lm = nl_layers.TitansLM(30, dim=16, depth=2, heads=2, chunk_size=4)
     else:
         lm = nl_layers.HopeLM(30, dim=16, depth=2, heads=2, block=kind, chunk_size=4, cms_periods=(1, 2))
     lm = lm.double().eval()
@@ -83,6 +85,8 @@ def test_bad_tokens_and_arguments():
         nl_layers.HopeLM(30, dim=16, depth=1, block="mamba")
     with pytest.raises(ValueError, match="depth"):
         nl_layers.TransformerLM(30, dim=16, depth=0)
+    with pytest.raises(ValueError, match="heads"):
+        nl_layers.TitansLM(30, dim=16, depth=1, heads=0)
     with pytest.raises(ValueError, match="state"):
         lm(torch.tensor([[1, 2]]), state=(None, None))
 

