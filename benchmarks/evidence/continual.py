@@ -37,18 +37,24 @@ training task i, b[j] = untrained model; average = mean_j R[T-1][j]; BWT = mean_
 (R[T-1][j] - R[j][j]); FWT = mean_{j>0} (R[j-1][j] - b[j]). For bits per character both
 transfers are negated, so in every table **negative BWT = forgetting** and positive FWT = help.
 
-Learning rate (AdamW, weight decay 0.01, 20-step linear warm-up at every task start is *not* used:
-constant lr): a CPU sweep of ``finetune`` on the first task, seed 0, one thread (2-core CPU):
-text (dim 128, depth 2, seq 128, batch 16, 150 steps) bpc at lr 1e-3 / 3e-3 / 1e-2 =
-2.93 / 2.52 / 2.66 -> 3e-3; digits (width 128, 300 steps) accuracy at 3e-4 / 1e-3 / 3e-3 / 1e-2 =
-0.925 / 0.967 / 0.972 / 0.958 -> 3e-3. Every method of a sequence uses that lr.
+Learning rate (AdamW, weight decay 0.01, constant): a CPU sweep of ``finetune`` on the first task
+only, seed 0, one thread. Text (a smaller stand-in: dim 128, depth 2, seq 64, batch 16, 150 steps),
+held-out bpc at lr 1e-3 / 3e-3 / 1e-2 = 3.04 / 2.96 / 3.21 -> 3e-3. Digits (the gpu preset's model,
+300 steps), accuracy at 3e-4 / 1e-3 / 3e-3 / 1e-2 = 0.975 / 0.981 / 0.969 / 0.972 -> 1e-3.
+Every method of a sequence uses its sequence's lr (no per-method tuning, so no method gets an
+extra sweep; the slow levels' effective step is the same lr applied every C steps).
 
-Timing (measured on this 2-core CPU, one thread, per training step incl. AdamW):
-text dim 256 / depth 4 / 4 heads / seq 128 / batch 32 (3.2 M params): 0.62 s (finetune), 0.77 s
-(nested_cms); digits width 256 / depth 3 / batch 128: 4.3 ms. GPU estimate assumes an H100 is
-~30x one CPU thread for the Transformer (-> ~21 ms/step) and ~5x for the launch-bound MLP
-(-> ~1 ms/step); the ``gpu`` preset below (``est_step_s``) uses these and each job is capped
-by ``max_seconds`` = 150.
+Timing (measured on the 2-core CPU, one thread, while other jobs loaded it: load average 3-4, so
+the numbers are high by perhaps 1.5x), per training step with AdamW, gpu preset models:
+text dim 192 / depth 4 / 4 heads / seq 128 / batch 32 (1.80 M params): finetune 1.7-2.0 s,
+multitimescale 2.0 s, nested_cms 3.0 s (3.38 M params), ewc 1.7 s, replay 1.7 s; one evaluation
+of 64 held-out windows ~1 step. Digits width 128 / depth 3 / hidden 256 / batch 128 (0.21 M
+params): finetune 9 ms, multitimescale 9 ms, nested_cms 17 ms, ewc 17 ms, replay 12 ms.
+GPU estimate: an H100 taken as ~30x one CPU thread for the Transformer (``est_step_s`` 0.045 s)
+and ~5x for the launch-bound MLP (0.002 s). The ``gpu`` preset: 2 sequences x 5 methods x 3
+seeds = 30 jobs, text 200 steps per task (600 in all), digits 5 tasks x 300 steps; estimated
+~490 s text + ~65 s digits = ~560 GPU-seconds, the longest job ~45 s; every job capped by
+``max_seconds`` = 150. ``steps_per_task`` is a preset entry (``--set shakespeare_genres.steps_per_task=400``).
 
 Example:
     >>> js = jobs("tiny", None)
@@ -84,8 +90,8 @@ SEQUENCES = ("shakespeare_genres", "permuted_digits")
 GENRES = ("comedies", "histories", "tragedies")
 
 _TEXT_COMMON = {"lr": 3e-3, "weight_decay": 0.01, "mts_periods": [1, 4, 16], "nest_levels": [1, 4, 16],
-                "ewc_lambda": 100.0, "replay_per_task": 64, "replay_batch": 8, "curve_points": 8}
-_DIGITS_COMMON = {"lr": 3e-3, "weight_decay": 0.01, "mts_periods": [1, 4, 16], "nest_levels": [1, 4, 16],
+                "ewc_lambda": 100.0, "replay_per_task": 64, "replay_batch": 8, "curve_points": 6}
+_DIGITS_COMMON = {"lr": 1e-3, "weight_decay": 0.01, "mts_periods": [1, 4, 16], "nest_levels": [1, 4, 16],
                   "ewc_lambda": 100.0, "replay_per_task": 64, "replay_batch": 32, "curve_points": 10}
 PRESETS = {
     "tiny": {"seeds": [0], "methods": list(METHODS), "sequences": {
@@ -96,12 +102,18 @@ PRESETS = {
                             "n_tasks": 3, "steps_per_task": 8, "est_step_s": 0.002, "max_seconds": 30},
     }},
     "gpu": {"seeds": [0, 1, 2], "methods": list(METHODS), "sequences": {
-        "shakespeare_genres": {**_TEXT_COMMON, "dim": 256, "depth": 4, "heads": 4, "seq_len": 128, "batch": 32,
-                               "eval_windows": 128, "steps_per_task": 400, "max_chars": None,
-                               "est_step_s": 0.021, "max_seconds": 150},
-        "permuted_digits": {**_DIGITS_COMMON, "width": 256, "depth": 3, "hidden": 512, "batch": 128,
-                            "n_tasks": 5, "steps_per_task": 500, "est_step_s": 0.001, "max_seconds": 150},
+        "shakespeare_genres": {**_TEXT_COMMON, "dim": 192, "depth": 4, "heads": 4, "seq_len": 128, "batch": 32,
+                               "eval_windows": 64, "steps_per_task": 200, "max_chars": None,
+                               "est_step_s": 0.045, "max_seconds": 150},
+        "permuted_digits": {**_DIGITS_COMMON, "width": 128, "depth": 3, "hidden": 256, "batch": 128,
+                            "n_tasks": 5, "steps_per_task": 300, "est_step_s": 0.002, "max_seconds": 150},
     }},
+}
+# step time of a method relative to finetune (CPU measurements, see the module doc); evaluations
+# (curve points + the matrix rows) cost about one training step each
+COST_FACTOR = {
+    "shakespeare_genres": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.6, "ewc": 1.1, "replay": 1.1},
+    "permuted_digits": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.9, "ewc": 1.5, "replay": 1.3},
 }
 
 
@@ -346,9 +358,10 @@ def jobs(preset: str, seeds: Sequence[int] | None = None, **overrides) -> list[J
         cfg.update({k: v for k, v in overrides.items() if "." not in k})
         cfg.update({k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(seq_name + ".")})
         n_tasks = cfg.get("n_tasks", len(GENRES))
+        evals = n_tasks * (cfg["curve_points"] + n_tasks) + n_tasks
         for method in methods:
-            extra = 1.3 if method in ("nested_cms", "replay") else 1.0
-            cost = cfg["est_step_s"] * cfg["steps_per_task"] * n_tasks * extra
+            steps = cfg["steps_per_task"] * n_tasks + evals
+            cost = cfg["est_step_s"] * steps * COST_FACTOR[seq_name][method]
             cost = min(cost, cfg.get("max_seconds") or cost)
             for seed in seeds:
                 params = {**cfg, "sequence": seq_name, "method": method, "seed": seed}

@@ -105,3 +105,10 @@ def test_report_writes_files(tmp_path):
     fin = data["summary"]["permuted_digits"]["methods"]["finetune"]
     assert fin["average_final"]["n"] == 2 and len(fin["matrix_mean"]) == 3
     assert (tmp_path / "permuted_digits_task0.png").stat().st_size > 1000
+
+
+def test_docstring_examples():
+    import doctest
+
+    failures, attempted = doctest.testmod(continual, optionflags=doctest.ELLIPSIS)
+    assert attempted > 0 and failures == 0
