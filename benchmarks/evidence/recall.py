@@ -330,10 +330,13 @@ def _sentences(summary: dict) -> list[str]:
         best = {m: max(cells.values(), key=lambda c: c["mean"])["mean"] for m, cells in s["mixers"].items()}
         if not best:
             continue
-        top = max(best, key=best.get)
+        top, chance = max(best, key=best.get), 1 / s["pairs"]
         ranked = ", ".join(f"{m} {best[m]:.2f}" for m in sorted(best, key=best.get, reverse=True))
-        lines.append(f"- seq {s['seq_len']}, {s['pairs']} pairs: best accuracy (over widths) by mixer: {ranked}; "
-                     f"`{top}` recalls best (chance {1 / s['pairs']:.3f} among the sequence's values).")
+        recalls = [m for m in best if best[m] > chance + 0.05]
+        verdict = (f"`{top}` recalls best; above chance by more than 0.05: {', '.join(recalls)}" if recalls
+                   else "no mixer is more than 0.05 above chance: these runs did not learn to recall")
+        lines.append(f"- seq {s['seq_len']}, {s['pairs']} pairs (chance {chance:.3f} among the sequence's "
+                     f"values): best accuracy over widths by mixer: {ranked}; {verdict}.")
         grows = [m for m, cells in s["mixers"].items()
                  if len(cells) > 1 and cells[max(cells)]["mean"] > cells[min(cells)]["mean"] + 0.05]
         if grows:
@@ -355,8 +358,14 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
     write_json({"header": header, "summary": summary, "records": records}, str(out_dir / "results.json"))
     _plot(summary, out_dir / "accuracy_vs_width.png")
     steps = sorted({r["job"]["params"]["steps"] for r in records if "steps" in r["job"]["params"]})
-    parts = ["# Multi-query associative recall by memory rule and width (issue 9)", "",
-             f"- report command: `{header.get('command', '?')}`",
+    run_commands = []
+    for f in header.get("record_files", []):
+        log = Path(f).parent / "commands.txt"  # written by ``python -m benchmarks.evidence run``
+        if log.exists():
+            run_commands += [line.strip() for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    parts = ["# Multi-query associative recall by memory rule and width (issue 9)", ""]
+    parts += [f"- run command: `{c}`" for c in run_commands]
+    parts += [f"- report command: `{header.get('command', '?')}`",
              f"- record files: {', '.join(f'`{p}`' for p in header.get('record_files', [])) or '-'}",
              f"- device(s): {', '.join(gpus)}",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -395,7 +404,7 @@ def _plot(summary: dict, path: Path) -> None:
             ws = sorted(cells)
             ax.errorbar(ws, [cells[w]["mean"] for w in ws], yerr=[cells[w]["std"] for w in ws], marker="o",
                         capsize=3, label=mixer)
-        ax.axhline(1 / s["pairs"], color="grey", linestyle=":", linewidth=1)
+        ax.axhline(1 / s["pairs"], color="grey", linestyle=":", linewidth=1, label="chance (1/pairs)")
         ax.set_xscale("log", base=2)
         ax.set_title(f"seq {s['seq_len']}, {s['pairs']} pairs")
         ax.set_xlabel("model width")
