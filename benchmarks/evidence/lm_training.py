@@ -12,7 +12,13 @@ Models (``nl_layers``), about 10 M parameters each at the ``gpu`` size (dim 384,
 (:class:`nl_layers.TitansLM`: Titans neural memory as the mixer, then SwiGLU), ``hope``
 (:class:`nl_layers.HopeLM`: self-modifying Titans then a 3-level CMS with periods 1/4/16) and
 ``hope_attention`` (softmax attention then the same CMS). The CMS widths are chosen so that the
-three CMS levels together hold as many weights as one SwiGLU.
+three CMS levels together hold as many weights as one SwiGLU. The in-context memories (Titans,
+self-modifying Titans) use chunks of 16 tokens and an inner step bound ``max_lr`` = 1e-3. At the
+layers' default 0.1, and at 0.01 with chunks of 32, the chunked inner loop diverged at dim 384 on
+one CPU thread (fast weights 11 -> inf within 150 tokens, after 1 to 30 AdamW steps; at 3e-3 after
+60): a chunk applies up to L / (1 - eta) gradients taken at the chunk-start weights without
+feedback, and the residual-MLP memory's curvature is |silu(W_in k)|^2 (about 40 here, hidden 128),
+so stability needs roughly max_lr * L * |h|^2 / (1 - eta) < 2.
 
 Training: AdamW-style runs use any optimizer spec of :mod:`benchmarks.optimizers`; a linear
 warm-up over the first 5 % of steps, then cosine decay to 10 % of the peak rate (set on every
@@ -43,8 +49,9 @@ from ..optimizers import build_optimizer, select_optimizers
 
 MODELS = ("transformer", "titans", "hope", "hope_attention")
 SIZES = {
-    "tiny": dict(dim=32, depth=2, heads=2, chunk_size=8, cms_hidden=32, batch=4, seq_len=32, val_windows=4),
-    "gpu": dict(dim=384, depth=6, heads=6, chunk_size=32, cms_hidden=512, batch=32, seq_len=256, val_windows=128),
+    "tiny": dict(dim=32, depth=2, heads=2, chunk_size=8, max_lr=1e-3, cms_hidden=32, batch=4, seq_len=32, val_windows=4),
+    "gpu": dict(dim=384, depth=6, heads=6, chunk_size=16, max_lr=1e-3, cms_hidden=512, batch=32, seq_len=256,
+                val_windows=128),
 }
 CMS_PERIODS = (1, 4, 16)
 WARMUP_FRACTION, FINAL_LR_FRACTION, CLIP_NORM = 0.05, 0.1, 1.0
@@ -70,10 +77,10 @@ def build_model(cfg: dict, vocab: int) -> torch.nn.Module:
     if name == "transformer":
         return nl_layers.TransformerLM(vocab, dim, depth, heads=heads)
     if name == "titans":
-        return nl_layers.TitansLM(vocab, dim, depth, heads=heads, chunk_size=cfg["chunk_size"])
+        return nl_layers.TitansLM(vocab, dim, depth, heads=heads, chunk_size=cfg["chunk_size"], max_lr=cfg["max_lr"])
     if name == "hope":
         return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="hope", chunk_size=cfg["chunk_size"],
-                                cms_periods=CMS_PERIODS, cms_hidden=cfg["cms_hidden"])
+                                max_lr=cfg["max_lr"], cms_periods=CMS_PERIODS, cms_hidden=cfg["cms_hidden"])
     if name == "hope_attention":
         return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="attention", cms_periods=CMS_PERIODS,
                                 cms_hidden=cfg["cms_hidden"])
@@ -112,7 +119,19 @@ def _sync(device: str) -> None:
 
 def train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_seconds: float | None = None) -> dict:
     """Train ``cfg["model"]`` for ``cfg["steps"]`` steps with ``optimizer`` (a benchmarks.optimizers
-    name) at peak rate ``lr`` for its family; returns the curves and timings (see module doc)."""
+    name) at peak rate ``lr`` for its family; returns the curves and timings (see module doc).
+
+    The layers' NaN input checks are off during the run (a non-finite loss ends it as diverged, and
+    the checks would cost a host sync per layer); the previous setting is restored afterwards."""
+    checks = nl_layers.finite_checks_enabled()
+    nl_layers.set_finite_checks(False)
+    try:
+        return _train(cfg, optimizer, lr, seed, device, max_seconds)
+    finally:
+        nl_layers.set_finite_checks(checks)
+
+
+def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_seconds: float | None) -> dict:
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

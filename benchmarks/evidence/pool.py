@@ -12,7 +12,8 @@ A record is ``{"job": {...}, "device", "gpu" (CUDA only), "seconds", "result" or
 Workers take jobs largest-cost first from a shared queue (spawned processes, one per device:
 ``cuda:0``, ``cuda:1``, ... or ``cpu``), and append one JSON line per finished job to
 ``records.jsonl``; a job that raises is recorded with its traceback and never stops the others.
-A job already in ``records.jsonl`` (same name, no error) is skipped, so a cut-off run resumes.
+A job already in ``records.jsonl`` (same name, finished: no error, not cut short) is skipped, so a
+cut-off run resumes.
 No job starts after ``deadline`` seconds from the start; a job is told the seconds it has left
 (``params["max_seconds"]``) and stops training there, recording that it was cut short.
 
@@ -125,7 +126,7 @@ def run_jobs(jobs: Sequence[Job], devices: Sequence[str], records_path: Path, de
     """
     records_path = Path(records_path)
     records_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["job"]["name"] for r in load_records(records_path) if "result" in r}
+    done = {r["job"]["name"] for r in load_records(records_path) if "result" in r and not r["result"].get("cut_short")}
     todo = sorted((j for j in jobs if j.name not in done), key=lambda j: -j.cost)
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
