@@ -50,11 +50,12 @@ text dim 192 / depth 4 / 4 heads / seq 128 / batch 32 (1.80 M params): finetune 
 multitimescale 2.0 s, nested_cms 3.0 s (3.38 M params), ewc 1.7 s, replay 1.7 s; one evaluation
 of 64 held-out windows ~1 step. Digits width 128 / depth 3 / hidden 256 / batch 128 (0.21 M
 params): finetune 9 ms, multitimescale 9 ms, nested_cms 17 ms, ewc 17 ms, replay 12 ms.
-GPU estimate: an H100 taken as ~30x one CPU thread for the Transformer (``est_step_s`` 0.045 s)
-and ~5x for the launch-bound MLP (0.002 s). The ``gpu`` preset: 2 sequences x 5 methods x 3
-seeds = 30 jobs, text 200 steps per task (600 in all), digits 5 tasks x 300 steps; estimated
-~490 s text + ~65 s digits = ~560 GPU-seconds, the longest job ~45 s; every job capped by
-``max_seconds`` = 150. ``steps_per_task`` is a preset entry (``--set shakespeare_genres.steps_per_task=400``).
+GPU sizing: 20-steps-per-task runs of every (sequence, method) on an H200 (calibrate.sh,
+2026-11-27) took 1.5-4.9 s for the text sequence (60 steps + evaluations) and 0.4-4.0 s for
+digits (100 steps + evaluations), so ``est_step_s`` is 0.025 s (text) and 0.004 s (digits). The
+``gpu`` preset: 2 sequences x 5 methods x 3 seeds = 30 jobs, text 3 tasks x 400 steps, digits 5
+tasks x 500 steps; every job capped by ``max_seconds`` = 240. ``steps_per_task`` is a preset entry
+(``--set continual.shakespeare_genres.steps_per_task=400`` on the evidence CLI).
 
 Example:
     >>> js = jobs("tiny", None)
@@ -103,10 +104,10 @@ PRESETS = {
     }},
     "gpu": {"seeds": [0, 1, 2], "methods": list(METHODS), "sequences": {
         "shakespeare_genres": {**_TEXT_COMMON, "dim": 192, "depth": 4, "heads": 4, "seq_len": 128, "batch": 32,
-                               "eval_windows": 64, "steps_per_task": 200, "max_chars": None,
-                               "est_step_s": 0.045, "max_seconds": 150},
+                               "eval_windows": 64, "steps_per_task": 400, "max_chars": None,
+                               "est_step_s": 0.025, "max_seconds": 240},
         "permuted_digits": {**_DIGITS_COMMON, "width": 128, "depth": 3, "hidden": 256, "batch": 128,
-                            "n_tasks": 5, "steps_per_task": 300, "est_step_s": 0.002, "max_seconds": 150},
+                            "n_tasks": 5, "steps_per_task": 500, "est_step_s": 0.004, "max_seconds": 240},
     }},
 }
 # step time of a method relative to finetune (CPU measurements, see the module doc); evaluations

@@ -1,12 +1,14 @@
 """Experiment ``lm`` (issue 9, part 1): Transformer++ vs Titans vs HOPE vs HOPE-attention on
 Shakespeare characters, the same token budget for all, AdamW at a tuned rate, 3 seeds.
 
-Protocol. Phase ``sweep``: every model at AdamW peak rates ``LR_CENTRES["adam"] x (1/3, 1, 3)``,
-seed 0. Phase ``seeds``: every model at the rate with the lowest final validation loss of its
+Protocol. Phase ``sweep``: every model at AdamW peak rates ``LR_CENTRES["adam"] x (1/3, 1, 3)``
+(1e-3, 3e-3, 9e-3; Titans and HOPE at the first two only, see ``MODEL_FACTORS``), seed 0. Phase ``seeds``: every model at the rate with the lowest final validation loss of its
 sweep (ties: the smaller rate), seeds 1..n-1; the sweep's seed-0 run at that rate is the first
 seed. ``steps`` (the token budget: steps x batch x seq_len characters) is one number for all
-models; :func:`prepare` picks it on the GPU from the slowest model's measured step time so that
-its run fits ``target_seconds`` (recorded in the results). Data, models and training: see
+models; :func:`prepare` can pick it on the GPU from the slowest model's measured step time so
+that its run fits ``target_seconds``. On the H200 HOPE took 1.49 s per step (100x the
+Transformer's 14.5 ms: its mixer is a chunk loop of small kernels), so the gpu preset fixes 200
+steps (1.6 M characters, a third of an epoch) to fit the lent GPU time. Data, models and training: see
 :mod:`benchmarks.evidence.lm_training`.
 
     python -m benchmarks.evidence run --experiments lm --set phase=sweep --out /tmp/ev
@@ -32,11 +34,17 @@ from .pool import Job, load_records
 
 PRESETS = {
     "tiny": dict(SIZES["tiny"], steps=6, eval_every=3, seeds=2, target_seconds=None, max_seconds=60),
-    "gpu": dict(SIZES["gpu"], steps=600, seeds=3, target_seconds=140.0, max_seconds=300),
+    "gpu": dict(SIZES["gpu"], steps=200, eval_every=20, val_windows=64, seeds=3, target_seconds=None, max_seconds=480),
 }
 FACTORS = (1 / 3, 1.0, 3.0)
-# relative cost of a step, measured on one CPU thread at the gpu size (batch 4): hope ~7x, titans ~3x
-RELATIVE_COST = {"transformer": 1.0, "hope_attention": 1.0, "titans": 3.0, "hope": 7.0}
+# The two slow models are swept over the lower two rates only (1e-3, 3e-3), to fit the GPU budget:
+# at 9e-3 HOPE diverged on the CPU within 20 steps (max_lr 0.01, chunk 32) and Titans at every rate
+# with max_lr >= 3e-3.
+MODEL_FACTORS = {"titans": (1 / 3, 1.0), "hope": (1 / 3, 1.0)}
+# seconds per training step (batch 32 x 256) measured on an H200 by ``prepare`` (calibrate.sh, 2026-11-27):
+# transformer 0.0145, hope_attention 0.0229, titans 0.543, hope 1.488; job costs (for ordering) use them
+GPU_SECONDS_PER_STEP = {"transformer": 0.0145, "hope_attention": 0.0229, "titans": 0.543, "hope": 1.488}
+RELATIVE_COST = GPU_SECONDS_PER_STEP
 
 
 def config(preset: str, **overrides) -> dict:
@@ -50,7 +58,7 @@ def config(preset: str, **overrides) -> dict:
 def _job(cfg: dict, model: str, lr: float, seed: int, phase: str) -> Job:
     params = dict(cfg, model=model, lr=lr, seed=seed, phase=phase)
     params.pop("seeds", None)
-    return Job("lm", f"lm/{model}/lr{lr:.3g}/s{seed}", params, RELATIVE_COST.get(model, 1.0) * cfg["steps"])
+    return Job("lm", f"lm/{model}/lr{lr:.3g}/s{seed}", params, 1.1 * RELATIVE_COST.get(model, 1.0) * cfg["steps"])
 
 
 def best_rates(records: Sequence[dict]) -> dict[str, float]:
@@ -73,7 +81,7 @@ def jobs(preset: str, seeds: Sequence[int] | None = None, phase: str = "sweep", 
     cfg = config(preset, **overrides)
     n_seeds = len(seeds) if seeds is not None else cfg["seeds"]
     if phase == "sweep":
-        return [_job(cfg, m, LR_CENTRES["adam"] * f, 0, "sweep") for m in models for f in FACTORS]
+        return [_job(cfg, m, LR_CENTRES["adam"] * f, 0, "sweep") for m in models for f in MODEL_FACTORS.get(m, FACTORS)]
     if phase == "seeds":
         if sweep_records is None:
             raise ValueError("phase=seeds needs sweep_records=<records.jsonl of the sweep>")
@@ -172,7 +180,7 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
           f"- token budget: {first['steps']} steps x {first['tokens_per_step']} characters = "
           f"{first['steps'] * first['tokens_per_step'] / 1e6:.2f} M characters per run, every model",
           "- AdamW (torch, fused), warm-up 5 % + cosine to 10 %, clip 1.0, no weight decay; CMS periods 1/4/16 "
-          "through PeriodicGradients; rate chosen on seed 0 from 1e-3, 3e-3, 9e-3", "",
+          "through PeriodicGradients; rate chosen on seed 0 from 1e-3, 3e-3, 9e-3 (Titans and HOPE: 1e-3, 3e-3)", "",
           markdown_table(["model", "params", "AdamW lr", "val bpc (mean +- std)", "seeds", "ms/step", "sweep (seed 0 bpc)"], rows),
           "", "![validation bpc](bpc_curves.png)", ""]
     if errors:

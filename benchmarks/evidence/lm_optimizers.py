@@ -5,7 +5,8 @@ MuonMemory, M3, DeltaMomentum and DeepMomentum train the same model on the same 
 the ``lm`` experiment (same data, schedule, clipping, CMS periods), each at its family's rate
 centre x (1/3, 1, 3) (:data:`benchmarks.evidence.lm_training.LR_CENTRES`: adam 3e-3 for AdamW and
 M3, muon 2e-2 for Muon and MuonMemory, sgd 0.1 for DeltaMomentum and DeepMomentum), seed 0.
-AdamW's runs may come from the ``lm`` experiment's sweep (same model, same seed, same budget).
+AdamW's runs come from this experiment when it ran them (the same machine as the others, so
+step times compare), else from the ``lm`` experiment's sweep (same model, seed and budget).
 
 Reported per optimizer at its best rate: final validation bpc, steps to reach AdamW's final
 validation loss (first evaluation at or below it; evaluations every ``eval_every`` steps), and
@@ -35,6 +36,7 @@ from .pool import Job
 OPTIMIZERS = ("AdamW", "Muon", "MuonMemory", "M3", "DeltaMomentum", "DeepMomentum")
 FACTORS = (1 / 3, 1.0, 3.0)
 PRESETS = {name: dict(cfg, seeds=1) for name, cfg in LM_PRESETS.items()}
+PRESETS["gpu"]["eval_every"] = 10  # finer steps-to-target
 
 
 def jobs(preset: str, seeds: Sequence[int] | None = None, model: str | None = None,
@@ -88,7 +90,9 @@ def summarize(records: Sequence[dict], other_records: Sequence[dict] = ()) -> di
     if not own:
         return {}
     model, steps = own[0]["result"]["model"], own[0]["result"]["steps"]
-    lm_adamw = [r for r in other_records if r["job"]["experiment"] == "lm" and r["job"]["params"].get("phase") == "sweep"]
+    own_adamw = any(r["result"].get("optimizer") == "AdamW" for r in own)
+    lm_adamw = [] if own_adamw else [r for r in other_records if r["job"]["experiment"] == "lm"
+                                     and r["job"]["params"].get("phase") == "sweep"]
     runs = _runs(list(own) + lm_adamw, model, steps)
     best: dict[str, dict] = {}
     sweeps: dict[str, dict] = {}
@@ -117,8 +121,9 @@ def plot(records: Sequence[dict], summary: dict, path: Path, other_records: Sequ
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = _runs([r for r in records] + [r for r in other_records if r["job"]["experiment"] == "lm"],
-                 summary["model"], summary["steps"])
+    own_adamw = any(r["result"].get("optimizer") == "AdamW" for r in records if "result" in r)
+    lm = [] if own_adamw else [r for r in other_records if r["job"]["experiment"] == "lm"]
+    runs = _runs(list(records) + lm, summary["model"], summary["steps"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, s) in enumerate(summary["optimizers"].items()):
         res = next(r for r in runs if r["optimizer"] == name and math.isclose(r["lr"], s["lr"]))

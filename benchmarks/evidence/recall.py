@@ -20,16 +20,12 @@ every step, fp32 (TF32 matmuls on CUDA). Accuracy is measured on ``eval_sequence
 held-out sequences (their own seed, the same for every job of a setting).
 
 GPU sizing. CPU seconds per training step, measured on the 2-core CPU (1 thread, batch 64, vocab
-512; ``cpu_seconds_per_step``), are in ``CPU_STEP``; a job's ``cost`` (expected GPU seconds) is
-steps x CPU_STEP / speedup with the assumed speedup of an H100 over one CPU thread: 30x for
-attention and the linear rules, 10x for titans / self_modifying (launch-bound chunk loops).
-These are assumptions, not measurements: the lead calibrates ``steps`` on the GPU (override).
-Under them one step of the whole gpu grid (72 + 4 jobs) costs about 88 GPU-seconds (titans and
-self_modifying are 90% of it), so a 600 s budget would allow ~7 steps, far too few for MQAR,
-which learns in a sudden jump after hundreds to thousands of steps. The preset therefore plans
-1000 steps (800 at seq 1024), caps every job at 150 s (``max_seconds``; a capped run says
-``cut_short``), and leaves ``steps`` to the GPU calibration. ``titans`` is left out of the seq
-1024 setting: its first training step there gave NaN on the CPU (width 128, batch 16).
+512), are in ``CPU_STEP``; a job's ``cost`` (expected GPU seconds, used to order jobs) is steps x
+CPU_STEP / ``SPEEDUP``, the speedups measured by 20-step runs on an H200 (calibrate.sh). Titans and
+self-modifying Titans at the layers' default inner step (max_lr 0.1) gave NaN within 20 steps at
+every width on the H200, so the gpu preset bounds it at ``memory_max_lr`` = 1e-3 (the value that
+trained stably in the lm experiment) and runs them on a smaller grid (widths 64, 128, 16 pairs,
+one seed): they cost about 0.25 s per step against 0.01-0.03 s for the others.
 
 Example:
     >>> tokens, targets, mask = mqar_batch(2, seq_len=16, pairs=4, keys=8, values=8, gen=torch.Generator().manual_seed(0))
@@ -54,7 +50,10 @@ from benchmarks.report import markdown_table, write_json
 
 MIXERS = ("attention", "hebbian", "delta", "dgd", "titans", "self_modifying")
 LR = {"attention": 1e-3, "hebbian": 3e-3, "delta": 3e-3, "dgd": 3e-3, "titans": 3e-3, "self_modifying": 3e-3}
-SPEEDUP = {"attention": 30.0, "hebbian": 30.0, "delta": 30.0, "dgd": 30.0, "titans": 10.0, "self_modifying": 10.0}
+GPU_STEP = {"attention": 0.015, "hebbian": 0.03, "delta": 0.03, "dgd": 0.03, "titans": 0.25, "self_modifying": 0.3}
+SPEEDUP = {"attention": 60.0, "hebbian": 40.0, "delta": 40.0, "dgd": 40.0, "titans": 35.0, "self_modifying": 35.0}
+# measured: 20-step runs of every configuration on an H200 (benchmarks/evidence/calibrate.sh, 2026-11-27)
+# took 0.23-0.43 s (attention), 0.45-0.70 s (linear rules), 1.3 s (delta, seq 1024) and 5.0 s (titans w64)
 # CPU seconds per training step (1 thread, batch 64, vocab 512), measured by cpu_seconds_per_step:
 # {(mixer, width, seq_len): seconds}. Measured on a shared, loaded 2-core CPU (load 2-4), so maybe 2x
 # slow; self_modifying w256 and seq 1024 measured at batch 16 x 4 (batch 64 self_modifying w256 needs > 22 GB).
@@ -71,10 +70,11 @@ CPU_STEP = {
 PRESETS = {
     "tiny": dict(mixers=["attention", "delta"], widths=[32], settings=[[32, 4]], seeds=[0], steps=30, batch=16,
                  vocab=64, eval_sequences=64, evals=3),
-    "gpu": dict(mixers=list(MIXERS), widths=[64, 128, 256], settings=[[256, 16], [256, 64]], seeds=[0, 1],
-                steps=1000, batch=64, vocab=512, eval_sequences=512, evals=10,
-                long=dict(settings=[[1024, 128]], mixers=["attention", "delta"], widths=[128], steps=800),
-                max_seconds=150),
+    "gpu": dict(mixers=["attention", "hebbian", "delta", "dgd"], widths=[64, 128, 256], settings=[[256, 16], [256, 64]],
+                seeds=[0, 1], steps=500, batch=64, vocab=512, eval_sequences=512, evals=10, memory_max_lr=1e-3,
+                extra=[dict(settings=[[1024, 128]], mixers=["attention", "delta"], widths=[128]),
+                       dict(mixers=["titans", "self_modifying"], widths=[64, 128], settings=[[256, 16]], seeds=[0])],
+                max_seconds=240),
 }
 
 
@@ -111,8 +111,11 @@ class ShortConv(nn.Module):
         return F.conv1d(pad, self.weight, groups=x.shape[-1]).transpose(1, 2)
 
 
-def make_mixer(mixer: str, dim: int) -> nn.Module:
-    """The sequence mixer ``mixer`` at width ``dim`` (see the module doc); forward returns (y, state)."""
+def make_mixer(mixer: str, dim: int, memory_max_lr: float | None = None) -> nn.Module:
+    """The sequence mixer ``mixer`` at width ``dim`` (see the module doc); forward returns (y, state).
+
+    ``memory_max_lr`` bounds the inner step of the two Titans layers (None: the layers' default 0.1)."""
+    extra = {} if memory_max_lr is None else {"max_lr": memory_max_lr}
     import nl_layers
 
     heads = max(1, dim // 64)
@@ -121,18 +124,18 @@ def make_mixer(mixer: str, dim: int) -> nn.Module:
     if mixer in ("hebbian", "delta", "dgd"):
         return nl_layers.LinearMemory(dim, heads, rule=mixer, chunk_size=64)
     if mixer == "titans":
-        return nl_layers.NeuralMemory(dim, heads, chunk_size=16)
+        return nl_layers.NeuralMemory(dim, heads, chunk_size=16, **extra)
     if mixer == "self_modifying":
-        return nl_layers.SelfModifyingTitans(dim, heads, chunk_size=16)
+        return nl_layers.SelfModifyingTitans(dim, heads, chunk_size=16, **extra)
     raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
 
 
 class Block(nn.Module):
-    def __init__(self, mixer: str, dim: int):
+    def __init__(self, mixer: str, dim: int, memory_max_lr: float | None = None):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
         self.conv = ShortConv(dim) if mixer in ("hebbian", "delta", "dgd") else None
-        self.mixer = make_mixer(mixer, dim)
+        self.mixer = make_mixer(mixer, dim, memory_max_lr)
         self.gate, self.up = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)
         self.down = nn.Linear(2 * dim, dim, bias=False)
 
@@ -147,10 +150,10 @@ class Block(nn.Module):
 class RecallModel(nn.Module):
     """Embedding -> 2 blocks -> RMSNorm -> head; ``forward(tokens, mask)`` gives logits at mask only."""
 
-    def __init__(self, mixer: str, dim: int, vocab: int, depth: int = 2):
+    def __init__(self, mixer: str, dim: int, vocab: int, depth: int = 2, memory_max_lr: float | None = None):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(mixer, dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(mixer, dim, memory_max_lr) for _ in range(depth))
         self.norm, self.head = nn.RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -189,7 +192,21 @@ def _evaluate(model, held_out, chunk: int = 128) -> tuple[float, float]:
 
 
 def run(params: dict, device: str) -> dict:
-    """Train one model from scratch on MQAR; returns final held-out accuracy, curves, steps, seconds."""
+    """Train one model from scratch on MQAR; returns final held-out accuracy, curves, steps, seconds.
+
+    The layers' NaN input checks are off during the run (restored after): a non-finite training
+    loss ends the run as ``diverged`` (its accuracy is then the last evaluation's)."""
+    import nl_layers
+
+    checks = nl_layers.finite_checks_enabled()
+    nl_layers.set_finite_checks(False)
+    try:
+        return _run(params, device)
+    finally:
+        nl_layers.set_finite_checks(checks)
+
+
+def _run(params: dict, device: str) -> dict:
     start = time.perf_counter()
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -201,7 +218,7 @@ def run(params: dict, device: str) -> dict:
     max_seconds = params.get("max_seconds")
     lr = float(params.get("lr", LR[mixer]))
     torch.manual_seed(seed)
-    model = RecallModel(mixer, width, int(params["vocab"])).to(dev)
+    model = RecallModel(mixer, width, int(params["vocab"]), memory_max_lr=params.get("memory_max_lr")).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -211,7 +228,7 @@ def run(params: dict, device: str) -> dict:
     held_gen = torch.Generator().manual_seed(987_654 + seq_len * 1000 + pairs)
     held_out = tuple(t.to(dev) for t in mqar_batch(int(params["eval_sequences"]), seq_len, pairs, keys, values, held_gen))
     every = max(1, steps // max(1, int(params.get("evals", 10))))
-    curve, train_losses, step, cut_short = [], [], 0, False
+    curve, train_losses, step, cut_short, diverged = [], [], 0, False, False
     while step < steps:
         if max_seconds is not None and time.perf_counter() - start > float(max_seconds):
             cut_short = True
@@ -220,6 +237,9 @@ def run(params: dict, device: str) -> dict:
             group["lr"] = _lr_at(step, steps, lr)
         tokens, targets, mask = (t.to(dev, non_blocking=True) for t in mqar_batch(batch, seq_len, pairs, keys, values, gen))
         loss = F.cross_entropy(model(tokens, mask), targets[mask])
+        if step % 50 == 0 and not math.isfinite(float(loss.detach())):
+            diverged = True
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -234,7 +254,7 @@ def run(params: dict, device: str) -> dict:
         curve.append([step, eval_loss, acc])
     seconds = time.perf_counter() - start
     return {"accuracy": curve[-1][2], "eval_loss": curve[-1][1], "curve": curve, "train_loss": train_losses,
-            "steps_done": step, "steps": steps, "cut_short": cut_short, "seconds": seconds,
+            "steps_done": step, "steps": steps, "cut_short": cut_short, "diverged": diverged, "seconds": seconds,
             "seconds_per_step": seconds / max(1, step), "parameters": n_params, "lr": lr,
             "chance": 1.0 / values, "chance_in_sequence": 1.0 / pairs, "finite": math.isfinite(curve[-1][1])}
 
@@ -247,7 +267,7 @@ def _grid_jobs(cfg: dict, seeds: Sequence[int]) -> list[Job]:
                 for seed in seeds:
                     params = {k: cfg[k] for k in ("steps", "batch", "vocab", "eval_sequences", "evals")}
                     params.update(mixer=mixer, width=width, seq_len=seq_len, pairs=pairs, seed=seed)
-                    for key in ("max_seconds", "lr"):
+                    for key in ("max_seconds", "lr", "memory_max_lr"):
                         if key in cfg:
                             params[key] = cfg[key]
                     per_step = estimated_gpu_step(mixer, width, seq_len, cfg["batch"])
@@ -257,23 +277,26 @@ def _grid_jobs(cfg: dict, seeds: Sequence[int]) -> list[Job]:
 
 
 def estimated_gpu_step(mixer: str, width: int, seq_len: int, batch: int) -> float:
-    """Expected GPU seconds per step: measured CPU seconds (``CPU_STEP``, scaled) / assumed speedup."""
-    near = [(abs(math.log(w / width)) + abs(math.log(t / seq_len)), s * (width / w) * (seq_len / t))
-            for (m, w, t), s in CPU_STEP.items() if m == mixer]
-    cpu = min(near)[1] if near else 1e-3 * width * seq_len / 64
-    return cpu * batch / 64 / SPEEDUP.get(mixer, 10.0)
+    """Expected GPU seconds per step at batch 64 and seq 256 scaled linearly in batch and length:
+    ``GPU_STEP`` (from the H200 calibration; CPU_STEP / SPEEDUP for a mixer without a measurement)."""
+    per_step = GPU_STEP.get(mixer)
+    if per_step is None:
+        near = [(abs(math.log(w / width)), s) for (m, w, t), s in CPU_STEP.items() if m == mixer and t == 256]
+        per_step = (min(near)[1] if near else 1e-3 * width) / SPEEDUP.get(mixer, 10.0)
+    return per_step * (batch / 64) * (seq_len / 256)
 
 
 def jobs(preset: str, seeds: Sequence[int] | None = None, **overrides) -> list[Job]:
     """The jobs of ``preset`` ("tiny" or "gpu"); ``overrides`` replace preset entries for every job.
 
-    The gpu preset's ``long`` entry adds a longer setting with fewer mixers and widths (its own
-    ``steps``); an override applies there too, and ``settings=...`` or ``long=None`` drops it.
+    The gpu preset's ``extra`` entry lists further grids (each a dict of the entries that differ,
+    e.g. a longer setting with fewer mixers); an override applies there too, and ``settings=...``
+    or ``extra=[]`` drops them.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     cfg = {k: v for k, v in PRESETS[preset].items()}
-    unknown = set(overrides) - set(cfg) - {"lr", "max_seconds"}
+    unknown = set(overrides) - set(cfg) - {"lr", "max_seconds", "memory_max_lr"}
     if unknown:
         raise ValueError(f"unknown recall override(s) {sorted(unknown)}; known: {sorted(cfg)} and lr, max_seconds")
     cfg.update(overrides)
@@ -282,9 +305,10 @@ def jobs(preset: str, seeds: Sequence[int] | None = None, **overrides) -> list[J
         raise ValueError(f"mixers must be among {MIXERS}, got {sorted(bad)}")
     seeds = list(cfg["seeds"] if seeds is None else seeds)
     out = _grid_jobs(cfg, seeds)
-    long = cfg.get("long")
-    if long and "settings" not in overrides:  # the extra long setting; explicit overrides win there too
-        out += _grid_jobs({**cfg, **long, **{k: v for k, v in overrides.items() if k != "long"}}, seeds)
+    if "settings" not in overrides:  # the extra grids; explicit overrides win there too
+        for grid in cfg.get("extra") or []:
+            merged = {**cfg, **grid, **{k: v for k, v in overrides.items() if k != "extra"}}
+            out += _grid_jobs(merged, list(grid.get("seeds", seeds)))
     return out
 
 
