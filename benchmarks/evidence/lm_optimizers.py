@@ -39,11 +39,38 @@ PRESETS = {name: dict(cfg, seeds=1) for name, cfg in LM_PRESETS.items()}
 PRESETS["gpu"]["eval_every"] = 10  # finer steps-to-target
 
 
+def best_model(records: Sequence[dict], candidates: Sequence[str] | None = None) -> str:
+    """The model whose best seed-0 sweep run of ``lm`` has the lowest final validation loss (among ``candidates``)."""
+    from .lm import best_rates
+
+    rates = best_rates(records)
+    finals = {}
+    for r in records:
+        res = r.get("result")
+        if r["job"]["experiment"] != "lm" or res is None or r["job"]["params"].get("phase") != "sweep":
+            continue
+        if res["model"] in rates and math.isclose(res["lr"], rates[res["model"]]) and not res["diverged"]:
+            if candidates is None or res["model"] in candidates:
+                finals[res["model"]] = min(finals.get(res["model"], math.inf), res["final_val_loss"])
+    if not finals:
+        raise ValueError("no finished lm sweep run among the candidates: run the lm sweep first")
+    return min(finals, key=finals.get)
+
+
 def jobs(preset: str, seeds: Sequence[int] | None = None, model: str | None = None,
-         optimizers: Sequence[str] = OPTIMIZERS, **overrides) -> list[Job]:
-    """One job per (optimizer, rate) on ``model`` at seed 0 (``model`` is required: the best of ``lm``)."""
+         optimizers: Sequence[str] = OPTIMIZERS, sweep_records: str | None = None,
+         candidates: Sequence[str] | None = None, **overrides) -> list[Job]:
+    """One job per (optimizer, rate) on ``model`` at seed 0. ``model="auto"`` takes the best model of
+    the lm sweep in ``sweep_records`` (among ``candidates``, if given)."""
     if model is None:
         raise ValueError("lm_optimizers needs model=<the best model of the lm experiment>, e.g. --set model=hope")
+    if model == "auto":
+        if sweep_records is None:
+            raise ValueError("model=auto needs sweep_records=<records.jsonl of the lm sweep>")
+        from .pool import load_records
+
+        model = best_model(load_records(Path(sweep_records)), candidates)
+        print(f"lm_optimizers: best model of the sweep{' among ' + str(list(candidates)) if candidates else ''}: {model}")
     cfg = dict(PRESETS[preset])
     cfg.update(overrides)
     cfg.pop("seeds", None)

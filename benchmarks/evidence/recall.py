@@ -70,10 +70,9 @@ CPU_STEP = {
 PRESETS = {
     "tiny": dict(mixers=["attention", "delta"], widths=[32], settings=[[32, 4]], seeds=[0], steps=30, batch=16,
                  vocab=64, eval_sequences=64, evals=3),
-    "gpu": dict(mixers=["attention", "hebbian", "delta", "dgd"], widths=[64, 128, 256], settings=[[256, 16], [256, 64]],
-                seeds=[0, 1], steps=500, batch=64, vocab=512, eval_sequences=512, evals=10, memory_max_lr=1e-3,
-                extra=[dict(settings=[[1024, 128]], mixers=["attention", "delta"], widths=[128]),
-                       dict(mixers=["titans", "self_modifying"], widths=[64, 128], settings=[[256, 16]], seeds=[0])],
+    "gpu": dict(mixers=["attention", "hebbian", "delta", "dgd"], widths=[64, 128, 256], settings=[[256, 16]],
+                seeds=[0, 1], steps=1200, batch=256, vocab=256, eval_sequences=512, evals=10, lr=3e-3,
+                memory_max_lr=1e-3, extra=[dict(settings=[[256, 64]], widths=[128])],
                 max_seconds=240),
 }
 
@@ -338,17 +337,18 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """{"T{seq}_p{pairs}": {mixer: {width: {mean, std, n, seeds, cut_short, steps_done}}}}."""
+    """{"T{seq}_p{pairs}_b{batch}_n{steps}_v{vocab}": {seq_len, pairs, batch, steps, vocab,
+    "mixers": {mixer: {width: {mean, std, n, seeds, cut_short, diverged, steps_done, seconds}}}}}."""
     groups: dict = {}
     for r in records:
         if "result" not in r:
             continue
         p, res = r["job"]["params"], r["result"]
-        key = (p["seq_len"], p["pairs"])
+        key = (p["seq_len"], p["pairs"], p["batch"], p["steps"], p["vocab"])  # one table per task and regime
         cell = groups.setdefault(key, {}).setdefault(p["mixer"], {}).setdefault(p["width"], [])
         cell.append((p["seed"], res))
     out = {}
-    for (seq_len, pairs), by_mixer in sorted(groups.items()):
+    for (seq_len, pairs, batch, steps, vocab), by_mixer in sorted(groups.items()):
         setting = {}
         for mixer in [m for m in MIXERS if m in by_mixer]:
             setting[mixer] = {}
@@ -357,9 +357,11 @@ def summarize(records: list[dict]) -> dict:
                 mean, std = _mean_std(accs)
                 setting[mixer][width] = {"mean": mean, "std": std, "n": len(accs), "seeds": sorted(s for s, _ in cell),
                                          "cut_short": sum(bool(res["cut_short"]) for _, res in cell),
+                                         "diverged": sum(bool(res.get("diverged")) for _, res in cell),
                                          "steps_done": [res["steps_done"] for _, res in cell],
                                          "seconds": statistics.fmean(res["seconds"] for _, res in cell)}
-        out[f"T{seq_len}_p{pairs}"] = {"seq_len": seq_len, "pairs": pairs, "mixers": setting}
+        out[f"T{seq_len}_p{pairs}_b{batch}_n{steps}_v{vocab}"] = {
+            "seq_len": seq_len, "pairs": pairs, "batch": batch, "steps": steps, "vocab": vocab, "mixers": setting}
     return out
 
 
@@ -374,7 +376,7 @@ def _sentences(summary: dict) -> list[str]:
         recalls = [m for m in best if best[m] > chance + 0.05]
         verdict = (f"`{top}` recalls best; above chance by more than 0.05: {', '.join(recalls)}" if recalls
                    else "no mixer is more than 0.05 above chance: these runs did not learn to recall")
-        lines.append(f"- seq {s['seq_len']}, {s['pairs']} pairs (chance {chance:.3f} among the sequence's "
+        lines.append(f"- seq {s['seq_len']}, {s['pairs']} pairs, batch {s['batch']} x {s['steps']} steps (chance {chance:.3f} among the sequence's "
                      f"values): best accuracy over widths by mixer: {ranked}; {verdict}.")
         grows = [m for m, cells in s["mixers"].items()
                  if len(cells) > 1 and cells[max(cells)]["mean"] > cells[min(cells)]["mean"] + 0.05]
@@ -411,7 +413,7 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
              f"- {len(records)} records, {len(errors)} errors; planned steps per run: {steps}", "",
              "Task: MQAR (Zoology), accuracy at the query positions of held-out sequences; mean +- std over seeds "
              "(n = seeds). Model: 2 blocks (mixer + SwiGLU), AdamW, fresh batches each step (see "
-             "`benchmarks/evidence/recall.py`). A `*` marks cells where some run hit its time cap.", ""]
+             "`benchmarks/evidence/recall.py`). A `*` marks cells where some run hit its time cap; `NaN`, cells where a run's loss became non-finite (it stopped there).", ""]
     for name, s in summary.items():
         widths = sorted({w for cells in s["mixers"].values() for w in cells})
         rows = []
@@ -419,9 +421,9 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
             row = [mixer]
             for w in widths:
                 c = cells.get(w)
-                row.append("" if c is None else f"{c['mean']:.3f} +- {c['std']:.3f} (n={c['n']})" + ("*" if c["cut_short"] else ""))
+                row.append("" if c is None else f"{c['mean']:.3f} +- {c['std']:.3f} (n={c['n']})" + ("*" if c["cut_short"] else "") + (" NaN" if c.get("diverged") else ""))
             rows.append(row)
-        parts += [f"## seq_len {s['seq_len']}, {s['pairs']} pairs", "",
+        parts += [f"## seq_len {s['seq_len']}, {s['pairs']} pairs (batch {s['batch']}, {s['steps']} steps, vocab {s['vocab']})", "",
                   markdown_table(["mixer"] + [f"width {w}" for w in widths], rows), ""]
     parts += ["## What the numbers show", ""] + (_sentences(summary) or ["- no finished runs."]) + [""]
     if errors:
@@ -445,7 +447,7 @@ def _plot(summary: dict, path: Path) -> None:
                         capsize=3, label=mixer)
         ax.axhline(1 / s["pairs"], color="grey", linestyle=":", linewidth=1, label="chance (1/pairs)")
         ax.set_xscale("log", base=2)
-        ax.set_title(f"seq {s['seq_len']}, {s['pairs']} pairs")
+        ax.set_title(f"seq {s['seq_len']}, {s['pairs']} pairs, {s['batch']} x {s['steps']} steps")
         ax.set_xlabel("model width")
         ax.set_ylabel("query accuracy")
         ax.set_ylim(-0.02, 1.02)

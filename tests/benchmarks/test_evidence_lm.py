@@ -91,3 +91,22 @@ def test_lm_rejects_bad_phase_and_missing_records():
         lm_optimizers.jobs("tiny", None)
     with pytest.raises(ValueError, match="preset"):
         lm.jobs("huge", None)
+
+
+def _rec(model, lr, loss, phase="sweep", cut=False, seed=0):
+    name = f"lm/{model}/lr{lr:.3g}/s{seed}"
+    return {"job": {"experiment": "lm", "name": name, "params": {"phase": phase}, "cost": 1.0},
+            "device": "cpu", "result": {"model": model, "lr": lr, "seed": seed, "final_val_loss": loss,
+                                        "diverged": False, "cut_short": cut}}
+
+
+def test_best_model_and_finished_runs():
+    records = [_rec("hope", 1e-3, 2.0), _rec("hope", 3e-3, 1.9), _rec("transformer", 3e-3, 1.7),
+               _rec("transformer", 1e-3, 1.8), _rec("titans", 3e-3, 1.5, cut=True), _rec("titans", 3e-3, 1.6)]
+    assert lm_optimizers.best_model(records) == "titans"
+    assert lm_optimizers.best_model(records, candidates=["hope", "transformer"]) == "transformer"
+    assert lm.best_rates(records)["hope"] == 3e-3
+    kept = lm.finished(records)
+    assert len(kept) == 5 and not any(r["result"]["cut_short"] for r in kept)
+    with pytest.raises(ValueError, match="no finished"):
+        lm_optimizers.best_model(records, candidates=["mamba"])

@@ -82,7 +82,7 @@ def test_report_writes_results_from_pool_records(tmp_path):
     md = (tmp_path / "rep" / "results.md").read_text()
     assert "seq_len 32, 4 pairs" in md and "(n=2)" in md and "boom" in md and "python -m benchmarks.evidence" in md
     data = json.loads((tmp_path / "rep" / "results.json").read_text())
-    assert len(data["records"]) == len(jobs) + 1 and data["summary"]["T32_p4"]["mixers"]["delta"]["32"]["n"] == 2
+    assert len(data["records"]) == len(jobs) + 1 and data["summary"]["T32_p4_b16_n4_v64"]["mixers"]["delta"]["32"]["n"] == 2
     assert (tmp_path / "rep" / "accuracy_vs_width.png").stat().st_size > 1000
 
 
