@@ -61,11 +61,20 @@ def _job(cfg: dict, model: str, lr: float, seed: int, phase: str) -> Job:
     return Job("lm", f"lm/{model}/lr{lr:.3g}/s{seed}", params, 1.1 * RELATIVE_COST.get(model, 1.0) * cfg["steps"])
 
 
+def finished(records: Sequence[dict]) -> list[dict]:
+    """Records with a result, a run cut short dropped where the same job also finished in full."""
+    full = {r["job"]["name"] for r in records if "result" in r and not r["result"]["cut_short"]}
+    return [r for r in records if "result" in r and not (r["result"]["cut_short"] and r["job"]["name"] in full)]
+
+
 def best_rates(records: Sequence[dict]) -> dict[str, float]:
-    """model -> the sweep rate with the lowest final validation loss (seed 0; ties: smaller rate)."""
+    """model -> the rate whose seed-0 run has the lowest final validation loss (ties: smaller rate).
+
+    Seed-0 runs of either phase count (a sweep run cut short and redone in the seeds phase is judged
+    by the redone run, see :func:`finished`); a diverged run counts as infinite loss."""
     best: dict[str, tuple[float, float]] = {}
-    for r in records:
-        if r["job"]["experiment"] != "lm" or "result" not in r or r["job"]["params"].get("phase") != "sweep":
+    for r in finished(records):
+        if r["job"]["experiment"] != "lm" or r["result"]["seed"] != 0:
             continue
         res = r["result"]
         loss = res["final_val_loss"] if not res["diverged"] and math.isfinite(res["final_val_loss"]) else math.inf
@@ -117,12 +126,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def finished(records: Sequence[dict]) -> list[dict]:
-    """Records with a result, a run cut short dropped where the same job also finished in full."""
-    full = {r["job"]["name"] for r in records if "result" in r and not r["result"]["cut_short"]}
-    return [r for r in records if "result" in r and not (r["result"]["cut_short"] and r["job"]["name"] in full)]
-
-
 def summarize(records: Sequence[dict]) -> dict:
     """Per model: the chosen rate, final bpc mean/std over seeds at that rate, ms per step, params."""
     ok = finished(records)
@@ -132,13 +135,16 @@ def summarize(records: Sequence[dict]) -> dict:
         runs = [r["result"] for r in ok if r["result"]["model"] == model and math.isclose(r["result"]["lr"], lr)]
         bpc = [x["final_bpc"] if not x["diverged"] else math.inf for x in runs]
         mean, std = _mean_std(bpc)
-        sweep = {f"{r['result']['lr']:.3g}": r["result"]["final_bpc"] for r in ok
-                 if r["result"]["model"] == model and r["job"]["params"].get("phase") == "sweep"}
+        sweep = {f"{r['result']['lr']:.3g}": (math.inf if r["result"]["diverged"] else r["result"]["final_bpc"]) for r in ok
+                 if r["result"]["model"] == model and r["result"]["seed"] == 0}
+        other = [x for x in (r["result"] for r in ok) if x["model"] == model and not math.isclose(x["lr"], lr) and x["seed"] > 0]
         out[model] = {"lr": lr, "bpc_mean": mean, "bpc_std": std, "seeds": sorted(x["seed"] for x in runs),
                       "bpc_per_seed": bpc, "sweep_bpc": sweep, "params": runs[0]["params"],
                       "ms_per_step": statistics.median(x["ms_per_step"] for x in runs),
                       "tokens": runs[0]["tokens_per_step"] * runs[0]["steps"],
-                      "cut_short": any(x["cut_short"] for x in runs)}
+                      "cut_short": any(x["cut_short"] for x in runs),
+                      "other_rate_runs": [{"lr": x["lr"], "seed": x["seed"], "bpc": None if x["diverged"] else x["final_bpc"],
+                                           "diverged": x["diverged"], "steps_done": x["steps_done"]} for x in other]}
     return out
 
 
