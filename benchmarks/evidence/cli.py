@@ -7,7 +7,8 @@
 else the CPU) and appends one record per job to ``<out>/records.jsonl`` (a rerun skips the jobs
 already there). An experiment module may define ``prepare(preset, device, **overrides) -> dict``: extra overrides
 chosen on the first device before its jobs are made (``lm`` picks its token budget there).
-``report`` writes, per experiment, ``<out>/<experiment>/results.md``,
+``report`` reads one record per job (:func:`~benchmarks.evidence.pool.latest_records`: a job
+redone after being cut short counts once) and writes, per experiment, ``<out>/<experiment>/results.md``,
 ``results.json`` and its plots from any number of record files.
 
 Example:
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .pool import experiment_module, load_records, run_jobs
+from .pool import experiment_module, latest_records, load_records, run_jobs
 
 EXPERIMENTS = ("lm", "lm_optimizers", "continual", "recall")
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in failed:
             print(f"FAILED {r['job']['name']}: {r['error'][:300]}")
         return 0
-    records = [r for path in args.records for r in load_records(Path(path))]
+    records = latest_records([r for path in args.records for r in load_records(Path(path))])
     names = args.experiments or sorted({r["job"]["experiment"] for r in records})
     for name in names:
         mine = [r for r in records if r["job"]["experiment"] == name]

@@ -188,8 +188,12 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
     rows = []
     for model, s in sorted(summary.items(), key=lambda kv: kv[1]["bpc_mean"]):
         sweep = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(s["sweep_bpc"].items(), key=lambda kv: float(kv[0])))
+        diverged = sum(not math.isfinite(v) for v in s["bpc_per_seed"])
+        others = "; ".join(f"lr {o['lr']:.3g} seed {o['seed']}: " + ("diverged at step " + str(o["steps_done"]) if o["diverged"]
+                                                                      else f"{o['bpc']:.3f}") for o in s["other_rate_runs"])
         rows.append([model, f"{s['params'] / 1e6:.2f} M", f"{s['lr']:.3g}", f"{s['bpc_mean']:.3f} +- {s['bpc_std']:.3f}",
-                     str(len(s["bpc_per_seed"])), f"{s['ms_per_step']:.0f}", sweep + (" (cut short)" if s["cut_short"] else "")])
+                     f"{len(s['bpc_per_seed']) - diverged} / {len(s['bpc_per_seed'])}", f"{s['ms_per_step']:.0f}",
+                     sweep.replace("inf", "diverged") + (" (cut short)" if s["cut_short"] else "") + (f"; also {others}" if others else "")])
     errors = [f"- {r['job']['name']}: {r['error'][:300]}" for r in records if "error" in r]
     md = ["# Language models on Shakespeare characters (issue 9, part 1)", "",
           f"- GPU: {', '.join(gpus)}", f"- report command: `{header.get('command')}`",
@@ -197,7 +201,8 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
           f"{first['steps'] * first['tokens_per_step'] / 1e6:.2f} M characters per run, every model",
           "- AdamW (torch, fused), warm-up 5 % + cosine to 10 %, clip 1.0, no weight decay; CMS periods 1/4/16 "
           "through PeriodicGradients; rate chosen on seed 0 from 1e-3, 3e-3, 9e-3 (Titans and HOPE: 1e-3, 3e-3)", "",
-          markdown_table(["model", "params", "AdamW lr", "val bpc (mean +- std)", "seeds", "ms/step", "sweep (seed 0 bpc)"], rows),
+          markdown_table(["model", "params", "AdamW lr", "val bpc (mean +- std of finished seeds)", "seeds finished / run",
+                          "ms/step", "sweep (seed 0 bpc)"], rows),
           "", "![validation bpc](bpc_curves.png)", ""]
     if errors:
         md += ["Failed runs:", *errors, ""]

@@ -71,6 +71,20 @@ def load_records(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def latest_records(records: Sequence[dict]) -> list[dict]:
+    """One record per job name: its last full result if it has one, else its last record (a run
+    cut short, or an error). Reports read these, so a job redone after a cut-off counts once."""
+    chosen: dict[str, dict] = {}
+    for r in records:
+        name = r["job"]["name"]
+        full = "result" in r and not r["result"].get("cut_short")
+        prev = chosen.get(name)
+        prev_full = prev is not None and "result" in prev and not prev["result"].get("cut_short")
+        if prev is None or full or not prev_full:
+            chosen[name] = r
+    return list(chosen.values())
+
+
 def run_one(job: Job, device: str, max_seconds: float | None = None) -> dict:
     """Run one job and return its record: the job, device, seconds, and ``result`` or ``error``."""
     params = dict(job.params)
