@@ -162,7 +162,8 @@ def plot(records: Sequence[dict], summary: dict, path: Path, other_records: Sequ
         a.axhline(target, color="k", ls=":", lw=1)
         a.set_xlabel(label)
         a.set_ylabel("validation bpc")
-        a.set_ylim(target - 0.15, target + 1.0)
+        finals = [x["final_bpc"] for x in summary["optimizers"].values() if math.isfinite(x["final_bpc"])]
+        a.set_ylim(min(finals + [target]) - 0.05, target + 1.0)
         a.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(f"Optimizers on {summary['model']} (seed 0; dotted: AdamW's final loss)")

@@ -27,6 +27,13 @@ every width on the H200, so the gpu preset bounds it at ``memory_max_lr`` = 1e-3
 trained stably in the lm experiment) and runs them on a smaller grid (widths 64, 128, 16 pairs,
 one seed): they cost about 0.25 s per step against 0.01-0.03 s for the others.
 
+Runs made (benchmarks/results/evidence, 4 x H200): stage A ran the Titans grid and delta at seq
+1024 / 128 pairs with the then preset (batch 64, 500 steps, vocab 512, per-mixer ``LR``); all
+stayed at chance (self-modifying runs hit the 240 s cap at ~420 steps). In 500 steps at batch 64
+attention and delta did not leave chance on the CPU either (width 64, 16 pairs: 0.004 / 0.053),
+so stage C ran the fast mixers with the present preset (batch 256, 1200 steps, vocab 256, lr 3e-3
+for all). The report keeps the two regimes in separate tables.
+
 Example:
     >>> tokens, targets, mask = mqar_batch(2, seq_len=16, pairs=4, keys=8, values=8, gen=torch.Generator().manual_seed(0))
     >>> tokens.shape, int(mask.sum()), bool((targets[mask] > 8).all())

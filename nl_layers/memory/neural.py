@@ -22,6 +22,14 @@ fast_weights.py). chunk_size=1 is the exact
 token-by-token Titans memory. ``mode="recurrent"`` runs a token-by-token reference with the same
 chunk semantics that takes its gradients with plain autograd.
 
+Stability: within a chunk every token's update is taken at the chunk-start weights, so a chunk
+applies up to L / (1 - eta) of them without feedback; for the residual-MLP memory the curvature of
+the inner loss is about |silu(W_in k)|^2 (tens at head_dim 64). The inner loop then stays bounded
+only for roughly max_lr * L * |h|^2 / (1 - eta) < 2: at width 384 in a trained language model the
+default max_lr = 0.1 diverged (fast weights to inf) after one optimizer step, and max_lr = 1e-3
+with chunk_size 16 trained but still diverged in 4 of 6 runs (benchmarks/results/evidence/lm).
+Lower ``max_lr`` or ``chunk_size``, or use ``memory="linear"`` (curvature |k|^2 = 1), if you see NaN.
+
 References: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024);
 lucidrains/titans-pytorch; DESIGN.md section 5.
 """

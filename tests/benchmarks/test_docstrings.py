@@ -9,7 +9,8 @@ MODULES = ["benchmarks.cli", "benchmarks.continual", "benchmarks.continual_tasks
            "benchmarks.memory", "benchmarks.metrics", "benchmarks.optimizers", "benchmarks.plots",
            "benchmarks.quality", "benchmarks.report", "benchmarks.runner", "benchmarks.speed", "benchmarks.suites",
            "benchmarks.tasks", "benchmarks.tasks.base", "benchmarks.tasks.digits", "benchmarks.tasks.recall",
-           "benchmarks.tasks.synthetic", "benchmarks.tasks.text"]
+           "benchmarks.tasks.synthetic", "benchmarks.tasks.text", "benchmarks.evidence.pool", "benchmarks.evidence.cli",
+           "benchmarks.evidence.lm", "benchmarks.evidence.lm_optimizers", "benchmarks.evidence.lm_training"]
 
 
 @pytest.mark.parametrize("name", MODULES)
