@@ -6,6 +6,9 @@ a (batch, T, dim) input for T = 1K ... 32K with the total tokens per call held f
 tokens/s (median of CUDA-event timings), peak memory (``torch.cuda.max_memory_allocated``), or the
 error (e.g. out of memory) where a layer cannot run a length.
 
+Every measurement prints a line as it finishes; a layer whose measurement at one length took over
+``SECONDS_PER_LENGTH`` seconds is skipped at the longer lengths (recorded with the reason).
+
 Recall: the ``recall_titans`` task (associative recall through a Titans memory) trained with
 AdamW and M3 (when deepopt has it) for ``recall_steps`` steps; reported: held-out accuracy.
 
@@ -34,6 +37,7 @@ from .speed import time_cuda
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 TOKENS_PER_CALL = 65_536
 DIM, HEADS = 512, 8
+SECONDS_PER_LENGTH = 60.0
 
 
 def length_schedule(tokens: int = TOKENS_PER_CALL, lengths: Sequence[int] = LENGTHS) -> list[tuple[int, int]]:
@@ -57,7 +61,7 @@ def layer_builders(dim: int = DIM, heads: int = HEADS) -> dict[str, Callable[[],
     for name in ("HopeBlock", "Hope"):
         if hasattr(nl_layers, name):
             cls = getattr(nl_layers, name)
-            builders[f"HOPE block ({name})"] = lambda c=cls: c(dim)
+            builders[f"HOPE block ({name})"] = lambda c=cls: c(dim, heads)
             break
     return builders
 
@@ -95,6 +99,7 @@ def recall_accuracy(device: str, steps: int, optimizers: Sequence[str] = ("AdamW
         if name not in specs:
             out[name] = "not available"
             continue
+        print(f"memory: recall_titans with {name} for {steps} steps", flush=True)
         problem = task.build(0, device)
         opt = build_optimizer(specs[name], problem.model, task.lr_centres, task.muon_exclude)
         for step in range(steps):
@@ -118,19 +123,41 @@ def memory_table(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def run_memory(device: str = "cuda", lengths: Sequence[int] = LENGTHS, tokens: int = TOKENS_PER_CALL,
-               recall_steps: int = 2000) -> dict:
+               recall_steps: int = 2000, seconds_per_length: float = SECONDS_PER_LENGTH, dim: int = DIM,
+               heads: int = HEADS, timer: Callable | None = None, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Measure every layer at every length, printing one line per measurement as it finishes.
+
+    A layer whose measurement at one length took longer than ``seconds_per_length`` (warm-up and
+    repeats together) is not run at the longer lengths: those rows say ``skipped`` and why (the
+    chunked memories' loops make a 32 K sequence minutes long, which once left this suite silent for
+    over 500 s on an H200)."""
     rows = []
-    for name, build in layer_builders().items():
+    for name, build in layer_builders(dim, heads).items():
+        too_slow = None
         for batch, length in length_schedule(tokens, lengths):
             row = {"layer": name, "batch": batch, "length": length}
+            if too_slow is not None:
+                row["error"] = f"skipped: length {too_slow[0]} took {too_slow[1]:.0f} s > {seconds_per_length:.0f} s"
+                rows.append(row)
+                continue
+            start = time.perf_counter()
             try:
-                row.update(measure_layer(build, batch, length, DIM, device))
+                kwargs = {} if timer is None else {"timer": timer}
+                row.update(measure_layer(build, batch, length, dim, device, dtype=dtype, **kwargs))
             except Exception as err:  # out of memory at long lengths is a result, not a crash
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
+            took = time.perf_counter() - start
+            if took > seconds_per_length:
+                too_slow = (length, took)
             rows.append(row)
-            torch.cuda.empty_cache()
-    return {"rows": rows, "dim": DIM, "heads": HEADS, "dtype": "bfloat16",
-            "recall_accuracy": recall_accuracy(device, recall_steps), "recall_steps": recall_steps}
+            print(f"memory: {name} at {batch} x {length}: "
+                  + (row["error"][:80] if "error" in row else f"{row['tokens_per_s']:,.0f} tokens/s") + f" ({took:.1f} s)",
+                  flush=True)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return {"rows": rows, "dim": dim, "heads": heads, "dtype": str(dtype).replace("torch.", ""),
+            "seconds_per_length": seconds_per_length,
+            "recall_accuracy": recall_accuracy(device, recall_steps) if recall_steps else {}, "recall_steps": recall_steps}
 
 
 def run_memory_suite(args, out_dir: str) -> dict:

@@ -83,3 +83,19 @@ def test_memory_layers_measure_on_cpu_with_a_cpu_timer():
     header, rows = memory.memory_table([{"layer": "a", "batch": 2, "length": 16, **row},
                                         {"layer": "b", "batch": 1, "length": 32768, "error": "OutOfMemoryError"}])
     assert len(header) == len(rows[0]) == len(rows[1]) and rows[1][2] == "OutOfMemoryError"
+
+
+def test_memory_suite_reports_progress_and_skips_lengths_past_the_time_budget(capsys):
+    out = memory.run_memory(device="cpu", lengths=(8, 16), tokens=32, recall_steps=0, seconds_per_length=0.0,
+                            dim=16, heads=2, timer=_cpu_timer, dtype=torch.float32)
+    layers = {r["layer"] for r in out["rows"]}
+    assert {"SDPA attention", "Titans neural memory"} <= layers and any(name.startswith("HOPE block") for name in layers)
+    for name in layers:
+        first, second = [r for r in out["rows"] if r["layer"] == name]
+        assert first["length"] == 8 and first["tokens_per_s"] > 0
+        assert second["length"] == 16 and second["error"].startswith("skipped: length 8 took")
+    printed = capsys.readouterr().out
+    assert printed.count("memory: ") == len(layers)  # one line per measurement, none for the skipped ones
+    generous = memory.run_memory(device="cpu", lengths=(8, 16), tokens=32, recall_steps=0, seconds_per_length=1e9,
+                                 dim=16, heads=2, timer=_cpu_timer, dtype=torch.float32)
+    assert all("error" not in r for r in generous["rows"])
