@@ -10,7 +10,7 @@ Example:
 """
 
 from . import data
-from ._checks import finite_checks_enabled, set_finite_checks
+from ._checks import finite_checks, finite_checks_enabled, set_finite_checks
 from .cms import CMS, MLPBlock
 from .cms_in_context import CMSState
 from .hope import HopeAttentionBlock, HopeBlock, HopeBlockState
@@ -54,6 +54,7 @@ __all__ = [
     "TitansLM",
     "TransformerLM",
     "data",
+    "finite_checks",
     "finite_checks_enabled",
     "linear_memory_chunked",
     "linear_memory_recurrent",

@@ -8,7 +8,8 @@ NaN or Inf then propagates to the outputs of the affected batch rows (never sile
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -24,6 +25,17 @@ def set_finite_checks(enabled: bool) -> None:
 def finite_checks_enabled() -> bool:
     """Whether layers reject NaN/Inf inputs with a ValueError."""
     return _FINITE_CHECKS
+
+
+@contextmanager
+def finite_checks(enabled: bool) -> Iterator[None]:
+    """Turn the NaN/Inf input check on or off inside a ``with`` block; the previous setting returns after."""
+    previous = _FINITE_CHECKS
+    set_finite_checks(enabled)
+    try:
+        yield
+    finally:
+        set_finite_checks(previous)
 
 
 def check_positive_int(value, name: str, *, allow_none: bool = False) -> None:

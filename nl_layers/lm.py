@@ -25,6 +25,11 @@ from .memory.attention import AttentionMemory
 from .memory.neural import NeuralMemory
 
 
+def swiglu_hidden(dim: int) -> int:
+    """SwiGLU's usual width: the multiple of 8 nearest 8/3 * dim (at least 8)."""
+    return max(8, int(round(8 * dim / 3 / 8)) * 8)
+
+
 class _LanguageModel(nn.Module):
     """Embedding -> blocks (each returns (x, state)) -> RMSNorm -> linear head."""
 
@@ -176,7 +181,7 @@ class TransformerLM(_LanguageModel):
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int = 4, hidden: int | None = None):
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(value, name)
-        hidden = hidden if hidden is not None else max(8, int(round(8 * dim / 3 / 8)) * 8)
+        hidden = hidden if hidden is not None else swiglu_hidden(dim)
         super().__init__(vocab_size, dim, depth, [TransformerBlock(dim, heads, hidden) for _ in range(depth)])
 
 
@@ -213,6 +218,6 @@ class TitansLM(_LanguageModel):
                  chunk_size: int = 16, max_lr: float = 0.1):
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(value, name)
-        hidden = hidden if hidden is not None else max(8, int(round(8 * dim / 3 / 8)) * 8)
+        hidden = hidden if hidden is not None else swiglu_hidden(dim)
         blocks = [TitansBlock(dim, heads, hidden, chunk_size, max_lr) for _ in range(depth)]
         super().__init__(vocab_size, dim, depth, blocks)

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Sequence
 
 from ..report import markdown_table, write_json
 from .lm_training import LR_CENTRES, MODELS, SIZES, measure_step_ms, train
-from .pool import Job, load_records
+from .pool import Job, latest_records, load_records
 
 PRESETS = {
     "tiny": dict(SIZES["tiny"], steps=6, eval_every=3, seeds=2, target_seconds=None, max_seconds=60),
@@ -44,7 +43,6 @@ MODEL_FACTORS = {"titans": (1 / 3, 1.0), "hope": (1 / 3, 1.0)}
 # seconds per training step (batch 32 x 256) measured on an H200 by ``prepare`` (calibrate.sh, 2026-11-27):
 # transformer 0.0145, hope_attention 0.0229, titans 0.543, hope 1.488; job costs (for ordering) use them
 GPU_SECONDS_PER_STEP = {"transformer": 0.0145, "hope_attention": 0.0229, "titans": 0.543, "hope": 1.488}
-RELATIVE_COST = GPU_SECONDS_PER_STEP
 
 
 def config(preset: str, **overrides) -> dict:
@@ -58,13 +56,13 @@ def config(preset: str, **overrides) -> dict:
 def _job(cfg: dict, model: str, lr: float, seed: int, phase: str) -> Job:
     params = dict(cfg, model=model, lr=lr, seed=seed, phase=phase)
     params.pop("seeds", None)
-    return Job("lm", f"lm/{model}/lr{lr:.3g}/s{seed}", params, 1.1 * RELATIVE_COST.get(model, 1.0) * cfg["steps"])
+    return Job("lm", f"lm/{model}/lr{lr:.3g}/s{seed}", params, 1.1 * GPU_SECONDS_PER_STEP.get(model, 1.0) * cfg["steps"])
 
 
 def finished(records: Sequence[dict]) -> list[dict]:
-    """Records with a result, a run cut short dropped where the same job also finished in full."""
-    full = {r["job"]["name"] for r in records if "result" in r and not r["result"]["cut_short"]}
-    return [r for r in records if "result" in r and not (r["result"]["cut_short"] and r["job"]["name"] in full)]
+    """One record with a result per job (:func:`~benchmarks.evidence.pool.latest_records`: a run cut
+    short is dropped where the same job also finished in full)."""
+    return [r for r in latest_records(records) if "result" in r]
 
 
 def best_rates(records: Sequence[dict]) -> dict[str, float]:
@@ -115,8 +113,7 @@ def prepare(preset: str, device: str, models: Sequence[str] = MODELS, **override
 
 
 def run(params: dict, device: str) -> dict:
-    cfg = dict(params)
-    return train(cfg, "AdamW", cfg["lr"], cfg["seed"], device, cfg.get("max_seconds"))
+    return train(params, "AdamW", params["lr"], params["seed"], device, params.get("max_seconds"))
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -29,7 +29,7 @@ from typing import Sequence
 from ..optimizers import select_optimizers
 from ..report import markdown_table, write_json
 from .lm import PRESETS as LM_PRESETS
-from .lm import RELATIVE_COST
+from .lm import GPU_SECONDS_PER_STEP
 from .lm_training import LR_CENTRES, train
 from .pool import Job
 
@@ -82,7 +82,7 @@ def jobs(preset: str, seeds: Sequence[int] | None = None, model: str | None = No
             lr = LR_CENTRES[spec.family] * f
             params = dict(cfg, model=model, optimizer=name, lr=lr, seed=0)
             out.append(Job("lm_optimizers", f"lmopt/{model}/{name}/lr{lr:.3g}", params,
-                           RELATIVE_COST.get(model, 1.0) * cfg["steps"] * (2.0 if name in ("M3", "MuonMemory", "Muon") else 1.0)))
+                           GPU_SECONDS_PER_STEP.get(model, 1.0) * cfg["steps"] * (2.0 if name in ("M3", "MuonMemory", "Muon") else 1.0)))
     return out
 
 

@@ -123,12 +123,8 @@ def train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_seco
 
     The layers' NaN input checks are off during the run (a non-finite loss ends it as diverged, and
     the checks would cost a host sync per layer); the previous setting is restored afterwards."""
-    checks = nl_layers.finite_checks_enabled()
-    nl_layers.set_finite_checks(False)
-    try:
+    with nl_layers.finite_checks(False):
         return _train(cfg, optimizer, lr, seed, device, max_seconds)
-    finally:
-        nl_layers.set_finite_checks(checks)
 
 
 def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_seconds: float | None) -> dict:

@@ -71,17 +71,19 @@ def load_records(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def is_finished(record: dict) -> bool:
+    """Whether a record holds a full run: a result, not cut short (such a job is not run again)."""
+    return "result" in record and not record["result"].get("cut_short")
+
+
 def latest_records(records: Sequence[dict]) -> list[dict]:
     """One record per job name: its last full result if it has one, else its last record (a run
     cut short, or an error). Reports read these, so a job redone after a cut-off counts once."""
     chosen: dict[str, dict] = {}
     for r in records:
-        name = r["job"]["name"]
-        full = "result" in r and not r["result"].get("cut_short")
-        prev = chosen.get(name)
-        prev_full = prev is not None and "result" in prev and not prev["result"].get("cut_short")
-        if prev is None or full or not prev_full:
-            chosen[name] = r
+        prev = chosen.get(r["job"]["name"])
+        if prev is None or is_finished(r) or not is_finished(prev):
+            chosen[r["job"]["name"]] = r
     return list(chosen.values())
 
 
@@ -140,7 +142,7 @@ def run_jobs(jobs: Sequence[Job], devices: Sequence[str], records_path: Path, de
     """
     records_path = Path(records_path)
     records_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["job"]["name"] for r in load_records(records_path) if "result" in r and not r["result"].get("cut_short")}
+    done = {r["job"]["name"] for r in load_records(records_path) if is_finished(r)}
     todo = sorted((j for j in jobs if j.name not in done), key=lambda j: -j.cost)
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):

@@ -204,12 +204,8 @@ def run(params: dict, device: str) -> dict:
     loss ends the run as ``diverged`` (its accuracy is then the last evaluation's)."""
     import nl_layers
 
-    checks = nl_layers.finite_checks_enabled()
-    nl_layers.set_finite_checks(False)
-    try:
+    with nl_layers.finite_checks(False):
         return _run(params, device)
-    finally:
-        nl_layers.set_finite_checks(checks)
 
 
 def _run(params: dict, device: str) -> dict:
