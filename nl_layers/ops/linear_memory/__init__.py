@@ -86,11 +86,12 @@ def linear_memory_recurrent(
     return (y.transpose(1, 2) if layout == "bthd" else y), m
 
 
-def resolve_impl(impl: str, k: torch.Tensor, rule: str) -> str:
+def resolve_impl(impl: str, k: torch.Tensor, rule: str, dv: int | None = None) -> str:
     """The implementation ``linear_memory_chunked`` runs: "torch" or "fla".
 
-    "auto" is fla when it is installed and applies (CUDA, float16/bfloat16, head dim in range),
-    else torch; "fla" raises a RuntimeError naming the fix when it cannot run.
+    "auto" is fla when it is installed and applies (CUDA, float16/bfloat16, head dims in range:
+    see ``nl_layers.ops.linear_memory.fla``), else torch; "fla" raises a RuntimeError naming the
+    fix when it cannot run. ``dv`` is the value head dim (default: k's).
 
     Example:
         >>> resolve_impl("auto", torch.zeros(1, 1, 4, 8), "delta")   # CPU tensors
@@ -99,7 +100,7 @@ def resolve_impl(impl: str, k: torch.Tensor, rule: str) -> str:
     check_choice(impl, "impl", IMPLS)
     if impl == "torch":
         return "torch"
-    reason = _fla.unsupported(k, delta=is_delta(rule))
+    reason = _fla.unsupported(k, k.shape[-1] if dv is None else dv, delta=is_delta(rule))
     if reason is None:
         return "fla"
     if impl == "fla":
@@ -133,7 +134,7 @@ def linear_memory_chunked(
     check_choice(layout, "layout", LAYOUTS)
     check_inputs(q, k, v, lr, log_decay, initial_state, layout)
     delta = is_delta(rule)
-    if resolve_impl(impl, k, rule) == "fla":
+    if resolve_impl(impl, k, rule, v.shape[-1]) == "fla":
         if layout == "bhtd":
             q, k, v, lr, log_decay = (t.transpose(1, 2) if isinstance(t, torch.Tensor) else t
                                       for t in (q, k, v, lr, log_decay))

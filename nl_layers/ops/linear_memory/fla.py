@@ -11,13 +11,22 @@ memory kept value-first (``state_v_first=True``: fla's [N, H, V, K] state is our
 
 both with ``initial_state=M_0, output_final_state=True, state_v_first=True``. One kernel serves
 delta with and without decay: fla's ``chunk_delta_rule`` (no gate) refuses float32 and has no
-value-first state. The kernels take float16/bfloat16 q, k, v (b, g and M_0 are passed in float32;
-fla computes gates, the triangular solve and the state in float32), any T (fla masks the last
-chunk), head dims up to 256 for the delta kernel, and return gradients for q, k, v, g, beta and
-M_0; gradients of lr, k (through c_t for dgd) and v (through b*v for hebbian) follow by autograd.
+value-first state. What fla-core 0.6.0 accepts, and so where this path is taken:
+
+- q, k, v in float16/bfloat16, fla's tested dtypes (``chunk_delta_rule`` refuses float32; the
+  gated kernels accept it but round their matmuls): float32 inputs stay on the torch path, which
+  computes in float32. b, g and M_0 are passed to fla in float32.
+- any T: fla masks the last partial chunk of 64 (fla's chunk; our ``chunk_size`` is not used).
+- even dk and dv (fla's 16-bit backward asserts it: Triton miscompiles odd tails) and dk <= 256
+  for the delta kernel (asserted in its state recurrence).
+- not on a Hopper GPU with Triton in [3.4.0, 3.7.1): fla raises in the gated backward there
+  (wrong results, fla issue #640).
+
+fla returns gradients for q, k, v, g, beta and M_0 (the initial state gets one); gradients of lr,
+of k through c_t (dgd) and of v through b*v (hebbian) follow by autograd.
 
 Example:
-    >>> unsupported(torch.zeros(1, 4, 2, 8), delta=True) is not None   # a CPU tensor
+    >>> unsupported(torch.zeros(1, 4, 2, 8), 8, delta=True) is not None   # a CPU tensor
     True
 """
 
@@ -39,8 +48,8 @@ def available() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
-def unsupported(k: torch.Tensor, *, delta: bool) -> str | None:
-    """Why fla cannot compute the rule on these inputs (None when it can); k in any layout."""
+def unsupported(k: torch.Tensor, dv: int, *, delta: bool) -> str | None:
+    """Why fla cannot compute the rule on these inputs (None when it can); k in any layout, dv = v's last dim."""
     if not available():
         return f"flash-linear-attention is not installed ({FIX})"
     if k.device.type != "cuda":
@@ -49,7 +58,21 @@ def unsupported(k: torch.Tensor, *, delta: bool) -> str | None:
         return f"fla's kernels take float16 or bfloat16 q, k, v, got {k.dtype} (cast them, e.g. under torch.autocast)"
     if delta and k.shape[-1] > MAX_DELTA_HEAD_DIM:
         return f"fla's delta-rule kernel takes head dims up to {MAX_DELTA_HEAD_DIM}, got dk={k.shape[-1]}"
+    if k.shape[-1] % 2 or dv % 2:
+        return f"fla's 16-bit kernels need even head dims, got dk={k.shape[-1]}, dv={dv}"
+    if torch.cuda.get_device_capability(k.device)[0] == 9 and (3, 4, 0) <= _triton_version() < (3, 7, 1):
+        return "fla's gated backward is wrong on Hopper GPUs with Triton >= 3.4.0, < 3.7.1 (upgrade triton)"
     return None
+
+
+def _triton_version() -> tuple[int, ...]:
+    import triton
+
+    parts = []
+    for part in triton.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def chunked(q, k, v, b, log_decay, initial_state, *, delta: bool):
