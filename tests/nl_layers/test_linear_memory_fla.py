@@ -65,7 +65,8 @@ def test_fla_equals_torch_outputs_state_and_every_gradient(rule, b, h, t, dk, dv
     errors = {"y": _rel(y, y_ref), "M_T": _rel(m, m_ref)}
     errors.update({name: _rel(a, r) for name, a, r in zip(NAMES, grads, grads_ref)})
     bad = {name: f"{err:.2e}" for name, err in errors.items() if not err < TOL[name]}
-    assert not bad, f"{rule}: relative errors above tolerance {bad} (all: { {n: f'{e:.1e}' for n, e in errors.items()} })"
+    everything = {name: f"{err:.1e}" for name, err in errors.items()}
+    assert not bad, f"{rule}: relative errors above tolerance {bad} (all: {everything})"
 
 
 def test_auto_takes_fla_for_half_cuda_inputs_only():

@@ -45,7 +45,8 @@ def test_two_tokens_by_hand(a1, a2, b1, b2, seed, rule):
 
 @pytest.mark.parametrize("rule", ["delta", "dgd"])
 def test_unit_step_on_a_unit_key_stores_the_value_exactly(rule):
-    """b = 1, ||k|| = 1, any decay: the delta rule overwrites the decayed read-out, M_t k_t = v_t (dgd halves the step)."""
+    """b = 1, ||k|| = 1, any decay: the delta rule overwrites the decayed read-out, M_t k_t = v_t
+    (dgd's c = 1/2 goes halfway)."""
     k = torch.nn.functional.normalize(torch.randn(1, 1, 1, 4, dtype=torch.float64), dim=-1)
     v, m0 = torch.randn(1, 1, 1, 3, dtype=torch.float64), torch.randn(1, 1, 3, 4, dtype=torch.float64)
     log_a = torch.full((1, 1, 1), 0.6, dtype=torch.float64).log()

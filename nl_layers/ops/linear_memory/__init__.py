@@ -47,12 +47,9 @@ __all__ = ["IMPLS", "LAYOUTS", "RULES", "linear_memory_chunked", "linear_memory_
 IMPLS = ("auto", "torch", "fla")
 
 
-def _to_bhtd(layout, q, k, v, lr, log_decay):
-    """Views of the inputs in (B, H, T, D) / (B, H, T)."""
-    if layout == "bhtd":
-        return q, k, v, lr, log_decay
-    tr = lambda t: t.transpose(1, 2) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return tr(q), tr(k), tr(v), tr(lr), tr(log_decay)
+def _swap(*tensors):
+    """Views with dims 1 and 2 (heads and time) swapped; floats and None pass through."""
+    return [t.transpose(1, 2) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
 def linear_memory_recurrent(
@@ -80,7 +77,8 @@ def linear_memory_recurrent(
     check_choice(rule, "rule", RULES)
     check_choice(layout, "layout", LAYOUTS)
     check_inputs(q, k, v, lr, log_decay, initial_state, layout)
-    q, k, v, lr, log_decay = _to_bhtd(layout, q, k, v, lr, log_decay)
+    if layout == "bthd":
+        q, k, v, lr, log_decay = _swap(q, k, v, lr, log_decay)
     b = step_sizes(rule, k, lr, q.dtype)
     y, m = _recurrent(q, k, v, b, log_decay, initial_state, delta=is_delta(rule))
     return (y.transpose(1, 2) if layout == "bthd" else y), m
@@ -134,14 +132,14 @@ def linear_memory_chunked(
     check_choice(layout, "layout", LAYOUTS)
     check_inputs(q, k, v, lr, log_decay, initial_state, layout)
     delta = is_delta(rule)
-    if resolve_impl(impl, k, rule, v.shape[-1]) == "fla":
+    if resolve_impl(impl, k, rule, v.shape[-1]) == "fla":  # fla's layout is (B, T, H, D)
         if layout == "bhtd":
-            q, k, v, lr, log_decay = (t.transpose(1, 2) if isinstance(t, torch.Tensor) else t
-                                      for t in (q, k, v, lr, log_decay))
+            q, k, v, lr, log_decay = _swap(q, k, v, lr, log_decay)
         b = step_sizes(rule, k, lr, torch.float32)
         y, m = _fla.chunked(q, k, v, b, log_decay, initial_state, delta=delta)
         return (y.transpose(1, 2) if layout == "bhtd" else y), m
-    q, k, v, lr, log_decay = _to_bhtd(layout, q, k, v, lr, log_decay)
+    if layout == "bthd":  # the torch path's layout is (B, H, T, D)
+        q, k, v, lr, log_decay = _swap(q, k, v, lr, log_decay)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     b = step_sizes(rule, k, lr, dtype)
     y, m = _chunked_torch(q, k, v, b, log_decay, initial_state, delta=delta, chunk_size=chunk_size)
