@@ -49,8 +49,9 @@ class LinearMemory(nn.Module):
     Stable at the defaults: q and k are l2-normalized, b_t in (0, lr] with lr = 1 (sigmoid gives
     b_t in (0, 1)) and a_t in (0, 1). A delta step is M_t = M_{t-1} a_t (I - b_t k_t k_t^T) +
     b_t v_t k_t^T; with b_t ||k_t||^2 <= 1 the transition a_t (I - b_t k_t k_t^T) has eigenvalues
-    a_t (1 - b_t ||k_t||^2) and a_t, so its spectral norm is <= 1 and M stays bounded by the values
-    written. dgd's c_t ||k_t||^2 < 1 for every b_t > 0. hebbian's M is bounded when a_t < 1.
+    a_t (1 - b_t ||k_t||^2) and a_t, so its spectral norm is a_t <= 1 and
+    ||M_t|| <= a_t ||M_{t-1}|| + b_t ||v_t|| ||k_t||: M never amplifies itself (hebbian obeys the
+    same bound). dgd's c_t ||k_t||^2 < 1 holds for every b_t > 0.
 
     Args:
         dim: model width.
