@@ -23,8 +23,8 @@ NAMES = ["q", "k", "v", "lr", "log_decay", "initial_state"]
 TOL = {"y": 1e-2, "M_T": 1e-2, "q": 1e-2, "k": 1e-2, "v": 1e-2, "initial_state": 1e-2, "lr": 2e-2, "log_decay": 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def _compiled_fla():
+@pytest.fixture
+def compiled_fla():
     pytest.importorskip("fla", reason="flash-linear-attention is not installed (pip install -e '.[kernels]')")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.fail("run the gpu tests with TRITON_INTERPRET=0 (the CPU tests set it to 1 by default)")
@@ -54,6 +54,7 @@ def _run(inputs, rule, impl):
     return y, m, torch.autograd.grad(loss, inputs)
 
 
+@pytest.mark.usefixtures("compiled_fla")
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("b, h, t, dk, dv", [(2, 4, 1000, 64, 64), (1, 3, 77, 32, 16)])
 def test_fla_equals_torch_outputs_state_and_every_gradient(rule, b, h, t, dk, dv):
@@ -69,6 +70,7 @@ def test_fla_equals_torch_outputs_state_and_every_gradient(rule, b, h, t, dk, dv
     assert not bad, f"{rule}: relative errors above tolerance {bad} (all: {everything})"
 
 
+@pytest.mark.usefixtures("compiled_fla")
 def test_auto_takes_fla_for_half_cuda_inputs_only():
     k = torch.zeros(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
     assert resolve_impl("auto", k, "delta") == "fla" and resolve_impl("auto", k, "hebbian") == "fla"
@@ -79,6 +81,7 @@ def test_auto_takes_fla_for_half_cuda_inputs_only():
         resolve_impl("fla", k.float(), "delta")
 
 
+@pytest.mark.usefixtures("compiled_fla")
 @pytest.mark.parametrize("rule", RULES)
 def test_layer_on_fla_streams_and_matches_torch_under_autocast(rule):
     torch.manual_seed(0)
