@@ -76,7 +76,8 @@ def _linear_titans(forget: bool, w0_std: float):
 @pytest.mark.parametrize("forget, w0_std", [(True, 0.0), (False, 0.3)])
 def test_linear_memory_without_momentum_is_the_delta_rule(forget, w0_std):
     """M(k) = W k, no momentum, chunk 1: W_t = (1 - alpha_t) W_{t-1} - theta_t (W_{t-1} k_t - v_t) k_t^T
-    and y_t = W_t q_t, i.e. LinearMemory's delta rule with a_t = 1 - alpha_t and b_t = theta_t.
+    and y_t = W_t q_t. With a_t = 1 - alpha_t this is LinearMemory's delta rule (Gated DeltaNet:
+    W_t = a_t W_{t-1} - b_t (a_t W_{t-1} k_t - v_t) k_t^T) with b_t = theta_t / a_t and v_t -> a_t v_t.
     (Forgetting pulls toward the initial weight W_0, so with forgetting W_0 = 0 is the literal rule.)"""
     mem = _linear_titans(forget, w0_std)
     x = torch.randn(2, 20, 12, dtype=torch.float64)
@@ -84,9 +85,10 @@ def test_linear_memory_without_momentum_is_the_delta_rule(forget, w0_std):
     q, k, v, lr, log_m, log_a, _ = mem._prepare(x, mem.initial_state(2, x))
     assert log_m is None
     heads = lambda t: t.reshape(2, 2, 20, *t.shape[2:])  # noqa: E731  (B*H, T, ...) -> (B, H, T, ...)
+    a = heads(log_a).exp() if forget else torch.ones_like(heads(lr))
     y_lin, m_lin = linear_memory_recurrent(
-        heads(q), heads(k), heads(v), rule="delta", lr=heads(lr), log_decay=heads(log_a) if forget else None,
-        initial_state=mem.memory.weight.expand(2, 2, 6, 6),
+        heads(q), heads(k), a[..., None] * heads(v), rule="delta", lr=heads(lr) / a,
+        log_decay=heads(log_a) if forget else None, initial_state=mem.memory.weight.expand(2, 2, 6, 6),
     )
     assert max_diff(state.weights["weight"], m_lin) < 1e-12
     assert max_diff(y, y_lin.transpose(1, 2).reshape(2, 20, 12)) < 1e-12

@@ -1,0 +1,106 @@
+"""The linear memory on flash-linear-attention's Triton kernels (``pip install -e ".[kernels]"``, CUDA).
+
+Our parameters map exactly onto fla-core's chunked ops, in fla's layout (B, T, H, D), with the
+memory kept value-first (``state_v_first=True``: fla's [N, H, V, K] state is our (B, H, dv, dk) M):
+
+    hebbian  M_t = a_t M_{t-1} + b_t v_t k_t^T, y_t = M_t q_t
+             -> chunk_simple_gla(q, k, b*v, g=log_decay (None without decay), scale=1.0, ...)
+    delta    M_t = a_t M_{t-1} + b_t (v_t - a_t M_{t-1} k_t) k_t^T, y_t = M_t q_t
+             -> chunk_gated_delta_rule(q, k, v, g=log_decay (zeros without decay), beta=b, scale=1.0, ...)
+    dgd      the delta rule with beta = c_t = b_t / (1 + b_t ||k_t||^2)  (same kernel)
+
+both with ``initial_state=M_0, output_final_state=True, state_v_first=True``. One kernel serves
+delta with and without decay: fla's ``chunk_delta_rule`` (no gate) refuses float32 and has no
+value-first state. What fla-core 0.6.0 accepts, and so where this path is taken:
+
+- q, k, v in float16/bfloat16, fla's tested dtypes (``chunk_delta_rule`` refuses float32; the
+  gated kernels accept it but round their matmuls): float32 inputs stay on the torch path, which
+  computes in float32. b, g and M_0 are passed to fla in float32.
+- any T: fla masks the last partial chunk of 64 (fla's chunk; our ``chunk_size`` is not used).
+- even dk and dv (fla's 16-bit backward asserts it: Triton miscompiles odd tails) and dk <= 256
+  for the delta kernel (asserted in its state recurrence).
+- not on a Hopper GPU with Triton in [3.4.0, 3.7.1): fla raises in the gated backward there
+  (wrong results, fla issue #640).
+
+fla returns gradients for q, k, v, g, beta and M_0 (the initial state gets one); gradients of lr,
+of k through c_t (dgd) and of v through b*v (hebbian) follow by autograd.
+
+Example:
+    >>> unsupported(torch.zeros(1, 4, 2, 8), 8, delta=True) is not None   # a CPU tensor
+    True
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+__all__ = ["FIX", "MAX_DELTA_HEAD_DIM", "available", "chunked", "unsupported"]
+
+FIX = 'pip install -e ".[kernels]"'
+MAX_DELTA_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def available() -> bool:
+    """Whether flash-linear-attention (the ``fla`` package of fla-core) can be imported."""
+    return importlib.util.find_spec("fla") is not None
+
+
+def unsupported(k: torch.Tensor, dv: int, *, delta: bool) -> str | None:
+    """Why fla cannot compute the rule on these inputs (None when it can); k in any layout, dv = v's last dim."""
+    if not available():
+        return f"flash-linear-attention is not installed ({FIX})"
+    if k.device.type != "cuda":
+        return f"the inputs are on {k.device.type}; fla's Triton kernels need CUDA tensors (move q, k, v to a GPU)"
+    if k.dtype not in _DTYPES:
+        return f"fla's kernels take float16 or bfloat16 q, k, v, got {k.dtype} (cast them, e.g. under torch.autocast)"
+    if delta and k.shape[-1] > MAX_DELTA_HEAD_DIM:
+        return f"fla's delta-rule kernel takes head dims up to {MAX_DELTA_HEAD_DIM}, got dk={k.shape[-1]}"
+    if k.shape[-1] % 2 or dv % 2:
+        return f"fla's 16-bit kernels need even head dims, got dk={k.shape[-1]}, dv={dv}"
+    if torch.cuda.get_device_capability(k.device)[0] == 9 and (3, 4, 0) <= _triton_version() < (3, 7, 1):
+        return "fla's gated backward is wrong on Hopper GPUs with Triton >= 3.4.0, < 3.7.1 (upgrade triton)"
+    return None
+
+
+def _triton_version() -> tuple[int, ...]:
+    import triton
+
+    parts = []
+    for part in triton.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def chunked(q, k, v, b, log_decay, initial_state, *, delta: bool):
+    """The linear memory by fla's chunked kernels, (B, T, H, D) layout.
+
+    Args:
+        q, k: (B, T, H, dk); v: (B, T, H, dv), float16 or bfloat16 on CUDA.
+        b: step sizes (B, T, H) (c_t for dgd); log_decay: (B, T, H) or None.
+        initial_state: M_0 (B, H, dv, dk) or None; delta: delta/dgd if True, hebbian if False.
+
+    Returns:
+        (y, M_T) in q's dtype: y (B, T, H, dv), M_T (B, H, dv, dk).
+    """
+    g = log_decay.float() if log_decay is not None else None
+    m0 = initial_state.float() if initial_state is not None else None
+    if delta:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        if g is None:
+            g = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+        y, m = chunk_gated_delta_rule(
+            q, k, v, g, b.float(), scale=1.0, initial_state=m0, output_final_state=True, state_v_first=True
+        )
+    else:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        bv = (b.float()[..., None] * v.float()).to(v.dtype)
+        y, m = chunk_simple_gla(
+            q, k, bv, g=g, scale=1.0, initial_state=m0, output_final_state=True, state_v_first=True
+        )
+    return y.to(q.dtype), m.to(q.dtype)

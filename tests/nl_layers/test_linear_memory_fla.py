@@ -1,0 +1,109 @@
+"""flash-linear-attention path == pure-torch path on a CUDA device (compiled Triton, not the interpreter).
+
+bfloat16 inputs through fla against the float32 torch chunked form on the same values (upcast):
+outputs, final state and the gradient of every input, compared as ||a - b|| / ||b|| (fla's own test
+measure). Tolerances: 1e-2 for y, M_T and the q, k, v, M_0 gradients, 2e-2 for the lr and log_decay
+gradients (sums over a head dim in bfloat16). T = 1000 is not a multiple of fla's chunk of 64.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nl_layers
+from nl_layers.memory.linear import RULES, linear_memory_chunked, linear_memory_recurrent
+from nl_layers.ops.linear_memory import resolve_impl
+
+pytestmark = pytest.mark.gpu
+
+NAMES = ["q", "k", "v", "lr", "log_decay", "initial_state"]
+TOL = {"y": 1e-2, "M_T": 1e-2, "q": 1e-2, "k": 1e-2, "v": 1e-2, "initial_state": 1e-2, "lr": 2e-2, "log_decay": 2e-2}
+
+
+@pytest.fixture
+def compiled_fla():
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed (pip install -e '.[kernels]')")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("run the gpu tests with TRITON_INTERPRET=0 (the CPU tests set it to 1 by default)")
+
+
+def _rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _inputs(b, h, t, dk, dv, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device="cuda")  # noqa: E731
+    q, k = F.normalize(rand(b, h, t, dk), dim=-1), F.normalize(rand(b, h, t, dk), dim=-1)
+    lr, log_decay = torch.sigmoid(rand(b, h, t)), F.logsigmoid(rand(b, h, t) + 3)
+    tensors = [q, k, rand(b, h, t, dv), lr, log_decay, rand(b, h, dv, dk)]
+    return [x.to(dtype).requires_grad_() for x in tensors]
+
+
+def _run(inputs, rule, impl):
+    q, k, v, lr, log_decay, m0 = inputs
+    y, m = linear_memory_chunked(q, k, v, rule=rule, lr=lr, log_decay=log_decay, initial_state=m0, impl=impl)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    wy = torch.randn(y.shape, generator=g, device="cuda")
+    wm = torch.randn(m.shape, generator=g, device="cuda")
+    loss = (y.float() * wy).sum() + (m.float() * wm).sum()
+    return y, m, torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.usefixtures("compiled_fla")
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("b, h, t, dk, dv", [(2, 4, 1000, 64, 64), (1, 3, 77, 32, 16)])
+def test_fla_equals_torch_outputs_state_and_every_gradient(rule, b, h, t, dk, dv):
+    low = _inputs(b, h, t, dk, dv, torch.bfloat16)
+    ref = [x.detach().float().requires_grad_() for x in low]
+    y, m, grads = _run(low, rule, "fla")
+    y_ref, m_ref, grads_ref = _run(ref, rule, "torch")
+    assert y.dtype == torch.bfloat16 and y.shape == y_ref.shape and m.shape == m_ref.shape
+    errors = {"y": _rel(y, y_ref), "M_T": _rel(m, m_ref)}
+    errors.update({name: _rel(a, r) for name, a, r in zip(NAMES, grads, grads_ref)})
+    bad = {name: f"{err:.2e}" for name, err in errors.items() if not err < TOL[name]}
+    everything = {name: f"{err:.1e}" for name, err in errors.items()}
+    assert not bad, f"{rule}: relative errors above tolerance {bad} (all: {everything})"
+
+
+@pytest.mark.usefixtures("compiled_fla")
+def test_auto_takes_fla_for_half_cuda_inputs_only():
+    k = torch.zeros(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
+    assert resolve_impl("auto", k, "delta") == "fla" and resolve_impl("auto", k, "hebbian") == "fla"
+    assert resolve_impl("auto", k.float(), "delta") == "torch"
+    assert resolve_impl("auto", torch.zeros(1, 2, 8, 300, device="cuda", dtype=torch.bfloat16), "dgd") == "torch"
+    assert resolve_impl("auto", k, "hebbian", dv=33) == "torch"  # fla's 16-bit backward needs even dims
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        resolve_impl("fla", k.float(), "delta")
+
+
+@pytest.mark.usefixtures("compiled_fla")
+@pytest.mark.parametrize("rule", RULES)
+def test_layer_on_fla_streams_and_matches_torch_under_autocast(rule):
+    torch.manual_seed(0)
+    layer = nl_layers.LinearMemory(128, heads=2, rule=rule).cuda()
+    layer_torch = copy.deepcopy(layer)
+    layer_torch.impl = "torch"
+    x = torch.randn(2, 300, 128, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, state = layer(x)
+        y_torch, state_torch = layer_torch(x)
+        y1, s = layer(x[:, :123])
+        y2, s = layer(x[:, 123:], s)
+    assert y.dtype == torch.bfloat16
+    assert _rel(y, y_torch) < 1e-2 and _rel(state.memory, state_torch.memory) < 1e-2
+    assert _rel(torch.cat([y1, y2], 1), y) < 1e-2 and _rel(s.memory, state.memory) < 1e-2
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_torch_path_on_cuda_equals_recurrent(rule):
+    inputs = [x.detach().double() for x in _inputs(2, 2, 150, 16, 24, torch.float32)]
+    q, k, v, lr, log_decay, m0 = inputs
+    kw = dict(rule=rule, lr=lr, log_decay=log_decay, initial_state=m0)
+    y, m = linear_memory_chunked(q, k, v, chunk_size=64, impl="torch", **kw)
+    y_ref, m_ref = linear_memory_recurrent(q, k, v, **kw)
+    assert _rel(y, y_ref) < 1e-10 and _rel(m, m_ref) < 1e-10
