@@ -1,16 +1,18 @@
-"""Run the ``layers`` suite's three parts and collect one row per measurement.
+"""Run the ``layers`` suite's three parts, in this order, and collect one row per measurement.
 
+- ``lm``: one AdamW training step of each language model (:mod:`.lm_steps`), fp32 and bf16 autocast.
 - ``mixers``: every mixer (:mod:`.mixers`) forward+backward at each T with ``tokens`` per call
-  (batch = tokens // T), in ``dtype``; all mixers at the shortest T first, then the next T, so a
-  spent budget cuts the longest lengths, not whole mixers.
+  (batch = tokens // T), in ``dtype``.
 - ``titans``: the Titans comparison (dim 256, 4 heads, 4K tokens per call, T = 1K / 4K / 16K,
   chunk 16 and 64, bf16 and fp32): our NeuralMemory and SelfModifyingTitans against
   titans-pytorch's NeuralMemory.
-- ``lm``: one AdamW training step of each language model (:mod:`.lm_steps`), fp32 and bf16 autocast.
 
 Each part gets a share of ``budget_s`` (plus what earlier parts left unused); once it is spent the
-remaining rows say so. A case's longer lengths are skipped past the per-measurement cap
-(:class:`~benchmarks.layers.timing.LengthGuard`). One progress line is printed per row.
+remaining rows say so. Within a part, every case runs its shortest T first; after that the
+measurement predicted to be cheapest goes next (:func:`cheapest_first`), so a spent budget cuts
+the slow layers' long lengths, never the fast layers' ones. A case's longer lengths are skipped
+past the per-measurement cap (:class:`~benchmarks.layers.timing.LengthGuard`). One progress line
+is printed per row.
 
 Example:
     >>> cfg = LayersConfig.smoke()
@@ -35,8 +37,8 @@ from .mixers import mixer_cases, titans_cases
 from .timing import Deadline, LengthGuard, clock_for, length_schedule, measure
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PARTS = ("mixers", "titans", "lm")
-SHARES = {"mixers": 0.55, "titans": 0.2, "lm": 0.25}
+PARTS = ("lm", "mixers", "titans")  # run order: the cheap LM table first, its unused budget carries on
+SHARES = {"lm": 0.25, "mixers": 0.55, "titans": 0.2}
 
 
 @dataclass
@@ -108,10 +110,54 @@ def progress_line(row: dict) -> str:
     return f"layers: {row['section']} | {label} | {row['batch']} x {row['length']} | {what} | {row.get('seconds', 0):.1f} s"
 
 
+def cheapest_first(plan):
+    """Yield the plan's entries, each case's lengths in order, the cheapest predicted one next.
+
+    Every case's first entry comes first (in plan order); after that, the case whose next length
+    has the lowest predicted per-call time (its last measured ms x T_next / T_last) goes next.
+    The caller reports each measured row back with ``send``.
+
+    >>> plan = [("slow", 1, 8, {}), ("fast", 1, 8, {}), ("slow", 1, 16, {}), ("fast", 1, 16, {})]
+    >>> gen = cheapest_first(plan)
+    >>> order = [next(gen)[0], gen.send({"ms": 100.0})[0], gen.send({"ms": 1.0})[0]]
+    >>> order
+    ['slow', 'fast', 'fast']
+    """
+    queues: dict = {}
+    for i, entry in enumerate(plan):
+        case, _, length, extra = entry
+        queues.setdefault((getattr(case, "name", case), tuple(sorted(extra.items()))), []).append((length, i, entry))
+    for q in queues.values():
+        q.sort(key=lambda item: (item[0], item[1]))
+    last: dict = {}
+
+    def predicted(key):
+        length, index, _ = queues[key][0]
+        if key not in last or not last[key][1]:
+            return (0.0, index)
+        prev, ms = last[key]
+        return (ms * length / prev, index)
+
+    while queues:
+        key = min(queues, key=predicted)
+        length, _, entry = queues[key].pop(0)
+        if not queues[key]:
+            del queues[key]
+        row = yield entry
+        last[key] = (length, (row or {}).get("ms"))
+
+
 def run_plan(section: str, plan, device: str, clock, cfg: LayersConfig, deadline: Deadline, log: Callable) -> list[dict]:
-    """Measure each (case, batch, length, extra) in order; skip past the cap or the budget."""
+    """Measure each (case, batch, length, extra) of ``plan``, cheapest predicted first; skip past
+    the per-measurement cap or the part's budget."""
     guard, rows = LengthGuard(cfg.cap_s), []
-    for case, batch, length, extra in plan:
+    order = cheapest_first(plan)
+    row = None
+    while True:
+        try:
+            case, batch, length, extra = order.send(row) if row is not None else next(order)
+        except StopIteration:
+            break
         key = (case.name, tuple(sorted(extra.items())))
         row = {"section": section, "name": case.name, "source": case.source, **extra}
         reason = guard.reason(key, length)
@@ -181,8 +227,8 @@ def run_layers(cfg: LayersConfig, device: str = "cuda", clock=None, log: Callabl
             f"budget {cfg.budget_s:.0f} s, cap {cfg.cap_s:.0f} s per measurement")
         deadline = Deadline(cfg.budget_s)
         total = sum(SHARES[p] for p in planned) or 1.0
-        for part, plan in planned.items():
+        for part in [p for p in PARTS if p in planned]:
             deadline.start_section(SHARES[part] / total)
-            rows += run_plan(part, plan, device, clock, cfg, deadline, log)
+            rows += run_plan(part, planned[part], device, clock, cfg, deadline, log)
     return {"config": asdict(cfg), "rows": rows, "unavailable": unavailable, "clock": clock.name,
             "tf32": True, "finite_checks": False, "seconds": time.perf_counter() - start}

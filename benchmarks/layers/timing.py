@@ -4,8 +4,9 @@
   after each call), :class:`CpuClock` with ``time.perf_counter`` (tests, CPU smoke runs).
 - :func:`time_calls` runs warm-up calls, then timed calls until ``repeats`` of them, or at least
   ``min_repeats`` once they add up to ``target_s``; it stops early when the next call would take
-  the measurement past ``cap_s`` (a slow layer gets fewer repeats, never minutes). The first call
-  may compile or autotune: a first call of up to ``3 x cap_s`` is allowed one more call.
+  the calls after the first past ``cap_s`` seconds (a slow layer gets fewer repeats, never
+  minutes). The first call may compile or autotune: it is never timed, and a first call of up to
+  ``3 x cap_s`` is allowed one more call.
   Reported: the median of the timed calls.
 - :func:`measure` builds a case at (batch, length), times it, reads the peak memory, and turns
   an out-of-memory error (or any other) into a row that says so.
@@ -80,14 +81,14 @@ def time_calls(fn: Callable[[], object], clock, warmup: int = 2, repeats: int = 
     first = clock.call(fn)
     if first / 1e3 > 3 * cap_s:
         return Timing(None, 0, 1, first, f"one call took {first / 1e3:.0f} s (> 3 x cap {cap_s:.0f} s)")
-    start = time.perf_counter()
-    warm_left, timed, last, calls = max(0, warmup - 1), [], first, 1
+    warm_left, timed, last, calls, spent = max(0, warmup - 1), [], first, 1, 0.0
     while True:
         if len(timed) >= repeats or (len(timed) >= min_repeats and sum(timed) / 1e3 >= target_s):
             break
-        if (time.perf_counter() - start) + last / 1e3 > cap_s and calls > 1:
+        if spent + last / 1e3 > cap_s and calls > 1:
             break  # the next call would pass the cap
         last = clock.call(fn)
+        spent += last / 1e3
         calls += 1
         if warm_left:
             warm_left -= 1
@@ -113,13 +114,18 @@ def length_schedule(tokens: int, lengths: Sequence[int]) -> list[tuple[int, int]
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def _free(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def _build_and_time(make, batch: int, length: int, clock, timing: dict) -> Timing:
+    """In its own frame, so that the layer and its tensors are freed when it returns or raises."""
+    return time_calls(make(batch, length), clock, **timing)
 
 
 def measure(make: Callable[[int, int], Callable[[], object]], batch: int, length: int, device: str, clock,
@@ -136,9 +142,7 @@ def measure(make: Callable[[int, int], Callable[[], object]], batch: int, length
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        step = make(batch, length)
-        timed = time_calls(step, clock, **timing)
-        del step
+        timed = _build_and_time(make, batch, length, clock, timing)
         if timed.ms is None:
             row["skipped"] = "skipped: " + timed.note
             row["first_call_ms"] = timed.first_ms

@@ -14,7 +14,9 @@ when there are others). Validation bits per character at the end, over ``val_win
 windows.
 
 Example:
-    >>> out = run(dict(SMOKE, model="transformer", seed=0), "cpu")
+    >>> out = run(dict(SMOKE, model="transformer", seed=0), "cpu")  # doctest: +ELLIPSIS
+    lm_defaults: [cpu] transformer seed 0: start
+    lm_defaults: [cpu] transformer seed 0: done after 4 steps, ... ms/step, val bpc ...
     >>> out["steps_done"], out["finite"], out["first_nan_step"]
     (4, True, None)
 """
