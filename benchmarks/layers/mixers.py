@@ -13,7 +13,8 @@ delta and dgd rules (default ``impl``; also ``impl="torch"`` when the argument e
 (otherwise recorded in ``unavailable`` with the reason): fla's op ``chunk_delta_rule`` (op only:
 no projections), fla's ``GatedDeltaNet`` layer (or, when ``fla.layers`` is absent as in fla-core,
 fla's ``chunk_gated_delta_rule`` inside LinearMemory-shaped projections), titans-pytorch's
-``NeuralMemory(dim, chunk_size, heads)``.
+``NeuralMemory(dim, chunk_size, heads, dim_head=dim // heads)`` (our head layout; its default,
+``heads`` heads of width ``dim``, is what the Titans comparison times, as the issue's reference did).
 
 Example:
     >>> cases, unavailable = mixer_cases(dim=16, heads=2, device="cpu", dtype=torch.float32)
@@ -198,20 +199,25 @@ def peers(dim: int, heads: int, device: str, dtype: torch.dtype, titans_chunk: i
                 "; timed fla's chunk_gated_delta_rule inside LinearMemory's projections instead"
         else:
             unavailable["fla GatedDeltaNet layer"] = why_layers
-    cases += titans_pytorch_cases(dim, heads, device, dtype, (titans_chunk,), unavailable)
+    cases += titans_pytorch_cases(dim, heads, device, dtype, (titans_chunk,), unavailable, dim_head=dim // heads)
     return cases, unavailable
 
 
-def titans_pytorch_cases(dim: int, heads: int, device: str, dtype: torch.dtype, chunks, unavailable: dict) -> list[Case]:
-    """titans-pytorch's ``NeuralMemory(dim, chunk_size=c, heads=heads)`` per chunk size (its
-    per-head width defaults to ``dim``: ``heads`` heads of ``dim`` each)."""
+def titans_pytorch_cases(dim: int, heads: int, device: str, dtype: torch.dtype, chunks, unavailable: dict,
+                         dim_head: int | None = None) -> list[Case]:
+    """titans-pytorch's ``NeuralMemory(dim, chunk_size=c, heads=heads)`` per chunk size; its
+    per-head width defaults to ``dim`` (``heads`` heads of ``dim`` each) unless ``dim_head`` is given."""
     mod, why = _import("titans_pytorch")
     if mod is None:
         unavailable["titans-pytorch NeuralMemory"] = why
         return []
-    return [module_case("titans-pytorch NeuralMemory", "titans-pytorch",
-                        lambda c=c: mod.NeuralMemory(dim, chunk_size=c, heads=heads), dim, device, dtype)
-            for c in chunks]
+    width = {} if dim_head is None else {"dim_head": dim_head}
+    name = "titans-pytorch NeuralMemory" + ("" if dim_head is None else f" (dim_head {dim_head})")
+    cases = [module_case(name, "titans-pytorch", lambda c=c: mod.NeuralMemory(dim, chunk_size=c, heads=heads, **width),
+                         dim, device, dtype) for c in chunks]
+    for case, c in zip(cases, chunks):
+        case.config.update(chunk_size=c, heads=heads, dim_head=dim_head or dim)
+    return cases
 
 
 def mixer_cases(dim: int, heads: int, device: str, dtype: torch.dtype, titans_chunk: int | None = None,

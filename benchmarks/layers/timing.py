@@ -166,9 +166,12 @@ class LengthGuard:
     def __init__(self, cap_s: float):
         self.cap_s = cap_s
         self._last: dict[str, tuple[int, dict]] = {}
+        self._timed: dict[str, tuple[int, float]] = {}  # the last length that ran, and its ms per call
 
     def update(self, name: str, length: int, row: dict) -> None:
         self._last[name] = (length, row)
+        if row.get("ms"):
+            self._timed[name] = (length, row["ms"])
 
     def reason(self, name: str, length: int) -> str | None:
         if name not in self._last:
@@ -178,10 +181,11 @@ class LengthGuard:
             return f"skipped: T={prev:,} was skipped"
         if row.get("seconds", 0.0) > self.cap_s:
             return f"skipped: T={prev:,} took {row['seconds']:.0f} s > cap {self.cap_s:.0f} s per measurement"
-        if row.get("ms") and length > prev:
-            predicted = row["ms"] / 1e3 * length / prev  # fixed tokens per call: time grows at least like T
+        if name in self._timed and length > self._timed[name][0]:  # after an error: the last length that ran
+            ran, ms = self._timed[name]
+            predicted = ms / 1e3 * length / ran  # fixed tokens per call: time grows at least like T
             if 2 * predicted > self.cap_s:  # at least two calls (one warm-up, one timed)
-                return (f"skipped: {row['ms'] / 1e3:.1f} s per call at T={prev:,} predicts {predicted:.0f} s per call "
+                return (f"skipped: {ms / 1e3:.1f} s per call at T={ran:,} predicts {predicted:.0f} s per call "
                         f"at T={length:,} (cap {self.cap_s:.0f} s per measurement)")
         return None
 
