@@ -69,8 +69,10 @@ def test_measure_turns_out_of_memory_and_errors_into_rows():
 def test_length_guard_skips_after_a_slow_or_skipped_measurement():
     guard = timing.LengthGuard(cap_s=10.0)
     assert guard.reason("a", 1024) is None
-    guard.update("a", 1024, {"seconds": 12.0, "ms": 100.0})
-    assert guard.reason("a", 4096).startswith("skipped: T=1,024 took 12 s > cap 10 s")
+    guard.update("a", 1024, {"seconds": 42.0, "first_call_ms": 30_000.0, "ms": 100.0})
+    assert guard.reason("a", 4096).startswith("skipped: T=1,024 took 12 s after its first call > cap 10 s")
+    guard.update("d", 1024, {"seconds": 31.0, "first_call_ms": 30_000.0, "ms": 10.0})
+    assert guard.reason("d", 4096) is None  # a slow first call (compilation, autotuning) alone skips nothing
     guard.update("b", 1024, {"seconds": 1.0, "ms": 100.0})
     assert guard.reason("b", 4096) is None  # 0.4 s per call predicted
     guard.update("c", 1024, {"skipped": "skipped: one call took 90 s"})
