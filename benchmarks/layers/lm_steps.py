@@ -2,9 +2,10 @@
 
 One step: zero the gradients, the next-token loss of a (batch, seq + 1) random token batch (three
 batches rotate), backward, one AdamW step (fused on CUDA). ``precision`` "fp32" keeps fp32 weights
-and activations (the suite turns TF32 matmuls on for the whole run); "bf16" runs the forward under bf16 autocast (weights and AdamW
-stay fp32). Models: ``TransformerLM``, ``HopeLM(block="attention")``, ``HopeLM()`` and
-``TitansLM``, at their default arguments apart from the sizes.
+and activations (the suite turns TF32 matmuls on for the whole run); "bf16" runs the forward under
+bf16 autocast (weights and AdamW stay fp32). Models: ``TransformerLM``,
+``HopeLM(block="attention")``, ``HopeLM()`` and ``TitansLM``, at their default arguments apart
+from the sizes.
 
 Example:
     >>> cases = lm_cases(vocab=32, dim=16, depth=1, heads=2, device="cpu", precision="fp32")

@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     p.add_argument("--steps", type=int, help="AdamW steps per job (default 1000; --smoke 4)")
     p.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="time cap per job (default 120)")
-    p.add_argument("--deadline", type=float, default=DEADLINE, help="no job starts after this many seconds (default 330; 0 = none)")
+    p.add_argument("--deadline", type=float, default=DEADLINE,
+                   help="no job starts after this many seconds (default 330; 0 = none)")
     for name, kind in (("dim", int), ("depth", int), ("heads", int), ("batch", int), ("seq-len", int), ("lr", float),
                        ("warmup", int), ("clip", float)):
         default = GPU[name.replace("-", "_")]

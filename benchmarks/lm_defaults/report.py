@@ -53,7 +53,8 @@ def seed_rows(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for rec in records:
         job, r = rec["job"]["params"], rec.get("result", {})
-        rows.append([job["model"], str(job["seed"]), status(rec), f"{r.get('steps_done', 0)} / {r.get('steps', job.get('steps', '-'))}",
+        steps = f"{r.get('steps_done', 0)} / {r.get('steps', job.get('steps', '-'))}"
+        rows.append([job["model"], str(job["seed"]), status(rec), steps,
                      _f(r.get("initial_train_loss"), ".3f"), _f(r.get("final_train_loss"), ".3f"),
                      _f(r.get("val_bpc"), ".3f"), _f(r.get("ms_per_step"), ".1f")])
     return header, rows

@@ -9,9 +9,9 @@ with periods > 1 (``level_spec``) go through :class:`deepopt.lightning.PeriodicG
 
 Losses stay on the device and are read every ``check_every`` steps (no host sync per step): the
 first non-finite loss ends the run, its step (1-based) recorded; ``max_seconds`` (counted from the
-job's start, checked after every step) ends it as cut short. ms per step is the median over those windows (the first one, with its warm-up, left out
-when there are others). Validation bits per character at the end, over ``val_windows`` fixed
-windows.
+job's start, checked after every step) ends it as cut short. ms per step is the median over those
+windows (the first one, with its warm-up, left out when there are others). Validation bits per
+character at the end, over ``val_windows`` fixed windows.
 
 Example:
     >>> out = run(dict(SMOKE, model="transformer", seed=0), "cpu")  # doctest: +ELLIPSIS

@@ -185,7 +185,8 @@ def test_report_ratios_to_sdpa_titans_pytorch_and_the_transformer():
     rows = [{"section": "mixers", "name": "SDPA attention", "source": "ours", "length": t, "batch": 1, "tokens_per_s": 2e7,
              "peak_GiB": 1.0} for t in (1024, 65536)]
     rows += [{"section": "mixers", "name": "linear delta", "source": "ours", "length": 1024, "batch": 64, "tokens_per_s": 1e7},
-             {"section": "mixers", "name": "linear delta", "source": "ours", "length": 65536, "batch": 1, "error": "out of memory"}]
+             {"section": "mixers", "name": "linear delta", "source": "ours", "length": 65536, "batch": 1,
+              "error": "out of memory"}]
     rows += [{"section": "titans", "name": n, "source": "x", "dtype": "bf16", "chunk": 16, "length": 1024, "batch": 4,
               "tokens_per_s": v} for n, v in (("Titans NeuralMemory", 4e4), ("titans-pytorch NeuralMemory", 2e4))]
     rows += [{"section": "lm", "name": n, "source": "ours", "precision": "fp32", "batch": 32, "length": 256, "ms": ms,
