@@ -232,7 +232,19 @@ def mixer_cases(dim: int, heads: int, device: str, dtype: torch.dtype, titans_ch
 
         titans_chunk = getattr(construct(nl_layers.NeuralMemory, dim, heads=heads), "chunk_size", 16)
     more, unavailable = peers(dim, heads, device, dtype, titans_chunk)
-    return cases + more, unavailable
+    return ordered(cases + more), unavailable
+
+
+def ordered(cases: list[Case]) -> list[Case]:
+    """The likely fast mixers first (attention, linear, fla), then the Titans family with the
+    titans-pytorch peer before SelfModifyingTitans and HOPE, so a part's budget reaches every peer."""
+    rank = {"Titans NeuralMemory": 1, "titans-pytorch": 2, "SelfModifyingTitans": 3, "HopeBlock": 4}
+
+    def key(item):
+        i, case = item
+        return next((r for prefix, r in rank.items() if case.name.startswith(prefix)), 0), i
+
+    return [c for _, c in sorted(enumerate(cases), key=key)]
 
 
 def titans_cases(dim: int, heads: int, chunk: int, device: str, dtype: torch.dtype, unavailable: dict) -> list[Case]:
