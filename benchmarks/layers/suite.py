@@ -46,7 +46,12 @@ def write_outputs(result: dict, out_dir: str, plots_too: bool = True) -> list[st
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     write_json(result, paths[0])
-    made = [plot_layers(result, os.path.join(out_dir, "layers.png"))] if plots_too else []
+    made = []
+    if plots_too:
+        try:
+            made.append(plot_layers(result, os.path.join(out_dir, "layers.png")))
+        except Exception as err:  # e.g. no matplotlib on the GPU machine: the numbers matter more
+            print(f"layers: no plot ({type(err).__name__}: {err})", flush=True)
     with open(paths[1], "w", encoding="utf-8") as fh:
         fh.write(layers_markdown(result, made))
     return paths + made

@@ -120,7 +120,12 @@ def write_report(records: Sequence[dict], out_dir: str, header: dict, plots_too:
     """results.json, results.md and loss_curves.png in ``out_dir``; returns the paths."""
     paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     write_json(to_jsonable({"header": header, "records": list(records)}), paths[0])
-    made = [plot_losses(records, os.path.join(out_dir, "loss_curves.png"))] if plots_too else []
+    made = []
+    if plots_too:
+        try:
+            made.append(plot_losses(records, os.path.join(out_dir, "loss_curves.png")))
+        except Exception as err:  # e.g. no matplotlib on the GPU machine: the numbers matter more
+            print(f"lm_defaults: no plot ({type(err).__name__}: {err})", flush=True)
     cfg = header["config"]
     versions = header["versions"]
     errors = [f"- {rec['job']['name']}: {rec['error'][:300]}" for rec in records if "error" in rec]

@@ -233,3 +233,16 @@ def test_cuda_path_times_with_events_and_reads_peak_memory():
     assert out["clock"] == "CUDA events"
     measured = [r for r in out["rows"] if "tokens_per_s" in r]
     assert measured and all(r["peak_GiB"] > 0 for r in measured)
+
+
+def test_a_failing_plot_leaves_the_tables(tmp_path, monkeypatch):
+    from benchmarks.layers import suite
+
+    def no_matplotlib(result, path):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(suite, "plot_layers", no_matplotlib)
+    result = {"config": run.LayersConfig.smoke().__dict__ | {"timing": {"repeats": 2}}, "rows": [], "clock": "c",
+              "machine": {"cpu": "c"}, "versions": {"python": "3", "torch": "2"}, "command": "x", "date": "d"}
+    paths = write_outputs(result, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["results.json", "results.md"]
