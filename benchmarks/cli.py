@@ -12,7 +12,7 @@ import argparse
 import shlex
 import sys
 
-from .suites import SUITES
+from .suites import ALIASES, SUITES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,16 +20,29 @@ def parser() -> argparse.ArgumentParser:
                                 description="deepopt's optimizer benchmarks against AdamW, SGD and Muon.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a suite and write JSON, Markdown and PNG results")
-    run.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    run.add_argument("--suite", choices=sorted(SUITES) + sorted(ALIASES), default="quick",
+                     help="the suite (memory: the old name of layers, kept for one release)")
     run.add_argument("--optimizers", nargs="+", help="optimizer names (default: all available; see `list`)")
     run.add_argument("--tasks", nargs="+", help="task (or continual sequence) names (default: the suite's)")
     run.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the suite's)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (speed and memory need cuda)")
-    run.add_argument("--out", help="output folder (default: benchmarks/results/<suite>/)")
+    run.add_argument("--out", help="output folder (default: benchmarks/results/<suite>/; layers: ./runs/layers-<time>/)")
+    run.add_argument("--reference", action="store_true",
+                     help="write to the committed results benchmarks/results/<suite>/ (needed for layers to do so)")
     run.add_argument("--steps", type=int, help="override every task's steps (steps per task for continual)")
     run.add_argument("--factors", type=float, nargs="+", help="learning-rate sweep factors (default 1/3 1 3)")
     run.add_argument("--jobs", type=int, default=1, help="worker processes over tasks (quick/quality; default 1)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    layers = run.add_argument_group("layers suite")
+    layers.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1024 4096 16384 65536)")
+    layers.add_argument("--tokens", type=int, help="tokens per call, batch = tokens // T (default 65536)")
+    layers.add_argument("--dim", type=int, help="mixer width (default 512)")
+    layers.add_argument("--heads", type=int, help="mixer heads (default 8)")
+    layers.add_argument("--parts", nargs="+", choices=["mixers", "titans", "lm"], help="default: all three")
+    layers.add_argument("--cap-seconds", type=float, help="per measurement; longer lengths are skipped past it (default 20)")
+    layers.add_argument("--budget-seconds", type=float, help="for the whole suite, shared by its parts (default 270)")
+    layers.add_argument("--no-peers", action="store_true", help="skip fla and titans-pytorch even when installed")
+    layers.add_argument("--smoke", action="store_true", help="tiny sizes; runs on a CPU too (--device cpu)")
     sub.add_parser("list", help="list suites, tasks (and why any is unavailable) and optimizers")
     redo = sub.add_parser("report", help="redo results.md and the plots from a results folder's results.json")
     redo.add_argument("folder", help="e.g. benchmarks/results/quality")

@@ -39,11 +39,13 @@ def machine(device: str = "cpu") -> dict:
 
 
 def versions() -> dict:
-    """python, torch, deepopt and nl_layers versions (and optional packages when installed)."""
+    """python, torch and deepopt versions, the git commit, and optional packages when installed
+    (heavyball, schedulefree, matplotlib, rich, triton, fla-core, flash-linear-attention, titans-pytorch)."""
     out = {"python": sys.version.split()[0], "torch": torch.__version__}
     from importlib import metadata
 
-    for dist in ("deepopt", "heavyball", "schedulefree", "matplotlib", "rich"):
+    for dist in ("deepopt", "heavyball", "schedulefree", "matplotlib", "rich", "triton", "fla-core",
+                 "flash-linear-attention", "titans-pytorch"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -1,4 +1,4 @@
-"""The five suites: what each runs, and how its results are written.
+"""The suites: what each runs, and how its results are written.
 
 | suite | runs | writes |
 |---|---|---|
@@ -6,7 +6,11 @@
 | quality | every available task; 3 seeds by default | the same + performance_profile.png |
 | continual | permuted digits, split digits, Shakespeare by genre | results.json, results.md, accuracy_<sequence>.png |
 | speed | GPU only: optimizer step on a GPT-like parameter list | results.json, results.md |
-| memory | GPU only: nl_layers forward+backward vs SDPA | results.json, results.md |
+| layers | GPU only: nl_layers mixers and LMs vs SDPA, fla, titans-pytorch | results.json, results.md, layers.png |
+
+``memory`` is the old name of ``layers`` (an alias for one release). ``layers`` writes to a fresh
+``./runs/layers-<time>/`` unless ``--reference`` (the committed ``benchmarks/results/layers/``)
+or ``--out``; the other suites write to ``benchmarks/results/<suite>/`` unless ``--out``.
 
 Example:
     >>> SUITES["quick"].tasks
@@ -27,6 +31,7 @@ from .continual import continual_trial_count, run_continual
 from .continual_tasks import SEQUENCES
 from .environment import describe
 from .optimizers import deepopt_registry, select_optimizers
+from .outdir import run_dir
 from .quality import run_suite, trial_count
 from .runner import SWEEP_FACTORS
 from .report import (fmt_loss, fmt_ratio, header_lines, markdown_table, print_table, quality_markdown, ratio_rows,
@@ -44,6 +49,7 @@ class Suite:
     seeds: int
     steps: dict[str, tuple[int, int]] = field(default_factory=dict)  # task -> (steps, eval_every)
     needs_cuda: bool = False
+    scratch_by_default: bool = False  # write to ./runs/<suite>-<time>/ unless --reference or --out
 
 
 SUITES = {
@@ -56,9 +62,11 @@ SUITES = {
                        tuple(SEQUENCES), seeds=3),
     "speed": Suite("speed", "GPU: optimizer step time on a GPT-like 1.3B parameter list, fp32 and bf16",
                    ("gpt_1.3b",), seeds=1, needs_cuda=True),
-    "memory": Suite("memory", "GPU: nl_layers forward+backward tokens/s and peak memory vs SDPA",
-                    ("seq_1k_32k",), seeds=1, needs_cuda=True),
+    "layers": Suite("layers", "GPU: nl_layers mixers fwd+bwd tokens/s and peak memory at T 1K-64K vs SDPA, fla, "
+                    "titans-pytorch; LM step times vs TransformerLM", ("seq_1k_64k",), seeds=1, needs_cuda=True,
+                    scratch_by_default=True),
 }
+ALIASES = {"memory": "layers"}  # old name -> suite, kept for one release
 
 
 @contextlib.contextmanager
@@ -210,11 +218,24 @@ def run_continual_suite(suite: Suite, args, out_dir: str) -> dict:
     return result
 
 
+def output_dir(suite: Suite, out: str | None = None, reference: bool = False) -> str:
+    """``--out``; else ``benchmarks/results/<suite>/`` (``--reference``, or a suite that writes there
+    by default); else a fresh ``./runs/<suite>-<time>/``."""
+    return out or run_dir(suite.name, reference=reference or not suite.scratch_by_default)
+
+
 def run_named_suite(args) -> dict:
     """Dispatch ``python -m benchmarks run`` (``args`` from :mod:`benchmarks.cli`)."""
+    if args.suite in ALIASES:
+        print(f"--suite {args.suite} is now --suite {ALIASES[args.suite]} (the old name goes in the next release)",
+              flush=True)
+        args.suite = ALIASES[args.suite]
     suite = SUITES[args.suite]
-    check_cuda(suite, args.device)
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", suite.name)
+    if not (getattr(args, "smoke", False) and args.device == "cpu"):
+        check_cuda(suite, args.device)
+    if args.out and getattr(args, "reference", False):
+        raise SystemExit("pass either --out DIR or --reference (the committed results folder), not both")
+    out_dir = output_dir(suite, args.out, getattr(args, "reference", False))
     os.makedirs(out_dir, exist_ok=True)
     if suite.name in ("quick", "quality"):
         return run_quality_suite(suite, args, out_dir)
@@ -224,9 +245,9 @@ def run_named_suite(args) -> dict:
         from .speed import run_speed_suite
 
         return run_speed_suite(args, out_dir)
-    from .memory import run_memory_suite
+    from .layers.suite import run_layers_suite
 
-    return run_memory_suite(args, out_dir)
+    return run_layers_suite(args, out_dir)
 
 
-__all__ = ["SUITES", "Suite", "run_named_suite", "fmt_ratio"]
+__all__ = ["ALIASES", "SUITES", "Suite", "output_dir", "run_named_suite", "fmt_ratio"]

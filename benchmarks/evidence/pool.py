@@ -1,7 +1,8 @@
 """Run a list of independent jobs over several devices, one worker process per device.
 
-A *job* is one training run of one experiment (``benchmarks.evidence.<experiment>``): a name, a
-JSON-able ``params`` dict and a rough relative ``cost``. Each experiment module provides
+A *job* is one training run of one experiment (``benchmarks.evidence.<experiment>``, or any module
+given by its dotted name): a name, a JSON-able ``params`` dict and a rough relative ``cost``. Each
+experiment module provides
 
     jobs(preset: str, seeds: Sequence[int] | None, **overrides) -> list[Job]
     run(params: dict, device: str) -> dict          # one JSON-able result
@@ -50,10 +51,11 @@ class Job:
 
 
 def experiment_module(name: str):
-    """The module ``benchmarks.evidence.<name>`` (``selftest`` is a built-in trivial experiment)."""
+    """The module ``benchmarks.evidence.<name>``, or the module ``name`` itself when it is dotted
+    (``benchmarks.lm_defaults.train``); ``selftest`` is a built-in trivial experiment."""
     if name == "selftest":
         return _SelfTest
-    return importlib.import_module(f"benchmarks.evidence.{name}")
+    return importlib.import_module(name if "." in name else f"benchmarks.evidence.{name}")
 
 
 class _SelfTest:

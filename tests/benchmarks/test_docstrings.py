@@ -6,11 +6,14 @@ import importlib
 import pytest
 
 MODULES = ["benchmarks.cli", "benchmarks.continual", "benchmarks.continual_tasks", "benchmarks.environment",
-           "benchmarks.memory", "benchmarks.metrics", "benchmarks.optimizers", "benchmarks.plots",
+           "benchmarks.metrics", "benchmarks.outdir", "benchmarks.optimizers", "benchmarks.plots",
            "benchmarks.quality", "benchmarks.report", "benchmarks.runner", "benchmarks.speed", "benchmarks.suites",
            "benchmarks.tasks", "benchmarks.tasks.base", "benchmarks.tasks.digits", "benchmarks.tasks.recall",
            "benchmarks.tasks.synthetic", "benchmarks.tasks.text", "benchmarks.evidence.pool", "benchmarks.evidence.cli",
-           "benchmarks.evidence.lm", "benchmarks.evidence.lm_optimizers", "benchmarks.evidence.lm_training"]
+           "benchmarks.evidence.lm", "benchmarks.evidence.lm_optimizers", "benchmarks.evidence.lm_training",
+           "benchmarks.layers", "benchmarks.layers.timing", "benchmarks.layers.mixers", "benchmarks.layers.lm_steps",
+           "benchmarks.layers.run", "benchmarks.layers.report", "benchmarks.layers.suite", "benchmarks.lm_defaults",
+           "benchmarks.lm_defaults.train", "benchmarks.lm_defaults.report", "benchmarks.lm_defaults.cli"]
 
 
 @pytest.mark.parametrize("name", MODULES)

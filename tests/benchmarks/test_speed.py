@@ -1,17 +1,16 @@
-"""The GPU suites' CPU-testable pieces: refusal without CUDA, byte and flop accounting, tables."""
+"""The speed suite's CPU-testable pieces (byte and flop accounting, table) and the GPU suites' refusal without CUDA."""
 
 import math
-import time
 
 import pytest
 import torch
 
-from benchmarks import memory, speed
+from benchmarks import speed
 from benchmarks.cli import main
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("suite", ["speed", "memory"])
+@pytest.mark.parametrize("suite", ["speed", "layers", "memory"])  # memory: the old name of layers
 def test_gpu_suites_refuse_clearly_without_cuda(suite, tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         main(["run", "--suite", suite, "--device", "cuda", "--out", str(tmp_path)])
@@ -62,40 +61,3 @@ def test_speed_table_formats_rows_and_errors():
     assert out[0][:4] == ["SGD(fused)", "float32", "1.31", "10.4"] and out[0][6] == "85"
     assert out[1][4] == "8.1 / 40.2"
     assert out[2][3].startswith("OutOfMemoryError")
-
-
-def _cpu_timer(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats * 1e3
-
-
-def test_memory_layers_measure_on_cpu_with_a_cpu_timer():
-    builders = memory.layer_builders(dim=16, heads=2)
-    assert {"SDPA attention", "linear memory (delta)", "Titans neural memory"} <= set(builders)
-    row = memory.measure_layer(builders["SDPA attention"], batch=2, length=16, dim=16, device="cpu",
-                               dtype=torch.float32, warmup=1, repeats=2, timer=_cpu_timer)
-    assert row["tokens_per_s"] > 0 and row["peak_GiB"] is None
-    assert memory.length_schedule(65536, (1024, 32768)) == [(64, 1024), (2, 32768)]
-    header, rows = memory.memory_table([{"layer": "a", "batch": 2, "length": 16, **row},
-                                        {"layer": "b", "batch": 1, "length": 32768, "error": "OutOfMemoryError"}])
-    assert len(header) == len(rows[0]) == len(rows[1]) and rows[1][2] == "OutOfMemoryError"
-
-
-def test_memory_suite_reports_progress_and_skips_lengths_past_the_time_budget(capsys):
-    out = memory.run_memory(device="cpu", lengths=(8, 16), tokens=32, recall_steps=0, seconds_per_length=0.0,
-                            dim=16, heads=2, timer=_cpu_timer, dtype=torch.float32)
-    layers = {r["layer"] for r in out["rows"]}
-    assert {"SDPA attention", "Titans neural memory"} <= layers and any(name.startswith("HOPE block") for name in layers)
-    for name in layers:
-        first, second = [r for r in out["rows"] if r["layer"] == name]
-        assert first["length"] == 8 and first["tokens_per_s"] > 0
-        assert second["length"] == 16 and second["error"].startswith("skipped: length 8 took")
-    printed = capsys.readouterr().out
-    assert printed.count("memory: ") == len(layers)  # one line per measurement, none for the skipped ones
-    generous = memory.run_memory(device="cpu", lengths=(8, 16), tokens=32, recall_steps=0, seconds_per_length=1e9,
-                                 dim=16, heads=2, timer=_cpu_timer, dtype=torch.float32)
-    assert all("error" not in r for r in generous["rows"])
