@@ -108,9 +108,9 @@ def _to_chunks(x: torch.Tensor, n: int, bt: int) -> torch.Tensor:
 
 
 def _from_chunks(x: torch.Tensor, t: int) -> torch.Tensor:
-    """(B, n, H, bt, D) -> (B, t, H, D), padding dropped."""
+    """(B, n, H, bt, D) -> contiguous (B, t, H, D), padding dropped (fla's kernels take contiguous tensors)."""
     bsz, n, h, bt, d = x.shape
-    return x.transpose(2, 3).reshape(bsz, n * bt, h, d)[:, :t]
+    return x.transpose(2, 3).reshape(bsz, n * bt, h, d)[:, :t].contiguous()
 
 
 def dqkwg(q, k, v, do, h, dh, g, *, w=None, dv=None, scale=1.0, chunk_size=CHUNK):
@@ -162,7 +162,7 @@ def dqkwg(q, k, v, do, h, dh, g, *, w=None, dv=None, scale=1.0, chunk_size=CHUNK
         ends = (torch.arange(1, n + 1, device=device) * bt).clamp(max=t) - 1  # last valid token of each chunk
         is_last = torch.zeros(n * bt, dtype=torch.float32, device=device).index_fill_(0, ends, 1.0)
         dgc = dgc + is_last.view(n, bt)[None, :, None, :] * dg_last[..., None]
-        dg = dgc.transpose(2, 3).reshape(bsz, n * bt, nh)[:, :t]
+        dg = dgc.transpose(2, 3).reshape(bsz, n * bt, nh)[:, :t].contiguous()
 
         dw = None
         if w is not None:
