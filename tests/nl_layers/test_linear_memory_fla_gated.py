@@ -60,7 +60,8 @@ def _vjp_reference(x, c, scale):
         causal = torch.ones(length, length, dtype=torch.bool).tril()[None, :, :, None]  # (1, t, r, 1)
         decay = torch.where(causal, ci[:, :, None] - ci[:, None, :], float("-inf")).exp()  # (B, t, r, H)
         att = torch.einsum("bthk,brhk->btrh", qi, ki) * decay
-        o = scale * (ci.exp()[..., None] * torch.einsum("bthk,bhvk->bthv", qi, s) + torch.einsum("btrh,brhv->bthv", att, vi))
+        o_state = ci.exp()[..., None] * torch.einsum("bthk,bhvk->bthv", qi, s)
+        o = scale * (o_state + torch.einsum("btrh,brhv->bthv", att, vi))
         to_end = (ci[:, -1:] - ci).exp()  # e_L / e_r, (B, r, H)
         s_end = ci[:, -1].exp()[..., None, None] * s + torch.einsum("brh,brhv,brhk->bhvk", to_end, vi, ki)
         total = total + (o * doi).sum() + (s_end * ds).sum()

@@ -73,7 +73,8 @@ def unsupported(k: torch.Tensor, dv: int, *, delta: bool) -> str | None:
         if problem is not None:
             return (
                 "fla's gated backward is wrong on Hopper GPUs with Triton >= 3.4.0, < 3.7.1, and our replacement "
-                f"of its faulty step cannot run: {problem} (upgrade triton, or install fla-core=={fla_gated.TESTED_FLA_VERSION})"
+                f"of its faulty step cannot run: {problem} (upgrade triton, or install "
+                f"fla-core=={fla_gated.TESTED_FLA_VERSION})"
             )
     return None
 

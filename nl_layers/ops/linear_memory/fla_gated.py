@@ -33,6 +33,13 @@ and the step returns the gradients through these of q, k, w and of c (natural lo
 
 (the last two are dS'/de_L: e_L enters S' directly and through e_L / e_r). fla then turns dc into
 the gradient of the per-token log-gates by a reverse cumulative sum within each chunk.
+
+Example (the torch step alone needs no fla):
+    >>> q = k = torch.randn(1, 70, 2, 8); v = do = torch.randn(1, 70, 2, 4)
+    >>> h = dh = torch.randn(1, 2, 2, 4, 8); g = torch.zeros(1, 70, 2)  # 2 chunks, no decay
+    >>> dq, dk, dw, dg = dqkwg(q, k, v, do, h, dh, g)
+    >>> dq.shape, dw is None, dg.shape
+    (torch.Size([1, 70, 2, 8]), True, torch.Size([1, 70, 2]))
 """
 
 from __future__ import annotations
@@ -137,7 +144,9 @@ def dqkwg(q, k, v, do, h, dh, g, *, w=None, dv=None, scale=1.0, chunk_size=CHUNK
     bt = chunk_size
     n = -(-t // bt)
     if h.shape[:3] != (bsz, n, nh) or dh.shape != h.shape:
-        raise ValueError(f"h, dh must be (B, NT, H, V, K) = ({bsz}, {n}, {nh}, V, K), got {tuple(h.shape)}, {tuple(dh.shape)}")
+        raise ValueError(
+            f"h, dh must be (B, NT, H, V, K) = ({bsz}, {n}, {nh}, V, K), got {tuple(h.shape)}, {tuple(dh.shape)}"
+        )
     if (w is None) != (dv is None):
         raise ValueError("pass both w and dv (delta rule) or neither")
     device = q.device
