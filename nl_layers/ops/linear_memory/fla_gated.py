@@ -268,12 +268,14 @@ class _SimpleGLA(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(ctx.g_dtype), dm0
 
 
+@torch.compiler.disable  # as fla's public ops: Triton launches inside, graph break under torch.compile
 def gated_delta_rule(q, k, v, g, beta, initial_state):
     """``chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0, initial_state, output_final_state=True,
     state_v_first=True)`` with our backward step; (B, T, H, D) layout, returns (o, final_state float32)."""
     return _GatedDeltaRule.apply(q, k, v, g, beta, initial_state)
 
 
+@torch.compiler.disable
 def simple_gla(q, k, v, g, initial_state):
     """``chunk_simple_gla(q, k, v, g, scale=1.0, initial_state, output_final_state=True,
     state_v_first=True)`` with our backward step (g required); returns (o, final_state float32)."""
