@@ -226,7 +226,7 @@ def test_nan_propagates_only_in_its_row_when_checks_are_off():
 
 
 OPS_MODULES = ["nl_layers.ops.linear_memory"] + [
-    f"nl_layers.ops.linear_memory.{name}" for name in ("naive", "chunked", "fla", "rules", "validate")
+    f"nl_layers.ops.linear_memory.{name}" for name in ("naive", "chunked", "fla", "fla_gated", "rules", "validate")
 ]
 
 

@@ -16,7 +16,8 @@ decayed memory. That is the rule a library kernel computes exactly (flash-linear
 Three implementations that agree to rounding, outputs and every gradient:
 ``linear_memory_recurrent`` (token by token, the reference), and ``linear_memory_chunked`` with
 ``impl="torch"`` (pure torch, chunks in parallel, one matmul per chunk in the sequential loop) or
-``impl="fla"`` (flash-linear-attention's Triton kernels: CUDA, float16/bfloat16); ``impl="auto"``
+``impl="fla"`` (flash-linear-attention's Triton kernels: CUDA, float16/bfloat16; on Hopper GPUs
+with Triton < 3.7.1 one step of the gated backward in torch, see ``fla_gated``); ``impl="auto"``
 takes fla where it applies and torch elsewhere.
 
 References: Katharopoulos et al. 2020 (linear attention); Yang et al. 2024 (DeltaNet, Gated

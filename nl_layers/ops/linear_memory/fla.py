@@ -19,8 +19,12 @@ value-first state. What fla-core 0.6.0 accepts, and so where this path is taken:
 - any T: fla masks the last partial chunk of 64 (fla's chunk; our ``chunk_size`` is not used).
 - even dk and dv (fla's 16-bit backward asserts it: Triton miscompiles odd tails) and dk <= 256
   for the delta kernel (asserted in its state recurrence).
-- not on a Hopper GPU with Triton in [3.4.0, 3.7.1): fla raises in the gated backward there
-  (wrong results, fla issue #640).
+- on a Hopper GPU with Triton in [3.4.0, 3.7.1), fla-core refuses its gated backward (Triton
+  miscompiles one kernel there, ``chunk_bwd_dqkwg`` with a gate: wrong results, fla issue #640).
+  There the gated ops run as ``fla_gated``'s autograd Functions instead: fla's own kernels for the
+  forward and the rest of the backward, that one step in torch. They use fla's internals, so only
+  with fla-core 0.6.0 (another version: the torch path, with the reason). Hebbian without decay
+  has no gate and keeps fla's public op.
 
 fla returns gradients for q, k, v, g, beta and M_0 (the initial state gets one); gradients of lr,
 of k through c_t (dgd) and of v through b*v (hebbian) follow by autograd.
@@ -36,11 +40,15 @@ import importlib.util
 
 import torch
 
-__all__ = ["FIX", "MAX_DELTA_HEAD_DIM", "available", "chunked", "unsupported"]
+from . import fla_gated
+
+__all__ = ["FIX", "MAX_DELTA_HEAD_DIM", "available", "chunked", "gated_backward_miscompiled", "unsupported"]
 
 FIX = 'pip install -e ".[kernels]"'
 MAX_DELTA_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16)
+# Tests only: take fla_gated's Functions for every gated op, on any GPU (not only where needed).
+_FORCE_OWN_GATED_BACKWARD = False
 
 
 def available() -> bool:
@@ -60,9 +68,22 @@ def unsupported(k: torch.Tensor, dv: int, *, delta: bool) -> str | None:
         return f"fla's delta-rule kernel takes head dims up to {MAX_DELTA_HEAD_DIM}, got dk={k.shape[-1]}"
     if k.shape[-1] % 2 or dv % 2:
         return f"fla's 16-bit kernels need even head dims, got dk={k.shape[-1]}, dv={dv}"
-    if torch.cuda.get_device_capability(k.device)[0] == 9 and (3, 4, 0) <= _triton_version() < (3, 7, 1):
-        return "fla's gated backward is wrong on Hopper GPUs with Triton >= 3.4.0, < 3.7.1 (upgrade triton)"
+    if gated_backward_miscompiled(k.device):
+        problem = fla_gated.unavailable()
+        if problem is not None:
+            return (
+                "fla's gated backward is wrong on Hopper GPUs with Triton >= 3.4.0, < 3.7.1, and our replacement "
+                f"of its faulty step cannot run: {problem} (upgrade triton, or install "
+                f"fla-core=={fla_gated.TESTED_FLA_VERSION})"
+            )
     return None
+
+
+def gated_backward_miscompiled(device: torch.device) -> bool:
+    """Whether fla's gated ``chunk_bwd_dqkwg`` is miscompiled on this device (Hopper, Triton in [3.4.0, 3.7.1))."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9 and (3, 4, 0) <= _triton_version() < (3, 7, 1)
 
 
 def _triton_version() -> tuple[int, ...]:
@@ -88,19 +109,26 @@ def chunked(q, k, v, b, log_decay, initial_state, *, delta: bool):
     """
     g = log_decay.float() if log_decay is not None else None
     m0 = initial_state.float() if initial_state is not None else None
+    own = _FORCE_OWN_GATED_BACKWARD or gated_backward_miscompiled(k.device)
     if delta:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
         if g is None:
             g = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
-        y, m = chunk_gated_delta_rule(
-            q, k, v, g, b.float(), scale=1.0, initial_state=m0, output_final_state=True, state_v_first=True
-        )
-    else:
-        from fla.ops.simple_gla import chunk_simple_gla
+        if own:
+            y, m = fla_gated.gated_delta_rule(q, k, v, g, b.float(), m0)
+        else:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+            y, m = chunk_gated_delta_rule(
+                q, k, v, g, b.float(), scale=1.0, initial_state=m0, output_final_state=True, state_v_first=True
+            )
+    else:
         bv = (b.float()[..., None] * v.float()).to(v.dtype)
-        y, m = chunk_simple_gla(
-            q, k, bv, g=g, scale=1.0, initial_state=m0, output_final_state=True, state_v_first=True
-        )
+        if own and g is not None:
+            y, m = fla_gated.simple_gla(q, k, bv, g, m0)
+        else:
+            from fla.ops.simple_gla import chunk_simple_gla
+
+            y, m = chunk_simple_gla(
+                q, k, bv, g=g, scale=1.0, initial_state=m0, output_final_state=True, state_v_first=True
+            )
     return y.to(q.dtype), m.to(q.dtype)
