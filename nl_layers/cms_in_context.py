@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, vmap
 
 from ._checks import check_choice, check_finite, check_state_batch
 from .memory.fast_weights import pieces, reference_grads
@@ -65,22 +65,21 @@ def _chunk_step(block, w: dict, prev, seg: torch.Tensor):
     """Outputs of a chunk at fixed weights, and the gradient of its summed pair losses.
 
     One batched forward over [u_{start-1}, u_start, ..., u_end-1] gives both the chunk's outputs
-    f(u_t) and the predictions u_{t-1} + f(u_{t-1}); the gradient w.r.t. the per-row weights comes
-    from autograd (graph kept when grad mode is on). Returns (outputs, grads, number of pairs).
+    f(u_t) and the predictions u_{t-1} + f(u_{t-1}); the gradient w.r.t. the per-row weights is
+    ``torch.func.grad`` of that forward (it traces under ``torch.compile`` and stays differentiable
+    w.r.t. the block's parameters and the inputs). Returns (outputs, grads, number of pairs).
     """
-    outer = torch.is_grad_enabled()
     first = prev if prev is not None else seg[:, 0]
     seq = torch.cat([first[:, None], seg], dim=1)
-    with torch.enable_grad():
-        leaves = {n: t.view_as(t) if (outer and t.requires_grad) else t.detach().requires_grad_() for n, t in w.items()}
-        out = _read(block, leaves, seq)
-        err = (seq[:, :-1] + out[:, :-1] - seg).pow(2).sum(-1)  # (B, L)
-        if prev is None:
-            err = err[:, 1:]
-        grads = torch.autograd.grad(0.5 * err.sum(), list(leaves.values()), create_graph=outer, allow_unused=True)
-    grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(leaves, grads)}
-    reads = out[:, 1:] if outer else out[:, 1:].detach()
-    return reads, grads, err.shape[1]
+    skip = 1 if prev is None else 0  # the first token of a sequence has no predecessor
+
+    def pair_loss(params):
+        out = _read(block, params, seq)
+        err = (seq[:, :-1] + out[:, :-1] - seg).pow(2).sum(-1)[:, skip:]  # (B, pairs)
+        return 0.5 * err.sum(), out
+
+    grads, out = grad(pair_loss, has_aux=True)(w)
+    return out[:, 1:], grads, seg.shape[1] - skip
 
 
 class InContextEngine:
