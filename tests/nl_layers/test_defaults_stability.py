@@ -1,5 +1,6 @@
 """Stable at the defaults: every language model, built with its default arguments except the sizes,
-trains 200 AdamW steps (lr 3e-3, batches of 8 x 64 characters of Shakespeare) without a NaN and learns:
+trains 200 AdamW steps (lr 3e-3, batches of 8 x 64 characters of Shakespeare), and 100 steps on
+8 x 256 characters (longer sequences: more in-context steps per sequence), without a NaN and learns:
 its final loss is below 0.75 x its initial loss and below the unigram entropy (it uses the context).
 The same for the other layers at their defaults: CMS with in-context levels (100 steps: an in-context
 step costs ~4x a static one), nest() on a Transformer and on a small MLP model.
@@ -77,7 +78,7 @@ LMS = {
     "hope_lm": lambda: nl_layers.HopeLM(V, dim=64, depth=2, heads=4),
     "titans_lm": lambda: nl_layers.TitansLM(V, dim=64, depth=2, heads=4),
 }
-SLOW = {"hope_lm"}  # more than 20 s on a 2-core CPU (26 s; TitansLM 9 s)
+SLOW = {"hope_lm"}  # more than 20 s on a 2-core CPU (26 s at length 64; TitansLM 9 s)
 # The other layers at their defaults (in-context CMS levels cost ~4x a static step: 100 steps).
 LAYERS = {
     "hope_lm_attention_cms_in_context": lambda: nl_layers.HopeLM(
@@ -87,13 +88,17 @@ LAYERS = {
     "nest_transformer_encoder_in_context": lambda: nested(EncoderLM(), in_context=(None, 8)),
     "nest_mlp": lambda: nested(WindowMLP(), ffn="ffn"),
 }
-CASES = [pytest.param(b, STEPS, id=n, marks=[pytest.mark.slow] if n in SLOW else []) for n, b in LMS.items()] + [
-    pytest.param(b, STEPS if n.startswith("nest_") and "in_context" not in n else STEPS // 2, id=n) for n, b in LAYERS.items()
+CASES = [
+    pytest.param(b, steps, length, id=f"{n}-{length}", marks=[pytest.mark.slow] if n in SLOW else [])
+    for n, b in LMS.items()
+    for steps, length in ((STEPS, LENGTH), (STEPS // 2, 4 * LENGTH))
+] + [
+    pytest.param(b, STEPS // 2 if "in_context" in n else STEPS, LENGTH, id=n) for n, b in LAYERS.items()
 ]
 
 
-@pytest.mark.parametrize("build, steps", CASES)
-def test_trains_at_defaults_without_nan_and_learns(build, steps):
+@pytest.mark.parametrize("build, steps, length", CASES)
+def test_trains_at_defaults_without_nan_and_learns(build, steps, length):
     torch.manual_seed(0)
     model = build()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -101,7 +106,7 @@ def test_trains_at_defaults_without_nan_and_learns(build, steps):
     losses = []
     with nl_layers.value_checks(False):  # a NaN shows up as a non-finite loss, with its step
         for step in range(steps):
-            loss = lm_loss(model, random_batches(IDS, BATCH, LENGTH + 1, gen))
+            loss = lm_loss(model, random_batches(IDS, BATCH, length + 1, gen))
             assert math.isfinite(loss.item()), f"loss is {loss.item()} at step {step} (losses before: {losses[-5:]})"
             opt.zero_grad(set_to_none=True)
             loss.backward()
