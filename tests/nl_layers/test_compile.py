@@ -91,6 +91,8 @@ CASES = {
     "nest_mlp_pattern": (nested_mlp, seq),
     "nest_gpt2_mlp_in_context": (nested_gpt2, seq),
     "linear_memory": (lambda: nl_layers.LinearMemory(16, 2, chunk_size=4), seq),
+    "linear_memory_hebbian": (lambda: nl_layers.LinearMemory(16, 2, rule="hebbian", chunk_size=4, decay=False), seq),
+    "linear_memory_dgd": (lambda: nl_layers.LinearMemory(16, 2, rule="dgd", chunk_size=5, data_dependent_lr=False), seq),
 }
 LMS = ["transformer_lm", "hope_lm_attention", "hope_lm_attention_in_context", "titans_lm", "hope_lm"]
 
