@@ -82,7 +82,8 @@ def _chunk_step(block, w: dict, prev, seg: torch.Tensor):
     One batched forward over [u_{start-1}, u_start, ..., u_end-1] gives both the chunk's outputs
     f(u_t) and the predictions u_{t-1} + f(u_{t-1}); the gradient w.r.t. the per-row weights is
     ``torch.func.grad`` of that forward (it traces under ``torch.compile`` and stays differentiable
-    w.r.t. the block's parameters and the inputs). Returns (outputs, grads, the pairs' inputs u_{t-1} (B, pairs, d)).
+    w.r.t. the block's parameters and the inputs). Returns (outputs, grads, the pairs' inputs
+    u_{t-1} (B, pairs, d)).
     """
     first = prev if prev is not None else seg[:, 0]
     seq = torch.cat([first[:, None], seg], dim=1)
@@ -235,7 +236,8 @@ def _accumulate(st: LevelState, g: dict, keys: torch.Tensor) -> LevelState:
     """Add a piece's gradient sum and its pairs' inputs (B, n, d) to a level's accumulators."""
     if st.count == 0:  # the sum restarts (autograd returns weight gradients transposed: one dense copy)
         return LevelState(st.weights, {n: t.contiguous() for n, t in g.items()}, keys.shape[1], keys)
-    return LevelState(st.weights, {n: st.grad_sum[n] + g[n] for n in g}, st.count + keys.shape[1], torch.cat([st.keys, keys], 1))
+    gsum = {n: st.grad_sum[n] + g[n] for n in g}
+    return LevelState(st.weights, gsum, st.count + keys.shape[1], torch.cat([st.keys, keys], 1))
 
 
 def _step(block, st: LevelState, lr: float, at: dict | None = None) -> LevelState:
