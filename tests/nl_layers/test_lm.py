@@ -164,3 +164,12 @@ def test_bfloat16_autocast(build):
     reference = lm(tokens).detach()
     assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max() + 0.02
     assert (torch.cat([part1, part2], 1).float() - logits.float()).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("name", ["nl_layers._checks", "nl_layers._modules"])
+def test_docstring_examples_of_the_helpers_run(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
