@@ -13,7 +13,7 @@ from .helpers import max_diff
 @pytest.mark.parametrize(
     "block",
     [
-        lambda: nl_layers.HopeBlock(16, heads=2, chunk_size=4, component_chunk_size=2, cms_periods=(1, 4)),
+        lambda: nl_layers.HopeBlock(16, heads=2, chunk_size=4, cms_periods=(1, 4)),
         lambda: nl_layers.HopeBlock(16, heads=2, chunk_size=4, cms_periods=(1, 4), cms_in_context=(None, 3), cms_in_context_lr=0.1),
         lambda: nl_layers.HopeAttentionBlock(16, heads=2, cms_periods=(1,)),
     ],
