@@ -152,15 +152,21 @@ def test_compiles_as_one_graph_without_synchronisation_and_equals_eager(name):
     assert not ops & SYNC_OPS
 
 
-def test_compiled_lm_streams_like_eager():
+@pytest.mark.parametrize("name, split", [("transformer_lm", [4, 1, 1, 5]), ("hope_lm_attention_in_context", [6, 5])])
+def test_compiled_lm_streams_like_eager(name, split):
+    """A prompt, then pieces: the state (KV cache, in-context CMS weights) passes between compiled
+    calls (a few recompilations while shapes and positions become dynamic)."""
     torch.manual_seed(0)
-    lm = nl_layers.TransformerLM(V, 16, 2, heads=2).eval()
+    lm = CASES[name][0]().eval()
     x = tokens(2, 11)
     torch._dynamo.reset()
     compiled = torch.compile(lm, fullgraph=True, backend="aot_eager")
-    part1, state = compiled(x[:, :4], return_state=True)
-    part2, _ = compiled(x[:, 4:], state, return_state=True)
-    assert torch.allclose(torch.cat([part1, part2], 1), lm(x), atol=1e-5)
+    parts, state = [], None
+    with torch.no_grad():  # inference: streaming generation
+        for piece in torch.split(x, split, dim=1):
+            out, state = compiled(piece, state, return_state=True)
+            parts.append(out)
+        assert torch.allclose(torch.cat(parts, 1), lm(x), atol=1e-5)
 
 
 def test_value_checks_are_eager_only():
