@@ -50,7 +50,7 @@ class _LanguageModel(nn.Module):
         check_tokens(tokens, self.vocab_size)
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state has {len(state)} entries but the model has {len(self.blocks)} blocks")
-        x = self.embed(tokens)
+        x = self.embed(tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long())  # embedding: int32/64 only
         new_state = []
         for i, block in enumerate(self.blocks):
             x, s = block(x, None if state is None else state[i])

@@ -136,6 +136,11 @@ def test_value_checks_switch_covers_tokens_and_keeps_the_old_names():
         nl_layers.set_finite_checks(True)
     with pytest.raises(ValueError, match=r"set_value_checks\(False\)"):
         lm(bad)
+    ids = torch.tensor([[1, 29, 0]])
+    for dtype in (torch.int32, torch.int16, torch.uint8):  # every accepted integer dtype embeds
+        assert torch.equal(lm(ids.to(dtype)), lm(ids))
+        with pytest.raises(ValueError, match=r"\[0, 30\)"):
+            lm(bad.to(dtype))
 
 
 @pytest.mark.parametrize(
