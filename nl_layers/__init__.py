@@ -10,7 +10,7 @@ Example:
 """
 
 from . import data
-from ._checks import finite_checks, finite_checks_enabled, set_finite_checks
+from ._checks import finite_checks, finite_checks_enabled, set_finite_checks, set_value_checks, value_checks, value_checks_enabled
 from .cms import CMS, MLPBlock
 from .cms_in_context import CMSState
 from .hope import HopeAttentionBlock, HopeBlock, HopeBlockState
@@ -61,6 +61,9 @@ __all__ = [
     "memory_objective",
     "nest",
     "set_finite_checks",
+    "set_value_checks",
     "softmax_memory",
     "softmax_memory_reference",
+    "value_checks",
+    "value_checks_enabled",
 ]

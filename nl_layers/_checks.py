@@ -1,9 +1,35 @@
 """Input validation shared by the layers: clear errors that name the parameter and the fix.
 
-Every layer checks its input sequence with :func:`check_sequence` (shape, dtype and, unless turned
-off with :func:`set_finite_checks`, finiteness). The finiteness check costs one reduction and, on a
-GPU, one host synchronisation per call; turn it off for speed once a pipeline is known to be clean:
-NaN or Inf then propagates to the outputs of the affected batch rows (never silently replaced).
+What each check costs, per call:
+
+- argument checks (:func:`check_positive_int`, :func:`check_choice`): constructors only, free;
+- shape, dtype and length checks of :func:`check_sequence` / :func:`check_tokens`: tensor
+  metadata only (no kernel, no synchronisation); always on, also under ``torch.compile``;
+- value checks, which read the data and so need the host:
+
+  * finiteness (:func:`check_finite`, by every layer on its input): one ``isfinite().all()``
+    reduction and, on a GPU, one device-to-host synchronisation;
+  * token range (:func:`check_tokens`, by the language models): one ``aminmax`` reduction and,
+    on a GPU, one synchronisation. Without it an out-of-range id still fails, in the embedding
+    lookup: IndexError on the CPU, a device-side assert (which ends the CUDA context) on a GPU.
+
+Value checks run in eager mode only: they are skipped while ``torch.compile`` traces (so compiled
+models have no graph break and no synchronisation from them), and they can be turned off globally
+with :func:`set_value_checks` (or the :func:`value_checks` context manager) once a pipeline is
+known to be clean, which makes an eager forward free of synchronisation too. NaN or Inf then
+propagates to the outputs of the affected batch rows (never silently replaced).
+``set_finite_checks`` / ``finite_checks`` / ``finite_checks_enabled`` are the older names of the
+same switch.
+
+Example:
+    >>> import torch, nl_layers
+    >>> lm = nl_layers.TransformerLM(vocab_size=10, dim=16, depth=1, heads=2)
+    >>> lm(torch.tensor([[3, 10]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: tokens must lie in [0, 10), got range [3, 10] (...)
+    >>> with nl_layers.value_checks(False):     # no host synchronisation in forward
+    ...     logits = lm(torch.tensor([[3, 9]]))
 """
 
 from __future__ import annotations
@@ -13,29 +39,38 @@ from contextlib import contextmanager
 
 import torch
 
-_FINITE_CHECKS = True
+_VALUE_CHECKS = True
 
 
-def set_finite_checks(enabled: bool) -> None:
-    """Turn the NaN/Inf input check of every nl_layers layer on (default) or off."""
-    global _FINITE_CHECKS
-    _FINITE_CHECKS = bool(enabled)
+def set_value_checks(enabled: bool) -> None:
+    """Turn the value checks (NaN/Inf inputs, token range) of every nl_layers layer on (default) or off."""
+    global _VALUE_CHECKS
+    _VALUE_CHECKS = bool(enabled)
 
 
-def finite_checks_enabled() -> bool:
-    """Whether layers reject NaN/Inf inputs with a ValueError."""
-    return _FINITE_CHECKS
+def value_checks_enabled() -> bool:
+    """Whether layers check input values (NaN/Inf, token range) in eager mode."""
+    return _VALUE_CHECKS
 
 
 @contextmanager
-def finite_checks(enabled: bool) -> Iterator[None]:
-    """Turn the NaN/Inf input check on or off inside a ``with`` block; the previous setting returns after."""
-    previous = _FINITE_CHECKS
-    set_finite_checks(enabled)
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the value checks on or off inside a ``with`` block; the previous setting returns after."""
+    previous = _VALUE_CHECKS
+    set_value_checks(enabled)
     try:
         yield
     finally:
-        set_finite_checks(previous)
+        set_value_checks(previous)
+
+
+def _run_value_checks() -> bool:
+    # is_compiling first: while tracing, the switch is never read (no guard on it, no recompile).
+    return not torch.compiler.is_compiling() and _VALUE_CHECKS
+
+
+# Older names of the same switch.
+set_finite_checks, finite_checks_enabled, finite_checks = set_value_checks, value_checks_enabled, value_checks
 
 
 def check_positive_int(value, name: str, *, allow_none: bool = False) -> None:
@@ -54,13 +89,11 @@ def check_choice(value, name: str, choices: Iterable[str]) -> None:
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise if ``x`` holds NaN or Inf (skipped when checks are off or under torch.compile)."""
-    if not _FINITE_CHECKS or torch.compiler.is_compiling():
-        return
-    if not bool(torch.isfinite(x).all()):
+    """Raise if ``x`` holds NaN or Inf (eager value check: one reduction, one sync on a GPU)."""
+    if _run_value_checks() and not bool(torch.isfinite(x).all()):
         raise ValueError(
             f"{name} contains NaN or Inf; clean the input (or call "
-            "nl_layers.set_finite_checks(False) to let NaN propagate instead)"
+            "nl_layers.set_value_checks(False) to let NaN propagate instead)"
         )
 
 
@@ -78,7 +111,7 @@ def check_sequence(x, dim: int, name: str = "x") -> None:
 
 
 def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
-    """Check a (batch, time) tensor of token ids in [0, vocab_size)."""
+    """Check a (batch, time) tensor of integer token ids; the range [0, vocab_size) is an eager value check."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
     if tokens.ndim != 2:
@@ -87,8 +120,14 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
         raise TypeError(f"{name} must hold integer token ids, got {tensor_dtype(tokens)}")
     if tokens.shape[1] == 0:
         raise ValueError(f"{name} has no time steps; pass at least one token")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(f"{name} must lie in [0, {vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+    if not _run_value_checks() or tokens.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one synchronisation on a GPU
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"{name} must lie in [0, {vocab_size}), got range [{low}, {high}] "
+            "(nl_layers.set_value_checks(False) skips this check and its synchronisation)"
+        )
 
 
 def check_state_batch(state_batch: int, batch: int) -> None:

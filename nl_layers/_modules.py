@@ -63,12 +63,51 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding of (B, H, T, d) at integer ``positions`` (T,), d even."""
-    d = x.shape[-1]
-    inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
-    angles = positions.to(torch.float64)[:, None] * inv[None, :]  # (T, d/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+def rotary_cos_sin(positions: torch.Tensor, dim: int, base: float = 10000.0, dtype=torch.float32):
+    """cos and sin, each (T, dim/2), of the rotary angles p * base^(-2i/dim), formed in float64."""
+    inv = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)
+    angles = positions.to(torch.float64)[:, None] * inv[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0, cos_sin=None) -> torch.Tensor:
+    """Rotary position embedding of (B, H, T, d), d even: dimensions (2i, 2i+1) turn by the angle
+    p * base^(-2i/d) at integer ``positions`` (T,), or by the given ``cos_sin`` tables (T, d/2)."""
+    cos, sin = cos_sin if cos_sin is not None else rotary_cos_sin(positions, x.shape[-1], base)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.flatten(-2)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding with a precomputed table for positions below ``cached`` (default 4096).
+
+    ``forward(x, start)`` rotates (B, H, T, d) at positions start..start+T-1. The cos/sin table is
+    a non-persistent buffer (not in the state dict; it moves with the module), computed once in
+    float64 and stored in float32, so a forward only slices it: under torch.compile no trigonometry
+    is fused into (and repeated in) the attention kernels. Positions past the table, and float64
+    inputs, compute their angles directly (same values, up to float32 rounding of the table).
+
+    Example:
+        >>> rope = Rotary(dim=8)
+        >>> x = torch.randn(1, 2, 5, 8)
+        >>> bool(torch.allclose(rope(x, 3), rotary(x, torch.arange(3, 8)), atol=1e-6))
+        True
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0, cached: int = 4096):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary embedding needs an even dimension, got {dim}")
+        self.dim, self.base = dim, base
+        cos, sin = rotary_cos_sin(torch.arange(cached), dim, base)
+        self.register_buffer("table", torch.stack([cos, sin], dim=-1), persistent=False)  # (cached, dim/2, 2)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        t = x.shape[-2]
+        if x.dtype != torch.float64 and start + t <= self.table.shape[0]:
+            cos_sin = self.table[start : start + t].unbind(-1)
+        else:
+            cos_sin = rotary_cos_sin(torch.arange(start, start + t, device=x.device), self.dim, self.base)
+        return rotary(x, cos_sin=cos_sin)

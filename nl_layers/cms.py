@@ -97,7 +97,8 @@ class CMS(nn.Module):
         variant: "sequential", "independent" or "nested".
         activation, dropout: of the built blocks.
         in_context: None (off) or one chunk size per level (tokens; None = frozen in context).
-        in_context_lr: in-context step size, one float or one per level.
+        in_context_lr: in-context step size, one float or one per level; each step is capped at the
+            minimum of its Gauss-Newton model (stable at any width, see cms_in_context).
         blocks: optional list of k modules to use as the levels (see :meth:`from_ffn`).
 
     ``forward(x, state=None, return_state=False, mode="chunked")`` returns y, or ``(y, CMSState)``

@@ -8,10 +8,21 @@ read as a residual map:
     l_t(theta) = 1/2 || u_{t-1} + f(u_{t-1}; theta) - u_t ||^2        (t >= 1)
 
 Outputs at tokens of a chunk use the weights from the chunk start; at every C_l-th token the level
-steps theta_l <- theta_l - lr_l * mean(grad l_t) over the pairs accumulated since its last step
-(paper Eq. 71, with the mean instead of the sum so that lr does not scale with C_l). Because the
-weights are constant inside a chunk, the chunk's outputs and its loss are one batched
-``functional_call`` (vmapped over the sequences' weights) and its gradient one autograd call:
+steps on the n pairs accumulated since its last step, with g = sum_t grad l_t (paper Eq. 71):
+
+    theta_l <- theta_l - s g,        s = min(lr_l / n, s*),    s* = ||g||^2 / ||J g||^2,
+
+per sequence, where J stacks the Jacobians of the pairs' residuals (so ||J g||^2 is one
+forward-mode product). lr_l / n is the plain step on the mean loss (lr does not scale with C_l).
+Stability: along g the Gauss-Newton model of the pairs' loss is S - s ||g||^2 + s^2 ||J g||^2 / 2,
+which decreases on [0, s*] and has its minimum at s*; the plain step overshoots once
+lr_l / n > 2 s*, and then every step multiplies the error, as it did at width 384 with lr 1e-2
+(the curvature grows with the width: ||u||^2 ~ dim for normalised inputs, ||act(W_1 u)||^2 ~ hidden).
+The cap never lets a step go past the model's minimum, at any width or input scale, and leaves the
+plain step unchanged where it is small enough. s is a step size: it is not differentiated through.
+
+Because the weights are constant inside a chunk, the chunk's outputs and its loss are one batched
+``functional_call`` (vmapped over the sequences' weights) and its gradient one ``torch.func.grad``:
 no Python loop per token (except C_l = 1).
 
 Nested variant: the levels are deltas, f(x; theta_1 + ... + theta_k); the chunk sizes must not
@@ -27,18 +38,20 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 from ._checks import check_choice, check_finite, check_state_batch
 from .memory.fast_weights import pieces, reference_grads
 
 
 class LevelState(NamedTuple):
-    """One level's in-context state: fast weights (B, ...), gradient sum since its last step, pair count."""
+    """One level's in-context state: fast weights (B, ...), and, since its last step, the gradient sum,
+    the pair count and the pairs' inputs u_{t-1} (B, count, d) (None when count is 0)."""
 
     weights: dict
     grad_sum: dict
     count: int
+    keys: torch.Tensor | None = None
 
 
 class CMSState(NamedTuple):
@@ -51,7 +64,9 @@ class CMSState(NamedTuple):
     def detach(self) -> "CMSState":
         """A copy cut from the autograd graph (truncated backpropagation through time)."""
         cut = lambda d: {n: t.detach() for n, t in d.items()}  # noqa: E731
-        levels = tuple(LevelState(cut(s.weights), cut(s.grad_sum), s.count) for s in self.levels)
+        levels = tuple(
+            LevelState(cut(s.weights), cut(s.grad_sum), s.count, None if s.keys is None else s.keys.detach()) for s in self.levels
+        )
         prev = tuple(None if p is None else p.detach() for p in self.prev)
         return CMSState(levels, prev, self.position)
 
@@ -65,22 +80,22 @@ def _chunk_step(block, w: dict, prev, seg: torch.Tensor):
     """Outputs of a chunk at fixed weights, and the gradient of its summed pair losses.
 
     One batched forward over [u_{start-1}, u_start, ..., u_end-1] gives both the chunk's outputs
-    f(u_t) and the predictions u_{t-1} + f(u_{t-1}); the gradient w.r.t. the per-row weights comes
-    from autograd (graph kept when grad mode is on). Returns (outputs, grads, number of pairs).
+    f(u_t) and the predictions u_{t-1} + f(u_{t-1}); the gradient w.r.t. the per-row weights is
+    ``torch.func.grad`` of that forward (it traces under ``torch.compile`` and stays differentiable
+    w.r.t. the block's parameters and the inputs). Returns (outputs, grads, the pairs' inputs
+    u_{t-1} (B, pairs, d)).
     """
-    outer = torch.is_grad_enabled()
     first = prev if prev is not None else seg[:, 0]
     seq = torch.cat([first[:, None], seg], dim=1)
-    with torch.enable_grad():
-        leaves = {n: t.view_as(t) if (outer and t.requires_grad) else t.detach().requires_grad_() for n, t in w.items()}
-        out = _read(block, leaves, seq)
-        err = (seq[:, :-1] + out[:, :-1] - seg).pow(2).sum(-1)  # (B, L)
-        if prev is None:
-            err = err[:, 1:]
-        grads = torch.autograd.grad(0.5 * err.sum(), list(leaves.values()), create_graph=outer, allow_unused=True)
-    grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(leaves, grads)}
-    reads = out[:, 1:] if outer else out[:, 1:].detach()
-    return reads, grads, err.shape[1]
+    skip = 1 if prev is None else 0  # the first token of a sequence has no predecessor
+
+    def pair_loss(params):
+        out = _read(block, params, seq)
+        err = (seq[:, :-1] + out[:, :-1] - seg).pow(2).sum(-1)[:, skip:]  # (B, pairs)
+        return 0.5 * err.sum(), out
+
+    grads, out = grad(pair_loss, has_aux=True)(w)
+    return out[:, 1:], grads, seq[:, skip:-1]
 
 
 class InContextEngine:
@@ -97,7 +112,7 @@ class InContextEngine:
         levels = []
         for blk in cms.blocks:
             w = {n: p.expand(batch, *p.shape) for n, p in blk.named_parameters()}
-            levels.append(LevelState(w, {n: torch.zeros_like(t) for n, t in w.items()}, 0))
+            levels.append(LevelState(w, _zeros_like(w), 0))
         return CMSState(tuple(levels), (None,) * len(levels), 0)
 
     def run(self, cms, x: torch.Tensor, state: CMSState | None, mode: str):
@@ -137,18 +152,16 @@ class InContextEngine:
         block, chunk, lr = cms.blocks[i], self.chunks[i], self.lrs[i]
         if chunk is None:
             return block(u), st, u[:, -1]
-        w, gsum, count = st
         outs = []
         for s, e, completes in pieces(u.shape[1], chunk, position % chunk):
             seg = u[:, s:e]
-            out, g, n_pairs = _chunk_step(block, w, prev, seg)
+            out, g, keys = _chunk_step(block, st.weights, prev, seg)
             outs.append(out)
-            gsum = {n: gsum[n] + g[n] for n in gsum}
-            count += n_pairs
+            st = _accumulate(st, g, keys)
             prev = seg[:, -1]
             if completes:
-                w, gsum, count = _step(w, gsum, count, lr)
-        return torch.cat(outs, dim=1), LevelState(w, gsum, count), prev
+                st = _step(block, st, lr)
+        return torch.cat(outs, dim=1), st, prev
 
     def _token(self, cms, xt, levels, prev, pos):
         """One token through every level (reference): read, accumulate, step at boundaries."""
@@ -157,15 +170,14 @@ class InContextEngine:
             if chunk is None:
                 out = block(u)
             else:
-                w, gsum, count = levels[i]
-                out = vmap(lambda p, xi: functional_call(block, p, (xi,)))(w, u)
+                st = levels[i]
+                out = vmap(lambda p, xi: functional_call(block, p, (xi,)))(st.weights, u)
                 if prev[i] is not None:
                     loss = lambda p, k, v: _batch_pair_loss(block, p, k, v)  # noqa: E731
-                    g = reference_grads(w, prev[i], u, loss)
-                    gsum, count = {n: gsum[n] + g[n] for n in gsum}, count + 1
+                    st = _accumulate(st, reference_grads(st.weights, prev[i], u, loss), prev[i][:, None])
                 if (pos + 1) % chunk == 0:
-                    w, gsum, count = _step(w, gsum, count, self.lrs[i])
-                levels[i] = LevelState(w, gsum, count)
+                    st = _step(block, st, self.lrs[i])
+                levels[i] = st
             prev[i] = u
             return out
 
@@ -192,24 +204,23 @@ class InContextEngine:
             w = {n: sum(lv.weights[n] for lv in levels) for n in levels[0].weights}
             if reference:
                 outs.append(vmap(lambda p, xi: functional_call(block, p, (xi,)))(w, seg[:, 0])[:, None])
-                g, n_pairs = None, 0
+                g, keys = None, None
                 if prev is not None:
                     loss = lambda p, k, v: _batch_pair_loss(block, p, k, v)  # noqa: E731
-                    g, n_pairs = reference_grads(w, prev, seg[:, 0], loss), 1
+                    g, keys = reference_grads(w, prev, seg[:, 0], loss), prev[:, None]
             else:
-                out, g, n_pairs = _chunk_step(block, w, prev, seg)
+                out, g, keys = _chunk_step(block, w, prev, seg)
                 outs.append(out)
             for i, c in enumerate(self.chunks):
-                if c is not None and g is not None:
-                    lv = levels[i]
-                    levels[i] = LevelState(lv.weights, {n: lv.grad_sum[n] + g[n] for n in g}, lv.count + n_pairs)
+                if c is not None and g is not None and keys.shape[1]:
+                    levels[i] = _accumulate(levels[i], g, keys)
             prev = seg[:, -1]
             for i, c in enumerate(self.chunks):
                 if c is not None and (pos + end) % c == 0:
-                    levels[i] = LevelState(*_step(*levels[i], self.lrs[i]))
+                    levels[i] = _step(block, levels[i], self.lrs[i], at=w)  # J g at the summed weights
                     for m in range(i + 1, len(levels)):  # faster levels restart from level i's state
                         wm = {n: p.expand_as(levels[m].weights[n]) for n, p in inits[m].items()}
-                        levels[m] = LevelState(wm, {n: torch.zeros_like(v) for n, v in wm.items()}, 0)
+                        levels[m] = LevelState(wm, _zeros_like(wm), 0)
             start = end
         y = torch.cat(outs, dim=1)
         return y, CMSState(tuple(levels), (prev,) * len(levels), pos + t)
@@ -221,8 +232,33 @@ def _batch_pair_loss(block, params, keys, values):
     return 0.5 * (pred - values).pow(2).sum()
 
 
-def _step(w: dict, gsum: dict, count: int, lr: float):
-    """theta <- theta - lr * gsum / count (no step without pairs); reset the accumulator."""
-    if count > 0:
-        w = {n: w[n] - (lr / count) * gsum[n] for n in w}
-    return w, {n: torch.zeros_like(v) for n, v in gsum.items()}, 0
+def _accumulate(st: LevelState, g: dict, keys: torch.Tensor) -> LevelState:
+    """Add a piece's gradient sum and its pairs' inputs (B, n, d) to a level's accumulators."""
+    if st.count == 0:  # the sum restarts (autograd returns weight gradients transposed: one dense copy)
+        return LevelState(st.weights, {n: t.contiguous() for n, t in g.items()}, keys.shape[1], keys)
+    gsum = {n: st.grad_sum[n] + g[n] for n in g}
+    return LevelState(st.weights, gsum, st.count + keys.shape[1], torch.cat([st.keys, keys], 1))
+
+
+def _step(block, st: LevelState, lr: float, at: dict | None = None) -> LevelState:
+    """theta <- theta - s g, s = min(lr / n, ||g||^2 / ||J g||^2) per row, J g at the weights ``at``
+    (default: the level's own); no step without pairs. The accumulators restart."""
+    w, g = st.weights, st.grad_sum
+    if st.count > 0:
+        cut = lambda d: {n: _own_memory(t.detach()) for n, t in d.items()}  # noqa: E731
+        _, jg = jvp(lambda p: _read(block, p, st.keys.detach()), (cut(w if at is None else at),), (cut(g),))
+        gg = sum(t.detach().pow(2).flatten(1).sum(1) for t in g.values())
+        jj = jg.pow(2).flatten(1).sum(1)
+        s = torch.clamp(gg / jj.clamp_min(torch.finfo(jj.dtype).tiny), max=lr / st.count)  # (B,)
+        w = {n: w[n] - s.reshape(-1, *(1,) * (g[n].ndim - 1)) * g[n] for n in w}
+    return LevelState(w, _zeros_like(g), 0, None)
+
+
+def _own_memory(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied if it is broadcast (stride 0, like the initial fast weights): jvp's dual tensors need it."""
+    return t.contiguous() if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)) else t
+
+
+def _zeros_like(d: dict) -> dict:
+    """Zeros shaped like every tensor of ``d``, as expanded scalars (no memory is filled)."""
+    return {n: v.new_zeros(()).expand_as(v) for n, v in d.items()}

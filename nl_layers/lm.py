@@ -8,6 +8,11 @@ Both share one constructor shape ``(vocab_size, dim, depth, heads=...)``, one ca
 and ``generate(prompt, max_new_tokens, temperature=1.0, top_k=None)``, which feeds the prompt
 once and then one token at a time through the streaming state (KV cache for attention, fast
 weights for the memories).
+
+``torch.compile(model, fullgraph=True)`` traces a forward as one graph with no host
+synchronisation. In eager mode the token-range check reads the tokens (one synchronisation per
+forward on a GPU, plus one per layer for the NaN/Inf input checks); ``nl_layers.set_value_checks(False)``
+turns these checks off for speed (an out-of-range id then fails in the embedding lookup).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class _LanguageModel(nn.Module):
         check_tokens(tokens, self.vocab_size)
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state has {len(state)} entries but the model has {len(self.blocks)} blocks")
-        x = self.embed(tokens)
+        x = self.embed(tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long())  # embedding: int32/64 only
         new_state = []
         for i, block in enumerate(self.blocks):
             x, s = block(x, None if state is None else state[i])

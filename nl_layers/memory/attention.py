@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_positive_int, check_sequence, check_state_batch
-from .._modules import merge_heads, rotary, split_heads
+from .._modules import Rotary, merge_heads, split_heads
 
 
 class AttentionMemoryState(NamedTuple):
@@ -163,6 +163,7 @@ class AttentionMemory(nn.Module):
         self.dim, self.heads, self.causal, self.rope, self.impl, self.chunk_size = dim, heads, causal, rope, impl, chunk_size
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
+        self.rotary = Rotary(dim // heads) if rope else None
 
     def forward(self, x: torch.Tensor, state: AttentionMemoryState | None = None):
         check_sequence(x, self.dim)
@@ -172,9 +173,8 @@ class AttentionMemory(nn.Module):
             check_state_batch(state.keys.shape[0], x.shape[0])
         q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
         past = 0 if state is None else state.keys.shape[2]
-        if self.rope:
-            pos = torch.arange(past, past + x.shape[1], device=x.device)
-            q, k = rotary(q, pos), rotary(k, pos)
+        if self.rotary is not None:
+            q, k = self.rotary(q, past), self.rotary(k, past)
         if state is not None:
             k, v = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
         if self.impl == "memory":

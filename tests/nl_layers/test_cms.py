@@ -188,3 +188,34 @@ def test_static_cms_keeps_nan_at_its_position():
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 2] = False
     assert torch.isfinite(y[mask]).all()
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e3])
+def test_in_context_step_is_the_plain_step_capped_at_the_gauss_newton_minimum(lr):
+    """theta <- theta - min(lr / n, ||g||^2 / ||J g||^2) g, with g and J g from plain autograd."""
+    cms = CMS(6, 10, periods=(1,), in_context=(8,), in_context_lr=lr).double()
+    x = torch.randn(1, 8, 6, dtype=torch.float64)
+    _, s = cms(x, return_state=True)
+    blk = cms.blocks[0]
+    names = [n for n, _ in blk.named_parameters()]
+    theta = [p.detach() for _, p in blk.named_parameters()]
+
+    def residuals(*params):
+        out = torch.func.functional_call(blk, dict(zip(names, params)), (x[0, :-1],))
+        return x[0, :-1] + out - x[0, 1:]
+
+    g = torch.autograd.grad(0.5 * residuals(*[t.requires_grad_() for t in theta]).pow(2).sum(), theta)
+    _, jg = torch.autograd.functional.jvp(residuals, tuple(t.detach() for t in theta), g)
+    step = min(lr / 7, float(sum(t.pow(2).sum() for t in g) / jg.pow(2).sum()))
+    assert (step == lr / 7) == (lr < 1)  # the plain step when it is small, the cap when it is not
+    for n, t, gt in zip(names, theta, g):
+        assert max_diff(s.levels[0].weights[n][0], t - step * gt) < 1e-12
+
+
+@pytest.mark.parametrize("lr", [1.0, 100.0])
+def test_in_context_steps_stay_bounded_at_large_step_sizes(lr):
+    """Plain steps at these sizes overshoot and give NaN within a few chunks; capped ones converge."""
+    cms = CMS(32, periods=(1,), in_context=(4,), in_context_lr=lr)
+    x = torch.nn.functional.rms_norm(torch.randn(10, 32)[torch.randint(0, 10, (2, 64))], (32,))
+    y = cms(x)
+    assert torch.isfinite(y).all() and y.norm(dim=-1).max() < 4 * 32**0.5

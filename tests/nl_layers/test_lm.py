@@ -13,7 +13,7 @@ from .helpers import max_diff
 @pytest.mark.parametrize(
     "block",
     [
-        lambda: nl_layers.HopeBlock(16, heads=2, chunk_size=4, component_chunk_size=2, cms_periods=(1, 4)),
+        lambda: nl_layers.HopeBlock(16, heads=2, chunk_size=4, cms_periods=(1, 4)),
         lambda: nl_layers.HopeBlock(16, heads=2, chunk_size=4, cms_periods=(1, 4), cms_in_context=(None, 3), cms_in_context_lr=0.1),
         lambda: nl_layers.HopeAttentionBlock(16, heads=2, cms_periods=(1,)),
     ],
@@ -118,3 +118,63 @@ def test_hope_lm_learns_shakespeare():
     assert final < unigram - 0.9, (final, unigram)
     sample = tok.decode(lm.generate(tok.encode("ROMEO"), max_new_tokens=20, generator=gen))
     assert sample.startswith("ROMEO") and len(sample) == 25
+
+
+def test_value_checks_switch_covers_tokens_and_keeps_the_old_names():
+    lm = nl_layers.TransformerLM(30, dim=16, depth=1, heads=2)
+    bad = torch.tensor([[1, 30]])
+    assert nl_layers.value_checks_enabled()
+    with nl_layers.finite_checks(False):  # old name, same switch: the token range is not checked
+        assert not nl_layers.value_checks_enabled() and not nl_layers.finite_checks_enabled()
+        with pytest.raises(IndexError):  # the embedding's own bounds check, no ValueError
+            lm(bad)
+    nl_layers.set_value_checks(False)
+    try:
+        lm(torch.tensor([[1, 2]]))
+        assert not nl_layers.finite_checks_enabled()
+    finally:
+        nl_layers.set_finite_checks(True)
+    with pytest.raises(ValueError, match=r"set_value_checks\(False\)"):
+        lm(bad)
+    ids = torch.tensor([[1, 29, 0]])
+    for dtype in (torch.int32, torch.int16, torch.uint8):  # every accepted integer dtype embeds
+        assert torch.equal(lm(ids.to(dtype)), lm(ids))
+        with pytest.raises(ValueError, match=r"\[0, 30\)"):
+            lm(bad.to(dtype))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: nl_layers.TransformerLM(30, dim=16, depth=2, heads=2),
+        lambda: nl_layers.HopeLM(30, dim=16, depth=2, heads=2, block="attention", cms_periods=(1, 2)),
+        lambda: nl_layers.HopeLM(30, dim=16, depth=2, heads=2, block="attention", cms_periods=(1, 2), cms_in_context=(None, 4)),
+        lambda: nl_layers.HopeLM(30, dim=16, depth=2, heads=2, chunk_size=4),
+    ],
+    ids=["transformer", "attention", "attention-in-context", "hope"],
+)
+def test_bfloat16_autocast(build):
+    """Under CPU bfloat16 autocast the float32 models run, stream, generate and train, close to float32."""
+    lm = build()
+    tokens = torch.randint(0, 30, (2, 13))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = lm(tokens)
+        part1, state = lm(tokens[:, :5], return_state=True)
+        part2, _ = lm(tokens[:, 5:], state, return_state=True)
+        loss = lm.loss(tokens)
+        sample = lm.generate(tokens[0, :3], max_new_tokens=4)
+    loss.backward()
+    assert torch.isfinite(logits).all() and sample.shape == (7,)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in lm.parameters())
+    reference = lm(tokens).detach()
+    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max() + 0.02
+    assert (torch.cat([part1, part2], 1).float() - logits.float()).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("name", ["nl_layers._checks", "nl_layers._modules"])
+def test_docstring_examples_of_the_helpers_run(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
