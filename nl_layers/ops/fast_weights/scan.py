@@ -12,10 +12,12 @@ start state (D^c, S^c), uses the closed form
     D_t = P^a_t D^c + F_t S^c + sum_{r <= t} (D^a D^m)_tr u_r,    S_t = P^m_t S^c + sum_{r <= t} D^m_tr u_r,
 
 D^x_tr = prod_{r < j <= t} x_j, P^x_t = prod_{j <= t} x_j (within the chunk), F = D^a P^m. Every
-chunk is the same affine map of its start state, (D, S) -> (A D + F S + dD, M S + dS) with
-scalar A, F, M, so the start states of all chunks come from a log-depth (Hillis-Steele) scan of
-these maps: ceil(log2 n) batched steps, no loop over chunks. Everything else is batched over
-all chunks at once. Padding the last chunk is harmless because the end state is read at the
+chunk is an affine map of its start state, (D, S) -> (A D + F S + dD, M S + dS) with scalar
+A, F, M, so the same closed form one level up gives the start states of all chunks: for up to
+G = 16 chunks one G x G decay-product matrix times the chunk summaries (:func:`scan_maps`);
+beyond, groups of G chunks in closed form, the groups' own maps by the same function
+(recursively, log_G n levels) and a fix-up, so the cost stays linear in n. No loop over chunks;
+everything else is batched over all chunks at once. Padding the last chunk is harmless because the end state is read at the
 last real token (padding with a = m = 1, u = 0 would not be inert for D: D_t = D_{t-1} + S_t).
 
 :class:`ChunkPlan` holds the coefficients (shared by every weight matrix of a memory);
@@ -44,12 +46,12 @@ import torch.nn.functional as F
 
 
 def decay_products(log_x: torch.Tensor):
-    """D (..., L, L) with D_ts = prod_{s<r<=t} x_r (s <= t, else 0) and P (..., L) = prod_{r<=t} x_r."""
+    """D (..., L, L) with D_ts = prod_{s<r<=t} x_r (s <= t, else 0) and the log prefix (..., L), sum_{r<=t} log x_r."""
     length = log_x.shape[-1]
     cum = log_x.cumsum(-1)
     mask = torch.ones(length, length, dtype=torch.bool, device=log_x.device).tril()
-    diff = torch.where(mask, cum[..., :, None] - cum[..., None, :], torch.zeros((), dtype=log_x.dtype, device=log_x.device))
-    return torch.where(mask, diff.exp(), torch.zeros((), dtype=log_x.dtype, device=log_x.device)), cum.exp()
+    zero = torch.zeros((), dtype=log_x.dtype, device=log_x.device)
+    return torch.where(mask, torch.where(mask, cum[..., :, None] - cum[..., None, :], zero).exp(), zero), cum
 
 
 def bc(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -61,8 +63,9 @@ class ChunkPlan(NamedTuple):
     """Chunk coefficients of one scan; tensors are (N, n, C[, C]) unless noted.
 
     pa, mix: D_t = pa_t D^c + fs_t S^c + sum_r mix_tr u_r within a chunk; fs (None without momentum).
-    dm, pm: S_t = pm_t S^c + sum_r dm_tr u_r (None without momentum).
-    end_*: the same at each chunk's last real token, (N, n) or (N, n, C): the chunk-to-chunk maps.
+    dm: S_t = pm_t S^c + sum_r dm_tr u_r (None without momentum).
+    end_*: the same at each chunk's last real token, (N, n) or (N, n, C): the chunk-to-chunk maps
+    (end_la, end_lm: log A, log M; end_f: F).
     """
 
     length: int
@@ -71,10 +74,9 @@ class ChunkPlan(NamedTuple):
     mix: torch.Tensor
     fs: torch.Tensor | None
     dm: torch.Tensor | None
-    pm: torch.Tensor | None
-    end_a: torch.Tensor
+    end_la: torch.Tensor
     end_f: torch.Tensor | None
-    end_m: torch.Tensor | None
+    end_lm: torch.Tensor | None
     end_mix: torch.Tensor
     end_dm: torch.Tensor | None
 
@@ -95,19 +97,20 @@ class ChunkPlan(NamedTuple):
             return F.pad(t.to(work), (0, n * size - length)).reshape(t.shape[0], n, size)
 
         def end(t):  # row of each chunk's last real token
+            if t is None:
+                return None
             return t[:, :, rem - 1] if rem == size else torch.cat([t[:, :-1, size - 1], t[:, -1:, rem - 1]], 1)
 
         cast = lambda t: None if t is None else t.to(log_a.dtype)  # noqa: E731
-        da, pa = decay_products(blocks(log_a))
+        da, la = decay_products(blocks(log_a))
         if log_m is None:
-            mix, fs, dm, pm = da, None, None, None
+            mix, fs, dm, lm = da, None, None, None
         else:
-            dm, pm = decay_products(blocks(log_m))
-            mix, fs = da @ dm, (da @ pm[..., None])[..., 0]
+            dm, lm = decay_products(blocks(log_m))
+            mix, fs = da @ dm, (da @ lm.exp()[..., None])[..., 0]
         return ChunkPlan(
-            length, size, cast(pa), cast(mix), cast(fs), cast(dm), cast(pm),
-            cast(end(pa)), None if fs is None else cast(end(fs)), None if pm is None else cast(end(pm)),
-            cast(end(mix)), None if dm is None else cast(end(dm)),
+            length, size, cast(la.exp()), cast(mix), cast(fs), cast(dm),
+            cast(end(la)), cast(end(fs)), cast(end(lm)), cast(end(mix)), cast(end(dm)),
         )
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,35 +126,73 @@ class ChunkPlan(NamedTuple):
         return x.reshape(x.shape[0], -1, *x.shape[3:])[:, : self.length]
 
 
-def affine_scan(a, f, m, bd, bs):
-    """Inclusive scan over dim 1 of the maps (D, S) -> (a D + f S + bd, m S + bs).
+GROUP = 16
 
-    a (N, n), bd (N, n, ...); f, m, bs are None without momentum (then S plays no part). Returns
-    the composed maps of every prefix, (a, f, m, bd, bs), in ceil(log2 n) batched steps.
+
+def _shift(x: torch.Tensor, first: float) -> torch.Tensor:
+    """x_{c-1} along dim 1, with ``first`` at c = 0."""
+    return torch.cat([torch.full_like(x[:, :1], first), x[:, :-1]], 1)
+
+
+def _scan_closed(la, f, lm, bd, bs):
+    """:func:`scan_maps` for a few maps, with G x G decay-product matrices (bd, bs flattened to (B, G, P))."""
+    da, cla = decay_products(la)
+    if f is None:
+        return cla, None, None, da @ bd, None
+    dm, clm = decay_products(lm)
+    s_loc = dm @ bs
+    d_loc = da @ (bd + f[..., None] * _shift(s_loc, 0.0))
+    f_tot = (da @ (f * _shift(clm, 0.0).exp())[..., None])[..., 0]
+    return cla, f_tot, clm, d_loc, s_loc
+
+
+def scan_maps(la, f, lm, bd, bs, group: int = GROUP):
+    """Prefix compositions of the maps (D, S) -> (A D + F S + bd, M S + bs), A = exp(la), M = exp(lm).
+
+    la, f, lm: (B, n) (f, lm, bs None without momentum); bd, bs: (B, n, P). Returns the prefix maps
+    as (log A, F, log M, D, S) with D, S the states reached from zero: the state after map c from
+    (D0, S0) is (A_c D0 + F_c S0 + D_c, M_c S0 + S_c). Closed form up to ``group`` maps; beyond,
+    groups in closed form and the groups' maps by this function, then a fix-up.
     """
-    n, off = a.shape[1], 1
-    while off < n:
-        a1, a2 = a[:, :-off], a[:, off:]  # earlier map (at c - off) and later map (at c)
-        bd_new = bc(a2, bd) * bd[:, :-off] + bd[:, off:]
-        if f is not None:
-            m1, m2 = m[:, :-off], m[:, off:]
-            bd_new = bd_new + bc(f[:, off:], bd) * bs[:, :-off]
-            bs = torch.cat([bs[:, :off], bc(m2, bs) * bs[:, :-off] + bs[:, off:]], 1)
-            f = torch.cat([f[:, :off], a2 * f[:, :-off] + f[:, off:] * m1], 1)
-            m = torch.cat([m[:, :off], m2 * m1], 1)
-        bd = torch.cat([bd[:, :off], bd_new], 1)
-        a = torch.cat([a[:, :off], a2 * a1], 1)
-        off *= 2
-    return a, f, m, bd, bs
+    b, n = la.shape
+    if n <= group:
+        return _scan_closed(la, f, lm, bd, bs)
+    ng = -(-n // group)
+    pad = ng * group - n  # identity maps: A = M = 1, F = 0, no input
+
+    def grouped(t):
+        if t is None:
+            return None
+        t = torch.cat([t, t.new_zeros(b, pad, *t.shape[2:])], 1) if pad else t
+        return t.reshape(b * ng, group, *t.shape[2:])
+
+    cla, fl, clm, dl, sl = _scan_closed(*(grouped(t) for t in (la, f, lm, bd, bs)))
+    last = lambda t: None if t is None else t[:, -1].reshape(b, ng, *t.shape[2:])  # noqa: E731
+    ga, gf, gm, gd, gs = scan_maps(last(cla), last(fl), last(clm), last(dl), last(sl), group)
+    # state at each group's start (exclusive prefix), as coefficients on (D0, S0) plus the part from zero
+    start = lambda t, first: None if t is None else _shift(t, first).reshape(b * ng, 1, *t.shape[2:])  # noqa: E731
+    sa, sf, sm, sd, ss = start(ga, 0.0), start(gf, 0.0), start(gm, 0.0), start(gd, 0.0), start(gs, 0.0)
+    a_in = cla.exp()[..., None]
+    d = a_in * sd + dl
+    if fl is not None:
+        d = d + fl[..., None] * ss
+        s = clm.exp()[..., None] * ss + sl
+        fl, clm = cla.exp() * sf + fl * sm.exp(), clm + sm
+    else:
+        s = None
+    cla = cla + sa
+    ungroup = lambda t: None if t is None else t.reshape(b, ng * group, *t.shape[2:])[:, :n]  # noqa: E731
+    return ungroup(cla), ungroup(fl), ungroup(clm), ungroup(d), ungroup(s)
 
 
 def _states(plan: ChunkPlan, delta_d, delta_s, d0, s0, last_u):
     """Chunk start states (D^c, S^c) (N, n, ...) and the end state from the chunk summaries."""
-    a, f, m, bd, bs = affine_scan(plan.end_a, plan.end_f, plan.end_m, delta_d, delta_s)
-    d_end = bc(a, bd) * d0[:, None] + bd
+    flat = lambda t: None if t is None else t.reshape(t.shape[0], t.shape[1], -1)  # noqa: E731
+    la, f, lm, d, s = scan_maps(plan.end_la, plan.end_f, plan.end_lm, flat(delta_d), flat(delta_s), GROUP)
+    d_end = (bc(la.exp(), d) * d0.reshape(d0.shape[0], 1, -1) + d).reshape(delta_d.shape)
     if f is not None:
-        d_end = d_end + bc(f, bd) * s0[:, None]
-        s_end = bc(m, bs) * s0[:, None] + bs
+        d_end = d_end + bc(f, delta_d) * s0[:, None]
+        s_end = bc(lm.exp(), delta_s) * s0[:, None] + s.reshape(delta_s.shape)
         s_start, s_last = torch.cat([s0[:, None], s_end[:, :-1]], 1), s_end[:, -1]
     else:
         s_start, s_last = None, last_u
