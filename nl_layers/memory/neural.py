@@ -22,9 +22,12 @@ The anchor A. Gradients are taken at the weights the token's *anchor segment* st
   started from (W_0 for a fresh state; titans-pytorch's default). Every error is measured
   against A, so there is no feedback from earlier writes into later gradients, and the whole
   call is one parallel pass: no loop over time at all.
-- ``anchor_size=b``: re-anchor every b tokens. b = 1 is the exact token-by-token memory;
-  b = chunk size is the Titans paper's chunk-wise training (Section 3.2: gradients w.r.t. the
-  chunk-start state, sequential across chunks). One parallel pass per segment.
+- ``anchor_size=b``: re-anchor every b tokens: within a segment errors are measured against
+  the segment-start weights (no feedback inside it), across segments they see every earlier
+  write. b = 1 is the exact token-by-token memory; b = the chunk size is the Titans paper's
+  chunk-wise training (Section 3.2: gradients w.r.t. the chunk-start state, sequential across
+  chunks) and what this layer's former ``chunk_size`` did. One parallel pass per segment, so
+  a Python loop over T / b segments.
 
 ``chunk_size`` only blocks the computation (it never changes the result): within a chunk the
 momentum/decay scan is a closed form with C x C decay products, across chunks a log-depth scan

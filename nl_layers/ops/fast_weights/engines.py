@@ -71,7 +71,8 @@ class AnalyticEngine:
 
             def linear(n, x):  # W_t x_t for every token t, without forming W_t
                 left, right = blocked[n]
-                return _apply(base[n][:, None], x) + rank1_read(plan, left, right, starts[n], x)
+                fixed = _apply(base[n], x.flatten(1, 2)).reshape(*x.shape[:3], -1)  # one weight per copy
+                return fixed + rank1_read(plan, left, right, starts[n], x)
 
             y = plan.unblocks(self.template.compose(plan.blocks(q), linear))
         return y, d_last, s_last

@@ -17,8 +17,9 @@ A, F, M, so the same closed form one level up gives the start states of all chun
 G = 16 chunks one G x G decay-product matrix times the chunk summaries (:func:`scan_maps`);
 beyond, groups of G chunks in closed form, the groups' own maps by the same function
 (recursively, log_G n levels) and a fix-up, so the cost stays linear in n. No loop over chunks;
-everything else is batched over all chunks at once. Padding the last chunk is harmless because the end state is read at the
-last real token (padding with a = m = 1, u = 0 would not be inert for D: D_t = D_{t-1} + S_t).
+everything else is batched over all chunks at once. The last chunk is zero-padded and its end
+state read at the last real token (padding with a = m = 1, u = 0 would not be inert for D,
+since D_t = D_{t-1} + S_t).
 
 :class:`ChunkPlan` holds the coefficients (shared by every weight matrix of a memory);
 :func:`rank1_states` / :func:`rank1_read` work on updates given as rank-1 factors
