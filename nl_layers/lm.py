@@ -215,7 +215,7 @@ class TitansLM(_LanguageModel):
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int = 4, hidden: int | None = None,
-                 chunk_size: int = 64, anchor_size: int | None = None, max_lr: float = 0.1):
+                 chunk_size: int = 64, anchor_size: int | None = None, max_lr: float = 1.0):
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(value, name)
         hidden = hidden if hidden is not None else swiglu_hidden(dim)

@@ -41,7 +41,11 @@ inputs, weights or curvature: ||c_t g_t|| <= sqrt(theta_t) s_t ||r_t|| / 2 <= sq
 (1 - alpha <= 1) the fast weights then move by at most ||S_0|| t + t(t+1)/2 sqrt(max_lr) tau / 2
 after t tokens, for any anchor_size: they cannot blow up, whatever max_lr. (The former rule,
 theta_t g_t with anchors every 16 tokens, overshot by up to theta L kappa / (1 - eta) per
-chunk and reached NaN within a few optimizer steps of a language model.)
+chunk and reached NaN within a few optimizer steps of a language model.) Within a segment the
+steps of up to b tokens still add up before the memory sees them, so with anchor_size = b
+large max_lr oscillates (bounded, but it hurts the fit); max_lr = 1 trained well in both regimes
+(char-level LM and associative recall, 3 seeds each; recall accuracy rose from 0.3 at
+max_lr = 0.03 to 0.6 at 1; max_lr = 3 with anchors of 16 tokens lost 0.15 nats).
 
 References: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024);
 lucidrains/titans-pytorch; Liu et al. 2024 (Longhorn).
@@ -130,7 +134,7 @@ class NeuralMemory(nn.Module):
         anchor_size: int | None = None,
         memory="mlp",
         expansion: float = 2.0,
-        max_lr: float = 0.1,
+        max_lr: float = 1.0,
         error_clip: float | None = 1.0,
         momentum: bool = True,
         forget: bool = True,
