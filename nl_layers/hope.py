@@ -64,7 +64,7 @@ class HopeBlock(_MixerThenCMS):
 
     Args:
         dim, heads: width and heads of the mixer.
-        chunk_size, component_chunk_size, max_lr: of :class:`~nl_layers.SelfModifyingTitans`.
+        chunk_size, anchor_size, max_lr: of :class:`~nl_layers.SelfModifyingTitans`.
         cms_periods, cms_hidden, cms_variant, cms_in_context, cms_in_context_lr: of :class:`~nl_layers.CMS`.
 
     ``forward(x, state=None)`` returns ``(y, HopeBlockState)``.
@@ -80,8 +80,8 @@ class HopeBlock(_MixerThenCMS):
         self,
         dim: int,
         heads: int = 4,
-        chunk_size: int = 16,
-        component_chunk_size: int | None = None,
+        chunk_size: int = 64,
+        anchor_size: int | None = None,
         max_lr: float = 0.1,
         cms_periods: Sequence[int] = (1,),
         cms_hidden: int | None = None,
@@ -89,7 +89,7 @@ class HopeBlock(_MixerThenCMS):
         cms_in_context: Sequence[int | None] | None = None,
         cms_in_context_lr: float | Sequence[float] = 1e-2,
     ):
-        mixer = SelfModifyingTitans(dim, heads, chunk_size, component_chunk_size, max_lr=max_lr)
+        mixer = SelfModifyingTitans(dim, heads, chunk_size, anchor_size, max_lr=max_lr)
         super().__init__(dim, mixer, cms_periods, cms_hidden, cms_variant, cms_in_context, cms_in_context_lr)
 
 

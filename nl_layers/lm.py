@@ -107,7 +107,7 @@ class HopeLM(_LanguageModel):
     Args:
         vocab_size, dim, depth, heads: sizes.
         block: "hope" (self-modifying Titans + CMS) or "attention" (softmax attention + CMS).
-        chunk_size, component_chunk_size, max_lr: of the self-modifying Titans mixer.
+        chunk_size, anchor_size, max_lr: of the self-modifying Titans mixer.
         cms_periods, cms_hidden, cms_variant, cms_in_context, cms_in_context_lr: of every CMS.
 
     Example:
@@ -127,8 +127,8 @@ class HopeLM(_LanguageModel):
         depth: int,
         heads: int = 4,
         block: str = "hope",
-        chunk_size: int = 16,
-        component_chunk_size: int | None = None,
+        chunk_size: int = 64,
+        anchor_size: int | None = None,
         max_lr: float = 0.1,
         cms_periods: Sequence[int] = (1,),
         cms_hidden: int | None = None,
@@ -144,7 +144,7 @@ class HopeLM(_LanguageModel):
             cms_in_context=cms_in_context, cms_in_context_lr=cms_in_context_lr,
         )
         if block == "hope":
-            blocks = [HopeBlock(dim, heads, chunk_size, component_chunk_size, max_lr, **cms) for _ in range(depth)]
+            blocks = [HopeBlock(dim, heads, chunk_size, anchor_size, max_lr, **cms) for _ in range(depth)]
         else:
             blocks = [HopeAttentionBlock(dim, heads, **cms) for _ in range(depth)]
         super().__init__(vocab_size, dim, depth, blocks)
@@ -194,10 +194,10 @@ class TitansBlock(nn.Module):
     """Titans memory block (the paper's memory-as-a-layer variant, without attention):
     x + NeuralMemory(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
 
-    def __init__(self, dim: int, heads: int, hidden: int, chunk_size: int, max_lr: float):
+    def __init__(self, dim: int, heads: int, hidden: int, chunk_size: int, max_lr: float, anchor_size: int | None = None):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.memory = NeuralMemory(dim, heads, chunk_size=chunk_size, max_lr=max_lr)
+        self.memory = NeuralMemory(dim, heads, chunk_size=chunk_size, anchor_size=anchor_size, max_lr=max_lr)
         self.mlp = SwiGLU(dim, hidden)
 
     def forward(self, x: torch.Tensor, state=None):
@@ -210,7 +210,7 @@ class TitansLM(_LanguageModel):
     """Language model of Titans neural-memory blocks (memory as the sequence mixer, SwiGLU after it).
 
     Every block's mixer is a :class:`~nl_layers.NeuralMemory` (residual-MLP fast weights written by
-    gradient descent with momentum and forgetting, one chunk of ``chunk_size`` tokens at a time);
+    gradient descent with momentum and forgetting, gradients anchored per ``anchor_size`` tokens);
     same API as :class:`TransformerLM` and :class:`HopeLM`.
 
     Example:
@@ -220,9 +220,9 @@ class TitansLM(_LanguageModel):
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int = 4, hidden: int | None = None,
-                 chunk_size: int = 16, max_lr: float = 0.1):
+                 chunk_size: int = 64, anchor_size: int | None = None, max_lr: float = 1.0):
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
             check_positive_int(value, name)
         hidden = hidden if hidden is not None else swiglu_hidden(dim)
-        blocks = [TitansBlock(dim, heads, hidden, chunk_size, max_lr) for _ in range(depth)]
+        blocks = [TitansBlock(dim, heads, hidden, chunk_size, max_lr, anchor_size) for _ in range(depth)]
         super().__init__(vocab_size, dim, depth, blocks)

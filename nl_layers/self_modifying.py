@@ -4,27 +4,43 @@ Per head, with x_t the head's slice of the input after a causal depthwise convol
 starting as the identity; only it and the query projection are static):
 
     k_t = normalize(M_k(x^_t)),  v_t = normalize(M_v(x^_t)),  q_t = normalize(W_q x_t),  x^_t = normalize(x_t),
-    eta_t = max_lr * sigmoid(w_eta . M_eta(x_t) + b_eta),  alpha_t = sigmoid(w_alpha . M_alpha(x_t) + b_alpha),
+    eta_t = max_lr * sigmoid(w_eta . M_eta(x^_t) + b_eta),  alpha_t = sigmoid(w_alpha . M_alpha(x^_t) + b_alpha),
     y_t = M_mem(q_t)
 
 where M_k, M_v, M_eta, M_alpha and M_mem are residual-MLP fast-weight memories (the readouts w, b
 of eta and alpha are static). Every memory writes its own value, v_hat = M(v_t) (stop-gradient by
-default), and learns by delta gradient descent (DGD) with decay and momentum:
+default), and learns by delta gradient descent (DGD) with decay and momentum, each step taken at
+the memory's anchor A and bounded as in :class:`~nl_layers.NeuralMemory`:
 
-    u_t = -eta_t [ W a a^T + grad_W 1/2 ||M(k_t) - v_hat_t||^2 ]   for every weight matrix W with input a
-    S_t = beta S_{t-1} + u_t,      W_t = W_0 + alpha_t (W_{t-1} - W_0) + S_t   (beta = sigmoid(learned scalar))
+    g_t = W a a^T + grad_W 1/2 ||M(k_t) - v_hat_t||^2 at A   for every weight matrix W with input a
+    r_t = (M_A(k_t) - v_hat_t, W_out a_t),  c_t = eta_t s_t / (1 + eta_t ||g_t||^2 / ||r_t||^2),  s_t = min(1, tau / ||r_t||)
+    S_t = beta S_{t-1} - c_t g_t,      W_t = W_0 + alpha_t (W_{t-1} - W_0) + S_t   (beta = sigmoid(learned scalar))
 
-which is M <- M(alpha I - eta k k^T) - eta grad for a linear memory with W_0 = 0 and no momentum.
-As in :class:`~nl_layers.NeuralMemory`, the decay pulls toward the learnable initial weights W_0.
-The input-direction decay W a a^T acts on the output layer of each residual MLP (input
-a = act(W_in k)); the hidden layer takes the plain gradient step: decaying W_in along k as well
-collapses the hidden features to zero within a few hundred tokens. The four component memories
-are read (and take their gradients) at the state from the start of their chunk of
-``component_chunk_size`` tokens; the main memory uses ``chunk_size`` and is read with its
-per-token weights, as in :class:`~nl_layers.NeuralMemory`. ``mode="recurrent"`` is the
-token-by-token reference (plain autograd gradients).
+which is M <- M(alpha I - c k k^T) - c grad for a linear memory with W_0 = 0 and no momentum.
+The decay pulls toward the learnable initial weights W_0. The input-direction decay W a a^T acts
+on the output layer of each residual MLP (a = act(W_in k)); the hidden layer takes the plain
+gradient step: decaying W_in along k as well collapses the hidden features within a few hundred tokens.
 
-Reference: Behrouz et al. 2025 (Nested Learning), section 8; DESIGN.md section 5.
+Anchors. All five memories take their gradients at the weights their anchor segment started from
+(``anchor_size`` tokens aligned to absolute positions; streaming is exact), and the four component
+memories are also *read* there, so within a segment k, v, eta, alpha are one batched call and
+every memory's update is one parallel scan; the main memory is read with its per-token weights.
+``anchor_size=None`` (default) never re-anchors: one parallel pass per call, and the component
+memories act as learned static MLPs (nothing ever re-reads their writes, so they are not written);
+the main memory still learns in context. ``anchor_size=b`` makes the components self-modify every
+b tokens (the paper's chunk-wise form; b = 1 is token by token), at one parallel pass per segment
+(a Python loop over T / b segments, and the components' writes cost about as much as the main
+memory). ``chunk_size`` only blocks the computation. ``mode="recurrent"`` is the token-by-token
+reference (plain autograd gradients).
+
+Stability: every step obeys ||c_t g_t|| <= sqrt(max_lr) tau / 2 whatever the inputs and weights
+(see nl_layers/ops/fast_weights/step.py), so the fast weights move at most polynomially in the
+number of tokens and cannot overflow. With anchors, the steps of a segment add up unseen and the
+momentum beta ~ 0.9 multiplies them by up to 10: max_lr = 0.1 is the default because a char-level
+LM (3 seeds) trained equally well for max_lr 0.1 to 3 without anchors, but with anchor_size = 16
+only 0.1 kept its loss (0.3 lost 0.4 nats, 1 lost 0.6; with anchor_size = 64, 0.3 lost 0.02).
+
+Reference: Behrouz et al. 2025 (Nested Learning), section 8.
 """
 
 from __future__ import annotations
@@ -39,8 +55,9 @@ from torch.func import functional_call, vmap
 
 from ._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, split_heads
-from .memory.fast_weights import expand_params, flatten, make_engine, pieces, reference_grads, unflatten
+from .memory.fast_weights import expand_params, flatten, reference_grads_and_losses, reference_step, segments, unflatten
 from .memory.mlp import ResidualMLPMemory
+from .ops.fast_weights import make_engine
 
 COMPONENTS = ("key", "value", "lr", "decay")
 MEMORIES = COMPONENTS + ("memory",)
@@ -63,13 +80,14 @@ class SelfModifyingState(NamedTuple):
 
 
 def _dgd_decay(template: ResidualMLPMemory):
-    """(params, k) -> {name: (W a) a^T} for one token on the output layer (zero elsewhere); reference."""
+    """(params, k) -> ({name: (W a) a^T} on the output layer (zero elsewhere), ||W a||^2) for one token; reference."""
 
     def fn(params, k):
         a = template.layer_inputs(params, k)["w_out"]
+        wa = params["w_out"] @ a
         decay = {n: torch.zeros_like(p) for n, p in params.items()}
-        decay["w_out"] = (params["w_out"] @ a)[:, None] * a[None, :]
-        return decay
+        decay["w_out"] = wa[:, None] * a[None, :]
+        return decay, wa.square().sum()
 
     return fn
 
@@ -79,10 +97,13 @@ class SelfModifyingTitans(nn.Module):
 
     Args:
         dim: model width; heads: number of heads (dim divisible by heads).
-        chunk_size: chunk of the main memory; component_chunk_size: chunk of the k/v/eta/alpha
-            memories (default: chunk_size).
+        chunk_size: compute blocking of the parallel form (does not change results).
+        anchor_size: gradients (and the component memories' reads) of each segment of
+            ``anchor_size`` tokens are taken at the weights at its start; None (default): never
+            re-anchor (one parallel pass per call; the component memories stay static).
         expansion: hidden width of every memory, as a multiple of the head dimension.
-        max_lr: upper bound of eta_t.
+        max_lr: upper bound of eta_t (before normalisation).
+        error_clip: tau, the norm the inner residual is clipped to (None: no clip).
         momentum: initial momentum beta of every memory (learned).
         detach_values: stop the gradient through the self-generated values v_hat = M(v).
         conv_width: width of the causal depthwise convolution on the input (1 = none).
@@ -93,7 +114,7 @@ class SelfModifyingTitans(nn.Module):
     ``forward(x, state=None, mode="chunked")`` returns ``(y, SelfModifyingState)``.
 
     Example:
-        >>> layer = SelfModifyingTitans(dim=32, heads=2, chunk_size=8, component_chunk_size=4)
+        >>> layer = SelfModifyingTitans(dim=32, heads=2, chunk_size=8, anchor_size=4)
         >>> x = torch.randn(2, 19, 32)
         >>> y, state = layer(x)
         >>> y_a, s = layer(x[:, :10]); y_b, _ = layer(x[:, 10:], s)
@@ -105,10 +126,11 @@ class SelfModifyingTitans(nn.Module):
         self,
         dim: int,
         heads: int = 4,
-        chunk_size: int = 16,
-        component_chunk_size: int | None = None,
+        chunk_size: int = 64,
+        anchor_size: int | None = None,
         expansion: float = 2.0,
         max_lr: float = 0.1,
+        error_clip: float | None = 1.0,
         momentum: float = 0.9,
         detach_values: bool = True,
         grad_impl: str = "auto",
@@ -118,13 +140,14 @@ class SelfModifyingTitans(nn.Module):
         check_positive_int(dim, "dim")
         check_positive_int(heads, "heads")
         check_positive_int(chunk_size, "chunk_size")
-        component_chunk_size = chunk_size if component_chunk_size is None else component_chunk_size
-        check_positive_int(component_chunk_size, "component_chunk_size")
+        check_positive_int(anchor_size, "anchor_size", allow_none=True)
         check_positive_int(conv_width, "conv_width")
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if not max_lr > 0:
             raise ValueError(f"max_lr must be > 0, got {max_lr}")
+        if error_clip is not None and not error_clip > 0:
+            raise ValueError(f"error_clip must be > 0 or None, got {error_clip}")
         check_choice(grad_impl, "grad_impl", ("auto", "func", "analytic"))
         if grad_impl == "auto":
             grad_impl = "analytic" if detach_values else "func"
@@ -133,7 +156,7 @@ class SelfModifyingTitans(nn.Module):
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"momentum must lie in (0, 1), got {momentum}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
-        self.chunk_size, self.component_chunk_size, self.max_lr = chunk_size, component_chunk_size, max_lr
+        self.chunk_size, self.anchor_size, self.max_lr, self.error_clip = chunk_size, anchor_size, max_lr, error_clip
         self.detach_values = detach_values
         hidden = max(1, int(round(expansion * self.head_dim)))
         self.memories = nn.ModuleDict({m: ResidualMLPMemory(self.head_dim, hidden) for m in MEMORIES})
@@ -144,7 +167,7 @@ class SelfModifyingTitans(nn.Module):
         self.decay_head = nn.Linear(self.head_dim, 1)
         nn.init.constant_(self.decay_head.bias, 4.0)  # alpha ~ 0.98 at init
         self.out = nn.Linear(dim, dim, bias=False)
-        # Chunk engines and the reference's per-token functions, built once.
+        # Engines and the reference's per-token functions, built once.
         self.engines, self.token_decay, self.token_read = {}, {}, {}
         for m, template in self.memories.items():
             self.engines[m] = make_engine(template, self._loss_fn(template), grad_impl)
@@ -168,14 +191,6 @@ class SelfModifyingTitans(nn.Module):
         log_a = F.logsigmoid(self.decay_head(decay_out)[..., 0])
         return l2_normalize(key_out), l2_normalize(value_out), lr, log_a
 
-    def _write(self, m, w, a, s, base, k, v, lr, log_beta, log_a, q=None):
-        """One chunk of memory m: DGD + momentum + decay at the anchor; returns (read-out, W, S)."""
-        engine = self.engines[m]
-        target = engine.read(a, v) if self.detach_values else v
-        delta = {n: w[n] - base[n] for n in w}  # the scan decays W - W_0
-        y, delta, s = engine.chunk(a, delta, s, base, k, target, lr, log_beta.expand_as(lr), log_a, q=q, dgd=True)
-        return y, {n: delta[n] + base[n] for n in w}, s
-
     def forward(self, x: torch.Tensor, state: SelfModifyingState | None = None, mode: str = "chunked"):
         check_sequence(x, self.dim)
         check_choice(mode, "mode", ("chunked", "recurrent"))
@@ -191,69 +206,67 @@ class SelfModifyingTitans(nn.Module):
         s = {m: flatten(d) for m, d in state.momentum.items()}
         log_beta = F.logsigmoid(self.momentum_logit)
         base = {m: flatten(expand_params(tpl, b, self.heads)) for m, tpl in self.memories.items()}
-        run = self._chunked if mode == "chunked" else self._recurrent
+        run = self._parallel if mode == "chunked" else self._recurrent
         y = run(xh, q, w, a, s, base, log_beta, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
         unf = lambda tree: {m: unflatten(d, b, self.heads) for m, d in tree.items()}  # noqa: E731
         return self.out(y), SelfModifyingState(unf(w), unf(a), unf(s), conv, state.position + t)
 
-    def _chunked(self, xh, q, w, a, s, base, log_beta, position):
-        n, t, _ = xh.shape
+    def _parallel(self, xh, q, w, a, s, base, log_beta, position):
+        """One batched pass per anchor segment; updates w, a, s (dicts per memory) in place."""
+        n = xh.shape[0]
         # The four component memories share one structure: run them stacked along the copy axis.
         stack = lambda tree: {p: torch.cat([tree[m][p] for m in COMPONENTS]) for p in tree["key"]}  # noqa: E731
         wc, ac, sc, bc = stack(w), stack(a), stack(s), stack(base)
         rep = lambda z: z.repeat(len(COMPONENTS), *([1] * (z.ndim - 1)))  # noqa: E731
         log_bc = log_beta[: len(COMPONENTS)].repeat_interleave(n)[:, None]
-        engine, ks, vs, lrs, log_as = self.engines["key"], [], [], [], []
-        for start, end, completes in pieces(t, self.component_chunk_size, position % self.component_chunk_size):
-            outs = engine.read(ac, rep(xh[:, start:end])).split(n)
-            k, v, lr, log_a = self._gates(*outs)
-            target = engine.read(ac, rep(v)) if self.detach_values else rep(v)
-            delta = {p: wc[p] - bc[p] for p in wc}  # the scan decays W - W_0
-            _, delta, sc = engine.chunk(ac, delta, sc, bc, rep(k), target, rep(lr), log_bc.expand(-1, end - start), rep(log_a), dgd=True)
-            wc = {p: delta[p] + bc[p] for p in wc}
-            if completes:
-                ac = wc
-            ks.append(k), vs.append(v), lrs.append(lr), log_as.append(log_a)
+        comp, main, ys = self.engines["key"], self.engines["memory"], []
+        wm, am, sm, bm = w["memory"], a["memory"], s["memory"], base["memory"]
+        for start, end, reanchor in segments(xh.shape[1], self.anchor_size, position):
+            sl = slice(start, end)
+            k, v, lr, log_a = self._gates(*comp.read(ac, rep(xh[:, sl])).split(n))
+            if self.anchor_size is not None:  # the components' writes are read after the next re-anchor
+                target = comp.read(ac, rep(v)) if self.detach_values else rep(v)
+                _, dc, sc = comp.segment(
+                    ac, {p: wc[p] - bc[p] for p in wc}, sc, bc, rep(k), target, rep(lr), log_bc.expand(-1, end - start),
+                    rep(log_a), self.chunk_size, self.error_clip, dgd=True,
+                )
+                wc = {p: bc[p] + dc[p] for p in wc}
+            target = main.read(am, v) if self.detach_values else v
+            y, dm, sm = main.segment(
+                am, {p: wm[p] - bm[p] for p in wm}, sm, bm, k, target, lr, log_beta[-1].expand_as(lr), log_a,
+                self.chunk_size, self.error_clip, q=q[:, sl], dgd=True,
+            )
+            wm = {p: bm[p] + dm[p] for p in wm}
+            ys.append(y)
+            if reanchor:
+                ac, am = wc, wm
         for i, m in enumerate(COMPONENTS):
             w[m], a[m], s[m] = ({p: z[p][i * n : (i + 1) * n] for p in z} for z in (wc, ac, sc))
-        k, v, lr, log_a = (torch.cat(z, dim=1) for z in (ks, vs, lrs, log_as))
-        ys, last = [], len(COMPONENTS)
-        for start, end, completes in pieces(t, self.chunk_size, position % self.chunk_size):
-            sl = slice(start, end)
-            y, w["memory"], s["memory"] = self._write(
-                "memory", w["memory"], a["memory"], s["memory"], base["memory"],
-                k[:, sl], v[:, sl], lr[:, sl], log_beta[last], log_a[:, sl], q=q[:, sl],
-            )
-            ys.append(y)
-            if completes:
-                a["memory"] = w["memory"]
-        return torch.cat(ys, dim=1)
+        w["memory"], a["memory"], s["memory"] = wm, am, sm
+        return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
 
     def _recurrent(self, xh, q, w, a, s, base, log_beta, position):
-        ys = []
+        ys, writes = [], MEMORIES if self.anchor_size is not None else ("memory",)
         for i in range(xh.shape[1]):
             k, v, lr, log_a = self._gates(*(self.token_read[m](a[m], xh[:, i]) for m in COMPONENTS))
             for j, m in enumerate(MEMORIES):
+                if m not in writes:
+                    continue
                 target = self.token_read[m](a[m], v) if self.detach_values else v
-                g = reference_grads(a[m], k, target, self._batch_loss(m))
-                d = self.token_decay[m](a[m], k)
-                beta, new_w, new_s = log_beta[j].exp(), {}, {}
-                for name in w[m]:
-                    shape = (-1,) + (1,) * (w[m][name].ndim - 1)
-                    new_s[name] = beta * s[m][name] - lr.reshape(shape) * (g[name] + d[name])
-                    b0 = base[m][name]
-                    new_w[name] = b0 + log_a.exp().reshape(shape) * (w[m][name] - b0) + new_s[name]
-                w[m], s[m] = new_w, new_s
+                g, losses = reference_grads_and_losses(a[m], k, target, self._copy_losses(m))
+                d, wa_sq = self.token_decay[m](a[m], k)
+                g = {n: g[n] + d[n] for n in g}
+                w[m], s[m] = reference_step(
+                    w[m], s[m], base[m], g, 2 * losses + wa_sq, lr, log_beta[j].expand_as(lr), log_a, self.error_clip
+                )
             ys.append(self.token_read["memory"](w["memory"], q[:, i]))
-            if (position + i + 1) % self.component_chunk_size == 0:  # chunk done: re-anchor
-                a.update({m: w[m] for m in COMPONENTS})
-            if (position + i + 1) % self.chunk_size == 0:
-                a["memory"] = w["memory"]
+            if self.anchor_size is not None and (position + i + 1) % self.anchor_size == 0:
+                a.update({m: w[m] for m in MEMORIES})  # segment done: re-anchor every memory
         return torch.stack(ys, dim=1)
 
-    def _batch_loss(self, m):
+    def _copy_losses(self, m):
         call = self.token_read[m]
         if self.detach_values:
-            return lambda p, k, v: 0.5 * (call(p, k) - v).pow(2).sum()
-        return lambda p, k, v: 0.5 * (call(p, k) - call(p, v)).pow(2).sum()
+            return lambda p, k, v: 0.5 * (call(p, k) - v).pow(2).sum(-1)
+        return lambda p, k, v: 0.5 * (call(p, k) - call(p, v)).pow(2).sum(-1)

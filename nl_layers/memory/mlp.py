@@ -10,7 +10,9 @@ The two built-in models also expose their structure for the closed-form ("analyt
   ``linear(name, x)``, so a caller can apply weights that differ per token without building them;
 - ``factors(params, k, v, dgd)`` writes the per-token gradient of 1/2||M(k) - v||^2 at ``params``
   as rank-1 outer products, grad_W = left (x) right per weight matrix (plus, with ``dgd``, the
-  delta-gradient-descent decay (W a) a^T of the output layer, a its input);
+  delta-gradient-descent decay (W a) a^T of the output layer, a its input, i.e. the gradient of
+  1/2||W a||^2 at constant a), and returns the squared norm of the residual r = M(k) - v (with
+  ``dgd``, of r stacked with W a), which sets the step size (see nl_layers/ops/fast_weights/step.py);
 - ``dgd_layer`` names the layer whose input-direction decay the DGD rule applies, and
   ``layer_inputs(params, k)`` gives the input of every weight matrix for one key.
 """
@@ -76,18 +78,21 @@ class ResidualMLPMemory(nn.Module):
         """Input of each weight matrix for key x: {"w_in": x, "w_out": act(W_in x)}."""
         return {"w_in": x, "w_out": activation_and_slope(self.activation, _apply(params["w_in"], x))[0]}
 
-    def factors(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False) -> dict:
-        """Per-token gradients at shared weights (N, ...) for k, v (N, L, d), as (left, right) factors.
+    def factors(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False):
+        """Per-token gradients at shared weights (N, ...) for k, v (N, L, d), as (left, right) factors,
+        and the squared residual norms (N, L).
 
         grad_{W_out} = e h^T and grad_{W_in} = ((W_out^T e) * act'(z)) k^T with z = W_in k,
-        h = act(z), e = M(k) - v. With ``dgd`` the output layer's left factor gains W_out h.
+        h = act(z), e = M(k) - v. With ``dgd`` the output layer's left factor gains W_out h
+        and the residual ||e||^2 gains ||W_out h||^2.
         """
         w_in, w_out = params["w_in"], params["w_out"]
         h, slope = activation_and_slope(self.activation, _apply(w_in, k))
         out = _apply(w_out, h)
         err = k + out - v
         back = (err @ w_out) * slope
-        return {"w_in": (back, k), "w_out": (err + out if dgd else err, h)}
+        r_sq = err.square().sum(-1) + (out.square().sum(-1) if dgd else 0)
+        return {"w_in": (back, k), "w_out": (err + out if dgd else err, h)}, r_sq
 
 
 class LinearMapMemory(nn.Module):
@@ -113,10 +118,12 @@ class LinearMapMemory(nn.Module):
     def layer_inputs(self, params: dict, x: torch.Tensor) -> dict:
         return {"weight": x}
 
-    def factors(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False) -> dict:
-        """grad_W = (W k - v) k^T; with ``dgd`` the left factor gains W k."""
+    def factors(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False):
+        """grad_W = (W k - v) k^T; with ``dgd`` the left factor gains W k. Also the squared residual norms."""
         out = _apply(params["weight"], k)
-        return {"weight": (out - v + out if dgd else out - v, k)}
+        err = out - v
+        r_sq = err.square().sum(-1) + (out.square().sum(-1) if dgd else 0)
+        return {"weight": (err + out if dgd else err, k)}, r_sq
 
 
 def make_memory(kind, dim: int, expansion: float = 2.0) -> nn.Module:

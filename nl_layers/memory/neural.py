@@ -3,35 +3,52 @@
 For each head the memory is a model M_W (default a residual MLP x + W_out silu(W_in x)) whose
 weights W are fast weights, one copy per batch row and head. Token t writes key k_t, value v_t:
 
-    loss     l(W; k, v) = 1/2 ||M_W(k) - v||^2
-    surprise S_t = eta_t S_{t-1} - theta_t grad l(W_anchor; k_t, v_t)
-    memory   W_t = W_0 + (1 - alpha_t)(W_{t-1} - W_0) + S_t
-    read     y_t = M_{W_t}(q_t)
+    residual  r_t = M_A(k_t) - v_t,  g_t = grad_W 1/2 ||M_W(k_t) - v_t||^2 at W = A (the anchor)
+    step      c_t = theta_t s_t / (1 + theta_t kappa_t),  kappa_t = ||g_t||^2 / ||r_t||^2,  s_t = min(1, tau / ||r_t||)
+    surprise  S_t = eta_t S_{t-1} - c_t g_t
+    memory    W_t = W_0 + (1 - alpha_t)(W_{t-1} - W_0) + S_t
+    read      y_t = M_{W_t}(q_t)
 
 Forgetting pulls the fast weights back to the learnable initial weights W_0 (the slow level that
-outer training shapes), not to zero: a residual-MLP memory forgets what it wrote in context but
-keeps what it was trained to start from. For a memory with W_0 = 0 (``memory="linear"``) this is
-the literal Titans rule W_t = (1 - alpha_t) W_{t-1} + S_t.
+outer training shapes), not to zero; for ``memory="linear"`` (W_0 = 0) it is the literal Titans
+rule W_t = (1 - alpha_t) W_{t-1} + S_t. theta_t = max_lr * sigmoid(w_theta . x_t),
+eta_t = sigmoid(w_eta . x_t), alpha_t = sigmoid(w_alpha . x_t) are data-dependent per head.
+q, k, v come from linear projections and a causal depthwise convolution (width 4), then l2-normalisation.
 
-theta_t = max_lr * sigmoid(w_theta . x_t), eta_t = sigmoid(w_eta . x_t), alpha_t = sigmoid(w_alpha . x_t)
-are data-dependent per head. q, k, v come from linear projections followed by a causal depthwise
-convolution (width 4); q and k are l2-normalized. W_anchor is the state at the start of the token's
-chunk (chunk_size tokens): within a chunk all gradients are one ``vmap(grad(functional_call))`` (or, for the built-in
-memories, their closed form) and the momentum/decay recurrence is a closed-form scan (see
-fast_weights.py). chunk_size=1 is the exact
-token-by-token Titans memory. ``mode="recurrent"`` runs a token-by-token reference with the same
-chunk semantics that takes its gradients with plain autograd.
+The anchor A. Gradients are taken at the weights the token's *anchor segment* started from:
+``anchor_size`` tokens aligned to absolute positions (so streaming in pieces is exact).
 
-Stability: within a chunk every token's update is taken at the chunk-start weights, so a chunk
-applies up to L / (1 - eta) of them without feedback; for the residual-MLP memory the curvature of
-the inner loss is about |silu(W_in k)|^2 (tens at head_dim 64). The inner loop then stays bounded
-only for roughly max_lr * L * |h|^2 / (1 - eta) < 2: at width 384 in a trained language model the
-default max_lr = 0.1 diverged (fast weights to inf) after one optimizer step, and max_lr = 1e-3
-with chunk_size 16 trained but still diverged in 4 of 6 runs (benchmarks/results/evidence/lm).
-Lower ``max_lr`` or ``chunk_size``, or use ``memory="linear"`` (curvature |k|^2 = 1), if you see NaN.
+- ``anchor_size=None`` (default): the anchor is never refreshed, A = the weights the sequence
+  started from (W_0 for a fresh state; titans-pytorch's default). Every error is measured
+  against A, so there is no feedback from earlier writes into later gradients, and the whole
+  call is one parallel pass: no loop over time at all.
+- ``anchor_size=b``: re-anchor every b tokens: within a segment errors are measured against
+  the segment-start weights (no feedback inside it), across segments they see every earlier
+  write. b = 1 is the exact token-by-token memory; b = the chunk size is the Titans paper's
+  chunk-wise training (Section 3.2: gradients w.r.t. the chunk-start state, sequential across
+  chunks) and what this layer's former ``chunk_size`` did. One parallel pass per segment, so
+  a Python loop over T / b segments.
+
+``chunk_size`` only blocks the computation (it never changes the result): within a chunk the
+momentum/decay scan is a closed form with C x C decay products, across chunks a log-depth scan
+(nl_layers/ops/fast_weights). ``mode="recurrent"`` is a token-by-token reference with the same
+anchors and plain-autograd gradients.
+
+Stability. c_t kappa_t < 1, so no token overshoots its own target along r_t (normalised LMS;
+Longhorn's b / (1 + b ||k||^2) for the linear memory), and every step is bounded whatever the
+inputs, weights or curvature: ||c_t g_t|| <= sqrt(theta_t) s_t ||r_t|| / 2 <= sqrt(max_lr) tau / 2
+(``error_clip`` = tau; None leaves ||r_t|| unclipped). With momentum (eta <= 1) and decay
+(1 - alpha <= 1) the fast weights then move by at most ||S_0|| t + t(t+1)/2 sqrt(max_lr) tau / 2
+after t tokens, for any anchor_size: they cannot blow up, whatever max_lr. (The former rule,
+theta_t g_t with anchors every 16 tokens, overshot by up to theta L kappa / (1 - eta) per
+chunk and reached NaN within a few optimizer steps of a language model.) Within a segment the
+steps of up to b tokens still add up before the memory sees them, so with anchor_size = b
+large max_lr oscillates (bounded, but it hurts the fit); max_lr = 1 trained well in both regimes
+(char-level LM and associative recall, 3 seeds each; recall accuracy rose from 0.3 at
+max_lr = 0.03 to 0.6 at 1; max_lr = 3 with anchors of 16 tokens lost 0.15 nats).
 
 References: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024);
-lucidrains/titans-pytorch; DESIGN.md section 5.
+lucidrains/titans-pytorch; Liu et al. 2024 (Longhorn).
 """
 
 from __future__ import annotations
@@ -45,7 +62,8 @@ from torch.func import functional_call, vmap
 
 from .._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from .._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, split_heads
-from .fast_weights import expand_params, flatten, make_engine, pieces, reference_grads, unflatten
+from ..ops.fast_weights import make_engine
+from .fast_weights import expand_params, flatten, reference_grads_and_losses, reference_step, segments, unflatten
 from .mlp import make_memory
 
 
@@ -53,10 +71,10 @@ class NeuralMemoryState(NamedTuple):
     """Streaming state of a NeuralMemory.
 
     weights: name -> (B, H, *shape) current fast weights W_t.
-    anchor: name -> (B, H, *shape) weights at the start of the current chunk (where gradients are taken).
+    anchor: name -> (B, H, *shape) weights at the start of the current anchor segment (where gradients are taken).
     momentum: name -> (B, H, *shape) surprise S_t.
     conv: (B, width - 1, channels) last projected inputs, for the causal convolution.
-    position: tokens seen so far (the chunk phase is position % chunk_size).
+    position: tokens seen so far.
     """
 
     weights: dict
@@ -71,22 +89,29 @@ class NeuralMemoryState(NamedTuple):
         return NeuralMemoryState(cut(self.weights), cut(self.anchor), cut(self.momentum), self.conv.detach(), self.position)
 
 
+def check_anchor(anchor_size) -> None:
+    check_positive_int(anchor_size, "anchor_size", allow_none=True)
+
+
 class NeuralMemory(nn.Module):
     """Titans neural long-term memory layer (residual-MLP fast weights, surprise momentum, forgetting).
 
     Args:
         dim: model width. heads: number of heads; head_dim defaults to dim // heads.
-        chunk_size: tokens per chunk (gradients at the chunk-start state); 1 = token by token.
+        chunk_size: compute blocking of the parallel form (does not change results).
+        anchor_size: gradients of each segment of ``anchor_size`` tokens are taken at the weights
+            at its start; None (default): never re-anchor (one parallel pass per call).
         memory: "mlp" (residual MLP, hidden = expansion * head_dim), "linear" (M(x) = W x, W_0 = 0)
             or an nn.Module mapping (..., head_dim) -> (..., head_dim). Its parameters are the
             learnable initial fast weights, shared by all heads.
-        max_lr: upper bound of the data-dependent inner learning rate theta_t.
-        momentum: learn the surprise momentum eta_t (otherwise eta_t = 0: S_t = -theta_t grad).
+        max_lr: upper bound of the data-dependent inner learning rate theta_t (before normalisation).
+        error_clip: tau, the norm the inner residual is clipped to (None: no clip).
+        momentum: learn the surprise momentum eta_t (otherwise eta_t = 0: S_t = -c_t g_t).
         forget: learn the forgetting gate alpha_t (otherwise alpha_t = 0).
         conv_width: width of the causal depthwise convolution on q, k, v (1 = none).
         grad_impl: "func" (``vmap(grad(functional_call))`` over the memory model, any module),
-            "analytic" (closed-form, dual-form chunks of the built-in memories: the same numbers
-            with several times less overhead) or "auto" (default: analytic when available).
+            "analytic" (closed-form, dual-form segments of the built-in memories: the same numbers
+            with less overhead) or "auto" (default: analytic when available).
 
     ``forward(x, state=None, mode="chunked")`` returns ``(y, NeuralMemoryState)``. Feeding a
     sequence in pieces, passing the state along, gives the same outputs as one call.
@@ -105,10 +130,12 @@ class NeuralMemory(nn.Module):
         dim: int,
         heads: int = 4,
         head_dim: int | None = None,
-        chunk_size: int = 16,
+        chunk_size: int = 64,
+        anchor_size: int | None = None,
         memory="mlp",
         expansion: float = 2.0,
-        max_lr: float = 0.1,
+        max_lr: float = 1.0,
+        error_clip: float | None = 1.0,
         momentum: bool = True,
         forget: bool = True,
         conv_width: int = 4,
@@ -118,6 +145,7 @@ class NeuralMemory(nn.Module):
         check_positive_int(dim, "dim")
         check_positive_int(heads, "heads")
         check_positive_int(chunk_size, "chunk_size")
+        check_anchor(anchor_size)
         check_positive_int(conv_width, "conv_width")
         check_choice(grad_impl, "grad_impl", ("auto", "func", "analytic"))
         if head_dim is None:
@@ -126,7 +154,10 @@ class NeuralMemory(nn.Module):
             head_dim = dim // heads
         if not max_lr > 0:
             raise ValueError(f"max_lr must be > 0, got {max_lr}")
-        self.dim, self.heads, self.head_dim, self.chunk_size, self.max_lr = dim, heads, head_dim, chunk_size, max_lr
+        if error_clip is not None and not error_clip > 0:
+            raise ValueError(f"error_clip must be > 0 or None, got {error_clip}")
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+        self.chunk_size, self.anchor_size, self.max_lr, self.error_clip = chunk_size, anchor_size, max_lr, error_clip
         inner = heads * head_dim
         self.memory = make_memory(memory, head_dim, expansion)
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -143,9 +174,9 @@ class NeuralMemory(nn.Module):
     def _token_loss(self, params, k, v):
         return 0.5 * (functional_call(self.memory, params, (k,)) - v).pow(2).sum()
 
-    def _batch_loss(self, params, k, v):
+    def _copy_losses(self, params, k, v):  # (N,) losses of one token per copy, for the reference
         pred = vmap(lambda p, x: functional_call(self.memory, p, (x,)))(params, k)
-        return 0.5 * (pred - v).pow(2).sum()
+        return 0.5 * (pred - v).pow(2).sum(-1)
 
     # -- shared preparation -------------------------------------------------------------------
     def initial_state(self, batch: int, like: torch.Tensor) -> NeuralMemoryState:
@@ -157,8 +188,7 @@ class NeuralMemory(nn.Module):
 
     def _prepare(self, x, state):
         qkv, conv = self.conv(self.to_qkv(x), state.conv)
-        q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
-        q, k = l2_normalize(q), l2_normalize(k)
+        q, k, v = (l2_normalize(split_heads(t, self.heads)) for t in qkv.chunk(3, dim=-1))
         flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731  (B, H, ...) -> (B*H, ...)
         lr = flat(self.max_lr * torch.sigmoid(self.to_lr(x)).transpose(1, 2))
         log_m = flat(F.logsigmoid(self.to_momentum(x)).transpose(1, 2)) if self.to_momentum is not None else None
@@ -178,7 +208,7 @@ class NeuralMemory(nn.Module):
         q, k, v, lr, log_m, log_a, conv = self._prepare(x, state)
         w, anchor, s = flatten(state.weights), flatten(state.anchor), flatten(state.momentum)
         base = flatten(expand_params(self.memory, b, self.heads))
-        run = self._chunked if mode == "chunked" else self._recurrent
+        run = self._parallel if mode == "chunked" else self._recurrent
         y, w, anchor, s = run(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
         new_state = NeuralMemoryState(
@@ -186,39 +216,31 @@ class NeuralMemory(nn.Module):
         )
         return self.out(y), new_state
 
-    # -- chunked parallel form ----------------------------------------------------------------
-    def _chunked(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position):
+    # -- parallel form: one batched pass per anchor segment -------------------------------------
+    def _parallel(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position):
         ys = []
-        for start, end, completes in pieces(q.shape[1], self.chunk_size, position % self.chunk_size):
+        for start, end, reanchor in segments(q.shape[1], self.anchor_size, position):
             sl = slice(start, end)
-            delta = {n: w[n] - base[n] for n in w}  # the scan decays W - W_0
-            y, delta, s = self.engine.chunk(
-                anchor, delta, s, base, k[:, sl], v[:, sl], lr[:, sl],
-                None if log_m is None else log_m[:, sl], log_a[:, sl], q=q[:, sl],
+            y, delta, s = self.engine.segment(
+                anchor, {n: w[n] - base[n] for n in w}, s, base, k[:, sl], v[:, sl], lr[:, sl],
+                None if log_m is None else log_m[:, sl], log_a[:, sl], self.chunk_size, self.error_clip, q=q[:, sl],
             )
-            w = {n: delta[n] + base[n] for n in w}
+            w = {n: base[n] + delta[n] for n in w}
             ys.append(y)
-            if completes:
+            if reanchor:
                 anchor = w
-        return torch.cat(ys, dim=1), w, anchor, s
+        return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0], w, anchor, s
 
     # -- token-by-token reference ---------------------------------------------------------------
     def _recurrent(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position):
         read = vmap(lambda p, x: functional_call(self.memory, p, (x,)))
         ys = []
         for i in range(q.shape[1]):
-            g = reference_grads(anchor, k[:, i], v[:, i], self._batch_loss)
-            theta = lr[:, i]
-            eta = log_m[:, i].exp() if log_m is not None else None
-            a = log_a[:, i].exp()
-            new_s, new_w = {}, {}
-            for n in w:
-                shape = (-1,) + (1,) * (w[n].ndim - 1)
-                step = -theta.reshape(shape) * g[n]
-                new_s[n] = step if eta is None else eta.reshape(shape) * s[n] + step
-                new_w[n] = base[n] + a.reshape(shape) * (w[n] - base[n]) + new_s[n]
-            s, w = new_s, new_w
+            g, losses = reference_grads_and_losses(anchor, k[:, i], v[:, i], self._copy_losses)
+            w, s = reference_step(
+                w, s, base, g, 2 * losses, lr[:, i], None if log_m is None else log_m[:, i], log_a[:, i], self.error_clip
+            )
             ys.append(read(w, q[:, i]))
-            if (position + i + 1) % self.chunk_size == 0:  # chunk done: the next gradients are taken here
-                anchor = w
+            if self.anchor_size is not None and (position + i + 1) % self.anchor_size == 0:
+                anchor = w  # segment done: the next gradients are taken here
         return torch.stack(ys, dim=1), w, anchor, s

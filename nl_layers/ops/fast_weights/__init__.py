@@ -1,0 +1,27 @@
+"""Fast-weight memories (Titans, self-modifying Titans): the momentum/decay scan of per-token updates.
+
+- ``scan``: the reference (:func:`scan_recurrent`, token by token) and the chunk-parallel form
+  (:class:`ChunkPlan`, rank-1 dual form and dense updates, grouped closed-form scan across chunks);
+- ``step``: the bounded inner step size (normalised LMS with a clipped error);
+- ``engines``: one gradient-anchor segment, all tokens at once (closed-form rank-1 gradients of
+  the built-in memories, or ``vmap(grad)`` for any module).
+"""
+
+from .engines import AnalyticEngine, FuncEngine, make_engine
+from .scan import ChunkPlan, dense_all, dense_states, rank1_read, rank1_states, scan_maps, scan_recurrent
+from .step import inner_step, step_bound
+
+__all__ = [
+    "AnalyticEngine",
+    "ChunkPlan",
+    "FuncEngine",
+    "dense_all",
+    "dense_states",
+    "inner_step",
+    "make_engine",
+    "rank1_read",
+    "rank1_states",
+    "scan_maps",
+    "scan_recurrent",
+    "step_bound",
+]

@@ -1,0 +1,133 @@
+"""One gradient-anchor segment of a fast-weight memory, all tokens at once.
+
+Within a segment every token's gradient is taken at the same anchor weights A, so the whole
+segment is one batched pass: the per-token gradients g_t of l(W; k_t, v_t) at A and their
+residual norms, the bounded step sizes c_t (see step.py), the updates u_t = -c_t g_t, the
+momentum/decay scan of D = W - W_0 (see scan.py) and, when queries are given, the read-out
+y_t = M_{W_0 + D_t}(q_t) with every token's own weights. Two engines give the same numbers:
+
+- :class:`AnalyticEngine`, for memories with closed-form rank-1 ``factors`` and ``compose`` (the
+  built-in residual MLP and linear map): per weight matrix g_t = left_t right_t^T, the read-out in
+  dual form (matrix products only, no per-token weights);
+- :class:`FuncEngine`, for any module: per-token gradients by ``vmap(grad(functional_call))``,
+  materialised, and the read-out with materialised per-token weights.
+
+Example:
+    >>> from nl_layers.memory.mlp import ResidualMLPMemory
+    >>> mem = ResidualMLPMemory(4, 8)
+    >>> engine = make_engine(mem, None, "analytic")
+    >>> w = {n: p.detach().expand(3, *p.shape) for n, p in mem.named_parameters()}
+    >>> zeros = {n: torch.zeros_like(t) for n, t in w.items()}
+    >>> k, v, q = torch.randn(3, 10, 4), torch.randn(3, 10, 4), torch.randn(3, 10, 4)
+    >>> y, d, s = engine.segment(w, zeros, zeros, w, k, v, torch.full((3, 10), 0.1), None,
+    ...                          torch.zeros(3, 10), chunk_size=4, error_clip=1.0, q=q)
+    >>> y.shape, d["w_in"].shape
+    (torch.Size([3, 10, 4]), torch.Size([3, 8, 4]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from .scan import ChunkPlan, bc, dense_all, dense_states, rank1_read, rank1_states
+from .step import inner_step
+
+
+def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x @ w.transpose(-1, -2)
+
+
+class AnalyticEngine:
+    """Segments in closed form for memories with ``factors`` and ``compose`` (see memory/mlp.py)."""
+
+    def __init__(self, template: nn.Module):
+        if not all(hasattr(template, a) for a in ("factors", "compose")):
+            raise ValueError(
+                f"grad_impl='analytic' needs a memory with closed-form factors/compose "
+                f"(ResidualMLPMemory, LinearMapMemory); {type(template).__name__} has none: use grad_impl='func'"
+            )
+        self.template = template
+
+    def read(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+        """All tokens x (N, L, d) read with one set of weights per copy (N, ...)."""
+        return self.template.compose(x, lambda n, inp: _apply(w[n], inp))
+
+    def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False):
+        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end)."""
+        facs, r_sq = self.template.factors(anchor, k, v, dgd)
+        g_sq = sum(left.square().sum(-1) * right.square().sum(-1) for left, right in facs.values())
+        step = inner_step(lr, g_sq, r_sq, error_clip)
+        plan = ChunkPlan.build(log_m, log_a, chunk_size)
+        blocked = {n: (plan.blocks(-step[..., None] * left), plan.blocks(right)) for n, (left, right) in facs.items()}
+        starts, d_last, s_last = {}, {}, {}
+        for n, (left, right) in blocked.items():
+            starts[n], (d_last[n], s_last[n]) = rank1_states(plan, left, right, d0[n], s0[n])
+        y = None
+        if q is not None:
+
+            def linear(n, x):  # W_t x_t for every token t, without forming W_t
+                left, right = blocked[n]
+                fixed = _apply(base[n], x.flatten(1, 2)).reshape(*x.shape[:3], -1)  # one weight per copy
+                return fixed + rank1_read(plan, left, right, starts[n], x)
+
+            y = plan.unblocks(self.template.compose(plan.blocks(q), linear))
+        return y, d_last, s_last
+
+
+class FuncEngine:
+    """Segments by ``vmap(grad(functional_call))`` over any memory model (functions built once).
+
+    Args:
+        template: the memory model (its parameters give names and shapes; values are substituted).
+        token_loss: ``loss(params, k, v) -> scalar`` 1/2 ||r||^2 for one token and one memory copy.
+    """
+
+    def __init__(self, template: nn.Module, token_loss: Callable):
+        def call(params, x):
+            return functional_call(template, params, (x,))
+
+        def dgd_decay(params, k):  # (W a) a^T on the DGD layer (zero elsewhere) and ||W a||^2, one token
+            name = template.dgd_layer
+            a = template.layer_inputs(params, k)[name]
+            wa = params[name] @ a
+            out = {n: torch.zeros_like(p) for n, p in params.items()}
+            out[name] = wa[:, None] * a[None, :]
+            return out, wa.square().sum()
+
+        self.token_grads = vmap(vmap(grad_and_value(token_loss), in_dims=(None, 0, 0)))
+        self.token_decay = vmap(vmap(dgd_decay, in_dims=(None, 0))) if hasattr(template, "dgd_layer") else None
+        self.read_per_token = vmap(vmap(call))
+        self.read = vmap(call)
+
+    def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False):
+        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end)."""
+        g, loss = self.token_grads(anchor, k, v)
+        r_sq = 2 * loss
+        if dgd:
+            if self.token_decay is None:
+                raise ValueError("the DGD rule needs a memory with dgd_layer and layer_inputs")
+            decay, wa_sq = self.token_decay(anchor, k)
+            g, r_sq = {n: g[n] + decay[n] for n in g}, r_sq + wa_sq
+        g_sq = sum(t.flatten(2).square().sum(-1) for t in g.values())
+        step = inner_step(lr, g_sq, r_sq, error_clip)
+        plan = ChunkPlan.build(log_m, log_a, chunk_size)
+        u = {n: plan.blocks(-bc(step, t) * t) for n, t in g.items()}
+        starts, d_last, s_last = {}, {}, {}
+        for n, un in u.items():
+            starts[n], (d_last[n], s_last[n]) = dense_states(plan, un, d0[n], s0[n])
+        y = None
+        if q is not None:
+            y = self.read_per_token({n: base[n][:, None] + dense_all(plan, u[n], starts[n]) for n in u}, q)
+        return y, d_last, s_last
+
+
+def make_engine(template: nn.Module, token_loss: Callable | None, grad_impl: str):
+    """FuncEngine for "func", AnalyticEngine for "analytic"; "auto": analytic when the memory has
+    the closed forms (the built-in memories), torch.func otherwise."""
+    if grad_impl == "auto":
+        grad_impl = "analytic" if all(hasattr(template, a) for a in ("factors", "compose")) else "func"
+    return AnalyticEngine(template) if grad_impl == "analytic" else FuncEngine(template, token_loss)

@@ -1,0 +1,90 @@
+"""nl_layers.ops.fast_weights: the chunk-parallel scan equals the token-by-token reference; the inner step is bounded."""
+
+import pytest
+import torch
+
+import nl_layers.ops.fast_weights.scan as scan
+from nl_layers.ops.fast_weights import (
+    ChunkPlan,
+    dense_all,
+    dense_states,
+    inner_step,
+    rank1_read,
+    rank1_states,
+    scan_recurrent,
+    step_bound,
+)
+
+from .helpers import max_diff
+
+
+def _inputs(length, momentum, n=3, out=4, inp=5):
+    f64 = dict(dtype=torch.float64)
+    left, right = torch.randn(n, length, out, **f64), torch.randn(n, length, inp, **f64)
+    log_m = -torch.rand(n, length, **f64) if momentum else None
+    log_a = -0.3 * torch.rand(n, length, **f64)
+    d0, s0 = torch.randn(n, out, inp, **f64), torch.randn(n, out, inp, **f64)
+    return left, right, log_m, log_a, d0, s0
+
+
+def _rank1(left, right, log_m, log_a, d0, s0, x, chunk):
+    plan = ChunkPlan.build(log_m, log_a, chunk)
+    bl, br = plan.blocks(left), plan.blocks(right)
+    starts, (d_last, s_last) = rank1_states(plan, bl, br, d0, s0)
+    return plan.unblocks(rank1_read(plan, bl, br, starts, plan.blocks(x))), d_last, s_last
+
+
+@pytest.mark.parametrize("group", [2, 16])  # 2: the cross-chunk scan recurses over groups of chunks
+@pytest.mark.parametrize("length, chunk", [(1, 16), (17, 4), (63, 16), (63, 1), (40, 64)])
+@pytest.mark.parametrize("momentum", [True, False])
+def test_chunked_equals_recurrent(momentum, length, chunk, group, monkeypatch):
+    monkeypatch.setattr(scan, "GROUP", group)
+    left, right, log_m, log_a, d0, s0 = _inputs(length, momentum)
+    u = left[..., :, None] * right[..., None, :]
+    ref, d_ref, s_ref = scan_recurrent(u, log_m, log_a, d0, s0)
+    plan = ChunkPlan.build(log_m, log_a, chunk)
+    starts, (d_last, s_last) = dense_states(plan, plan.blocks(u), d0, s0)
+    assert max_diff(dense_all(plan, plan.blocks(u), starts), ref) < 1e-11
+    assert max_diff(d_last, d_ref) < 1e-11 and max_diff(s_last, s_ref) < 1e-11
+    x = torch.randn(3, length, 5, dtype=torch.float64)
+    y, d_last, s_last = _rank1(left, right, log_m, log_a, d0, s0, x, chunk)
+    assert max_diff(y, (ref @ x[..., None])[..., 0]) < 1e-11
+    assert max_diff(d_last, d_ref) < 1e-11 and max_diff(s_last, s_ref) < 1e-11
+
+
+def test_gradients_equal_the_reference(monkeypatch):
+    monkeypatch.setattr(scan, "GROUP", 2)
+    inputs = [t.requires_grad_() for t in _inputs(23, True)]
+    x = torch.randn(3, 23, 5, dtype=torch.float64)
+    y, d_last, s_last = _rank1(*inputs, x, chunk=4)
+    left, right, log_m, log_a, d0, s0 = inputs
+    ref, d_ref, s_ref = scan_recurrent(left[..., :, None] * right[..., None, :], log_m, log_a, d0, s0)
+    w = [torch.randn_like(t) for t in (y, d_last, s_last)]
+    objective = lambda a, b, c: (a * w[0]).sum() + (b * w[1]).sum() + (c * w[2]).sum()  # noqa: E731
+    got = torch.autograd.grad(objective(y, d_last, s_last), inputs)
+    want = torch.autograd.grad(objective((ref @ x[..., None])[..., 0], d_ref, s_ref), inputs)
+    for g, h in zip(got, want):
+        assert max_diff(g, h) < 1e-10
+
+
+@pytest.mark.parametrize("error_clip", [1.0, 0.1, None])
+def test_inner_step_is_bounded_for_adversarial_sizes(error_clip):
+    """||c g|| <= sqrt(theta) min(||r||, tau) / 2 and c kappa < 1, from tiny to huge gradients and residuals."""
+    mags = torch.logspace(-12, 12, 49, dtype=torch.float64)
+    theta = torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3], dtype=torch.float64)[:, None, None]
+    g_sq, r_sq = mags[None, :, None], mags[None, None, :]
+    c = inner_step(theta, g_sq, r_sq, error_clip)
+    tau = float("inf") if error_clip is None else error_clip
+    assert (c * g_sq.sqrt() <= theta.sqrt() * r_sq.sqrt().clamp(max=tau) / 2 * (1 + 1e-12)).all()
+    assert (c * g_sq / r_sq < 1 + 1e-12).all()  # < 1 up to rounding (theta kappa reaches 1e27 here)
+    assert step_bound(4.0, 0.5) == 0.5 and step_bound(4.0, None) == float("inf")
+
+
+def test_inner_step_at_a_zero_residual_has_finite_gradients():
+    theta = torch.tensor([0.5, 0.5], requires_grad=True)
+    g_sq = torch.tensor([0.0, 2.0], requires_grad=True)
+    r_sq = torch.tensor([0.0, 1.0], requires_grad=True)
+    c = inner_step(theta, g_sq, r_sq, error_clip=1.0)
+    assert c[0] == 0.5
+    grads = torch.autograd.grad(c.sum(), [theta, g_sq, r_sq])
+    assert all(torch.isfinite(g).all() for g in grads)
