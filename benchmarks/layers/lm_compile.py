@@ -1,0 +1,83 @@
+"""Eager against ``torch.compile`` for the language models' training step (GPU).
+
+For each LM (dim 384, depth 6, batch 32 x 256, AdamW, fp32 weights with TF32 matmuls): the eager
+step time, the compile time (the first compiled step, its warm-up included) and the compiled
+step time, with every ratio to TransformerLM's eager step from the same run. The model is
+compiled with ``torch.compile(model, fullgraph=True)`` (the layers have no graph break); the
+optimizer step stays eager (fused AdamW).
+
+Usage: ``python -m benchmarks.layers.lm_compile --out DIR`` (writes lm_compile.json and .md).
+
+Example (the table on made-up numbers):
+    >>> print(table([{"model": "A", "eager_ms": 10.0, "compile_s": 30.0, "compiled_ms": 5.0}])[-1])
+    | A | 10.0 | 1.00x | 30 | 5.0 | 0.50x |
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .lm_steps import lm_builders, lm_case
+from .timing import clock_for, time_calls
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Markdown rows: ms per step eager and compiled, each over the first row's eager time."""
+    base = rows[0]["eager_ms"]
+    out = ["| model | eager ms/step | x Transformer eager | compile s | compiled ms/step | x Transformer eager |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        comp = r.get("compiled_ms")
+        out.append(f"| {r['model']} | {r['eager_ms']:.1f} | {r['eager_ms'] / base:.2f}x | "
+                   f"{r.get('compile_s', float('nan')):.0f} | "
+                   + (f"{comp:.1f} | {comp / base:.2f}x |" if comp else f"{r.get('error', '-')} | - |"))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/lm_compile")
+    p.add_argument("--models", nargs="+", default=["TransformerLM", "TitansLM", "HopeLM()"])
+    a = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    import nl_layers
+
+    nl_layers.set_finite_checks(False)
+    builders = lm_builders(256, 384, 6, 6)
+    clock, rows = clock_for("cuda"), []
+    for name in a.models:
+        row = {"model": name}
+        try:
+            row["eager_ms"] = time_calls(lm_case(name, builders[name], 256, "cuda", "fp32").make(32, 256), clock).median_ms
+
+            def compiled_build(build=builders[name]):
+                return torch.compile(build(), fullgraph=True)
+
+            step = lm_case(name, compiled_build, 256, "cuda", "fp32").make(32, 256)
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            step()
+            torch.cuda.synchronize()
+            row["compile_s"] = time.perf_counter() - t0
+            row["compiled_ms"] = time_calls(step, clock).median_ms
+        except Exception as err:  # noqa: BLE001 - recorded in the table
+            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lm_compile.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                                     "rows": rows}, indent=1))
+    text = "\n".join([f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", "", *table(rows)])
+    (out / "lm_compile.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
