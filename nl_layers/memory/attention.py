@@ -13,7 +13,7 @@ which is softmax attention. The memory's state is the sufficient statistics of t
   key chunks with a running maximum for stability (the flash-attention recurrence);
 - ``F.scaled_dot_product_attention``, which :class:`AttentionMemory` uses by default.
 
-Reference: Behrouz et al. 2025 (Nested Learning), section 5; DESIGN.md section 5.
+Reference: Behrouz et al. 2025 (Nested Learning), section 5.
 """
 
 from __future__ import annotations
