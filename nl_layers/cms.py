@@ -9,8 +9,8 @@ into k levels with periods C_1..C_k (paper Eqs. 70-71). Variants, over input x:
 
 With k = 1 the sequential CMS is the plain FFN f_1 (period 1, or "infinity" in context).
 
-Training mode: each block's parameters carry a period (:meth:`CMS.level_spec`, the level
-specification of common.md) that deepopt optimizers and the Lightning callback honour: a block of
+Training mode: each block's parameters carry a period (:meth:`CMS.level_spec`, a
+``{parameter name: period}`` dict) that deepopt optimizers and the Lightning callback honour: a block of
 period C is stepped every C optimizer steps with the mean of its accumulated gradients.
 
 In-context mode (``in_context=[C_1, ...]``): inside one sequence, every level holds per-sequence
