@@ -6,7 +6,8 @@ step time, with every ratio to TransformerLM's eager step from the same run. The
 compiled with ``torch.compile(model, fullgraph=True)`` (the layers have no graph break); the
 optimizer step stays eager (fused AdamW).
 
-Usage: ``python -m benchmarks.layers.lm_compile --out DIR`` (writes lm_compile.json and .md).
+Usage: ``python -m benchmarks.layers.lm_compile --out DIR`` (writes lm_compile.json and .md);
+``--device cpu --dim 16 --depth 1 --batch 2 --seq 8 --backend eager`` is a seconds-long smoke run.
 
 Example (the table on made-up numbers):
     >>> print(table([{"model": "A", "eager_ms": 10.0, "compile_s": 30.0, "compiled_ms": 5.0}])[-1])
@@ -44,27 +45,34 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/lm_compile")
     p.add_argument("--models", nargs="+", default=["TransformerLM", "TitansLM", "HopeLM()"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=256)
     a = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     import nl_layers
 
-    nl_layers.set_finite_checks(False)
-    builders = lm_builders(256, 384, 6, 6)
-    clock, rows = clock_for("cuda"), []
+    nl_layers.set_value_checks(False)
+    builders = lm_builders(256, a.dim, a.depth, 6 if a.dim % 6 == 0 else 2)
+    clock, rows = clock_for(a.device), []
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     for name in a.models:
         row = {"model": name}
         try:
-            row["eager_ms"] = time_calls(lm_case(name, builders[name], 256, "cuda", "fp32").make(32, 256), clock).ms
+            row["eager_ms"] = time_calls(lm_case(name, builders[name], 256, a.device, "fp32").make(a.batch, a.seq), clock).ms
 
             def compiled_build(build=builders[name]):
-                return torch.compile(build(), fullgraph=True)
+                return torch.compile(build(), fullgraph=True, backend=a.backend)
 
-            step = lm_case(name, compiled_build, 256, "cuda", "fp32").make(32, 256)
+            step = lm_case(name, compiled_build, 256, a.device, "fp32").make(a.batch, a.seq)
             t0 = time.perf_counter()
             step()
-            torch.cuda.synchronize()
+            sync()
             step()
-            torch.cuda.synchronize()
+            sync()
             row["compile_s"] = time.perf_counter() - t0
             row["compiled_ms"] = time_calls(step, clock).ms
         except Exception as err:  # noqa: BLE001 - recorded in the table
@@ -73,9 +81,9 @@ def main(argv=None) -> None:
         print(json.dumps(row), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lm_compile.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                                     "rows": rows}, indent=1))
-    text = "\n".join([f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", "", *table(rows)])
+    where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
+    (out / "lm_compile.json").write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=1))
+    text = "\n".join([f"device: {where}, torch {torch.__version__}, backend {a.backend}", "", *table(rows)])
     (out / "lm_compile.md").write_text(text + "\n")
     print(text)
 

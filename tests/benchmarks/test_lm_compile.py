@@ -1,0 +1,16 @@
+"""benchmarks.layers.lm_compile: the eager-vs-compiled LM step runs end to end (CPU smoke)."""
+
+import json
+
+from benchmarks.layers import lm_compile
+
+
+def test_smoke_run_writes_every_model_with_times(tmp_path):
+    lm_compile.main(["--device", "cpu", "--backend", "eager", "--dim", "16", "--depth", "1", "--batch", "2",
+                     "--seq", "8", "--models", "TransformerLM", "TitansLM", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "lm_compile.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["TransformerLM", "TitansLM"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["eager_ms"] > 0 and r["compiled_ms"] > 0 and r["compile_s"] > 0
+    assert "| TitansLM |" in (tmp_path / "lm_compile.md").read_text()
