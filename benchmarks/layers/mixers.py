@@ -114,10 +114,45 @@ def ours(dim: int, heads: int, device: str, dtype: torch.dtype) -> list[Case]:
         if torch_impl:
             cases.append(case(f"linear {rule} (torch)",
                               lambda r=rule: nl_layers.LinearMemory(dim, heads=heads, rule=r, impl="torch")))
+    if accepts(nl_layers.LinearMemory, "impl"):
+        cases += [op_case(dim, heads, device, dtype, "delta", decay) for decay in (False, True)]
     cases.append(case("Titans NeuralMemory", lambda: construct(nl_layers.NeuralMemory, dim, heads=heads)))
     cases.append(case("SelfModifyingTitans", lambda: construct(nl_layers.SelfModifyingTitans, dim, heads=heads)))
     cases.append(case("HopeBlock", lambda: construct(nl_layers.HopeBlock, dim, heads=heads)))
     return cases
+
+
+def op_case(dim: int, heads: int, device: str, dtype: torch.dtype, rule: str, decay: bool) -> Case:
+    """Our ``linear_memory_chunked`` alone (impl "auto"), on the same inputs as :func:`fla_op_case`:
+    q, k, v (B, T, H, K) with k l2-normalized, step sizes in (0, 1), and a log-decay when ``decay``.
+    Without decay and with rule "delta" it computes what fla's ``chunk_delta_rule`` does."""
+    from nl_layers import linear_memory_chunked
+
+    head_dim = dim // heads
+
+    def make(batch: int, length: int):
+        def leaf(t):
+            return t.to(dtype).requires_grad_()
+
+        shape = (batch, length, heads, head_dim)
+        sets = [(leaf(torch.randn(shape, device=device)), leaf(F.normalize(torch.randn(shape, device=device), dim=-1)),
+                 leaf(torch.randn(shape, device=device)), leaf(torch.randn(batch, length, heads, device=device).sigmoid()),
+                 leaf(F.logsigmoid(torch.randn(batch, length, heads, device=device) + 3)) if decay else None,
+                 torch.randn(shape, device=device, dtype=dtype)) for _ in range(2)]
+        turn = [0]
+
+        def step():
+            i = turn[0] = (turn[0] + 1) % 2
+            q, k, v, lr, log_decay, do = sets[i]
+            for t in (q, k, v, lr, log_decay):
+                if t is not None:
+                    t.grad = None
+            o, _ = linear_memory_chunked(q, k, v, rule=rule, lr=lr, log_decay=log_decay, layout="bthd")
+            o.backward(do)
+
+        return step
+
+    return Case(f"linear {rule}{' gated' if decay else ''} (op only)", "ours", make, {"impl": "auto"})
 
 
 def _import(name: str):
