@@ -119,7 +119,7 @@ def test_every_case_steps_and_peers_are_optional(monkeypatch):
     names = [c.name for c in cases]
     rules = [f"linear {r}" for r in mixers.RULES]
     if mixers.accepts(nl_layers.LinearMemory, "impl"):  # the pure-torch path is timed too once it can be chosen
-        rules += [f"{n} (torch)" for n in rules]
+        rules += [f"{n} (torch)" for n in rules] + ["linear delta (op only)", "linear delta gated (op only)"]
     assert names[0] == "SDPA attention"
     assert set(names) == {"SDPA attention", "Titans NeuralMemory", "SelfModifyingTitans", "HopeBlock", *rules}
     for case in cases:
