@@ -68,6 +68,13 @@ def setup(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def teardown() -> None:
+    """Both ranks reach the end before the group goes (a rank that tears gloo down while its peer
+    still talks to it aborts the peer: 'terminate called without an active exception')."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def equality_worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
     """Every optimizer: distributed run vs a single process on the full batch (max abs diff)."""
     setup(rank, world, port)
@@ -81,7 +88,7 @@ def equality_worker(rank: int, world: int, port: int, mode: str, out: str) -> No
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    teardown()
 
 
 def checkpoint_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
@@ -103,4 +110,4 @@ def checkpoint_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> 
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    teardown()
