@@ -26,3 +26,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _value_checks_restored():
+    """nl_layers' value checks are a process-wide switch: whatever a test sets, the next one starts
+    from the setting it found (a leak once turned off the NaN checks of every later test)."""
+    import nl_layers
+
+    before = nl_layers.value_checks_enabled()
+    yield
+    nl_layers.set_value_checks(before)

@@ -55,30 +55,36 @@ def main(argv=None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     import nl_layers
 
-    nl_layers.set_value_checks(False)
     builders = lm_builders(256, a.dim, a.depth, 6 if a.dim % 6 == 0 else 2)
-    clock, rows = clock_for(a.device), []
+    with nl_layers.value_checks(False):  # no host sync per call while timing; restored afterwards
+        rows = [measure(name, builders[name], a) for name in a.models]
+    write(rows, a)
+
+
+def measure(name: str, build, a) -> dict:
+    """One model's eager step, compile time (first two compiled steps) and compiled step, or the error."""
+    clock = clock_for(a.device)
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
-    for name in a.models:
-        row = {"model": name}
-        try:
-            row["eager_ms"] = time_calls(lm_case(name, builders[name], 256, a.device, "fp32").make(a.batch, a.seq), clock).ms
+    row = {"model": name}
+    try:
+        row["eager_ms"] = time_calls(lm_case(name, build, 256, a.device, "fp32").make(a.batch, a.seq), clock).ms
+        compiled = lm_case(name, lambda: torch.compile(build(), fullgraph=True, backend=a.backend), 256, a.device, "fp32")
+        step = compiled.make(a.batch, a.seq)
+        t0 = time.perf_counter()
+        step()
+        sync()
+        step()
+        sync()
+        row["compile_s"] = time.perf_counter() - t0
+        row["compiled_ms"] = time_calls(step, clock).ms
+    except Exception as err:  # noqa: BLE001 - recorded in the table
+        row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    print(json.dumps(row), flush=True)
+    return row
 
-            def compiled_build(build=builders[name]):
-                return torch.compile(build(), fullgraph=True, backend=a.backend)
 
-            step = lm_case(name, compiled_build, 256, a.device, "fp32").make(a.batch, a.seq)
-            t0 = time.perf_counter()
-            step()
-            sync()
-            step()
-            sync()
-            row["compile_s"] = time.perf_counter() - t0
-            row["compiled_ms"] = time_calls(step, clock).ms
-        except Exception as err:  # noqa: BLE001 - recorded in the table
-            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+def write(rows: list[dict], a) -> None:
+    """lm_compile.json and lm_compile.md under ``a.out``; prints the table."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"

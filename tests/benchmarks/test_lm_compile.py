@@ -14,3 +14,12 @@ def test_smoke_run_writes_every_model_with_times(tmp_path):
         assert "error" not in r, r
         assert r["eager_ms"] > 0 and r["compiled_ms"] > 0 and r["compile_s"] > 0
     assert "| TitansLM |" in (tmp_path / "lm_compile.md").read_text()
+
+
+def test_value_checks_are_restored(tmp_path):
+    import nl_layers
+
+    assert nl_layers.value_checks_enabled()
+    lm_compile.main(["--device", "cpu", "--backend", "eager", "--dim", "16", "--depth", "1", "--batch", "2",
+                     "--seq", "8", "--models", "TransformerLM", "--out", str(tmp_path)])
+    assert nl_layers.value_checks_enabled()
