@@ -36,7 +36,7 @@ tests() {
 layers() {
   say "layers start on GPU $1"
   CUDA_VISIBLE_DEVICES=$1 timeout "${LAYERS_SECONDS:-420}" python3 -m benchmarks run --suite layers --device cuda \
-    --out "$out/layers" ${LAYERS_ARGS:-} > "$out/logs/layers.log" 2>&1
+    --out "$out/layers" ${LAYERS_ARGS:---cap-seconds 30 --budget-seconds 330} > "$out/logs/layers.log" 2>&1
   say "layers rc=$?"
 }
 lm_compile() {

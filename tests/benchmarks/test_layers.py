@@ -40,8 +40,10 @@ def test_time_calls_counts_warmup_and_repeats_and_takes_the_median():
 def test_time_calls_stops_at_the_cap_and_skips_a_first_call_far_past_it():
     slow = timing.time_calls(lambda: None, FakeClock([30_000.0, 15_000.0]), warmup=2, repeats=5, cap_s=20)
     assert slow.repeats == 1 and slow.ms == 15_000.0 and "cap cut the warm-up" in slow.note  # first call (compile?) left out
-    far = timing.time_calls(lambda: None, FakeClock([100_000.0]), warmup=2, repeats=5, cap_s=20)
-    assert far.ms is None and far.calls == 1 and "one call took 100 s" in far.note
+    far = timing.time_calls(lambda: None, FakeClock([100_000.0, 30_000.0]), warmup=2, repeats=5, cap_s=20)
+    assert far.ms is None and far.calls == 2 and "one call took 100 s" in far.note
+    compiled = timing.time_calls(lambda: None, FakeClock([100_000.0, 5.0]), warmup=2, repeats=5, cap_s=20)
+    assert compiled.ms == 5.0 and compiled.repeats == 5 and compiled.first_ms == 100_000.0  # autotuning, then fast
 
 
 def test_time_calls_with_the_cpu_clock():
