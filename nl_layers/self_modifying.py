@@ -38,7 +38,7 @@ Stability: every step obeys ||c_t g_t|| <= sqrt(max_lr) tau / 2 whatever the inp
 number of tokens and cannot overflow. With anchors, the steps of a segment add up unseen and the
 momentum beta ~ 0.9 multiplies them by up to 10: max_lr = 0.1 is the default because a char-level
 LM (3 seeds) trained equally well for max_lr 0.1 to 3 without anchors, but with anchor_size = 16
-only 0.1 kept its loss (0.3 lost 0.4 nats, 1 lost 0.6; with anchor_size = 64, 0.3 lost 0.02).
+only 0.1 kept its loss (0.3 lost 0.5 nats, 1 lost 0.6; with anchor_size = 64, 0.3 lost 0.02).
 
 Reference: Behrouz et al. 2025 (Nested Learning), section 8.
 """

@@ -10,7 +10,8 @@ y_t = M_{W_0 + D_t}(q_t) with every token's own weights. Two engines give the sa
   built-in residual MLP and linear map): per weight matrix g_t = left_t right_t^T, the read-out in
   dual form (matrix products only, no per-token weights);
 - :class:`FuncEngine`, for any module: per-token gradients by ``vmap(grad(functional_call))``,
-  materialised, and the read-out with materialised per-token weights.
+  materialised, and the read-out with materialised per-token weights (memory N x L x the
+  module's parameter count for a segment of L tokens).
 
 Example:
     >>> from nl_layers.memory.mlp import ResidualMLPMemory

@@ -188,16 +188,23 @@ def scan_maps(la, f, lm, bd, bs, group: int = GROUP):
 
 def _states(plan: ChunkPlan, delta_d, delta_s, d0, s0, last_u):
     """Chunk start states (D^c, S^c) (N, n, ...) and the end state from the chunk summaries."""
+    # Fold the initial state into chunk 0's summary, so the scan from zero gives the states themselves.
+    first_d = bc(plan.end_la[:, 0].exp(), d0) * d0
+    if plan.end_f is not None:
+        first_d = first_d + bc(plan.end_f[:, 0], s0) * s0
+        first_s = bc(plan.end_lm[:, 0].exp(), s0) * s0
+        delta_s = torch.cat([delta_s[:, :1] + first_s[:, None], delta_s[:, 1:]], 1)
+    delta_d = torch.cat([delta_d[:, :1] + first_d[:, None], delta_d[:, 1:]], 1)
     flat = lambda t: None if t is None else t.reshape(t.shape[0], t.shape[1], -1)  # noqa: E731
-    la, f, lm, d, s = scan_maps(plan.end_la, plan.end_f, plan.end_lm, flat(delta_d), flat(delta_s), GROUP)
-    d_end = (bc(la.exp(), d) * d0.reshape(d0.shape[0], 1, -1) + d).reshape(delta_d.shape)
-    if f is not None:
-        d_end = d_end + bc(f, delta_d) * s0[:, None]
-        s_end = bc(lm.exp(), delta_s) * s0[:, None] + s.reshape(delta_s.shape)
-        s_start, s_last = torch.cat([s0[:, None], s_end[:, :-1]], 1), s_end[:, -1]
+    _, _, _, d_end, s_end = scan_maps(plan.end_la, plan.end_f, plan.end_lm, flat(delta_d), flat(delta_s), GROUP)
+    n = plan.chunks
+    d_head, d_last = d_end.reshape(delta_d.shape).split([n - 1, 1], 1)
+    if s_end is not None:
+        s_head, s_last = s_end.reshape(delta_s.shape).split([n - 1, 1], 1)
+        s_start, s_last = torch.cat([s0[:, None], s_head], 1), s_last[:, 0]
     else:
         s_start, s_last = None, last_u
-    return (torch.cat([d0[:, None], d_end[:, :-1]], 1), s_start), (d_end[:, -1], s_last)
+    return (torch.cat([d0[:, None], d_head], 1), s_start), (d_last[:, 0], s_last)
 
 
 def rank1_states(plan: ChunkPlan, left, right, d0, s0):
