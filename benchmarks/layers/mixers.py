@@ -122,37 +122,52 @@ def ours(dim: int, heads: int, device: str, dtype: torch.dtype) -> list[Case]:
     return cases
 
 
-def op_case(dim: int, heads: int, device: str, dtype: torch.dtype, rule: str, decay: bool) -> Case:
-    """Our ``linear_memory_chunked`` alone (impl "auto"), on the same inputs as :func:`fla_op_case`:
-    q, k, v (B, T, H, K) with k l2-normalized, step sizes in (0, 1), and a log-decay when ``decay``.
-    Without decay and with rule "delta" it computes what fla's ``chunk_delta_rule`` does."""
-    from nl_layers import linear_memory_chunked
+def op_inputs(batch: int, length: int, heads: int, head_dim: int, device: str, dtype: torch.dtype, decay: bool):
+    """Two rotating input sets for a bare linear-memory op: (q, k, v, step, log_decay or None, dy),
+    (B, T, H, K) leaves with k l2-normalized, steps in (0, 1), log-decays near log 0.95."""
 
-    head_dim = dim // heads
+    def leaf(t):
+        return t.to(dtype).requires_grad_()
+
+    shape, gates = (batch, length, heads, head_dim), (batch, length, heads)
+    return [(leaf(torch.randn(shape, device=device)), leaf(F.normalize(torch.randn(shape, device=device), dim=-1)),
+             leaf(torch.randn(shape, device=device)), leaf(torch.randn(gates, device=device).sigmoid()),
+             leaf(F.logsigmoid(torch.randn(gates, device=device) + 3)) if decay else None,
+             torch.randn(shape, device=device, dtype=dtype)) for _ in range(2)]
+
+
+def bare_op_case(name: str, source: str, dim: int, heads: int, device: str, dtype: torch.dtype, decay: bool,
+                 call, config: dict) -> Case:
+    """A case timing ``call(q, k, v, step, log_decay) -> (y, state)`` forward + backward alone."""
 
     def make(batch: int, length: int):
-        def leaf(t):
-            return t.to(dtype).requires_grad_()
-
-        shape = (batch, length, heads, head_dim)
-        sets = [(leaf(torch.randn(shape, device=device)), leaf(F.normalize(torch.randn(shape, device=device), dim=-1)),
-                 leaf(torch.randn(shape, device=device)), leaf(torch.randn(batch, length, heads, device=device).sigmoid()),
-                 leaf(F.logsigmoid(torch.randn(batch, length, heads, device=device) + 3)) if decay else None,
-                 torch.randn(shape, device=device, dtype=dtype)) for _ in range(2)]
-        turn = [0]
+        sets, turn = op_inputs(batch, length, heads, dim // heads, device, dtype, decay), [0]
 
         def step():
             i = turn[0] = (turn[0] + 1) % 2
-            q, k, v, lr, log_decay, do = sets[i]
-            for t in (q, k, v, lr, log_decay):
+            *inputs, do = sets[i]
+            for t in inputs:
                 if t is not None:
                     t.grad = None
-            o, _ = linear_memory_chunked(q, k, v, rule=rule, lr=lr, log_decay=log_decay, layout="bthd")
-            o.backward(do)
+            y, _ = call(*inputs)
+            y.backward(do)
 
         return step
 
-    return Case(f"linear {rule}{' gated' if decay else ''} (op only)", "ours", make, {"impl": "auto"})
+    return Case(name, source, make, config)
+
+
+def op_case(dim: int, heads: int, device: str, dtype: torch.dtype, rule: str, decay: bool) -> Case:
+    """Our ``linear_memory_chunked`` alone (impl "auto"), on the same inputs as :func:`fla_op_case`
+    (plus a log-decay when ``decay``). Without decay and with rule "delta" it computes what fla's
+    ``chunk_delta_rule`` does."""
+    from nl_layers import linear_memory_chunked
+
+    def call(q, k, v, lr, log_decay):
+        return linear_memory_chunked(q, k, v, rule=rule, lr=lr, log_decay=log_decay, layout="bthd")
+
+    return bare_op_case(f"linear {rule}{' gated' if decay else ''} (op only)", "ours", dim, heads, device, dtype,
+                        decay, call, {"impl": "auto"})
 
 
 def _import(name: str):
@@ -165,29 +180,8 @@ def _import(name: str):
 
 def fla_op_case(dim: int, heads: int, device: str, dtype: torch.dtype, chunk_delta_rule) -> Case:
     """fla's ``chunk_delta_rule`` alone: q, k, v (B, T, H, K), k l2-normalized, beta in (0, 1)."""
-    head_dim = dim // heads
-
-    def make(batch: int, length: int):
-        def leaf(t):
-            return t.to(dtype).requires_grad_()
-
-        shape = (batch, length, heads, head_dim)
-        sets = [(leaf(torch.randn(shape, device=device)), leaf(F.normalize(torch.randn(shape, device=device), dim=-1)),
-                 leaf(torch.randn(shape, device=device)), leaf(torch.randn(batch, length, heads, device=device).sigmoid()),
-                 torch.randn(shape, device=device, dtype=dtype)) for _ in range(2)]
-        turn = [0]
-
-        def step():
-            i = turn[0] = (turn[0] + 1) % 2
-            q, k, v, beta, do = sets[i]
-            for t in (q, k, v, beta):
-                t.grad = None
-            o, _ = chunk_delta_rule(q, k, v, beta)
-            o.backward(do)
-
-        return step
-
-    return Case("fla chunk_delta_rule (op only)", "fla", make, {"chunk_size": 64})
+    return bare_op_case("fla chunk_delta_rule (op only)", "fla", dim, heads, device, dtype, False,
+                        lambda q, k, v, beta, _: chunk_delta_rule(q, k, v, beta), {"chunk_size": 64})
 
 
 class FlaGatedDelta(nn.Module):
