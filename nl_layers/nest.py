@@ -3,7 +3,7 @@
 Every feed-forward block found is replaced by a :class:`~nl_layers.CMS` built from it
 (:meth:`CMS.from_ffn`: the pre-trained FFN becomes level 1, the new levels start as exact no-ops),
 so right after nesting the model's outputs are those of the original, and the returned level
-specification ``{parameter name: period}`` (common.md) tells deepopt optimizers
+specification ``{parameter name: period}`` tells deepopt optimizers
 (``deepopt.group_by_period``) and the Lightning callback how often each level learns.
 
 Where FFNs are found (``ffn=``):

@@ -1,6 +1,6 @@
 """Speed of the fused optimizer steps and the batched Newton-Schulz (issue 6, item 4).
 
-On the GPT-like parameter list of BENCHMARKS.md (d=2048, 24 layers, vocab 50,304: 1.31 B
+On a GPT-like parameter list (d=2048, 24 layers, vocab 50,304: 1.31 B
 parameters in 145 tensors), fp32 and bf16, in one run: every deepopt optimizer against fused
 AdamW, fused SGD and ``torch.optim.Muon`` (the Muon-family on the 1.21 B matrix parameters);
 ms per step (median of CUDA-event timings; mean over a full period for M3), bytes moved per

@@ -14,7 +14,7 @@ Every level has two forms that must agree (tests check it in float64):
 * the **fast path**: ``write_(states, xs, ...)`` over a list of tensors that updates state in
   place (``torch._foreach_*`` where it pays), and ``read_`` over a list.
 
-A level may have an update ``period`` C (DESIGN.md 4, "slow levels"): its input is accumulated
+A level may have an update ``period`` C (the slow levels of Nested Learning, Eq. 71): its input is accumulated
 over C steps and it is written only at the boundary ``t % C == 0`` with the mean of the chunk;
 between boundaries its state is held and reads use the held state.
 

@@ -1,8 +1,8 @@
 """Multi-timescale parameter levels for any optimizer, without Lightning.
 
 A *level specification* maps parameter names (as ``model.named_parameters()`` gives them) or
-``fnmatch`` glob patterns over such names to an update period ``C >= 1`` (DESIGN.md 4, "slow
-levels"; the CMS rule, paper Eq. 71). A parameter of period ``C`` accumulates its gradient over
+``fnmatch`` glob patterns over such names to an update period ``C >= 1`` (the slow
+levels of Nested Learning: the CMS rule, paper Eq. 71). A parameter of period ``C`` accumulates its gradient over
 ``C`` optimizer steps and is stepped only at steps ``t`` with ``t % C == 0``, with the reduced
 chunk::
 

@@ -12,7 +12,7 @@ The step applied to each parameter, for the chain's direction ``d = (mul/div) nu
 
 Slow parameter groups: a group with ``period=C`` accumulates its gradients over C steps and is
 updated at every C-th step with their mean; its optimizer state (and step count) advances only
-then (the Continuum Memory System rule, DESIGN.md 4).
+then (the Continuum Memory System rule, Behrouz et al. 2025, Eq. 71).
 
 Non-finite gradients (``nonfinite=``): ``"skip"`` (default) checks all gradients first and, if any
 holds NaN or Inf, leaves every parameter and every state untouched, warns, and counts the step in
