@@ -9,7 +9,7 @@ Methods (each keeps one optimizer, with its state, across the whole sequence):
   examples (``REPLAY_PER_TASK`` per task): an upper reference, not a competitor (it stores data);
 - ``<deepopt name>+slow``: every optimizer in ``deepopt.OPTIMIZERS``, with the sequence's slow level
   spec as param groups with ``"period"`` (``deepopt.group_by_period``): the slow parameters
-  accumulate their gradients and update every C steps (DESIGN.md 4, slow levels).
+  accumulate their gradients and update every C steps (the slow levels of Nested Learning).
 
 Learning rate: each method's family centre times the best of the sweep factors on the first task
 (seed 0, scored by the first task's metric); methods that are identical on the first task (AdamW,

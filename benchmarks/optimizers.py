@@ -5,7 +5,7 @@ picks which of a task's learning-rate centres the sweep multiplies, so every opt
 same number of trials around a sensible scale. No weight decay anywhere (the synthetic tasks
 have exact minima that decay would move).
 
-Baselines (BENCHMARKS.md): ``AdamW`` (torch, fused where the device supports it),
+Baselines: ``AdamW`` (torch, fused where the device supports it),
 ``SGD`` (momentum 0.9), ``Muon`` (torch.optim.Muon on 2-D weights, AdamW at the task's Adam rate
 on everything else: vectors, convolutions, embeddings and heads). Optional columns when the
 packages are installed: heavyball's AdamW and schedulefree's AdamWScheduleFree.

@@ -1,6 +1,6 @@
 """The ``speed`` suite (CUDA only): optimizer step time on a GPT-like parameter list.
 
-The list (BENCHMARKS.md): d = 2048, 24 layers of q, k, v, o (d x d), fc (4d x d), proj (d x 4d),
+The list: d = 2048, 24 layers of q, k, v, o (d x d), fc (4d x d), proj (d x 4d),
 plus a 50,304 x d embedding: 145 tensors, 1.31 B parameters (1.21 B in matrices). Gradients are
 random (never zeros). Each optimizer is warmed up, then ``repeats`` steps are timed one by one
 with CUDA events and the median is reported, with fused AdamW, fused SGD and torch Muon in the

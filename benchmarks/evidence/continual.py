@@ -30,7 +30,7 @@ feed-forward blocks at ``blocks.<i>.mlp``. Methods (AdamW, the same lr within a 
   earlier tasks' examples (``replay_per_task`` per task). Not a competitor.
 
 A period-C parameter accumulates its gradient over C steps and is stepped at t % C == 0 with the
-mean (common.md); its AdamW moments advance only then.
+mean; its AdamW moments advance only then.
 
 Metrics (:mod:`benchmarks.metrics`, Lopez-Paz & Ranzato 2017): R[i][j] = metric on task j after
 training task i, b[j] = untrained model; average = mean_j R[T-1][j]; BWT = mean_{j<T-1}

@@ -1,4 +1,4 @@
-"""The task registry: every benchmark task by name (see BENCHMARKS.md "Tasks for quality").
+"""The task registry: every benchmark task by name (benchmarks/README.md, "Tasks").
 
 Example:
     >>> from benchmarks.tasks import TASKS, get_task
