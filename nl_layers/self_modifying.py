@@ -197,6 +197,7 @@ class SelfModifyingTitans(nn.Module):
         b, t, _ = x.shape
         if state is not None:
             check_state_batch(state.weights["memory"]["w_in"].shape[0], b)
+        fresh = state is None  # zero offsets and momenta: the scans skip them
         state = self.initial_state(b, x) if state is None else state
         x, conv = self.conv(x, state.conv)
         xh = l2_normalize(split_heads(x, self.heads)).reshape(b * self.heads, t, self.head_dim)
@@ -206,13 +207,15 @@ class SelfModifyingTitans(nn.Module):
         s = {m: flatten(d) for m, d in state.momentum.items()}
         log_beta = F.logsigmoid(self.momentum_logit)
         base = {m: flatten(expand_params(tpl, b, self.heads)) for m, tpl in self.memories.items()}
-        run = self._parallel if mode == "chunked" else self._recurrent
-        y = run(xh, q, w, a, s, base, log_beta, state.position)
+        if mode == "chunked":
+            y = self._parallel(xh, q, w, a, s, base, log_beta, state.position, fresh)
+        else:
+            y = self._recurrent(xh, q, w, a, s, base, log_beta, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
         unf = lambda tree: {m: unflatten(d, b, self.heads) for m, d in tree.items()}  # noqa: E731
         return self.out(y), SelfModifyingState(unf(w), unf(a), unf(s), conv, state.position + t)
 
-    def _parallel(self, xh, q, w, a, s, base, log_beta, position):
+    def _parallel(self, xh, q, w, a, s, base, log_beta, position, fresh=False):
         """One batched pass per anchor segment; updates w, a, s (dicts per memory) in place."""
         n = xh.shape[0]
         # The four component memories share one structure: run them stacked along the copy axis.
@@ -228,13 +231,14 @@ class SelfModifyingTitans(nn.Module):
             if self.anchor_size is not None:  # the components' writes are read after the next re-anchor
                 target = comp.read(ac, rep(v)) if self.detach_values else rep(v)
                 _, dc, sc = comp.segment(
-                    ac, {p: wc[p] - bc[p] for p in wc}, sc, bc, rep(k), target, rep(lr), log_bc.expand(-1, end - start),
+                    ac, None if fresh and start == 0 else {p: wc[p] - bc[p] for p in wc}, None if fresh and start == 0 else sc, bc, rep(k), target, rep(lr), log_bc.expand(-1, end - start),
                     rep(log_a), self.chunk_size, self.error_clip, dgd=True,
                 )
                 wc = {p: bc[p] + dc[p] for p in wc}
             target = main.read(am, v) if self.detach_values else v
+            zero = fresh and start == 0
             y, dm, sm = main.segment(
-                am, {p: wm[p] - bm[p] for p in wm}, sm, bm, k, target, lr, log_beta[-1].expand_as(lr), log_a,
+                am, None if zero else {p: wm[p] - bm[p] for p in wm}, None if zero else sm, bm, k, target, lr, log_beta[-1].expand_as(lr), log_a,
                 self.chunk_size, self.error_clip, q=q[:, sl], dgd=True,
             )
             wm = {p: bm[p] + dm[p] for p in wm}

@@ -204,12 +204,15 @@ class NeuralMemory(nn.Module):
         b, t, _ = x.shape
         if state is not None:
             check_state_batch(state.conv.shape[0], b)
+        fresh = state is None  # zero offset and momentum: the scan skips them
         state = self.initial_state(b, x) if state is None else state
         q, k, v, lr, log_m, log_a, conv = self._prepare(x, state)
         w, anchor, s = flatten(state.weights), flatten(state.anchor), flatten(state.momentum)
         base = flatten(expand_params(self.memory, b, self.heads))
-        run = self._parallel if mode == "chunked" else self._recurrent
-        y, w, anchor, s = run(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position)
+        if mode == "chunked":
+            y, w, anchor, s = self._parallel(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position, fresh)
+        else:
+            y, w, anchor, s = self._recurrent(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
         new_state = NeuralMemoryState(
             unflatten(w, b, self.heads), unflatten(anchor, b, self.heads), unflatten(s, b, self.heads), conv, state.position + t
@@ -217,12 +220,14 @@ class NeuralMemory(nn.Module):
         return self.out(y), new_state
 
     # -- parallel form: one batched pass per anchor segment -------------------------------------
-    def _parallel(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position):
+    def _parallel(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position, fresh=False):
         ys = []
         for start, end, reanchor in segments(q.shape[1], self.anchor_size, position):
             sl = slice(start, end)
+            zero = fresh and start == 0
             y, delta, s = self.engine.segment(
-                anchor, {n: w[n] - base[n] for n in w}, s, base, k[:, sl], v[:, sl], lr[:, sl],
+                anchor, None if zero else {n: w[n] - base[n] for n in w}, None if zero else s, base,
+                k[:, sl], v[:, sl], lr[:, sl],
                 None if log_m is None else log_m[:, sl], log_a[:, sl], self.chunk_size, self.error_clip, q=q[:, sl],
             )
             w = {n: base[n] + delta[n] for n in w}

@@ -23,3 +23,16 @@ def test_value_checks_are_restored(tmp_path):
     lm_compile.main(["--device", "cpu", "--backend", "eager", "--dim", "16", "--depth", "1", "--batch", "2",
                      "--seq", "8", "--models", "TransformerLM", "--out", str(tmp_path)])
     assert nl_layers.value_checks_enabled()
+
+
+def test_compiled_model_runs_its_loss_through_dynamo():
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    import nl_layers
+
+    counter = CompileCounter()
+    model = lm_compile.compiled_model(nl_layers.TransformerLM(16, 8, 1, heads=2), counter)
+    with nl_layers.value_checks(False):
+        model.loss(torch.randint(0, 16, (2, 6)))
+    assert counter.frame_count == 1

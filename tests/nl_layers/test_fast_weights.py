@@ -52,8 +52,9 @@ def test_chunked_equals_recurrent(momentum, length, chunk, group, monkeypatch):
     assert max_diff(d_last, d_ref) < 1e-11 and max_diff(s_last, s_ref) < 1e-11
 
 
-def test_gradients_equal_the_reference(monkeypatch):
-    monkeypatch.setattr(scan, "GROUP", 2)
+@pytest.mark.parametrize("group", [2, 16])  # 16: six chunks in closed form; 2: the grouped scan
+def test_gradients_equal_the_reference(group, monkeypatch):
+    monkeypatch.setattr(scan, "GROUP", group)
     inputs = [t.requires_grad_() for t in _inputs(23, True)]
     x = torch.randn(3, 23, 5, dtype=torch.float64)
     y, d_last, s_last = _rank1(*inputs, x, chunk=4)
@@ -88,3 +89,15 @@ def test_inner_step_at_a_zero_residual_has_finite_gradients():
     assert c[0] == 0.5
     grads = torch.autograd.grad(c.sum(), [theta, g_sq, r_sq])
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("group", [2, 16])
+@pytest.mark.parametrize("momentum", [True, False])
+def test_none_initial_state_is_a_zero_state(momentum, group, monkeypatch):
+    monkeypatch.setattr(scan, "GROUP", group)
+    left, right, log_m, log_a, d0, s0 = _inputs(37, momentum)
+    x = torch.randn(3, 37, 5, dtype=torch.float64)
+    zero = torch.zeros_like(d0)
+    y, d_last, s_last = _rank1(left, right, log_m, log_a, zero, zero, x, chunk=4)
+    y_n, d_n, s_n = _rank1(left, right, log_m, log_a, None, None, x, chunk=4)
+    assert max_diff(y_n, y) < 1e-12 and max_diff(d_n, d_last) < 1e-12 and max_diff(s_n, s_last) < 1e-12

@@ -42,6 +42,11 @@ def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x @ w.transpose(-1, -2)
 
 
+def _get(tree: dict | None, name: str):
+    """tree[name]; None (a zero state, see scan.py) for tree None."""
+    return None if tree is None else tree[name]
+
+
 class AnalyticEngine:
     """Segments in closed form for memories with ``factors`` and ``compose`` (see memory/mlp.py)."""
 
@@ -58,7 +63,7 @@ class AnalyticEngine:
         return self.template.compose(x, lambda n, inp: _apply(w[n], inp))
 
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False):
-        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end)."""
+        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero."""
         facs, r_sq = self.template.factors(anchor, k, v, dgd)
         g_sq = sum(left.square().sum(-1) * right.square().sum(-1) for left, right in facs.values())
         step = inner_step(lr, g_sq, r_sq, error_clip)
@@ -66,7 +71,7 @@ class AnalyticEngine:
         blocked = {n: (plan.blocks(-step[..., None] * left), plan.blocks(right)) for n, (left, right) in facs.items()}
         starts, d_last, s_last = {}, {}, {}
         for n, (left, right) in blocked.items():
-            starts[n], (d_last[n], s_last[n]) = rank1_states(plan, left, right, d0[n], s0[n])
+            starts[n], (d_last[n], s_last[n]) = rank1_states(plan, left, right, _get(d0, n), _get(s0, n))
         y = None
         if q is not None:
 
@@ -105,7 +110,7 @@ class FuncEngine:
         self.read = vmap(call)
 
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False):
-        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end)."""
+        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero."""
         g, loss = self.token_grads(anchor, k, v)
         r_sq = 2 * loss
         if dgd:
@@ -119,7 +124,7 @@ class FuncEngine:
         u = {n: plan.blocks(-bc(step, t) * t) for n, t in g.items()}
         starts, d_last, s_last = {}, {}, {}
         for n, un in u.items():
-            starts[n], (d_last[n], s_last[n]) = dense_states(plan, un, d0[n], s0[n])
+            starts[n], (d_last[n], s_last[n]) = dense_states(plan, un, _get(d0, n), _get(s0, n))
         y = None
         if q is not None:
             y = self.read_per_token({n: base[n][:, None] + dense_all(plan, u[n], starts[n]) for n in u}, q)

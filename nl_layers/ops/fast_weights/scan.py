@@ -186,8 +186,54 @@ def scan_maps(la, f, lm, bd, bs, group: int = GROUP):
     return ungroup(cla), ungroup(fl), ungroup(clm), ungroup(d), ungroup(s)
 
 
+def exclusive_products(log_x: torch.Tensor):
+    """E (B, n, n) with E_cj = prod_{j<r<c} x_r (j < c, else 0) and e (B, n), e_c = prod_{r<c} x_r."""
+    n = log_x.shape[-1]
+    cum = log_x.cumsum(-1)
+    prev = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], -1)  # sum_{r<c} log x_r
+    mask = torch.ones(n, n, dtype=torch.bool, device=log_x.device).tril(-1)
+    zero = torch.zeros((), dtype=log_x.dtype, device=log_x.device)
+    return torch.where(mask, torch.where(mask, prev[..., :, None] - cum[..., None, :], zero).exp(), zero), prev.exp()
+
+
+def _states_closed(plan: ChunkPlan, delta_d, delta_s, d0, s0, last_u):
+    """:func:`_states` for up to GROUP chunks: the start states straight from the summaries.
+
+    S^c = sum_{j<c} E^m_cj dS_j + e^m_c S_0 and D^c = sum_{j<c} E^a_cj (dD_j + F_j S^j) + e^a_c D_0
+    (exclusive products, :func:`exclusive_products`): two batched products, no scan and no
+    concatenation of states; the end state is the last chunk's map applied to its start state.
+    """
+    shape = delta_d.shape
+    flat = lambda t: t.reshape(t.shape[0], t.shape[1], -1)  # noqa: E731
+    init = lambda e, t0: bc(e, t0[:, None]) * t0[:, None]  # noqa: E731  e_c X_0 for every chunk c
+    ea, pa = exclusive_products(plan.end_la)
+    s_start = None
+    if delta_s is not None:
+        em, pm = exclusive_products(plan.end_lm)
+        s_start = (em @ flat(delta_s)).reshape(delta_s.shape)
+        if s0 is not None:
+            s_start = s_start + init(pm, s0)
+        carried = delta_d + bc(plan.end_f, delta_d) * s_start
+    else:
+        carried = delta_d
+    d_start = (ea @ flat(carried)).reshape(shape)
+    if d0 is not None:
+        d_start = d_start + init(pa, d0)
+    last = lambda t: t[:, -1]  # noqa: E731
+    d_last = bc(last(plan.end_la).exp(), d_start[:, -1]) * last(d_start) + last(carried)
+    s_last = last_u if delta_s is None else bc(last(plan.end_lm).exp(), s_start[:, -1]) * last(s_start) + last(delta_s)
+    return (d_start, s_start), (d_last, s_last)
+
+
 def _states(plan: ChunkPlan, delta_d, delta_s, d0, s0, last_u):
-    """Chunk start states (D^c, S^c) (N, n, ...) and the end state from the chunk summaries."""
+    """Chunk start states (D^c, S^c) (N, n, ...) and the end state from the chunk summaries.
+
+    d0, s0 None: a zero initial state (no work is spent on it).
+    """
+    if plan.chunks <= GROUP:
+        return _states_closed(plan, delta_d, delta_s, d0, s0, last_u)
+    d0 = torch.zeros_like(delta_d[:, 0]) if d0 is None else d0
+    s0 = torch.zeros_like(delta_s[:, 0]) if (s0 is None and delta_s is not None) else s0
     # Fold the initial state into chunk 0's summary, so the scan from zero gives the states themselves.
     first_d = bc(plan.end_la[:, 0].exp(), d0) * d0
     if plan.end_f is not None:
