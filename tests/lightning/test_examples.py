@@ -73,3 +73,12 @@ def test_nest_existing_tiny_config_preserves_function_then_trains(tmp_path, monk
     assert result["continued"] != result["nested"]
     out = capsys.readouterr().out
     assert "C = 2" in out and "C = 1" in out
+
+
+def test_run_dir_docstring_examples():
+    import doctest
+
+    from lightning_examples import run_dir
+
+    failures, attempted = doctest.testmod(run_dir)
+    assert attempted > 0 and failures == 0
