@@ -2,8 +2,8 @@
 
 Example:
     >>> args = parser().parse_args(["run", "--suite", "quick", "--optimizers", "AdamW", "SGD"])
-    >>> args.suite, args.optimizers
-    ('quick', ['AdamW', 'SGD'])
+    >>> args.suite, args.optimizers, args.threads, args.update_results
+    ('quick', ['AdamW', 'SGD'], 1, False)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import shlex
 import sys
 
-from .suites import ALIASES, SUITES
+from .suites import ALIASES, DEFAULT_THREADS, SUITES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,9 +26,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--tasks", nargs="+", help="task (or continual sequence) names (default: the suite's)")
     run.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the suite's)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (speed and memory need cuda)")
-    run.add_argument("--out", help="output folder (default: benchmarks/results/<suite>/; layers: ./runs/layers-<time>/)")
-    run.add_argument("--reference", action="store_true",
-                     help="write to the committed results benchmarks/results/<suite>/ (needed for layers to do so)")
+    run.add_argument("--out", help="output folder (default: a fresh ./runs/<suite>-<time>/)")
+    run.add_argument("--update-results", "--reference", dest="update_results", action="store_true",
+                     help="rewrite the committed results in benchmarks/results/<suite>/")
+    run.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                     help=f"torch threads (default {DEFAULT_THREADS}: the setting of the committed results)")
     run.add_argument("--steps", type=int, help="override every task's steps (steps per task for continual)")
     run.add_argument("--factors", type=float, nargs="+", help="learning-rate sweep factors (default 1/3 1 3)")
     run.add_argument("--jobs", type=int, default=1, help="worker processes over tasks (quick/quality; default 1)")
@@ -45,7 +47,9 @@ def parser() -> argparse.ArgumentParser:
     layers.add_argument("--smoke", action="store_true", help="tiny sizes; runs on a CPU too (--device cpu)")
     sub.add_parser("list", help="list suites, tasks (and why any is unavailable) and optimizers")
     redo = sub.add_parser("report", help="redo results.md and the plots from a results folder's results.json")
-    redo.add_argument("folder", help="e.g. benchmarks/results/quality")
+    redo.add_argument("folder", help="e.g. runs/quality-<time>")
+    redo.add_argument("--update-results", action="store_true",
+                      help="allow rewriting a committed folder under benchmarks/results/")
     return p
 
 
@@ -79,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from .suites import rewrite_report
 
-        rewrite_report(args.folder)
+        rewrite_report(args.folder, args.update_results)
         return 0
     if args.seeds is not None and args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
+    if args.threads < 1:
+        raise SystemExit("--threads must be >= 1")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
     from .suites import run_named_suite

@@ -1,6 +1,6 @@
 """deepopt under FSDP2 on several GPUs (NCCL): equality with one process, and step time.
 
-Run with ``torchrun --nproc_per_node=2 -m benchmarks.fsdp_step_time --out DIR``. Two parts:
+Run with ``torchrun --nproc_per_node=2 -m benchmarks.fsdp_step_time [--out DIR]``. Two parts:
 
 1. **Equality**: every optimizer in ``deepopt.OPTIMIZERS`` on a small MLP (float32), FSDP2 over
    all ranks with each rank holding a slice of the batch, against one process on the full batch
@@ -10,7 +10,8 @@ Run with ``torchrun --nproc_per_node=2 -m benchmarks.fsdp_step_time --out DIR``.
    against FSDP2 over all ranks (DTensor shards; matrix levels gather, see deepopt.distributed).
    CUDA events, warm-up, median of repeats.
 
-Writes ``fsdp.json`` and ``fsdp.md`` under ``--out`` (rank 0).
+Writes ``fsdp.json`` and ``fsdp.md`` (rank 0) to ``--out``, by default a fresh
+``./runs/distributed-<time>/``; ``--update-results`` rewrites the committed ``benchmarks/results/distributed/``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 import deepopt
+
+from .outdir import add_arguments as add_out_arguments, announce, run_dir
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU + gloo only for a smoke test
 
@@ -152,11 +155,12 @@ def shard_stack(model: Stack) -> nn.Module:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/distributed")
+    add_out_arguments(ap, "distributed")
     ap.add_argument("--d-model", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
+    args.out = run_dir("distributed", args.out, args.update_results)
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if DEVICE == "cuda":
@@ -190,6 +194,7 @@ def main() -> None:
         with open(os.path.join(args.out, "fsdp.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         print("\n".join(lines))
+        announce(args.out)
     dist.destroy_process_group()
 
 

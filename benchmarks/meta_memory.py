@@ -16,8 +16,9 @@ Evaluation: every optimizer runs as its ``torch.optim`` class on real ``nn.Modul
 ``HELD_OUT`` held-out tasks; the learned one is a plain ``deepopt.DeepMomentum`` that loaded the
 ``state_dict`` saved from ``learner.optimizer(...)`` (``learned_deep_momentum.pt``).
 
-Run (5 to 9 minutes on a shared 2-core CPU, one thread):
-    OMP_NUM_THREADS=1 python -m benchmarks.meta_memory --out benchmarks/results/meta
+Run (5 to 9 minutes on a shared 2-core CPU, one torch thread: ``--threads``, default 1, as the
+committed results): ``python -m benchmarks.meta_memory`` writes to a fresh ``./runs/meta-<time>/``;
+``--update-results`` rewrites the committed ``benchmarks/results/meta/``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -37,6 +39,8 @@ from torch import nn
 
 import deepopt
 from deepopt.meta import MetaLearner, MetaTrainer
+
+from .outdir import add_arguments as add_out_arguments, announce, run_dir
 
 WAYS, STEPS, TRUNCATION, BATCH, HIDDEN = 5, 40, 10, 32, 32
 META_STEPS, META_LR, TASKS_PER_STEP, TUNE_TASKS, HELD_OUT = 150, 0.03, 2, 6, 24
@@ -138,13 +142,17 @@ def summarize(runs: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/meta"))
+    add_out_arguments(ap, "meta")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the committed results')")
     ap.add_argument("--meta-steps", type=int, default=META_STEPS)
     ap.add_argument("--meta-lr", type=float, default=META_LR)
     ap.add_argument("--tasks-per-step", type=int, default=TASKS_PER_STEP)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    given_out = args.out
+    args.out = Path(run_dir("meta", args.out, args.update_results))
     args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
@@ -185,9 +193,12 @@ def main() -> None:
     diff = torch.tensor([a["mean_loss"] - b["mean_loss"] for a, b in pairs])
     elapsed = time.perf_counter() - start
     meta = {
-        "machine": "2-core CPU", "platform": platform.platform(), "torch": torch.__version__,
+        "machine": f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} torch thread(s)",
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": f"OMP_NUM_THREADS=1 python -m benchmarks.meta_memory --out {args.out} --meta-steps "
+        "command": "python -m benchmarks.meta_memory "
+                   + (f"--out {given_out} " if given_out else "--update-results " if args.update_results else "")
+                   + f"--threads {args.threads} --meta-steps "
                    f"{args.meta_steps} --meta-lr {args.meta_lr} --tasks-per-step {args.tasks_per_step} --seed {args.seed}",
         "seeds": {"tune_tasks": args.seed + 1, "meta_tasks": args.seed + 2, "held_out_tasks": args.seed + 3},
         "steps": STEPS, "truncation": TRUNCATION, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr,
@@ -204,6 +215,7 @@ def main() -> None:
     write_table(args.out, meta, results)
     plot(args.out, results, history)
     print((args.out / "results.md").read_text())
+    announce(str(args.out))
 
 
 def write_table(out: Path, meta: dict, results: dict) -> None:

@@ -6,7 +6,10 @@ forward + backward. Reported: the median over repeats after a warm-up, and the s
 The machine may be shared: the load average before and after the run is recorded beside the numbers.
 
 Run:
-    python -m benchmarks.nl_layers_cpu_throughput [--repeats 5] [--out benchmarks/results/nl_layers_cpu_throughput.md]
+    python -m benchmarks.nl_layers_cpu_throughput [--repeats 5] [--out FILE.md | --update-results]
+
+(default ``./runs/nl_layers_cpu_throughput-<time>/nl_layers_cpu_throughput.md``; ``--update-results``
+rewrites the committed ``benchmarks/results/nl_layers_cpu_throughput.md``)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 import nl_layers
 
 from .environment import describe
+from .outdir import RESULTS, announce, check_out, run_dir
 
 B, T, DIM, HEADS = 4, 256, 64, 4
 
@@ -153,13 +157,20 @@ def run(repeats: int) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nl_layers_cpu_throughput.md"))
+    parser.add_argument("--out", help="the Markdown file (default: a fresh ./runs/nl_layers_cpu_throughput-<time>/)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="rewrite the committed benchmarks/results/nl_layers_cpu_throughput.md")
     args = parser.parse_args(argv)
+    check_out(args.out, args.update_results)
+    name = "nl_layers_cpu_throughput.md"
+    path = args.out or (os.path.join(RESULTS, name) if args.update_results
+                        else os.path.join(run_dir("nl_layers_cpu_throughput"), name))
     text = run(args.repeats)
     print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
+    announce(path)
 
 
 if __name__ == "__main__":

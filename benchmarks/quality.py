@@ -71,8 +71,8 @@ def summarize_task(task: Task, results: dict[str, OptimizerResult]) -> dict:
 
 def _task_in_worker(job: tuple) -> dict:
     """Run one task in a worker process (tasks and optimizers travel by name; see ``run_suite``)."""
-    name, steps, eval_every, optimizer_names, seeds, factors, device = job
-    torch.set_num_threads(1)
+    name, steps, eval_every, optimizer_names, seeds, factors, device, threads = job
+    torch.set_num_threads(threads)
     task = get_task(name).with_steps(steps, eval_every)
     specs = select_optimizers(optimizer_names)
     results = {n: sweep_and_seeds(task, spec, seeds, factors, device) for n, spec in specs.items()}
@@ -81,11 +81,12 @@ def _task_in_worker(job: tuple) -> dict:
 
 def run_suite(tasks: Sequence[Task], specs: dict[str, OptimizerSpec], seeds: Sequence[int],
               factors: Sequence[float] = SWEEP_FACTORS, device: str = "cpu",
-              advance: Callable[[str], None] = lambda _: None, jobs: int = 1) -> dict:
+              advance: Callable[[str], None] = lambda _: None, jobs: int = 1, threads: int | None = None) -> dict:
     """Run every optimizer on every task and summarize (the body of ``quick`` and ``quality``).
 
-    ``jobs > 1`` runs whole tasks in that many worker processes (one thread each); the numbers do
-    not change, only the wall time (seconds per run are then measured under that load).
+    ``jobs > 1`` runs whole tasks in that many worker processes (``threads`` torch threads each,
+    default this process's count); the numbers do not change, only the wall time (seconds per run
+    are then measured under that load).
     """
     if not tasks:
         raise ValueError("no task to run: pass at least one available task")
@@ -97,7 +98,9 @@ def run_suite(tasks: Sequence[Task], specs: dict[str, OptimizerSpec], seeds: Seq
             results = {n: sweep_and_seeds(task, spec, seeds, factors, device, advance) for n, spec in specs.items()}
             summaries[task.name] = summarize_task(task, results)
     else:
-        work = [(t.name, t.steps, t.eval_every, list(specs), list(seeds), tuple(factors), device) for t in tasks]
+        threads = threads or torch.get_num_threads()
+        work = [(t.name, t.steps, t.eval_every, list(specs), list(seeds), tuple(factors), device, threads)
+                for t in tasks]
         per_task = len(specs) * (len(factors) + len(seeds) - 1)
         context = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:

@@ -63,7 +63,8 @@ def header_lines(result: dict) -> list[str]:
     return [f"- command: `{result['command']}`", f"- date: {result['date']}; machine: {where}",
             f"- python {v['python']}, torch {v['torch']}" + (f", {extra}" if extra else ""),
             f"- seeds: {result['seeds']}; wall time {result.get('wall_seconds', 0):.0f} s, CPU time "
-            f"{result.get('cpu_seconds', 0):.0f} s (1 thread; {result.get('jobs', 1)} process(es)), load average "
+            f"{result.get('cpu_seconds', 0):.0f} s ({m['torch_threads']} torch thread(s) per process; "
+            f"{result.get('jobs', 1)} process(es)), load average "
             f"{result.get('load_average_1min', 0):.1f} at the end (the 2-core CPU is shared)"]
 
 

@@ -8,9 +8,10 @@
 | speed | GPU only: optimizer step on a GPT-like parameter list | results.json, results.md |
 | layers | GPU only: nl_layers mixers and LMs vs SDPA, fla, titans-pytorch | results.json, results.md, layers.png |
 
-``memory`` is the old name of ``layers`` (an alias for one release). ``layers`` writes to a fresh
-``./runs/layers-<time>/`` unless ``--reference`` (the committed ``benchmarks/results/layers/``)
-or ``--out``; the other suites write to ``benchmarks/results/<suite>/`` unless ``--out``.
+``memory`` is the old name of ``layers`` (an alias for one release). Every suite writes to a fresh
+``./runs/<suite>-<time>/`` unless ``--update-results`` (the committed ``benchmarks/results/<suite>/``)
+or ``--out``, and prints the folder at the end. Runs set ``torch.set_num_threads(--threads)``
+(default ``DEFAULT_THREADS``, the setting of the committed results) and record the count in effect.
 
 Example:
     >>> SUITES["quick"].tasks
@@ -31,7 +32,7 @@ from .continual import continual_trial_count, run_continual
 from .continual_tasks import SEQUENCES
 from .environment import describe
 from .optimizers import deepopt_registry, select_optimizers
-from .outdir import run_dir
+from .outdir import announce, check_out, run_dir
 from .quality import run_suite, trial_count
 from .runner import SWEEP_FACTORS
 from .report import (fmt_loss, fmt_ratio, header_lines, markdown_table, print_table, quality_markdown, ratio_rows,
@@ -49,7 +50,6 @@ class Suite:
     seeds: int
     steps: dict[str, tuple[int, int]] = field(default_factory=dict)  # task -> (steps, eval_every)
     needs_cuda: bool = False
-    scratch_by_default: bool = False  # write to ./runs/<suite>-<time>/ unless --reference or --out
 
 
 SUITES = {
@@ -63,10 +63,10 @@ SUITES = {
     "speed": Suite("speed", "GPU: optimizer step time on a GPT-like 1.3B parameter list, fp32 and bf16",
                    ("gpt_1.3b",), seeds=1, needs_cuda=True),
     "layers": Suite("layers", "GPU: nl_layers mixers fwd+bwd tokens/s and peak memory at T 1K-64K vs SDPA, fla, "
-                    "titans-pytorch; LM step times vs TransformerLM", ("seq_1k_64k",), seeds=1, needs_cuda=True,
-                    scratch_by_default=True),
+                    "titans-pytorch; LM step times vs TransformerLM", ("seq_1k_64k",), seeds=1, needs_cuda=True),
 }
 ALIASES = {"memory": "layers"}  # old name -> suite, kept for one release
+DEFAULT_THREADS = 1  # torch threads of the committed results (a 2-core CPU, one thread per process)
 
 
 @contextlib.contextmanager
@@ -129,7 +129,8 @@ def run_quality_suite(suite: Suite, args, out_dir: str) -> dict:
     kwargs = {"factors": factors} if factors else {}
     start, start_cpu = time.time(), time.process_time()
     with progress_bar(trial_count(tasks, specs, seeds, factors or SWEEP_FACTORS), suite.name) as advance:
-        result = run_suite(tasks, specs, seeds, device=args.device, advance=advance, jobs=args.jobs, **kwargs)
+        result = run_suite(tasks, specs, seeds, device=args.device, advance=advance, jobs=args.jobs,
+                           threads=getattr(args, "threads", DEFAULT_THREADS), **kwargs)
     result.update(describe(seeds, command=args.command_line, device=args.device), suite=suite.name, skipped_tasks=skipped, jobs=args.jobs,
                   deepopt_registry=sorted(deepopt_registry()), **load_info(start, start_cpu))
     write_json(result, os.path.join(out_dir, "results.json"))
@@ -158,10 +159,12 @@ def write_continual_outputs(result: dict, out_dir: str, plots_too: bool = True) 
         fh.write(continual_markdown(result, made))
 
 
-def rewrite_report(out_dir: str) -> None:
-    """``python -m benchmarks report DIR``: redo results.md and the plots from DIR/results.json."""
+def rewrite_report(out_dir: str, update: bool = False) -> None:
+    """``python -m benchmarks report DIR``: redo results.md and the plots from DIR/results.json
+    (a committed folder under ``benchmarks/results/`` only with ``update``)."""
     import json
 
+    check_out(out_dir, update)
     path = os.path.join(out_dir, "results.json")
     if not os.path.exists(path):
         raise SystemExit(f"no results.json in {out_dir}: pass a folder written by `python -m benchmarks run`")
@@ -173,6 +176,7 @@ def rewrite_report(out_dir: str) -> None:
         write_continual_outputs(result, out_dir)
     else:
         raise SystemExit(f"`report` redoes quick, quality and continual results, not {result.get('suite')!r}")
+    announce(out_dir)
 
 
 def continual_markdown(result: dict, plot_paths: Sequence[str]) -> str:
@@ -218,14 +222,16 @@ def run_continual_suite(suite: Suite, args, out_dir: str) -> dict:
     return result
 
 
-def output_dir(suite: Suite, out: str | None = None, reference: bool = False) -> str:
-    """``--out``; else ``benchmarks/results/<suite>/`` (``--reference``, or a suite that writes there
-    by default); else a fresh ``./runs/<suite>-<time>/``."""
-    return out or run_dir(suite.name, reference=reference or not suite.scratch_by_default)
+def output_dir(suite: Suite, out: str | None = None, update: bool = False) -> str:
+    """``--out``; else ``benchmarks/results/<suite>/`` with ``--update-results``; else a fresh
+    ``./runs/<suite>-<time>/``."""
+    return run_dir(suite.name, out, update)
 
 
 def run_named_suite(args) -> dict:
     """Dispatch ``python -m benchmarks run`` (``args`` from :mod:`benchmarks.cli`)."""
+    import torch
+
     if args.suite in ALIASES:
         print(f"--suite {args.suite} is now --suite {ALIASES[args.suite]} (the old name goes in the next release)",
               flush=True)
@@ -233,21 +239,23 @@ def run_named_suite(args) -> dict:
     suite = SUITES[args.suite]
     if not (getattr(args, "smoke", False) and args.device == "cpu"):
         check_cuda(suite, args.device)
-    if args.out and getattr(args, "reference", False):
-        raise SystemExit("pass either --out DIR or --reference (the committed results folder), not both")
-    out_dir = output_dir(suite, args.out, getattr(args, "reference", False))
+    out_dir = output_dir(suite, args.out, getattr(args, "update_results", False))
     os.makedirs(out_dir, exist_ok=True)
+    torch.set_num_threads(getattr(args, "threads", DEFAULT_THREADS))
     if suite.name in ("quick", "quality"):
-        return run_quality_suite(suite, args, out_dir)
-    if suite.name == "continual":
-        return run_continual_suite(suite, args, out_dir)
-    if suite.name == "speed":
+        result = run_quality_suite(suite, args, out_dir)
+    elif suite.name == "continual":
+        result = run_continual_suite(suite, args, out_dir)
+    elif suite.name == "speed":
         from .speed import run_speed_suite
 
-        return run_speed_suite(args, out_dir)
-    from .layers.suite import run_layers_suite
+        result = run_speed_suite(args, out_dir)
+    else:
+        from .layers.suite import run_layers_suite
 
-    return run_layers_suite(args, out_dir)
+        result = run_layers_suite(args, out_dir)
+    announce(out_dir)
+    return result
 
 
-__all__ = ["ALIASES", "SUITES", "Suite", "output_dir", "run_named_suite", "fmt_ratio"]
+__all__ = ["ALIASES", "DEFAULT_THREADS", "SUITES", "Suite", "output_dir", "run_named_suite", "fmt_ratio"]

@@ -14,6 +14,8 @@ Validation reports bits per character and prints a sample.
     python -m lightning_examples.char_lm fit --config lightning_examples/configs/char_lm.yaml
     python -m lightning_examples.char_lm fit --config lightning_examples/configs/char_lm.yaml \\
         --model.arch hope --model.optimizer M3
+
+Logs, the saved ``config.yaml`` and checkpoints go to ``./runs/char_lm-<time>/`` (see :mod:`.run_dir`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import math
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, Dataset
 
 import deepopt
 import nl_layers
 from deepopt.lightning import LevelMonitor, MultiTimescale
+
+from .run_dir import RunDirCLI
 
 ARCHS = ("transformer", "hope")
 
@@ -130,14 +133,18 @@ class CharLM(pl.LightningModule):
         return [MultiTimescale(spec), LevelMonitor()] if spec else [LevelMonitor()]
 
 
-class CharCLI(LightningCLI):
+class CharCLI(RunDirCLI):
+    example = "char_lm"
+
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    return CharCLI(CharLM, ShakespeareChars, args=args, save_config_kwargs={"overwrite": True},
-                   trainer_defaults={"max_steps": 200, "val_check_interval": 100, "log_every_n_steps": 10})
+def main(args: list[str] | None = None) -> CharCLI:
+    cli = CharCLI(CharLM, ShakespeareChars, args=args, save_config_kwargs={"overwrite": True},
+                  trainer_defaults={"max_steps": 200, "val_check_interval": 100, "log_every_n_steps": 10})
+    cli.announce()
+    return cli
 
 
 if __name__ == "__main__":

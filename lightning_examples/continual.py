@@ -9,7 +9,8 @@ Methods (same MLP, same learning rate): ``adamw``; ``adamw+multitimescale`` (the
 whose param groups carry the same periods: a slow momentum level plus slow parameter levels).
 
 All tasks are trained in one ``Trainer.fit`` (task = epoch // epochs_per_task). After each task the
-accuracy on every task is printed; at the end the accuracy matrices are saved as a PNG.
+accuracy on every task is printed; at the end the accuracy matrices are saved as a PNG in the run
+folder ``./runs/continual-<time>/`` (see :mod:`.run_dir`).
 
     python -m lightning_examples.continual --config lightning_examples/configs/continual.yaml
     python -m lightning_examples.continual --help
@@ -18,16 +19,18 @@ accuracy on every task is printed; at the end the accuracy matrices are saved as
 from __future__ import annotations
 
 import copy
+import os
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import deepopt
 from deepopt.lightning import LevelMonitor, MultiTimescale
+
+from .run_dir import RunDirCLI, in_run_dir
 
 METHODS = ("adamw", "adamw+multitimescale", "deepopt")
 
@@ -175,12 +178,14 @@ def save_png(results: dict[tuple[str, str], list[list[float]]], path: str) -> No
     plt.close(fig)
 
 
-class ContinualCLI(LightningCLI):
+class ContinualCLI(RunDirCLI):
+    example = "continual"
+
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--methods", type=list[str], default=list(METHODS), help=f"subset of {METHODS}")
         parser.add_argument("--scenarios", type=list[str], default=["permuted", "split"],
                             help="task sequences to run, each overriding data.scenario")
-        parser.add_argument("--png", type=str, default="continual_accuracy.png", help="where to save the matrices")
+        parser.add_argument("--png", type=str, default="continual_accuracy.png", help="where to save the matrices (relative: in the run folder)")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
 
@@ -205,8 +210,11 @@ def main(args: list[str] | None = None) -> dict[tuple[str, str], list[list[float
         acc, forget = summary(matrix)
         print(f"{scenario:<9} | {method:<22} | {acc:13.3f} | {forget:14.3f}")
     if cli.config.png:
-        save_png(results, cli.config.png)
-        print(f"accuracy matrices saved to {cli.config.png}")
+        path = in_run_dir(cli.run_dir, cli.config.png)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        save_png(results, path)
+        print(f"accuracy matrices saved to {path}")
+    cli.announce()
     return results
 
 

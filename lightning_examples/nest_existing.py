@@ -12,6 +12,7 @@ Stage 2 continues with the Trainer of the config, whose callbacks do all the Nes
 
 The script prints the validation bits per character after pre-training, right after nesting (the
 same: nesting preserves the function) and after the continued training, then a per-level summary.
+Its CSV logs go to ``./runs/nest_existing-<time>/`` (see :mod:`.run_dir`).
 
     python -m lightning_examples.nest_existing --config lightning_examples/configs/nest_existing.yaml
 """
@@ -23,10 +24,11 @@ import math
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LightningCLI
 from torch import nn
 
 from deepopt.lightning import LevelMonitor, NestLevels
+
+from .run_dir import RunDirCLI
 
 from .char_lm import ShakespeareChars
 
@@ -67,7 +69,9 @@ class OrdinaryCharLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-class NestCLI(LightningCLI):
+class NestCLI(RunDirCLI):
+    example = "nest_existing"
+
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--pretrain_steps", type=int, default=200, help="steps of the ordinary model first")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -84,7 +88,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         raise ValueError("the config's trainer.callbacks must hold deepopt.lightning.NestLevels (see "
                          "lightning_examples/configs/nest_existing.yaml)")
     plain = pl.Trainer(max_steps=cli.config.pretrain_steps, accelerator=trainer.accelerator, devices=1,
-                       logger=False, enable_checkpointing=False, enable_model_summary=False,
+                       default_root_dir=cli.run_dir, logger=False, enable_checkpointing=False, enable_model_summary=False,
                        limit_val_batches=trainer.limit_val_batches, num_sanity_val_steps=0)
     print(f"stage 1: {cli.config.pretrain_steps} steps of the ordinary model")
     plain.fit(model, datamodule=dm)
@@ -107,6 +111,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             key = f"{monitor.prefix}period_{c}/"
             print(f"C = {c:<3} | {n:6d} | {last[key + 'update_norm']:16.4f} | "
                   f"{last[key + 'update_fraction']:25.3f} | {last[key + 'param_norm']:10.3f}")
+    cli.announce()
     return result
 
 

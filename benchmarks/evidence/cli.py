@@ -1,7 +1,10 @@
 """Command line of the GPU evidence runs (issue 9).
 
     python -m benchmarks.evidence run --experiments lm recall continual --preset gpu --out /tmp/ev
-    python -m benchmarks.evidence report --records /tmp/ev/records.jsonl --out benchmarks/results/evidence
+    python -m benchmarks.evidence report --records /tmp/ev/records.jsonl
+
+Both write to ``--out``, by default a fresh ``./runs/evidence-<time>/``, and print it at the end;
+the committed ``benchmarks/results/evidence/`` is written only with ``--update-results``.
 
 ``run`` spreads every experiment's jobs over the devices (``--devices auto``: every visible GPU,
 else the CPU) and appends one record per job to ``<out>/records.jsonl`` (a rerun skips the jobs
@@ -27,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..outdir import add_arguments as add_out_arguments, announce, run_dir
 from .pool import experiment_module, latest_records, load_records, run_jobs
 
 EXPERIMENTS = ("lm", "lm_optimizers", "continual", "recall")
@@ -41,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", default="gpu", help="size preset of every experiment: tiny (CPU, seconds) or gpu")
     run.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the preset's)")
     run.add_argument("--devices", default="auto", help="comma-separated devices (cuda:0,cuda:1 or cpu); auto = all GPUs")
-    run.add_argument("--out", required=True, help="folder for records.jsonl")
+    add_out_arguments(run, "evidence")
     run.add_argument("--deadline", type=float, help="seconds after which no job starts and running jobs stop training")
     run.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -49,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
                           "EXPERIMENT.KEY=VALUE for one (e.g. --set lm.phase=sweep)")
     rep = sub.add_parser("report", help="write results.md / results.json / plots from record files")
     rep.add_argument("--records", nargs="+", required=True)
-    rep.add_argument("--out", required=True)
+    add_out_arguments(rep, "evidence")
     rep.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, help="default: every experiment with records")
     return p
 
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         seeds = None if args.seeds is None else list(range(args.seeds))
         devs = devices(args.devices)
-        out = Path(args.out)
+        out = Path(run_dir("evidence", args.out, args.update_results))
         out.mkdir(parents=True, exist_ok=True)
         with (out / "commands.txt").open("a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  {command}\n")
@@ -115,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done in {time.time() - start:.0f} s: {len(records)} records, {len(failed)} failed", flush=True)
         for r in failed:
             print(f"FAILED {r['job']['name']}: {r['error'][:300]}")
+        announce(str(out))
         return 0
+    out = Path(run_dir("evidence", args.out, args.update_results))
     records = latest_records([r for path in args.records for r in load_records(Path(path))])
     names = args.experiments or sorted({r["job"]["experiment"] for r in records})
     for name in names:
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {}
         if "other_records" in inspect.signature(module.report).parameters:  # e.g. lm_optimizers reads lm's AdamW runs
             kwargs["other_records"] = [r for r in records if r["job"]["experiment"] != name]
-        module.report(mine, Path(args.out) / name, header, **kwargs)
-        print(f"{name}: {len(mine)} records -> {Path(args.out) / name}")
+        module.report(mine, out / name, header, **kwargs)
+        print(f"{name}: {len(mine)} records -> {out / name}")
+    announce(str(out))
     return 0

@@ -3,7 +3,7 @@
 ``python -m benchmarks run --suite layers --device cuda`` runs :mod:`.run`'s three parts (mixers
 at T = 1K ... 64K with 64K tokens per call; the Titans comparison with titans-pytorch; the LM
 training step table) and writes ``results.json``, ``results.md`` and ``layers.png`` to
-``./runs/layers-<time>/`` (``--reference``: ``benchmarks/results/layers/``). Modules: :mod:`.timing`
+``./runs/layers-<time>/`` (``--update-results``: ``benchmarks/results/layers/``). Modules: :mod:`.timing`
 (clocks, caps, OOM), :mod:`.mixers`, :mod:`.lm_steps`, :mod:`.run`, :mod:`.report`, :mod:`.suite`.
 
 Example:

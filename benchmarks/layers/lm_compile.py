@@ -6,7 +6,8 @@ step time, with every ratio to TransformerLM's eager step from the same run. The
 compiled in place with ``model.compile(fullgraph=True)`` (the layers have no graph break); the
 optimizer step stays eager (fused AdamW).
 
-Usage: ``python -m benchmarks.layers.lm_compile --out DIR`` (writes lm_compile.json and .md);
+Usage: ``python -m benchmarks.layers.lm_compile [--out DIR]`` (writes lm_compile.json and .md to DIR,
+by default a fresh ``./runs/lm_compile-<time>/``);
 ``--device cpu --dim 16 --depth 1 --batch 2 --seq 8 --backend eager`` is a seconds-long smoke run.
 
 Example (the table on made-up numbers):
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..outdir import announce, run_dir
 from .lm_steps import lm_builders, lm_case
 from .timing import clock_for, time_calls
 
@@ -43,7 +45,7 @@ def table(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/lm_compile")
+    p.add_argument("--out", help="output folder (default: a fresh ./runs/lm_compile-<time>/)")
     p.add_argument("--models", nargs="+", default=["TransformerLM", "TitansLM", "HopeLM()"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
@@ -52,6 +54,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=256)
     a = p.parse_args(argv)
+    a.out = run_dir("lm_compile", a.out)
     torch.backends.cuda.matmul.allow_tf32 = True
     import nl_layers
 
@@ -101,6 +104,7 @@ def write(rows: list[dict], a) -> None:
     text = "\n".join([f"device: {where}, torch {torch.__version__}, backend {a.backend}", "", *table(rows)])
     (out / "lm_compile.md").write_text(text + "\n")
     print(text)
+    announce(str(out))
 
 
 if __name__ == "__main__":

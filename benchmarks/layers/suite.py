@@ -66,7 +66,7 @@ def run_layers_suite(args, out_dir: str) -> dict:
                   wall_seconds=time.time() - start)
     paths = write_outputs(result, out_dir, plots_too=not args.no_plots)
     print_table("layers: tokens/s forward + backward; LM ms per step (x TransformerLM)", *summary(result))
-    print(f"layers: wrote {', '.join(os.path.basename(p) for p in paths)} to {os.path.abspath(out_dir)}", flush=True)
+    print(f"layers: wrote {', '.join(os.path.basename(p) for p in paths)}", flush=True)
     return result
 
 

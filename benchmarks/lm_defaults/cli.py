@@ -5,7 +5,7 @@ Jobs (model x seed, :mod:`.train`) go to one worker process per device through
 Each job stops at ``--max-seconds`` (recorded as cut short); no job starts after ``--deadline``
 seconds (recorded as not started). Writes ``records.jsonl`` (a rerun into the same folder skips
 finished jobs), ``results.json``, ``results.md`` and ``loss_curves.png`` to ``./runs/lm_defaults-<time>/``
-(``--reference``: ``benchmarks/results/lm_defaults/``; ``--out DIR``), then prints the summary.
+(``--update-results``: ``benchmarks/results/lm_defaults/``; ``--out DIR``), then prints the summary.
 
     python -m benchmarks.lm_defaults --devices 0,1,2,3          # 4 models x 3 seeds x 1000 steps
     python -m benchmarks.lm_defaults --smoke --devices cpu      # tiny, seconds on a CPU
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..environment import describe
 from ..evidence.pool import Job, latest_records, load_records, run_jobs
-from ..outdir import run_dir
+from ..outdir import add_arguments as add_out_arguments, announce, run_dir
 from ..report import print_table
 from .report import model_rows, seed_rows, write_report
 from .train import GPU, MODELS, SMOKE
@@ -54,8 +54,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=kind, help=f"default {default if default is not None else 'the constructor default'}")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 with TF32 matmuls (default) or bf16 autocast")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and 4 steps (CPU, seconds)")
-    p.add_argument("--out", help="output folder (default ./runs/lm_defaults-<time>/)")
-    p.add_argument("--reference", action="store_true", help="write to the committed benchmarks/results/lm_defaults/")
+    add_out_arguments(p, "lm_defaults")
     p.add_argument("--no-plots", action="store_true")
     return p
 
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--devices {args.devices} asks for CUDA, but this machine has none; use --devices cpu")
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
-    out = Path(run_dir("lm_defaults", args.out, args.reference))
+    out = Path(run_dir("lm_defaults", args.out, args.update_results))
     out.mkdir(parents=True, exist_ok=True)
     cfg = config(args)
     max_seconds = args.max_seconds or None
@@ -120,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_report(records, str(out), header, plots_too=not args.no_plots)
     print_table("lm_defaults: per model and seed", *seed_rows(records))
     print_table("lm_defaults: per model", *model_rows(records))
-    print(f"lm_defaults: wrote {', '.join(Path(p).name for p in paths)} and records.jsonl to {out.resolve()}", flush=True)
+    print(f"lm_defaults: wrote {', '.join(Path(p).name for p in paths)} and records.jsonl", flush=True)
+    announce(str(out))
     return 0
 
 

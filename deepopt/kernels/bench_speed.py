@@ -8,10 +8,12 @@ parameter (the step's floor: each tensor it must read or write once), achieved G
 fraction of the measured copy bandwidth; for Newton-Schulz, achieved TFLOP/s. Before timing,
 each deepopt optimizer's fused step is checked against its foreach path on a small list.
 
-    python -m deepopt.kernels.bench_speed --out results/speed          # the full run (CUDA)
+    python -m deepopt.kernels.bench_speed                                # the full run (CUDA)
     python -m deepopt.kernels.bench_speed --small --device cpu --reps 1  # a smoke run
 
-Writes ``speed.json`` under ``--out`` and prints the JSON and a short table.
+Writes ``speed.json`` to ``--out``, by default a fresh ``./runs/speed_kernels-<time>/``
+(``--update-results``: the committed ``benchmarks/results/speed_kernels/``, run from the
+repository root), prints the JSON and a short table, and ends with the folder it wrote to.
 """
 
 from __future__ import annotations
@@ -230,12 +232,16 @@ def targets(rows) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/speed_kernels")
+    ap.add_argument("--out", help="output folder (default: a fresh ./runs/speed_kernels-<time>/)")
+    ap.add_argument("--update-results", action="store_true",
+                    help="write to the committed benchmarks/results/speed_kernels/ (from the repository root)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--small", action="store_true", help="a tiny list (smoke test)")
     args = ap.parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    args.out = args.out or ("benchmarks/results/speed_kernels" if args.update_results else f"runs/speed_kernels-{stamp}")
     device = args.device
     timeit = timer(device)
     shapes = gpt_shapes(64, 2, 100) if args.small else gpt_shapes()
@@ -268,6 +274,7 @@ def main(argv=None) -> dict:
     for r in result["newton_schulz"]:
         print(f"NS {r['ns']:29s} {r['ms']:9.2f} ms {r['effective_TFLOP/s']:7.1f} TFLOP/s  "
               f"orth err {r['orthogonality_error']} (torch {r['torch_orthogonality_error']})")
+    print(f"results written to {args.out}")
     return result
 
 

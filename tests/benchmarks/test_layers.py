@@ -210,11 +210,12 @@ def test_layers_options_and_the_output_folder_rule(tmp_path, monkeypatch):
         config_from_args(parser().parse_args(["run", "--suite", "layers", "--dim", "100", "--heads", "8"]))
     layers = SUITES["layers"]
     assert output_dir(layers).startswith(os.path.join("runs", "layers-"))
-    assert output_dir(layers, reference=True).endswith(os.path.join("benchmarks", "results", "layers"))
+    assert output_dir(layers, update=True).endswith(os.path.join("benchmarks", "results", "layers"))
     assert output_dir(layers, out="/x") == "/x"
-    assert output_dir(SUITES["speed"]).endswith(os.path.join("benchmarks", "results", "speed"))  # unchanged
-    with pytest.raises(SystemExit, match="either --out"):
-        main(["run", "--suite", "layers", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--reference"])
+    assert output_dir(SUITES["speed"]).startswith(os.path.join("runs", "speed-"))
+    committed = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "benchmarks", "results", "x")
+    with pytest.raises(SystemExit, match="--update-results"):
+        main(["run", "--suite", "layers", "--smoke", "--device", "cpu", "--out", committed])
 
 
 def test_cli_smoke_run_on_cpu_writes_a_run_folder(tmp_path, monkeypatch, capsys):
@@ -225,7 +226,7 @@ def test_cli_smoke_run_on_cpu_writes_a_run_folder(tmp_path, monkeypatch, capsys)
     folders = list((tmp_path / "runs").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("layers-")
     assert {p.name for p in folders[0].iterdir()} == {"results.json", "results.md", "layers.png"}
-    assert printed.rstrip().splitlines()[-1].endswith(str(folders[0]))
+    assert printed.rstrip().splitlines()[-1] == f"results written to {os.path.join('runs', folders[0].name)}"
 
 
 @pytest.mark.gpu

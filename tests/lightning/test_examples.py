@@ -32,21 +32,28 @@ def test_continual_tiny_config(tmp_path, monkeypatch, capsys):
     from lightning_examples.continual import main
 
     monkeypatch.chdir(tmp_path)
-    results = main(["--config", str(CONFIGS / "continual_tiny.yaml"), "--png", str(tmp_path / "acc.png")])
+    results = main(["--config", str(CONFIGS / "continual_tiny.yaml"), "--png", "acc.png"])
     assert set(results) == {(s, m) for s in ("permuted", "split")
                             for m in ("adamw", "adamw+multitimescale", "deepopt")}
     for matrix in results.values():
         assert len(matrix) == 2 and all(len(row) == 2 and all(0 <= a <= 1 for a in row) for row in matrix)
-    assert (tmp_path / "acc.png").stat().st_size > 10_000
+    (run,) = (tmp_path / "runs").iterdir()  # a relative --png goes to the run folder
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"] and run.name.startswith("continual-")
+    assert (run / "acc.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "after \\ on | task 1 | task 2" in out and "final avg acc" in out
 
 
-def test_char_lm_tiny_config_hope_with_deepopt_optimizer(tmp_path, monkeypatch):
+def test_char_lm_tiny_config_hope_with_deepopt_optimizer(tmp_path, monkeypatch, capsys):
     from lightning_examples.char_lm import main
 
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", str(CONFIGS / "char_lm_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    cli = main(["fit", "--config", str(CONFIGS / "char_lm_tiny.yaml"), "--trainer.logger", "true"])
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]  # nothing in the current directory
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("char_lm-") and {"config.yaml", "metrics.csv", "hparams.yaml"} <= {
+        p.name for p in run.iterdir()}
+    assert capsys.readouterr().out.rstrip().endswith(f"results written to runs/{run.name}")
     assert cli.trainer.global_step == 4
     assert type(cli.trainer.optimizers[0]).__name__ == "M3"
     mts = next(cb for cb in cli.trainer.callbacks if isinstance(cb, MultiTimescale))
@@ -59,8 +66,19 @@ def test_nest_existing_tiny_config_preserves_function_then_trains(tmp_path, monk
     from lightning_examples.nest_existing import main
 
     monkeypatch.chdir(tmp_path)
-    result = main(["--config", str(CONFIGS / "nest_existing_tiny.yaml")])
+    result = main(["--config", str(CONFIGS / "nest_existing_tiny.yaml"), "--trainer.logger", "true"])
+    (run,) = (tmp_path / "runs").iterdir()
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"] and (run / "metrics.csv").exists()
     assert result["nested"] == pytest.approx(result["pretrained"], abs=1e-4)
     assert result["continued"] != result["nested"]
     out = capsys.readouterr().out
     assert "C = 2" in out and "C = 1" in out
+
+
+def test_run_dir_docstring_examples():
+    import doctest
+
+    from lightning_examples import run_dir
+
+    failures, attempted = doctest.testmod(run_dir)
+    assert attempted > 0 and failures == 0
