@@ -7,8 +7,12 @@ backward and a capturable AdamW step captured together), which removes the launc
 eager >> graph means the step is bound by the host, graph ~ busy means by the GPU. Every time is
 also given over TransformerLM's eager step from the same run.
 
-Usage: ``python -m benchmarks.layers.lm_profile --out DIR [--chunks 64 256]``;
+Usage: ``python -m benchmarks.layers.lm_profile [--out DIR] [--chunks 64 256]``;
 ``--device cpu --dim 16 --depth 1 --batch 2 --seq 8`` is a smoke run (no graph, no kernels).
+
+Example (the table on made-up numbers):
+    >>> print(table([{"model": "A", "eager_ms": 10.0, "kernels": 600, "busy_ms": 6.0, "graph_ms": 7.0}])[-1])
+    | A | 10.0 | 1.00x | 600 | 6.0 | 7.0 | 0.70x |
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..outdir import announce, run_dir
 from .lm_steps import lm_builders
 from .mixers import construct
 from .timing import clock_for, time_calls
@@ -102,7 +107,7 @@ def table(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/lm_profile")
+    p.add_argument("--out", help="output folder (default: a fresh ./runs/lm_profile-<time>/)")
     p.add_argument("--models", nargs="+", default=["TransformerLM", "TitansLM", "HopeLM()"])
     p.add_argument("--chunks", nargs="*", type=int, default=[], help="extra chunk sizes of the fast-weight LMs")
     p.add_argument("--device", default="cuda")
@@ -113,6 +118,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--top", type=int, default=12)
     a = p.parse_args(argv)
+    a.out = run_dir("lm_profile", a.out)
     torch.backends.cuda.matmul.allow_tf32 = True
     import nl_layers
 
@@ -134,6 +140,7 @@ def main(argv=None) -> None:
             lines += ["", f"{r['model']}: largest kernels", ""] + [f"- {t['ms']:.2f} ms, {t['calls']} calls: {t['name']}" for t in r["top"]]
     (out / "lm_profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    announce(str(out))
 
 
 if __name__ == "__main__":

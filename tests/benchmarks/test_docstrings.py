@@ -12,7 +12,7 @@ MODULES = ["benchmarks.cli", "benchmarks.continual", "benchmarks.continual_tasks
            "benchmarks.tasks.synthetic", "benchmarks.tasks.text", "benchmarks.evidence.pool", "benchmarks.evidence.cli",
            "benchmarks.evidence.lm", "benchmarks.evidence.lm_optimizers", "benchmarks.evidence.lm_training",
            "benchmarks.layers", "benchmarks.layers.timing", "benchmarks.layers.mixers", "benchmarks.layers.lm_steps",
-           "benchmarks.layers.run", "benchmarks.layers.report", "benchmarks.layers.suite", "benchmarks.layers.lm_compile", "benchmarks.lm_defaults",
+           "benchmarks.layers.run", "benchmarks.layers.report", "benchmarks.layers.suite", "benchmarks.layers.lm_compile", "benchmarks.layers.lm_profile", "benchmarks.lm_defaults",
            "benchmarks.lm_defaults.train", "benchmarks.lm_defaults.report", "benchmarks.lm_defaults.cli",
            "benchmarks.lr_transfer", "benchmarks.lr_transfer.tasks", "benchmarks.lr_transfer.sweep",
            "benchmarks.lr_transfer.report", "benchmarks.lr_transfer.cli"]
