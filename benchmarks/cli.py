@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     layers.add_argument("--dim", type=int, help="mixer width (default 512)")
     layers.add_argument("--heads", type=int, help="mixer heads (default 8)")
     layers.add_argument("--parts", nargs="+", choices=["mixers", "titans", "lm"], help="default: all three")
+    layers.add_argument("--mixers", nargs="+", help="only the mixers whose name contains one of these (e.g. delta sdpa)")
     layers.add_argument("--cap-seconds", type=float, help="per measurement; longer lengths are skipped past it (default 20)")
     layers.add_argument("--budget-seconds", type=float, help="for the whole suite, shared by its parts (default 270)")
     layers.add_argument("--no-peers", action="store_true", help="skip fla and titans-pytorch even when installed")

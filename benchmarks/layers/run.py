@@ -65,6 +65,7 @@ class LayersConfig:
     lm_seq: int = 256
     lm_precisions: tuple[str, ...] = ("fp32", "bf16")
     parts: tuple[str, ...] = PARTS
+    mixers: tuple[str, ...] = ()  # only the mixers whose name contains one of these (empty: all)
     cap_s: float = 20.0
     budget_s: float = 270.0
     timing: dict = field(default_factory=lambda: dict(warmup=2, repeats=10, min_repeats=3, target_s=1.0))
@@ -180,6 +181,8 @@ def plans(cfg: LayersConfig, device: str) -> tuple[dict, dict]:
     out = {}
     if "mixers" in cfg.parts:
         cases, unavailable = mixer_cases(cfg.dim, cfg.heads, device, DTYPES[cfg.dtype], with_peers=cfg.peers)
+        if cfg.mixers:
+            cases = [c for c in cases if any(m.lower() in c.name.lower() for m in cfg.mixers)]
         out["mixers"] = [(c, b, t, {"dtype": cfg.dtype}) for b, t in length_schedule(cfg.tokens, cfg.lengths) for c in cases]
     if "titans" in cfg.parts:
         out["titans"] = []

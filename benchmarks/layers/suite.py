@@ -22,7 +22,7 @@ from ..report import print_table, write_json
 from .report import layers_markdown, plot_layers, summary
 from .run import LayersConfig, run_layers
 
-OPTIONS = {"lengths": "lengths", "tokens": "tokens", "dim": "dim", "heads": "heads", "parts": "parts",
+OPTIONS = {"lengths": "lengths", "tokens": "tokens", "dim": "dim", "heads": "heads", "parts": "parts", "mixers": "mixers",
            "cap_seconds": "cap_s", "budget_seconds": "budget_s"}
 
 

@@ -249,3 +249,11 @@ def test_a_failing_plot_leaves_the_tables(tmp_path, monkeypatch):
               "machine": {"cpu": "c"}, "versions": {"python": "3", "torch": "2"}, "command": "x", "date": "d"}
     paths = write_outputs(result, str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["results.json", "results.md"]
+
+
+def test_mixers_option_keeps_only_the_named_mixers():
+    from benchmarks.layers.run import LayersConfig, plans
+
+    planned, _ = plans(LayersConfig.smoke(parts=("mixers",), mixers=("op only",), peers=False), "cpu")
+    names = {case.name for case, *_ in planned["mixers"]}
+    assert names and all("(op only)" in n for n in names)
