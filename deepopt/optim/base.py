@@ -236,6 +236,7 @@ class LevelOptimizer(torch.optim.Optimizer):
             if self._chain_for(p, group) is None:
                 raise ValueError(f"no level of {type(self).__name__} applies to a parameter of shape "
                                  f"{tuple(p.shape)}; put it in a group the optimizer supports")
+            state_dtype_for(p, group)  # a state_dtype narrower than the parameter raises here
 
     def _chain_for(self, p: Tensor, group: Mapping[str, Any]) -> Chain | None:
         return chain_for(self.chains, p, group)
