@@ -166,6 +166,12 @@ def host_ints(counters: list[Tensor]) -> list[int]:
     return [int(c) for c in counters]
 
 
+@torch.compiler.disable
+def host_float(x: Tensor) -> float:
+    """A one-element tensor as a Python float, read outside ``torch.compile`` graphs (quietly)."""
+    return float(x)
+
+
 def static_step(step: Tensor) -> int:
     """The value of a step counter as a Python int, also under ``torch.func.vmap`` and ``grad``.
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from .base import Direction, Level, State
+from .base import Direction, Level, State, host_float
 
 __all__ = ["DeltaRule", "dgd_direction"]
 
@@ -48,7 +48,7 @@ def dgd_direction(w: Tensor, g: Tensor, x: Tensor, lr: float, sync: bool = False
 
         all_reduce_mean(decay)
         all_reduce_mean(sq)
-    return g + decay, 1.0 / (1.0 + lr * float(sq))
+    return g + decay, 1.0 / (1.0 + lr * host_float(sq))
 
 
 def _source(p: Tensor) -> Tensor:
