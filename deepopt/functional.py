@@ -42,6 +42,7 @@ from .chain import Chain
 from .levels.base import Level
 from .levels.delta_rule import DeltaRule
 from .optim.base import LevelOptimizer, Rule, apply_direction, chain_for, coupled_decay, group_defaults
+from .optim.conventions import check_conventions
 from .optim.nested import NestedOptimizer
 
 __all__ = [
@@ -120,6 +121,7 @@ def from_rule(rule: Rule, **group: Any) -> Transformation:
         raise TypeError(f"unknown hyperparameters {unknown}; this rule has {sorted(defaults)}")
     hp = {**defaults, **group}
     if not _batched(hp):
+        check_conventions(hp)
         for chain in rule.chains:
             chain.validate(hp)
     decoupled = rule.weight_decay_mode == "decoupled"

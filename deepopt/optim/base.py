@@ -141,7 +141,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         if missing:
             raise TypeError(f"{cls.__name__}.rule needs {missing}")
         rule = cls._rule(**kwargs)
-        rule.defaults["maximize"] = conventions.get("maximize", False)  # the one convention that is math
+        rule.defaults.update({**CONVENTIONS, **conventions})  # the class's group keys (maximize is math)
         return rule
 
     @classmethod

@@ -213,6 +213,19 @@ def test_maximize_equals_the_counterparts(impl):
              [(5, 3), (4, 9)], negate_b=True)
 
 
+def test_functional_form_honours_maximize():
+    from deepopt import functional as F
+
+    params = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    up, down = F.make("MuonMemory", lr=0.02, maximize=True), F.make("MuonMemory", lr=0.02)
+    u, _ = up.update(grads, up.init(params), params)
+    d, _ = down.update({k: -g for k, g in grads.items()}, down.init(params), params)
+    assert all(torch.equal(u[k], d[k]) for k in params)
+    with pytest.raises(ValueError, match="fused"):
+        F.make("AdamMemory", fused=True)
+
+
 # ------------------------------------------------------------------ 6. counterparts' full signatures
 COUNTERPARTS = [(torch.optim.AdamW, "AdamMemory"), (torch.optim.SGD, "MomentumMemory"), (torch.optim.Muon, "MuonMemory")]
 
