@@ -159,17 +159,37 @@ def addcmul(x: Tensor, y: Tensor, z: Tensor, value: Any) -> Tensor:
     return torch.addcmul(x, y, z, value=value)
 
 
-@torch.compiler.disable
-def host_ints(counters: list[Tensor]) -> list[int]:
-    """Step counters as Python ints: one host read, kept out of ``torch.compile`` graphs (a quiet
-    graph break instead of dynamo's ``Tensor.item()`` warning)."""
+def _ints(counters: list[Tensor]) -> list[int]:
     return [int(c) for c in counters]
 
 
-@torch.compiler.disable
-def host_float(x: Tensor) -> float:
-    """A one-element tensor as a Python float, read outside ``torch.compile`` graphs (quietly)."""
+def _float(x: Tensor) -> float:
     return float(x)
+
+
+#: the host reads, wrapped by ``torch.compiler.disable`` once :func:`outside_graphs` ran
+_HOST: dict[str, Any] = {}
+
+
+def outside_graphs(**fns: Any) -> None:
+    """Keep host reads out of ``torch.compile`` graphs: ``torch.compiler.disable`` wrappers (a quiet
+    graph break instead of dynamo's ``Tensor.item()`` warning). Called by the optimizer shell's
+    constructor (which imports ``torch._dynamo`` anyway), so ``import deepopt`` stays light."""
+    if not _HOST:
+        _HOST.update(ints=torch.compiler.disable(_ints), float=torch.compiler.disable(_float))
+    for name, fn in fns.items():
+        if name not in _HOST:
+            _HOST[name] = torch.compiler.disable(fn)
+
+
+def host_ints(counters: list[Tensor]) -> list[int]:
+    """Step counters as Python ints (one host read; outside compiled graphs, see :func:`outside_graphs`)."""
+    return _HOST.get("ints", _ints)(counters)
+
+
+def host_float(x: Tensor) -> float:
+    """A one-element tensor as a Python float (outside compiled graphs, see :func:`outside_graphs`)."""
+    return _HOST.get("float", _float)(x)
 
 
 def static_step(step: Tensor) -> int:

@@ -37,7 +37,8 @@ from torch import Tensor
 from ..chain import Chain
 from ..distributed import is_dtensor, needs_full_tensors, on_full_tensors
 from ..levels.base import Direction, State, axpy
-from .conventions import CONVENTIONS, all_finite, check_conventions, check_real, host_ints, state_dtype_for, tensor_step
+from .conventions import (CONVENTIONS, all_finite, check_conventions, check_real, host_ints, outside_graphs,
+                          state_dtype_for, tensor_step)
 
 __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direction", "chain_for", "coupled_decay",
            "group_defaults"]
@@ -164,6 +165,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         defaults = {"period": 1, **group_defaults(self.chains, defaults), **CONVENTIONS, **conventions}
         self._check_hyperparameters(defaults)  # as torch: hyperparameters first, then the parameters
         super().__init__(params, defaults)
+        outside_graphs()
 
     # ------------------------------------------------------------------ copy, pickle
     def __getstate__(self) -> dict[str, Any]:

@@ -27,10 +27,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ..levels.base import host_ints
+from ..levels.base import _HOST, host_ints
 
 __all__ = ["CONVENTIONS", "check_conventions", "check_real", "state_dtype_for", "host_ints", "all_finite",
-           "tensor_step"]
+           "tensor_step", "outside_graphs"]
 
 #: group keys of torch's optimizers, with their defaults (filled into older checkpoints' groups).
 CONVENTIONS: dict[str, Any] = {"maximize": False, "foreach": None, "capturable": False, "differentiable": False,
@@ -96,10 +96,13 @@ def tensor_step(value: Any) -> Any:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
-@torch.compiler.disable
 def all_finite(tensors: list[Tensor]) -> bool:
     """Are all entries of all tensors finite? One max-norm reduction per (device, dtype) over the
     whole list (``torch._foreach_norm``) and a single host sync, outside compiled graphs."""
+    return _HOST.get("finite", _all_finite)(tensors)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
     from ..distributed import is_dtensor
 
     buckets: dict[tuple, list[Tensor]] = {}
@@ -107,3 +110,10 @@ def all_finite(tensors: list[Tensor]) -> bool:
         buckets.setdefault((t.device, t.dtype, is_dtensor(t)), []).append(t)
     flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in buckets.values()]
     return all(bool(f) for f in flags)
+
+
+def outside_graphs() -> None:
+    """Wrap the shell's host reads for ``torch.compile`` (see :func:`deepopt.levels.base.outside_graphs`)."""
+    from ..levels.base import outside_graphs as wrap
+
+    wrap(finite=_all_finite)
