@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .levels.base import Direction, Level, State, is_boundary, level_step, static_step
+from .levels.base import Direction, Level, State, host_ints, is_boundary, level_step, static_step
 
 __all__ = ["Chain"]
 
@@ -124,7 +124,7 @@ class Chain:
         """One step on a list of tensors; states are updated in place."""
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
-        ts = [int(s) for s in steps]
+        ts = host_ints(steps)
         xs, ps = list(xs), list(ps)
         ds: list[Direction] = [Direction(x) for x in xs]
         for i, lvl in enumerate(self.levels):

@@ -42,6 +42,7 @@ from .chain import Chain
 from .levels.base import Level
 from .levels.delta_rule import DeltaRule
 from .optim.base import LevelOptimizer, Rule, apply_direction, chain_for, coupled_decay, group_defaults
+from .optim.conventions import check_conventions
 from .optim.nested import NestedOptimizer
 
 __all__ = [
@@ -120,6 +121,7 @@ def from_rule(rule: Rule, **group: Any) -> Transformation:
         raise TypeError(f"unknown hyperparameters {unknown}; this rule has {sorted(defaults)}")
     hp = {**defaults, **group}
     if not _batched(hp):
+        check_conventions(hp)
         for chain in rule.chains:
             chain.validate(hp)
     decoupled = rule.weight_decay_mode == "decoupled"
@@ -150,6 +152,8 @@ def from_rule(rule: Rule, **group: Any) -> Transformation:
             if g is None:
                 updates[k], new_state[k] = None, dict(state[k])
                 continue
+            if hp.get("maximize", False):
+                g = -g
             if not decoupled:
                 g = coupled_decay(g, p, wd)
             d, new_state[k] = pick(p).update(dict(state[k]), g, p, hp)
@@ -264,7 +268,7 @@ def dgd(lr: Any = 1e-3, weight_decay: Any = 0.0) -> Transformation:
                                           {k: v for k, v in state.items() if k not in inputs},
                                           {k: v for k, v in ps.items() if k not in inputs})
         for k, x in inputs.items():
-            level = DeltaRule({id(ps[k]): x}, {id(ps[k])})
+            level = DeltaRule({ps[k]: x}, {ps[k]})
             tx = from_rule(Rule([Chain(level)], dict(lr=lr, weight_decay=weight_decay), "decoupled"))
             u, s = tx.update({k: gs[k]}, {k: state[k]}, {k: ps[k]})
             updates[k], new_state[k] = u[k], s[k]

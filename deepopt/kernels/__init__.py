@@ -15,7 +15,7 @@ step of each chain when ``impl="auto"`` on CUDA (or ``impl="triton"``); a chain 
 | ``DeepMemory`` | DeepMomentum (sigma identity, sign, ns) |
 
 Not covered (``None``): a Momentum, AdamMoments or DeltaMomentumLevel level with a period > 1,
-float64 parameters (the kernels compute in float32), and any other chain.
+float64 parameters (the kernels compute in float32), ``amsgrad=True``, and any other chain.
 
 fp32 state for bf16 parameters: set ``state_dtype=torch.float32`` in a param group; the shell
 creates the state in that dtype and the kernels read and write it as such.
@@ -98,6 +98,8 @@ def fused_step_for(chain: Chain, group: Mapping[str, Any], impl: str = "auto") -
     """
     cls = fused_step_class(chain)
     if cls is None or any(p.dtype == torch.float64 for p in group.get("params", ())):
+        return None
+    if group.get("amsgrad", False):  # AMSGrad's running maximum has no kernel: the foreach path runs it
         return None
     key = (id(chain), impl)
     step = _STEPS.get(key)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..chain import Chain
-from ..levels.base import is_boundary, level_step
+from ..levels.base import host_ints, is_boundary, level_step
 from ..levels.orthogonal import adjust_lr_ratio
 from . import reference as ref
 from .tables import RowSet, scalar_table
@@ -104,7 +104,7 @@ class FusedStep(abc.ABC):
             return self._foreach(params, grads, states, group, lr, weight_decay, decoupled)
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
-        ts = [int(s) for s in steps]
+        ts = host_ints(steps)
         kernel = self.use_kernel(params)
         sig: dict[tuple, list[int]] = {}
         for i, (p, g, s) in enumerate(zip(params, grads, states)):

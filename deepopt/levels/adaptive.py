@@ -54,14 +54,21 @@ class AdamMoments(Level):
         betas: ``(b1, b2)`` (group key ``"betas"``).
         eps: added to the denominator (group key ``"eps"``).
         form: ``"ema"`` (torch AdamW, default) or ``"accumulate"`` (paper-literal sums).
+        amsgrad: read ``v_max = max(v_max, v)`` instead of ``v`` (torch's AMSGrad; group key
+            ``"amsgrad"``, absent and off when None).
     """
 
     name = "adam"
     elementwise = True  # acts on each entry alone: runs on local DTensor shards
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 form: str = "ema", period: int = 1, keys: Mapping[str, str] | None = None) -> None:
-        super().__init__(period=period, keys=keys, betas=tuple(betas), eps=eps, form=form)
+                 form: str = "ema", period: int = 1, keys: Mapping[str, str] | None = None,
+                 amsgrad: bool | None = None) -> None:
+        extra = {} if amsgrad is None else {"amsgrad": amsgrad}
+        super().__init__(period=period, keys=keys, betas=tuple(betas), eps=eps, form=form, **extra)
+
+    def _ams(self, group: Mapping[str, Any]) -> bool:
+        return bool(group.get(self.key("amsgrad"), False))
 
     def validate(self, group: Mapping[str, Any]) -> None:
         form = self.hp(group, "form")
@@ -69,19 +76,29 @@ class AdamMoments(Level):
             raise ValueError(f"invalid form: {form!r}; use one of {ADAM_FORMS}")
         _check_betas(group, self.key("betas"), form)
         check_nonnegative(group, self.key("eps"))
+        if not isinstance(group.get(self.key("amsgrad"), False), bool):
+            raise ValueError(f"invalid amsgrad: {group[self.key('amsgrad')]!r}; use True or False")
 
     def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
-        return {"exp_avg": zeros_like(p), "exp_avg_sq": zeros_like(p)}
+        state = {"exp_avg": zeros_like(p), "exp_avg_sq": zeros_like(p)}
+        if self._ams(group):
+            state["max_exp_avg_sq"] = zeros_like(p)
+        return state
 
     def write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
         b1, b2 = self.hp(group, "betas")
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if self.hp(group, "form") == "accumulate":
-            return {"exp_avg": axpy(m, x, b1), "exp_avg_sq": addcmul(v, x, x, b2)}
-        return {"exp_avg": m.lerp(x, 1 - b1), "exp_avg_sq": addcmul(v * b2, x, x, 1 - b2)}
+            new = {"exp_avg": axpy(m, x, b1), "exp_avg_sq": addcmul(v, x, x, b2)}
+        else:
+            new = {"exp_avg": m.lerp(x, 1 - b1), "exp_avg_sq": addcmul(v * b2, x, x, 1 - b2)}
+        if self._ams(group):
+            new["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], new["exp_avg_sq"])
+        return new
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
-        m, v, eps = state["exp_avg"], state["exp_avg_sq"], self.hp(group, "eps")
+        m, eps = state["exp_avg"], self.hp(group, "eps")
+        v = state["max_exp_avg_sq" if self._ams(group) else "exp_avg_sq"]
         if self.hp(group, "form") == "accumulate":
             return Direction(m, v.sqrt() + eps)
         b1, b2 = self.hp(group, "betas")
@@ -95,14 +112,17 @@ class AdamMoments(Level):
         if self.hp(group, "form") == "accumulate":
             torch._foreach_add_(ms, xs, alpha=b1)
             torch._foreach_addcmul_(vs, xs, xs, value=b2)
-            return
-        torch._foreach_lerp_(ms, xs, 1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, xs, xs, value=1 - b2)
+        else:
+            torch._foreach_lerp_(ms, xs, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, xs, xs, value=1 - b2)
+        if self._ams(group):
+            torch._foreach_maximum_([s["max_exp_avg_sq"] for s in states], vs)
 
     def read_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
               group: Mapping[str, Any], ts: list[int]) -> list[Direction]:
-        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        ms = [s["exp_avg"] for s in states]
+        vs = [s["max_exp_avg_sq" if self._ams(group) else "exp_avg_sq"] for s in states]
         dens = torch._foreach_sqrt(vs)
         eps = self.hp(group, "eps")
         if self.hp(group, "form") == "accumulate":

@@ -25,6 +25,7 @@ cycling and checkpointing all work): a level declares its group keys and their d
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping, NamedTuple
 
 import torch
@@ -158,6 +159,39 @@ def addcmul(x: Tensor, y: Tensor, z: Tensor, value: Any) -> Tensor:
     return torch.addcmul(x, y, z, value=value)
 
 
+def _ints(counters: list[Tensor]) -> list[int]:
+    return [int(c) for c in counters]
+
+
+def _float(x: Tensor) -> float:
+    return float(x)
+
+
+#: the host reads, wrapped by ``torch.compiler.disable`` once :func:`outside_graphs` ran
+_HOST: dict[str, Any] = {}
+
+
+def outside_graphs(**fns: Any) -> None:
+    """Keep host reads out of ``torch.compile`` graphs: ``torch.compiler.disable`` wrappers (a quiet
+    graph break instead of dynamo's ``Tensor.item()`` warning). Called by the optimizer shell's
+    constructor (which imports ``torch._dynamo`` anyway), so ``import deepopt`` stays light."""
+    if not _HOST:
+        _HOST.update(ints=torch.compiler.disable(_ints), float=torch.compiler.disable(_float))
+    for name, fn in fns.items():
+        if name not in _HOST:
+            _HOST[name] = torch.compiler.disable(fn)
+
+
+def host_ints(counters: list[Tensor]) -> list[int]:
+    """Step counters as Python ints (one host read; outside compiled graphs, see :func:`outside_graphs`)."""
+    return _HOST.get("ints", _ints)(counters)
+
+
+def host_float(x: Tensor) -> float:
+    """A one-element tensor as a Python float (outside compiled graphs, see :func:`outside_graphs`)."""
+    return _HOST.get("float", _float)(x)
+
+
 def static_step(step: Tensor) -> int:
     """The value of a step counter as a Python int, also under ``torch.func.vmap`` and ``grad``.
 
@@ -192,12 +226,19 @@ def level_step(t: int, period: int, write_first: bool = False) -> int:
     return (t - 1) // period + 1 if write_first else t // period
 
 
+def _real(key: str, v: Any) -> Any:
+    """``v`` as a number (a tensor's value); ``TypeError`` naming ``key`` for a non-number, as torch."""
+    if isinstance(v, Tensor):
+        return float(v.detach())
+    if not isinstance(v, numbers.Real):
+        raise TypeError(f"invalid {key}: {v!r} ({type(v).__name__}); it must be a real number")
+    return v
+
+
 def check_unit_interval(group: Mapping[str, Any], key: str, *, closed_right: bool = False,
                         value: Any = None) -> None:
     """Raise a ValueError naming ``key`` unless ``0 <= group[key] < 1`` (``<= 1`` if closed)."""
-    v = group[key] if value is None else value
-    if isinstance(v, Tensor):
-        v = float(v.detach())
+    v = _real(key, group[key] if value is None else value)
     ok = 0.0 <= v <= 1.0 if closed_right else 0.0 <= v < 1.0
     if not ok:
         bound = "[0, 1]" if closed_right else "[0, 1)"
@@ -206,9 +247,7 @@ def check_unit_interval(group: Mapping[str, Any], key: str, *, closed_right: boo
 
 def check_nonnegative(group: Mapping[str, Any], key: str) -> None:
     """Raise a ValueError naming ``key`` unless ``group[key] >= 0``."""
-    v = group[key]
-    if isinstance(v, Tensor):
-        v = float(v.detach())
+    v = _real(key, group[key])
     if not v >= 0.0:
         raise ValueError(f"invalid {key}: {v!r}; it must be >= 0")
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from .base import Direction, Level, State
+from .base import Direction, Level, State, host_float
 
 __all__ = ["DeltaRule", "dgd_direction"]
 
@@ -48,7 +48,7 @@ def dgd_direction(w: Tensor, g: Tensor, x: Tensor, lr: float, sync: bool = False
 
         all_reduce_mean(decay)
         all_reduce_mean(sq)
-    return g + decay, 1.0 / (1.0 + lr * float(sq))
+    return g + decay, 1.0 / (1.0 + lr * host_float(sq))
 
 
 def _source(p: Tensor) -> Tensor:
@@ -64,24 +64,25 @@ class DeltaRule(Level):
     plain gradient step, with a warning.
 
     Args:
-        inputs: a mapping ``id(weight) -> last input (N, in_features)``, filled by hooks.
-        weights: ids of the weights this level owns.
+        inputs: a mapping ``weight -> last input (N, in_features)`` (keyed by the weight tensor
+            itself, so ``copy.deepcopy``/``pickle`` of an optimizer carry it over), filled by hooks.
+        weights: the weights this level owns.
         sync: average the input statistics over data-parallel ranks (see :func:`dgd_direction`).
     """
 
     name = "dgd"
 
-    def __init__(self, inputs: Mapping[int, Tensor], weights: set[int], sync: bool = False) -> None:
+    def __init__(self, inputs: Mapping[Tensor, Tensor], weights: set[Tensor], sync: bool = False) -> None:
         super().__init__()
         self.inputs = inputs
         self.weights = weights
         self.sync = sync
 
     def applies_to(self, p: Tensor, group: Mapping[str, Any]) -> bool:
-        return id(_source(p)) in self.weights
+        return _source(p) in self.weights
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
-        inp = self.inputs.get(id(_source(p)))
+        inp = self.inputs.get(_source(p))
         if inp is None:
             warnings.warn("DGD: no input was captured for a linear layer's weight (run the model's forward with "
                           "grad enabled before optimizer.step()); this step is plain gradient descent",

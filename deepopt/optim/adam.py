@@ -32,7 +32,10 @@ class AdamMemory(LevelOptimizer):
         params: parameters or param groups.
         lr: learning rate; betas: ``(beta1, beta2)``; eps: denominator floor.
         weight_decay: decoupled decay :math:`\lambda` (AdamW's default 1e-2).
+        amsgrad: divide by the running maximum of ``v`` (AdamW's AMSGrad, exactly).
         form: ``"ema"`` or ``"accumulate"``.
+        maximize, foreach, capturable, differentiable, fused: torch.optim.AdamW's arguments (see
+            :mod:`deepopt.optim.conventions`), so ``AdamW(**kw)`` -> ``AdamMemory(**kw)`` is a swap.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -44,13 +47,24 @@ class AdamMemory(LevelOptimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, form: str = "ema", *, impl: str = "auto",
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, form: str = "ema", *,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None, impl: str = "auto",
                  nonfinite: str = "skip") -> None:
-        rule = self._rule(lr, betas, eps, weight_decay, form)
-        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+        rule = self._rule(lr, betas, eps, weight_decay, amsgrad, form)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite, maximize=maximize,
+                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused)
 
     @classmethod
-    def _rule(cls, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, form: str) -> Rule:
-        chain = Chain(AdamMoments(betas, eps, form))
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, form=form)
+    def _rule(cls, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool,
+              form: str) -> Rule:
+        chain = Chain(AdamMoments(betas, eps, form, amsgrad=amsgrad))
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, form=form)
         return Rule([chain], defaults, cls.weight_decay_mode)
+
+    def _upgrade_group(self, group: dict[str, Any]) -> None:
+        super()._upgrade_group(group)
+        group.setdefault("amsgrad", False)  # checkpoints written before amsgrad existed
+
+    def _optional_keys(self) -> set[str]:
+        return super()._optional_keys() | {"amsgrad"}

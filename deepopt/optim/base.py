@@ -18,6 +18,11 @@ Non-finite gradients (``nonfinite=``): ``"skip"`` (default) checks all gradients
 holds NaN or Inf, leaves every parameter and every state untouched, warns, and counts the step in
 ``optimizer.skipped_steps``; ``"raise"`` raises ``FloatingPointError``; ``"ignore"`` does no check
 (one device sync fewer per step) and lets NaN propagate, as torch's optimizers do.
+
+torch conventions (:mod:`deepopt.optim.conventions`): ``maximize``/``foreach``/``fused``/
+``capturable``/``differentiable`` group keys, hyperparameters validated before parameters,
+``copy.deepcopy``/``pickle`` keep every attribute, checkpoints from older torch (numeric ``step``)
+or older deepopt (missing convention keys) load, and ``state_dtype`` is honoured on every path.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from torch import Tensor
 from ..chain import Chain
 from ..distributed import is_dtensor, needs_full_tensors, on_full_tensors
 from ..levels.base import Direction, State, axpy
+from .conventions import (CONVENTIONS, all_finite, check_conventions, check_real, host_ints, outside_graphs,
+                          state_dtype_for, tensor_step)
 
 __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direction", "chain_for", "coupled_decay",
            "group_defaults"]
@@ -123,23 +130,30 @@ class LevelOptimizer(torch.optim.Optimizer):
             (0.01, 'decoupled')
         """
         sig = inspect.signature(cls.__init__)
-        names = [n for n in sig.parameters if n not in _SHELL_ARGS]
+        names = [n for n in sig.parameters if n not in _SHELL_ARGS and n not in CONVENTIONS]
+        conventions = {k: hyperparameters.pop(k) for k in list(hyperparameters) if k in CONVENTIONS}
         unknown = sorted(set(hyperparameters) - set(names))
         if unknown:
             raise TypeError(f"{cls.__name__} has no hyperparameter {unknown}; it takes {names}")
+        check_conventions(conventions)
         kwargs = {n: sig.parameters[n].default for n in names if sig.parameters[n].default is not inspect._empty}
         kwargs.update(hyperparameters)
         missing = sorted(set(names) - set(kwargs))
         if missing:
             raise TypeError(f"{cls.__name__}.rule needs {missing}")
-        return cls._rule(**kwargs)
+        rule = cls._rule(**kwargs)
+        rule.defaults.update({**CONVENTIONS, **conventions})  # the class's group keys (maximize is math)
+        return rule
 
     @classmethod
     def _rule(cls, **hyperparameters: Any) -> Rule:
         raise TypeError(f"{cls.__name__} builds its chains from its parameters; it has no parameter-free rule")
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], chains: list[Chain], *,
-                 impl: str = "auto", nonfinite: str = "skip") -> None:
+                 impl: str = "auto", nonfinite: str = "skip", **conventions: Any) -> None:
+        unknown = sorted(set(conventions) - set(CONVENTIONS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unknown}")
         if impl not in IMPLS:
             raise ValueError(f"invalid impl: {impl!r}; use one of {IMPLS}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -148,7 +162,38 @@ class LevelOptimizer(torch.optim.Optimizer):
         self.impl = impl
         self.nonfinite = nonfinite
         self.skipped_steps = 0
-        super().__init__(params, {"period": 1, **group_defaults(self.chains, defaults)})
+        defaults = {"period": 1, **group_defaults(self.chains, defaults), **CONVENTIONS, **conventions}
+        self._check_hyperparameters(defaults)  # as torch: hyperparameters first, then the parameters
+        super().__init__(params, defaults)
+        outside_graphs()
+
+    # ------------------------------------------------------------------ copy, pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """Every attribute (chains, impl, nonfinite, ...) but the hooks, which torch drops too."""
+        state = super().__getstate__()
+        state.update({k: v for k, v in self.__dict__.items()
+                      if k not in state and not k.startswith("_optimizer_") and k != "_zero_grad_profile_name"})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also what ``load_state_dict`` calls: fill convention keys older checkpoints lack and
+        turn numeric ``step`` counters (older torch) into float32 tensors, as torch does."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            self._upgrade_group(group)
+        for s in self.state.values():
+            for k in ("step", _SLOW_CALLS):
+                if k in s:
+                    s[k] = tensor_step(s[k])
+
+    def _upgrade_group(self, group: dict[str, Any]) -> None:
+        """Fill the keys a checkpoint of an older version may lack (see :meth:`_optional_keys`)."""
+        for k, v in CONVENTIONS.items():
+            group.setdefault(k, v)
+
+    def _optional_keys(self) -> set[str]:
+        """Group keys a checkpoint may lack (filled by :meth:`_upgrade_group`)."""
+        return set(CONVENTIONS)
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -160,19 +205,26 @@ class LevelOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    def _validate(self, group: Mapping[str, Any]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("invalid lr: a Tensor lr must have one element")
-        if not float(lr) >= 0.0:
-            raise ValueError(f"invalid lr: {float(lr)!r}; the learning rate must be >= 0")
-        if not float(group["weight_decay"]) >= 0.0:
-            raise ValueError(f"invalid weight_decay: {group['weight_decay']!r}; it must be >= 0")
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Check a group's hyperparameters (types as torch: ``TypeError``; values: ``ValueError``)."""
+        check_real("lr", group["lr"], "the learning rate")
+        check_real("weight_decay", group["weight_decay"], "weight_decay")
         period = group["period"]
         if not isinstance(period, int) or isinstance(period, bool) or period < 1:
             raise ValueError(f"invalid period: {period!r}; a group's update period must be an int >= 1")
+        check_conventions(group)
+        if group["foreach"] is not None and self.impl != "auto":
+            raise ValueError(f"foreach={group['foreach']!r} and impl={self.impl!r} both choose the implementation; "
+                             "give one of them")
+        self._prepare_group(group)
         for chain in self.chains:
             chain.validate(group)
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        """Derive group keys from others before validation and each step (M3: its ``betas``)."""
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        self._check_hyperparameters(group)
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError(f"{type(self).__name__} does not support complex parameters; "
@@ -186,6 +238,7 @@ class LevelOptimizer(torch.optim.Optimizer):
             if self._chain_for(p, group) is None:
                 raise ValueError(f"no level of {type(self).__name__} applies to a parameter of shape "
                                  f"{tuple(p.shape)}; put it in a group the optimizer supports")
+            state_dtype_for(p, group)  # a state_dtype narrower than the parameter raises here
 
     def _chain_for(self, p: Tensor, group: Mapping[str, Any]) -> Chain | None:
         return chain_for(self.chains, p, group)
@@ -199,7 +252,7 @@ class LevelOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads_by_group = [self._collect(group) for group in self.param_groups]
-        if self.nonfinite != "ignore" and not _all_finite([g for ps, gs in grads_by_group for g in gs]):
+        if self.nonfinite != "ignore" and not all_finite([g for ps, gs in grads_by_group for g in gs]):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"{type(self).__name__}: a gradient holds NaN or Inf; no parameter "
                                          "was changed (use nonfinite='skip' to skip such steps)")
@@ -209,6 +262,8 @@ class LevelOptimizer(torch.optim.Optimizer):
                           RuntimeWarning, stacklevel=2)
             return loss
         for group, (params, grads) in zip(self.param_groups, grads_by_group):
+            if group["maximize"] and grads:  # ascend: the gradient of -f (new tensors, grads untouched)
+                grads = torch._foreach_neg(grads)
             if group["period"] > 1:
                 params, grads = self._slow(group, params, grads)
             if params:
@@ -238,18 +293,17 @@ class LevelOptimizer(torch.optim.Optimizer):
                 state[_SLOW_CALLS] = torch.tensor(0.0, dtype=torch.float32)
             state[_SLOW_SUM].add_(g)
             state[_SLOW_CALLS] += 1
-            if int(state[_SLOW_CALLS]) >= period:
+            if host_ints([state[_SLOW_CALLS]])[0] >= period:
                 due_p.append(p)
                 due_g.append(state[_SLOW_SUM] / period)
                 state[_SLOW_SUM].zero_()
                 state[_SLOW_CALLS].zero_()
         return due_p, due_g
 
-    def _step_group(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        self._prepare_group(group)
         lr = float(group["lr"])
         wd = float(group["weight_decay"])
-        if self.weight_decay_mode == "coupled":
-            grads = [coupled_decay(g, p, wd) for p, g in zip(params, grads)]
         by_chain: dict[int, tuple[Chain, list[Tensor], list[Tensor]]] = {}
         for p, g in zip(params, grads):
             chain = self._chain_for(p, group)
@@ -265,26 +319,40 @@ class LevelOptimizer(torch.optim.Optimizer):
 
     def _run_chain(self, chain: Chain, group: Mapping[str, Any], ps: list[Tensor], gs: list[Tensor],
                    states: list[State], lr: float, wd: float) -> None:
-        """One chain's step on a list of parameters: the fused kernel, the reference or foreach."""
+        """One chain's step on a list of parameters: the fused kernel, the reference or foreach.
+
+        Outside the kernels, a parameter whose state dtype is wider (``state_dtype``; float32 for
+        float16) is stepped as an upcast copy that is rounded back into it once."""
+        coupled = self.weight_decay_mode == "coupled"
         fused = self._fused(chain, group, ps)
         if fused is not None:  # one kernel: state update, decay and parameter step together
-            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=self.weight_decay_mode == "decoupled")
+            if coupled:
+                gs = [coupled_decay(g, p, wd) for p, g in zip(ps, gs)]
+            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled)
             return
-        if self.impl == "reference":  # the functional core, exactly as deepopt.functional runs it
-            decay = wd if self.weight_decay_mode == "decoupled" else 0.0
-            for p, g, state in zip(ps, gs, states):
+        work, gs = _in_state_dtype(ps, gs, states, group)
+        if coupled:
+            gs = [coupled_decay(g, p, wd) for p, g in zip(work, gs)]
+        if self.impl == "reference" or group["foreach"] is False:  # the functional core, tensor by tensor
+            decay = 0.0 if coupled else wd
+            for p, g, state in zip(work, gs, states):
                 d, new = chain.update(state, g, p, group)
                 state.update(new)
                 p.copy_(apply_direction(p, d, lr, decay))
-            return
-        directions = chain.update_(states, gs, ps, group)
-        if wd != 0 and self.weight_decay_mode == "decoupled":
-            torch._foreach_mul_(ps, 1 - lr * wd)
-        _apply(ps, directions, lr)
+        else:
+            directions = chain.update_(states, gs, work, group)
+            if wd != 0 and not coupled:
+                torch._foreach_mul_(work, 1 - lr * wd)
+            _apply(work, directions, lr)
+        for p, w in zip(ps, work):
+            if w is not p:
+                p.copy_(w)
 
     def _fused(self, chain: Chain, group: Mapping[str, Any], params: list[Tensor]) -> Callable | None:
         """The fused kernel step for this chain, if ``impl`` asks for one and one exists."""
         if self.impl in ("foreach", "reference") or (self.impl == "auto" and not params[0].is_cuda):
+            return None
+        if group["foreach"] is not None:  # foreach=True/False: torch's multi-tensor or per-tensor path
             return None
         if any(is_dtensor(p) for p in params):  # kernels take plain tensors; DTensors use foreach
             return None
@@ -304,6 +372,9 @@ class LevelOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if "step" not in state:
             state.update(chain.init(p, group))
+            dtype = state_dtype_for(p, group)
+            if dtype is not None:
+                _cast_state(state, dtype)
         return state
 
     # ------------------------------------------------------------------ introspection
@@ -335,7 +406,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"{name}: the checkpoint has {len(saved_groups)} param groups, this optimizer "
                              f"{len(self.param_groups)}; build the optimizer with the same groups")
-        needed = set(self.defaults)
+        needed = set(self.defaults) - self._optional_keys()
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             missing = sorted(needed - set(saved))
             if missing:
@@ -347,6 +418,15 @@ class LevelOptimizer(torch.optim.Optimizer):
             for pid, p in zip(saved["params"], group["params"]):
                 self._check_param_state(state_dict["state"].get(pid), p, {**group, **saved}, i)
         super().load_state_dict(state_dict)
+        # torch casts state to the parameter's dtype; keep the checkpoint's (e.g. float32 state of
+        # float16 parameters) so a resumed run continues exactly
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for k, v in (state_dict["state"].get(pid) or {}).items():
+                    now = self.state[p].get(k)
+                    if (k != "step" and isinstance(v, Tensor) and isinstance(now, Tensor) and v.is_floating_point()
+                            and now.dtype != v.dtype):
+                        self.state[p][k] = v.to(device=now.device, copy=True)
 
     def _check_param_state(self, saved: Mapping[str, Any] | None, p: Tensor, group: Mapping[str, Any],
                            gi: int) -> None:
@@ -374,20 +454,26 @@ def _is_fsdp1_flat(p: Tensor) -> bool:
     return bool(getattr(p, "_is_flat_param", False))
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Are all entries of all tensors finite? One max-norm reduction per (device, dtype) over the
-    whole list (``torch._foreach_norm``) and a single host sync."""
-    buckets: dict[tuple, list[Tensor]] = {}
-    for t in tensors:
-        buckets.setdefault((t.device, t.dtype, is_dtensor(t)), []).append(t)
-    flags = []
-    for ts in buckets.values():
-        flags.append(torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all())
-    if not flags:
-        return True
-    if len(flags) == 1:
-        return bool(flags[0])
-    return all(bool(f) for f in flags)
+def _cast_state(state: State, dtype: torch.dtype) -> None:
+    """Convert a parameter's floating state (not its counters or slow-group sums) to ``dtype``."""
+    for k, v in state.items():
+        if k != "step" and not k.startswith("slow.") and v.is_floating_point() and v.dtype != dtype:
+            state[k] = v.to(dtype)
+
+
+def _in_state_dtype(ps: list[Tensor], gs: list[Tensor], states: list[State],
+                    group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters and gradients to step: upcast copies where the state dtype is wider."""
+    work, grads = list(ps), list(gs)
+    for i, (p, state) in enumerate(zip(ps, states)):
+        dtype = state_dtype_for(p, group)
+        if dtype is None:
+            continue
+        _cast_state(state, dtype)  # e.g. state loaded by plain torch code, cast to p's dtype
+        work[i] = p.detach().to(dtype)
+        work[i].source = getattr(p, "source", p)  # levels keyed by parameter identity (DGD) look through
+        grads[i] = gs[i].to(dtype)
+    return work, grads
 
 
 def _apply(params: list[Tensor], directions: list[Direction], lr: float) -> None:

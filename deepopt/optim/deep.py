@@ -37,6 +37,7 @@ class DeepMomentum(LevelOptimizer):
         sigma: read-out map.
         hidden: width of the memory MLP.
         memory_init: initial ``{"w1", "b1", "w2"}`` of shape ``(hidden,)``.
+        maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -52,10 +53,11 @@ class DeepMomentum(LevelOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, inner_lr: float = 0.1,
                  sigma: str = "identity", hidden: int = 8, weight_decay: float = 0.0,
                  memory_init: Mapping[str, Tensor] | None = None, *, impl: str = "auto",
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: str = "skip", maximize: bool = False) -> None:
         rule = self._rule(lr, momentum, inner_lr, sigma, hidden, weight_decay, memory_init)
         self.memory: DeepMemory = rule.chains[0].levels[0]
-        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
+                         maximize=maximize)
 
     @classmethod
     def _rule(cls, lr: float, momentum: float, inner_lr: float, sigma: str, hidden: int, weight_decay: float,

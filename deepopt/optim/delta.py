@@ -28,6 +28,7 @@ class DeltaMomentum(LevelOptimizer):
         params: parameters or param groups.
         lr, momentum, nesterov: as in SGD; weight_decay: coupled, as in SGD.
         delta: :math:`\lambda \in [0, 1]`, how strongly the memory forgets along the gradient.
+        maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -42,9 +43,10 @@ class DeltaMomentum(LevelOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, delta: float = 0.5,
                  nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "auto",
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: str = "skip", maximize: bool = False) -> None:
         rule = self._rule(lr, momentum, delta, nesterov, weight_decay)
-        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
+                         maximize=maximize)
 
     @classmethod
     def _rule(cls, lr: float, momentum: float, delta: float, nesterov: bool, weight_decay: float) -> Rule:

@@ -22,6 +22,18 @@ class _Plain(Level):
     elementwise = True  # acts on each entry alone: runs on local DTensor shards
 
 
+class _Capture:
+    """Forward pre-hook: keep a linear layer's last input (flattened to ``(N, in_features)``) under
+    its weight. An object, not a closure, so a model and its DGD deep-copied together stay wired."""
+
+    def __init__(self, inputs: dict[torch.Tensor, torch.Tensor], weight: torch.Tensor) -> None:
+        self.inputs, self.weight = inputs, weight
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and args:
+            self.inputs[self.weight] = args[0].detach().reshape(-1, args[0].shape[-1])
+
+
 class DGD(LevelOptimizer):
     r"""Delta gradient descent (Eqs. 56-57) for the ``nn.Linear`` layers of a model.
 
@@ -45,6 +57,7 @@ class DGD(LevelOptimizer):
         model: the module whose ``nn.Linear`` layers get the DGD step.
         sync_inputs: average input statistics over the default process group (default: when one
             with more than one rank is initialized at construction).
+        maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -59,31 +72,26 @@ class DGD(LevelOptimizer):
 
     def __init__(self, params: Iterable[Any] | nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, *,
                  model: nn.Module | None = None, sync_inputs: bool | None = None, impl: str = "auto",
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: str = "skip", maximize: bool = False) -> None:
         if isinstance(params, nn.Module):
             model, params = params, params.parameters()
         if model is None:
             raise ValueError("DGD needs the layer inputs: pass the model itself, DGD(model, lr=...), "
                              "or DGD(params, lr=..., model=model)")
-        self._inputs: dict[int, torch.Tensor] = {}
-        weights: set[int] = set()
+        self._inputs: dict[torch.Tensor, torch.Tensor] = {}
+        weights: set[torch.Tensor] = set()
         self._hooks = []
         for module in model.modules():
             if isinstance(module, nn.Linear):
-                weights.add(id(module.weight))
-                self._hooks.append(module.register_forward_pre_hook(self._capture(id(module.weight))))
+                weights.add(module.weight)
+                self._hooks.append(module.register_forward_pre_hook(_Capture(self._inputs, module.weight)))
         if sync_inputs is None:
             import torch.distributed as dist
 
             sync_inputs = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         chains = [Chain(DeltaRule(self._inputs, weights, sync=sync_inputs)), Chain(_Plain())]
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), chains, impl=impl, nonfinite=nonfinite)
-
-    def _capture(self, key: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if torch.is_grad_enabled() and args:
-                self._inputs[key] = args[0].detach().reshape(-1, args[0].shape[-1])
-        return hook
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), chains, impl=impl, nonfinite=nonfinite,
+                         maximize=maximize)
 
     def remove_hooks(self) -> None:
         """Detach the input-capturing hooks from the model."""
@@ -92,6 +100,12 @@ class DGD(LevelOptimizer):
         self._hooks.clear()
 
     def __getstate__(self) -> dict[str, Any]:
+        """A copy keeps the captured inputs but not the hooks: they belong to the original model
+        (deep-copy the model together with the optimizer to get a copy that keeps capturing)."""
         state = super().__getstate__()
         state.pop("_hooks", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_hooks", [])

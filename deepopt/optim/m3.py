@@ -48,10 +48,13 @@ class M3(LevelOptimizer):
     Args:
         params: parameters or param groups.
         lr, weight_decay (decoupled): as usual.
-        betas: ``(b1, b2, b3)``: fast momentum, second moment, slow momentum.
+        betas: ``(b1, b2, b3)``: fast momentum, second moment, slow momentum. A group key read at
+            every step (``momenta[0]``, ``beta2`` and ``momenta[1]`` follow it), so schedulers that
+            cycle ``betas[0]`` work.
         alpha: weight of the slow level; frequency: its period ``f``.
         momenta: explicit levels (overrides ``betas[0]``, ``betas[2]``, ``alpha``, ``frequency``).
         eps, form, target_rms, ns_steps, ns_coefficients, ns_dtype: see above.
+        maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -67,10 +70,12 @@ class M3(LevelOptimizer):
                  form: str = "stable", target_rms: float | None = 0.2,
                  momenta: Sequence[tuple[float, int, float]] | None = None, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, *,
-                 ns_dtype: torch.dtype | None = torch.bfloat16, impl: str = "auto", nonfinite: str = "skip") -> None:
+                 ns_dtype: torch.dtype | None = torch.bfloat16, impl: str = "auto", nonfinite: str = "skip",
+                 maximize: bool = False) -> None:
         rule = self._rule(lr, betas, alpha, frequency, eps, weight_decay, form, target_rms, momenta, ns_steps,
                           ns_coefficients, ns_dtype)
-        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
+                         maximize=maximize)
 
     @classmethod
     def _rule(cls, lr: float, betas: tuple[float, float, float], alpha: float, frequency: int, eps: float,
@@ -83,4 +88,30 @@ class M3(LevelOptimizer):
             momenta = ((betas[0], 1, 1.0), (betas[2], frequency, alpha))
         level = MultiScaleMomentum(momenta, betas[1], eps, form, target_rms, ns_steps, ns_coefficients, ns_dtype)
         defaults = dict(lr=lr, weight_decay=weight_decay, orthogonalize=None, **level.defaults)
+        defaults["betas"] = _betas_of(defaults["momenta"], defaults["beta2"], betas[2])
         return Rule([Chain(level)], defaults, cls.weight_decay_mode)
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        """The group's ``betas`` drive the levels: ``momenta[0]``'s beta, ``beta2`` and (with two or
+        more levels) ``momenta[1]``'s beta, so ``OneCycleLR(cycle_momentum=True)`` cycles ``betas[0]``."""
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 3):
+            raise ValueError(f"invalid betas: {betas!r}; M3 takes (beta1, beta2, beta3)")
+        momenta = [tuple(m) for m in group["momenta"]]
+        momenta[0] = (betas[0], *momenta[0][1:])
+        if len(momenta) > 1:
+            momenta[1] = (betas[2], *momenta[1][1:])
+        group["momenta"], group["beta2"] = tuple(momenta), betas[1]
+
+    def _upgrade_group(self, group: dict[str, Any]) -> None:
+        super()._upgrade_group(group)
+        if "betas" not in group:  # checkpoints written before M3's groups held betas
+            group["betas"] = _betas_of(group["momenta"], group["beta2"], 0.99)
+
+    def _optional_keys(self) -> set[str]:
+        return super()._optional_keys() | {"betas"}
+
+
+def _betas_of(momenta: Sequence[tuple[float, int, float]], beta2: float, beta3: float) -> tuple[float, float, float]:
+    """M3's ``(b1, b2, b3)`` as the levels hold them (``b3`` as given when there is one level)."""
+    return (momenta[0][0], beta2, momenta[1][0] if len(momenta) > 1 else beta3)

@@ -26,10 +26,12 @@ class MomentumMemory(LevelOptimizer):
     Args:
         params: parameters or param groups (a group may set ``period`` for a slow level).
         lr: learning rate :math:`\eta`.
-        momentum: decay :math:`\mu` of the memory.
+        momentum: decay :math:`\mu` of the memory (default 0.9; SGD's is 0).
         dampening: :math:`\tau`.
-        nesterov: apply the look-ahead read-out.
         weight_decay: coupled L2 penalty :math:`\lambda` (added to the gradient, as SGD).
+        nesterov: apply the look-ahead read-out.
+        maximize, foreach, differentiable, fused: torch.optim.SGD's arguments, in SGD's order (see
+            :mod:`deepopt.optim.conventions`), so ``SGD(**kw)`` -> ``MomentumMemory(**kw)`` is a swap.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -43,10 +45,12 @@ class MomentumMemory(LevelOptimizer):
     weight_decay_mode = "coupled"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "auto",
-                 nonfinite: str = "skip") -> None:
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 impl: str = "auto", nonfinite: str = "skip") -> None:
         rule = self._rule(lr, momentum, dampening, nesterov, weight_decay)
-        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite, maximize=maximize,
+                         foreach=foreach, differentiable=differentiable, fused=fused)
 
     @classmethod
     def _rule(cls, lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float) -> Rule:

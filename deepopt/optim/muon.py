@@ -35,6 +35,7 @@ class MuonMemory(LevelOptimizer):
             ``torch.optim.Muon``.
         fallback_betas, fallback_eps, fallback_lr_ratio: the AdamW used for non-matrix parameters.
         ns_dtype: Newton-Schulz dtype (bfloat16, as torch).
+        maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -50,10 +51,11 @@ class MuonMemory(LevelOptimizer):
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
                  fallback_betas: tuple[float, float] = (0.9, 0.95), fallback_eps: float = 1e-8,
                  fallback_lr_ratio: float = 1.0, *, ns_dtype: torch.dtype | None = torch.bfloat16,
-                 impl: str = "auto", nonfinite: str = "skip") -> None:
+                 impl: str = "auto", nonfinite: str = "skip", maximize: bool = False) -> None:
         rule = self._rule(lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
                           fallback_betas, fallback_eps, fallback_lr_ratio, ns_dtype)
-        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
+                         maximize=maximize)
 
     @classmethod
     def _rule(cls, lr: float, weight_decay: float, momentum: float, nesterov: bool,

@@ -24,6 +24,7 @@ class NestedOptimizer(LevelOptimizer):
         levels: the levels, input side first.
         lr: learning rate; weight_decay: decay, ``weight_decay_mode`` ``"decoupled"`` or ``"coupled"``.
         fallback: levels for parameters the main chain does not apply to.
+        maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -38,10 +39,11 @@ class NestedOptimizer(LevelOptimizer):
 
     def __init__(self, params: Iterable[Any], levels: Sequence[Level], lr: float = 1e-3, weight_decay: float = 0.0,
                  weight_decay_mode: str = "decoupled", fallback: Sequence[Level] | None = None, *,
-                 impl: str = "auto", nonfinite: str = "skip") -> None:
+                 impl: str = "auto", nonfinite: str = "skip", maximize: bool = False) -> None:
         rule = self._rule(levels, lr, weight_decay, weight_decay_mode, fallback)
         self.weight_decay_mode = rule.weight_decay_mode
-        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
+                         maximize=maximize)
 
     @classmethod
     def _rule(cls, levels: Sequence[Level], lr: float, weight_decay: float, weight_decay_mode: str,

@@ -30,6 +30,7 @@ class PreconditionedMomentum(LevelOptimizer):
         lr, momentum, nesterov, weight_decay (decoupled): as usual.
         beta2, eps: the preconditioner memory.
         precond_period: its update period C (structural).
+        maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -42,9 +43,10 @@ class PreconditionedMomentum(LevelOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, precond_period: int = 1, nesterov: bool = False, weight_decay: float = 0.0, *,
-                 impl: str = "auto", nonfinite: str = "skip") -> None:
+                 impl: str = "auto", nonfinite: str = "skip", maximize: bool = False) -> None:
         rule = self._rule(lr, momentum, beta2, eps, precond_period, nesterov, weight_decay)
-        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite)
+        super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
+                         maximize=maximize)
 
     @classmethod
     def _rule(cls, lr: float, momentum: float, beta2: float, eps: float, precond_period: int, nesterov: bool,
