@@ -1,5 +1,5 @@
-"""Where Triton was imported in compiled mode before these tests (torch.compile in another test
-file), the interpreter tests cannot run in this process: run them in a fresh one."""
+"""Where this process runs Triton compiled (a CUDA machine, or Triton imported in compiled mode
+before these tests), the interpreter tests cannot run in it: run them in a fresh one."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is not installed (the 'dev' extra brings it)")
 
 from .test_fused_steps import MODE_OK  # noqa: E402
 
