@@ -295,7 +295,7 @@ def as_torchopt(optimizer: Transformation | str | type[LevelOptimizer], **hyperp
     try:
         from torchopt.base import GradientTransformation
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("as_torchopt needs torchopt: pip install 'deepopt[meta]' (or pip install torchopt)") from err
+        raise ImportError("as_torchopt needs torchopt: pip install 'deepopt-nl[meta]' (or pip install torchopt)") from err
     tx = optimizer if isinstance(optimizer, Transformation) else make(optimizer, **hyperparameters)
     if isinstance(optimizer, Transformation) and hyperparameters:
         raise TypeError("hyperparameters go to make(...); an existing Transformation has its own")

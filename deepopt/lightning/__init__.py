@@ -35,7 +35,7 @@ def __getattr__(name: str) -> Any:
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] in ("lightning", "pytorch_lightning"):
             raise ModuleNotFoundError(
-                f"deepopt.lightning.{name} needs Lightning: pip install 'deepopt[lightning]'"
+                f"deepopt.lightning.{name} needs Lightning: pip install 'deepopt-nl[lightning]'"
             ) from err
         raise
     value = getattr(module, name)

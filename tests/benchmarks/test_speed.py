@@ -35,7 +35,7 @@ def test_bytes_per_param_for_sgd_and_adamw_measured_from_real_state():
     sgd.step(), adamw.step()
     sgd_state = speed.state_bytes_per_param(sgd, params)
     assert sgd_state == 4.0
-    assert speed.bytes_per_param(4, 4, sgd_state) == 20  # BENCHMARKS.md: 20 B/param for SGD momentum
+    assert speed.bytes_per_param(4, 4, sgd_state) == 20  # fp32 SGD momentum: read+write p and m (16 B), read g (4 B)
     adam_state = speed.state_bytes_per_param(adamw, params)  # exp_avg, exp_avg_sq; the 0-d step is not counted
     assert adam_state == 8.0
     assert speed.bytes_per_param(4, 4, 8) == 28

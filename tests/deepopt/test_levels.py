@@ -11,6 +11,8 @@ import deepopt
 from deepopt.levels import DeltaMomentumLevel, Momentum, newton_schulz
 from deepopt.levels.deep import DeepMemory
 
+from ..example_imports import skip_if_examples_need_missing
+
 
 def orthogonality_error(o):
     o = o.double()
@@ -104,5 +106,6 @@ def _modules():
 @pytest.mark.parametrize("module", sorted(_modules()))
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)
+    skip_if_examples_need_missing(mod)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

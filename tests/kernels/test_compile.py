@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is not installed (the 'dev' extra brings it)")
 
 SCRIPT = r"""
 import re, sys

@@ -4,32 +4,27 @@ Tiny, odd-sized parameter lists: a matrix, a conv filter, vectors, a scalar, a t
 (non-contiguous) parameter; float32 and bfloat16 parameters, and float32 state for bfloat16.
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is not installed (the 'dev' extra brings it)")
 
 import deepopt  # noqa: E402
 import deepopt.kernels as K  # noqa: E402
 
 
-def _mode_matches() -> bool:
-    """Whether Triton's standard library was built for the mode asked now (it is built at the
-    first ``import triton``: a process that imported it earlier, e.g. through torch.compile in
-    another test file, cannot switch to the interpreter)."""
+def _interpreting() -> bool:
+    """Whether this process runs Triton's interpreter: asked for (``TRITON_INTERPRET=1``) and in
+    effect (Triton's standard library is built for one mode at the first ``import triton``)."""
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(tl.sum, InterpretedFunction) == K.steps.interpreting()
+    return K.steps.interpreting() and isinstance(tl.sum, InterpretedFunction)
 
 
-MODE_OK = _mode_matches()
-pytestmark = pytest.mark.skipif(not MODE_OK, reason="Triton was imported in the other mode earlier in this "
-                                "process; test_fresh_process.py runs this file in a new one")
+MODE_OK = _interpreting()
+pytestmark = pytest.mark.skipif(not MODE_OK, reason="Triton is not in interpreter mode in this process (CUDA "
+                                "present, or imported earlier); test_fresh_process.py runs this file in a new one")
 
 CASES = {
     "momentum": (deepopt.MomentumMemory, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def _compiled():
     if interpreting():
-        pytest.fail("run the gpu tests with TRITON_INTERPRET=0 (the CPU tests set it to 1 by default)")
+        pytest.fail("TRITON_INTERPRET=1 is set: the gpu tests need compiled Triton (unset it)")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -141,7 +141,7 @@ def test_import_deepopt_and_periodic_gradients_without_lightning():
             "import deepopt, deepopt.lightning\n"
             "from deepopt.lightning import PeriodicGradients\n"
             "try:\n    deepopt.lightning.MultiTimescale\nexcept ModuleNotFoundError as e:\n"
-            "    assert 'deepopt[lightning]' in str(e)\nelse:\n    raise SystemExit('no error')\n")
+            "    assert 'deepopt-nl[lightning]' in str(e)\nelse:\n    raise SystemExit('no error')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,6 +11,8 @@ from torch import nn
 
 from nl_layers.data import GENRES, CharTokenizer, random_batches, shakespeare, unigram_entropy
 
+from ..example_imports import skip_if_examples_need_missing
+
 
 def test_genres_are_disjoint_parts_of_the_whole():
     whole = shakespeare()
@@ -57,6 +59,7 @@ MODULES = [
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)
+    skip_if_examples_need_missing(module)
     result = doctest.testmod(module, extraglobs={"torch": torch, "nn": nn, "F": F}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
 

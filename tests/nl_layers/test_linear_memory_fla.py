@@ -32,7 +32,7 @@ TOL = {"y": 1e-2, "M_T": 1e-2, "q": 1e-2, "k": 1e-2, "v": 1e-2, "initial_state":
 def compiled_fla():
     pytest.importorskip("fla", reason="flash-linear-attention is not installed (pip install -e '.[kernels]')")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("run the gpu tests with TRITON_INTERPRET=0 (the CPU tests set it to 1 by default)")
+        pytest.fail("TRITON_INTERPRET=1 is set: the gpu tests need compiled Triton (unset it)")
 
 
 @pytest.fixture(params=["fla", "ours"])

@@ -57,6 +57,26 @@ def test_encoder_fast_paths_with_padding_mask_in_eval():
     assert model.use_nested_tensor is False
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_padded_positions_on_the_fused_path_are_computed_not_zeroed():
+    """What the README says of torch's fused path (eval, no_grad, key-padding mask), which nesting
+    switches off: the nested model equals the original computed without it, bit for bit; the fused
+    kernels differ from that by float rounding, and they return zeros at padded positions."""
+    layer = nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    original = copy.deepcopy(model)
+    nl_layers.nest(model, levels=(16, 1))
+    x = torch.randn(3, 10, 64)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 6:], pad[1, 8:] = True, True
+    with torch.no_grad():
+        fused, nested = original(x, src_key_padding_mask=pad), model(x, src_key_padding_mask=pad)
+        unfused = original.train()(x, src_key_padding_mask=pad)  # dropout 0: the same maths, no fused path
+    assert torch.equal(nested, unfused)
+    assert max_diff(nested[~pad], fused[~pad]) < 1e-5
+    assert torch.equal(fused[pad], torch.zeros_like(fused[pad])) and nested[pad].abs().max() > 0.1
+
+
 def test_decoder_layer_and_full_transformer():
     model = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
     original = copy.deepcopy(model)

@@ -51,9 +51,13 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _FORCE_OWN_GATED_BACKWARD = False
 
 
+# looked up once: torch.compile cannot trace importlib's find_spec inside a layer's forward
+_INSTALLED = importlib.util.find_spec("fla") is not None
+
+
 def available() -> bool:
     """Whether flash-linear-attention (the ``fla`` package of fla-core) can be imported."""
-    return importlib.util.find_spec("fla") is not None
+    return _INSTALLED
 
 
 def unsupported(k: torch.Tensor, dv: int, *, delta: bool) -> str | None:
