@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import nl_layers.ops.fast_weights.scan as scan
+import nl_layers.ops.fast_weights.cross as cross
 from nl_layers.ops.fast_weights import (
     ChunkPlan,
     dense_all,
@@ -38,7 +38,7 @@ def _rank1(left, right, log_m, log_a, d0, s0, x, chunk):
 @pytest.mark.parametrize("length, chunk", [(1, 16), (17, 4), (63, 16), (63, 1), (40, 64)])
 @pytest.mark.parametrize("momentum", [True, False])
 def test_chunked_equals_recurrent(momentum, length, chunk, group, monkeypatch):
-    monkeypatch.setattr(scan, "GROUP", group)
+    monkeypatch.setattr(cross, "GROUP", group)
     left, right, log_m, log_a, d0, s0 = _inputs(length, momentum)
     u = left[..., :, None] * right[..., None, :]
     ref, d_ref, s_ref = scan_recurrent(u, log_m, log_a, d0, s0)
@@ -54,7 +54,7 @@ def test_chunked_equals_recurrent(momentum, length, chunk, group, monkeypatch):
 
 @pytest.mark.parametrize("group", [2, 16])  # 16: six chunks in closed form; 2: the grouped scan
 def test_gradients_equal_the_reference(group, monkeypatch):
-    monkeypatch.setattr(scan, "GROUP", group)
+    monkeypatch.setattr(cross, "GROUP", group)
     inputs = [t.requires_grad_() for t in _inputs(23, True)]
     x = torch.randn(3, 23, 5, dtype=torch.float64)
     y, d_last, s_last = _rank1(*inputs, x, chunk=4)
@@ -94,7 +94,7 @@ def test_inner_step_at_a_zero_residual_has_finite_gradients():
 @pytest.mark.parametrize("group", [2, 16])
 @pytest.mark.parametrize("momentum", [True, False])
 def test_none_initial_state_is_a_zero_state(momentum, group, monkeypatch):
-    monkeypatch.setattr(scan, "GROUP", group)
+    monkeypatch.setattr(cross, "GROUP", group)
     left, right, log_m, log_a, d0, s0 = _inputs(37, momentum)
     x = torch.randn(3, 37, 5, dtype=torch.float64)
     zero = torch.zeros_like(d0)
