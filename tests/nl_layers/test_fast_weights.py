@@ -101,3 +101,7 @@ def test_none_initial_state_is_a_zero_state(momentum, group, monkeypatch):
     y, d_last, s_last = _rank1(left, right, log_m, log_a, zero, zero, x, chunk=4)
     y_n, d_n, s_n = _rank1(left, right, log_m, log_a, None, None, x, chunk=4)
     assert max_diff(y_n, y) < 1e-12 and max_diff(d_n, d_last) < 1e-12 and max_diff(s_n, s_last) < 1e-12
+    for given_d, given_s in ((d0, None), (None, s0)):  # one of the two given, the other zero
+        want = _rank1(left, right, log_m, log_a, zero if given_d is None else d0, zero if given_s is None else s0, x, 4)
+        got = _rank1(left, right, log_m, log_a, given_d, given_s, x, chunk=4)
+        assert all(max_diff(a, b) < 1e-12 for a, b in zip(got, want))

@@ -16,8 +16,8 @@ groups of GROUP chunks, recursively (log_G n levels), so the cost stays linear i
 Example:
     >>> la, f, lm = -torch.rand(2, 5), torch.rand(2, 5), -torch.rand(2, 5)
     >>> op = cross_operator(la, f, lm)
-    >>> op.starts.shape, op.final.shape, op.init_d.shape
-    (torch.Size([2, 10, 10]), torch.Size([2, 2, 10]), torch.Size([2, 6, 2]))
+    >>> op.starts.shape, op.final.shape
+    (torch.Size([2, 10, 10]), torch.Size([2, 2, 10]))
 """
 
 from __future__ import annotations
@@ -61,33 +61,42 @@ def exclusive_products(log_x: torch.Tensor):
 class CrossOperator(NamedTuple):
     """Start and end states as products with the stacked summaries X (B, n K, P) (index c K + k).
 
-    starts (B, n K, n K) and final (B, K, n K): the parts from the summaries; init_d and init_s
-    (B, n + 1, K): the coefficients of D_0 and S_0 in every state (row n: the end state).
+    starts (B, n K, n K) and final (B, K, n K): the parts from the summaries. The initial state
+    enters through ea (B, n + 1, n), pa, pm (B, n + 1) and f (B, n) (pm, f None without momentum):
+    D_0 with pa, S_0 with ea (f pm) in D and pm in S (row n: the end state); computed only when a
+    nonzero initial state is given (:meth:`initial`).
     """
 
     starts: torch.Tensor
     final: torch.Tensor
-    init_d: torch.Tensor
-    init_s: torch.Tensor | None
+    ea: torch.Tensor
+    pa: torch.Tensor
+    pm: torch.Tensor | None
+    f: torch.Tensor | None
+
+    def initial(self, d0, s0):
+        """The part of every state (B, n + 1, K, *shape) from the initial D_0 and S_0 (None: zero)."""
+        col = lambda c, x: c.reshape(*c.shape, *([1] * (x.ndim - 1))) * x[:, None]  # noqa: E731  (B, n+1, *shape)
+        in_d = None if d0 is None else col(self.pa, d0)
+        if self.pm is None:  # K = 1: no momentum, S_0 does not enter D
+            return in_d[:, :, None]
+        if s0 is None:
+            return torch.stack([in_d, torch.zeros_like(in_d)], 2)
+        via_s = col((self.ea @ (self.f * self.pm[:, :-1])[..., None])[..., 0], s0)
+        return torch.stack([via_s if in_d is None else in_d + via_s, col(self.pm, s0)], 2)
 
 
 def cross_operator(end_la, end_f, end_lm) -> CrossOperator:
     """The operator of the chunk maps (log A, F, log M: (B, n); F, log M None without momentum)."""
     b, n = end_la.shape
-    ea, pa = exclusive_products(end_la)
     if end_f is None:
-        big, init_d, init_s = ea, pa[..., None], None
-    else:
-        em, pm = exclusive_products(end_lm)
-        via_s = ea @ (end_f[..., None] * em[:, :n])  # (E^a diag(F) E^m)
-        zero = torch.zeros_like(ea)
-        big = torch.stack([torch.stack([ea, via_s], -1), torch.stack([zero, em], -1)], 2)  # (B, n+1, K, n, K)
-        s0_in_d = (ea @ (end_f * pm[:, :n])[..., None])[..., 0]
-        init_d = torch.stack([pa, torch.zeros_like(pa)], -1)
-        init_s = torch.stack([s0_in_d, pm], -1)
-    k = 1 if end_f is None else 2
-    big = big.reshape(b, (n + 1) * k, n * k)
-    return CrossOperator(big[:, : n * k], big[:, n * k :], init_d, init_s)
+        ea, pa = exclusive_products(end_la)
+        return CrossOperator(ea[:, :n], ea[:, n:], ea, pa, None, None)
+    (ea, em), (pa, pm) = (t.unbind(0) for t in exclusive_products(torch.stack([end_la, end_lm])))
+    via_s = ea @ (end_f[..., None] * em[:, :n])  # (E^a diag(F) E^m)
+    blocks = torch.stack([ea, via_s, torch.zeros_like(ea), em], -1).reshape(b, n + 1, n, 2, 2)
+    big = blocks.permute(0, 1, 3, 2, 4).reshape(b, (n + 1) * 2, n * 2)  # (B, (n+1) K, n K), index c K + k
+    return CrossOperator(big[:, : n * 2], big[:, n * 2 :], ea, pa, pm, end_f)
 
 
 def closed_states(op: CrossOperator, summaries: torch.Tensor, d0, s0):
@@ -100,11 +109,9 @@ def closed_states(op: CrossOperator, summaries: torch.Tensor, d0, s0):
     flat = summaries.reshape(b, n * k, -1)
     starts = (op.starts @ flat).reshape(summaries.shape)
     final = (op.final @ flat).reshape(b, k, *shape)
-    for init, x0 in ((op.init_d, d0), (op.init_s, s0)):
-        if x0 is not None and init is not None:
-            coef = init.reshape(*init.shape, *([1] * len(shape)))
-            starts = starts + coef[:, :n] * x0[:, None, None]
-            final = final + coef[:, n] * x0[:, None]
+    if d0 is not None or (s0 is not None and op.pm is not None):
+        init = op.initial(d0, s0)
+        starts, final = starts + init[:, :n], final + init[:, n]
     return starts, final
 
 

@@ -102,11 +102,11 @@ class ChunkPlan(NamedTuple):
             return t[:, :, rem - 1] if rem == size else torch.cat([t[:, :-1, size - 1], t[:, -1:, rem - 1]], 1)
 
         cast = lambda t: None if t is None else t.to(log_a.dtype)  # noqa: E731
-        da, la = decay_products(blocks(log_a))
         if log_m is None:
+            da, la = decay_products(blocks(log_a))
             mix, fs, dm, lm = da, None, None, None
-        else:
-            dm, lm = decay_products(blocks(log_m))
+        else:  # both decays in one pass (half the launches, forward and backward)
+            (da, dm), (la, lm) = (t.unbind(0) for t in decay_products(torch.stack([blocks(log_a), blocks(log_m)])))
             mix, fs = da @ dm, (da @ lm.exp()[..., None])[..., 0]
         pa, end_la, end_f, end_lm, end_mix, end_dm = la.exp(), end(la), end(fs), end(lm), end(mix), end(dm)
         weights = end_mix[..., None] if end_dm is None else torch.stack([end_mix, end_dm], -1)
