@@ -31,9 +31,10 @@ n=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
 tests() {
   say "gpu tests start"
-  CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_SECONDS:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+  CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_SECONDS:-240}" python3 -m pytest -v -rfE --tb=short --durations=15 -m gpu -p no:cacheprovider \
     ${TESTS:-tests/nl_layers tests/benchmarks/test_layers.py tests/benchmarks/test_lm_defaults.py} > "$out/logs/gpu_tests.log" 2>&1
   say "gpu tests rc=$? $(tail -n 1 "$out/logs/gpu_tests.log")"
+  grep -E "(FAILED|ERROR)" "$out/logs/gpu_tests.log" | head -n 20 | tee -a "$out/session.log"
 }
 layers() {
   say "layers start on GPU $1"

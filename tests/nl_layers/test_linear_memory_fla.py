@@ -85,6 +85,30 @@ def test_fla_equals_torch_outputs_state_and_every_gradient(rule, b, h, t, dk, dv
 
 
 @pytest.mark.usefixtures("compiled_fla")
+@pytest.mark.parametrize("rule", ["delta", "dgd"])
+def test_fla_without_decay_equals_torch(rule):
+    """No decay: fla's ungated chunk_delta_rule, the state transposed in and out."""
+    low = _inputs(2, 4, 1000, 64, 64, torch.bfloat16)
+    low[4] = None
+    ref = [None if x is None else x.detach().float().requires_grad_() for x in low]
+    y, m, grads = _run_no_decay(low, rule, "fla")
+    y_ref, m_ref, grads_ref = _run_no_decay(ref, rule, "torch")
+    errors = {"y": _rel(y, y_ref), "M_T": _rel(m, m_ref)}
+    errors.update({name: _rel(a, r) for name, a, r in zip(["q", "k", "v", "lr", "initial_state"], grads, grads_ref)})
+    bad = {name: f"{err:.2e}" for name, err in errors.items() if not err < TOL[name]}
+    assert not bad, f"{rule}: relative errors above tolerance {bad}"
+
+
+def _run_no_decay(inputs, rule, impl):
+    q, k, v, lr, _, m0 = inputs
+    y, m = linear_memory_chunked(q, k, v, rule=rule, lr=lr, initial_state=m0, impl=impl)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    loss = (y.float() * torch.randn(y.shape, generator=g, device="cuda")).sum()
+    loss = loss + (m.float() * torch.randn(m.shape, generator=g, device="cuda")).sum()
+    return y, m, torch.autograd.grad(loss, [q, k, v, lr, m0])
+
+
+@pytest.mark.usefixtures("compiled_fla")
 def test_auto_takes_fla_for_half_cuda_inputs_only():
     k = torch.zeros(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
     assert resolve_impl("auto", k, "delta") == "fla" and resolve_impl("auto", k, "hebbian") == "fla"

@@ -7,6 +7,9 @@
    Triton kernel ``chunk_bwd_kernel_dqkwg`` on the same inputs, float32 and float16. The kernel is
    launched directly with one config: fla's launcher autotunes, which needs a GPU.
 3. The version pin: another fla version or missing internals -> a reason, and the torch path.
+4. fla's kernel at blocks of 32 (``dqkwg_tiled``, the step the Functions take where it checks out):
+   equal to ``dqkwg`` in the interpreter; on a GPU, the once-per-shape check's verdict holds at a
+   training size.
 
 The whole autograd Function (fla's forward and backward kernels around our step) runs only on a
 GPU or in the interpreter with temporary patches; it is tested in test_linear_memory_fla.py (gpu).
@@ -160,3 +163,40 @@ def test_other_fla_versions_are_refused_with_a_reason(monkeypatch):
     finally:
         fla_gated.unavailable.cache_clear()
     assert "9.9.9" in reason and fla_gated.TESTED_FLA_VERSION in reason
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "gla"])
+def test_tiled_kernel_equals_torch_step_in_interpreter(fla_kernel, monkeypatch, delta):
+    import triton.runtime.autotuner as autotuner
+
+    monkeypatch.setattr(autotuner.Autotuner, "prune_configs", lambda self, kwargs, *args: self.configs[:1])
+    x, c = _inputs(2, 100, 2, 64, 64, delta, dtype=torch.float32)
+    g = (c / math.log(2)).float().contiguous()
+    ours = fla_gated.dqkwg_tiled(x["q"], x["k"], x["v"], x["do"], x["h"], x["dh"], g, w=x["w"], dv=x["dv"], scale=0.5)
+    ref = dqkwg(x["q"], x["k"], x["v"], x["do"], x["h"], x["dh"], g, w=x["w"], dv=x["dv"], scale=0.5)
+    for name, a, r in zip(["dq", "dk", "dw", "dg"], ours, ref):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            assert _rel(a, r) < 1e-5, f"{name}: relative error {_rel(a, r):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "gla"])
+def test_tiled_step_verdict_holds_at_training_size_on_cuda(delta):
+    """The small once-per-shape check predicts the kernel at B=2, T=1000, H=4, K=V=64 in bfloat16."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed (pip install -e '.[kernels]')")
+    if fla_gated.unavailable() is not None:
+        pytest.skip(fla_gated.unavailable())
+    torch.manual_seed(0)
+    x, c = _inputs(2, 1000, 4, 64, 64, delta, dtype=torch.float32)
+    x = {name: None if t is None else t.cuda().to(torch.bfloat16) for name, t in x.items()}
+    x["h"], x["dh"] = x["h"].float(), x["dh"].float()
+    g = (c / math.log(2)).float().cuda().contiguous()
+    ok = fla_gated.tiled_step_ok(x["q"], x["v"], x["h"], x["dh"], x["w"])
+    ours = fla_gated.dqkwg_tiled(x["q"], x["k"], x["v"], x["do"], x["h"], x["dh"], g, w=x["w"], dv=x["dv"])
+    ref = dqkwg(x["q"], x["k"], x["v"], x["do"], x["h"], x["dh"], g, w=x["w"], dv=x["dv"])
+    errors = {n: _rel(a, r) for n, a, r in zip(["dq", "dk", "dw", "dg"], ours, ref) if r is not None}
+    agree = all(err < fla_gated._TILED_TOL for err in errors.values())
+    print(f"tiled step ok={ok} on {torch.cuda.get_device_name()}: {errors}")
+    assert ok == agree, f"check said {ok}, training size: {errors}"

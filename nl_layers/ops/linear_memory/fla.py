@@ -6,12 +6,13 @@ memory kept value-first (``state_v_first=True``: fla's [N, H, V, K] state is our
     hebbian  M_t = a_t M_{t-1} + b_t v_t k_t^T, y_t = M_t q_t
              -> chunk_simple_gla(q, k, b*v, g=log_decay (None without decay), scale=1.0, ...)
     delta    M_t = a_t M_{t-1} + b_t (v_t - a_t M_{t-1} k_t) k_t^T, y_t = M_t q_t
-             -> chunk_gated_delta_rule(q, k, v, g=log_decay (zeros without decay), beta=b, scale=1.0, ...)
-    dgd      the delta rule with beta = c_t = b_t / (1 + b_t ||k_t||^2)  (same kernel)
+             -> chunk_gated_delta_rule(q, k, v, g=log_decay, beta=b, scale=1.0, ...)
+             -> without decay: chunk_delta_rule(q, k, v, beta=b, scale=1.0, initial_state=M_0^T, ...)
+    dgd      the delta rule with beta = c_t = b_t / (1 + b_t ||k_t||^2)  (same kernels)
 
-both with ``initial_state=M_0, output_final_state=True, state_v_first=True``. One kernel serves
-delta with and without decay: fla's ``chunk_delta_rule`` (no gate) refuses float32 and has no
-value-first state. What fla-core 0.6.0 accepts, and so where this path is taken:
+all with ``output_final_state=True``; the gated ones with ``initial_state=M_0, state_v_first=True``,
+``chunk_delta_rule`` (no gate, no value-first state) with the state transposed in and out (its
+[N, H, K, V] is our M^T). What fla-core 0.6.0 accepts, and so where this path is taken:
 
 - q, k, v in float16/bfloat16, fla's tested dtypes (``chunk_delta_rule`` refuses float32; the
   gated kernels accept it but round their matmuls): float32 inputs stay on the torch path, which
@@ -22,9 +23,10 @@ value-first state. What fla-core 0.6.0 accepts, and so where this path is taken:
 - on a Hopper GPU with Triton in [3.4.0, 3.7.1), fla-core refuses its gated backward (Triton
   miscompiles one kernel there, ``chunk_bwd_dqkwg`` with a gate: wrong results, fla issue #640).
   There the gated ops run as ``fla_gated``'s autograd Functions instead: fla's own kernels for the
-  forward and the rest of the backward, that one step in torch. They use fla's internals, so only
-  with fla-core 0.6.0 (another version: the torch path, with the reason). Hebbian without decay
-  has no gate and keeps fla's public op.
+  forward and the rest of the backward, that one step by fla's kernel at smaller blocks where it
+  checks out on the device, else in torch. They use fla's internals, so only with fla-core 0.6.0
+  (another version: the torch path, with the reason). The rules without decay have no gate and
+  keep fla's public ops.
 
 fla returns gradients for q, k, v, g, beta and M_0 (the initial state gets one); gradients of lr,
 of k through c_t (dgd) and of v through b*v (hebbian) follow by autograd.
@@ -116,7 +118,11 @@ def chunked(q, k, v, b, log_decay, initial_state, *, delta: bool):
     own = _FORCE_OWN_GATED_BACKWARD or gated_backward_miscompiled(k.device)
     if delta:
         if g is None:
-            g = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+            from fla.ops.delta_rule import chunk_delta_rule
+
+            m0_kv = m0.transpose(-1, -2).contiguous() if m0 is not None else None
+            y, m = chunk_delta_rule(q, k, v, b.float(), scale=1.0, initial_state=m0_kv, output_final_state=True)
+            return y.to(q.dtype), m.transpose(-1, -2).to(q.dtype)
         if own:
             y, m = fla_gated.gated_delta_rule(q, k, v, g, b.float(), m0)
         else:

@@ -7,6 +7,10 @@ autograd Functions here run fla's own Triton kernels for everything else -- the 
 fla's order -- and replace only that step by :func:`dqkwg`, a pure-torch, chunk-local, batched
 computation of the same quantities (all chunks at once, no loop over chunks).
 
+That step is fla's own kernel launched at K and V blocks of 32 (:func:`dqkwg_tiled`: the
+miscompile is tied to fla's block width of 64), wherever it equals the torch step on this device;
+:func:`tiled_step_ok` checks that once per shape and dtype, and the torch step runs otherwise.
+
 They use fla's internal functions, so they are pinned to the fla-core version they were checked
 against (:data:`TESTED_FLA_VERSION`); :func:`unavailable` says why they cannot run otherwise.
 
@@ -50,10 +54,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CHUNK", "TESTED_FLA_VERSION", "dqkwg", "gated_delta_rule", "simple_gla", "unavailable"]
+__all__ = [
+    "CHUNK", "TESTED_FLA_VERSION", "TILE", "dqkwg", "dqkwg_tiled", "gated_delta_rule", "simple_gla", "tiled_step_ok",
+    "unavailable",
+]
 
 TESTED_FLA_VERSION = "0.6.0"
 CHUNK = 64  # fla's chunk length for both ops
+TILE = 32  # K and V block width at which fla's gated dqkwg kernel compiles correctly there (fla picks 64)
 
 
 @functools.cache
@@ -180,6 +188,84 @@ def dqkwg(q, k, v, do, h, dh, g, *, w=None, dv=None, scale=1.0, chunk_size=CHUNK
 
 
 # ---------------------------------------------------------------------------------------------
+# fla's own kernel for the step, at blocks of 32 (checked against the torch step once per shape)
+
+
+def dqkwg_tiled(q, k, v, do, h, dh, g, *, w=None, dv=None, scale=1.0, tile=TILE):
+    """fla's ``chunk_bwd_kernel_dqkwg`` itself, launched with K and V blocks of ``tile``.
+
+    The miscompile behind fla issue #640 is tied to fla's Hopper block width of 64 (at K = 64):
+    at blocks of 32 (and of 128) the same kernel computes the right gradients. Arguments and
+    results as :func:`dqkwg` (dq, dk in q's dtype); fla's tensors, CUDA only. Whether the compiled
+    kernel is right on this device is checked, not assumed: see :func:`tiled_step_ok`.
+    """
+    import triton
+    from fla.ops.common.chunk_o import chunk_bwd_kernel_dqkwg
+
+    bsz, t, nh, dk = k.shape
+    d_v = v.shape[-1]
+    bk = min(max(triton.next_power_of_2(dk), 16), tile)
+    bv = min(max(triton.next_power_of_2(d_v), 16), tile)
+    nk, n = triton.cdiv(dk, bk), triton.cdiv(t, CHUNK)
+    dq, dk_ = torch.empty_like(q), torch.empty_like(k)
+    dw = torch.empty_like(w) if w is not None else None
+    dg = torch.empty(nk, *g.shape, dtype=torch.float32, device=g.device)
+    with _device_guard(q):
+        chunk_bwd_kernel_dqkwg[(nk * n, bsz * nh)](
+            q=q, k=k, v=v, g=g, g_gamma=None, h=h, do=do, dh=dh, dq=dq, dk=dk_, dw=dw, dv=dv, dg=dg,
+            cu_seqlens=None, chunk_indices=None, scale=scale, B=bsz, T=t, H=nh, HV=nh, K=dk, V=d_v,
+            BT=CHUNK, BK=bk, BV=bv, STATE_V_FIRST=True,
+        )
+    return dq, dk_, dw, dg.sum(0)
+
+
+_TILED_OK: dict = {}
+_TILED_TOL = 3e-2  # ||a - b|| / ||b|| of 16-bit kernel outputs against the float32 torch step; the miscompile gives ~0.5
+
+
+def tiled_step_ok(q, v, h, dh, w) -> bool:
+    """Whether :func:`dqkwg_tiled` equals :func:`dqkwg` on this device, for these dims and dtypes.
+
+    Checked once per (device, K, V, dtypes, delta or not) on random inputs with a partial last
+    chunk, and remembered; while a CUDA graph is being captured an unchecked case counts as not
+    ok (the check reads values on the host), so the torch step runs.
+    """
+    key = (q.device, q.shape[-1], v.shape[-1], q.dtype, h.dtype, dh.dtype, w is not None)
+    if key not in _TILED_OK:
+        if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        _TILED_OK[key] = _check_tiled(*key)
+    return _TILED_OK[key]
+
+
+def _check_tiled(device, dk, d_v, dtype, h_dtype, dh_dtype, delta) -> bool:
+    gen = torch.Generator(device=device).manual_seed(0)
+    t, nh, n = 2 * CHUNK + 37, 2, 3
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device=device).to(dt)
+
+    q, k = (F.normalize(torch.randn(1, t, nh, dk, generator=gen, device=device), dim=-1).to(dtype) for _ in range(2))
+    v, do = rand(1, t, nh, d_v), rand(1, t, nh, d_v)
+    h, dh = rand(1, n, nh, d_v, dk, dt=h_dtype), rand(1, n, nh, d_v, dk, dt=dh_dtype)
+    g = F.logsigmoid(torch.randn(1, t, nh, generator=gen, device=device) + 3)
+    g = _internals()["chunk_local_cumsum"](g, chunk_size=CHUNK, scale=_internals()["RCP_LN2"])
+    w, dv = (rand(1, t, nh, dk), rand(1, t, nh, d_v)) if delta else (None, None)
+    ours = dqkwg_tiled(q, k, v, do, h, dh, g, w=w, dv=dv)
+    ref = dqkwg(q, k, v, do, h, dh, g, w=w, dv=dv)
+    for a, r in zip(ours, ref):
+        if r is not None and not float((a.float() - r.float()).norm() / r.float().norm()) < _TILED_TOL:
+            return False
+    return True
+
+
+def _step(q, k, v, do, h, dh, g, *, w=None, dv=None):
+    """fla's kernel at blocks of 32 where it checked out on this device, else the torch step."""
+    fn = dqkwg_tiled if tiled_step_ok(q, v, h, dh, w) else dqkwg
+    return fn(q, k, v, do, h, dh, g, w=w, dv=dv, scale=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # the Functions: fla's kernels around our step
 
 
@@ -221,7 +307,7 @@ class _GatedDeltaRule(torch.autograd.Function):
             dh, dm0, dv = fla["chunk_gated_delta_rule_bwd_dhu"](
                 q=q, k=k, w=w, g=gc, h0=m0, dht=dm_t, do=do, dv=dv, scale=1.0, state_v_first=True, chunk_size=CHUNK
             )
-            dq, dk, dw, dg = dqkwg(q, k, v_new, do, h, dh, gc, w=w, dv=dv, scale=1.0)
+            dq, dk, dw, dg = _step(q, k, v_new, do, h, dh, gc, w=w, dv=dv)
             dk_wy, dv, dbeta, dg_wy = fla["prepare_wy_repr_bwd"](k=k, v=v, beta=beta, g=gc, A=a, dw=dw, du=dv)
             dk = dk + dk_wy
             dg = fla["chunk_local_cumsum"](dg + dg_wy, chunk_size=CHUNK, reverse=True)
@@ -260,7 +346,7 @@ class _SimpleGLA(torch.autograd.Function):
                 q=q, k=k, v=v, g=gc, **none, do=do, h0=m0, dht=dm_t, scale=1.0, state_v_first=True,
                 chunk_size=CHUNK, states_in_fp32=True,
             )
-            dq, dk, _, dg = dqkwg(q, k, v, do, h, dh, gc, scale=1.0)
+            dq, dk, _, dg = _step(q, k, v, do, h, dh, gc)
             dv = fla["chunk_bwd_dv"](
                 q=q, k=k, g=gc, g_gamma=None, do=do, dh=dh, scale=1.0, state_v_first=True, chunk_size=CHUNK
             )
