@@ -66,10 +66,10 @@ def _sync(device: str) -> None:
 def run(params: dict, device: str) -> dict:
     """Train one model and seed (``params``: a preset dict plus ``model`` and ``seed``; the pool
     adds ``max_seconds``); returns the JSON-able result described in the module doc."""
-    import nl_layers
+    from ..layers.run import run_settings
 
     print(f"lm_defaults: [{device}] {params['model']} seed {params['seed']}: start", flush=True)
-    with nl_layers.finite_checks(False):
+    with run_settings():  # NaN checks off, TF32 on; both restored after the job (in-process callers too)
         out = _train(params, device)
     end = f"first NaN at step {out['first_nan_step']}" if out["first_nan_step"] else \
         ("cut short" if out["cut_short"] else "done")
@@ -87,7 +87,6 @@ def _train(p: dict, device: str) -> dict:
     start = time.perf_counter()
     cuda = device.startswith("cuda")
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
     train_ids, val_ids, vocab = corpus()
     torch.manual_seed(p["seed"])
