@@ -2,9 +2,10 @@
 
 For each LM (dim 384, depth 6, batch 32 x 256, AdamW, fp32 weights with TF32 matmuls): the eager
 step time, the compile time (the first compiled step, its warm-up included) and the compiled
-step time, with every ratio to TransformerLM's eager step from the same run. The model is
-compiled in place with ``model.compile(fullgraph=True)`` (the layers have no graph break); the
-optimizer step stays eager (fused AdamW).
+step time, with every ratio to TransformerLM's eager step from the same run. Two ways to
+compile (``--modes``): ``full``, the model in place with ``model.compile(fullgraph=True)`` (the
+layers have no graph break), and ``blocks``, regional compilation with ``model.compile_blocks()``
+(each block compiled, one graph shared by all). The optimizer step stays eager (fused AdamW).
 
 Usage: ``python -m benchmarks.layers.lm_compile [--out DIR]`` (writes lm_compile.json and .md to DIR,
 by default a fresh ``./runs/lm_compile-<time>/``);
@@ -49,6 +50,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["TransformerLM", "TitansLM", "HopeLM()"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--modes", nargs="+", default=["full", "blocks"], choices=["full", "blocks"],
+                   help="compile the whole model (full) and/or each block (blocks: regional compilation)")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--batch", type=int, default=32)
@@ -60,39 +63,52 @@ def main(argv=None) -> None:
 
     builders = lm_builders(256, a.dim, a.depth, 6 if a.dim % 6 == 0 else 2)
     with nl_layers.value_checks(False):  # no host sync per call while timing; restored afterwards
-        rows = [measure(name, builders[name], a) for name in a.models]
+        rows = [row for name in a.models for row in measure(name, builders[name], a)]
     write(rows, a)
 
 
-def compiled_model(model: torch.nn.Module, backend: str) -> torch.nn.Module:
-    """The model with its ``__call__`` compiled in place (fullgraph), so ``model.loss`` runs compiled too.
+def compiled_model(model: torch.nn.Module, backend: str, mode: str = "full") -> torch.nn.Module:
+    """The model compiled in place (fullgraph): its ``__call__`` (``full``, so ``model.loss`` runs
+    compiled too) or each block's (``blocks``, regional compilation).
 
     (``torch.compile(model)`` would return a wrapper whose ``loss`` still calls the eager forward.)
     """
+    if mode == "blocks":
+        return model.compile_blocks(backend=backend)
     model.compile(fullgraph=True, backend=backend)
     return model
 
 
-def measure(name: str, build, a) -> dict:
-    """One model's eager step, compile time (first two compiled steps) and compiled step, or the error."""
+def measure(name: str, build, a) -> list[dict]:
+    """One model's eager step, then per compile mode its compile time (first two compiled steps)
+    and compiled step, or the error; one row per mode (the eager time in each)."""
     clock = clock_for(a.device)
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
-    row = {"model": name}
+    rows = []
     try:
-        row["eager_ms"] = time_calls(lm_case(name, build, 256, a.device, "fp32").make(a.batch, a.seq), clock).ms
-        compiled = lm_case(name, lambda: compiled_model(build(), a.backend), 256, a.device, "fp32")
-        step = compiled.make(a.batch, a.seq)
-        t0 = time.perf_counter()
-        step()
-        sync()
-        step()
-        sync()
-        row["compile_s"] = time.perf_counter() - t0
-        row["compiled_ms"] = time_calls(step, clock).ms
+        eager = time_calls(lm_case(name, build, 256, a.device, "fp32").make(a.batch, a.seq), clock).ms
     except Exception as err:  # noqa: BLE001 - recorded in the table
-        row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
-    print(json.dumps(row), flush=True)
-    return row
+        rows.append({"model": name, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+        print(json.dumps(rows[-1]), flush=True)
+        return rows
+    for mode in a.modes:
+        row = {"model": name if mode == "full" else f"{name} [blocks]", "mode": mode, "eager_ms": eager}
+        try:
+            torch._dynamo.reset()
+            compiled = lm_case(name, lambda: compiled_model(build(), a.backend, mode), 256, a.device, "fp32")
+            step = compiled.make(a.batch, a.seq)
+            t0 = time.perf_counter()
+            step()
+            sync()
+            step()
+            sync()
+            row["compile_s"] = time.perf_counter() - t0
+            row["compiled_ms"] = time_calls(step, clock).ms
+        except Exception as err:  # noqa: BLE001 - recorded in the table
+            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def write(rows: list[dict], a) -> None:

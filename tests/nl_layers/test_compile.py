@@ -152,6 +152,19 @@ def test_compiles_as_one_graph_without_synchronisation_and_equals_eager(name):
     assert not ops & SYNC_OPS
 
 
+@pytest.mark.parametrize("name", LMS)
+def test_compile_blocks_compiles_one_graph_for_every_block_and_equals_eager(name):
+    torch.manual_seed(0)
+    model = CASES[name][0]()
+    ref = copy.deepcopy(model)
+    x = tokens()
+    graphs = []
+    torch._dynamo.reset()
+    assert model.compile_blocks(backend=recording_backend(graphs)) is model
+    assert_close(forward_backward(model, x), forward_backward(ref, x))
+    assert len(model.blocks) == 2 and len(graphs) == 2  # one forward and one backward graph, shared by both blocks
+
+
 @pytest.mark.parametrize("name, split", [("transformer_lm", [4, 1, 1, 5]), ("hope_lm_attention_in_context", [6, 5])])
 def test_compiled_lm_streams_like_eager(name, split):
     """A prompt, then pieces: the state (KV cache, in-context CMS weights) passes between compiled
