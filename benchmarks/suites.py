@@ -100,9 +100,10 @@ def apply_smoke(suite: Suite, args) -> None:
         args.seeds = args.seeds or 1
 
 
-def output_dir(suites: list[Suite], out: str | None = None, update: bool = False) -> str:
+def output_dir(suites: Suite | list[Suite], out: str | None = None, update: bool = False) -> str:
     """``--out``; else the committed folder with ``--update-results``; else a fresh ``./runs/<suite>-<time>/``
     (``runs/evidence-<time>/`` for several pool suites)."""
+    suites = [suites] if isinstance(suites, Suite) else suites
     if update and not out:
         return reference_dir(suites[0].results or suites[0].name)
     return run_dir(suites[0].name if len(suites) == 1 else "evidence", out, update)

@@ -97,7 +97,7 @@ TASKS = {
     "char_transformer": Task(
         "char_transformer", "nl_layers.TransformerLM (d=64, 2 blocks, context 32, batch 8) on Shakespeare comedies; held-out nats/char",
         lambda seed, dev: CharLMProblem(char_transformer(), seed, dev), steps=150, eval_every=10,
-        lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 1e-2}, tags=("real",)),
+        lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 3e-2}, tags=("real",)),
     "hope_lm": Task(
         "hope_lm", "nl_layers.HopeLM, HOPE-attention blocks (d=64, 2 blocks, context 32, batch 8) on Shakespeare "
         "comedies; held-out nats/char",
