@@ -103,7 +103,10 @@ def run_pool_suites(suites: Sequence[str], args, out_dir: str) -> list[dict]:
     print(f"done in {time.time() - start:.0f} s: {len(records)} records, {len(failed)} failed", flush=True)
     for r in failed:
         print(f"FAILED {r['job']['name']}: {r['error'][:300]}")
-    write_reports(out, [out / "records.jsonl"], args.command_line, [experiment_of(s) for s in suites])
+    try:
+        write_reports(out, [out / "records.jsonl"], args.command_line, [experiment_of(s) for s in suites])
+    except Exception as err:  # e.g. no matplotlib on a GPU machine: the records are safe, `report DIR` redoes it
+        print(f"reports not written ({type(err).__name__}: {err}); run `python -m benchmarks report {out}`", flush=True)
     return records
 
 
