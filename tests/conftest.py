@@ -1,4 +1,5 @@
-"""Shared test setup: one thread (the CI machine has 2 cores), deterministic seeds, GPU marker."""
+"""Shared test setup: one thread (the CI machine has 2 cores), deterministic seeds, GPU marker,
+and clean skips where an optional package is missing."""
 
 import os
 
@@ -14,6 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(1)
+
+from .optional import missing_optional, skip_reason  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,3 +42,13 @@ def _value_checks_restored():
     before = nl_layers.value_checks_enabled()
     yield
     nl_layers.set_value_checks(before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    name = missing_optional(call.excinfo.value) if report.failed and call.excinfo is not None else None
+    if name is not None:
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {skip_reason(name)}")

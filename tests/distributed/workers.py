@@ -54,12 +54,14 @@ def full_params(model) -> list[torch.Tensor]:
 def wrap(model: nn.Module, mode: str) -> nn.Module:
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # CPU shards also where CUDA exists (the default mesh would take it)
     for layer in model:
         if any(True for _ in layer.parameters()):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def setup(rank: int, world: int, port: int) -> None:

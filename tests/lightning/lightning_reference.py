@@ -17,6 +17,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+import pytest
+pytest.importorskip("lightning")  # the optional extra "lightning"; skip this module without it
+
 from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

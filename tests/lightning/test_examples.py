@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("lightning")  # the optional extra "lightning"; skip this module without it
+
 from deepopt.lightning import LevelMonitor, MultiTimescale
 
 CONFIGS = Path(__file__).resolve().parents[2] / "lightning_examples" / "configs"

@@ -7,6 +7,8 @@ import csv
 
 import pytest
 import torch
+pytest.importorskip("lightning")  # the optional extra "lightning"; skip this module without it
+
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn

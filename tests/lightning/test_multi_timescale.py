@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+pytest.importorskip("lightning")  # the optional extra "lightning"; skip this module without it
+
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 

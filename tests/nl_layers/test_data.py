@@ -11,7 +11,7 @@ from torch import nn
 
 from nl_layers.data import GENRES, CharTokenizer, random_batches, shakespeare, unigram_entropy
 
-from ..example_imports import skip_if_examples_need_missing
+from ..example_imports import run_examples
 
 
 def test_genres_are_disjoint_parts_of_the_whole():
@@ -59,7 +59,6 @@ MODULES = [
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)
-    skip_if_examples_need_missing(module)
-    result = doctest.testmod(module, extraglobs={"torch": torch, "nn": nn, "F": F}, optionflags=doctest.ELLIPSIS)
+    result = run_examples(module, extraglobs={"torch": torch, "nn": nn, "F": F}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
 

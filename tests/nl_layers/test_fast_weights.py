@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import nl_layers.ops.fast_weights.scan as scan
+import nl_layers.ops.fast_weights.cross as cross
 from nl_layers.ops.fast_weights import (
     ChunkPlan,
     dense_all,
@@ -38,7 +38,7 @@ def _rank1(left, right, log_m, log_a, d0, s0, x, chunk):
 @pytest.mark.parametrize("length, chunk", [(1, 16), (17, 4), (63, 16), (63, 1), (40, 64)])
 @pytest.mark.parametrize("momentum", [True, False])
 def test_chunked_equals_recurrent(momentum, length, chunk, group, monkeypatch):
-    monkeypatch.setattr(scan, "GROUP", group)
+    monkeypatch.setattr(cross, "GROUP", group)
     left, right, log_m, log_a, d0, s0 = _inputs(length, momentum)
     u = left[..., :, None] * right[..., None, :]
     ref, d_ref, s_ref = scan_recurrent(u, log_m, log_a, d0, s0)
@@ -54,7 +54,7 @@ def test_chunked_equals_recurrent(momentum, length, chunk, group, monkeypatch):
 
 @pytest.mark.parametrize("group", [2, 16])  # 16: six chunks in closed form; 2: the grouped scan
 def test_gradients_equal_the_reference(group, monkeypatch):
-    monkeypatch.setattr(scan, "GROUP", group)
+    monkeypatch.setattr(cross, "GROUP", group)
     inputs = [t.requires_grad_() for t in _inputs(23, True)]
     x = torch.randn(3, 23, 5, dtype=torch.float64)
     y, d_last, s_last = _rank1(*inputs, x, chunk=4)
@@ -86,7 +86,7 @@ def test_inner_step_at_a_zero_residual_has_finite_gradients():
     g_sq = torch.tensor([0.0, 2.0], requires_grad=True)
     r_sq = torch.tensor([0.0, 1.0], requires_grad=True)
     c = inner_step(theta, g_sq, r_sq, error_clip=1.0)
-    assert c[0] == 0.5
+    assert c[0] == 0 and c[1] == 0.5 / (1 + 0.5 * 2.0)  # zero residual: zero step (its gradient is zero anyway)
     grads = torch.autograd.grad(c.sum(), [theta, g_sq, r_sq])
     assert all(torch.isfinite(g).all() for g in grads)
 
@@ -94,10 +94,14 @@ def test_inner_step_at_a_zero_residual_has_finite_gradients():
 @pytest.mark.parametrize("group", [2, 16])
 @pytest.mark.parametrize("momentum", [True, False])
 def test_none_initial_state_is_a_zero_state(momentum, group, monkeypatch):
-    monkeypatch.setattr(scan, "GROUP", group)
+    monkeypatch.setattr(cross, "GROUP", group)
     left, right, log_m, log_a, d0, s0 = _inputs(37, momentum)
     x = torch.randn(3, 37, 5, dtype=torch.float64)
     zero = torch.zeros_like(d0)
     y, d_last, s_last = _rank1(left, right, log_m, log_a, zero, zero, x, chunk=4)
     y_n, d_n, s_n = _rank1(left, right, log_m, log_a, None, None, x, chunk=4)
     assert max_diff(y_n, y) < 1e-12 and max_diff(d_n, d_last) < 1e-12 and max_diff(s_n, s_last) < 1e-12
+    for given_d, given_s in ((d0, None), (None, s0)):  # one of the two given, the other zero
+        want = _rank1(left, right, log_m, log_a, zero if given_d is None else d0, zero if given_s is None else s0, x, 4)
+        got = _rank1(left, right, log_m, log_a, given_d, given_s, x, chunk=4)
+        assert all(max_diff(a, b) < 1e-12 for a, b in zip(got, want))

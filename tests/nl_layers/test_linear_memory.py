@@ -12,7 +12,7 @@ from nl_layers.memory.linear import RULES, linear_memory_chunked, linear_memory_
 
 from .helpers import assert_grads_close, grads_of, max_diff
 
-from ..example_imports import skip_if_examples_need_missing
+from ..example_imports import run_examples
 
 B, H, T, DK, DV = 2, 3, 63, 6, 5
 
@@ -235,6 +235,5 @@ OPS_MODULES = ["nl_layers.ops.linear_memory"] + [
 @pytest.mark.parametrize("name", OPS_MODULES)
 def test_ops_docstring_examples_run(name):
     module = importlib.import_module(name)
-    skip_if_examples_need_missing(module)
-    result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    result = run_examples(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

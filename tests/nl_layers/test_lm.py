@@ -8,6 +8,7 @@ import nl_layers
 from nl_layers.data import CharTokenizer, random_batches, shakespeare, unigram_entropy
 
 from .helpers import max_diff
+from ..example_imports import run_examples
 
 
 @pytest.mark.parametrize(
@@ -176,5 +177,5 @@ def test_docstring_examples_of_the_helpers_run(name):
     import doctest
     import importlib
 
-    result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    result = run_examples(importlib.import_module(name), extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

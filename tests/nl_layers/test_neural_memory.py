@@ -55,6 +55,20 @@ def test_parallel_equals_recurrent_outputs_states_and_gradients(anchor, memory, 
     assert_grads_close(mem, x, y, y_ref)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu", "tanh"])
+def test_every_activation_of_the_mlp_memory_equals_the_reference(activation):
+    """The closed-form factors (act and its slope) against plain autograd, fresh and carried state."""
+    torch.manual_seed(0)
+    memory = nl_layers.ResidualMLPMemory(12, 20, activation=activation)
+    mem = nl_layers.NeuralMemory(24, heads=2, chunk_size=8, memory=memory, max_lr=0.5).double()
+    x = torch.randn(2, 29, 24, dtype=torch.float64, requires_grad=True)
+    y, state = mem(x)
+    y_ref, s_ref = mem(x, mode="recurrent")
+    assert max_diff(y, y_ref) < 1e-12
+    _assert_states_close(state, s_ref)
+    assert_grads_close(mem, x, y, y_ref)
+
+
 @pytest.mark.parametrize("anchor", [None, 16])
 def test_results_do_not_depend_on_the_chunk_size(anchor):
     x = torch.randn(2, 37, 24, dtype=torch.float64)

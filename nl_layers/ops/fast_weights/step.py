@@ -30,12 +30,11 @@ import torch
 def inner_step(theta: torch.Tensor, g_sq: torch.Tensor, r_sq: torch.Tensor, error_clip: float | None) -> torch.Tensor:
     """Per-token step size c_t (same shape as theta) from the squared norms of gradient and residual.
 
-    A zero residual has a zero gradient; its curvature is taken as 0 (no division by zero, and
-    no NaN in the backward pass).
+    Computed as theta r^2 / (r^2 + theta g^2): a zero residual (and so a zero gradient) gets a zero
+    step, with no division by zero and no NaN in the backward pass.
     """
-    positive = r_sq > 0
-    kappa = torch.where(positive, g_sq / torch.where(positive, r_sq, torch.ones_like(r_sq)), torch.zeros_like(r_sq))
-    step = theta / (1 + theta * kappa)
+    den = r_sq + theta * g_sq  # theta / (1 + theta kappa) = theta r^2 / (r^2 + theta g^2), no division by r^2
+    step = theta * r_sq / torch.where(den > 0, den, 1.0)
     if error_clip is not None:
         step = step * (error_clip * torch.rsqrt(torch.clamp(r_sq, min=error_clip**2)))
     return step

@@ -17,9 +17,11 @@ affine map of its start state:
     Y   = P W_v + (diag(g) Q - P W_k) M_0^T                    (outputs)
     M_C = M_0 A + B,   A = g_C I - W_k^T diag(r) K,   B = W_v^T diag(r) K.
 
-Everything except the recurrence M_{i+1} = M_i A_i + B_i is computed for all chunks at once; the
-loop does one batched matmul per chunk (a scaled add for hebbian), and all outputs come after it
-from the stored chunk-start states in one batched product. Time is padded to a multiple of C
+Everything except the recurrence M_{i+1} = M_i A_i + B_i is computed for all chunks at once; for
+the delta rules a loop does one batched matmul per chunk, for hebbian (A_i = g_C I, a scalar) the
+states of all chunks come at once from the fast-weight scan across chunks (a closed form, or a
+log-depth scan beyond 16 chunks: no loop over chunks); all outputs come after it from the
+chunk-start states in one batched product. Time is padded to a multiple of C
 with inert tokens (b = 0, a = 1). float16/bfloat16 inputs are computed in float32 (autocast off)
 and the results cast back; gradients flow through everything by autograd.
 
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..fast_weights import cross
 
 __all__ = ["chunked"]
 
@@ -94,22 +98,28 @@ def _chunked(q, k, v, b, log_a, m0, delta, c):
     p = decay * (q @ k.transpose(-1, -2))  # (bh,n,c,c), lower triangular with diagonal
     y_free = p @ w_v  # (bh,n,c,dv)
     q_eff = g * q if w_k is None else g * q - p @ w_k  # (bh,n,c,dk): reads the chunk-start state
-    shift = (w_v.transpose(-1, -2) @ kr).transpose(0, 1)  # B_i, (n,bh,dv,dk)
-    g_end = g[..., -1, :]  # g_C, (bh,n,1)
+    shift = w_v.transpose(-1, -2) @ kr  # B_i, (bh,n,dv,dk)
     if delta:
         eye = torch.eye(dk, dtype=q.dtype, device=q.device)
-        maps = (g_end[..., None] * eye - w_k.transpose(-1, -2) @ kr).transpose(0, 1)  # A_i, (n,bh,dk,dk)
-    m = m0.reshape(bh, dv, dk) if m0 is not None else q.new_zeros(bh, dv, dk)
-    starts = []
-    if delta:
-        for a_i, b_i in zip(maps.unbind(0), shift.unbind(0)):
+        maps = (g[..., -1, :, None] * eye - w_k.transpose(-1, -2) @ kr).transpose(0, 1)  # A_i, (n,bh,dk,dk)
+        m = m0.reshape(bh, dv, dk) if m0 is not None else q.new_zeros(bh, dv, dk)
+        starts = []
+        for a_i, b_i in zip(maps.unbind(0), shift.transpose(0, 1).unbind(0)):
             starts.append(m)
             m = torch.baddbmm(b_i, m, a_i)
-    else:
-        for g_i, b_i in zip(g_end.transpose(0, 1).unbind(0), shift.unbind(0)):
-            starts.append(m)
-            m = torch.addcmul(b_i, m, g_i[:, :, None])
-    states = torch.stack(starts, dim=1)  # (bh,n,dv,dk)
+        states = torch.stack(starts, dim=1)  # (bh,n,dv,dk)
+    else:  # scalar transitions: every chunk-start state at once (closed form, or a log-depth scan)
+        states, m = _scalar_states(cum[..., -1], shift, None if m0 is None else m0.reshape(bh, dv, dk))
     y = y_free + q_eff @ states.transpose(-1, -2)
     y = y.reshape(bsz, h, n * c, dv)[:, :, :t]
     return y, m.reshape(bsz, h, dv, dk)
+
+
+def _scalar_states(log_g, shift, m0):
+    """M_{i+1} = g_i M_i + B_i for every chunk i at once: (start states (bh,n,dv,dk), end state)."""
+    summaries = shift[:, :, None]  # one stacked component (no momentum): (bh, n, 1, dv, dk)
+    if log_g.shape[1] <= cross.GROUP:
+        starts, final = cross.closed_states(cross.cross_operator(log_g, None, None), summaries, m0, None)
+    else:
+        starts, final = cross.grouped_states(log_g, None, None, summaries, m0, None)
+    return starts[:, :, 0], final[:, 0]
