@@ -1,9 +1,13 @@
-"""Command line: ``python -m benchmarks run --suite quick`` and ``python -m benchmarks list``.
+"""Command line: ``python -m benchmarks run --suite NAME``, ``list`` and ``report DIR``.
+
+``run`` takes the common options, each suite's group (layers; the pool suites' ``--devices``,
+``--deadline``, ``--preset``, ``--set``) and, for ``lm_defaults`` and ``lr_transfer``, any option
+of their own command line (``python -m benchmarks.lm_defaults --help``), passed through.
 
 Example:
     >>> args = parser().parse_args(["run", "--suite", "quick", "--optimizers", "AdamW", "SGD"])
     >>> args.suite, args.optimizers, args.threads, args.update_results
-    ('quick', ['AdamW', 'SGD'], 1, False)
+    (['quick'], ['AdamW', 'SGD'], 1, False)
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import argparse
 import shlex
 import sys
 
-from .suites import ALIASES, DEFAULT_THREADS, SUITES
+from .suite_runs import DEFAULT_THREADS
+from .suites import ALIASES, SUITES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,8 +25,9 @@ def parser() -> argparse.ArgumentParser:
                                 description="deepopt's optimizer benchmarks against AdamW, SGD and Muon.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a suite and write JSON, Markdown and PNG results")
-    run.add_argument("--suite", choices=sorted(SUITES) + sorted(ALIASES), default="quick",
-                     help="the suite (memory: the old name of layers, kept for one release)")
+    run.add_argument("--suite", nargs="+", choices=list(SUITES) + sorted(ALIASES), default=["quick"],
+                     metavar="NAME", help="the suite (see `list`); several pool suites share one job pool and folder")
+    run.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds: a check, not a result")
     run.add_argument("--optimizers", nargs="+", help="optimizer names (default: all available; see `list`)")
     run.add_argument("--tasks", nargs="+", help="task (or continual sequence) names (default: the suite's)")
     run.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the suite's)")
@@ -45,10 +51,16 @@ def parser() -> argparse.ArgumentParser:
     layers.add_argument("--cap-seconds", type=float, help="per measurement; longer lengths are skipped past it (default 20)")
     layers.add_argument("--budget-seconds", type=float, help="for the whole suite, shared by its parts (default 270)")
     layers.add_argument("--no-peers", action="store_true", help="skip fla and titans-pytorch even when installed")
-    layers.add_argument("--smoke", action="store_true", help="tiny sizes; runs on a CPU too (--device cpu)")
+    pool = run.add_argument_group("pool suites (lm, lm_optimizers, continual_levels, recall) and lm_defaults")
+    pool.add_argument("--devices", default="auto", help="cuda:0,cuda:1 or 0,1 or cpu; auto = every visible GPU, else cpu")
+    pool.add_argument("--deadline", type=float, help="seconds after which no job starts and running jobs stop")
+    pool.add_argument("--preset", default="gpu", help="size preset: gpu (default) or tiny (--smoke)")
+    pool.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a preset entry (JSON value): KEY=VALUE for every suite, SUITE.KEY=VALUE for one")
     sub.add_parser("list", help="list suites, tasks (and why any is unavailable) and optimizers")
-    redo = sub.add_parser("report", help="redo results.md and the plots from a results folder's results.json")
-    redo.add_argument("folder", help="e.g. runs/quality-<time>")
+    redo = sub.add_parser("report", help="redo results.md and the plots from a folder's results.json or records.jsonl")
+    redo.add_argument("folder", help="e.g. runs/quality-<time> or benchmarks/results/evidence")
+    redo.add_argument("--out", help="write the rebuilt reports here (default: the folder itself)")
     redo.add_argument("--update-results", action="store_true",
                       help="allow rewriting a committed folder under benchmarks/results/")
     return p
@@ -59,7 +71,11 @@ def list_everything() -> str:
     from .optimizers import available_optimizers
     from .tasks import TASKS
 
-    lines = ["Suites:"] + [f"  {s.name:<10} {s.description}" for s in SUITES.values()]
+    from .experiments.run import POOL_SUITES
+
+    lines = ["Suites (python -m benchmarks run --suite NAME; --smoke: seconds on a CPU):"]
+    lines += [f"  {s.name:<17} {s.description}" for s in SUITES.values()]
+    lines.append("Pool suites and their record names: " + ", ".join(f"{k} ({v})" for k, v in POOL_SUITES.items()))
     lines.append("Tasks (quick / quality):")
     for task in TASKS.values():
         reason = task.availability()
@@ -76,15 +92,18 @@ def list_everything() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
+    args, extra = parser().parse_known_args(argv)
+    if extra and args.command != "run":
+        parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     args.command_line = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "list":
         print(list_everything())
         return 0
     if args.command == "report":
-        from .suites import rewrite_report
+        from .rebuild import rewrite_report
 
-        rewrite_report(args.folder, args.update_results)
+        rewrite_report(args.folder, args.update_results, args.out, args.command_line)
         return 0
     if args.seeds is not None and args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")

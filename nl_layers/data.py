@@ -37,12 +37,9 @@ def plays_dir() -> Path:
 
 
 @lru_cache(maxsize=8)
-def shakespeare(genre: str | None = None) -> str:
-    """The plays of one genre ("comedies", "histories", "tragedies", "problems", "roman",
-    "romances"), or all 38 plays when ``genre`` is None, concatenated in file-name order.
-
-    The Markdown is kept as is (titles "# ...", speakers "**NAME**", stage directions "_..._").
-    """
+def play_texts(genre: str | None = None) -> tuple[str, ...]:
+    """The Markdown of every play of one genre (or of all 38 plays when ``genre`` is None), one
+    string per play, sorted by path (genre folder, then file name)."""
     if genre is not None and genre not in GENRES:
         raise ValueError(f"genre must be None or one of {GENRES}, got {genre!r}")
     root = plays_dir()
@@ -50,7 +47,17 @@ def shakespeare(genre: str | None = None) -> str:
     files = sorted(f for folder in folders for f in folder.glob("*.md"))
     if not files:
         raise FileNotFoundError(f"no plays found under {root} for genre {genre!r}")
-    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    return tuple(f.read_text(encoding="utf-8") for f in files)
+
+
+@lru_cache(maxsize=8)
+def shakespeare(genre: str | None = None) -> str:
+    """The plays of one genre ("comedies", "histories", "tragedies", "problems", "roman",
+    "romances"), or all 38 plays when ``genre`` is None, concatenated in file-name order.
+
+    The Markdown is kept as is (titles "# ...", speakers "**NAME**", stage directions "_..._").
+    """
+    return "\n\n".join(play_texts(genre))
 
 
 class CharTokenizer:

@@ -63,7 +63,7 @@ lm_compile() {
 }
 lm_defaults() {
   say "lm_defaults start on GPUs $1"
-  timeout "${LM_SECONDS:-570}" python3 -m benchmarks.lm_defaults --devices "$1" --max-seconds "${LM_JOB_SECONDS:-540}" \
+  timeout "${LM_SECONDS:-570}" python3 -m benchmarks run --suite lm_defaults --devices "$1" --max-seconds "${LM_JOB_SECONDS:-540}" \
     --deadline "${LM_DEADLINE:-540}" --out "$out/lm_defaults" > "$out/logs/lm_defaults.log" 2>&1
   say "lm_defaults rc=$?"
 }

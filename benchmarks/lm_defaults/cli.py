@@ -1,7 +1,7 @@
 """``python -m benchmarks.lm_defaults``: every LM at its default arguments, trained over the GPUs.
 
 Jobs (model x seed, :mod:`.train`) go to one worker process per device through
-:mod:`benchmarks.evidence.pool` (slowest first from a shared queue; one device: in this process).
+:mod:`benchmarks.pool` (slowest first from a shared queue; one device: in this process).
 Each job stops at ``--max-seconds`` (recorded as cut short); no job starts after ``--deadline``
 seconds (recorded as not started). Writes ``records.jsonl`` (a rerun into the same folder skips
 finished jobs), ``results.json``, ``results.md`` and ``loss_curves.png`` to ``./runs/lm_defaults-<time>/``
@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 from ..environment import describe
-from ..evidence.pool import Job, latest_records, load_records, run_jobs
+from ..pool import Job, latest_records, load_records, run_jobs
 from ..outdir import add_arguments as add_out_arguments, announce, run_dir
 from ..report import print_table
 from .report import model_rows, seed_rows, write_report
 from .train import GPU, MODELS, SMOKE
 
-# seconds per step measured on an H200 (benchmarks/evidence/lm.py); only orders the queue, slowest first
+# seconds per step measured on an H200 (benchmarks/experiments/lm.py); only orders the queue, slowest first
 SECONDS_PER_STEP = {"transformer": 0.0145, "hope_attention": 0.0229, "titans": 0.543, "hope": 1.488}
 MAX_SECONDS, DEADLINE = 120.0, 330.0
 

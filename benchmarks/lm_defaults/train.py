@@ -2,7 +2,7 @@
 
 The model is built at its constructor defaults apart from the sizes (vocabulary, ``dim``,
 ``depth``, and ``heads`` only when given). Data: Shakespeare characters, the train / validation
-split of :func:`benchmarks.evidence.lm_training.corpus`; a batch is ``batch`` random windows of
+split of :func:`benchmarks.data.corpus`; a batch is ``batch`` random windows of
 ``seq_len + 1`` characters (seeded). AdamW (torch defaults, fused on CUDA) at ``lr`` after a linear
 warm-up of ``warmup`` steps, then constant; gradient norm clipped at ``clip`` (0: off); CMS levels
 with periods > 1 (``level_spec``) go through :class:`deepopt.lightning.PeriodicGradients`.
@@ -82,7 +82,8 @@ def run(params: dict, device: str) -> dict:
 def _train(p: dict, device: str) -> dict:
     from deepopt.lightning import PeriodicGradients
 
-    from ..evidence.lm_training import corpus, evaluate, windows
+    from ..data import corpus, windows
+    from ..experiments.lm_training import evaluate
 
     start = time.perf_counter()
     cuda = device.startswith("cuda")

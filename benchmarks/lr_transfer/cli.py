@@ -18,7 +18,7 @@ from ..environment import describe
 from ..optimizers import select_optimizers
 from ..outdir import add_arguments as add_out_arguments, announce, run_dir
 from ..report import print_table
-from ..suites import load_info, progress_bar
+from ..suite_runs import load_info, progress_bar
 from .report import rule_rows, write
 from .sweep import GRID, rules, sweep_task, with_ratios
 from .tasks import TASKS

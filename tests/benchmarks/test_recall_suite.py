@@ -1,4 +1,4 @@
-"""benchmarks.evidence.recall: the MQAR generator, one training run, the job list and the report."""
+"""The recall suite: the MQAR generator, one training run, the job list and the report."""
 
 import doctest
 import json
@@ -7,21 +7,24 @@ import math
 import pytest
 import torch
 
-from benchmarks.evidence import recall
-from benchmarks.evidence.pool import run_jobs
+from benchmarks.data import mqar_batch
+from benchmarks.experiments import recall
+from benchmarks.pool import run_jobs
+
+from ..example_imports import run_examples
 
 TINY = dict(mixer="attention", width=32, seq_len=32, pairs=4, steps=6, batch=8, vocab=33, eval_sequences=16,
             evals=2, seed=0)
 
 
 def test_docstring_example_runs():
-    failures, attempted = doctest.testmod(recall, optionflags=doctest.ELLIPSIS)
+    failures, attempted = run_examples(recall, optionflags=doctest.ELLIPSIS)
     assert attempted > 0 and failures == 0
 
 
 def test_mqar_targets_are_the_values_paired_with_the_query_keys():
     keys, values, pairs, seq_len = 20, 20, 6, 40
-    tokens, targets, mask = recall.mqar_batch(5, seq_len, pairs, keys, values, torch.Generator().manual_seed(3))
+    tokens, targets, mask = mqar_batch(5, seq_len, pairs, keys, values, torch.Generator().manual_seed(3))
     assert tokens.shape == targets.shape == mask.shape == (5, seq_len)
     for b in range(5):
         context = tokens[b, : 2 * pairs].tolist()
@@ -42,7 +45,7 @@ def test_mqar_targets_are_the_values_paired_with_the_query_keys():
 
 def test_mqar_rejects_a_sequence_too_short_for_its_queries():
     with pytest.raises(ValueError, match="seq_len"):
-        recall.mqar_batch(2, 12, 4, 8, 8, torch.Generator())
+        mqar_batch(2, 12, 4, 8, 8, torch.Generator())
 
 
 def test_run_gives_finite_numbers_and_stops_at_max_seconds():
@@ -78,9 +81,9 @@ def test_report_writes_results_from_pool_records(tmp_path):
     records = run_jobs(jobs, ["cpu"], tmp_path / "records.jsonl", processes=False)
     records.append({"job": {"experiment": "recall", "name": "broken", "params": {}, "cost": 1.0}, "device": "cpu",
                     "seconds": 0.1, "error": "RuntimeError: boom"})
-    recall.report(records, tmp_path / "rep", {"command": "python -m benchmarks.evidence report", "record_files": []})
+    recall.report(records, tmp_path / "rep", {"command": "python -m benchmarks report", "record_files": []})
     md = (tmp_path / "rep" / "results.md").read_text()
-    assert "seq_len 32, 4 pairs" in md and "(n=2)" in md and "boom" in md and "python -m benchmarks.evidence" in md
+    assert "seq_len 32, 4 pairs" in md and "(n=2)" in md and "boom" in md and "python -m benchmarks report" in md
     data = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert len(data["records"]) == len(jobs) + 1 and data["summary"]["T32_p4_b16_n4_v64"]["mixers"]["delta"]["32"]["n"] == 2
     assert (tmp_path / "rep" / "accuracy_vs_width.png").stat().st_size > 1000

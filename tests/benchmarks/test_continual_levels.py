@@ -1,4 +1,4 @@
-"""benchmarks.evidence.continual: full matrices, the time cap, periods really applied, jobs, report."""
+"""The continual_levels suite: full matrices, the time cap, periods really applied, jobs, report."""
 
 import json
 import math
@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
-from benchmarks.evidence import continual
-from benchmarks.evidence.pool import run_one
+from benchmarks.experiments import continual_levels as continual
+from benchmarks.pool import run_one
+
+from ..example_imports import run_examples
 
 
 def tiny(sequence: str, method: str = "finetune", seed: int = 0, **over) -> dict:
@@ -97,7 +99,7 @@ def test_report_writes_files(tmp_path):
     bad = next(iter(continual.jobs("tiny", [0], methods=["ewc"], sequences=["permuted_digits"], lr="oops")))
     records.append(run_one(bad, "cpu"))
     assert "error" in records[-1]
-    continual.report(records, tmp_path, {"command": "python -m benchmarks.evidence run ...", "record_files": []})
+    continual.report(records, tmp_path, {"command": "python -m benchmarks run --suite continual_levels ...", "record_files": []})
     md = (tmp_path / "results.md").read_text()
     assert "| finetune |" in md and "| multitimescale |" in md and "BWT" in md
     assert "## Errors" in md and "ewc/seed0" in md
@@ -110,5 +112,5 @@ def test_report_writes_files(tmp_path):
 def test_docstring_examples():
     import doctest
 
-    failures, attempted = doctest.testmod(continual, optionflags=doctest.ELLIPSIS)
+    failures, attempted = run_examples(continual, optionflags=doctest.ELLIPSIS)
     assert attempted > 0 and failures == 0

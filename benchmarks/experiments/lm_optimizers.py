@@ -3,7 +3,7 @@
 AdamW, Muon (torch.optim.Muon on hidden matrices + AdamW on embeddings, head and vectors),
 MuonMemory, M3, DeltaMomentum and DeepMomentum train the same model on the same token budget as
 the ``lm`` experiment (same data, schedule, clipping, CMS periods), each at its family's rate
-centre x (1/3, 1, 3) (:data:`benchmarks.evidence.lm_training.LR_CENTRES`: adam 3e-3 for AdamW and
+centre x (1/3, 1, 3) (:data:`benchmarks.experiments.lm_training.LR_CENTRES`: adam 3e-3 for AdamW and
 M3, muon 2e-2 for Muon and MuonMemory, sgd 0.1 for DeltaMomentum and DeepMomentum), seed 0.
 AdamW's runs come from this experiment when it ran them (the same machine as the others, so
 step times compare), else from the ``lm`` experiment's sweep (same model, seed and budget).
@@ -13,7 +13,7 @@ validation loss (first evaluation at or below it; evaluations every ``eval_every
 wall-clock per training step measured in the same run (``ms_per_step``), so time to target is
 steps x ms.
 
-    python -m benchmarks.evidence run --experiments lm_optimizers --set model=transformer --set steps=N --out /tmp/ev
+    python -m benchmarks run --suite lm_optimizers --set model=transformer --set steps=N --out /tmp/ev
 
 Example:
     >>> [j.name for j in jobs("tiny", None, model="transformer")][:1]
@@ -31,7 +31,7 @@ from ..report import markdown_table, write_json
 from .lm import PRESETS as LM_PRESETS
 from .lm import GPU_SECONDS_PER_STEP
 from .lm_training import LR_CENTRES, train
-from .pool import Job
+from ..pool import Job
 
 OPTIMIZERS = ("AdamW", "Muon", "MuonMemory", "M3", "DeltaMomentum", "DeepMomentum")
 FACTORS = (1 / 3, 1.0, 3.0)
@@ -67,7 +67,7 @@ def jobs(preset: str, seeds: Sequence[int] | None = None, model: str | None = No
     if model == "auto":
         if sweep_records is None:
             raise ValueError("model=auto needs sweep_records=<records.jsonl of the lm sweep>")
-        from .pool import load_records
+        from ..pool import load_records
 
         model = best_model(load_records(Path(sweep_records)), candidates)
         print(f"lm_optimizers: best model of the sweep{' among ' + str(list(candidates)) if candidates else ''}: {model}")

@@ -1,43 +1,22 @@
-"""Multi-query associative recall (MQAR) by memory rule and width (issue 9, part 4).
+"""Suite ``recall``: multi-query associative recall (MQAR) by memory rule and width.
 
-Task (Arora et al., "Zoology", 2023): a sequence of ``seq_len`` tokens starts with ``pairs``
-key-value pairs ``k_1 v_1 ... k_n v_n`` (keys 1..K and values K+1..K+V, disjoint, distinct
-within a sequence; 0 is the padding token). The rest is padding, except that every key appears
-once more, in random order at a random even offset, followed by its value. At each such query key
-the model must predict the value that was paired with it: loss and accuracy count only there
-(``pairs`` targets per sequence). Chance is 1/V; picking a value of the sequence at random, 1/pairs.
+Task: :func:`benchmarks.data.mqar_batch` (``pairs`` key-value pairs, every key queried once more
+later; accuracy at the query positions; chance 1/values, or 1/pairs among the sequence's values).
+Model: :class:`benchmarks.tasks.recall.RecallModel` (2 blocks of mixer + SwiGLU) with one of the
+``MIXERS``. Training: AdamW (betas 0.9/0.98, weight decay 0.1), per-mixer rate (``LR``, or ``lr``
+for all), linear warm-up over 10% of the steps then cosine to 10%, clipping at 1, fresh batches
+every step, fp32 (TF32 matmuls on CUDA). Accuracy on ``eval_sequences`` fixed held-out sequences.
 
-Model: embedding -> 2 pre-norm blocks ``x + mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``
--> RMSNorm -> linear head (evaluated at query positions only). Mixers: ``attention``
-(``nl_layers.AttentionMemory``, causal, RoPE), ``hebbian`` / ``delta`` / ``dgd``
-(``nl_layers.LinearMemory`` rules, each after a causal depthwise convolution of width 4 as in
-Zoology's and DeltaNet's models: the memory sees no positions otherwise), ``titans``
-(``nl_layers.NeuralMemory``, chunk 16) and ``self_modifying`` (``nl_layers.SelfModifyingTitans``,
-chunk 16); both Titans layers carry their own convolution. Heads: width // 64 (head dim 64).
-Training: AdamW (betas 0.9/0.98, weight decay 0.1), per-mixer learning rate (``LR``), linear
-warmup over 10% of the steps then cosine to 10%, gradient clipping at 1, fresh random batches
-every step, fp32 (TF32 matmuls on CUDA). Accuracy is measured on ``eval_sequences`` fixed
-held-out sequences (their own seed, the same for every job of a setting).
-
-GPU sizing. CPU seconds per training step, measured on the 2-core CPU (1 thread, batch 64, vocab
-512), are in ``CPU_STEP``; a job's ``cost`` (expected GPU seconds, used to order jobs) is steps x
-CPU_STEP / ``SPEEDUP``, the speedups measured by 20-step runs on an H200 (calibrate.sh). Titans and
-self-modifying Titans at the layers' default inner step (max_lr 0.1) gave NaN within 20 steps at
-every width on the H200, so the gpu preset bounds it at ``memory_max_lr`` = 1e-3 (the value that
-trained stably in the lm experiment) and runs them on a smaller grid (widths 64, 128, 16 pairs,
-one seed): they cost about 0.25 s per step against 0.01-0.03 s for the others.
-
-Runs made (benchmarks/results/evidence, 4 x H200): stage A ran the Titans grid and delta at seq
-1024 / 128 pairs with the then preset (batch 64, 500 steps, vocab 512, per-mixer ``LR``); all
-stayed at chance (self-modifying runs hit the 240 s cap at ~420 steps). In 500 steps at batch 64
-attention and delta did not leave chance on the CPU either (width 64, 16 pairs: 0.004 / 0.053),
-so stage C ran the fast mixers with the present preset (batch 256, 1200 steps, vocab 256, lr 3e-3
-for all). The report keeps the two regimes in separate tables.
+Sizing: a job's ``cost`` (expected GPU seconds, to order the queue) comes from ``GPU_STEP`` (20-step
+runs on an H200, ``calibrate.sh``) or ``CPU_STEP`` / ``SPEEDUP``. Titans and self-modifying Titans
+at the layers' default inner step gave NaN within 20 steps on the H200, so the gpu preset bounds it
+at ``memory_max_lr`` = 1e-3. The committed records hold two regimes (stage A: batch 64 x 500 steps,
+vocab 512; stage C: the present preset, batch 256 x 1200 steps, vocab 256, lr 3e-3); the report
+keeps them in separate tables.
 
 Example:
-    >>> tokens, targets, mask = mqar_batch(2, seq_len=16, pairs=4, keys=8, values=8, gen=torch.Generator().manual_seed(0))
-    >>> tokens.shape, int(mask.sum()), bool((targets[mask] > 8).all())
-    (torch.Size([2, 16]), 8, True)
+    >>> [j.name for j in jobs("tiny")]
+    ['attention_w32_T32_p4_s0', 'delta_w32_T32_p4_s0']
 """
 
 from __future__ import annotations
@@ -50,16 +29,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from benchmarks.evidence.pool import Job
-from benchmarks.report import markdown_table, write_json
-
-MIXERS = ("attention", "hebbian", "delta", "dgd", "titans", "self_modifying")
+from ..data import mqar_batch, split_vocab
+from ..pool import Job
+from ..report import markdown_table, write_json
+from ..tasks.recall import MIXERS, RecallModel
 LR = {"attention": 1e-3, "hebbian": 3e-3, "delta": 3e-3, "dgd": 3e-3, "titans": 3e-3, "self_modifying": 3e-3}
 GPU_STEP = {"attention": 0.015, "hebbian": 0.03, "delta": 0.03, "dgd": 0.03, "titans": 0.25, "self_modifying": 0.3}
 SPEEDUP = {"attention": 60.0, "hebbian": 40.0, "delta": 40.0, "dgd": 40.0, "titans": 35.0, "self_modifying": 35.0}
-# measured: 20-step runs of every configuration on an H200 (benchmarks/evidence/calibrate.sh, 2026-11-27)
+# measured: 20-step runs of every configuration on an H200 (benchmarks/experiments/calibrate.sh, 2026-11-27)
 # took 0.23-0.43 s (attention), 0.45-0.70 s (linear rules), 1.3 s (delta, seq 1024) and 5.0 s (titans w64)
 # CPU seconds per training step (1 thread, batch 64, vocab 512), measured by cpu_seconds_per_step:
 # {(mixer, width, seq_len): seconds}. Measured on a shared, loaded 2-core CPU (load 2-4), so maybe 2x
@@ -82,96 +60,6 @@ PRESETS = {
                 memory_max_lr=1e-3, extra=[dict(settings=[[256, 64]], widths=[128])],
                 max_seconds=240),
 }
-
-
-def mqar_batch(batch: int, seq_len: int, pairs: int, keys: int, values: int, gen: torch.Generator):
-    """(tokens, targets, mask), each (batch, seq_len): the target at query key positions is its value."""
-    query_slots = (seq_len - 2 * pairs) // 2
-    if pairs > keys or pairs > values or query_slots < pairs:
-        raise ValueError(f"need pairs <= keys, values and seq_len >= 4 * pairs; got pairs={pairs}, "
-                         f"keys={keys}, values={values}, seq_len={seq_len}")
-    k = 1 + torch.rand(batch, keys, generator=gen).argsort(-1)[:, :pairs]
-    v = 1 + keys + torch.rand(batch, values, generator=gen).argsort(-1)[:, :pairs]
-    tokens = torch.zeros(batch, seq_len, dtype=torch.long)
-    tokens[:, 0 : 2 * pairs : 2], tokens[:, 1 : 2 * pairs : 2] = k, v
-    slots = torch.rand(batch, query_slots, generator=gen).argsort(-1)[:, :pairs]  # query i goes to slot i
-    pos = 2 * pairs + 2 * slots
-    tokens.scatter_(1, pos, k)
-    tokens.scatter_(1, pos + 1, v)
-    targets = torch.zeros_like(tokens).scatter_(1, pos, v)
-    mask = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, pos, True)
-    return tokens, targets, mask
-
-
-class ShortConv(nn.Module):
-    """Causal depthwise convolution y_t = sum_{j<width} w_j x_{t-j}, initialised to the identity."""
-
-    def __init__(self, dim: int, width: int = 4):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim, 1, width))
-        with torch.no_grad():
-            self.weight[:, 0, -1] = 1.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad = F.pad(x.transpose(1, 2), (self.weight.shape[-1] - 1, 0))
-        return F.conv1d(pad, self.weight, groups=x.shape[-1]).transpose(1, 2)
-
-
-def make_mixer(mixer: str, dim: int, memory_max_lr: float | None = None) -> nn.Module:
-    """The sequence mixer ``mixer`` at width ``dim`` (see the module doc); forward returns (y, state).
-
-    ``memory_max_lr`` bounds the inner step of the two Titans layers (None: the layers' default 0.1)."""
-    extra = {} if memory_max_lr is None else {"max_lr": memory_max_lr}
-    import nl_layers
-
-    heads = max(1, dim // 64)
-    if mixer == "attention":
-        return nl_layers.AttentionMemory(dim, heads, causal=True, rope=True)
-    if mixer in ("hebbian", "delta", "dgd"):
-        return nl_layers.LinearMemory(dim, heads, rule=mixer, chunk_size=64)
-    if mixer == "titans":
-        return nl_layers.NeuralMemory(dim, heads, chunk_size=16, **extra)
-    if mixer == "self_modifying":
-        return nl_layers.SelfModifyingTitans(dim, heads, chunk_size=16, **extra)
-    raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
-
-
-class Block(nn.Module):
-    def __init__(self, mixer: str, dim: int, memory_max_lr: float | None = None):
-        super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.conv = ShortConv(dim) if mixer in ("hebbian", "delta", "dgd") else None
-        self.mixer = make_mixer(mixer, dim, memory_max_lr)
-        self.gate, self.up = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)
-        self.down = nn.Linear(2 * dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        h = self.conv(h) if self.conv is not None else h
-        x = x + self.mixer(h)[0]
-        h = self.norm2(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
-
-
-class RecallModel(nn.Module):
-    """Embedding -> 2 blocks -> RMSNorm -> head; ``forward(tokens, mask)`` gives logits at mask only."""
-
-    def __init__(self, mixer: str, dim: int, vocab: int, depth: int = 2, memory_max_lr: float | None = None):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(mixer, dim, memory_max_lr) for _ in range(depth))
-        self.norm, self.head = nn.RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x[mask]))
-
-
-def _split_vocab(vocab: int) -> tuple[int, int]:
-    keys = (vocab - 1) // 2
-    return keys, vocab - 1 - keys
 
 
 def _lr_at(step: int, steps: int, lr: float) -> float:
@@ -216,7 +104,7 @@ def _run(params: dict, device: str) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     mixer, width, seq_len, pairs = params["mixer"], int(params["width"]), int(params["seq_len"]), int(params["pairs"])
     steps, batch, seed = int(params["steps"]), int(params["batch"]), int(params["seed"])
-    keys, values = _split_vocab(int(params["vocab"]))
+    keys, values = split_vocab(int(params["vocab"]))
     max_seconds = params.get("max_seconds")
     lr = float(params.get("lr", LR[mixer]))
     torch.manual_seed(seed)
@@ -319,7 +207,7 @@ def cpu_seconds_per_step(mixer: str, width: int, seq_len: int, batch: int = 64, 
     torch.manual_seed(0)
     model = RecallModel(mixer, width, vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    keys, values = _split_vocab(vocab)
+    keys, values = split_vocab(vocab)
     gen = torch.Generator().manual_seed(0)
     times = []
     for _ in range(steps + 1):
@@ -404,7 +292,7 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
     steps = sorted({r["job"]["params"]["steps"] for r in records if "steps" in r["job"]["params"]})
     run_commands = []
     for f in header.get("record_files", []):
-        log = Path(f).parent / "commands.txt"  # written by ``python -m benchmarks.evidence run``
+        log = Path(f).parent / "commands.txt"  # written by ``python -m benchmarks run`` (a pool suite)
         if log.exists():
             run_commands += [line.strip() for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
     parts = ["# Multi-query associative recall by memory rule and width (issue 9)", ""]
@@ -416,7 +304,7 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
              f"- {len(records)} records, {len(errors)} errors; planned steps per run: {steps}", "",
              "Task: MQAR (Zoology), accuracy at the query positions of held-out sequences; mean +- std over seeds "
              "(n = seeds). Model: 2 blocks (mixer + SwiGLU), AdamW, fresh batches each step (see "
-             "`benchmarks/evidence/recall.py`). A `*` marks cells where some run hit its time cap; `NaN`, cells where a run's loss became non-finite (it stopped there).", ""]
+             "`benchmarks/experiments/recall.py`). A `*` marks cells where some run hit its time cap; `NaN`, cells where a run's loss became non-finite (it stopped there).", ""]
     for name, s in summary.items():
         widths = sorted({w for cells in s["mixers"].values() for w in cells})
         rows = []

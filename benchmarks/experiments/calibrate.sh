@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Short GPU calibration of the issue-9 experiments (about 2 minutes on 4 GPUs): the lm models' step
+# Short GPU calibration of the pool suites (about 2 minutes on 4 GPUs): the lm models' step
 # times on cuda:0 (lm.prepare), and short runs of every recall / continual configuration on the
 # other GPUs; their records give seconds per step, from which the full runs' sizes are chosen.
 #
-#   bash benchmarks/evidence/calibrate.sh          # writes $OUT/calibration_lm.json, $OUT/records.jsonl
+#   bash benchmarks/experiments/calibrate.sh          # writes $OUT/calibration_lm.json, $OUT/records.jsonl
 set -uo pipefail
 OUT=${OUT:-/tmp/evidence_calibration}
 mkdir -p "$OUT"
@@ -14,13 +14,13 @@ N=$(nvidia-smi -L | wc -l)
 OTHERS=$(seq -s, -f 'cuda:%g' 1 $((N - 1)))
 python3 - "$OUT" <<'PY' > "$OUT/lm_calibration.txt" 2>&1 &
 import json, sys, torch
-from benchmarks.evidence import lm
+from benchmarks.experiments import lm
 out = lm.prepare("gpu", "cuda:0")
 out["gpu"] = torch.cuda.get_device_name(0)
 json.dump(out, open(sys.argv[1] + "/calibration_lm.json", "w"), indent=1)
 print(out)
 PY
-python3 -m benchmarks.evidence run --experiments recall continual --preset gpu --seeds 1 --devices "$OTHERS" \
+python3 -m benchmarks run --suite recall continual_levels --preset gpu --seeds 1 --devices "$OTHERS" \
   --set recall.steps=20 --set recall.evals=1 --set 'recall.long={"settings": [[1024, 128]], "mixers": ["attention", "delta", "titans"], "widths": [128], "steps": 20}' \
   --set continual.steps_per_task=20 --threads 4 --deadline 200 --out "$OUT" 2>&1 | tee "$OUT/log.txt"
 wait

@@ -1,7 +1,7 @@
 """Run a list of independent jobs over several devices, one worker process per device.
 
-A *job* is one training run of one experiment (``benchmarks.evidence.<experiment>``, or any module
-given by its dotted name): a name, a JSON-able ``params`` dict and a rough relative ``cost``. Each
+A *job* is one training run of one experiment (a name of ``EXPERIMENTS``, or any module given by
+its dotted name): a name, a JSON-able ``params`` dict and a rough relative ``cost``. Each
 experiment module provides
 
     jobs(preset: str, seeds: Sequence[int] | None, **overrides) -> list[Job]
@@ -40,9 +40,14 @@ from pathlib import Path
 from typing import Sequence
 
 
+# experiment name in job records -> module (``continual`` is the ``continual_levels`` suite's name in records)
+EXPERIMENTS = {"lm": "benchmarks.experiments.lm", "lm_optimizers": "benchmarks.experiments.lm_optimizers",
+               "continual": "benchmarks.experiments.continual_levels", "recall": "benchmarks.experiments.recall"}
+
+
 @dataclass(frozen=True)
 class Job:
-    """One run: ``experiment`` names the module in ``benchmarks.evidence`` whose ``run`` executes it."""
+    """One run: ``experiment`` names the module (``EXPERIMENTS`` or dotted) whose ``run`` executes it."""
 
     experiment: str
     name: str
@@ -51,11 +56,14 @@ class Job:
 
 
 def experiment_module(name: str):
-    """The module ``benchmarks.evidence.<name>``, or the module ``name`` itself when it is dotted
-    (``benchmarks.lm_defaults.train``); ``selftest`` is a built-in trivial experiment."""
+    """The module of experiment ``name`` (``EXPERIMENTS``: the pool suites' record names), or the
+    module ``name`` itself when it is dotted (``benchmarks.lm_defaults.train``); ``selftest`` is a
+    built-in trivial experiment."""
     if name == "selftest":
         return _SelfTest
-    return importlib.import_module(name if "." in name else f"benchmarks.evidence.{name}")
+    if "." not in name and name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)} or a dotted module name")
+    return importlib.import_module(EXPERIMENTS.get(name, name))
 
 
 class _SelfTest:

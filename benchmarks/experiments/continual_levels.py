@@ -1,0 +1,240 @@
+"""Suite ``continual_levels`` (experiment ``continual``): do multi-timescale levels reduce forgetting?
+
+Claim tested (Nested Learning, CMS): parameters that learn on slower timescales keep what earlier
+tasks taught, so a model with CMS levels forgets less than plain fine-tuning.
+
+Sequences (:mod:`benchmarks.continual_tasks`, one model and one AdamW kept through all tasks):
+``shakespeare_genres`` with ``text="raw"`` (raw Markdown, ``nl_layers.TransformerLM``; bits per
+character) and ``permuted_digits`` (a ``ResidualMLP`` of :mod:`benchmarks.tasks.digits`; accuracy).
+Both models put their feed-forward blocks at ``blocks.<i>.mlp``. Methods (AdamW, one lr per sequence):
+- ``finetune``: plain sequential training.
+- ``multitimescale``: the MLP of block i gets period ``mts_periods[i * len(mts_periods) // depth]``
+  (deeper blocks slower), through ``deepopt.lightning.PeriodicGradients`` on ``torch.optim.AdamW``
+  itself, so the base optimizer is byte for byte the one ``finetune`` uses.
+- ``nested_cms``: ``nl_layers.nest(model, ffn="blocks.*.mlp", levels=nest_levels)`` turns each MLP
+  into a sequential CMS (new zero-output levels at the slower periods); more parameters.
+- ``ewc``: AdamW + online EWC (:class:`benchmarks.continual.EWC`, ``ewc_lambda``).
+- ``replay`` (a reference, it stores data): also the loss on a buffer of earlier tasks' examples.
+
+A period-C parameter accumulates its gradient over C steps and is stepped every C steps with the
+mean. Metrics (:mod:`benchmarks.metrics`): average final, BWT, FWT; for bits per character both
+transfers are negated, so **negative BWT = forgetting** everywhere. Learning rates (a CPU sweep of
+``finetune`` on the first task): text 3e-3 (bpc 3.04 / 2.96 / 3.21 at 1e-3 / 3e-3 / 1e-2), digits
+1e-3. Sizing: 20-steps-per-task runs on an H200 (``calibrate.sh``) gave ``est_step_s`` 0.025 s
+(text) and 0.004 s (digits); the ``gpu`` preset is 2 sequences x 5 methods x 3 seeds, text 3 x 400
+steps, digits 5 x 500, each job capped at 240 s. Per-sequence entries: ``--set
+continual.shakespeare_genres.steps_per_task=400``. Report: :mod:`.continual_levels_report`.
+
+Example:
+    >>> js = jobs("tiny", None)
+    >>> sorted({j.params["method"] for j in js}) == sorted(METHODS)
+    True
+    >>> res = run({**js[0].params, "steps_per_task": 2}, "cpu")
+    >>> len(res["matrix"]) == res["n_tasks"]
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..continual import EWC
+from ..metrics import average_final, backward_transfer, forward_transfer
+from ..pool import Job
+from .continual_levels_report import METHODS, report, summarize  # noqa: F401  (the suite's report)
+
+SEQUENCES = ("shakespeare_genres", "permuted_digits")
+
+_TEXT_COMMON = {"lr": 3e-3, "weight_decay": 0.01, "mts_periods": [1, 4, 16], "nest_levels": [1, 4, 16],
+                "ewc_lambda": 100.0, "replay_per_task": 64, "replay_batch": 8, "curve_points": 6}
+_DIGITS_COMMON = {"lr": 1e-3, "weight_decay": 0.01, "mts_periods": [1, 4, 16], "nest_levels": [1, 4, 16],
+                  "ewc_lambda": 100.0, "replay_per_task": 64, "replay_batch": 32, "curve_points": 10}
+PRESETS = {
+    "tiny": {"seeds": [0], "methods": list(METHODS), "sequences": {
+        "shakespeare_genres": {**_TEXT_COMMON, "dim": 32, "depth": 2, "heads": 2, "seq_len": 32, "batch": 4,
+                               "eval_windows": 4, "steps_per_task": 4, "max_chars": 60_000,
+                               "est_step_s": 0.01, "max_seconds": 30},
+        "permuted_digits": {**_DIGITS_COMMON, "width": 32, "depth": 3, "hidden": 64, "batch": 32,
+                            "n_tasks": 3, "steps_per_task": 8, "est_step_s": 0.002, "max_seconds": 30},
+    }},
+    "gpu": {"seeds": [0, 1, 2], "methods": list(METHODS), "sequences": {
+        "shakespeare_genres": {**_TEXT_COMMON, "dim": 192, "depth": 4, "heads": 4, "seq_len": 128, "batch": 32,
+                               "eval_windows": 64, "steps_per_task": 400, "max_chars": None,
+                               "est_step_s": 0.025, "max_seconds": 240},
+        "permuted_digits": {**_DIGITS_COMMON, "width": 128, "depth": 3, "hidden": 256, "batch": 128,
+                            "n_tasks": 5, "steps_per_task": 500, "est_step_s": 0.004, "max_seconds": 240},
+    }},
+}
+# step time of a method relative to finetune (CPU measurements, see the module doc); evaluations
+# (curve points + the matrix rows) cost about one training step each
+COST_FACTOR = {
+    "shakespeare_genres": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.6, "ewc": 1.1, "replay": 1.1},
+    "permuted_digits": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.9, "ewc": 1.5, "replay": 1.3},
+}
+
+
+def make_sequence(p: dict, device: str):
+    """The job's task sequence, from :mod:`benchmarks.continual_tasks` at this suite's sizes."""
+    from nl_layers import TransformerLM
+
+    from ..continual_tasks import PermutedDigits, ShakespeareGenres
+    from ..tasks.digits import ResidualMLP
+
+    if p["sequence"] == "shakespeare_genres":
+        return ShakespeareGenres(p["steps_per_task"], context=p["seq_len"], batch=p["batch"],
+                                 eval_windows=p["eval_windows"], text="raw", max_chars=p.get("max_chars"),
+                                 model=lambda vocab: TransformerLM(vocab, p["dim"], p["depth"], heads=p["heads"]),
+                                 device=device)
+    if p["sequence"] == "permuted_digits":
+        return PermutedDigits(p["n_tasks"], p["steps_per_task"], batch=p["batch"],
+                              model=lambda: ResidualMLP(p["width"], p["depth"], p["hidden"]), device=device)
+    raise ValueError(f"sequence must be one of {SEQUENCES}, got {p['sequence']!r}")
+
+
+# ----------------------------------------------------------------------------- one run
+def depth_periods(depth: int, periods: Sequence[int]) -> dict[str, int]:
+    """Level spec of ``multitimescale``: the MLP of block i gets periods[i * len(periods) // depth].
+
+    Example:
+        >>> depth_periods(3, [1, 4, 16])
+        {'blocks.1.mlp.*': 4, 'blocks.2.mlp.*': 16}
+    """
+    spec = {f"blocks.{i}.mlp.*": int(periods[i * len(periods) // depth]) for i in range(depth)}
+    return {k: c for k, c in spec.items() if c > 1}
+
+
+def build(params: dict, device: str):
+    """(task sequence, model on ``device``, AdamW, PeriodicGradients or None, level spec) of one job."""
+    from deepopt.lightning import PeriodicGradients
+
+    if params["method"] not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {params['method']!r}")
+    seq = make_sequence(params, device)
+    model = seq.model(params["seed"])
+    spec: dict[str, int] = {}
+    if params["method"] == "multitimescale":
+        spec = depth_periods(params["depth"], params["mts_periods"])
+    elif params["method"] == "nested_cms":
+        import nl_layers
+
+        spec = nl_layers.nest(model, ffn="blocks.*.mlp", levels=tuple(params["nest_levels"]),
+                              activation=seq.nest_activation)
+        spec = {k: c for k, c in spec.items() if c > 1}
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+    periodic = PeriodicGradients(model.named_parameters(), spec) if spec else None
+    return seq, model, opt, periodic, spec
+
+
+def train_step(seq, model: nn.Module, opt: torch.optim.Optimizer, periodic, task: int, gen: torch.Generator,
+               params: dict, ewc: EWC | None = None, buffer: list | None = None) -> torch.Tensor:
+    """One AdamW step of the job's method on ``task`` (EWC penalty / replay batch / held slow gradients)."""
+    opt.zero_grad(set_to_none=True)
+    loss = seq.train_loss(model, task, gen)
+    if params["method"] == "ewc" and ewc is not None:
+        loss = loss + ewc.penalty(model)
+    if params["method"] == "replay" and buffer:
+        old, x, y = buffer[int(torch.randint(len(buffer), (1,), generator=gen))]
+        pick = torch.randint(len(y), (params["replay_batch"],), generator=gen).to(y.device)
+        loss = loss + seq.loss_on(model, old, x[pick], y[pick])
+    loss.backward()
+    if periodic is not None:
+        periodic.before_step()
+    opt.step()
+    return loss.detach()
+
+
+def run(params: dict, device: str) -> dict:
+    """Train one (sequence, method, seed) through every task; the R matrix, transfers, timing."""
+    start = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    max_seconds = params.get("max_seconds")
+    seq, model, opt, periodic, spec = build(params, device)
+    gen = torch.Generator().manual_seed(10_007 * params["seed"] + 777)
+    method, steps, n = params["method"], params["steps_per_task"], seq.n_tasks
+    ewc, buffer, matrix, curve = EWC(params["ewc_lambda"]), [], [], []
+    every = max(1, steps // max(1, params.get("curve_points", 8)))
+    model.eval()
+    untrained = [seq.evaluate(model, j) for j in range(n)]
+    model.train()
+    done, cut_short, train_seconds = 0, False, 0.0
+    for task in range(n):
+        t0 = time.perf_counter()
+        for step in range(steps):
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                cut_short = True
+                break
+            train_step(seq, model, opt, periodic, task, gen, params, ewc, buffer)
+            done += 1
+            if (step + 1) % every == 0:
+                model.eval()
+                curve.append([done, seq.evaluate(model, 0)])
+                model.train()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - t0
+        if not cut_short:
+            if method == "ewc":
+                ewc.consolidate(model, seq, task, gen)
+            if method == "replay":
+                buffer.append((task, *seq.sample(task, gen, params["replay_per_task"])))
+        model.eval()
+        matrix.append([seq.evaluate(model, j) for j in range(n)])
+        model.train()
+        if not all(math.isfinite(v) for v in matrix[-1]):
+            raise FloatingPointError(f"metric became non-finite after task {task}: {matrix[-1]}")
+        if cut_short:
+            break
+    complete = len(matrix) == n and not cut_short
+    hib = seq.higher_is_better
+    return {
+        "sequence": params["sequence"], "method": method, "seed": params["seed"], "metric": seq.metric,
+        "higher_is_better": hib, "n_tasks": n, "matrix": matrix, "untrained": untrained, "curve_task0": curve,
+        "average_final": average_final(matrix) if complete else None,
+        "bwt": backward_transfer(matrix, hib) if complete else None,
+        "fwt": forward_transfer(matrix, untrained, hib) if complete else None,
+        "steps": done, "steps_planned": steps * n, "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - start, "cut_short": cut_short,
+        "params": sum(p.numel() for p in model.parameters()), "level_spec": spec,
+    }
+
+
+# ----------------------------------------------------------------------------- jobs
+def jobs(preset: str, seeds: Sequence[int] | None = None, **overrides) -> list[Job]:
+    """One job per (sequence, method, seed). ``overrides``: ``methods``/``sequences`` (lists) select;
+    ``<sequence>.<key>=v`` sets one sequence's entry; any other ``key=v`` sets it for every sequence."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    base = copy.deepcopy(PRESETS[preset])
+    methods = list(overrides.pop("methods", base["methods"]))
+    sequences = list(overrides.pop("sequences", base["sequences"]))
+    for name in methods:
+        if name not in METHODS:
+            raise ValueError(f"methods: {name!r} is not one of {METHODS}")
+    for name in sequences:
+        if name not in SEQUENCES:
+            raise ValueError(f"sequences: {name!r} is not one of {SEQUENCES}")
+    seeds = list(base["seeds"] if seeds is None else seeds)
+    out = []
+    for seq_name in sequences:
+        cfg = dict(base["sequences"][seq_name])
+        cfg.update({k: v for k, v in overrides.items() if "." not in k})
+        cfg.update({k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(seq_name + ".")})
+        n_tasks = cfg.get("n_tasks", 3)  # the three genres
+        evals = n_tasks * (cfg["curve_points"] + n_tasks) + n_tasks
+        for method in methods:
+            steps = cfg["steps_per_task"] * n_tasks + evals
+            cost = cfg["est_step_s"] * steps * COST_FACTOR[seq_name][method]
+            cost = min(cost, cfg.get("max_seconds") or cost)
+            for seed in seeds:
+                params = {**cfg, "sequence": seq_name, "method": method, "seed": seed}
+                out.append(Job("continual", f"continual/{seq_name}/{method}/seed{seed}", params, float(cost)))
+    return out
