@@ -50,15 +50,33 @@ def versions() -> dict:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-    try:
-        import subprocess
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out["git_commit"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
+    out["git_commit"] = git_commit()
     return out
+
+
+def git_commit(root: str | None = None) -> str | None:
+    """The checkout's (``root``, default this repository's) short commit, ``+modified`` when tracked files differ from it (then the code
+    that ran is not that commit's); ``DEEPOPT_GIT_COMMIT`` overrides both, for copies of a tree
+    whose ``.git`` is not the source's (a remote machine). None without git.
+
+    Example:
+        >>> os.environ["DEEPOPT_GIT_COMMIT"] = "abc1234"; git_commit()
+        'abc1234'
+        >>> del os.environ["DEEPOPT_GIT_COMMIT"]
+    """
+    if os.environ.get("DEEPOPT_GIT_COMMIT"):
+        return os.environ["DEEPOPT_GIT_COMMIT"]
+    import subprocess
+
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+        changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + "+modified" if changed else head) or None
 
 
 def describe(seeds, command: str | None = None, device: str = "cpu") -> dict:
