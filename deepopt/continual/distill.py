@@ -76,7 +76,8 @@ class SlowDistillation:
         """Backpropagate the distillation loss on the last captured input into ``.grad``; returns the loss."""
         if self.input is None:
             raise RuntimeError("no training input was captured: run the model's forward with gradients "
-                               "enabled (model(x) in the training step) before the recipe's step")
+                               "enabled (model(x) in the training step) before the recipe's step; with the Lightning "
+                               "callback, module= must name the submodule the training step calls")
         if len(slow) != len(self.names):
             raise ValueError(f"slow needs one tensor per parameter name ({len(self.names)}), got {len(slow)}")
         self._busy = True

@@ -98,7 +98,7 @@ class ContinualEngine:
     def after_step(self, loss: float | Tensor | None = None) -> None:
         self.importance.after_step()
         self.slow.pull(self.lr)
-        if self.clock.tick(None if loss is None else float(loss)):
+        if self.clock.tick(None if loss is None else float(loss.detach() if isinstance(loss, Tensor) else loss)):
             self._consolidate()
 
     def end_task(self) -> None:
