@@ -70,8 +70,11 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "SI": [{"c": v} for v in (0.01, 0.1, 1.0, 10.0, 100.0)],
     "LwF": [{"alpha": v} for v in (0.25, 0.5, 1.0, 2.0, 4.0)],
     "replay": [{}],
-    "recipe": [{"strength": s, "distill": d, "importance": "fisher", "rate": r}
-               for s, d, r in itertools.product((0.1, 0.3, 1.0, 3.0), (0.3, 1.0), (1.0, 0.5))],
+    "recipe": [{"strength": s, "distill": d, "importance": i, "importance_beta": b, "coupling": "gradient"}
+               for (i, b), s, d in itertools.product((("fisher", 0.0), ("fisher", 0.9), ("fisher", 0.99), ("path", 0.0)),
+                                                     (0.01, 0.03, 0.1, 0.3), (0.0, 0.1, 0.2, 0.3))]
+    + [{"strength": s, "distill": d, "importance": "path", "coupling": "decoupled"}
+       for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))],
 }
 
 

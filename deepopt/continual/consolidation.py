@@ -20,8 +20,16 @@ the fast one: after every optimizer step with learning rate :math:`\eta`,
 
 (``strength`` :math:`\lambda`), a decoupled elastic pull: the proximal step of
 :math:`\frac{\lambda}{2}\sum\Omega(\theta-\bar\theta)^2`, applied like decoupled weight decay so
-Adam's normalisation does not rescale it, and never past :math:`\bar\theta`. Before the first
-consolidation :math:`\Omega = 0` and nothing is pulled.
+Adam's normalisation does not rescale it, and never past :math:`\bar\theta` (:meth:`SlowLevel.pull`).
+The coupled form adds the penalty's gradient to the task gradient before the optimizer step,
+
+.. math:: g \leftarrow g + \lambda\,\Omega \odot (\theta - \bar\theta)
+
+(:meth:`SlowLevel.pull_gradients`), so under Adam a weight settles where the task's push balances
+the pull, :math:`|\theta - \bar\theta| \approx |g_\text{task}| / (\lambda\Omega)`: it moves further
+where the new task needs it more (the decoupled pull bounds every weight of equal importance by the
+same :math:`\approx 1/(\lambda\Omega)`, whatever the task's need). Before the first consolidation
+:math:`\Omega = 0` and nothing is pulled.
 
 Example:
     >>> import torch
@@ -86,6 +94,15 @@ class SlowLevel:
         for p, s, imp in zip(self.params, self.slow, self.importance):
             k = (imp * (lr * self.strength)).clamp_(max=1.0).to(p.dtype)
             p.sub_(k * (p - s))
+
+    @torch.no_grad()
+    def pull_gradients(self) -> None:
+        """Coupled pull: add lambda Omega (theta - slow) to each ``.grad`` (weights without one are skipped)."""
+        if not self.writes or self.strength == 0:
+            return
+        for p, s, imp in zip(self.params, self.slow, self.importance):
+            if p.grad is not None:
+                p.grad.add_((imp * self.strength).to(p.dtype) * (p.detach() - s))
 
     def distance(self) -> float:
         """Importance-weighted squared distance sum Omega (theta - slow)^2 (0 before the first write)."""

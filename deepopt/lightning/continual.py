@@ -4,9 +4,10 @@ The LightningModule keeps its own optimizer (``configure_optimizers``; for the r
 with per-level learning rates return ``deepopt.continual.build_optimizer(self, lr)[0]``, and give
 slow parameter periods with :class:`MultiTimescale`). The callback adds the slow level:
 
-* ``on_before_optimizer_step``: record the task gradient (importance) and add the distillation
-  gradient from the slow level (the training forward's input is captured by a hook);
-* ``on_train_batch_end`` after a step: the importance update, the pull toward the slow copy, the clock;
+* ``on_before_optimizer_step``: record the task gradient (importance), add the distillation
+  gradient from the slow level (the training forward's input is captured by a hook on ``module``)
+  and, with ``coupling="gradient"``, the pull's gradient;
+* ``on_train_batch_end`` after a step: the importance update, the decoupled pull (if chosen), the clock;
 * at a task boundary: every ``epochs_per_task`` epochs, or whenever ``callback.end_task()`` is
   called (e.g. from the DataModule when it switches tasks).
 
@@ -39,13 +40,14 @@ class ContinualRecipe(Callback):
         lr: the learning rate of the pull (default: the first param group's ``lr`` at fit start).
         epochs_per_task: end a task every this many epochs (None: only ``end_task()`` calls).
         module: dotted path of the submodule to consolidate (``""`` = the LightningModule).
-        strength, rate, decay, importance, distill, temperature, clock, output: as for
-            :class:`deepopt.continual.Recipe`.
+        strength, rate, decay, importance, importance_beta, coupling, distill, temperature, clock,
+            output: as for :class:`deepopt.continual.Recipe`.
     """
 
     def __init__(self, lr: float | None = None, epochs_per_task: int | None = None, module: str = "", *,
                  strength: float = DEFAULTS["strength"], rate: float = DEFAULTS["rate"],
                  decay: float = DEFAULTS["decay"], importance: str = DEFAULTS["importance"],
+                 importance_beta: float = DEFAULTS["importance_beta"], coupling: str = DEFAULTS["coupling"],
                  distill: float = DEFAULTS["distill"], temperature: float = DEFAULTS["temperature"],
                  clock: str | int | None = "task", output: Callable[[Any], torch.Tensor] | None = None) -> None:
         if lr is not None and not lr > 0:
@@ -56,7 +58,8 @@ class ContinualRecipe(Callback):
         if not isinstance(module, str):
             raise TypeError(f"module must be a dotted submodule path (str), got {type(module).__name__}")
         self.lr, self.epochs_per_task, self.module = lr, epochs_per_task, module
-        self.knobs = dict(strength=strength, rate=rate, decay=decay, importance=importance, distill=distill,
+        self.knobs = dict(strength=strength, rate=rate, decay=decay, importance=importance,
+                          importance_beta=importance_beta, coupling=coupling, distill=distill,
                           temperature=temperature, clock=clock, output=output)
         self.engine: ContinualEngine | None = None
         self._stepped = False

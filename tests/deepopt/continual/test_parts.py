@@ -242,3 +242,34 @@ def test_levels_bad_input(kw, word):
     kw = {"lr": 1e-2, **kw}
     with pytest.raises(ValueError, match=word):
         build_optimizer(_mlp(), **kw)
+
+
+def test_running_fisher_weights_the_end_of_the_task():
+    w = torch.nn.Parameter(torch.zeros(2))
+    imp = Importance([w], "fisher", beta=0.5)
+    for g in ([4.0, 0.0], [0.0, 1.0]):  # early: a large transient on w0; late: w1
+        w.grad = torch.tensor(g)
+        imp.before_step(); imp.after_step()
+    raw = torch.tensor([0.5 * 16.0 * 0.5, 0.5 * 1.0]) / (1 - 0.25)  # EMA, bias-corrected
+    torch.testing.assert_close(imp.take()[0], raw * 2 / raw.sum())
+    plain = Importance([w], "fisher")
+    for g in ([4.0, 0.0], [0.0, 1.0]):
+        w.grad = torch.tensor(g)
+        plain.before_step(); plain.after_step()
+    out = plain.take()[0]
+    assert out[0] / out[1] == 16.0  # the plain mean keeps the transient's full weight (EMA: 8)
+    with pytest.raises(ValueError, match="beta"):
+        Importance([w], "path", beta=0.9)
+
+
+def test_coupled_pull_adds_strength_importance_times_distance_to_the_gradient():
+    w = torch.nn.Parameter(torch.zeros(2))
+    slow = SlowLevel([w], strength=3.0)
+    w.grad = torch.ones(2)
+    slow.pull_gradients()
+    assert torch.equal(w.grad, torch.ones(2))  # no write yet
+    slow.consolidate([torch.tensor([2.0, 0.0])])
+    with torch.no_grad():
+        w.fill_(0.5)
+    slow.pull_gradients()
+    torch.testing.assert_close(w.grad, torch.tensor([1.0 + 3.0 * 2.0 * 0.5, 1.0]))
