@@ -6,7 +6,7 @@ Example:
     >>> opt = deepopt.OPTIMIZERS["M3"](model.parameters(), lr=1e-3)
 """
 
-from . import distributed, functional, levels, meta
+from . import continual, distributed, functional, levels, meta
 from .chain import Chain
 from .optim import (
     DGD,
@@ -50,6 +50,7 @@ __all__ = [
     "NestedOptimizer",
     "PreconditionedMomentum",
     "group_by_period",
+    "continual",
     "distributed",
     "functional",
     "levels",

@@ -6,6 +6,8 @@
   statistics to the Trainer's loggers.
 * :class:`NestLevels` -- applies ``nl_layers.nest`` in ``setup``, before the optimizer is built.
 * :class:`PeriodicGradients` -- the rule itself, for plain training loops (no Lightning needed).
+* :class:`ContinualRecipe` -- :class:`deepopt.continual.Recipe`'s slow level (consolidation at task
+  boundaries, importance-weighted pull, distillation) for any LightningModule.
 
 Lightning is imported only when a callback is first accessed, so ``import deepopt`` and
 ``from deepopt.lightning import PeriodicGradients`` work without it.
@@ -16,9 +18,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["LevelMonitor", "MultiTimescale", "NestLevels", "PeriodicGradients", "resolve_levels"]
+__all__ = ["ContinualRecipe", "LevelMonitor", "MultiTimescale", "NestLevels", "PeriodicGradients", "resolve_levels"]
 
 _WHERE = {
+    "ContinualRecipe": ".continual",
     "MultiTimescale": ".multi_timescale",
     "LevelMonitor": ".level_monitor",
     "NestLevels": ".nest_levels",

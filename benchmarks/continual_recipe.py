@@ -1,0 +1,374 @@
+"""Continual-learning protocol for ``deepopt.continual.Recipe`` against the literature's baselines.
+
+Protocol: each method trains one model through a sequence of tasks (the steps per task of
+:mod:`benchmarks.continual_sequences`, minibatches of 64, AdamW at ``LR`` for every method), with
+the accuracy on every task's held-out set after each task (the matrix R) and of the untrained
+model; metrics from :mod:`deepopt.continual.metrics` (average accuracy, BWT, FWT, learning
+accuracy, forgetting, per-task curves), spread over seeds.
+
+Methods:
+- ``finetune``: AdamW, nothing else;
+- ``EWC`` (Kirkpatrick et al. 2017, online): + (lambda/2) sum F (theta - theta*)^2, F the per-example
+  Fisher diagonal of ``FISHER_SAMPLES`` examples of each finished task, summed over tasks;
+- ``SI`` (Zenke et al. 2017): + c sum Omega (theta - theta*)^2, Omega += max(0, -sum_t g dtheta) /
+  (Delta^2 + xi) at each task end;
+- ``LwF`` (Li and Hoiem 2017): + alpha T^2 KL(old model || model) on the current inputs, over each
+  earlier task's logit group (``class_groups``), the old model frozen at the last task end;
+- ``replay``: + the loss on a minibatch from a buffer of ``REPLAY_PER_TASK`` stored examples per
+  earlier task: the reference ceiling (it stores data; the others do not);
+- ``recipe``: ``deepopt.continual.Recipe(model, lr=LR, **setting)`` with ``end_task()`` at boundaries.
+
+Selection: each method's knob (``GRIDS``) is chosen on the validation sequences (seeds
+``VAL_SEEDS``) by the mean average accuracy over them; the chosen settings then run with the test
+seeds on the test sequences. The recipe has one setting for every sequence.
+
+    python -m benchmarks.continual_recipe --out benchmarks/results/continual_recipe
+
+Example:
+    >>> from benchmarks.continual_sequences import SEQUENCES
+    >>> seq = SEQUENCES["split_digits"](n_tasks=2, steps=3)
+    >>> out = run(seq, "SI", {"c": 1.0}, seed=0)
+    >>> len(out["matrix"]), round(sum(out["untrained"]) / 2, 1) <= 1.0
+    (2, True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import deepopt
+from deepopt.continual import metrics
+
+from .continual_sequences import SEQUENCES, TEST_SEQUENCES, VALIDATION_SEQUENCES, class_groups
+from .continual_tasks import data_generator
+
+LR = 1e-2
+FISHER_SAMPLES = 64
+REPLAY_PER_TASK = 32
+REPLAY_BATCH = 32
+SI_XI = 1e-3
+LWF_T = 2.0
+VAL_SEEDS = (100, 101)
+TEST_SEEDS = (0, 1, 2, 3, 4)
+
+#: knob grids searched on the validation sequences
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "finetune": [{}],
+    "EWC": [{"lam": v} for v in (1.0, 10.0, 100.0, 1000.0, 10000.0)],
+    "SI": [{"c": v} for v in (0.01, 0.1, 1.0, 10.0, 100.0)],
+    "LwF": [{"alpha": v} for v in (0.25, 0.5, 1.0, 2.0, 4.0)],
+    "replay": [{}],
+    "recipe": [{"strength": s, "distill": d, "importance": i, "importance_beta": b, "coupling": "gradient"}
+               for (i, b), s, d in itertools.product((("fisher", 0.0), ("fisher", 0.9), ("fisher", 0.99), ("path", 0.0)),
+                                                     (0.01, 0.03, 0.1, 0.3), (0.0, 0.1, 0.2, 0.3))]
+    + [{"strength": s, "distill": d, "importance": "path", "coupling": "decoupled"}
+       for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))],
+}
+
+
+class _Base:
+    """AdamW fine-tuning; subclasses add a penalty (``extra``) and task-end work (``end_task``)."""
+
+    def __init__(self, model, seq, gen, **knobs):
+        self.model, self.seq, self.gen, self.knobs = model, seq, gen, knobs
+        self.opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+
+    def extra(self, task, x, y):
+        return None
+
+    def train_step(self, task):
+        self.opt.zero_grad(set_to_none=True)
+        x, y = self.seq.sample(task, self.gen, 64)
+        loss = self.seq.loss_on(self.model, task, x, y)
+        more = self.extra(task, x, y)
+        total = loss if more is None else loss + more
+        if not math.isfinite(float(total.detach())):
+            raise FloatingPointError(f"loss became {float(total)} on task {task}")
+        total.backward()
+        self.before_step()
+        self.opt.step()
+        self.after_step()
+
+    def before_step(self):
+        pass
+
+    def after_step(self):
+        pass
+
+    def end_task(self, task):
+        pass
+
+
+class Finetune(_Base):
+    pass
+
+
+class EWC(_Base):
+    def __init__(self, model, seq, gen, lam):
+        super().__init__(model, seq, gen)
+        self.lam, self.fisher, self.anchor = lam, None, None
+
+    def extra(self, task, x, y):
+        if self.fisher is None:
+            return None
+        return 0.5 * self.lam * sum((f * (p - a) ** 2).sum()
+                                    for p, f, a in zip(self.model.parameters(), self.fisher, self.anchor))
+
+    def end_task(self, task):
+        fisher = [torch.zeros_like(p) for p in self.model.parameters()]
+        x, y = self.seq.sample(task, self.gen, FISHER_SAMPLES)
+        for i in range(FISHER_SAMPLES):
+            self.model.zero_grad(set_to_none=True)
+            self.seq.loss_on(self.model, task, x[i : i + 1], y[i : i + 1]).backward()
+            for f, p in zip(fisher, self.model.parameters()):
+                f += p.grad.detach() ** 2 / FISHER_SAMPLES
+        self.model.zero_grad(set_to_none=True)
+        self.fisher = fisher if self.fisher is None else [a + b for a, b in zip(self.fisher, fisher)]
+        self.anchor = [p.detach().clone() for p in self.model.parameters()]
+
+
+class SI(_Base):
+    def __init__(self, model, seq, gen, c):
+        super().__init__(model, seq, gen)
+        self.c = c
+        params = list(model.parameters())
+        self.omega = [torch.zeros_like(p) for p in params]
+        self.path = [torch.zeros_like(p) for p in params]
+        self.anchor = [p.detach().clone() for p in params]
+        self.started = False
+
+    def extra(self, task, x, y):
+        if not self.started:
+            return None
+        return self.c * sum((o * (p - a) ** 2).sum() for p, o, a in zip(self.model.parameters(), self.omega, self.anchor))
+
+    def before_step(self):
+        # the gradient of the task loss only (the penalty's part removed): SI's path integral
+        self._g = [p.grad.detach().clone() for p in self.model.parameters()]
+        if self.started:
+            for g, p, o, a in zip(self._g, self.model.parameters(), self.omega, self.anchor):
+                g -= 2 * self.c * o * (p.detach() - a)
+        self._before = [p.detach().clone() for p in self.model.parameters()]
+
+    def after_step(self):
+        for w, g, p, b in zip(self.path, self._g, self.model.parameters(), self._before):
+            w.add_((-g * (p.detach() - b)).clamp(min=0))
+
+    def end_task(self, task):
+        for o, w, p, a in zip(self.omega, self.path, self.model.parameters(), self.anchor):
+            o.add_(w / ((p.detach() - a) ** 2 + SI_XI))
+            w.zero_()
+        self.anchor = [p.detach().clone() for p in self.model.parameters()]
+        self.started = True
+
+
+class LwF(_Base):
+    def __init__(self, model, seq, gen, alpha):
+        super().__init__(model, seq, gen)
+        self.alpha, self.old = alpha, None
+
+    def extra(self, task, x, y):
+        if self.old is None:
+            return None
+        with torch.no_grad():
+            teacher = self.old(x)
+        student = self.model(x)
+        loss = 0.0
+        for group in class_groups(self.seq, task):
+            t, s = teacher[:, group] / LWF_T, student[:, group] / LWF_T
+            loss = loss + F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
+        return self.alpha * LWF_T**2 * loss
+
+    def end_task(self, task):
+        self.old = copy.deepcopy(self.model).eval()
+        for p in self.old.parameters():
+            p.requires_grad_(False)
+
+
+class Replay(_Base):
+    def __init__(self, model, seq, gen):
+        super().__init__(model, seq, gen)
+        self.buffer = []
+
+    def extra(self, task, x, y):
+        if not self.buffer:
+            return None
+        old, bx, by = self.buffer[int(torch.randint(len(self.buffer), (1,), generator=self.gen))]
+        pick = torch.randint(len(by), (REPLAY_BATCH,), generator=self.gen)
+        return self.seq.loss_on(self.model, old, bx[pick], by[pick])
+
+    def end_task(self, task):
+        self.buffer.append((task, *self.seq.sample(task, self.gen, REPLAY_PER_TASK)))
+
+
+class RecipeMethod(_Base):
+    def __init__(self, model, seq, gen, **setting):
+        self.model, self.seq, self.gen = model, seq, gen
+        self.recipe = deepopt.continual.Recipe(model, lr=LR, **setting)
+
+    def train_step(self, task):
+        self.recipe.zero_grad()
+        loss = self.seq.train_loss(self.model, task, self.gen)
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"loss became {float(loss)} on task {task}")
+        loss.backward()
+        self.recipe.step(loss.detach())
+
+    def end_task(self, task):
+        self.recipe.end_task()
+
+
+METHODS = {"finetune": Finetune, "EWC": EWC, "SI": SI, "LwF": LwF, "replay": Replay, "recipe": RecipeMethod}
+
+
+def run(seq, method: str, knobs: dict, seed: int) -> dict:
+    """One method through ``seq``: the matrix R, the untrained metrics, seconds; ``error`` on failure."""
+    out = {"matrix": None, "untrained": None, "seconds": 0.0, "error": None}
+    try:
+        model = seq.model(seed)
+        out["untrained"] = [seq.evaluate(model, j) for j in range(seq.n_tasks)]
+        learner = METHODS[method](model, seq, data_generator(seed), **knobs)
+        matrix = []
+        t0 = time.perf_counter()
+        for task in range(seq.n_tasks):
+            for _ in range(seq.steps):
+                learner.train_step(task)
+            learner.end_task(task)
+            matrix.append([seq.evaluate(model, j) for j in range(seq.n_tasks)])
+        out["seconds"] = time.perf_counter() - t0
+        out["matrix"] = matrix
+    except Exception as err:  # reported, the protocol goes on
+        out["error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def _spread(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    ok = [r for r in runs if r["matrix"] is not None]
+    per = [metrics.summarize(r["matrix"], r["untrained"]) for r in ok]
+    out = {k: _spread([p[k] for p in per]) for k in ("average", "bwt", "fwt", "learning_accuracy", "forgetting")}
+    out["errors"] = sorted({r["error"] for r in runs if r["error"]})
+    if ok:
+        n = len(ok[0]["matrix"])
+        mean = [[statistics.fmean(r["matrix"][i][j] for r in ok) for j in range(n)] for i in range(n)]
+        out["matrix_mean"] = mean
+        out["curves_mean"] = metrics.per_task_curves(mean)
+    return out
+
+
+def select(seeds=VAL_SEEDS, methods=tuple(METHODS), log=print) -> dict:
+    """Every grid point on the validation sequences; the chosen knobs per method."""
+    out = {}
+    for method in methods:
+        scores = []
+        for knobs in GRIDS[method]:
+            per_seq = {}
+            for name, cls in VALIDATION_SEQUENCES.items():
+                per_seq[name] = summarize([run(cls(), method, knobs, s) for s in seeds])
+            score = statistics.fmean(v["average"]["mean"] if v["average"]["mean"] is not None else -1.0
+                                     for v in per_seq.values())
+            scores.append({"knobs": knobs, "score": score,
+                           "per_sequence": {k: {m: v[m]["mean"] for m in ("average", "bwt", "learning_accuracy")}
+                                            for k, v in per_seq.items()}})
+            log(f"val {method} {knobs}: {score:.4f} " + " ".join(
+                f"{k}: acc {v['average']['mean']:.3f} bwt {v['bwt']['mean']:.3f}" for k, v in per_seq.items()))
+        best = max(scores, key=lambda s: s["score"])
+        out[method] = {"chosen": best["knobs"], "grid": scores}
+    return out
+
+
+def evaluate(chosen: dict, seeds=TEST_SEEDS, sequences=tuple(TEST_SEQUENCES), log=print) -> dict:
+    out = {}
+    for name in sequences:
+        cls = TEST_SEQUENCES[name]
+        out[name] = {}
+        for method, knobs in chosen.items():
+            runs = [run(cls(), method, knobs, s) for s in seeds]
+            out[name][method] = {"knobs": knobs, **summarize(runs), "runs": runs}
+            s = out[name][method]
+            log(f"test {name} {method}: acc {s['average']['mean']:.3f}+-{s['average']['std']:.3f} "
+                f"bwt {s['bwt']['mean']:.3f}+-{s['bwt']['std']:.3f} la {s['learning_accuracy']['mean']:.3f}")
+    return out
+
+
+def targets(test: dict) -> dict:
+    """The issue's targets per sequence: |BWT| <= 0.5 x fine-tuning's at average >= fine-tuning's;
+    average above EWC's and SI's (means over the test seeds)."""
+    out = {}
+    for name, res in test.items():
+        r, ft = res["recipe"], res["finetune"]
+        ratio = abs(r["bwt"]["mean"]) / abs(ft["bwt"]["mean"]) if ft["bwt"]["mean"] else math.inf
+        out[name] = {"bwt_ratio_to_finetune": ratio, "half_forgetting": ratio <= 0.5,
+                     "average_at_least_finetune": r["average"]["mean"] >= ft["average"]["mean"],
+                     "average_above_EWC": r["average"]["mean"] > res["EWC"]["average"]["mean"],
+                     "average_above_SI": r["average"]["mean"] > res["SI"]["average"]["mean"]}
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Continual recipe: {len(result['test_seeds'])} seeds per sequence", "",
+             f"Command: `{result['command']}`", "",
+             "Mean +- std over seeds; avg = average accuracy after the last task, BWT = backward transfer "
+             "(negative = forgetting), LA = learning accuracy (plasticity), FWT = forward transfer. "
+             "Knobs chosen on the validation sequences (" + ", ".join(VALIDATION_SEQUENCES) + ").", ""]
+    for name, res in result["test"].items():
+        lines += [f"## {name}", "", "| method | knobs | avg | BWT | LA | FWT | forgetting |", "|---|---|---|---|---|---|---|"]
+        for method, s in res.items():
+            f = lambda k: f"{s[k]['mean']:.3f} +- {s[k]['std']:.3f}"  # noqa: E731
+            lines.append(f"| {method} | {json.dumps(s['knobs'])} | {f('average')} | {f('bwt')} | "
+                         f"{f('learning_accuracy')} | {f('fwt')} | {f('forgetting')} |")
+        t = result["targets"][name]
+        lines += ["", f"Targets: |BWT| recipe / fine-tuning = {t['bwt_ratio_to_finetune']:.2f} "
+                      f"(<= 0.5: {t['half_forgetting']}); avg >= fine-tuning: {t['average_at_least_finetune']}; "
+                      f"avg > EWC: {t['average_above_EWC']}; avg > SI: {t['average_above_SI']}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/continual_recipe")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(TEST_SEEDS))
+    parser.add_argument("--val-seeds", type=int, nargs="+", default=list(VAL_SEEDS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    selection = select(args.val_seeds, args.methods, log)
+    chosen = {m: v["chosen"] for m, v in selection.items()}
+    test = evaluate(chosen, args.seeds, log=log)
+    result = {"command": "OMP_NUM_THREADS=1 python -m benchmarks.continual_recipe " + " ".join(argv or sys.argv[1:]),
+              "lr": LR, "test_seeds": args.seeds, "val_seeds": args.val_seeds, "torch": torch.__version__,
+              "selection": selection, "chosen": chosen, "test": test,
+              "targets": targets(test) if {"recipe", "finetune", "EWC", "SI"} <= set(chosen) else None,
+              "seconds": time.perf_counter() - t0}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    if result["targets"] is not None:
+        with open(os.path.join(args.out, "README.md"), "w") as fh:
+            fh.write(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Task sequences for ``benchmarks.continual_recipe``: the ``continual`` suite's digits sequences,
+their validation twins, and permuted MNIST-1D.
+
+- ``permuted_digits`` / ``split_digits``: :mod:`benchmarks.continual_tasks` (4 permutations of the
+  64 pixels, one 10-way head, domain-incremental; 5 class pairs {0,1}..{8,9}, logits masked to the
+  task's pair, task-incremental); held-out accuracy.
+- ``val_permuted_digits`` / ``val_split_digits``: the same with other permutations (seed 99) and
+  other class pairs ({0,5}, {1,6}, ..., {4,9}): the validation sequences on which every method's
+  hyperparameters (and the recipe's one setting) are chosen; never used for the reported numbers.
+- ``permuted_mnist1d``: MNIST-1D (Greydanus 2020; 4,000 training and 1,000 held-out signals of
+  length 40, generated offline by ``mnist1d.data.make_dataset``), 4 tasks, each a fixed permutation
+  of the 40 positions (task 0 = identity); an MLP 40-128-128-10; only when ``mnist1d`` is installed.
+
+``class_groups(seq, task)`` gives the groups of logits the tasks before ``task`` are scored on (all
+ten for the permuted sequences, each earlier pair for split), which LwF distils.
+
+Example:
+    >>> seq = SEQUENCES["val_split_digits"]()
+    >>> [g.tolist() for g in class_groups(seq, 2)]
+    [[0, 5], [1, 6]]
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .continual_tasks import PermutedDigits, SplitDigits
+
+__all__ = ["SEQUENCES", "TEST_SEQUENCES", "VALIDATION_SEQUENCES", "class_groups", "mnist1d_available"]
+
+
+def class_groups(seq, task: int) -> list[torch.Tensor]:
+    """Logit groups of the tasks before ``task``: each earlier class set (split), or all ten."""
+    if hasattr(seq, "classes"):
+        return [seq.classes[j] for j in range(task)]
+    return [torch.arange(10)] if task > 0 else []
+
+
+class ValPermutedDigits(PermutedDigits):
+    name = "val_permuted_digits"
+
+    def __init__(self, n_tasks: int = 4, steps: int = 150):
+        super().__init__(n_tasks, steps)
+        gen = torch.Generator().manual_seed(99)
+        self.perms = [torch.arange(64)] + [torch.randperm(64, generator=gen) for _ in range(n_tasks - 1)]
+
+
+class ValSplitDigits(SplitDigits):
+    name = "val_split_digits"
+
+    def __init__(self, n_tasks: int = 5, steps: int = 60):
+        super().__init__(n_tasks, steps)
+        self.classes = [torch.tensor([j, j + 5]) for j in range(n_tasks)]
+        self.train_idx = [torch.nonzero(torch.isin(self.y_tr, c)).flatten() for c in self.classes]
+        self.test_idx = [torch.nonzero(torch.isin(self.y_te, c)).flatten() for c in self.classes]
+
+
+def mnist1d_available() -> bool:
+    try:
+        import mnist1d  # noqa: F401
+    except ModuleNotFoundError as err:
+        return err.name == "requests"  # only its download needs requests; the data are generated here
+    return True
+
+
+@lru_cache(maxsize=1)
+def mnist1d_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test) of MNIST-1D's default arguments, generated (no download).
+
+    ``mnist1d.data`` imports ``requests`` for its download path only; where ``requests`` is missing
+    a placeholder module stands in during the import (nothing here downloads)."""
+    stub = "requests" not in sys.modules
+    if stub:
+        try:
+            import requests  # noqa: F401
+            stub = False
+        except ModuleNotFoundError:
+            sys.modules["requests"] = types.ModuleType("requests")
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    finally:
+        if stub:
+            sys.modules.pop("requests", None)
+    data = make_dataset(get_dataset_args())
+    f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    i = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
+    return f(data["x"]), i(data["y"]), f(data["x_test"]), i(data["y_test"])
+
+
+class MNIST1DMLP(nn.Module):
+    """40 -> hidden -> hidden -> 10 with ReLU (``body`` and ``head`` as the digits MLP)."""
+
+    def __init__(self, hidden: int = 128):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(40, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class PermutedMNIST1D(PermutedDigits):
+    name = "permuted_mnist1d"
+
+    def __init__(self, n_tasks: int = 4, steps: int = 300):
+        self.n_tasks, self.steps = n_tasks, steps
+        gen = torch.Generator().manual_seed(2024)
+        self.perms = [torch.arange(40)] + [torch.randperm(40, generator=gen) for _ in range(n_tasks - 1)]
+        self.x_tr, self.y_tr, self.x_te, self.y_te = mnist1d_split()
+
+    def model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return MNIST1DMLP()
+
+
+VALIDATION_SEQUENCES = {"val_permuted_digits": ValPermutedDigits, "val_split_digits": ValSplitDigits}
+TEST_SEQUENCES = {"permuted_digits": PermutedDigits, "split_digits": SplitDigits}
+if mnist1d_available():
+    TEST_SEQUENCES["permuted_mnist1d"] = PermutedMNIST1D
+SEQUENCES = {**VALIDATION_SEQUENCES, **TEST_SEQUENCES}

@@ -1,0 +1,117 @@
+r"""How much each weight mattered to what the fast level just learned: the per-weight importance
+that consolidation writes into the slow level.
+
+Both estimators watch the training loop (``before_step`` with the task gradient ``g_t``,
+``after_step`` once the optimizer moved the weights by :math:`\Delta_t`) and need no stored data:
+
+* ``"fisher"``: the empirical Fisher diagonal of the task from minibatch gradients,
+  :math:`\Omega = \frac1n\sum_t g_t^2` (``beta=0``), or with ``beta > 0`` its running average
+  :math:`F \leftarrow \beta F + (1-\beta) g_t^2`, bias-corrected, which weights the end of the task
+  (where, at a minimum, the minibatch gradient is noise whose square tracks the per-example
+  Fisher, as EWC measures it) over its first steps (large transient gradients);
+* ``"path"``: the path integral of Synaptic Intelligence (Zenke et al. 2017),
+  :math:`\omega = \sum_t \max(0, -g_t \odot \Delta_t)` (the loss decrease each weight is responsible
+  for) divided by the squared total move of the task plus ``xi``:
+  :math:`\Omega = \omega / ((\theta_\text{end} - \theta_\text{start})^2 + \xi)`.
+
+``take()`` returns the task's importance normalised to mean 1 over all weights (so the strength
+of the pull that uses it does not depend on the loss scale) and restarts the estimate.
+
+Example:
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    >>> imp = Importance([w], kind="fisher")
+    >>> w.grad = torch.tensor([2.0, 0.0]); imp.before_step(); imp.after_step()
+    >>> imp.take()[0]
+    tensor([2., 0.])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Importance", "KINDS"]
+
+KINDS = ("fisher", "path")
+
+
+class Importance:
+    """Per-weight importance of the current task (see the module docstring).
+
+    Args:
+        params: the weights (those with ``requires_grad``).
+        kind: ``"fisher"`` or ``"path"``.
+        xi: damping of the path estimate (default 1e-3).
+        beta: running-average factor of the Fisher estimate in [0, 1) (0: the plain mean).
+    """
+
+    def __init__(self, params: Sequence[Tensor], kind: str = "fisher", xi: float = 1e-3, beta: float = 0.0) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"importance kind must be one of {KINDS}, got {kind!r}")
+        if not xi > 0:
+            raise ValueError(f"xi must be > 0 (damping of the path importance), got {xi!r}")
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1) (0 = plain mean of g^2), got {beta!r}")
+        if beta and kind != "fisher":
+            raise ValueError(f"beta (importance_beta) averages the Fisher estimate; kind={kind!r} takes beta=0")
+        self.params, self.kind, self.xi, self.beta = list(params), kind, float(xi), float(beta)
+        self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.count = 0
+        self.start = [p.detach().float().clone() for p in self.params]
+        self._grads: list[Tensor | None] = []
+        self._before: list[Tensor] = []
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Record the task gradients (call after backward, before the optimizer step)."""
+        self._grads = [None if p.grad is None else p.grad.detach().float().clone() for p in self.params]
+        if self.kind == "path":
+            self._before = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Add this step's contribution (call after the optimizer step)."""
+        if not self._grads:
+            return
+        for i, (p, g) in enumerate(zip(self.params, self._grads)):
+            if g is None:
+                continue
+            if self.kind == "fisher" and self.beta:
+                self.sums[i].mul_(self.beta).addcmul_(g, g, value=1 - self.beta)
+            elif self.kind == "fisher":
+                self.sums[i].addcmul_(g, g)
+            else:
+                self.sums[i].add_((-g * (p.detach().float() - self._before[i])).clamp_(min=0))
+        self.count += 1
+        self._grads, self._before = [], []
+
+    @torch.no_grad()
+    def take(self) -> list[Tensor]:
+        """The task's importance, mean 1 over all weights (all zero if nothing was learned); restarts."""
+        if self.kind == "fisher":
+            norm = (1 - self.beta ** self.count) if self.beta else max(self.count, 1)
+            raw = [s / norm if self.count else s for s in self.sums]
+        else:
+            raw = [s / ((p.detach().float() - s0) ** 2 + self.xi) for s, p, s0 in zip(self.sums, self.params, self.start)]
+        total = sum(float(r.sum()) for r in raw)
+        numel = sum(r.numel() for r in raw)
+        scale = numel / total if total > 0 else 0.0
+        out = [r * scale for r in raw]
+        self.sums = [torch.zeros_like(s) for s in self.sums]
+        self.count = 0
+        self.start = [p.detach().float().clone() for p in self.params]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sums": [s.cpu().clone() for s in self.sums], "count": self.count,
+                "start": [s.cpu().clone() for s in self.start]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["kind"] != self.kind:
+            raise ValueError(f"checkpoint importance kind {state['kind']!r} differs from this run's {self.kind!r}")
+        self.sums = [s.to(p.device) for s, p in zip(state["sums"], self.params)]
+        self.start = [s.to(p.device) for s, p in zip(state["start"], self.params)]
+        self.count = int(state["count"])
