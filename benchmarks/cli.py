@@ -1,8 +1,8 @@
 """Command line: ``python -m benchmarks run --suite NAME``, ``list`` and ``report DIR``.
 
 ``run`` takes the common options, each suite's group (layers; the pool suites' ``--devices``,
-``--deadline``, ``--preset``, ``--set``) and, for ``lm_defaults`` and ``lr_transfer``, any option
-of their own command line (``python -m benchmarks.lm_defaults --help``), passed through.
+``--deadline``, ``--preset``, ``--set``) and, for ``lm_defaults``, ``lr_transfer`` and
+``continual_recipe``, any option of their own command line (``python -m benchmarks.lm_defaults --help``), passed through.
 
 Example:
     >>> args = parser().parse_args(["run", "--suite", "quick", "--optimizers", "AdamW", "SGD"])

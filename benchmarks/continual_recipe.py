@@ -22,7 +22,9 @@ Selection: each method's knob (``GRIDS``) is chosen on the validation sequences 
 ``VAL_SEEDS``) by the mean average accuracy over them; the chosen settings then run with the test
 seeds on the test sequences. The recipe has one setting for every sequence.
 
-    python -m benchmarks.continual_recipe --out benchmarks/results/continual_recipe
+    python -m benchmarks run --suite continual_recipe     # or: python -m benchmarks.continual_recipe
+    (``--update-results`` rewrites the committed benchmarks/results/continual_recipe/; ``--smoke``:
+    one tiny grid point per method, 3 steps per task, one seed, seconds)
 
 Example:
     >>> from benchmarks.continual_sequences import SEQUENCES
@@ -53,6 +55,7 @@ from deepopt.continual import metrics
 
 from .continual_sequences import SEQUENCES, TEST_SEQUENCES, VALIDATION_SEQUENCES, class_groups
 from .continual_tasks import data_generator
+from .outdir import add_arguments as add_out_arguments, announce, run_dir
 
 LR = 1e-2
 FISHER_SAMPLES = 64
@@ -262,6 +265,18 @@ def _spread(values):
             "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
+def _pm(spread: dict, sep: str = "+-") -> str:
+    """``mean+-std`` to 3 decimals; ``-`` for a missing mean, the mean alone without a spread (one seed).
+
+    Example:
+        >>> _pm({"mean": 0.5, "std": 0.01}), _pm({"mean": 0.5, "std": None}), _pm({"mean": None, "std": None})
+        ('0.500+-0.010', '0.500', '-')
+    """
+    if spread["mean"] is None:
+        return "-"
+    return f"{spread['mean']:.3f}" + ("" if spread["std"] is None else f"{sep}{spread['std']:.3f}")
+
+
 def summarize(runs: list[dict]) -> dict:
     ok = [r for r in runs if r["matrix"] is not None]
     per = [metrics.summarize(r["matrix"], r["untrained"]) for r in ok]
@@ -275,15 +290,16 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def select(seeds=VAL_SEEDS, methods=tuple(METHODS), log=print) -> dict:
-    """Every grid point on the validation sequences; the chosen knobs per method."""
-    out = {}
+def select(seeds=VAL_SEEDS, methods=tuple(METHODS), log=print, sizes: dict | None = None, grids=None) -> dict:
+    """Every grid point (``grids``, default ``GRIDS``) on the validation sequences (built with
+    ``sizes``, e.g. ``{"steps": 3}``); the chosen knobs per method."""
+    out, sizes, grids = {}, sizes or {}, grids or GRIDS
     for method in methods:
         scores = []
-        for knobs in GRIDS[method]:
+        for knobs in grids[method]:
             per_seq = {}
             for name, cls in VALIDATION_SEQUENCES.items():
-                per_seq[name] = summarize([run(cls(), method, knobs, s) for s in seeds])
+                per_seq[name] = summarize([run(cls(**sizes), method, knobs, s) for s in seeds])
             score = statistics.fmean(v["average"]["mean"] if v["average"]["mean"] is not None else -1.0
                                      for v in per_seq.values())
             scores.append({"knobs": knobs, "score": score,
@@ -296,17 +312,18 @@ def select(seeds=VAL_SEEDS, methods=tuple(METHODS), log=print) -> dict:
     return out
 
 
-def evaluate(chosen: dict, seeds=TEST_SEEDS, sequences=tuple(TEST_SEQUENCES), log=print) -> dict:
-    out = {}
+def evaluate(chosen: dict, seeds=TEST_SEEDS, sequences=tuple(TEST_SEQUENCES), log=print, sizes: dict | None = None) -> dict:
+    """The chosen knobs of every method on the test sequences (built with ``sizes``), per seed."""
+    out, sizes = {}, sizes or {}
     for name in sequences:
         cls = TEST_SEQUENCES[name]
         out[name] = {}
         for method, knobs in chosen.items():
-            runs = [run(cls(), method, knobs, s) for s in seeds]
+            runs = [run(cls(**sizes), method, knobs, s) for s in seeds]
             out[name][method] = {"knobs": knobs, **summarize(runs), "runs": runs}
             s = out[name][method]
-            log(f"test {name} {method}: acc {s['average']['mean']:.3f}+-{s['average']['std']:.3f} "
-                f"bwt {s['bwt']['mean']:.3f}+-{s['bwt']['std']:.3f} la {s['learning_accuracy']['mean']:.3f}")
+            log(f"test {name} {method}: acc {_pm(s['average'])} bwt {_pm(s['bwt'])} "
+                f"la {_pm(s['learning_accuracy'])}")
     return out
 
 
@@ -333,9 +350,12 @@ def markdown(result: dict) -> str:
     for name, res in result["test"].items():
         lines += [f"## {name}", "", "| method | knobs | avg | BWT | LA | FWT | forgetting |", "|---|---|---|---|---|---|---|"]
         for method, s in res.items():
-            f = lambda k: f"{s[k]['mean']:.3f} +- {s[k]['std']:.3f}"  # noqa: E731
+            f = lambda k: _pm(s[k], " +- ")  # noqa: E731
             lines.append(f"| {method} | {json.dumps(s['knobs'])} | {f('average')} | {f('bwt')} | "
                          f"{f('learning_accuracy')} | {f('fwt')} | {f('forgetting')} |")
+        if not result["targets"]:
+            lines.append("")
+            continue
         t = result["targets"][name]
         lines += ["", f"Targets: |BWT| recipe / fine-tuning = {t['bwt_ratio_to_finetune']:.2f} "
                       f"(<= 0.5: {t['half_forgetting']}); avg >= fine-tuning: {t['average_at_least_finetune']}; "
@@ -344,29 +364,38 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Select on the validation sequences, evaluate on the test ones; results.json, results.md."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/continual_recipe")
+    add_out_arguments(parser, "continual_recipe")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(TEST_SEEDS))
     parser.add_argument("--val-seeds", type=int, nargs="+", default=list(VAL_SEEDS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the committed results')")
+    parser.add_argument("--smoke", action="store_true", help="first grid point per method, 3 steps per task, one seed")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    out_dir = run_dir("continual_recipe", args.out, args.update_results)
+    torch.set_num_threads(args.threads)
+    sizes, grids = ({"steps": 3}, {m: g[:1] for m, g in GRIDS.items()}) if args.smoke else ({}, GRIDS)
+    if args.smoke:
+        args.seeds, args.val_seeds = args.seeds[:1], args.val_seeds[:1]
     t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
-    selection = select(args.val_seeds, args.methods, log)
+    selection = select(args.val_seeds, args.methods, log, sizes=sizes, grids=grids)
     chosen = {m: v["chosen"] for m, v in selection.items()}
-    test = evaluate(chosen, args.seeds, log=log)
-    result = {"command": "OMP_NUM_THREADS=1 python -m benchmarks.continual_recipe " + " ".join(argv or sys.argv[1:]),
+    test = evaluate(chosen, args.seeds, log=log, sizes=sizes)
+    result = {"command": f"OMP_NUM_THREADS={args.threads} python -m benchmarks.continual_recipe "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
               "lr": LR, "test_seeds": args.seeds, "val_seeds": args.val_seeds, "torch": torch.__version__,
+              "threads": args.threads, "smoke": args.smoke,
               "selection": selection, "chosen": chosen, "test": test,
               "targets": targets(test) if {"recipe", "finetune", "EWC", "SI"} <= set(chosen) else None,
               "seconds": time.perf_counter() - t0}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    if result["targets"] is not None:
-        with open(os.path.join(args.out, "README.md"), "w") as fh:
-            fh.write(markdown(result))
+    with open(os.path.join(out_dir, "results.md"), "w") as fh:
+        fh.write(markdown(result))
+    announce(out_dir)
     return result
 
 

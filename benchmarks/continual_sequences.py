@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .continual_tasks import PermutedDigits, SplitDigits
+from .data import digits_split
 
 __all__ = ["SEQUENCES", "TEST_SEQUENCES", "VALIDATION_SEQUENCES", "class_groups", "mnist1d_available"]
 
@@ -47,7 +48,8 @@ class ValPermutedDigits(PermutedDigits):
     def __init__(self, n_tasks: int = 4, steps: int = 150):
         super().__init__(n_tasks, steps)
         gen = torch.Generator().manual_seed(99)
-        self.perms = [torch.arange(64)] + [torch.randperm(64, generator=gen) for _ in range(n_tasks - 1)]
+        x_tr, _, x_te, _ = digits_split()
+        self.permute(x_tr, x_te, [torch.arange(64)] + [torch.randperm(64, generator=gen) for _ in range(n_tasks - 1)])
 
 
 class ValSplitDigits(SplitDigits):
@@ -108,10 +110,10 @@ class PermutedMNIST1D(PermutedDigits):
     name = "permuted_mnist1d"
 
     def __init__(self, n_tasks: int = 4, steps: int = 300):
-        self.n_tasks, self.steps = n_tasks, steps
+        self.n_tasks, self.steps, self.batch, self._model = n_tasks, steps, 64, None
         gen = torch.Generator().manual_seed(2024)
-        self.perms = [torch.arange(40)] + [torch.randperm(40, generator=gen) for _ in range(n_tasks - 1)]
-        self.x_tr, self.y_tr, self.x_te, self.y_te = mnist1d_split()
+        x_tr, self.y_tr, x_te, self.y_te = mnist1d_split()
+        self.permute(x_tr, x_te, [torch.arange(40)] + [torch.randperm(40, generator=gen) for _ in range(n_tasks - 1)])
 
     def model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)

@@ -59,10 +59,14 @@ class PermutedDigits:
     def __init__(self, n_tasks: int = 4, steps: int = 150, batch: int = DIGITS_BATCH,
                  model: Callable[[], nn.Module] | None = None, device: str | None = None):
         self.n_tasks, self.steps, self.batch, self._model = n_tasks, steps, batch, model
-        self.perms = digit_permutations(n_tasks)
         x_tr, self.y_tr, x_te, self.y_te = (t.to(device or "cpu") for t in digits_split())
-        self.x_tr = [x_tr[:, perm.to(x_tr.device)] for perm in self.perms]
-        self.x_te = [x_te[:, perm.to(x_te.device)] for perm in self.perms]
+        self.permute(x_tr, x_te, digit_permutations(n_tasks))
+
+    def permute(self, x_tr: torch.Tensor, x_te: torch.Tensor, perms: list[torch.Tensor]) -> None:
+        """Set the tasks: task t's inputs are the columns of ``x_tr``/``x_te`` in the order ``perms[t]``."""
+        self.perms = perms
+        self.x_tr = [x_tr[:, perm.to(x_tr.device)] for perm in perms]
+        self.x_te = [x_te[:, perm.to(x_te.device)] for perm in perms]
 
     def model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)

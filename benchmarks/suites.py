@@ -8,6 +8,7 @@
 | lm, lm_optimizers, continual_levels, recall | pool suites (jobs over GPUs, records.jsonl) | results/evidence |
 | lm_defaults | every LM at its default arguments (a pool suite of its own) | results/lm_defaults |
 | lr_transfer | each optimizer's best rate relative to AdamW's | results/lr_transfer |
+| continual_recipe | deepopt.continual.Recipe against fine-tuning, EWC, SI, LwF, replay | results/continual_recipe |
 
 ``memory`` is the old name of ``layers``. Every suite writes to a fresh ``./runs/<suite>-<time>/``
 unless ``--out`` or ``--update-results`` (the committed folder above) and prints the folder at the
@@ -68,7 +69,10 @@ SUITES = {s.name: s for s in (
           "lm_defaults", seeds=3),
     Suite("lr_transfer", "each optimizer's best learning rate relative to AdamW's, on two small MLPs",
           "lr_transfer", seeds=2),
+    Suite("continual_recipe", "deepopt.continual.Recipe vs fine-tuning, EWC, SI, LwF, replay on digit sequences "
+          "(knobs chosen on validation sequences), 5 seeds", "continual_recipe", seeds=5),
 )}
+DELEGATED = ("lm_defaults", "lr_transfer", "continual_recipe")  # suites run by their own module's command line
 ALIASES = {"memory": "layers"}  # old name -> suite, kept for one release
 SMOKE_OPTIMIZERS = ["AdamW", "SGD", "MuonMemory"]
 
@@ -135,11 +139,11 @@ def run_named_suite(args) -> dict | None:
 
     suites = resolve(list(args.suite))
     suite = suites[0]
-    if args.extra and suite.kind not in ("lm_defaults", "lr_transfer"):
+    if args.extra and suite.kind not in DELEGATED:
         raise ValueError(f"unrecognized arguments for --suite {suite.name}: {' '.join(args.extra)}")
     if args.smoke:
         apply_smoke(suite, args)
-    if not (args.smoke and args.device == "cpu") and suite.kind not in ("pool", "lm_defaults", "lr_transfer"):
+    if not (args.smoke and args.device == "cpu") and suite.kind not in ("pool", *DELEGATED):
         check_cuda(suite, args.device)
     out_dir = output_dir(suites, args.out, args.update_results)
     torch.set_num_threads(args.threads)
@@ -152,6 +156,13 @@ def run_named_suite(args) -> dict | None:
         from .lr_transfer.cli import main as lr_transfer_main
 
         lr_transfer_main(_delegated_argv(suite, args, out_dir))
+        return None
+    if suite.kind == "continual_recipe":
+        from .continual_recipe import main as continual_recipe_main
+
+        argv = ["--out", out_dir, "--threads", str(args.threads)] + (["--update-results"] if args.update_results else [])
+        argv += (["--smoke"] if args.smoke else []) + (["--seeds", *map(str, range(args.seeds))] if args.seeds else [])
+        continual_recipe_main(argv + list(args.extra))
         return None
     os.makedirs(out_dir, exist_ok=True)
     if suite.kind == "quality":

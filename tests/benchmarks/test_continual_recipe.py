@@ -30,6 +30,8 @@ def test_every_method_runs_a_short_sequence(method):
 def test_validation_sequences_differ_from_the_test_sequences():
     val, test = SEQUENCES["val_permuted_digits"](), SEQUENCES["permuted_digits"]()
     assert not torch.equal(val.perms[1], test.perms[1])
+    assert not torch.equal(val.x_tr[1], test.x_tr[1]) and not torch.equal(val.x_te[1], test.x_te[1])
+    assert torch.equal(val.x_tr[1], val.x_tr[0][:, val.perms[1]])  # the data follow the permutations
     assert [c.tolist() for c in SEQUENCES["val_split_digits"]().classes] != \
         [c.tolist() for c in SEQUENCES["split_digits"]().classes]
     assert [g.tolist() for g in class_groups(test, 1)] == [list(range(10))] and class_groups(test, 0) == []

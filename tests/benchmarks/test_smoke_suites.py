@@ -18,6 +18,7 @@ EXPECTED = {
     "lm_optimizers": ["records.jsonl", "lm_optimizers/results.md"],
     "continual_levels": ["records.jsonl", "continual/results.md"], "recall": ["records.jsonl", "recall/results.md"],
     "lm_defaults": ["records.jsonl", "results.md"], "lr_transfer": ["results.json", "results.md"],
+    "continual_recipe": ["results.json", "results.md"],
 }
 EXTRA = {"layers": ["--device", "cpu", "--no-peers"], "speed": ["--device", "cpu"],
          "lm_defaults": ["--models", "transformer", "hope"]}
