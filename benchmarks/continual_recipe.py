@@ -76,7 +76,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "recipe": [{"strength": s, "distill": d, "importance": i, "importance_beta": b, "coupling": "gradient"}
                for (i, b), s, d in itertools.product((("fisher", 0.0), ("fisher", 0.9), ("fisher", 0.99), ("path", 0.0)),
                                                      (0.01, 0.03, 0.1, 0.3), (0.0, 0.1, 0.2, 0.3))]
-    + [{"strength": s, "distill": d, "importance": "path", "coupling": "decoupled"}
+    + [{"strength": s, "distill": d, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"}
        for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))],
 }
 
@@ -306,7 +306,7 @@ def select(seeds=VAL_SEEDS, methods=tuple(METHODS), log=print, sizes: dict | Non
                            "per_sequence": {k: {m: v[m]["mean"] for m in ("average", "bwt", "learning_accuracy")}
                                             for k, v in per_seq.items()}})
             log(f"val {method} {knobs}: {score:.4f} " + " ".join(
-                f"{k}: acc {v['average']['mean']:.3f} bwt {v['bwt']['mean']:.3f}" for k, v in per_seq.items()))
+                f"{k}: acc {_pm(v['average'])} bwt {_pm(v['bwt'])}" for k, v in per_seq.items()))
         best = max(scores, key=lambda s: s["score"])
         out[method] = {"chosen": best["knobs"], "grid": scores}
     return out

@@ -68,3 +68,11 @@ def test_targets_and_markdown_read_the_numbers():
     assert t["average_above_EWC"] and not t["average_above_SI"]
     md = cr.markdown({"test_seeds": [0, 1], "command": "cmd", "test": test, "targets": {"seq": t}})
     assert "| recipe | {} | 0.650 +- 0.000 | -0.200 +- 0.000" in md and "avg > SI: False" in md
+
+
+def test_every_grid_point_runs():
+    """Each knob setting of the selection grids is valid for its method (3 steps per task, one seed)."""
+    for method, grid in cr.GRIDS.items():
+        for knobs in grid:
+            out = cr.run(SEQUENCES["val_split_digits"](n_tasks=2, steps=2), method, knobs, seed=0)
+            assert out["error"] is None, (method, knobs, out["error"])
