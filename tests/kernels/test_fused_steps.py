@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (the 'dev' extra brings it)")
 
 import deepopt  # noqa: E402
-import deepopt.kernels as K  # noqa: E402
+import deepopt.levels.fused as K  # noqa: E402
+from deepopt.kernels.launch import interpreting  # noqa: E402
 
 
 def _interpreting() -> bool:
@@ -19,7 +20,7 @@ def _interpreting() -> bool:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    return K.steps.interpreting() and isinstance(tl.sum, InterpretedFunction)
+    return interpreting() and isinstance(tl.sum, InterpretedFunction)
 
 
 MODE_OK = _interpreting()

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from .base import Direction, Level, State, axpy, check_nonnegative, zeros_like
-from .orthogonal import NS_COEFFICIENTS, adjust_lr_ratio, newton_schulz
+from ..base import Direction, Level, State, axpy, check_nonnegative, zeros_like
+from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio, newton_schulz
 
 __all__ = ["DeepMemory", "default_memory_init", "SIGMAS"]
 
