@@ -5,7 +5,7 @@
 | quick | digits MLP, ill-conditioned quadratic, tiny char LM; 1 seed | results.json, results.md, loss_curves.png, steps_to_target.png |
 | quality | every available task; 3 seeds by default | the same + performance_profile.png |
 | continual | permuted digits, split digits, Shakespeare by genre | results.json, results.md, accuracy_<sequence>.png |
-| speed | GPU only: optimizer step on a GPT-like parameter list | results.json, results.md |
+| speed | optimizer step vs torch's: GPT-like list (cuda), 8 matrices 256 x 1024 (cpu, into ``speed_cpu/``) | results.json, results.md |
 | layers | GPU only: nl_layers mixers and LMs vs SDPA, fla, titans-pytorch | results.json, results.md, layers.png |
 
 ``memory`` is the old name of ``layers`` (an alias for one release). Every suite writes to a fresh
@@ -60,8 +60,8 @@ SUITES = {
                      tuple(n for n, t in TASKS.items() if "slow" not in t.tags), seeds=3),
     "continual": Suite("continual", "task sequences: average metric, backward and forward transfer",
                        tuple(SEQUENCES), seeds=3),
-    "speed": Suite("speed", "GPU: optimizer step time on a GPT-like 1.3B parameter list, fp32 and bf16",
-                   ("gpt_1.3b",), seeds=1, needs_cuda=True),
+    "speed": Suite("speed", "optimizer step time vs torch's: a GPT-like 1.3B list, fp32 and bf16 (cuda); "
+                   "8 matrices 256 x 1024, fp32 (cpu)", ("gpt_1.3b",), seeds=1),
     "layers": Suite("layers", "GPU: nl_layers mixers fwd+bwd tokens/s and peak memory at T 1K-64K vs SDPA, fla, "
                     "titans-pytorch; LM step times vs TransformerLM", ("seq_1k_64k",), seeds=1, needs_cuda=True),
 }
@@ -239,7 +239,8 @@ def run_named_suite(args) -> dict:
     suite = SUITES[args.suite]
     if not (getattr(args, "smoke", False) and args.device == "cpu"):
         check_cuda(suite, args.device)
-    out_dir = output_dir(suite, args.out, getattr(args, "update_results", False))
+    name = "speed_cpu" if suite.name == "speed" and args.device == "cpu" else suite.name  # not over GPU results
+    out_dir = run_dir(name, args.out, getattr(args, "update_results", False))
     os.makedirs(out_dir, exist_ok=True)
     torch.set_num_threads(getattr(args, "threads", DEFAULT_THREADS))
     if suite.name in ("quick", "quality"):

@@ -112,8 +112,8 @@ class MomentumStep(FusedStep):
 class DeltaStep(FusedStep):
     """``Chain(DeltaMomentumLevel)``: DeltaMomentum. Vectors entirely in the kernels (a reduction
     launch, then the update); matrices get their forget term ``buf G^T G`` from matmuls batched
-    over equal shapes (:func:`deepopt.levels.momentum.level.forget_terms`) and the rest from the
-    same update kernel."""
+    over equal shapes (:func:`deepopt.levels.momentum.level.forget_terms`, in the level's
+    ``forget_dtype``) and the rest from the same update kernel."""
 
     @classmethod
     def covers(cls, chain) -> bool:
@@ -128,7 +128,7 @@ class DeltaStep(FusedStep):
         key = f"{lvl.name}.momentum_buffer"
         mats = [i for i in idx if params[i].ndim >= 2 and ts[i] > 1 and lam != 0]
         fs = forget_terms([states[i][key] for i in mats],
-                          [(grads[i].add(params[i], alpha=wd) if coupled else grads[i]) for i in mats])
+                          [(grads[i].add(params[i], alpha=wd) if coupled else grads[i]) for i in mats], lvl.forget_dtype)
         forget: dict[int, Tensor] = dict(zip(mats, fs))
         hp = dict(a=a, lam=lam, lr=lr, decay=decay, wd=wd, nesterov=nesterov, coupled=coupled)
         if not kernel:

@@ -131,8 +131,8 @@ def forget_terms(bufs: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.d
     each in its buffer's shape and dtype. Associated the cheaper way round (``(M G^T) G`` when
     ``rows <= cols``, else ``M (G^T G)``) and batched: one ``bmm`` pair per group of equal shapes.
     ``dtype``: the matmuls' dtype (e.g. ``torch.bfloat16``: inputs rounded to it, accumulation in
-    float32 as every bf16 matmul of torch does), applied to float32 and narrower buffers only;
-    None computes in the buffer's dtype.
+    float32 as every bf16 matmul of torch does), applied to float32 and narrower matrices only
+    (a vector's term is a dot product: no matmul to save); None computes in the buffer's dtype.
 
     Example:
         >>> import torch
@@ -145,7 +145,7 @@ def forget_terms(bufs: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.d
     for i, (m, g) in enumerate(zip(bufs, grads)):
         groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
     for (shape, mdt, _), idx in groups.items():
-        dt = dtype if dtype is not None and torch.finfo(mdt).bits <= 32 else mdt
+        dt = dtype if dtype is not None and torch.finfo(mdt).bits <= 32 and len(shape) >= 2 else mdt
         ms = [as_matrix(bufs[i]) for i in idx]
         gs = [as_matrix(grads[i]) for i in idx]
         if len(idx) == 1:
