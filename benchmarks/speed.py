@@ -276,10 +276,15 @@ def speed_table(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     return header, out
 
 
+def _load(values) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def run_speed_suite(args, out_dir: str) -> dict:
-    start = time.time()
+    start, load = time.time(), os.getloadavg()
     result = run_speed(device=args.device, names=args.optimizers, repeats=20 if args.device != "cpu" else 40)
-    result.update(describe([], command=args.command_line, device=args.device), suite="speed", wall_seconds=time.time() - start)
+    result.update(describe([], command=args.command_line, device=args.device), suite="speed", wall_seconds=time.time() - start,
+                  load_average={"before": list(load), "after": list(os.getloadavg())})  # other processes on the machine
     write_json(result, os.path.join(out_dir, "results.json"))
     header, rows = speed_table(result["rows"])
     c = result["ceilings"]
@@ -288,6 +293,8 @@ def run_speed_suite(args, out_dir: str) -> dict:
           f"machine: {machine}; torch {result['versions']['torch']}; torch threads {torch.get_num_threads()}",
           f"- copy bandwidth {c['copy_GBps']:,.0f} GB/s (read + write); {c['matmul_dtype']} matmul "
           f"{c['matmul_TFLOPs']:.2f} TFLOP/s",
+          f"- load average (1, 5, 15 min) before {_load(result['load_average']['before'])}, after "
+          f"{_load(result['load_average']['after'])}; `x torch`: ms over the counterpart's ms in the same run",
           "", markdown_table(header, rows), ""]
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(md))

@@ -147,31 +147,42 @@ class DeepMemory(Level):
 
     def write_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
                group: Mapping[str, Any], ts: list[int]) -> None:
-        """The write of every tensor in place: ``bias`` by foreach, the MLP by :func:`inner_sums`."""
+        """The write of every tensor in place: ``bias`` by foreach, the MLP by :func:`inner_sums`
+        over each group of equal-sized tensors at once."""
         if not self._fast(group, xs):
             return super().write_(states, xs, ps, group, ts)
         a, eta = float(self.hp(group, "momentum")), float(self.hp(group, "inner_lr"))
         biases = [s["bias"] for s in states]
-        if eta != 0:
-            sums = [inner_sums(x, s["w1"], s["b1"], CHUNK) for s, x in zip(states, xs)]
+        w2s = [s["w2"] for s in states]
+        if eta != 0:  # the sums read the old w1, b1 (and the MLP's step the old w2)
+            for idx in _equal_sizes(xs):
+                u = _stack([xs[i] for i in idx])
+                w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(u.dtype) for k in _MLP_KEYS)
+                s0, s1, s2 = inner_sums(u, w1, b1, CHUNK)
+                n = u.shape[1]
+                w1.addcmul_(w2, s2, value=eta / n)
+                b1.addcmul_(w2, s1, value=eta / n)
+                w2.mul_(a).add_(s0, alpha=eta / n)
+                for k, new in zip(_MLP_KEYS, (w1, b1, w2)):
+                    torch._foreach_copy_([states[i][k] for i in idx], list(new.unbind(0)))
+        else:
+            torch._foreach_mul_(w2s, a)
         torch._foreach_mul_(biases, a)
         torch._foreach_add_(biases, xs)
-        for i, s in enumerate(states):
-            w2_old = s["w2"].clone() if eta != 0 else None
-            s["w2"].mul_(a)
-            if eta != 0:
-                s0, s1, s2 = sums[i]
-                n = xs[i].numel()
-                s["w2"].add_(s0.to(s["w2"].dtype), alpha=eta / n)
-                s["w1"].addcmul_(w2_old, s2.to(s["w1"].dtype), value=eta / n)
-                s["b1"].addcmul_(w2_old, s1.to(s["b1"].dtype), value=eta / n)
 
     def read_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
               group: Mapping[str, Any], ts: list[int]) -> list[Direction]:
-        """The read-out of every tensor: ``bias + MLP(k)`` by :func:`mlp_out`, then ``sigma``."""
+        """The read-out of every tensor: ``bias + MLP(k)`` by :func:`mlp_out` (equal sizes at
+        once), then ``sigma``."""
         if not self._fast(group, xs):
             return super().read_(states, xs, ps, group, ts)
-        outs = [mlp_out(x, s["bias"], s["w1"], s["b1"], s["w2"], CHUNK) for s, x in zip(states, xs)]
+        outs: list[Tensor] = [xs[0]] * len(xs)
+        for idx in _equal_sizes(xs):
+            u = _stack([xs[i] for i in idx])
+            w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(u.dtype) for k in _MLP_KEYS)
+            out = mlp_out(u, _stack([states[i]["bias"] for i in idx], u.dtype), w1, b1, w2, CHUNK)
+            for j, i in enumerate(idx):
+                outs[i] = out[j].view(xs[i].shape).to(states[i]["bias"].dtype)
         return [self._sigma(o, p, group) for o, p in zip(outs, ps)]
 
     def _sigma(self, out: Tensor, p: Tensor, group: Mapping[str, Any]) -> Direction:
@@ -196,27 +207,52 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _chunks(x: Tensor, chunk: int):
-    """``(start, u, k1)`` per chunk of the flattened input ``u``: ``k1`` is the 2 x len buffer
-    ``[k; 1]`` with ``k = u / rms(u)`` (so ``[2 w1, 2 b1] @ k1 = 2 (w1 k + b1)`` is one matmul)."""
-    u = x.detach().reshape(-1).to(_compute_dtype(x))
-    inv = 1.0 / (u.square().mean().sqrt() + 1e-30)
-    k1 = torch.ones(2, min(chunk, u.numel()), dtype=u.dtype, device=u.device)
-    for start in range(0, u.numel(), chunk):
-        uc = u[start:start + chunk]
-        kc = k1[:, :uc.numel()]
-        torch.mul(uc, inv, out=kc[0])
+def _equal_sizes(xs: list[Tensor]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault((x.numel(), x.dtype, x.device), []).append(i)
+    return list(groups.values())
+
+
+def _stack(ts: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """``(B, n)``: the flattened tensors (a view for one tensor), in ``dtype`` (default: the
+    compute dtype)."""
+    dtype = dtype or _compute_dtype(ts[0])
+    if len(ts) == 1:
+        return ts[0].detach().reshape(1, -1).to(dtype)
+    return torch.stack([t.detach().reshape(-1) for t in ts]).to(dtype)
+
+
+def _chunks(u: Tensor, chunk: int):
+    """``(start, u_c, k1)`` per chunk of the rows ``u`` (B x n; ``chunk`` elements over all rows):
+    ``k1`` is the B x 2 x len buffer ``[k; 1]`` with ``k = u / rms(u)`` per row (so
+    ``[2 w1, 2 b1] @ k1 = 2 (w1 k + b1)`` is one batched matmul)."""
+    inv = 1.0 / (torch.linalg.vector_norm(u, dim=1, keepdim=True) / u.shape[1] ** 0.5 + 1e-30)
+    width = min(max(1, chunk // u.shape[0]), u.shape[1])
+    k1 = torch.ones(u.shape[0], 2, width, dtype=u.dtype, device=u.device)
+    for start in range(0, u.shape[1], width):
+        uc = u[:, start:start + width]
+        kc = k1[..., :uc.shape[1]]
+        torch.mul(uc, inv, out=kc[:, 0])
         yield start, uc, kc
 
 
-def _weights(w: Tensor, b: Tensor, dt: torch.dtype) -> Tensor:
-    return torch.stack((w.to(dt), b.to(dt)), 1).mul_(2)  # hidden x 2: [2 w1, 2 b1]
+def _weights(w: Tensor, b: Tensor) -> Tensor:
+    return torch.stack((w, b), -1).mul_(2)  # B x hidden x 2: [2 w1, 2 b1]
+
+
+def _rows(x: Tensor, *ws: Tensor) -> tuple[Tensor, ...]:
+    """A tensor of any shape as one row (with its weights as one row each), or ``(B, n)`` rows as they are."""
+    if all(w.ndim == 1 for w in ws):
+        return (_stack([x]),) + tuple(w.to(_compute_dtype(x)).reshape(1, -1) for w in ws)
+    return (x,) + ws
 
 
 def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
-    """``(S_0, S_1, S_2)`` of the module docstring for input ``x`` (any shape), one pass in chunks:
-    ``s = sigmoid(2 (w1 k + b1))`` (hidden x chunk), ``S_0 = 2 s u - sum u``,
-    ``(S_1, S_2) = 4 s (1 - s) [u, u k]``.
+    """``(S_0, S_1, S_2)`` of the module docstring, one pass in chunks: ``s = sigmoid(2 (w1 k + b1))``
+    (hidden x chunk), ``S_0 = 2 s u - sum u``, ``(S_1, S_2) = 4 s (1 - s) [u, u k]``. ``x``: one
+    tensor (any shape, weights of shape ``(hidden,)``) or ``B`` rows ``(B, n)`` with weights
+    ``(B, hidden)`` (then each sum is ``(B, hidden)``).
 
     Example:
         >>> import torch
@@ -226,26 +262,29 @@ def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[T
         >>> torch.allclose(s0, x @ h) and torch.allclose(s2, (x * k) @ (1 - h * h))
         True
     """
-    dt = _compute_dtype(x)
-    wb = _weights(w1, b1, dt)
-    s_u = torch.zeros(w1.numel(), dtype=dt, device=x.device)
-    d_uk = torch.zeros(2, w1.numel(), dtype=dt, device=x.device)
-    total = torch.zeros((), dtype=dt, device=x.device)
-    for _, u, k1 in _chunks(x, chunk):
-        s = torch.mm(wb, k1).sigmoid_()
-        d = torch.addcmul(s, s, s, value=-1.0)  # s (1 - s)
-        s_u.addmv_(s, u)
-        k1[1].copy_(u)  # [k; u] -> rows [u k, u]
-        k1[0].mul_(u)
-        d_uk.addmm_(k1, d.T)
-        k1[1].fill_(1.0)
-        total += u.sum()
-    return 2 * s_u - total, 4 * d_uk[1], 4 * d_uk[0]
+    single = w1.ndim == 1
+    u, w1, b1 = _rows(x, w1, b1)
+    wb, h = _weights(w1, b1), w1.shape[1]
+    acc = torch.zeros(u.shape[0], 2, 2 * h, dtype=u.dtype, device=u.device)  # [u k; u] . [s, s (1 - s)]
+    sd = None
+    for _, uc, k1 in _chunks(u, chunk):
+        if sd is None or sd.shape[-1] != uc.shape[1]:
+            sd = torch.empty(u.shape[0], 2 * h, uc.shape[1], dtype=u.dtype, device=u.device)
+        s = torch.sigmoid(torch.bmm(wb, k1), out=sd[:, :h])  # B x hidden x chunk
+        torch.addcmul(s, s, s, value=-1.0, out=sd[:, h:])  # s (1 - s)
+        k1[:, 1].copy_(uc)  # [k; 1] -> rows [u k, u]
+        k1[:, 0].mul_(uc)
+        acc.baddbmm_(k1, sd.mT)
+        k1[:, 1].fill_(1.0)
+    s0 = 2 * acc[:, 1, :h] - u.sum(1, keepdim=True)
+    s1, s2 = 4 * acc[:, 1, h:], 4 * acc[:, 0, h:]
+    return (s0[0], s1[0], s2[0]) if single else (s0, s1, s2)
 
 
 def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: int = CHUNK) -> Tensor:
-    """``bias + sum_j w2_j tanh(w1_j k + b1_j)`` (``k = x / rms(x)``), in ``bias``'s shape and
-    dtype, one pass in chunks with ``tanh(z) = 2 sigmoid(2z) - 1``.
+    """``bias + sum_j w2_j tanh(w1_j k + b1_j)`` (``k = x / rms(x)``), one pass in chunks with
+    ``tanh(z) = 2 sigmoid(2z) - 1``: one tensor (in ``bias``'s shape and dtype) or ``B`` rows
+    ``(B, n)`` (weights ``(B, hidden)``, ``bias`` ``(B, n)``; the result ``(B, n)``).
 
     Example:
         >>> import torch
@@ -255,10 +294,11 @@ def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: 
         >>> torch.allclose(mlp_out(x, b, w, w, w, chunk=2), torch.tanh(k[:, None] * w + w) @ w)
         True
     """
-    dt = _compute_dtype(x)
-    wb, w2x2 = _weights(w1, b1, dt), 2 * w2.to(dt)
-    out = bias.detach().reshape(-1).to(dt, copy=True) - w2.to(dt).sum()
-    for start, u, k1 in _chunks(x, chunk):
-        s = torch.mm(wb, k1).sigmoid_()
-        out[start:start + u.numel()].addmv_(s.T, w2x2)
-    return out.to(bias.dtype).reshape(bias.shape)
+    single = w1.ndim == 1
+    u, w1, b1, w2 = _rows(x, w1, b1, w2)
+    wb, w2x2 = _weights(w1, b1), (2 * w2).unsqueeze(1)
+    out = (_stack([bias], u.dtype) if single else bias.to(u.dtype)) - w2.sum(1, keepdim=True)  # a new tensor
+    for start, uc, k1 in _chunks(u, chunk):
+        s = torch.bmm(wb, k1).sigmoid_()
+        out[:, start:start + uc.shape[1]] += torch.bmm(w2x2, s).squeeze(1)
+    return out[0].to(bias.dtype).reshape(bias.shape) if single else out

@@ -126,13 +126,16 @@ def as_matrix(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def forget_terms(bufs: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
+def forget_terms(bufs: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.dtype | None = None,
+                 cast: bool = True) -> list[Tensor]:
     """Delta momentum's forget terms ``M G^T G`` (``M``, ``G`` the buffer and gradient as matrices),
     each in its buffer's shape and dtype. Associated the cheaper way round (``(M G^T) G`` when
     ``rows <= cols``, else ``M (G^T G)``) and batched: one ``bmm`` pair per group of equal shapes.
     ``dtype``: the matmuls' dtype (e.g. ``torch.bfloat16``: inputs rounded to it, accumulation in
     float32 as every bf16 matmul of torch does), applied to float32 and narrower matrices only
     (a vector's term is a dot product: no matmul to save); None computes in the buffer's dtype.
+    ``cast=False`` leaves the terms in the matmul dtype (for a caller that folds them into a
+    float32 update in one op: widening bf16 is exact, so the values are the same).
 
     Example:
         >>> import torch
@@ -158,7 +161,7 @@ def forget_terms(bufs: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.d
                 g[j].copy_(y)
         gt = g.mT
         f = (m @ gt) @ g if m.shape[-2] <= m.shape[-1] else m @ (gt @ g)
-        f = f.to(mdt)
+        f = f.to(mdt) if cast else f
         for j, i in enumerate(idx):
             out[i] = (f if len(idx) == 1 else f[j]).reshape(shape)
     return out  # type: ignore[return-value]
@@ -224,7 +227,7 @@ class DeltaMomentumLevel(Level):
             return
         b, g = [bufs[i] for i in rest], [xs[i] for i in rest]
         if isinstance(lam, Tensor) or lam != 0:
-            forget = forget_terms(b, g, self.forget_dtype)
+            forget = forget_terms(b, g, self.forget_dtype, cast=False)
             sq = torch._foreach_norm(g, 2)
             torch._foreach_mul_(sq, sq)
             scale = [torch.where(s > 0, s, torch.ones_like(s)).reciprocal_().mul_(-lam) for s in sq]
