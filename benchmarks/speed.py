@@ -146,14 +146,16 @@ def matmul_tflops(device: str, n: int = 8192) -> float:
 
 def speed_optimizers(names: Sequence[str] | None = None, device: str = "cuda") -> dict[str, Callable]:
     """name -> ``(params) -> optimizer`` for the speed suite; Muon gets only the matrices (see
-    ``run_speed``). On the CPU torch's baselines are the foreach ones (torch has no fused CPU SGD)."""
+    ``run_speed``). Every optimizer runs without weight decay (deepopt's are built with
+    ``weight_decay=0``, so AdamW is too: like for like). On the CPU torch's baselines are the
+    foreach ones."""
     makers: dict[str, Callable] = {
-        "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0, foreach=True),
         "SGD(foreach)": lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, foreach=True),
         "Muon": lambda ps: torch.optim.Muon(ps, lr=1e-4),
     }
     if device != "cpu":
-        makers = {"AdamW(fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+        makers = {"AdamW(fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0, fused=True),
                   "AdamW(foreach)": makers["AdamW(foreach)"],
                   "SGD(fused)": lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, fused=True),
                   "Muon": makers["Muon"]}
