@@ -156,10 +156,11 @@ class DeepMemory(Level):
         w2s = [s["w2"] for s in states]
         if eta != 0:  # the sums read the old w1, b1 (and the MLP's step the old w2)
             for idx in _equal_sizes(xs):
-                u = _stack([xs[i] for i in idx])
-                w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(u.dtype) for k in _MLP_KEYS)
+                u = [xs[i] for i in idx]
+                dt = _compute_dtype(u[0])
+                w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(dt) for k in _MLP_KEYS)
                 s0, s1, s2 = inner_sums(u, w1, b1, CHUNK)
-                n = u.shape[1]
+                n = u[0].numel()
                 w1.addcmul_(w2, s2, value=eta / n)
                 b1.addcmul_(w2, s1, value=eta / n)
                 w2.mul_(a).add_(s0, alpha=eta / n)
@@ -178,9 +179,10 @@ class DeepMemory(Level):
             return super().read_(states, xs, ps, group, ts)
         outs: list[Tensor] = [xs[0]] * len(xs)
         for idx in _equal_sizes(xs):
-            u = _stack([xs[i] for i in idx])
-            w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(u.dtype) for k in _MLP_KEYS)
-            out = mlp_out(u, _stack([states[i]["bias"] for i in idx], u.dtype), w1, b1, w2, CHUNK)
+            u = [xs[i] for i in idx]
+            dt = _compute_dtype(u[0])
+            w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(dt) for k in _MLP_KEYS)
+            out = mlp_out(u, [states[i]["bias"] for i in idx], w1, b1, w2, CHUNK)
             for j, i in enumerate(idx):
                 outs[i] = out[j].view(xs[i].shape).to(states[i]["bias"].dtype)
         return [self._sigma(o, p, group) for o, p in zip(outs, ps)]
@@ -214,24 +216,26 @@ def _equal_sizes(xs: list[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _stack(ts: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
-    """``(B, n)``: the flattened tensors (a view for one tensor), in ``dtype`` (default: the
-    compute dtype)."""
-    dtype = dtype or _compute_dtype(ts[0])
-    if len(ts) == 1:
-        return ts[0].detach().reshape(1, -1).to(dtype)
-    return torch.stack([t.detach().reshape(-1) for t in ts]).to(dtype)
+def _flat(ts, dtype: torch.dtype) -> list[Tensor]:
+    """Rows: a list of tensors, a ``(B, n)`` tensor or one tensor, each flattened, in ``dtype``."""
+    if isinstance(ts, Tensor):
+        ts = list(ts.unbind(0)) if ts.ndim == 2 else [ts]
+    return [t.detach().reshape(-1).to(dtype) for t in ts]
 
 
-def _chunks(u: Tensor, chunk: int):
-    """``(start, u_c, k1)`` per chunk of the rows ``u`` (B x n; ``chunk`` elements over all rows):
-    ``k1`` is the B x 2 x len buffer ``[k; 1]`` with ``k = u / rms(u)`` per row (so
+def _chunks(rows: list[Tensor], chunk: int):
+    """``(start, u_c, k1)`` per chunk of the equal-sized flat ``rows`` (``chunk`` elements over all
+    rows; each chunk gathered into a small ``B x len`` block, so nothing of the rows' size is
+    allocated): ``k1`` is the B x 2 x len buffer ``[k; 1]`` with ``k = u / rms(u)`` per row (so
     ``[2 w1, 2 b1] @ k1 = 2 (w1 k + b1)`` is one batched matmul)."""
-    inv = 1.0 / (torch.linalg.vector_norm(u, dim=1, keepdim=True) / u.shape[1] ** 0.5 + 1e-30)
-    width = min(max(1, chunk // u.shape[0]), u.shape[1])
-    k1 = torch.ones(u.shape[0], 2, width, dtype=u.dtype, device=u.device)
-    for start in range(0, u.shape[1], width):
-        uc = u[:, start:start + width]
+    b, n = len(rows), rows[0].numel()
+    norms = torch.stack(torch._foreach_norm(rows, 2)).unsqueeze(1)
+    inv = 1.0 / (norms / n ** 0.5 + 1e-30)
+    width = min(max(1, chunk // b), n)
+    parts = [r.split(width) for r in rows]
+    k1 = torch.ones(b, 2, width, dtype=rows[0].dtype, device=rows[0].device)
+    for j, start in enumerate(range(0, n, width)):
+        uc = parts[0][j].unsqueeze(0) if b == 1 else torch.stack([p[j] for p in parts])
         kc = k1[..., :uc.shape[1]]
         torch.mul(uc, inv, out=kc[:, 0])
         yield start, uc, kc
@@ -241,18 +245,21 @@ def _weights(w: Tensor, b: Tensor) -> Tensor:
     return torch.stack((w, b), -1).mul_(2)  # B x hidden x 2: [2 w1, 2 b1]
 
 
-def _rows(x: Tensor, *ws: Tensor) -> tuple[Tensor, ...]:
-    """A tensor of any shape as one row (with its weights as one row each), or ``(B, n)`` rows as they are."""
+def _rows(x, *ws: Tensor) -> tuple:
+    """``(rows, *weights)``: one tensor of any shape with weights ``(hidden,)`` as one row, or
+    ``B`` rows (a list, or a ``(B, n)`` tensor) with weights ``(B, hidden)``."""
     if all(w.ndim == 1 for w in ws):
-        return (_stack([x]),) + tuple(w.to(_compute_dtype(x)).reshape(1, -1) for w in ws)
-    return (x,) + ws
+        dt = _compute_dtype(x)
+        return (_flat([x], dt),) + tuple(w.to(dt).reshape(1, -1) for w in ws)
+    dt = ws[0].dtype
+    return (_flat(x, dt),) + ws
 
 
 def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
     """``(S_0, S_1, S_2)`` of the module docstring, one pass in chunks: ``s = sigmoid(2 (w1 k + b1))``
     (hidden x chunk), ``S_0 = 2 s u - sum u``, ``(S_1, S_2) = 4 s (1 - s) [u, u k]``. ``x``: one
-    tensor (any shape, weights of shape ``(hidden,)``) or ``B`` rows ``(B, n)`` with weights
-    ``(B, hidden)`` (then each sum is ``(B, hidden)``).
+    tensor (any shape, weights of shape ``(hidden,)``) or ``B`` equal-sized rows (a list of
+    tensors or a ``(B, n)`` tensor) with weights ``(B, hidden)`` (then each sum is ``(B, hidden)``).
 
     Example:
         >>> import torch
@@ -263,20 +270,21 @@ def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[T
         True
     """
     single = w1.ndim == 1
-    u, w1, b1 = _rows(x, w1, b1)
+    rows, w1, b1 = _rows(x, w1, b1)
     wb, h = _weights(w1, b1), w1.shape[1]
-    acc = torch.zeros(u.shape[0], 2, 2 * h, dtype=u.dtype, device=u.device)  # [u k; u] . [s, s (1 - s)]
+    acc = torch.zeros(len(rows), 2, 2 * h, dtype=w1.dtype, device=w1.device)  # [u k; u] . [s, s (1 - s)]
     sd = None
-    for _, uc, k1 in _chunks(u, chunk):
+    for _, uc, k1 in _chunks(rows, chunk):
         if sd is None or sd.shape[-1] != uc.shape[1]:
-            sd = torch.empty(u.shape[0], 2 * h, uc.shape[1], dtype=u.dtype, device=u.device)
+            sd = torch.empty(len(rows), 2 * h, uc.shape[1], dtype=w1.dtype, device=w1.device)
         s = torch.sigmoid(torch.bmm(wb, k1), out=sd[:, :h])  # B x hidden x chunk
         torch.addcmul(s, s, s, value=-1.0, out=sd[:, h:])  # s (1 - s)
         k1[:, 1].copy_(uc)  # [k; 1] -> rows [u k, u]
         k1[:, 0].mul_(uc)
         acc.baddbmm_(k1, sd.mT)
         k1[:, 1].fill_(1.0)
-    s0 = 2 * acc[:, 1, :h] - u.sum(1, keepdim=True)
+    total = torch.stack([r.sum() for r in rows]).unsqueeze(1)
+    s0 = 2 * acc[:, 1, :h] - total
     s1, s2 = 4 * acc[:, 1, h:], 4 * acc[:, 0, h:]
     return (s0[0], s1[0], s2[0]) if single else (s0, s1, s2)
 
@@ -284,7 +292,7 @@ def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[T
 def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: int = CHUNK) -> Tensor:
     """``bias + sum_j w2_j tanh(w1_j k + b1_j)`` (``k = x / rms(x)``), one pass in chunks with
     ``tanh(z) = 2 sigmoid(2z) - 1``: one tensor (in ``bias``'s shape and dtype) or ``B`` rows
-    ``(B, n)`` (weights ``(B, hidden)``, ``bias`` ``(B, n)``; the result ``(B, n)``).
+    as in :func:`inner_sums` (``bias`` rows alike; the result ``(B, n)``).
 
     Example:
         >>> import torch
@@ -295,10 +303,14 @@ def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: 
         True
     """
     single = w1.ndim == 1
-    u, w1, b1, w2 = _rows(x, w1, b1, w2)
-    wb, w2x2 = _weights(w1, b1), (2 * w2).unsqueeze(1)
-    out = (_stack([bias], u.dtype) if single else bias.to(u.dtype)) - w2.sum(1, keepdim=True)  # a new tensor
-    for start, uc, k1 in _chunks(u, chunk):
+    rows, w1, b1, w2 = _rows(x, w1, b1, w2)
+    biases = _flat([bias] if single else bias, w1.dtype)
+    wb, w2x2, w2sum = _weights(w1, b1), (2 * w2).unsqueeze(1), w2.sum(1, keepdim=True)
+    out = torch.empty(len(rows), rows[0].numel(), dtype=w1.dtype, device=w1.device)
+    parts = [bb.split(max(1, chunk // len(rows))) for bb in biases]
+    for j, (start, uc, k1) in enumerate(_chunks(rows, chunk)):
         s = torch.bmm(wb, k1).sigmoid_()
-        out[:, start:start + uc.shape[1]] += torch.bmm(w2x2, s).squeeze(1)
+        y = torch.bmm(w2x2, s).squeeze(1).sub_(w2sum)
+        y += parts[0][j].unsqueeze(0) if len(rows) == 1 else torch.stack([p[j] for p in parts])
+        out[:, start:start + uc.shape[1]] = y
     return out[0].to(bias.dtype).reshape(bias.shape) if single else out
