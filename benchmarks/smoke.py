@@ -1,9 +1,10 @@
-"""The ``speed`` suite, and its ``--smoke`` run on a CPU (the suite itself times with CUDA events).
+"""The ``speed`` suite, and its ``--smoke`` run on a CPU.
 
-On CUDA, :func:`run_speed` is :func:`benchmarks.speed.run_speed_suite`. With ``--smoke`` on a CPU
+Without ``--smoke``, :func:`run_speed` is :func:`benchmarks.speed.run_speed_suite` (CUDA events on
+the GPT-like list, or the CPU clock on 8 matrices with ``--device cpu``). With ``--smoke`` on a CPU
 it runs the same suite code (optimizer construction, state bytes, tables, results files) on a tiny
-GPT-like list (dim 64, 2 layers, vocab 256), with the CUDA-event timer, the copy-bandwidth and the
-matmul probes replaced by CPU-clock versions: a check that the suite works, not a measurement.
+GPT-like list (dim 64, 2 layers, vocab 256), with the timers, the copy-bandwidth and the matmul
+probes replaced by quick CPU-clock versions: a check that the suite works, not a measurement.
 
 Example:
     >>> ms = cpu_time(lambda: None, warmup=1, repeats=3)
@@ -38,10 +39,12 @@ def cpu_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
 def speed_on_cpu():
     """Patch the speed suite's GPU-only probes and its parameter list for a CPU smoke run."""
     tiny = speed.gpt_param_shapes(dim=64, layers=2, vocab=256)
-    with mock.patch.object(speed, "time_cuda", lambda fn, warmup, repeats: cpu_time(fn, 1, 2)), \
+    fast = lambda fn, warmup, repeats: cpu_time(fn, 1, 2)  # noqa: E731
+    with mock.patch.object(speed, "time_cuda", fast), mock.patch.object(speed, "time_cpu", fast), \
             mock.patch.object(speed, "copy_bandwidth", lambda device, gib=1.0: 1.0), \
             mock.patch.object(speed, "matmul_tflops", lambda device, n=8192: 1.0), \
-            mock.patch.object(speed, "gpt_param_shapes", lambda *a, **k: tiny):
+            mock.patch.object(speed, "gpt_param_shapes", lambda *a, **k: tiny), \
+            mock.patch.object(speed, "cpu_param_shapes", lambda *a, **k: tiny):
         yield
 
 

@@ -4,7 +4,7 @@
 |---|---|---|
 | quick, quality | optimizers on tasks, steps to AdamW's target | results/quick, results/quality |
 | continual | optimizers (+ slow levels) on task sequences | results/continual |
-| speed, layers | GPU timing: optimizer steps; nl_layers mixers and LMs | results/speed, results/layers |
+| speed, layers | timing: optimizer steps (GPU; CPU into speed_cpu); nl_layers mixers and LMs (GPU) | results/speed, results/speed_cpu, results/layers |
 | lm, lm_optimizers, continual_levels, recall | pool suites (jobs over GPUs, records.jsonl) | results/evidence |
 | lm_defaults | every LM at its default arguments (a pool suite of its own) | results/lm_defaults |
 | lr_transfer | each optimizer's best rate relative to AdamW's | results/lr_transfer |
@@ -54,8 +54,8 @@ SUITES = {s.name: s for s in (
           tuple(n for n, t in TASKS.items() if "slow" not in t.tags), seeds=3),
     Suite("continual", "optimizers (+ slow levels) on task sequences: average, backward and forward transfer",
           "continual", tuple(SEQUENCES), seeds=3),
-    Suite("speed", "GPU: optimizer step time on a GPT-like 1.3B parameter list, fp32 and bf16", "speed",
-          ("gpt_1.3b",), needs_cuda=True),
+    Suite("speed", "optimizer step time vs torch's: a GPT-like 1.3B list, fp32 and bf16 (cuda); "
+          "8 matrices 256 x 1024, fp32 (cpu, committed under results/speed_cpu)", "speed", ("gpt_1.3b",)),
     Suite("layers", "GPU: nl_layers mixers fwd+bwd tokens/s and peak memory at T 1K-64K vs SDPA, fla, "
           "titans-pytorch; LM step times vs TransformerLM", "layers", ("seq_1k_64k",), needs_cuda=True),
     Suite("lm", "GPUs: Transformer++ / Titans / HOPE / HOPE-attention on Shakespeare, lr sweep then seeds", "pool",
@@ -145,7 +145,10 @@ def run_named_suite(args) -> dict | None:
         apply_smoke(suite, args)
     if not (args.smoke and args.device == "cpu") and suite.kind not in ("pool", *DELEGATED):
         check_cuda(suite, args.device)
-    out_dir = output_dir(suites, args.out, args.update_results)
+    if suite.name == "speed" and args.device == "cpu":  # CPU timings never over the GPU results
+        out_dir = output_dir(Suite("speed_cpu", "", "speed"), args.out, args.update_results)
+    else:
+        out_dir = output_dir(suites, args.out, args.update_results)
     torch.set_num_threads(args.threads)
     if suite.kind == "lm_defaults":
         from .lm_defaults.cli import main as lm_defaults_main

@@ -20,21 +20,10 @@ from .optim import (
     NestedOptimizer,
     PreconditionedMomentum,
 )
+from .optim.registry import OPTIMIZERS
 from .periods import group_by_period, match_periods
 
 __version__ = "0.1.0"
-
-#: The named optimizers, name -> class (NestedOptimizer is generic and takes levels=).
-OPTIMIZERS: dict[str, type[LevelOptimizer]] = {
-    "MomentumMemory": MomentumMemory,
-    "AdamMemory": AdamMemory,
-    "MuonMemory": MuonMemory,
-    "PreconditionedMomentum": PreconditionedMomentum,
-    "DeltaMomentum": DeltaMomentum,
-    "DeepMomentum": DeepMomentum,
-    "M3": M3,
-    "DGD": DGD,
-}
 
 __all__ = [
     "DGD",

@@ -141,11 +141,14 @@ class Chain:
             else:
                 lvl.write_(subs, [lvl.write_input(x) for x in xs], ps, group, ts)
             live = [j for j, tl in enumerate(tls) if tl > 0]
-            read = lvl.read_([subs[j] for j in live], [xs[j] for j in live], [ps[j] for j in live], group,
-                             [tls[j] for j in live]) if live else []
-            ds = [Direction(torch.zeros_like(x)) for x in xs]
-            for j, d in zip(live, read):
-                ds[j] = d
+            if len(live) == len(xs):  # every level has written (the usual case): no zeros to make
+                ds = lvl.read_(subs, xs, ps, group, tls)
+            else:
+                read = lvl.read_([subs[j] for j in live], [xs[j] for j in live], [ps[j] for j in live], group,
+                                 [tls[j] for j in live]) if live else []
+                ds = [Direction(torch.zeros_like(x)) for x in xs]
+                for j, d in zip(live, read):
+                    ds[j] = d
             if i + 1 < len(self.levels):
                 xs = [d.materialize() for d in ds]
         return [self._scaled(d, group) for d in ds]

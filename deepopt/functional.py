@@ -44,6 +44,7 @@ from .levels.delta_rule import DeltaRule
 from .optim.base import LevelOptimizer, Rule, apply_direction, chain_for, coupled_decay, group_defaults
 from .optim.conventions import check_conventions
 from .optim.nested import NestedOptimizer
+from .optim.registry import OPTIMIZERS
 
 __all__ = [
     "Transformation",
@@ -172,8 +173,6 @@ def make(optimizer: str | type[LevelOptimizer], **hyperparameters: Any) -> Trans
         **hyperparameters: the constructor's keyword arguments (``lr=...``); tensors allowed.
     """
     if isinstance(optimizer, str):
-        from . import OPTIMIZERS
-
         if optimizer == "DGD":
             raise ValueError("DGD needs the layer inputs: use deepopt.functional.dgd(lr=...) and pass inputs=")
         if optimizer not in OPTIMIZERS:

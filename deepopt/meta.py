@@ -49,6 +49,7 @@ from torch.func import grad_and_value
 from . import functional as F
 from .levels.deep import default_memory_init
 from .optim.base import LevelOptimizer
+from .optim.registry import OPTIMIZERS
 
 __all__ = ["LEARNABLE", "MetaLearner", "MetaTrainer", "Task", "unroll"]
 
@@ -111,8 +112,6 @@ class MetaLearner(nn.Module):
         bad = sorted(set(learn) - set(LEARNABLE[optimizer]))
         if bad or not learn:
             raise ValueError(f"invalid learn={learn!r}: {optimizer} can learn {sorted(LEARNABLE[optimizer])}")
-        from . import OPTIMIZERS
-
         self.optimizer_name = optimizer
         self.cls: type[LevelOptimizer] = OPTIMIZERS[optimizer]
         self.cls.rule(**hyperparameters)  # validates the names and values

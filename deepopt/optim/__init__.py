@@ -10,6 +10,7 @@ from .momentum import MomentumMemory
 from .muon import MuonMemory
 from .nested import NestedOptimizer
 from .preconditioned import PreconditionedMomentum
+from .registry import OPTIMIZERS
 
 __all__ = [
     "AdamMemory",
@@ -21,5 +22,6 @@ __all__ = [
     "MomentumMemory",
     "MuonMemory",
     "NestedOptimizer",
+    "OPTIMIZERS",
     "PreconditionedMomentum",
 ]

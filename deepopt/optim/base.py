@@ -14,10 +14,16 @@ Slow parameter groups: a group with ``period=C`` accumulates its gradients over 
 updated at every C-th step with their mean; its optimizer state (and step count) advances only
 then (the Continuum Memory System rule, Behrouz et al. 2025, Eq. 71).
 
-Non-finite gradients (``nonfinite=``): ``"skip"`` (default) checks all gradients first and, if any
-holds NaN or Inf, leaves every parameter and every state untouched, warns, and counts the step in
-``optimizer.skipped_steps``; ``"raise"`` raises ``FloatingPointError``; ``"ignore"`` does no check
-(one device sync fewer per step) and lets NaN propagate, as torch's optimizers do.
+Non-finite gradients (``nonfinite=``): ``"skip"`` (default) computes, before anything changes, a
+flag on the device, "some gradient holds NaN or Inf" (:func:`~deepopt.optim.conventions.nonfinite_flag`:
+one multi-tensor reduction per dtype group, no host sync), and a step with the flag set leaves every
+parameter and every state untouched, warns, and counts in ``optimizer.skipped_steps``. Where the
+fused kernels run (CUDA), they read the flag and store nothing when it is set, as torch's fused
+Adam does with ``found_inf``; the shell reads the flag lazily (at the next step, or when
+``skipped_steps`` or ``state_dict()`` is read) and then takes the step counters back. Elsewhere
+(CPU, where reading it is no sync; foreach paths, slow groups, DTensors) the flag is read before
+the step, which is then skipped whole. ``"raise"`` raises ``FloatingPointError``; ``"ignore"``
+does no check and lets NaN propagate, as torch's optimizers do.
 
 torch conventions (:mod:`deepopt.optim.conventions`): ``maximize``/``foreach``/``fused``/
 ``capturable``/``differentiable`` group keys, hyperparameters validated before parameters,
@@ -36,8 +42,10 @@ from torch import Tensor
 
 from ..chain import Chain
 from ..distributed import is_dtensor, needs_full_tensors, on_full_tensors
+from ..kernels.launch import apply_directions
+from ..levels import fused as fused_steps
 from ..levels.base import Direction, State, axpy
-from .conventions import (CONVENTIONS, all_finite, check_conventions, check_real, host_ints, outside_graphs,
+from .conventions import (CONVENTIONS, check_conventions, check_real, device_flag, flag_set, host_ints, outside_graphs,
                           state_dtype_for, tensor_step)
 
 __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direction", "chain_for", "coupled_decay",
@@ -108,7 +116,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         defaults: hyperparameter defaults (must hold ``lr`` and ``weight_decay``).
         chains: the update rules; each parameter goes to the first chain that applies to it.
         weight_decay_mode: ``"decoupled"`` (AdamW, Muon) or ``"coupled"`` (SGD).
-        impl: ``"auto"`` (default: a fused Triton kernel where ``deepopt.kernels`` has one for the
+        impl: ``"auto"`` (default: a fused Triton kernel where ``deepopt.levels.fused`` has one for the
             chain and the parameters are on CUDA, else ``"foreach"``), ``"foreach"`` (in-place
             multi-tensor path), ``"reference"`` (the pure functional core, tensor by tensor) or
             ``"triton"`` (require the kernel).
@@ -161,7 +169,8 @@ class LevelOptimizer(torch.optim.Optimizer):
         self.chains = list(chains)
         self.impl = impl
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
+        self._skipped_steps = 0
+        self._pending: tuple[Tensor, list[Tensor]] | None = None  # a flag the kernels read, not yet the host
         defaults = {"period": 1, **group_defaults(self.chains, defaults), **CONVENTIONS, **conventions}
         self._check_hyperparameters(defaults)  # as torch: hyperparameters first, then the parameters
         super().__init__(params, defaults)
@@ -170,6 +179,7 @@ class LevelOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ copy, pickle
     def __getstate__(self) -> dict[str, Any]:
         """Every attribute (chains, impl, nonfinite, ...) but the hooks, which torch drops too."""
+        self._settle()
         state = super().__getstate__()
         state.update({k: v for k, v in self.__dict__.items()
                       if k not in state and not k.startswith("_optimizer_") and k != "_zero_grad_profile_name"})
@@ -179,6 +189,10 @@ class LevelOptimizer(torch.optim.Optimizer):
         """Also what ``load_state_dict`` calls: fill convention keys older checkpoints lack and
         turn numeric ``step`` counters (older torch) into float32 tensors, as torch does."""
         super().__setstate__(state)
+        if "skipped_steps" in self.__dict__:  # pickled by a version that kept a plain attribute
+            self._skipped_steps = self.__dict__.pop("skipped_steps")
+        self.__dict__.setdefault("_skipped_steps", 0)
+        self.__dict__.setdefault("_pending", None)
         for group in self.param_groups:
             self._upgrade_group(group)
         for s in self.state.values():
@@ -244,6 +258,20 @@ class LevelOptimizer(torch.optim.Optimizer):
         return chain_for(self.chains, p, group)
 
     # ------------------------------------------------------------------ the step
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (reads a pending device flag first)."""
+        self._settle()
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps = value
+
+    def state_dict(self) -> dict[str, Any]:
+        self._settle()  # the step counters of a skipped step are taken back first
+        return super().state_dict()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; returns the closure's loss (or None)."""
@@ -251,24 +279,68 @@ class LevelOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._settle()
         grads_by_group = [self._collect(group) for group in self.param_groups]
-        if self.nonfinite != "ignore" and not all_finite([g for ps, gs in grads_by_group for g in gs]):
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"{type(self).__name__}: a gradient holds NaN or Inf; no parameter "
-                                         "was changed (use nonfinite='skip' to skip such steps)")
-            self.skipped_steps += 1
-            warnings.warn(f"{type(self).__name__}: skipped a step because a gradient holds NaN or Inf "
-                          f"(parameters and state unchanged; {self.skipped_steps} skipped so far)",
-                          RuntimeWarning, stacklevel=2)
-            return loss
+        found = None
+        if self.nonfinite != "ignore":
+            found = device_flag([g for ps, gs in grads_by_group for g in gs])
+            if found is not None and (self.nonfinite == "raise" or not self._kernels_take_flag(grads_by_group)):
+                if flag_set(found):  # on the CPU a read of host memory; on CUDA a sync (foreach paths only)
+                    if self.nonfinite == "raise":
+                        raise FloatingPointError(f"{type(self).__name__}: a gradient holds NaN or Inf; no parameter "
+                                                 "was changed (use nonfinite='skip' to skip such steps)")
+                    self._count_skip()
+                    return loss
+                found = None
+        advanced: list[Tensor] = []
         for group, (params, grads) in zip(self.param_groups, grads_by_group):
             if group["maximize"] and grads:  # ascend: the gradient of -f (new tensors, grads untouched)
                 grads = torch._foreach_neg(grads)
             if group["period"] > 1:
                 params, grads = self._slow(group, params, grads)
             if params:
-                self._step_group(group, params, grads)
+                self._step_group(group, params, grads, found, advanced)
+        if found is not None:
+            self._pending = (found, advanced)
+            if not found.is_cuda:  # reading it costs nothing here: count and warn at once
+                self._settle()
         return loss
+
+    def _count_skip(self) -> None:
+        self._skipped_steps += 1
+        warnings.warn(f"{type(self).__name__}: skipped a step because a gradient holds NaN or Inf "
+                      f"(parameters and state unchanged; {self._skipped_steps} skipped so far)",
+                      RuntimeWarning, stacklevel=3)
+
+    def _settle(self) -> None:
+        """Read the flag the kernels of the last step took: if it was set, they stored nothing, and
+        the step counters they advanced go back."""
+        pending, self._pending = self._pending, None
+        if pending is not None and flag_set(pending[0]):
+            if pending[1]:
+                torch._foreach_sub_(pending[1], 1.0)
+            self._count_skip()
+
+    def _kernels_take_flag(self, grads_by_group) -> bool:
+        """Whether every parameter of this step goes through a fused kernel that reads the device
+        flag (then the step needs no host read of it)."""
+        for group, (params, _) in zip(self.param_groups, grads_by_group):
+            if not params:
+                continue
+            if group["period"] > 1:
+                return False
+            for chain, ps in self._by_chain(group, params).values():
+                fused = self._fused(chain, group, ps)
+                if fused is None or not fused.use_kernel(ps):
+                    return False
+        return True
+
+    def _by_chain(self, group: Mapping[str, Any], params: list[Tensor]) -> dict[int, tuple[Chain, list[Tensor]]]:
+        out: dict[int, tuple[Chain, list[Tensor]]] = {}
+        for p in params:
+            chain = self._chain_for(p, group)
+            out.setdefault(id(chain), (chain, []))[1].append(p)
+        return out
 
     def _collect(self, group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
@@ -300,7 +372,8 @@ class LevelOptimizer(torch.optim.Optimizer):
                 state[_SLOW_CALLS].zero_()
         return due_p, due_g
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    found: Tensor | None = None, advanced: list[Tensor] | None = None) -> None:
         self._prepare_group(group)
         lr = float(group["lr"])
         wd = float(group["weight_decay"])
@@ -315,10 +388,12 @@ class LevelOptimizer(torch.optim.Optimizer):
             if needs_full_tensors(chain, ps):  # a matrix level on DTensor shards: see deepopt.distributed
                 on_full_tensors(lambda fp, fg, fs: self._run_chain(chain, group, fp, fg, fs, lr, wd), ps, gs, states)
             else:
-                self._run_chain(chain, group, ps, gs, states, lr, wd)
+                self._run_chain(chain, group, ps, gs, states, lr, wd, found)
+            if found is not None and advanced is not None:
+                advanced.extend(s["step"] for s in states)
 
     def _run_chain(self, chain: Chain, group: Mapping[str, Any], ps: list[Tensor], gs: list[Tensor],
-                   states: list[State], lr: float, wd: float) -> None:
+                   states: list[State], lr: float, wd: float, found: Tensor | None = None) -> None:
         """One chain's step on a list of parameters: the fused kernel, the reference or foreach.
 
         Outside the kernels, a parameter whose state dtype is wider (``state_dtype``; float32 for
@@ -328,7 +403,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         if fused is not None:  # one kernel: state update, decay and parameter step together
             if coupled:
                 gs = [coupled_decay(g, p, wd) for p, g in zip(ps, gs)]
-            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled)
+            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled, found=found)
             return
         work, gs = _in_state_dtype(ps, gs, states, group)
         if coupled:
@@ -343,7 +418,7 @@ class LevelOptimizer(torch.optim.Optimizer):
             directions = chain.update_(states, gs, work, group)
             if wd != 0 and not coupled:
                 torch._foreach_mul_(work, 1 - lr * wd)
-            _apply(work, directions, lr)
+            apply_directions(work, directions, lr)
         for p, w in zip(ps, work):
             if w is not p:
                 p.copy_(w)
@@ -356,16 +431,15 @@ class LevelOptimizer(torch.optim.Optimizer):
             return None
         if any(is_dtensor(p) for p in params):  # kernels take plain tensors; DTensors use foreach
             return None
-        try:
-            from ..kernels import fused_step_for
-        except ImportError as err:
-            if self.impl == "triton":
-                raise RuntimeError(f"impl='triton' needs Triton and deepopt.kernels: {err}") from err
-            return None
-        fused = fused_step_for(chain, group)
+        if self.impl == "triton":
+            try:
+                import triton  # noqa: F401
+            except ImportError as err:
+                raise RuntimeError(f"impl='triton' needs Triton: {err}") from err
+        fused = fused_steps.fused_step_for(chain, group)
         if fused is None and self.impl == "triton":
-            raise RuntimeError(f"impl='triton': deepopt.kernels has no fused step for {chain!r}; "
-                               "use impl='foreach'")
+            raise RuntimeError(f"impl='triton': deepopt has no fused step for {chain!r} "
+                               "(deepopt.levels.fused lists them); use impl='foreach'")
         return fused
 
     def _state(self, p: Tensor, chain: Chain, group: Mapping[str, Any]) -> State:
@@ -474,20 +548,3 @@ def _in_state_dtype(ps: list[Tensor], gs: list[Tensor], states: list[State],
         work[i].source = getattr(p, "source", p)  # levels keyed by parameter identity (DGD) look through
         grads[i] = gs[i].to(dtype)
     return work, grads
-
-
-def _apply(params: list[Tensor], directions: list[Direction], lr: float) -> None:
-    """``W <- W - (lr mul/div) num/den``, batched by equal scalar and dtype."""
-    buckets: dict[tuple, tuple[list, list, list]] = {}
-    for p, d in zip(params, directions):
-        alpha = -(lr * d.mul) / d.div
-        key = (alpha, d.den is None, d.num.dtype == p.dtype, p.device)
-        b = buckets.setdefault(key, ([], [], []))
-        b[0].append(p)
-        b[1].append(d.num)
-        b[2].append(d.den)
-    for (alpha, no_den, _, _), (ps, nums, dens) in buckets.items():
-        if no_den:
-            torch._foreach_add_(ps, nums, alpha=alpha)
-        else:
-            torch._foreach_addcdiv_(ps, nums, dens, value=alpha)

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..levels.base import _HOST, host_ints
 
 __all__ = ["CONVENTIONS", "check_conventions", "check_real", "state_dtype_for", "host_ints", "all_finite",
-           "tensor_step", "outside_graphs"]
+           "device_flag", "flag_set", "nonfinite_flag", "tensor_step", "outside_graphs"]
 
 #: group keys of torch's optimizers, with their defaults (filled into older checkpoints' groups).
 CONVENTIONS: dict[str, Any] = {"maximize": False, "foreach": None, "capturable": False, "differentiable": False,
@@ -96,24 +96,77 @@ def tensor_step(value: Any) -> Any:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Are all entries of all tensors finite? One max-norm reduction per (device, dtype) over the
-    whole list (``torch._foreach_norm``) and a single host sync, outside compiled graphs."""
-    return _HOST.get("finite", _all_finite)(tensors)
+def nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
+    """A float32 one-element tensor on the tensors' device, 1.0 where any entry of any tensor is NaN
+    or +-Inf, else 0.0 (None for no tensors). No host sync: one multi-tensor reduction per (device,
+    dtype) group, as torch's ``_amp_foreach_non_finite_check_and_unscale_`` (read only here):
 
+    * CUDA: ``torch._foreach_norm(ts, inf)`` (one launch), non-finite iff some max-norm is;
+    * CPU: ``torch._foreach_norm(ts, 2)`` (a vectorized sum of squares, ~20x faster there than the
+      max-norm); a non-finite sum only says "maybe" (finite entries above ~1e19 overflow it), so
+      then, and only then, the exact max-norm decides (on the CPU reading a flag is no sync).
 
-def _all_finite(tensors: list[Tensor]) -> bool:
+    DTensor gradients give their global flag (the norms reduce over the shards). Tensors on several
+    devices: the flags meet on the first one.
+
+    Example:
+        >>> import torch
+        >>> nonfinite_flag([torch.ones(3), torch.tensor([1.0, float("nan")])])
+        tensor([1.])
+        >>> nonfinite_flag([torch.full((2,), 1e30)])  # huge but finite
+        tensor([0.])
+    """
     from ..distributed import is_dtensor
 
     buckets: dict[tuple, list[Tensor]] = {}
     for t in tensors:
         buckets.setdefault((t.device, t.dtype, is_dtensor(t)), []).append(t)
-    flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in buckets.values()]
-    return all(bool(f) for f in flags)
+    flags = []
+    for (device, _, dtensor), ts in buckets.items():
+        if device.type == "cpu" and not dtensor:
+            bad = ~torch.stack(torch._foreach_norm(ts, 2)).isfinite().all()
+            if bool(bad):  # maybe: an overflow of finite entries, or a real NaN/Inf
+                bad = ~torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all()
+        else:
+            bad = ~torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all()
+            if is_dtensor(bad):
+                bad = bad.full_tensor()
+        flags.append(bad.reshape(1).to(torch.float32))
+    if not flags:
+        return None
+    flag = flags[0]
+    for f in flags[1:]:
+        flag = flag.maximum(f.to(flag.device, non_blocking=True))
+    return flag
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Are all entries of all tensors finite? :func:`nonfinite_flag` read on the host (one sync on
+    CUDA), outside compiled graphs."""
+    return _HOST.get("finite", _all_finite)(tensors)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    flag = nonfinite_flag(tensors)
+    return flag is None or not bool(flag)
+
+
+def device_flag(tensors: list[Tensor]) -> Tensor | None:
+    """:func:`nonfinite_flag`, kept out of compiled graphs (its CPU refinement reads the host)."""
+    return _HOST.get("nonfinite", nonfinite_flag)(tensors)
+
+
+def flag_set(flag: Tensor) -> bool:
+    """Read a non-finite flag on the host (free on the CPU, a sync on CUDA), outside compiled graphs."""
+    return _HOST.get("flag", _flag_set)(flag)
+
+
+def _flag_set(flag: Tensor) -> bool:
+    return bool(flag)
 
 
 def outside_graphs() -> None:
     """Wrap the shell's host reads for ``torch.compile`` (see :func:`deepopt.levels.base.outside_graphs`)."""
     from ..levels.base import outside_graphs as wrap
 
-    wrap(finite=_all_finite)
+    wrap(finite=_all_finite, flag=_flag_set, nonfinite=nonfinite_flag)

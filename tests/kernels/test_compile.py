@@ -17,12 +17,12 @@ import re, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from deepopt.kernels import triton_kernels as K
+from deepopt.levels.adaptive import triton_kernels as K
 fn = K.adam_kernel
-sig = {"ptrs": "*i64", "numel": "*i64", "blk_row": "*i32", "blk_start": "*i64", "scal": "*fp32"}
+sig = {"ptrs": "*i64", "numel": "*i64", "blk_row": "*i32", "blk_start": "*i64", "found": "*fp32", "scal": "*fp32"}
 sig.update({k: "fp32" for k in ("c_m", "c_g", "c_v", "c_g2", "eps", "decay", "wd")})
 consts = dict(NCOL=4, NSCAL=2, P_DT=tl.float32, G_DT=tl.float32, S_DT=tl.float32, COUPLED=False, BLOCK=4096,
-              ALIGNED=sys.argv[1] == "1")
+              ALIGNED=sys.argv[1] == "1", CHECK=True)
 full = {n: sig.get(n, "constexpr") for n in fn.arg_names}
 attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if full[n].startswith("*")}
 try:

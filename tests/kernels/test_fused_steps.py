@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (the 'dev' extra brings it)")
 
 import deepopt  # noqa: E402
-import deepopt.kernels as K  # noqa: E402
+import deepopt.levels.fused as K  # noqa: E402
+from deepopt.kernels.launch import interpreting  # noqa: E402
 
 
 def _interpreting() -> bool:
@@ -19,7 +20,7 @@ def _interpreting() -> bool:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    return K.steps.interpreting() and isinstance(tl.sum, InterpretedFunction)
+    return interpreting() and isinstance(tl.sum, InterpretedFunction)
 
 
 MODE_OK = _interpreting()
@@ -116,3 +117,28 @@ def test_kernel_equals_reference_bf16(name, state_dtype, monkeypatch):
             if k != "step":
                 assert v.dtype == (state_dtype or torch.bfloat16), k
 
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_read_the_nonfinite_flag_and_store_nothing(name, monkeypatch):
+    """A NaN gradient: the kernels get the device flag (no host read before the step), store
+    nothing, and the shell counts the skip and takes the step counters back."""
+    params, opt = run(name, "triton", monkeypatch=monkeypatch)
+    taken, real = [], opt._kernels_take_flag
+    monkeypatch.setattr(opt, "_kernels_take_flag", lambda gbg: taken.append(real(gbg)) or taken[-1])
+    before = [p.detach().clone() for p in params]
+    state = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)}
+    for p, g in zip(params, grads_for(params, STEPS)):
+        p.grad = g
+    params[0].grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        opt.step()
+    assert taken == [True] and opt.skipped_steps == 1  # the kernels, not a host check, skipped it
+    for p, q in zip(params, before):
+        assert torch.equal(p, q)
+    for i, p in enumerate(params):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[i][k]), (name, k)
+    params[0].grad[0, 0] = 0.0
+    opt.step()  # and the next finite step runs
+    assert opt.skipped_steps == 1 and not all(torch.equal(p, q) for p, q in zip(params, before))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from deepopt.kernels.newton_schulz import newton_schulz_many, orthogonality_error
-from deepopt.kernels.steps import interpreting
+from deepopt.levels.orthogonal.batched import newton_schulz_many, orthogonality_error
+from deepopt.kernels.launch import interpreting
 from deepopt.levels.orthogonal import newton_schulz
 
 from .test_fused_steps import CASES, compare, run

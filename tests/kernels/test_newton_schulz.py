@@ -4,7 +4,7 @@ is no worse than torch's on the same inputs (the Gram form within the bf16 round
 import pytest
 import torch
 
-from deepopt.kernels.newton_schulz import newton_schulz_many, ns_flops, orthogonality_error
+from deepopt.levels.orthogonal.batched import newton_schulz_many, ns_flops, orthogonality_error
 from deepopt.levels.orthogonal import newton_schulz
 
 

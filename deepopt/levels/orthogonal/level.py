@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import Direction, Level, State, check_nonnegative
+from ..base import Direction, Level, State, check_nonnegative
 
 __all__ = ["NewtonSchulz", "newton_schulz", "adjust_lr_ratio", "NS_COEFFICIENTS", "ADJUST_LR_FNS"]
 

@@ -35,8 +35,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
-from .orthogonal import NS_COEFFICIENTS, newton_schulz
+from ..base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
+from ..orthogonal.level import NS_COEFFICIENTS, newton_schulz
 
 __all__ = ["MultiScaleMomentum", "M3_FORMS"]
 

@@ -24,14 +24,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import Direction, Level, State, axpy, check_nonnegative, check_unit_interval, zeros_like
+from ..base import Direction, Level, State, axpy, check_nonnegative, check_unit_interval, zeros_like
 
-__all__ = ["Momentum", "DeltaMomentumLevel", "as_matrix"]
+__all__ = ["Momentum", "DeltaMomentumLevel", "as_matrix", "forget_terms"]
 
 _FORMS = ("sgd", "ema")
 
@@ -126,6 +126,47 @@ def as_matrix(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
+def forget_terms(bufs: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.dtype | None = None,
+                 cast: bool = True) -> list[Tensor]:
+    """Delta momentum's forget terms ``M G^T G`` (``M``, ``G`` the buffer and gradient as matrices),
+    each in its buffer's shape and dtype. Associated the cheaper way round (``(M G^T) G`` when
+    ``rows <= cols``, else ``M (G^T G)``) and batched: one ``bmm`` pair per group of equal shapes.
+    ``dtype``: the matmuls' dtype (e.g. ``torch.bfloat16``: inputs rounded to it, accumulation in
+    float32 as every bf16 matmul of torch does), applied to float32 and narrower matrices only
+    (a vector's term is a dot product: no matmul to save); None computes in the buffer's dtype.
+    ``cast=False`` leaves the terms in the matmul dtype (for a caller that folds them into a
+    float32 update in one op: widening bf16 is exact, so the values are the same).
+
+    Example:
+        >>> import torch
+        >>> m, g = torch.randn(2, 3), torch.randn(2, 3)
+        >>> torch.allclose(forget_terms([m], [g])[0], m @ g.T @ g)
+        True
+    """
+    out: list[Tensor | None] = [None] * len(bufs)
+    groups: dict[tuple, list[int]] = {}
+    for i, (m, g) in enumerate(zip(bufs, grads)):
+        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+    for (shape, mdt, _), idx in groups.items():
+        dt = dtype if dtype is not None and torch.finfo(mdt).bits <= 32 and len(shape) >= 2 else mdt
+        ms = [as_matrix(bufs[i]) for i in idx]
+        gs = [as_matrix(grads[i]) for i in idx]
+        if len(idx) == 1:
+            m, g = ms[0].to(dt), gs[0].to(dt)
+        else:  # one conversion pass per tensor, straight into the stacked buffers
+            m = torch.empty((len(idx), *ms[0].shape), dtype=dt, device=ms[0].device)
+            g = torch.empty_like(m)
+            for j, (x, y) in enumerate(zip(ms, gs)):
+                m[j].copy_(x)
+                g[j].copy_(y)
+        gt = g.mT
+        f = (m @ gt) @ g if m.shape[-2] <= m.shape[-1] else m @ (gt @ g)
+        f = f.to(mdt) if cast else f
+        for j, i in enumerate(idx):
+            out[i] = (f if len(idx) == 1 else f[j]).reshape(shape)
+    return out  # type: ignore[return-value]
+
+
 class DeltaMomentumLevel(Level):
     """Delta momentum: ``m <- a m - lam (m G^T G) / ||G||_F^2 + g`` (Eq. 49, normalized).
 
@@ -137,13 +178,20 @@ class DeltaMomentumLevel(Level):
         momentum: the decay ``a`` (group key ``"momentum"``).
         delta: ``lam`` in [0, 1], the strength of forgetting along the gradient (key ``"delta"``).
         nesterov: read ``g + a m``.
+        forget_dtype: the dtype of the forget term's matmuls for float32 and narrower parameters
+            (not a group key; None: the parameter's). ``torch.bfloat16`` (what DeltaMomentum
+            uses) halves their cost with float32 accumulation; the term is scaled by
+            ``lam / ||G||^2``, so its bf16 rounding (relative 2^-8) moves the buffer by at most
+            about ``lam 2^-8 ||m||`` per step.
     """
 
     name = "delta"
 
     def __init__(self, momentum: float = 0.9, delta: float = 0.5, nesterov: bool = False,
-                 period: int = 1, keys: Mapping[str, str] | None = None) -> None:
+                 period: int = 1, keys: Mapping[str, str] | None = None,
+                 forget_dtype: torch.dtype | None = None) -> None:
         super().__init__(period=period, keys=keys, momentum=momentum, delta=delta, nesterov=nesterov)
+        self.forget_dtype = forget_dtype
 
     def validate(self, group: Mapping[str, Any]) -> None:
         check_nonnegative(group, self.key("momentum"))
@@ -159,13 +207,35 @@ class DeltaMomentumLevel(Level):
         a, lam = self.hp(group, "momentum"), self.hp(group, "delta")
         decayed = buf * a
         if isinstance(lam, Tensor) or lam != 0:
-            m, g = as_matrix(buf), as_matrix(x)
+            g = as_matrix(x)
             sq = (g * g).sum()
             sq = torch.where(sq > 0, sq, torch.ones_like(sq))  # g = 0 forgets nothing (forget = 0)
-            gt = g.transpose(0, 1)  # associate the cheaper way round
-            forget = (m @ gt) @ g if m.shape[0] <= m.shape[1] else m @ (gt @ g)
-            decayed = decayed - (forget * (lam / sq)).reshape(buf.shape)
+            forget = forget_terms([buf], [x], self.forget_dtype)[0]
+            decayed = decayed - forget * (lam / sq)
         return {"momentum_buffer": torch.add(decayed, x, alpha=1.0)}
+
+    def write_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+               group: Mapping[str, Any], ts: list[int]) -> None:
+        """The same write over a list: forget terms batched over equal shapes, the rest foreach."""
+        bufs = [s["momentum_buffer"] for s in states]
+        a, lam = self.hp(group, "momentum"), self.hp(group, "delta")
+        first = [i for i, t in enumerate(ts) if t == 1]
+        for i in first:
+            bufs[i].copy_(xs[i])
+        rest = [i for i, t in enumerate(ts) if t != 1]
+        if not rest:
+            return
+        b, g = [bufs[i] for i in rest], [xs[i] for i in rest]
+        if isinstance(lam, Tensor) or lam != 0:
+            forget = forget_terms(b, g, self.forget_dtype, cast=False)
+            sq = torch._foreach_norm(g, 2)
+            torch._foreach_mul_(sq, sq)
+            scale = [torch.where(s > 0, s, torch.ones_like(s)).reciprocal_().mul_(-lam) for s in sq]
+            torch._foreach_mul_(b, a)
+            torch._foreach_addcmul_(b, forget, scale)  # b - lam F / ||g||^2 (scale: 0-d tensors)
+        else:
+            torch._foreach_mul_(b, a)
+        torch._foreach_add_(b, g)
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         buf = state["momentum_buffer"]

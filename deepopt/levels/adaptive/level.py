@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import Direction, Level, State, addcmul, axpy, check_nonnegative, check_unit_interval, zeros_like
+from ..base import Direction, Level, State, addcmul, axpy, check_nonnegative, check_unit_interval, zeros_like
 
 __all__ = ["AdamMoments", "DiagonalPreconditioner", "ADAM_FORMS"]
 

@@ -1,6 +1,6 @@
 """Newton-Schulz for many matrices at once: batched by shape, bf16, and a Gram form for wide matrices.
 
-The quintic iteration of :func:`deepopt.levels.orthogonal.newton_schulz` on ``X`` (``m x n``,
+The quintic iteration of :func:`deepopt.levels.orthogonal.level.newton_schulz` on ``X`` (``m x n``,
 ``m <= n``, ``X_0 = M/||M||_F``) is ``X <- P(A) X`` with ``A = X X^T`` and
 ``P(A) = aI + bA + cA^2``. Two things make it cheaper here:
 
@@ -25,7 +25,7 @@ Flops of the standard form per step on ``m x n`` (``m <= n``): ``4 m^2 n + 2 m^3
 
 Example:
     >>> import torch
-    >>> from deepopt.kernels.newton_schulz import newton_schulz_many
+    >>> from deepopt.levels.orthogonal.batched import newton_schulz_many
     >>> ms = [torch.randn(16, 64), torch.randn(16, 64), torch.randn(32, 8)]
     >>> outs = newton_schulz_many(ms, dtype=torch.float32)
     >>> [tuple(o.shape) for o in outs]
@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..levels.orthogonal import NS_COEFFICIENTS
+from .level import NS_COEFFICIENTS
 
 __all__ = ["newton_schulz_batched", "newton_schulz_many", "NSBatches", "ns_flops", "METHODS", "GRAM_RATIO",
            "orthogonality_error"]

@@ -1,0 +1,256 @@
+"""The plumbing below every fused step: the ``FusedStep`` base, launches, and the foreach apply.
+
+Each level family keeps its math and its fast paths together in ``deepopt/levels/<family>/``
+(``level.py``: the pure reference and the foreach path; ``fused.py``: the fused step and the
+tensor-by-tensor reference of its kernel; ``triton_kernels.py``: the kernels). What they share
+lives here, below all of them, and imports nothing above :mod:`deepopt.levels.base`:
+
+* :class:`FusedStep`: called by the shell as ``step(params, grads, states, group, lr=,
+  weight_decay=, decoupled=, found=)`` in place of the chain's foreach path plus the parameter
+  update; it advances ``state["step"]``, groups rows by storage dtypes and runs, per group, the
+  Triton kernels (``impl="triton"``, CUDA or ``TRITON_INTERPRET=1``) or their references
+  (``impl="reference"``); ``"foreach"`` runs the chain's own foreach path; ``"auto"`` the
+  kernels where they can run, else the references.
+* ``found``: a float32 one-element device tensor, nonzero when a gradient holds NaN/Inf
+  (:func:`deepopt.optim.conventions.nonfinite_flag`); every kernel reads it and then stores
+  nothing, as torch's fused Adam does with ``found_inf``, so the step needs no host sync.
+* :func:`launch` (one launch over a :class:`~deepopt.kernels.tables.RowSet`), :func:`apply_rows`
+  (``p <- decay p - alpha o``), :func:`apply_directions` (the shell's foreach
+  ``W <- W - lr (mul/div) num/den``) and the row helpers of the references (float32 math).
+
+Example:
+    >>> import torch
+    >>> from deepopt.kernels.launch import apply_directions
+    >>> from deepopt.levels.base import Direction
+    >>> p = torch.ones(2); apply_directions([p], [Direction(torch.ones(2), mul=2.0)], lr=0.1); p
+    tensor([0.8000, 0.8000])
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..levels.base import Direction, host_float, host_ints
+from .tables import RowSet, scalar_table
+
+__all__ = ["FusedStep", "IMPLS", "BLOCK", "apply_directions", "apply_rows", "bias_correction", "cast_state",
+           "first_write", "interpreting", "launch", "tl_dtype", "f32", "row_grad", "row_step", "tanh"]
+
+IMPLS = ("auto", "triton", "reference", "foreach")
+#: elements per program of the element-wise kernels, and their warps (16 fp32 per thread).
+BLOCK, NUM_WARPS = 4096, 8
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch floating dtype."""
+    import triton.language as tl
+
+    table = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+             torch.float64: tl.float64}
+    if dtype not in table:
+        raise TypeError(f"deepopt fused steps: unsupported dtype {dtype}; use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+class FusedStep(abc.ABC):
+    """Base of the fused steps: step counting, dtype grouping and the choice of path.
+
+    Subclasses implement ``covers(chain)`` (the chains they fuse) and ``run(idx, params, grads,
+    states, group, ts, lr, wd, decoupled, kernel)`` for the rows ``idx`` (one dtype combination);
+    ``self.found`` is the non-finite flag of the current call (or None).
+    """
+
+    found: Tensor | None = None
+
+    def __init__(self, chain: Any, impl: str = "auto") -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"invalid impl: {impl!r}; use one of {IMPLS}")
+        self.chain = chain
+        self.impl = impl
+
+    @classmethod
+    @abc.abstractmethod
+    def covers(cls, chain: Any) -> bool:
+        """Whether this step fuses ``chain`` (by its levels' types and periods)."""
+
+    def lr_scale(self, group: Mapping[str, Any]) -> float:
+        return 1.0 if self.chain.lr_scale is None else float(group[self.chain.lr_scale])
+
+    def use_kernel(self, params: Sequence[Tensor]) -> bool:
+        """Whether this call runs the Triton kernels (else the references)."""
+        if self.impl in ("reference", "foreach"):
+            return False
+        on_cuda = params[0].is_cuda
+        if self.impl == "triton" and not (on_cuda or interpreting()):
+            raise RuntimeError("deepopt fused steps: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+        return on_cuda or interpreting()
+
+    def __call__(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: Mapping[str, Any], *,
+                 lr: float, weight_decay: float, decoupled: bool, grads_decayed: bool = True,
+                 found: Tensor | None = None) -> None:
+        """One step. ``grads_decayed``: with coupled decay (``decoupled=False``), the gradients
+        already hold ``wd p`` (the shell adds it); False makes the kernels add it in registers.
+        ``found``: the non-finite flag; when it is set nothing but ``state["step"]`` changes (the
+        shell takes the count back when it reads the flag)."""
+        if not params:
+            return
+        if not decoupled and grads_decayed:
+            weight_decay = 0.0
+        cast_state(states, group)
+        steps = [s["step"] for s in states]
+        kernel = self.use_kernel(params)
+        if found is not None and not kernel and host_float(found) != 0:  # the references read it on the host
+            torch._foreach_add_(steps, 1.0)
+            return
+        if self.impl == "foreach":
+            return self._foreach(params, grads, states, group, lr, weight_decay, decoupled)
+        torch._foreach_add_(steps, 1.0)
+        ts = host_ints(steps)
+        sig: dict[tuple, list[int]] = {}
+        for i, (p, g, s) in enumerate(zip(params, grads, states)):
+            if p.numel() == 0:
+                continue
+            sdt = next((v.dtype for k, v in s.items() if k != "step" and v.numel() == p.numel()), p.dtype)
+            sig.setdefault((p.dtype, g.dtype, sdt), []).append(i)
+        self.found = found if kernel else None
+        try:
+            for idx in sig.values():
+                self.run(idx, params, grads, states, group, ts, lr * self.lr_scale(group), float(weight_decay),
+                         decoupled, kernel)
+        finally:
+            self.found = None
+
+    def _foreach(self, params, grads, states, group, lr, wd, decoupled) -> None:
+        if wd != 0 and not decoupled:
+            grads = [g.add(p, alpha=wd) for p, g in zip(params, grads)]
+        directions = self.chain.update_(states, grads, params, group)
+        if wd != 0 and decoupled:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        apply_directions(params, directions, lr)
+
+    def launch(self, kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, **kw: Any) -> None:
+        """:func:`launch` with this call's non-finite flag."""
+        launch(kernel_fn, rows, scal, *args, found=self.found, **kw)
+
+    @staticmethod
+    def decay_terms(lr: float, wd: float, decoupled: bool) -> tuple[float, bool]:
+        """``(decay, coupled)``: the factor on p and whether wd p joins the gradient."""
+        if wd == 0:
+            return 1.0, False
+        return (1.0 - lr * wd, False) if decoupled else (1.0, True)
+
+    @abc.abstractmethod
+    def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
+        """Update ``params`` and ``states`` in place for the parameters ``idx`` (one kernel family)."""
+
+
+def cast_state(states: list[dict], group: Mapping[str, Any]) -> None:
+    """Honour the group key ``state_dtype`` (e.g. float32 memories for bfloat16 parameters): state
+    tensors of another floating dtype are replaced, once, by converted copies."""
+    dtype = group.get("state_dtype")
+    if dtype is None:
+        return
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"invalid state_dtype: {dtype!r}; use a floating torch dtype such as torch.float32")
+    for s in states:
+        for k, v in s.items():
+            if k != "step" and v.is_floating_point() and v.dtype != dtype:
+                s[k] = v.to(dtype)
+
+
+def first_write(t: int, a: float, form: str = "sgd") -> bool:
+    """Whether the sgd-form momentum copies its input (first step, or no momentum at all)."""
+    return form == "sgd" and (t == 1 or a == 0)
+
+
+def bias_correction(beta: float, t: int) -> float:
+    """``1 - beta^t`` (1 for t = 0 is never used: callers skip levels without writes)."""
+    return 1.0 - math.pow(beta, t)
+
+
+_NO_FLAG: dict[torch.device, Tensor] = {}
+
+
+def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, block: int = BLOCK,
+           num_warps: int = NUM_WARPS, found: Tensor | None = None, **consts: Any) -> None:
+    """Launch ``kernel_fn`` over ``rows`` (grid = their blocks); ``scal`` may be None. Every kernel
+    takes the flag pointer ``found`` after the tables and skips its stores when ``CHECK`` and the
+    flag is set."""
+    t = rows.tables(block)
+    if t.grid[0] == 0:
+        return
+    device = rows.rows[0][0].device
+    flag = found if found is not None else _NO_FLAG.setdefault(device, torch.zeros(1, device=device))
+    extra = () if scal is None else (scal,)
+    kernel_fn[t.grid](t.ptrs, t.numel, t.blk_row, t.blk_start, flag, *extra, *args, NCOL=len(rows.rows[0]),
+                      BLOCK=block, ALIGNED=t.aligned, CHECK=found is not None, num_warps=num_warps, **consts)
+
+
+def apply_directions(params: list[Tensor], directions: list[Direction], lr: float) -> None:
+    """``W <- W - (lr mul/div) num/den`` in place (``add_``/``addcdiv_`` as torch's optimizers),
+    batched by equal scalar, dtype and device: one foreach call per bucket."""
+    buckets: dict[tuple, tuple[list, list, list]] = {}
+    for p, d in zip(params, directions):
+        alpha = -(lr * d.mul) / d.div
+        key = (alpha, d.den is None, d.num.dtype == p.dtype, p.device)
+        b = buckets.setdefault(key, ([], [], []))
+        b[0].append(p)
+        b[1].append(d.num)
+        b[2].append(d.den)
+    for (alpha, no_den, _, _), (ps, nums, dens) in buckets.items():
+        if no_den:
+            torch._foreach_add_(ps, nums, alpha=alpha)
+        else:
+            torch._foreach_addcdiv_(ps, nums, dens, value=alpha)
+
+
+# ----------------------------------------------------------------------------- row references (float32)
+
+
+def f32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32)
+
+
+def row_grad(p: Tensor, g: Tensor, wd: float, coupled: bool) -> Tensor:
+    """The gradient a kernel uses: ``g``, or ``g + wd p`` with coupled decay."""
+    return f32(g) + wd * f32(p) if coupled else f32(g)
+
+
+def row_step(p: Tensor, d: Tensor, lr: float, decay: float) -> None:
+    """``p <- decay p - lr d`` rounded once into ``p``."""
+    p.copy_(f32(p) * decay - lr * d)
+
+
+def tanh(x: Tensor) -> Tensor:
+    """tanh as the kernels compute it (through exp, stable for large |x|)."""
+    t = torch.exp(-2.0 * x.abs())
+    y = (1.0 - t) / (1.0 + t)
+    return torch.where(x < 0, -y, y)
+
+
+def apply_rows(step: FusedStep, idx: Sequence[int], params: Sequence[Tensor], outs: Sequence[Tensor],
+               alphas: Sequence[float], decay: float, kernel: bool) -> None:
+    """``p <- decay p - alpha o`` for every row (``o`` in any dtype, ``p``'s shape): the step after
+    an orthogonalized read-out (Muon, DeepMomentum with ``sigma="ns"``)."""
+    if not kernel:
+        for i, o, al in zip(idx, outs, alphas):
+            params[i].copy_(f32(params[i]) * decay - al * f32(o))
+        return
+    from . import triton_lib
+
+    rows = RowSet([[params[i], o] for i, o in zip(idx, outs)], mutable=(0,))
+    p = params[idx[0]]
+    step.launch(triton_lib.apply_kernel, rows, scalar_table([[al] for al in alphas], p.device), decay, NSCAL=1,
+                P_DT=tl_dtype(p.dtype), O_DT=tl_dtype(outs[0].dtype))
+    rows.finish()

@@ -1,0 +1,102 @@
+"""Triton helpers shared by every fused step's kernels, and the kernel of ``p <- decay p - alpha o``.
+
+Every kernel follows :mod:`deepopt.kernels.tables`: program ``b`` handles ``BLOCK`` elements of
+row ``blk_row[b]``, whose tensors it finds in ``ptrs[row, col]``; math is float32 whatever the
+storage dtypes (``P_DT`` parameter, ``G_DT`` gradient, ``S_DT`` state). Per-row scalars come from
+``scal[row, k]``; hyperparameters shared by the list are plain arguments. ``COUPLED`` adds
+``wd * p`` to the gradient in registers (SGD-style decay); ``decay`` is ``1 - lr wd`` for
+decoupled decay (AdamW-style) and 1 otherwise. ``found`` points to the step's non-finite flag:
+with ``CHECK`` a set flag masks every load and store, so the step leaves parameters and state
+untouched (torch's ``found_inf``). The families' kernels live beside their levels
+(``deepopt/levels/<family>/triton_kernels.py``); their tensor-by-tensor references in the
+``fused.py`` next to them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _row(blk_row, blk_start, numel, found, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, CHECK: tl.constexpr):
+    """This program's row, element offsets and mask. ALIGNED (every address 16-byte aligned and
+    every numel a multiple of 16, checked on the host) lets the compiler vectorize masked loads.
+    CHECK: the mask is empty when the non-finite flag ``found`` is set."""
+    pid = tl.program_id(0)
+    row = tl.load(blk_row + pid).to(tl.int64)
+    start = tl.load(blk_start + pid)
+    n = _upto(tl.load(numel + row), found, CHECK)
+    if ALIGNED:
+        start = tl.multiple_of(start, 16)
+        n = tl.multiple_of(n, 16)
+    offs = start + tl.arange(0, BLOCK)
+    return row, offs, offs < n
+
+
+@triton.jit
+def _col(ptrs, row, c: tl.constexpr, NCOL: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Column c of the row: ``ptrs`` holds byte offsets from the table's own address, so the
+    pointer arithmetic starts from an argument the compiler knows is 16-byte aligned."""
+    off = tl.load(ptrs + row * NCOL + c)
+    if ALIGNED:
+        off = tl.multiple_of(off, 16)
+    return (ptrs.to(tl.pointer_type(tl.int8)) + off).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _ld(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _grad(ptrs, row, offs, mask, wd, pp, NCOL: tl.constexpr, G_DT: tl.constexpr, COUPLED: tl.constexpr,
+          ALIGNED: tl.constexpr):
+    """Column 1 is the gradient; with COUPLED the decayed gradient ``g + wd p`` (``pp`` = p's pointer)."""
+    g = _ld(_col(ptrs, row, 1, NCOL, G_DT, ALIGNED), offs, mask)
+    if COUPLED:
+        g += wd * _ld(pp, offs, mask)
+    return g
+
+
+@triton.jit
+def _cast(x, DT: tl.constexpr):
+    """float32 -> DT rounding to nearest even (explicit for bf16: Triton's CPU interpreter truncates)."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(DT)
+    return x.to(DT)
+
+
+@triton.jit
+def _tanh(x):
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _upto(n, found, CHECK: tl.constexpr):
+    """``n``, or 0 when CHECK and the non-finite flag is set: masks ``offs < _upto(n)`` are then empty."""
+    if CHECK:
+        n = tl.where(tl.load(found) == 0, n, 0)
+    return n
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+@triton.jit
+def apply_kernel(ptrs, numel, blk_row, blk_start, found, scal, decay,
+                 NCOL: tl.constexpr, NSCAL: tl.constexpr, P_DT: tl.constexpr, O_DT: tl.constexpr,
+                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+                 CHECK: tl.constexpr = False):
+    """Columns p, o: p = decay p - alpha[row] o (the step after an orthogonalized read-out)."""
+    row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
+    pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
+    o = _ld(_col(ptrs, row, 1, NCOL, O_DT, ALIGNED), offs, mask)
+    alpha = tl.load(scal + row * NSCAL)
+    tl.store(pp + offs, _cast(_ld(pp, offs, mask) * decay - alpha * o, P_DT), mask=mask)

@@ -1,0 +1,133 @@
+"""DeepMomentum's fused step, with the tensor-by-tensor reference of its kernels.
+
+:class:`DeepStep` (``Chain(DeepMemory)``, sigma identity, sign or ns), per list of rows:
+
+    sum u^2                                  (deep_sumsq_kernel: k = u / rms(u))
+    bias = a bias + u;  S = (sum u h_j, sum u (1 - h_j^2), sum u (1 - h_j^2) k),  h_j = tanh(w1_j k + b1_j)
+                                             (deep_inner_kernel)
+    w2 = a w2 + eta S_0 / n,  w1 += eta w2_old S_2 / n,  b1 += eta w2_old S_1 / n   (deep_phi_kernel)
+    m = bias + sum_j w2_j tanh(w1_j k + b1_j) (new memory);  p = decay p - lr sigma(m)  (deep_read_kernel)
+
+with ``sigma="ns"`` the read-out goes to stacked buffers, a batched Newton-Schulz and the apply
+kernel. :func:`deep` does to one tensor what these kernels (:mod:`deepopt.levels.deep.triton_kernels`)
+do to each row (float32 math).
+
+Example:
+    >>> import torch, deepopt
+    >>> from deepopt.levels import fused_step_for
+    >>> opt = deepopt.DeepMomentum([torch.nn.Parameter(torch.ones(4))], lr=0.1)
+    >>> type(fused_step_for(opt.chains[0], opt.param_groups[0], impl="reference")).__name__
+    'DeepStep'
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...kernels.launch import FusedStep, apply_rows, f32, row_grad, row_step, tanh, tl_dtype
+from ...kernels.tables import RowSet
+from ..orthogonal.batched import NSBatches
+from ..orthogonal.fused import ns_method
+from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio
+from .level import DeepMemory
+
+__all__ = ["DeepStep", "deep"]
+
+
+def _kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def deep(p: Tensor, g: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, out: Tensor | None, *,
+         a: float, eta: float, lr: float, decay: float, wd: float, sign: bool = False,
+         coupled: bool = False) -> None:
+    """The reference of the deep momentum kernels on one tensor (memory and ``p``, or ``out``, in place)."""
+    u = row_grad(p, g, wd, coupled).reshape(-1)
+    n = u.numel()
+    k = u / (float((u * u).sum() / n) ** 0.5 + 1e-30)
+    fw1, fb1, fw2 = f32(w1), f32(b1), f32(w2)
+    nb = a * f32(bias).reshape(-1) + u
+    if eta != 0:
+        h = tanh(k[:, None] * fw1 + fb1)
+        dh = u[:, None] * (1 - h * h)
+        nw2 = a * fw2 + eta * (u[:, None] * h).sum(0) / n
+        nw1 = fw1 + eta * fw2 * (dh * k[:, None]).sum(0) / n
+        nb1 = fb1 + eta * fw2 * dh.sum(0) / n
+    else:
+        nw1, nb1, nw2 = fw1, fb1, a * fw2
+    bias.copy_(nb.reshape(bias.shape))
+    w1.copy_(nw1)
+    b1.copy_(nb1)
+    w2.copy_(nw2)
+    d = nb + tanh(k[:, None] * nw1 + nb1) @ nw2
+    if sign:
+        d = d.sign()
+    if out is not None:
+        out.copy_(d.reshape(out.shape))
+    else:
+        row_step(p, d.reshape(p.shape), lr, decay)
+
+
+class DeepStep(FusedStep):
+    """``Chain(DeepMemory)``: DeepMomentum, sigma identity, sign or ns (Newton-Schulz on matrices)."""
+
+    @classmethod
+    def covers(cls, chain) -> bool:
+        return len(chain.levels) == 1 and isinstance(chain.levels[0], DeepMemory)
+
+    def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
+        lvl = self.chain.levels[0]
+        n = lvl.name
+        a, eta = float(lvl.hp(group, "momentum")), float(lvl.hp(group, "inner_lr"))
+        sigma = lvl.hp(group, "sigma")
+        decay, coupled = self.decay_terms(lr, wd, decoupled)
+        ns_rows = [i for i in idx if sigma == "ns" and params[i].ndim >= 2]
+        p0 = params[idx[0]]
+        batches = NSBatches([(params[i].shape[0], params[i][0].numel()) for i in ns_rows], torch.bfloat16, p0.device)
+        slot = {i: batches.slot(j).view(params[i].shape) for j, i in enumerate(ns_rows)}
+        keys = [f"{n}.bias", f"{n}.w1", f"{n}.b1", f"{n}.w2"]
+        if not kernel:
+            for i in idx:
+                s = states[i]
+                deep(params[i], grads[i], *(s[k] for k in keys), slot.get(i), a=a, eta=eta, lr=lr, decay=decay,
+                     wd=wd, sign=sigma == "sign", coupled=coupled)
+        else:
+            self._kernels(idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma)
+        if ns_rows:
+            outs = batches.run(NS_COEFFICIENTS, 5, 1e-7, ns_method(group))
+            alphas = [lr * adjust_lr_ratio(params[i].shape, None) for i in ns_rows]
+            apply_rows(self, ns_rows, params, [o.view(params[i].shape) for i, o in zip(ns_rows, outs)], alphas,
+                       decay, kernel)
+
+    def _kernels(self, idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma) -> None:
+        lvl = self.chain.levels[0]
+        h = lvl.hidden
+        hp = 1 << max(0, (h - 1).bit_length())
+        k = _kernels()
+        for out_rows in ([i for i in idx if i not in slot], [i for i in idx if i in slot]):
+            if not out_rows:
+                continue
+            to_out = out_rows[0] in slot
+            main = [[params[i], grads[i], states[i][keys[0]]] + ([slot[i]] if to_out else []) for i in out_rows]
+            extra = [[states[i][kk] for kk in keys[1:]] for i in out_rows]
+            rows = RowSet(main, mutable=(0, 2, 3) if to_out else (0, 2), extra=extra)
+            wc = len(main[0])
+            p, g, b = params[out_rows[0]], grads[out_rows[0]], states[out_rows[0]][keys[0]]
+            dts = dict(P_DT=tl_dtype(p.dtype), G_DT=tl_dtype(g.dtype))
+            sdt = tl_dtype(b.dtype)
+            red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
+            sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
+            self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, **dts)
+            self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
+                        LEARN=eta != 0, H=h, HP=hp, WC=wc, block=1024, **dts)
+            t = rows.tables(1024)
+            flag = self.found if self.found is not None else red  # any pointer when CHECK is off
+            k.deep_phi_kernel[(len(out_rows),)](t.ptrs, t.numel, flag, sums, a, eta, NCOL=len(rows.rows[0]), S_DT=sdt,
+                                                H=h, HP=hp, WC=wc, ALIGNED=t.aligned, CHECK=self.found is not None)
+            self.launch(k.deep_read_kernel, rows, None, red, lr, decay, wd, S_DT=sdt,
+                        O_DT=tl_dtype(slot[out_rows[0]].dtype) if to_out else sdt, COUPLED=coupled,
+                        SIGN=sigma == "sign", TO_OUT=to_out, H=h, HP=hp, WC=wc, block=1024, **dts)
+            rows.finish()

@@ -1,0 +1,110 @@
+"""Triton kernels of deep momentum: the gradient's scale, the memory's write and inner gradient, the read.
+
+Conventions (tables, dtypes, ``COUPLED``, the non-finite flag ``found``) in
+:mod:`deepopt.kernels.triton_lib`; each kernel's tensor-by-tensor reference and its math are in
+:mod:`deepopt.levels.deep.fused`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...kernels.triton_lib import _cast, _col, _grad, _ld, _row, _tanh, _upto
+
+
+# ----------------------------------------------------------------------------- deep momentum
+@triton.jit
+def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd,
+                      NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, COUPLED: tl.constexpr,
+                      BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+                      CHECK: tl.constexpr = False):
+    """Columns p, g: red[row] += sum u^2 (u the decayed gradient), for k = u / rms(u)."""
+    row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
+    u = _grad(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), NCOL, G_DT, COUPLED, ALIGNED)
+    tl.atomic_add(red + row, tl.sum(u * u, 0))
+
+
+@triton.jit
+def _features(ptrs, row, offs, mask, wd, red, numel, NCOL: tl.constexpr, P_DT: tl.constexpr,
+              G_DT: tl.constexpr, S_DT: tl.constexpr, COUPLED: tl.constexpr, H: tl.constexpr,
+              HP: tl.constexpr, WC: tl.constexpr, ALIGNED: tl.constexpr):
+    """u, k = u/rms(u), and the memory MLP's (w1, b1, w2) of this row (columns WC, WC+1, WC+2)."""
+    u = _grad(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), NCOL, G_DT, COUPLED, ALIGNED)
+    rms = tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32))
+    k = u / (rms + 1e-30)
+    j = tl.arange(0, HP)
+    jm = j < H
+    w1 = tl.load(_col(ptrs, row, WC, NCOL, S_DT, ALIGNED) + j, mask=jm, other=0.0).to(tl.float32)
+    b1 = tl.load(_col(ptrs, row, WC + 1, NCOL, S_DT, ALIGNED) + j, mask=jm, other=0.0).to(tl.float32)
+    w2 = tl.load(_col(ptrs, row, WC + 2, NCOL, S_DT, ALIGNED) + j, mask=jm, other=0.0).to(tl.float32)
+    return u, k, j, jm, w1, b1, w2
+
+
+@triton.jit
+def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd,
+                      NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+                      COUPLED: tl.constexpr, LEARN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
+                      WC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+                      CHECK: tl.constexpr = False):
+    """Columns p, g, bias, then w1, b1, w2 at WC: bias = a bias + u, and (LEARN) the inner gradient's sums
+    sums[row] += (sum u h_j, sum u (1 - h_j^2), sum u (1 - h_j^2) k), h_j = tanh(w1_j k + b1_j)."""
+    row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
+    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, NCOL, P_DT, G_DT, S_DT,
+                                        COUPLED, H, HP, WC, ALIGNED)
+    bp = _col(ptrs, row, 2, NCOL, S_DT, ALIGNED)
+    tl.store(bp + offs, _cast(a * _ld(bp, offs, mask) + u, S_DT), mask=mask)
+    if LEARN:
+        h = _tanh(k[:, None] * w1[None, :] + b1[None, :])
+        uu = tl.where(mask, u, 0.0)[:, None]
+        s = sums + row * 3 * HP + j
+        tl.atomic_add(s, tl.sum(uu * h, 0), mask=jm)
+        dh = uu * (1.0 - h * h)
+        tl.atomic_add(s + HP, tl.sum(dh, 0), mask=jm)
+        tl.atomic_add(s + 2 * HP, tl.sum(dh * k[:, None], 0), mask=jm)
+
+
+@triton.jit
+def deep_phi_kernel(ptrs, numel, found, sums, a, eta, NCOL: tl.constexpr, S_DT: tl.constexpr, H: tl.constexpr,
+                    HP: tl.constexpr, WC: tl.constexpr, ALIGNED: tl.constexpr = False,
+                    CHECK: tl.constexpr = False):
+    """One program per row: w2 = a w2 + eta S_w2/n, w1 += eta w2_old S_w1/n, b1 += eta w2_old S_b1/n."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, HP)
+    jm = j < _upto(H, found, CHECK)
+    n = tl.load(numel + row).to(tl.float32)
+    p1 = _col(ptrs, row, WC, NCOL, S_DT, ALIGNED)
+    pb = _col(ptrs, row, WC + 1, NCOL, S_DT, ALIGNED)
+    p2 = _col(ptrs, row, WC + 2, NCOL, S_DT, ALIGNED)
+    w1 = tl.load(p1 + j, mask=jm, other=0.0).to(tl.float32)
+    b1 = tl.load(pb + j, mask=jm, other=0.0).to(tl.float32)
+    w2 = tl.load(p2 + j, mask=jm, other=0.0).to(tl.float32)
+    s = sums + row * 3 * HP + j
+    s_h = tl.load(s, mask=jm, other=0.0)
+    s_b = tl.load(s + HP, mask=jm, other=0.0)
+    s_w = tl.load(s + 2 * HP, mask=jm, other=0.0)
+    tl.store(p2 + j, _cast(a * w2 + eta * s_h / n, S_DT), mask=jm)
+    tl.store(p1 + j, _cast(w1 + eta * w2 * s_w / n, S_DT), mask=jm)
+    tl.store(pb + j, _cast(b1 + eta * w2 * s_b / n, S_DT), mask=jm)
+
+
+@triton.jit
+def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, lr, decay, wd,
+                     NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+                     O_DT: tl.constexpr, COUPLED: tl.constexpr, SIGN: tl.constexpr, TO_OUT: tl.constexpr,
+                     H: tl.constexpr, HP: tl.constexpr, WC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+                     CHECK: tl.constexpr = False):
+    """Columns p, g, bias[, out], then w1, b1, w2 at WC: read m(u) = bias + sum_j w2_j tanh(w1_j k + b1_j)
+    (new memory), sigma = sign or identity; p = decay p - lr sigma(m), or (TO_OUT) out = m."""
+    row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
+    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, NCOL, P_DT, G_DT, S_DT,
+                                        COUPLED, H, HP, WC, ALIGNED)
+    h = _tanh(k[:, None] * w1[None, :] + b1[None, :])
+    d = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask) + tl.sum(h * w2[None, :], 1)
+    if SIGN:
+        d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    if TO_OUT:
+        tl.store(_col(ptrs, row, 3, NCOL, O_DT, ALIGNED) + offs, _cast(d, O_DT), mask=mask)
+    else:
+        pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
+        tl.store(pp + offs, _cast(_ld(pp, offs, mask) * decay - lr * d, P_DT), mask=mask)

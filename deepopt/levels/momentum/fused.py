@@ -1,0 +1,150 @@
+"""Fused steps of the momentum family, with the tensor-by-tensor reference of each kernel.
+
+* :class:`MomentumStep` (``Chain(Momentum)``, sgd or ema, period 1: MomentumMemory), one launch:
+
+      sgd: buf = g (first write) or a buf + c_g g;   ema: buf = buf + c_g (g - buf)
+      d = buf, or the look-ahead g + a buf (sgd) / g + a (buf - g) (ema);   p = decay p - lr d
+
+* :class:`DeltaStep` (``Chain(DeltaMomentumLevel)``: DeltaMomentum): a reduction launch for
+  ``(<buf, g>, ||g||^2)``, the matrices' forget term ``buf G^T G`` from batched matmuls on the
+  cheaper side, then one update launch:
+
+      buf = g (first) or a buf - lam F / ||g||^2 + g,   F = <buf, g> g (vectors), buf G^T G (matrices)
+
+``decay = 1 - lr wd`` (decoupled weight decay) or 1; ``coupled`` adds ``wd p`` to the gradient.
+The functions :func:`momentum` and :func:`delta` do to one tensor what the kernels of
+:mod:`deepopt.levels.momentum.triton_kernels` do to each row (float32 math); tests check kernel ==
+reference == the level's foreach path (:mod:`deepopt.levels.momentum.level`).
+
+Example:
+    >>> import torch
+    >>> from deepopt.levels.momentum.fused import momentum
+    >>> p, g, buf = torch.ones(3), torch.ones(3), torch.zeros(3)
+    >>> momentum(p, g, buf, None, first=True, a=0.9, c_g=1.0, lr=0.1, decay=1.0, wd=0.0)
+    >>> p
+    tensor([0.9000, 0.9000, 0.9000])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...kernels.launch import FusedStep, f32, first_write, row_grad, row_step, tl_dtype
+from ...kernels.tables import RowSet, scalar_table
+from .level import DeltaMomentumLevel, Momentum, forget_terms
+
+__all__ = ["MomentumStep", "DeltaStep", "momentum", "delta"]
+
+
+def _kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def momentum(p: Tensor, g: Tensor, buf: Tensor, out: Tensor | None, *, first: bool, a: float, c_g: float,
+             lr: float, decay: float, wd: float, ema: bool = False, nesterov: bool = False,
+             coupled: bool = False) -> None:
+    """The reference of ``momentum_kernel`` on one tensor: updates ``buf`` and ``p`` (or writes
+    the read-out into ``out``) in place."""
+    x = row_grad(p, g, wd, coupled)
+    b = f32(buf)
+    if ema:
+        new = b + c_g * (x - b)
+        d = x + a * (new - x) if nesterov else new
+    else:
+        new = x.clone() if first else a * b + c_g * x
+        d = x + a * new if nesterov else new
+    buf.copy_(new)
+    if out is not None:
+        out.copy_(d)
+    else:
+        row_step(p, d, lr, decay)
+
+
+def delta(p: Tensor, g: Tensor, buf: Tensor, f: Tensor | None, *, first: bool, a: float, lam: float, lr: float,
+          decay: float, wd: float, nesterov: bool = False, coupled: bool = False) -> None:
+    """The reference of ``delta_update_kernel`` on one tensor (``f`` None for vectors, else
+    ``buf G^T G``)."""
+    x = row_grad(p, g, wd, coupled)
+    b = f32(buf)
+    if first:
+        new = x.clone()
+    else:
+        sq = float((x * x).sum())
+        coef = lam * (float((b * x).sum()) if f is None else 1.0) / sq if sq > 0 else 0.0
+        new = a * b - coef * (x if f is None else f32(f)) + x
+    buf.copy_(new)
+    row_step(p, x + a * new if nesterov else new, lr, decay)
+
+
+class MomentumStep(FusedStep):
+    """``Chain(Momentum)`` (sgd or ema form, period 1): MomentumMemory."""
+
+    @classmethod
+    def covers(cls, chain) -> bool:
+        lv = chain.levels
+        return len(lv) == 1 and isinstance(lv[0], Momentum) and lv[0].period == 1
+
+    def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
+        lvl = self.chain.levels[0]
+        a = float(lvl.hp(group, "momentum"))
+        ema = lvl.form == "ema"
+        c_g = 1.0 - a if ema else 1.0 - float(lvl.hp(group, "dampening"))
+        nesterov = bool(lvl.hp(group, "nesterov"))
+        decay, coupled = self.decay_terms(lr, wd, decoupled)
+        key = f"{lvl.name}.momentum_buffer"
+        if not kernel:
+            for i in idx:
+                momentum(params[i], grads[i], states[i][key], None, first=first_write(ts[i], a), a=a, c_g=c_g, lr=lr,
+                         decay=decay, wd=wd, ema=ema, nesterov=nesterov, coupled=coupled)
+            return
+        rows = RowSet([[params[i], grads[i], states[i][key]] for i in idx], mutable=(0, 2))
+        scal = scalar_table([[float(first_write(ts[i], a))] for i in idx], params[idx[0]].device)
+        p, g, s = params[idx[0]], grads[idx[0]], states[idx[0]][key]
+        self.launch(_kernels().momentum_kernel, rows, scal, a, c_g, lr, decay, wd, NSCAL=1, P_DT=tl_dtype(p.dtype),
+                    G_DT=tl_dtype(g.dtype), S_DT=tl_dtype(s.dtype), O_DT=tl_dtype(p.dtype), EMA=ema,
+                    NESTEROV=nesterov, COUPLED=coupled, TO_OUT=False)
+        rows.finish()
+
+
+class DeltaStep(FusedStep):
+    """``Chain(DeltaMomentumLevel)``: DeltaMomentum. Vectors entirely in the kernels (a reduction
+    launch, then the update); matrices get their forget term ``buf G^T G`` from matmuls batched
+    over equal shapes (:func:`deepopt.levels.momentum.level.forget_terms`, in the level's
+    ``forget_dtype``) and the rest from the same update kernel."""
+
+    @classmethod
+    def covers(cls, chain) -> bool:
+        lv = chain.levels
+        return len(lv) == 1 and isinstance(lv[0], DeltaMomentumLevel) and lv[0].period == 1
+
+    def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
+        lvl = self.chain.levels[0]
+        a, lam = float(lvl.hp(group, "momentum")), float(lvl.hp(group, "delta"))
+        nesterov = bool(lvl.hp(group, "nesterov"))
+        decay, coupled = self.decay_terms(lr, wd, decoupled)
+        key = f"{lvl.name}.momentum_buffer"
+        mats = [i for i in idx if params[i].ndim >= 2 and ts[i] > 1 and lam != 0]
+        fs = forget_terms([states[i][key] for i in mats],
+                          [(grads[i].add(params[i], alpha=wd) if coupled else grads[i]) for i in mats], lvl.forget_dtype)
+        forget: dict[int, Tensor] = dict(zip(mats, fs))
+        hp = dict(a=a, lam=lam, lr=lr, decay=decay, wd=wd, nesterov=nesterov, coupled=coupled)
+        if not kernel:
+            for i in idx:
+                f = forget.get(i, torch.zeros_like(params[i]) if params[i].ndim >= 2 else None)
+                delta(params[i], grads[i], states[i][key], f, first=ts[i] == 1, **hp)
+            return
+        cols = [[params[i], grads[i], states[i][key], forget.get(i, states[i][key])] for i in idx]
+        rows = RowSet(cols, mutable=(0, 2))
+        p, g, s = params[idx[0]], grads[idx[0]], states[idx[0]][key]
+        dts = dict(P_DT=tl_dtype(p.dtype), G_DT=tl_dtype(g.dtype), S_DT=tl_dtype(s.dtype))
+        red = torch.zeros(len(idx), 2, dtype=torch.float32, device=p.device)
+        k = _kernels()
+        if lam != 0:
+            self.launch(k.delta_reduce_kernel, rows, None, red, wd, COUPLED=coupled, **dts)
+        scal = scalar_table([[float(ts[i] == 1), float(params[i].ndim < 2)] for i in idx], p.device)
+        self.launch(k.delta_update_kernel, rows, scal, red, a, lam, lr, decay, wd, NSCAL=2, F_DT=dts["S_DT"],
+                    NESTEROV=nesterov, COUPLED=coupled, **dts)
+        rows.finish()
