@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .continual_tasks import PermutedDigits, SplitDigits
-from .data import digits_split
+from .data import digit_permutations, digits_split
 
 __all__ = ["SEQUENCES", "TEST_SEQUENCES", "VALIDATION_SEQUENCES", "class_groups", "mnist1d_available"]
 
@@ -47,9 +47,8 @@ class ValPermutedDigits(PermutedDigits):
 
     def __init__(self, n_tasks: int = 4, steps: int = 150):
         super().__init__(n_tasks, steps)
-        gen = torch.Generator().manual_seed(99)
         x_tr, _, x_te, _ = digits_split()
-        self.permute(x_tr, x_te, [torch.arange(64)] + [torch.randperm(64, generator=gen) for _ in range(n_tasks - 1)])
+        self.permute(x_tr, x_te, digit_permutations(n_tasks, seed=99))
 
 
 class ValSplitDigits(SplitDigits):

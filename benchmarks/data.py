@@ -104,10 +104,11 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
     return x[360:], y[360:], x[:360], y[:360]
 
 
-def digit_permutations(n_tasks: int) -> list[torch.Tensor]:
+def digit_permutations(n_tasks: int, seed: int = PERMUTATION_SEED) -> list[torch.Tensor]:
     """The pixel orders of the permuted-digits tasks: task 0 the identity, then fixed random
-    permutations of the 64 pixels (seed ``PERMUTATION_SEED``; task j is the same for any n_tasks > j)."""
-    gen = torch.Generator().manual_seed(PERMUTATION_SEED)
+    permutations of the 64 pixels (``seed``, default ``PERMUTATION_SEED``; another seed gives a
+    validation sequence; task j is the same for any n_tasks > j)."""
+    gen = torch.Generator().manual_seed(seed)
     return [torch.arange(64)] + [torch.randperm(64, generator=gen) for _ in range(n_tasks - 1)]
 
 
