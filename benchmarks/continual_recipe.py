@@ -73,9 +73,13 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "SI": [{"c": v} for v in (0.01, 0.1, 1.0, 10.0, 100.0)],
     "LwF": [{"alpha": v} for v in (0.25, 0.5, 1.0, 2.0, 4.0)],
     "replay": [{}],
-    "recipe": [{"strength": s, "distill": d, "importance": i, "importance_beta": b, "coupling": "gradient"}
-               for (i, b), s, d in itertools.product((("fisher", 0.0), ("fisher", 0.9), ("fisher", 0.99), ("path", 0.0)),
-                                                     (0.01, 0.03, 0.1, 0.3), (0.0, 0.1, 0.2, 0.3))]
+    # strength 0.001 and 0.003 below the first grid's lowest (0.01, chosen by it), distill 0.5 above its
+    # highest; strength 0 (no pull: distillation alone, importance unused) closes the grid from below
+    "recipe": [{"strength": 0.0, "distill": d, "importance": "fisher", "importance_beta": 0.0, "coupling": "gradient"}
+               for d in (0.1, 0.2, 0.3, 0.5)]
+    + [{"strength": s, "distill": d, "importance": i, "importance_beta": b, "coupling": "gradient"}
+       for (i, b), s, d in itertools.product((("fisher", 0.0), ("fisher", 0.9), ("fisher", 0.99), ("path", 0.0)),
+                                             (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), (0.0, 0.1, 0.2, 0.3, 0.5))]
     + [{"strength": s, "distill": d, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"}
        for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))],
 }
