@@ -6,7 +6,9 @@ Scenarios (scikit-learn's 8x8 digits, no download):
 
 Methods (same MLP, same learning rate): ``adamw``; ``adamw+multitimescale`` (the same AdamW with
 ``deepopt.lightning.MultiTimescale(slow_levels)``); ``deepopt`` (a deepopt optimizer, M3 by default,
-whose param groups carry the same periods: a slow momentum level plus slow parameter levels).
+whose param groups carry the same periods: a slow momentum level plus slow parameter levels);
+``adamw+recipe`` (the same AdamW with ``deepopt.lightning.ContinualRecipe``: the continual recipe's
+slow level over ``net``, consolidated at every task end, knobs ``recipe`` over the recipe's defaults).
 
 All tasks are trained in one ``Trainer.fit`` (task = epoch // epochs_per_task). After each task the
 accuracy on every task is printed; at the end the accuracy matrices are saved as a PNG in the run
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -28,11 +31,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import deepopt
-from deepopt.lightning import LevelMonitor, MultiTimescale
+from deepopt.lightning import ContinualRecipe, LevelMonitor, MultiTimescale
 
 from .run_dir import RunDirCLI, in_run_dir
 
-METHODS = ("adamw", "adamw+multitimescale", "deepopt")
+METHODS = ("adamw", "adamw+multitimescale", "deepopt", "adamw+recipe")
 
 
 class ContinualDigits(pl.LightningDataModule):
@@ -79,11 +82,12 @@ class ContinualDigits(pl.LightningDataModule):
 
 
 class ContinualClassifier(pl.LightningModule):
-    """An MLP trained by one of ``METHODS``; ``slow_levels`` are the periods of its slow parameters."""
+    """An MLP trained by one of ``METHODS``; ``slow_levels`` are the periods of its slow parameters;
+    ``recipe``: knobs of ``ContinualRecipe`` (``adamw+recipe``) over ``deepopt.continual.DEFAULTS``."""
 
     def __init__(self, method: str = "adamw", hidden: int = 256, lr: float = 1e-3, weight_decay: float = 0.0,
                  slow_levels: dict[str, int] | None = None, deepopt_optimizer: str = "M3",
-                 num_classes: int = 10) -> None:
+                 num_classes: int = 10, recipe: dict[str, Any] | None = None) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -93,6 +97,10 @@ class ContinualClassifier(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, num_classes))
         self.slow_levels = {"net.0.*": 4, "net.2.*": 16} if slow_levels is None else dict(slow_levels)
+        self.recipe = dict(recipe or {})
+        unknown = set(self.recipe) - set(deepopt.continual.DEFAULTS)
+        if unknown:
+            raise ValueError(f"recipe knobs must be among {sorted(deepopt.continual.DEFAULTS)}, got {sorted(unknown)}")
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -111,6 +119,9 @@ class ContinualClassifier(pl.LightningModule):
         callbacks = [TaskEvaluator(), LevelMonitor()]
         if self.method == "adamw+multitimescale":
             callbacks.insert(0, MultiTimescale(self.slow_levels))
+        if self.method == "adamw+recipe":  # the pull's lr: the optimizer's; a task ends every epochs_per_task
+            callbacks.insert(0, ContinualRecipe(epochs_per_task=self.trainer.datamodule.epochs_per_task, module="net",
+                                                **self.recipe))
         return callbacks
 
 

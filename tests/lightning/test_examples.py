@@ -36,7 +36,7 @@ def test_continual_tiny_config(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     results = main(["--config", str(CONFIGS / "continual_tiny.yaml"), "--png", "acc.png"])
     assert set(results) == {(s, m) for s in ("permuted", "split")
-                            for m in ("adamw", "adamw+multitimescale", "deepopt")}
+                            for m in ("adamw", "adamw+multitimescale", "deepopt", "adamw+recipe")}
     for matrix in results.values():
         assert len(matrix) == 2 and all(len(row) == 2 and all(0 <= a <= 1 for a in row) for row in matrix)
     (run,) = (tmp_path / "runs").iterdir()  # a relative --png goes to the run folder
@@ -44,6 +44,33 @@ def test_continual_tiny_config(tmp_path, monkeypatch, capsys):
     assert (run / "acc.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "after \\ on | task 1 | task 2" in out and "final avg acc" in out
+
+
+def test_continual_recipe_method_attaches_the_callback_and_consolidates_per_task(tmp_path, monkeypatch):
+    """``adamw+recipe``: AdamW with ``ContinualRecipe`` over ``net`` (the optimizer's lr, a task per
+    ``epochs_per_task`` epochs); ``--model.recipe`` knobs reach the callback; unknown knobs are refused."""
+    import lightning_examples.continual as ex
+    from deepopt.lightning import ContinualRecipe
+
+    seen = []
+    original = ex.ContinualClassifier.configure_callbacks
+
+    def spy(self):
+        callbacks = original(self)
+        seen.extend(cb for cb in callbacks if isinstance(cb, ContinualRecipe))
+        return callbacks
+
+    monkeypatch.setattr(ex.ContinualClassifier, "configure_callbacks", spy)
+    monkeypatch.chdir(tmp_path)
+    results = ex.main(["--config", str(CONFIGS / "continual_tiny.yaml"), "--methods", "[adamw+recipe]",
+                       "--scenarios", "[split]", "--data.num_tasks", "3", "--model.recipe", "{strength: 0.5, distill: 0.2}"])
+    assert list(results) == [("split", "adamw+recipe")] and len(results[("split", "adamw+recipe")]) == 3
+    (cb,) = seen
+    assert cb.consolidations == 3 and cb.epochs_per_task == 1 and cb.module == "net"
+    assert cb.knobs["strength"] == 0.5 and cb.knobs["distill"] == 0.2
+    assert cb.engine.lr == pytest.approx(1e-3)  # the optimizer's (model.lr's default)
+    with pytest.raises(ValueError, match="recipe knobs"):
+        ex.ContinualClassifier(method="adamw+recipe", recipe={"strenght": 1.0})
 
 
 def test_char_lm_tiny_config_hope_with_deepopt_optimizer(tmp_path, monkeypatch, capsys):
