@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     selection = select(args.val_seeds, args.methods, log, sizes=sizes, grids=grids)
     chosen = {m: v["chosen"] for m, v in selection.items()}
     test = evaluate(chosen, args.seeds, log=log, sizes=sizes)
-    result = {"command": f"OMP_NUM_THREADS={args.threads} python -m benchmarks.continual_recipe "
-                         + " ".join(argv if argv is not None else sys.argv[1:]),
+    shown = [os.path.relpath(a) if a == out_dir and os.path.isabs(a) else a for a in (argv if argv is not None else sys.argv[1:])]
+    result = {"command": f"OMP_NUM_THREADS={args.threads} python -m benchmarks.continual_recipe " + " ".join(shown),
               "lr": LR, "test_seeds": args.seeds, "val_seeds": args.val_seeds, "torch": torch.__version__,
               "threads": args.threads, "smoke": args.smoke,
               "selection": selection, "chosen": chosen, "test": test,
