@@ -1,16 +1,38 @@
 """deepopt under torch.distributed: DTensor (FSDP2) parameters and distributed checkpoints.
 
 **Policy.** Element-wise levels (momentum, Adam's moments, the diagonal preconditioner) act on
-each rank's local shard of a DTensor parameter: no communication, no extra memory. A chain with
-any level that needs the whole tensor (Newton-Schulz in MuonMemory/M3/DeepMomentum, delta
-momentum's matrix decay, DeepMomentum's per-tensor normalization, M3's RMS matching, DGD) runs on
-the **full** tensors instead: the parameter, its gradient and its state are all-gathered, every
-rank computes the same step redundantly, and each rank keeps its own shard of the result. That
-is one all-gather of (1 + number of state buffers + 1) tensors per such parameter per step and a
-transient full copy of one parameter at a time. It is exact (the step does not depend on the
-sharding, so a checkpoint resumes exactly at any world size) and never silently degrades to an
-element-wise rule. Spreading the orthogonalizations of different matrices across ranks (as
-distributed Muon implementations do) would cut the redundant compute; it is not done here.
+each rank's local shard of a DTensor parameter: no communication, no extra memory.
+
+**Newton-Schulz spread over ranks** (default for DTensor parameters on a mesh of size > 1; MuonMemory,
+M3). A chain whose only non-element-wise parts are Newton-Schulz read-outs and reductions that
+DTensor computes itself (M3's RMS matching: one scalar all-reduce per matrix) runs on the DTensors
+as they are; each Newton-Schulz input ``X_i`` (``m_i x n_i``, sharded by rows, ``Shard(0)``) goes to
+one owner rank, which orthogonalizes it, and every rank receives its rows of ``NS(X_i)`` back:
+
+    owner(i): matrices sorted by cost ns_flops(m_i, n_i) (descending, ties by index), each given
+              to the rank with the least cost so far (ties: the lowest rank)
+    gather:   rank r sends rows [r c_i, r c_i + k_r) of X_i (in the NS dtype, c_i = ceil(m_i / W))
+    NS:       the owner runs the same per-matrix ``newton_schulz`` as one process would
+    scatter:  the owner sends rank r its rows of NS(X_i)
+
+The assignment depends only on the shapes and their order, not on the sharding, and the owner
+computes exactly what a single process computes from the same input, so the step equals the
+single-process step (bit for bit for MuonMemory on CPU; M3's RMS all-reduce sums in another
+order). Per step each rank sends and receives about ``2 (W-1)/W sum_i m_i n_i`` elements of the
+NS dtype in total across ranks (one gather and one scatter per matrix, padded to ``c_i`` rows),
+against the replicated form's all-gather of parameter, gradient and state. Parameters and state
+never leave their shards. Other placements than ``Shard(0)`` on a 1-D mesh gather the full input
+on every rank instead (correct, not spread). Opt out per param group with
+``distributed_ns="replicate"``.
+
+**Replicated form.** Any other chain with a level that needs the whole tensor (delta momentum's
+matrix decay, DeepMomentum's per-tensor normalization, DGD; every chain with
+``distributed_ns="replicate"``) runs on the **full** tensors: the parameter, its gradient and its
+state are all-gathered, every rank computes the same step redundantly, and each rank keeps its
+own shard of the result. That is one all-gather of (1 + number of state buffers + 1) tensors per
+such parameter per step and a transient full copy of one parameter at a time. It is exact (the
+step does not depend on the sharding, so a checkpoint resumes exactly at any world size) and
+never silently degrades to an element-wise rule.
 
 **Checkpoints.** :func:`get_state_dict`/:func:`set_state_dict` wrap
 ``torch.distributed.checkpoint.state_dict`` and :func:`save`/:func:`load` write and read them
@@ -30,8 +52,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_dtensor", "needs_full_tensors", "on_full_tensors", "get_state_dict", "set_state_dict", "save",
-           "load", "all_reduce_mean"]
+__all__ = ["is_dtensor", "needs_full_tensors", "on_full_tensors", "orthogonalize_many", "ns_owners",
+           "DISTRIBUTED_NS", "get_state_dict", "set_state_dict", "save", "load", "all_reduce_mean"]
+
+#: values of the param-group key ``distributed_ns`` (absent: ``"spread"``)
+DISTRIBUTED_NS = ("spread", "replicate")
 
 
 def is_dtensor(t: Any) -> bool:
@@ -43,11 +68,132 @@ def is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
-def needs_full_tensors(chain: Any, params: Sequence[Tensor]) -> bool:
-    """True when ``chain`` has a non-element-wise level and some parameter is a DTensor."""
+def distributed_ns(group: Any) -> str:
+    """The group's ``distributed_ns`` (``"spread"`` when absent); ValueError for another value."""
+    mode = group.get("distributed_ns", "spread") if group is not None else "spread"
+    if mode not in DISTRIBUTED_NS:
+        raise ValueError(f"invalid distributed_ns: {mode!r}; use one of {DISTRIBUTED_NS}")
+    return mode
+
+
+def needs_full_tensors(chain: Any, params: Sequence[Tensor], group: Any = None) -> bool:
+    """True when some parameter is a DTensor and ``chain`` has a non-element-wise level, unless
+    every such level spreads its Newton-Schulz (``ns_spread``) and the group does not opt out."""
     if not any(is_dtensor(p) for p in params):
         return False
-    return not all(getattr(lvl, "elementwise", False) for lvl in chain.levels)
+    levels = [lvl for lvl in chain.levels if not getattr(lvl, "elementwise", False)]
+    if not levels:
+        return False
+    return distributed_ns(group) == "replicate" or not all(getattr(lvl, "ns_spread", False) for lvl in levels)
+
+
+def ns_owners(shapes: Sequence[tuple[int, int]], world: int) -> list[int]:
+    """The rank that orthogonalizes each ``(rows, cols)`` matrix: greedy by Newton-Schulz flops.
+
+    Example:
+        >>> ns_owners([(8, 8), (64, 64), (8, 8), (16, 64)], 2)
+        [1, 0, 1, 1]
+    """
+    from .levels.orthogonal.batched import ns_flops
+
+    cost = [ns_flops(m, n) for m, n in shapes]
+    load = [0.0] * world
+    owners = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += cost[i]
+    return owners
+
+
+def _spreadable(x: Any) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return (x.device_mesh.ndim == 1 and len(x.placements) == 1 and type(x.placements[0]) is Shard
+            and x.placements[0].dim == 0)
+
+
+def orthogonalize_many(xs: Sequence[Tensor], fn: Callable[[Tensor], Tensor],
+                       dtype: torch.dtype | None = None) -> list[Tensor]:
+    """``fn`` (one matrix's Newton-Schulz) on each ``x`` viewed as ``(shape[0], -1)``, in ``x``'s shape.
+
+    Plain tensors: ``fn`` on each, here. DTensors sharded by rows on a 1-D mesh of ``W > 1`` ranks:
+    spread as the module docstring describes (the inputs cast to ``dtype`` before they travel; the
+    outputs are DTensors of the inputs' placements); other DTensors: ``fn`` on the full tensor.
+
+    Example:
+        >>> import torch
+        >>> o = orthogonalize_many([torch.eye(3) * 2], lambda m: m / m.norm())
+        >>> o[0].shape
+        torch.Size([3, 3])
+    """
+    outs: list[Any] = [None] * len(xs)
+    spread = []
+    for i, x in enumerate(xs):
+        if not is_dtensor(x):
+            outs[i] = fn(x.reshape(x.shape[0], -1)).reshape(x.shape)
+        elif _spreadable(x) and x.device_mesh.size() > 1:
+            spread.append(i)
+        else:
+            o = fn(x.full_tensor().reshape(x.shape[0], -1)).reshape(x.shape)
+            outs[i] = _as_dtensor(_shard_of(o, x), x)
+    by_mesh: dict[int, list[int]] = {}
+    for i in spread:
+        by_mesh.setdefault(id(xs[i].device_mesh), []).append(i)
+    for idx in by_mesh.values():
+        for i, o in zip(idx, _spread([xs[i] for i in idx], fn, dtype)):
+            outs[i] = o
+    return outs
+
+
+def _as_dtensor(local: Tensor, like: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
+def _spread(xs: Sequence[Any], fn: Callable[[Tensor], Tensor], dtype: torch.dtype | None) -> list[Any]:
+    import torch.distributed as dist
+
+    mesh = xs[0].device_mesh
+    pg = mesh.get_group()
+    world, me = dist.get_world_size(pg), dist.get_rank(pg)
+    shapes = [(x.shape[0], x.numel() // x.shape[0]) for x in xs]
+    owners = ns_owners(shapes, world)
+    locals_ = [x.to_local() for x in xs]
+    sends, recvs, works = [], [], []
+    for x, loc, (m, n), owner in zip(xs, locals_, shapes, owners):
+        c = -(-m // world)
+        k = loc.shape[0]
+        if k != max(0, min(c, m - me * c)):
+            raise RuntimeError(f"deepopt.distributed: unexpected shard of {tuple(x.shape)} ({k} rows on rank {me}); "
+                               "use distributed_ns='replicate'")
+        buf = loc.reshape(k, n).to(dtype or loc.dtype)
+        send = torch.zeros(c, n, dtype=buf.dtype, device=buf.device)
+        send[:k] = buf
+        recv = [torch.empty_like(send) for _ in range(world)] if me == owner else None
+        sends.append(send)
+        recvs.append(recv)
+        works.append(dist.gather(send, recv, dst=dist.get_global_rank(pg, owner), group=pg, async_op=True))
+    for w in works:
+        w.wait()
+    chunks, backs, works = [], [], []
+    for i, ((m, n), owner) in enumerate(zip(shapes, owners)):
+        c = sends[i].shape[0]
+        pieces = None
+        if me == owner:
+            o = fn(torch.cat(recvs[i])[:m])
+            padded = torch.zeros(world * c, n, dtype=sends[i].dtype, device=o.device)
+            padded[:m] = o  # NS returns the dtype it was given
+            pieces = list(padded.chunk(world))
+        back = torch.empty_like(sends[i])
+        chunks.append(pieces)
+        backs.append(back)
+        works.append(dist.scatter(back, pieces, src=dist.get_global_rank(pg, owner), group=pg, async_op=True))
+    for w in works:
+        w.wait()
+    return [_as_dtensor(b[:loc.shape[0]].reshape(loc.shape), x) for b, loc, x in zip(backs, locals_, xs)]
 
 
 def _full(t: Any) -> Any:
