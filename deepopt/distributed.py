@@ -15,15 +15,21 @@ one owner rank, which orthogonalizes it, and every rank receives its rows of ``N
     NS:       the owner runs the same per-matrix ``newton_schulz`` as one process would
     scatter:  the owner sends rank r its rows of NS(X_i)
 
-The assignment depends only on the shapes and their order, not on the sharding, and the owner
-computes exactly what a single process computes from the same input, so the step equals the
-single-process step (bit for bit for MuonMemory on CPU; M3's RMS all-reduce sums in another
-order). Per step each rank sends and receives about ``2 (W-1)/W sum_i m_i n_i`` elements of the
-NS dtype in total across ranks (one gather and one scatter per matrix, padded to ``c_i`` rows),
-against the replicated form's all-gather of parameter, gradient and state. Parameters and state
-never leave their shards. Other placements than ``Shard(0)`` on a 1-D mesh gather the full input
-on every rank instead (correct, not spread). Opt out per param group with
-``distributed_ns="replicate"``.
+The assignment depends only on the shapes and their order in the chain's parameter list, not on
+the sharding (it is made per param group and chain). The owner runs the level's per-matrix
+``newton_schulz``, the function the single-process foreach path runs, on the same input, so the
+step equals the foreach step of one process: bit for bit for MuonMemory on CPU, within 1e-6 for
+M3 in float32 (its RMS matching sums the squares shard by shard) in the two-process gloo test. The
+single-process fused CUDA step batches Newton-Schulz by shape (``ns_method``), which rounds
+differently in bf16: there the two should agree within the bf16 Newton-Schulz tolerance, not bit
+for bit (not measured here).
+
+Exchange per step, for ``W`` ranks: matrix ``i``'s input once to its owner and its output once
+back, ``2 (W-1) c_i n_i ~ 2 (W-1)/W m_i n_i`` elements of the NS dtype (bf16) over the group;
+parameters, gradients and state never leave their shards. The replicated form instead has every
+rank all-gather the parameter, the gradient and each state buffer (``(W-1)/W`` of each, in their
+own dtype). Other placements than ``Shard(0)`` on a 1-D mesh gather the full input on every rank
+(correct, not spread). Opt out per param group with ``distributed_ns="replicate"``.
 
 **Replicated form.** Any other chain with a level that needs the whole tensor (delta momentum's
 matrix decay, DeepMomentum's per-tensor normalization, DGD; every chain with
