@@ -178,9 +178,28 @@ def spread_worker(rank: int, world: int, port: int, out: str) -> None:
             train32(model, opt, STEPS)  # every rank the full batch: the same gradients as one process
             diff = max(float((a - b).detach().abs().max()) for a, b in zip(full_params(model), full_params(ref)))
             result[f"{name}/{variant}"] = {"diff": diff, "calls": list(calls)}
+    result["batched_owner"] = batched_owner_diff(world)
     everyone = [None] * world
     dist.all_gather_object(everyone, result)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(everyone, f)
     teardown()
+
+
+def batched_owner_diff(world: int) -> float:
+    """The owner's batched share (``many=newton_schulz_many``, what CUDA runs) against
+    ``newton_schulz_many`` of all matrices in one process: max abs difference (bf16 outputs)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from deepopt.levels.orthogonal import newton_schulz, newton_schulz_many
+
+    g = torch.Generator().manual_seed(3)
+    full = [torch.randn(*s, generator=g) for s in [(16, 6), (16, 6), (7, 16), (9, 7), (7, 16), (3, 9), (5, 4, 3)]]
+    mesh = init_device_mesh("cpu", (world,))
+    xs = [distribute_tensor(f, mesh, [Shard(0)]) for f in full]
+    outs = deepopt.distributed.orthogonalize_many(xs, newton_schulz, torch.bfloat16,
+                                                  many=lambda ms: newton_schulz_many(ms, dtype=torch.bfloat16))
+    want = newton_schulz_many(full, dtype=torch.bfloat16)
+    return max(float((o.full_tensor().float() - w.float()).abs().max()) for o, w in zip(outs, want))

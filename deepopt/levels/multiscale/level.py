@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
-from ..orthogonal.level import NS_COEFFICIENTS, newton_schulz
+from ..orthogonal.level import NS_COEFFICIENTS, newton_schulz, owner_batched
 
 __all__ = ["MultiScaleMomentum", "M3_FORMS"]
 
@@ -112,7 +112,8 @@ class MultiScaleMomentum(Level):
         from ...distributed import orthogonalize_many
 
         coeffs, steps = tuple(self.hp(group, "ns_coefficients")), self.hp(group, "ns_steps")
-        outs = orthogonalize_many(ms, lambda x: newton_schulz(x, coeffs, steps, 1e-7, self.ns_dtype), self.ns_dtype)
+        outs = orthogonalize_many(ms, lambda x: newton_schulz(x, coeffs, steps, 1e-7, self.ns_dtype), self.ns_dtype,
+                                  owner_batched(ms, coeffs, steps, 1e-7, self.ns_dtype, group))
         return [o.to(m.dtype) for o, m in zip(outs, ms)]
 
     def _write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> tuple[State, list[int]]:
