@@ -11,10 +11,11 @@ one owner rank, which orthogonalizes it, and every rank receives its rows of ``N
 
     owner(i): matrices sorted by cost ns_flops(m_i, n_i) (descending, ties by index), each given
               to the rank with the least cost so far (ties: the lowest rank)
-    gather:   rank r sends rows [r c_i, r c_i + k_r) of X_i (in the NS dtype, c_i = ceil(m_i / W))
+    gather:   rank r sends rows [r c_i, r c_i + k_r) of X_i (in the NS dtype, c_i = ceil(m_i / W)),
+              all matrices in one all_to_all_single
     NS:       the owner runs its share as one process would: one matrix at a time on CPU (the
               foreach step), batched by shape on CUDA (the fused step's newton_schulz_many)
-    scatter:  the owner sends rank r its rows of NS(X_i)
+    scatter:  the owner sends rank r its rows of NS(X_i) (a second all_to_all_single)
 
 The assignment depends only on the shapes and their order in the chain's parameter list, not on
 the sharding (it is made per param group and chain). The owner runs what the single-process step
@@ -24,8 +25,8 @@ squares shard by shard, so the test allows 1e-6). On CUDA the owner batches its 
 where one process batches all matrices of a shape; a CPU test of that path agrees within the bf16
 tolerance (1e-2; observed 0). Multi-GPU equality and timing are not measured here.
 
-Exchange per step, for ``W`` ranks: matrix ``i``'s input once to its owner and its output once
-back, ``2 (W-1) c_i n_i ~ 2 (W-1)/W m_i n_i`` elements of the NS dtype (bf16) over the group;
+Exchange per step, for ``W`` ranks: two ``all_to_all_single`` calls per chain (per mesh and NS
+dtype), carrying matrix ``i``'s input once to its owner and its output once back: ``2 (W-1) c_i n_i ~ 2 (W-1)/W m_i n_i`` elements of the NS dtype (bf16) over the group;
 parameters, gradients and state never leave their shards. The replicated form instead has every
 rank all-gather the parameter, the gradient and each state buffer (``(W-1)/W`` of each, in their
 own dtype). Other placements than ``Shard(0)`` on a 1-D mesh gather the full input on every rank
@@ -145,9 +146,9 @@ def orthogonalize_many(xs: Sequence[Tensor], fn: Callable[[Tensor], Tensor], dty
         else:
             o = fn(x.full_tensor().reshape(x.shape[0], -1)).reshape(x.shape)
             outs[i] = _as_dtensor(_shard_of(o, x), x)
-    by_mesh: dict[int, list[int]] = {}
+    by_mesh: dict[tuple, list[int]] = {}  # one exchange per mesh and travelling dtype
     for i in spread:
-        by_mesh.setdefault(id(xs[i].device_mesh), []).append(i)
+        by_mesh.setdefault((id(xs[i].device_mesh), dtype or xs[i].dtype), []).append(i)
     for idx in by_mesh.values():
         for i, o in zip(idx, _spread([xs[i] for i in idx], fn, dtype, many)):
             outs[i] = o
@@ -163,49 +164,60 @@ def _as_dtensor(local: Tensor, like: Any) -> Any:
 
 def _spread(xs: Sequence[Any], fn: Callable[[Tensor], Tensor], dtype: torch.dtype | None,
             many: Callable[[list[Tensor]], list[Tensor]] | None) -> list[Any]:
+    """Two ``all_to_all_single`` calls: every rank's rows of each input to its owner, and every
+    owner's output rows back, each padded to ``c_i = ceil(m_i / W)`` rows."""
     import torch.distributed as dist
 
-    mesh = xs[0].device_mesh
-    pg = mesh.get_group()
+    pg = xs[0].device_mesh.get_group()
     world, me = dist.get_world_size(pg), dist.get_rank(pg)
     shapes = [(x.shape[0], x.numel() // x.shape[0]) for x in xs]
     owners = ns_owners(shapes, world)
+    rows = [-(-m // world) for m, _ in shapes]
+    size = [c * n for c, (_, n) in zip(rows, shapes)]  # one rank's padded block of matrix i
+    by_owner = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
     locals_ = [x.to_local() for x in xs]
-    sends, recvs, works = [], [], []
-    for x, loc, (m, n), owner in zip(xs, locals_, shapes, owners):
-        c = -(-m // world)
-        k = loc.shape[0]
-        if k != max(0, min(c, m - me * c)):
-            raise RuntimeError(f"deepopt.distributed: unexpected shard of {tuple(x.shape)} ({k} rows on rank {me}); "
-                               "use distributed_ns='replicate'")
-        buf = loc.reshape(k, n).to(dtype or loc.dtype)
-        send = torch.zeros(c, n, dtype=buf.dtype, device=buf.device)
-        send[:k] = buf
-        recv = [torch.empty_like(send) for _ in range(world)] if me == owner else None
-        sends.append(send)
-        recvs.append(recv)
-        works.append(dist.gather(send, recv, dst=dist.get_global_rank(pg, owner), group=pg, async_op=True))
-    for w in works:
-        w.wait()
-    mine = [i for i, owner in enumerate(owners) if owner == me]
-    ins = [torch.cat(recvs[i])[:shapes[i][0]] for i in mine]
-    results = dict(zip(mine, many(ins) if many is not None else [fn(x) for x in ins]))
-    chunks, backs, works = [], [], []
-    for i, ((m, n), owner) in enumerate(zip(shapes, owners)):
-        c = sends[i].shape[0]
-        pieces = None
-        if me == owner:
-            o = results.pop(i)
-            padded = torch.zeros(world * c, n, dtype=sends[i].dtype, device=o.device)
-            padded[:m] = o  # NS returns the dtype it was given
-            pieces = list(padded.chunk(world))
-        back = torch.empty_like(sends[i])
-        chunks.append(pieces)
-        backs.append(back)
-        works.append(dist.scatter(back, pieces, src=dist.get_global_rank(pg, owner), group=pg, async_op=True))
-    for w in works:
-        w.wait()
-    return [_as_dtensor(b[:loc.shape[0]].reshape(loc.shape), x) for b, loc, x in zip(backs, locals_, xs)]
+    dt = dtype or locals_[0].dtype
+    device = locals_[0].device
+    send = torch.zeros(sum(size), dtype=dt, device=device)
+    at = 0
+    for r in range(world):  # grouped by destination
+        for i in by_owner[r]:
+            k = locals_[i].shape[0]
+            if k != max(0, min(rows[i], shapes[i][0] - me * rows[i])):
+                raise RuntimeError(f"deepopt.distributed: unexpected shard of {tuple(xs[i].shape)} ({k} rows on "
+                                   f"rank {me}); use distributed_ns='replicate'")
+            send[at:at + size[i]].view(rows[i], shapes[i][1])[:k] = locals_[i].reshape(k, shapes[i][1])
+            at += size[i]
+    mine = by_owner[me]
+    block = sum(size[i] for i in mine)
+    recv = torch.empty(world * block, dtype=dt, device=device)
+    dist.all_to_all_single(recv, send, [block] * world, [sum(size[i] for i in b) for b in by_owner], group=pg)
+    ins, at = [], 0
+    offsets = {}
+    for i in mine:
+        offsets[i] = at
+        at += size[i]
+    for i in mine:
+        parts = [recv[r * block + offsets[i]: r * block + offsets[i] + size[i]].view(rows[i], -1) for r in range(world)]
+        ins.append(torch.cat(parts)[:shapes[i][0]])
+    outs = many(ins) if many is not None else [fn(x) for x in ins]
+    back = torch.zeros(world * block, dtype=dt, device=device)  # to each rank its rows of my outputs
+    for i, o in zip(mine, outs):
+        padded = torch.zeros(world * rows[i], shapes[i][1], dtype=dt, device=device)
+        padded[:shapes[i][0]] = o
+        for r, piece in enumerate(padded.chunk(world)):
+            back[r * block + offsets[i]: r * block + offsets[i] + size[i]].copy_(piece.reshape(-1))
+    got = torch.empty(sum(size), dtype=dt, device=device)
+    dist.all_to_all_single(got, back, [sum(size[i] for i in b) for b in by_owner], [block] * world, group=pg)
+    result: list[Any] = [None] * len(xs)
+    at = 0
+    for r in range(world):
+        for i in by_owner[r]:
+            k = locals_[i].shape[0]
+            local = got[at:at + size[i]].view(rows[i], -1)[:k].reshape(locals_[i].shape)
+            result[i] = _as_dtensor(local, xs[i])
+            at += size[i]
+    return result
 
 
 def _full(t: Any) -> Any:

@@ -196,7 +196,7 @@ def batched_owner_diff(world: int) -> float:
     from deepopt.levels.orthogonal import newton_schulz, newton_schulz_many
 
     g = torch.Generator().manual_seed(3)
-    full = [torch.randn(*s, generator=g) for s in [(16, 6), (16, 6), (7, 16), (9, 7), (7, 16), (3, 9), (5, 4, 3)]]
+    full = [torch.randn(*s, generator=g) for s in [(16, 6), (16, 6), (7, 16), (9, 7), (7, 16), (3, 9), (5, 4, 3), (1, 8)]]
     mesh = init_device_mesh("cpu", (world,))
     xs = [distribute_tensor(f, mesh, [Shard(0)]) for f in full]
     outs = deepopt.distributed.orthogonalize_many(xs, newton_schulz, torch.bfloat16,
