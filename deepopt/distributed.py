@@ -18,7 +18,8 @@ one owner rank, which orthogonalizes it, and every rank receives its rows of ``N
     scatter:  the owner sends rank r its rows of NS(X_i) (a second all_to_all_single)
 
 The assignment depends only on the shapes and their order in the chain's parameter list, not on
-the sharding (it is made per param group and chain). The owner runs what the single-process step
+the sharding. It is made per call (per param group and chain; M3 makes one for its fast and one
+for its slow read-outs), so a group with a single matrix always gives it to the first rank. The owner runs what the single-process step
 runs on the same input, so the spread step equals it: bit for bit for MuonMemory and M3 in the
 two-process CPU gloo test (float32 parameters, bf16 Newton-Schulz; M3's RMS matching sums its
 squares shard by shard, so the test allows 1e-6). On CUDA the owner batches its share by shape
