@@ -59,14 +59,14 @@ def test_dcp_checkpoint_resumes_at_world_size_two_and_one(tmp_path):
 def test_newton_schulz_spread_over_two_ranks(tmp_path):
     """MuonMemory and M3 (bf16 Newton-Schulz, float32) under fully_shard: the spread step equals one
     process on the same batch, each rank orthogonalized exactly its flop-balanced share, and the
-    replicated form and Shard(1) placements give the same parameters."""
+    replicated form, Shard(1) placements and impl="reference" give the same parameters."""
     out = tmp_path / "spread.json"
     mp.spawn(workers.spread_worker, args=(2, free_port(), str(out)), nprocs=2)
     ranks = json.loads(out.read_text())
     shapes = [(16, 6), (7, 16), (9, 7), (3, 9)]
     owners = deepopt.distributed.ns_owners(shapes, 2)
     for name, per_step in (("MuonMemory", workers.STEPS), ("M3", workers.STEPS + workers.STEPS // 2)):
-        for variant in ("spread", "replicate", "shard1"):
+        for variant in ("spread", "replicate", "shard1", "reference"):
             for r in ranks:
                 assert r[f"{name}/{variant}"]["diff"] <= TOL[name], (name, variant, r[f"{name}/{variant}"]["diff"])
         for rank, r in enumerate(ranks):  # Newton-Schulz calls: the rank's own matrices, once per use

@@ -149,8 +149,9 @@ def _record_ns(calls: list) -> None:
 
 
 def spread_worker(rank: int, world: int, port: int, out: str) -> None:
-    """FSDP2 (Shard(0)) with the default spread, with distributed_ns="replicate", and with Shard(1)
-    placements, each against one process on the same batch; the Newton-Schulz shapes each rank ran."""
+    """FSDP2 (Shard(0)) with the default spread, with distributed_ns="replicate", with Shard(1)
+    placements and with impl="reference" (one matrix per exchange), each against one process on the
+    same batch; the Newton-Schulz shapes each rank ran."""
     from torch.distributed.tensor import Shard
 
     setup(rank, world, port)
@@ -160,7 +161,7 @@ def spread_worker(rank: int, world: int, port: int, out: str) -> None:
     for name, kw in SPREAD_OPTS.items():
         ref = spread_model()
         train32(ref, deepopt.OPTIMIZERS[name](ref.parameters(), **kw), STEPS)  # the full batch, one process
-        for variant in ("spread", "replicate", "shard1"):
+        for variant in ("spread", "replicate", "shard1", "reference"):
             model = spread_model()
             fsdp_kw = {"shard_placement_fn": lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % world == 0 else Shard(0)} if variant == "shard1" else {}
             from torch.distributed.device_mesh import init_device_mesh
@@ -173,7 +174,7 @@ def spread_worker(rank: int, world: int, port: int, out: str) -> None:
             fully_shard(model, mesh=mesh, **fsdp_kw)
             groups = [{"params": list(model.parameters()), "distributed_ns": "replicate"}] if variant == "replicate" \
                 else model.parameters()
-            opt = deepopt.OPTIMIZERS[name](groups, **kw)
+            opt = deepopt.OPTIMIZERS[name](groups, **kw, **({"impl": "reference"} if variant == "reference" else {}))
             calls.clear()
             train32(model, opt, STEPS)  # every rank the full batch: the same gradients as one process
             diff = max(float((a - b).detach().abs().max()) for a, b in zip(full_params(model), full_params(ref)))
