@@ -7,7 +7,8 @@ Run with ``torchrun --nproc_per_node=2 -m benchmarks.fsdp_step_time [--out DIR]`
    (computed on every rank); reports the largest parameter difference after a few steps.
 2. **Step time**: ``opt.step()`` on a GPT-like list of matrices (d_model, layers given), with random
    gradients preset, for MuonMemory, M3 and fused AdamW: one GPU (rank 0 alone, plain tensors)
-   against FSDP2 over all ranks (DTensor shards; matrix levels gather, see deepopt.distributed).
+   against FSDP2 over all ranks (DTensor shards; Newton-Schulz spread over the ranks by default, and
+   the replicated form, ``distributed_ns="replicate"``, for comparison; see deepopt.distributed).
    CUDA events, warm-up, median of repeats.
 
 Writes ``fsdp.json`` and ``fsdp.md`` (rank 0) to ``--out``, by default a fresh
@@ -122,13 +123,17 @@ def timings(rank: int, world: int, d: int, layers: int, repeats: int) -> dict[st
     makers = {
         "MuonMemory": lambda ps: deepopt.MuonMemory(ps, lr=0.02, nonfinite="ignore"),
         "M3": lambda ps: deepopt.M3(ps, lr=1e-3, nonfinite="ignore"),
+        "MuonMemory (replicate)": lambda ps: deepopt.MuonMemory([{"params": ps, "distributed_ns": "replicate"}],
+                                                                lr=0.02, nonfinite="ignore"),
+        "M3 (replicate)": lambda ps: deepopt.M3([{"params": ps, "distributed_ns": "replicate"}], lr=1e-3,
+                                                nonfinite="ignore"),
         "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=DEVICE == "cuda"),
         "torch Muon": lambda ps: torch.optim.Muon(ps, lr=0.02),  # one GPU only (no DTensor support)
     }
     out: dict[str, dict[str, float]] = {}
     for name, make in makers.items():
         row: dict[str, float] = {}
-        if rank == 0:
+        if rank == 0 and "replicate" not in name:  # one GPU: the same step as without "(replicate)"
             torch.manual_seed(0)
             params = list(Stack(d, layers).parameters())
             row["one_gpu_ms"] = time_step(make(params), params, repeats, sync=False)
@@ -187,7 +192,9 @@ def main() -> None:
                  f"| optimizer | 1 GPU (ms) | FSDP2, {world} GPUs (ms) |", "|---|---|---|"]
         for name, row in tm.items():
             sharded = row.get(f"fsdp_{world}_gpus_ms")
-            lines.append(f"| {name} | {row['one_gpu_ms']:.1f} | " + (f"{sharded:.1f} |" if sharded else "not run |"))
+            one = row.get("one_gpu_ms")
+            lines.append(f"| {name} | " + (f"{one:.1f} | " if one else "as above | ")
+                         + (f"{sharded:.1f} |" if sharded else "not run |"))
         lines += ["", "Largest parameter difference, FSDP2 vs one process on the full batch (float32, 5 steps):", "",
                   "| optimizer | max abs diff |", "|---|---|"]
         lines += [f"| {k} | {v:.2e} |" for k, v in eq.items()]

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..chain import Chain
-from ..distributed import is_dtensor, needs_full_tensors, on_full_tensors
+from ..distributed import distributed_ns, is_dtensor, needs_full_tensors, on_full_tensors
 from ..kernels.launch import apply_directions
 from ..levels import fused as fused_steps
 from ..levels.base import Direction, State, axpy
@@ -227,6 +227,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         if not isinstance(period, int) or isinstance(period, bool) or period < 1:
             raise ValueError(f"invalid period: {period!r}; a group's update period must be an int >= 1")
         check_conventions(group)
+        distributed_ns(group)  # the optional key: "spread" (default) or "replicate"
         if group["foreach"] is not None and self.impl != "auto":
             raise ValueError(f"foreach={group['foreach']!r} and impl={self.impl!r} both choose the implementation; "
                              "give one of them")
@@ -385,7 +386,7 @@ class LevelOptimizer(torch.optim.Optimizer):
             by_chain[id(chain)][2].append(g)
         for chain, ps, gs in by_chain.values():
             states = [self._state(p, chain, group) for p in ps]
-            if needs_full_tensors(chain, ps):  # a matrix level on DTensor shards: see deepopt.distributed
+            if needs_full_tensors(chain, ps, group):  # a matrix level on DTensor shards: see deepopt.distributed
                 on_full_tensors(lambda fp, fg, fs: self._run_chain(chain, group, fp, fg, fs, lr, wd), ps, gs, states)
             else:
                 self._run_chain(chain, group, ps, gs, states, lr, wd, found)

@@ -68,11 +68,29 @@ class _Save(Callback):
     def on_train_end(self, trainer, module):
         params = {n: p.full_tensor().detach().clone() for n, p in module.named_parameters()}
         monitor = next(c for c in trainer.callbacks if isinstance(c, LevelMonitor))
-        torch.save({"params": params, "history": monitor.history}, f"{self.out}/rank{trainer.global_rank}.pt")
+        torch.save({"params": params, "history": monitor.history, "ns_shapes": sorted(set(NS_CALLS))},
+                   f"{self.out}/rank{trainer.global_rank}.pt")
+
+
+NS_CALLS: list = []
+
+
+def _record_ns() -> None:
+    """Record the shape of every matrix this rank orthogonalizes."""
+    from deepopt.levels.orthogonal import level
+
+    inner = level.newton_schulz
+
+    def counted(m, *a, **k):
+        NS_CALLS.append(tuple(m.shape))
+        return inner(m, *a, **k)
+
+    level.newton_schulz = counted
 
 
 def main(out: str) -> None:
     torch.set_num_threads(1)
+    _record_ns()
     trainer = Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                       accelerator="cpu", devices=2, max_steps=STEPS, logger=False, enable_progress_bar=False,
                       enable_checkpointing=False, enable_model_summary=False,

@@ -1,6 +1,7 @@
 """Lightning's FSDP2 strategy (ModelParallelStrategy) on two CPU processes: MultiTimescale's slow
 level steps in lockstep on both ranks, LevelMonitor runs, and MuonMemory on DTensor shards equals a
-single-process loop on the combined batch (float64, tolerance 1e-10)."""
+single-process loop on the combined batch (float64, tolerance 1e-10), with each rank orthogonalizing
+only the matrices :func:`deepopt.distributed.ns_owners` gives it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 pytest.importorskip("lightning")  # the optional extra "lightning"; skip this module without it
 
+import deepopt
 from deepopt.lightning import PeriodicGradients
 
 from . import lightning_fsdp_script as script
@@ -49,3 +51,7 @@ def test_lightning_fsdp2_multitimescale_and_monitor(tmp_path):
         assert torch.equal(r0["params"][n], r1["params"][n]), f"ranks differ on {n}"
         torch.testing.assert_close(r0["params"][n], w, rtol=0, atol=1e-10, msg=n)
     assert r0["history"] and r0["history"] == r1["history"]
+    shapes = [(8, 4), (2, 8)]  # the two weights, in parameter order
+    owners = deepopt.distributed.ns_owners(shapes, 2)
+    for rank, r in enumerate((r0, r1)):
+        assert r["ns_shapes"] == sorted(s for s, o in zip(shapes, owners) if o == rank), (rank, r["ns_shapes"])

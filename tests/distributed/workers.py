@@ -113,3 +113,94 @@ def checkpoint_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> 
         with open(out, "w") as f:
             json.dump(result, f)
     teardown()
+
+
+# ---------------------------------------------------------------------- Newton-Schulz spread over ranks
+def spread_model() -> nn.Module:
+    """Matrices of several shapes, rows not all divisible by 2 (7, 9, 3), float32."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 7), nn.Tanh(), nn.Linear(7, 9), nn.Tanh(),
+                         nn.Linear(9, 3))
+
+
+def train32(model, opt, steps) -> None:
+    for s in range(steps):
+        x, y = batch(s)
+        opt.zero_grad()
+        (model(x.float()) - y.float()).square().mean().backward()
+        opt.step()
+
+
+SPREAD_OPTS = {"MuonMemory": dict(lr=0.02), "M3": dict(lr=3e-3, frequency=2)}
+
+
+def _record_ns(calls: list) -> None:
+    """Wrap the per-matrix Newton-Schulz the levels call, recording each input's shape."""
+    from deepopt.levels.multiscale import level as m3_level
+    from deepopt.levels.orthogonal import level as ns_level
+
+    inner = ns_level.newton_schulz
+
+    def counted(m, *a, **k):
+        calls.append(tuple(m.shape))
+        return inner(m, *a, **k)
+
+    ns_level.newton_schulz = m3_level.newton_schulz = counted
+
+
+def spread_worker(rank: int, world: int, port: int, out: str) -> None:
+    """FSDP2 (Shard(0)) with the default spread, with distributed_ns="replicate", with Shard(1)
+    placements and with impl="reference" (one matrix per exchange), each against one process on the
+    same batch; the Newton-Schulz shapes each rank ran."""
+    from torch.distributed.tensor import Shard
+
+    setup(rank, world, port)
+    calls: list = []
+    _record_ns(calls)
+    result: dict = {}
+    for name, kw in SPREAD_OPTS.items():
+        ref = spread_model()
+        train32(ref, deepopt.OPTIMIZERS[name](ref.parameters(), **kw), STEPS)  # the full batch, one process
+        for variant in ("spread", "replicate", "shard1", "reference"):
+            model = spread_model()
+            fsdp_kw = {"shard_placement_fn": lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % world == 0 else Shard(0)} if variant == "shard1" else {}
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer, mesh=mesh, **fsdp_kw)
+            fully_shard(model, mesh=mesh, **fsdp_kw)
+            groups = [{"params": list(model.parameters()), "distributed_ns": "replicate"}] if variant == "replicate" \
+                else model.parameters()
+            opt = deepopt.OPTIMIZERS[name](groups, **kw, **({"impl": "reference"} if variant == "reference" else {}))
+            calls.clear()
+            train32(model, opt, STEPS)  # every rank the full batch: the same gradients as one process
+            diff = max(float((a - b).detach().abs().max()) for a, b in zip(full_params(model), full_params(ref)))
+            result[f"{name}/{variant}"] = {"diff": diff, "calls": list(calls)}
+    result["batched_owner"] = batched_owner_diff(world)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, result)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(everyone, f)
+    teardown()
+
+
+def batched_owner_diff(world: int) -> float:
+    """The owner's batched share (``many=newton_schulz_many``, what CUDA runs) against
+    ``newton_schulz_many`` of all matrices in one process: max abs difference (bf16 outputs)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from deepopt.levels.orthogonal import newton_schulz, newton_schulz_many
+
+    g = torch.Generator().manual_seed(3)
+    full = [torch.randn(*s, generator=g) for s in [(16, 6), (16, 6), (7, 16), (9, 7), (7, 16), (3, 9), (5, 4, 3), (1, 8)]]
+    mesh = init_device_mesh("cpu", (world,))
+    xs = [distribute_tensor(f, mesh, [Shard(0)]) for f in full]
+    outs = deepopt.distributed.orthogonalize_many(xs, newton_schulz, torch.bfloat16,
+                                                  many=lambda ms: newton_schulz_many(ms, dtype=torch.bfloat16))
+    want = newton_schulz_many(full, dtype=torch.bfloat16)
+    return max(float((o.full_tensor().float() - w.float()).abs().max()) for o, w in zip(outs, want))

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
-from ..orthogonal.level import NS_COEFFICIENTS, newton_schulz
+from ..orthogonal.level import NS_COEFFICIENTS, newton_schulz, owner_batched
 
 __all__ = ["MultiScaleMomentum", "M3_FORMS"]
 
@@ -56,6 +56,9 @@ class MultiScaleMomentum(Level):
     """
 
     name = "m3"
+    #: not element-wise only through Newton-Schulz and the RMS of the step (a DTensor reduction):
+    #: deepopt.distributed spreads the Newton-Schulz over ranks
+    ns_spread = True
 
     def __init__(self, momenta: Sequence[tuple[float, int, float]] = ((0.9, 1, 1.0), (0.99, 10, 0.5)),
                  beta2: float = 0.999, eps: float = 1e-8, form: str = "stable", target_rms: float | None = 0.2,
@@ -102,16 +105,25 @@ class MultiScaleMomentum(Level):
         return state
 
     def _ns(self, m: Tensor, group: Mapping[str, Any]) -> Tensor:
-        o = newton_schulz(m.reshape(m.shape[0], -1), tuple(self.hp(group, "ns_coefficients")),
-                          self.hp(group, "ns_steps"), 1e-7, self.ns_dtype)
-        return o.reshape(m.shape).to(m.dtype)
+        return self._ns_many([m], group)[0]
 
-    def write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
+    def _ns_many(self, ms: list[Tensor], group: Mapping[str, Any]) -> list[Tensor]:
+        """``NS(m)`` of each, in ``m``'s shape and dtype (DTensors: spread over ranks)."""
+        from ...distributed import orthogonalize_many
+
+        coeffs, steps = tuple(self.hp(group, "ns_coefficients")), self.hp(group, "ns_steps")
+        outs = orthogonalize_many(ms, lambda x: newton_schulz(x, coeffs, steps, 1e-7, self.ns_dtype), self.ns_dtype,
+                                  owner_batched(ms, coeffs, steps, 1e-7, self.ns_dtype, group))
+        return [o.to(m.dtype) for o, m in zip(outs, ms)]
+
+    def _write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> tuple[State, list[int]]:
+        """The write without its Newton-Schulz: the new state and the levels whose ``o`` is due."""
         stable = self.hp(group, "form") == "stable"
         b2 = self.hp(group, "beta2")
         v = state["exp_avg_sq"]
         new = {"exp_avg_sq": torch.addcmul(v * b2, x, x, value=1 - b2) if stable else torch.addcmul(v, x, x, value=b2)}
         matrix = self._matrix(p, group)
+        due = []
         for i, (beta, period, _) in enumerate(self.hp(group, "momenta")):
             m = state[f"m{i}"]
             if period == 1:
@@ -126,10 +138,46 @@ class MultiScaleMomentum(Level):
             m = m.lerp(acc / period, 1 - beta) if stable else torch.add(m, acc, alpha=beta)
             new[f"m{i}"], new[f"acc{i}"] = m, torch.zeros_like(acc)
             if matrix:
-                new[f"o{i}"] = self._ns(m, group)
+                due.append(i)
+        return new, due
+
+    def write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
+        new, due = self._write(state, x, p, group, t)
+        for i, o in zip(due, self._ns_many([new[f"m{i}"] for i in due], group)):
+            new[f"o{i}"] = o
         return new
 
+    def write_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+               group: Mapping[str, Any], ts: list[int]) -> None:
+        """The reference's write for each tensor, with every due Newton-Schulz in one call."""
+        news, jobs = [], []
+        for j, (state, x, p, t) in enumerate(zip(states, xs, ps, ts)):
+            new, due = self._write(state, x, p, group, t)
+            news.append(new)
+            jobs += [(j, i) for i in due]
+        for (j, i), o in zip(jobs, self._ns_many([news[j][f"m{i}"] for j, i in jobs], group)):
+            news[j][f"o{i}"] = o
+        for state, new in zip(states, news):
+            for k, v in new.items():
+                if state[k] is not v:
+                    state[k].copy_(v)
+
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
+        fast = [i for i, (_, period, _) in enumerate(self.hp(group, "momenta")) if period == 1]
+        os_ = self._ns_many([state[f"m{i}"] for i in fast], group) if self._matrix(p, group) else []
+        return self._read(state, p, group, t, dict(zip(fast, os_)))
+
+    def read_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+              group: Mapping[str, Any], ts: list[int]) -> list[Direction]:
+        """The reference's read for each tensor, with every fast level's Newton-Schulz in one call."""
+        fast = [i for i, (_, period, _) in enumerate(self.hp(group, "momenta")) if period == 1]
+        jobs = [(j, i) for j, p in enumerate(ps) if self._matrix(p, group) for i in fast]
+        outs = dict(zip(jobs, self._ns_many([states[j][f"m{i}"] for j, i in jobs], group)))
+        return [self._read(s, p, group, t, {i: outs[(j, i)] for i in fast if (j, i) in outs})
+                for j, (s, p, t) in enumerate(zip(states, ps, ts))]
+
+    def _read(self, state: State, p: Tensor, group: Mapping[str, Any], t: int, fast: dict[int, Tensor]) -> Direction:
+        """The read, given ``fast[i] = NS(M_i)`` of the period-1 levels (matrices)."""
         stable = self.hp(group, "form") == "stable"
         momenta, eps, b2 = self.hp(group, "momenta"), self.hp(group, "eps"), self.hp(group, "beta2")
         v = state["exp_avg_sq"]
@@ -146,7 +194,7 @@ class MultiScaleMomentum(Level):
             return Direction(num, den)
         num = torch.zeros_like(p)
         for i, (_, period, w) in enumerate(momenta):
-            o = self._ns(state[f"m{i}"], group) if period == 1 else state[f"o{i}"]
+            o = fast[i] if period == 1 else state[f"o{i}"]
             num = num + o * w
         d = num / den
         rms = self.hp(group, "target_rms")

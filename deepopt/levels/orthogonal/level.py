@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..base import Direction, Level, State, check_nonnegative
 
-__all__ = ["NewtonSchulz", "newton_schulz", "adjust_lr_ratio", "NS_COEFFICIENTS", "ADJUST_LR_FNS"]
+__all__ = ["NewtonSchulz", "newton_schulz", "owner_batched", "adjust_lr_ratio", "NS_COEFFICIENTS", "ADJUST_LR_FNS"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "none")
@@ -82,6 +82,19 @@ def adjust_lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
     return 1.0
 
 
+def owner_batched(xs: list[Tensor], coefficients, steps: int, eps: float, dtype: torch.dtype | None,
+                  group: Mapping[str, Any]):
+    """On CUDA, what an owner rank runs on its share of a spread Newton-Schulz: the batched form of
+    the fused single-process step (by shape, ``ns_method``); None (one matrix at a time, as the
+    foreach step) elsewhere."""
+    if not xs or not xs[0].is_cuda:
+        return None
+    from .batched import newton_schulz_many
+
+    method = group.get("ns_method", "standard")
+    return lambda ms: newton_schulz_many(ms, coefficients, steps, eps, dtype, method)
+
+
 class NewtonSchulz(Level):
     """Stateless level: read-out ``O = NS(x)`` with Muon's learning-rate ratio as ``mul``.
 
@@ -94,6 +107,8 @@ class NewtonSchulz(Level):
     """
 
     name = "ns"
+    #: not element-wise, but only through Newton-Schulz: deepopt.distributed spreads it over ranks
+    ns_spread = True
 
     def __init__(self, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, ns_steps: int = 5,
                  eps: float = 1e-7, adjust_lr_fn: str | None = None,
@@ -119,10 +134,20 @@ class NewtonSchulz(Level):
 
     def orthogonalize(self, x: Tensor, group: Mapping[str, Any]) -> Tensor:
         """``NS(x)`` for any tensor of two or more dimensions, in ``x``'s shape."""
-        m = x.reshape(x.shape[0], -1)
-        o = newton_schulz(m, tuple(self.hp(group, "ns_coefficients")), self.hp(group, "ns_steps"),
-                          self.hp(group, "eps"), self.ns_dtype)
-        return o.reshape(x.shape)
+        return self.orthogonalize_many([x], group)[0]
+
+    def orthogonalize_many(self, xs: list[Tensor], group: Mapping[str, Any]) -> list[Tensor]:
+        """``NS(x)`` of each (DTensors: spread over ranks, :func:`deepopt.distributed.orthogonalize_many`)."""
+        from ...distributed import orthogonalize_many
+
+        coeffs, steps, eps = tuple(self.hp(group, "ns_coefficients")), self.hp(group, "ns_steps"), self.hp(group, "eps")
+        return orthogonalize_many(xs, lambda m: newton_schulz(m, coeffs, steps, eps, self.ns_dtype), self.ns_dtype,
+                                  owner_batched(xs, coeffs, steps, eps, self.ns_dtype, group))
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         return Direction(self.orthogonalize(x, group), mul=adjust_lr_ratio(p.shape, self.hp(group, "adjust_lr_fn")))
+
+    def read_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+              group: Mapping[str, Any], ts: list[int]) -> list[Direction]:
+        fn = self.hp(group, "adjust_lr_fn")
+        return [Direction(o, mul=adjust_lr_ratio(p.shape, fn)) for o, p in zip(self.orthogonalize_many(xs, group), ps)]
