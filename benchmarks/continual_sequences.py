@@ -31,6 +31,7 @@ from torch import nn
 
 from .continual_tasks import PermutedDigits, SplitDigits
 from .data import digit_permutations, digits_split
+from .tasks.digits import DigitsMLP
 
 __all__ = ["SEQUENCES", "TEST_SEQUENCES", "VALIDATION_SEQUENCES", "class_groups", "mnist1d_available"]
 
@@ -93,18 +94,6 @@ def mnist1d_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     return f(data["x"]), i(data["y"]), f(data["x_test"]), i(data["y_test"])
 
 
-class MNIST1DMLP(nn.Module):
-    """40 -> hidden -> hidden -> 10 with ReLU (``body`` and ``head`` as the digits MLP)."""
-
-    def __init__(self, hidden: int = 128):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(40, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
 class PermutedMNIST1D(PermutedDigits):
     name = "permuted_mnist1d"
 
@@ -116,7 +105,7 @@ class PermutedMNIST1D(PermutedDigits):
 
     def model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return MNIST1DMLP()
+        return DigitsMLP(hidden=128, inputs=40)  # 40 -> 128 -> 128 -> 10
 
 
 VALIDATION_SEQUENCES = {"val_permuted_digits": ValPermutedDigits, "val_split_digits": ValSplitDigits}

@@ -146,7 +146,7 @@ def run_named_suite(args) -> dict | None:
     if not (args.smoke and args.device == "cpu") and suite.kind not in ("pool", *DELEGATED):
         check_cuda(suite, args.device)
     if suite.name == "speed" and args.device == "cpu":  # CPU timings never over the GPU results
-        out_dir = output_dir(Suite("speed_cpu", "", "speed"), args.out, args.update_results)
+        out_dir = run_dir("speed_cpu", args.out, args.update_results)
     else:
         out_dir = output_dir(suites, args.out, args.update_results)
     torch.set_num_threads(args.threads)

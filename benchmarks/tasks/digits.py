@@ -25,11 +25,11 @@ BATCH = 64
 
 
 class DigitsMLP(nn.Module):
-    """64 -> hidden -> hidden -> 10 with ReLU."""
+    """inputs (64 pixels) -> hidden -> hidden -> 10 with ReLU."""
 
-    def __init__(self, hidden: int = 64):
+    def __init__(self, hidden: int = 64, inputs: int = 64):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.body = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from ...kernels.launch import FusedStep, f32, first_write, row_grad, row_step, t
 from ...kernels.tables import RowSet, scalar_table
 from .level import DeltaMomentumLevel, Momentum, forget_terms
 
-__all__ = ["MomentumStep", "DeltaStep", "momentum", "delta"]
+__all__ = ["MomentumStep", "DeltaStep", "momentum", "momentum_terms", "delta"]
 
 
 def _kernels():
@@ -79,6 +79,15 @@ def delta(p: Tensor, g: Tensor, buf: Tensor, f: Tensor | None, *, first: bool, a
     row_step(p, x + a * new if nesterov else new, lr, decay)
 
 
+def momentum_terms(lvl: Momentum, group) -> tuple[float, float, bool, bool]:
+    """``(a, c_g, ema, nesterov)`` of a Momentum level in ``group``: c_g = 1 - a (ema form) or
+    1 - dampening (sgd form)."""
+    a = float(lvl.hp(group, "momentum"))
+    ema = lvl.form == "ema"
+    c_g = 1.0 - a if ema else 1.0 - float(lvl.hp(group, "dampening"))
+    return a, c_g, ema, bool(lvl.hp(group, "nesterov"))
+
+
 class MomentumStep(FusedStep):
     """``Chain(Momentum)`` (sgd or ema form, period 1): MomentumMemory."""
 
@@ -89,10 +98,7 @@ class MomentumStep(FusedStep):
 
     def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
         lvl = self.chain.levels[0]
-        a = float(lvl.hp(group, "momentum"))
-        ema = lvl.form == "ema"
-        c_g = 1.0 - a if ema else 1.0 - float(lvl.hp(group, "dampening"))
-        nesterov = bool(lvl.hp(group, "nesterov"))
+        a, c_g, ema, nesterov = momentum_terms(lvl, group)
         decay, coupled = self.decay_terms(lr, wd, decoupled)
         key = f"{lvl.name}.momentum_buffer"
         if not kernel:

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from ...kernels.launch import FusedStep, apply_rows, first_write, tl_dtype
 from ...kernels.tables import RowSet, scalar_table
-from ..momentum.fused import momentum
+from ..momentum.fused import momentum, momentum_terms
 from ..momentum.level import Momentum
 from .batched import NSBatches
 from .level import NewtonSchulz, adjust_lr_ratio
@@ -48,10 +48,7 @@ class MuonStep(FusedStep):
 
     def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
         mom, ns = self.chain.levels
-        a = float(mom.hp(group, "momentum"))
-        ema = mom.form == "ema"
-        c_g = 1.0 - a if ema else 1.0 - float(mom.hp(group, "dampening"))
-        nesterov = bool(mom.hp(group, "nesterov"))
+        a, c_g, ema, nesterov = momentum_terms(mom, group)
         decay, coupled = self.decay_terms(lr, wd, decoupled)
         key = f"{mom.name}.momentum_buffer"
         p0 = params[idx[0]]
