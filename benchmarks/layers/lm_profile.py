@@ -7,7 +7,7 @@ backward and a capturable AdamW step captured together), which removes the launc
 eager >> graph means the step is bound by the host, graph ~ busy means by the GPU. Every time is
 also given over TransformerLM's eager step from the same run.
 
-Usage: ``python -m benchmarks.layers.lm_profile [--out DIR] [--chunks 64 256]``;
+Usage: ``python -m benchmarks.layers.lm_profile [--out DIR] [--chunks 64 256] [--ops 40]``;
 ``--device cpu --dim 16 --depth 1 --batch 2 --seq 8`` is a smoke run (no graph, no kernels).
 
 Example (the table on made-up numbers):
@@ -76,6 +76,21 @@ def kernel_profile(step, top: int) -> dict:
             "top": [{"name": n, "calls": c, "ms": round(t, 3)} for n, (c, t) in biggest]}
 
 
+def op_profile(step, top: int) -> str:
+    """The ``top`` operators of one step by self GPU time, each with its Python call site (5 frames)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True, record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    stacks = prof.key_averages(group_by_stack_n=5).table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=top,
+                                                                max_name_column_width=60)
+    return stacks + "\n\n" + shapes
+
+
 def measure(name: str, build, a, chunk) -> dict:
     row = {"model": name if chunk is None else f"{name} chunk {chunk}"}
     clock = clock_for(a.device)
@@ -85,6 +100,10 @@ def measure(name: str, build, a, chunk) -> dict:
         row["eager_ms"] = time_calls(_training_step(model, 256, a.batch, a.seq, a.device, False), clock).ms
         if cuda:
             row.update(kernel_profile(_training_step(model, 256, a.batch, a.seq, a.device, False), a.top))
+            if a.ops:
+                text = op_profile(_training_step(model, 256, a.batch, a.seq, a.device, False), a.ops)
+                Path(a.out).mkdir(parents=True, exist_ok=True)
+                (Path(a.out) / f"ops_{row['model'].replace(' ', '_').replace('()', '')}.txt").write_text(text)
             replay = graphed(_training_step(model, 256, a.batch, a.seq, a.device, True))
             row["graph_ms"] = time_calls(replay, clock).ms
     except Exception as err:  # noqa: BLE001 - recorded in the table
@@ -117,6 +136,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--ops", type=int, default=0, help="also write ops_<model>.txt: the N operators with the most "
+                   "GPU time, by call site and by input shape (a second profiled step)")
     a = p.parse_args(argv)
     a.out = run_dir("lm_profile", a.out)
     torch.backends.cuda.matmul.allow_tf32 = True
