@@ -54,6 +54,9 @@ class M3(LevelOptimizer):
         alpha: weight of the slow level; frequency: its period ``f``.
         momenta: explicit levels (overrides ``betas[0]``, ``betas[2]``, ``alpha``, ``frequency``).
         eps, form, target_rms, ns_steps, ns_coefficients, ns_dtype: see above.
+        ns_method: the Newton-Schulz form (a group key), as in :class:`~deepopt.MuonMemory`:
+            ``"auto"`` (default; the Gram form on CUDA for matrices with ``n >= 2m``, torch's
+            iteration elsewhere), ``"standard"`` (torch's iteration) or ``"gram"``.
         maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
@@ -70,10 +73,10 @@ class M3(LevelOptimizer):
                  form: str = "stable", target_rms: float | None = 0.2,
                  momenta: Sequence[tuple[float, int, float]] | None = None, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, *,
-                 ns_dtype: torch.dtype | None = torch.bfloat16, impl: str = "auto", nonfinite: str = "skip",
-                 maximize: bool = False) -> None:
+                 ns_dtype: torch.dtype | None = torch.bfloat16, ns_method: str = "auto", impl: str = "auto",
+                 nonfinite: str = "skip", maximize: bool = False) -> None:
         rule = self._rule(lr, betas, alpha, frequency, eps, weight_decay, form, target_rms, momenta, ns_steps,
-                          ns_coefficients, ns_dtype)
+                          ns_coefficients, ns_dtype, ns_method)
         super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
                          maximize=maximize)
 
@@ -81,13 +84,14 @@ class M3(LevelOptimizer):
     def _rule(cls, lr: float, betas: tuple[float, float, float], alpha: float, frequency: int, eps: float,
               weight_decay: float, form: str, target_rms: float | None,
               momenta: Sequence[tuple[float, int, float]] | None, ns_steps: int,
-              ns_coefficients: tuple[float, float, float], ns_dtype: torch.dtype | None) -> Rule:
+              ns_coefficients: tuple[float, float, float], ns_dtype: torch.dtype | None,
+              ns_method: str = "auto") -> Rule:
         if len(betas) != 3:
             raise ValueError(f"invalid betas: {betas!r}; M3 takes (beta1, beta2, beta3)")
         if momenta is None:
             momenta = ((betas[0], 1, 1.0), (betas[2], frequency, alpha))
         level = MultiScaleMomentum(momenta, betas[1], eps, form, target_rms, ns_steps, ns_coefficients, ns_dtype)
-        defaults = dict(lr=lr, weight_decay=weight_decay, orthogonalize=None, **level.defaults)
+        defaults = dict(lr=lr, weight_decay=weight_decay, orthogonalize=None, ns_method=ns_method, **level.defaults)
         defaults["betas"] = _betas_of(defaults["momenta"], defaults["beta2"], betas[2])
         return Rule([Chain(level)], defaults, cls.weight_decay_mode)
 
@@ -107,9 +111,10 @@ class M3(LevelOptimizer):
         super()._upgrade_group(group)
         if "betas" not in group:  # checkpoints written before M3's groups held betas
             group["betas"] = _betas_of(group["momenta"], group["beta2"], 0.99)
+        group.setdefault("ns_method", "standard")  # checkpoints written before ns_method: the form they ran
 
     def _optional_keys(self) -> set[str]:
-        return super()._optional_keys() | {"betas"}
+        return super()._optional_keys() | {"betas", "ns_method"}
 
 
 def _betas_of(momenta: Sequence[tuple[float, int, float]], beta2: float, beta3: float) -> tuple[float, float, float]:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
-from ..orthogonal.level import NS_COEFFICIENTS, newton_schulz, owner_batched
+from ..orthogonal.level import NS_COEFFICIENTS, check_ns_method, owner_batched
 
 __all__ = ["MultiScaleMomentum", "M3_FORMS"]
 
@@ -51,7 +51,8 @@ class MultiScaleMomentum(Level):
         beta2, eps: the second-moment memory (group keys ``"beta2"``, ``"eps"``).
         form: ``"stable"`` or ``"literal"`` (group key ``"form"``).
         target_rms: RMS of the matrix step in the stable form; None disables the matching.
-        ns_steps, ns_coefficients: the Newton-Schulz read-out.
+        ns_steps, ns_coefficients: the Newton-Schulz read-out (its form: the group's ``ns_method``,
+            default ``"standard"``; M3 writes ``"auto"``, see :mod:`deepopt.levels.orthogonal`).
         ns_dtype: its computation dtype (bfloat16 by default).
     """
 
@@ -89,6 +90,7 @@ class MultiScaleMomentum(Level):
         rms = self.hp(group, "target_rms")
         if rms is not None and not rms > 0:
             raise ValueError(f"invalid target_rms: {rms!r}; use a float > 0 or None")
+        check_ns_method(group)
 
     def _matrix(self, p: Tensor, group: Mapping[str, Any]) -> bool:
         flag = group.get("orthogonalize")
@@ -110,10 +112,12 @@ class MultiScaleMomentum(Level):
     def _ns_many(self, ms: list[Tensor], group: Mapping[str, Any]) -> list[Tensor]:
         """``NS(m)`` of each, in ``m``'s shape and dtype (DTensors: spread over ranks)."""
         from ...distributed import orthogonalize_many
+        from ..orthogonal.batched import orthogonalize_one
 
         coeffs, steps = tuple(self.hp(group, "ns_coefficients")), self.hp(group, "ns_steps")
-        outs = orthogonalize_many(ms, lambda x: newton_schulz(x, coeffs, steps, 1e-7, self.ns_dtype), self.ns_dtype,
-                                  owner_batched(ms, coeffs, steps, 1e-7, self.ns_dtype, group))
+        method = check_ns_method(group)
+        outs = orthogonalize_many(ms, lambda x: orthogonalize_one(x, coeffs, steps, 1e-7, self.ns_dtype, method),
+                                  self.ns_dtype, owner_batched(ms, coeffs, steps, 1e-7, self.ns_dtype, group))
         return [o.to(m.dtype) for o, m in zip(outs, ms)]
 
     def _write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> tuple[State, list[int]]:

@@ -1,4 +1,4 @@
-"""Newton-Schulz for many matrices at once: batched by shape, bf16, and a Gram form for wide matrices.
+"""Newton-Schulz for many matrices at once: batched by shape, and a Gram form for wide matrices.
 
 The quintic iteration of :func:`deepopt.levels.orthogonal.level.newton_schulz` on ``X`` (``m x n``,
 ``m <= n``, ``X_0 = M/||M||_F``) is ``X <- P(A) X`` with ``A = X X^T`` and
@@ -8,20 +8,43 @@ The quintic iteration of :func:`deepopt.levels.orthogonal.level.newton_schulz` o
   ``(B, m, n)`` tensor and iterated with ``bmm``/``baddbmm``: one launch per matmul for all
   layers instead of one per layer; the last step writes its result already in the caller's
   orientation (``X^T P`` for tall matrices, since ``P`` is symmetric), so no transpose copy.
-* **the Gram form** (``method="gram"``), from the symmetry of ``A``: every iterate is
-  ``X_k = Q_k X_0`` with ``Q_k`` a polynomial in the symmetric ``A_0``, so all ``A_k``,
-  ``P_k``, ``Q_k`` commute and the iteration can run on ``m x m`` matrices only:
+* **the Gram form** (``method="gram"``): every iterate is ``X_k = Q_k X_0`` with ``Q_k`` a
+  polynomial in the symmetric ``A_0``, so all ``A_k``, ``B_k = bA_k + cA_k^2`` and ``Q_k`` commute
+  and the iteration runs on ``m x m`` matrices only, ``P_k`` applied in factored form
+  (``P_k Y = aY + B_k Y``, one ``baddbmm`` with ``beta=a``):
 
-      P_k = aI + bA_k + cA_k^2,   Q_{k+1} = P_k Q_k,   A_{k+1} = P_k A_k P_k^T = P_k (P_k A_k),
+      B_k = b A_k + c A_k^2,   Q_{k+1} = a Q_k + B_k Q_k  (Q_1 = aI + B_0),
+      A_{k+1} = P_k (P_k A_k)                              (= X_{k+1} X_{k+1}^T),
 
-  with ``X = Q X_0`` formed once at the end. Per step this costs ``8 m^3`` flops instead of
-  ``4 m^2 n + 2 m^3``; with two ``m^2 n`` products to restart the recursion at ``restart``
-  (``X = Q X_0``, ``A = X X^T``: in bf16 the recursion alone drifts on low-rank inputs) five
-  steps cost ``8 m^2 n + 28 m^3`` flops against ``20 m^2 n + 10 m^3``: 0.67x for ``n = 4m``.
-  ``method="auto"`` uses it when ``n >= 2m``.
+  and ``X = Q X_0`` formed at the end. In exact arithmetic it equals the standard form (tested in
+  float64).
 
-Flops of the standard form per step on ``m x n`` (``m <= n``): ``4 m^2 n + 2 m^3``
-(:func:`ns_flops` counts both forms).
+**Stability of the Gram form.** ``Q_k`` maps a direction of singular value ``s`` to about
+``a^k s`` while ``s`` is small, so after ``k`` steps its entries span ``a^k`` (``a^5 = 484``) and
+the final ``Q X_0`` amplifies the rounding of the small directions by that much; the ``A_k``
+recursion also drifts from ``Q_k X_0`` (its rounding is never re-read from ``X``). Two remedies
+make the Gram form *more* accurate than torch's bf16 iteration instead of less:
+
+* **restart** every ``GRAM_RESTART = 3`` steps: ``X_3 = Q_3 X_0`` and ``A_3 = X_3 X_3^T`` are
+  recomputed from ``X`` and ``Q`` starts again from ``I`` (five steps: segments of 3 and 2, so
+  ``Q`` spans at most ``a^3 = 41``);
+* **float16 products** for a bfloat16 (or float16) input: the same tensor-core rate as bf16 and
+  3 more mantissa bits (unit roundoff 2^-11 against 2^-8), with float32 accumulation as bf16. Its
+  narrower range is kept safe by scaling: ``X' = sqrt(n) X_0`` (entries of RMS ``1/sqrt(m)``, at
+  most ``sqrt(n)``), ``A = X' X'^T / n`` and ``O = Q X' / sqrt(n)`` (the scale in the matmul's
+  ``alpha``); ``A``, ``B``, ``Q`` have norms below 2, 5 and 41. ``P`` is never materialized: its
+  diagonal ``a + ...`` is nearly the same number on every row, so rounding it would round all
+  rows the same way (a bias of the gain, measured 0.2%); ``beta=a`` keeps ``a`` in float32.
+
+Measured against float64 (``benchmarks/ns_accuracy.py``; the rounding error
+``||O - O_64||_F / ||O_64||_F``): torch's bf16 iteration 0.011-0.18 by input family, the Gram form
+0.002-0.02 (5-10x smaller), with the orthogonality error of the exact iteration to +-0.001.
+
+Flops on ``m x n`` (``m <= n``, five steps): standard ``5 (4 m^2 n + 2 m^3)``; Gram
+``8 m^2 n + 28 m^3`` (a segment of ``L`` steps costs ``4L - 3`` products of ``2 m^3`` and two of
+``2 m^2 n``): 0.67x for ``n = 4m``, break-even at ``n = 1.5 m`` (:func:`ns_flops` counts both).
+``method="auto"`` takes the Gram form for ``n >= 2m`` on CUDA; on the CPU (slow float16 matmuls)
+and for squarer matrices it is the standard form, which is torch's iteration exactly.
 
 Example:
     >>> import torch
@@ -32,10 +55,15 @@ Example:
     [(16, 64), (16, 64), (32, 8)]
     >>> s = torch.linalg.svdvals(outs[0]); bool(s.min() > 0.5 and s.max() < 1.3)
     True
+    >>> g = newton_schulz_many([ms[0].double()], dtype=None, method="gram")[0]
+    >>> c = newton_schulz_many([ms[0].double()], dtype=None, method="standard")[0]
+    >>> bool((g - c).abs().max() < 1e-10)  # the same function in exact arithmetic
+    True
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -43,34 +71,40 @@ from torch import Tensor
 
 from .level import NS_COEFFICIENTS
 
-__all__ = ["newton_schulz_batched", "newton_schulz_many", "NSBatches", "ns_flops", "METHODS", "GRAM_RATIO",
-           "orthogonality_error"]
+__all__ = ["newton_schulz_batched", "gram_newton_schulz", "newton_schulz_many", "orthogonalize_one", "NSBatches",
+           "ns_flops", "METHODS", "GRAM_RATIO", "GRAM_RESTART", "orthogonality_error"]
 
 METHODS = ("auto", "standard", "gram")
-#: ``method="auto"`` takes the Gram form when ``n >= GRAM_RATIO * m``.
+#: ``method="auto"`` takes the Gram form when ``n >= GRAM_RATIO * m`` (on CUDA).
 GRAM_RATIO = 2.0
-#: restart step of the Gram form (measured: restarting after two steps keeps bf16 as accurate as torch's).
-GRAM_RESTART = 2
+#: steps between restarts of the Gram form (``X = Q X_0``, ``A = X X^T``): five steps run as 3 + 2.
+GRAM_RESTART = 3
 
 
-def _use_gram(m: int, n: int, method: str) -> bool:
+def _use_gram(m: int, n: int, method: str, device: torch.device | str | None = None) -> bool:
+    """Whether ``method`` runs the Gram form on an ``m x n`` matrix (``m <= n``) on ``device``
+    (None: as on CUDA)."""
     if method not in METHODS:
         raise ValueError(f"invalid method: {method!r}; use one of {METHODS}")
-    return method == "gram" or (method == "auto" and n >= GRAM_RATIO * m and m > 1)
+    if method == "gram":
+        return True
+    cuda = device is None or torch.device(device).type == "cuda"
+    return method == "auto" and cuda and n >= GRAM_RATIO * m and m > 1
+
+
+def _segments(steps: int) -> list[int]:
+    """Lengths of the Gram form's segments between restarts (5 -> [3, 2])."""
+    return [min(GRAM_RESTART, steps - k) for k in range(0, steps, GRAM_RESTART)]
 
 
 def ns_flops(rows: int, cols: int, steps: int = 5, method: str = "standard") -> float:
-    """Matmul flops of ``steps`` Newton-Schulz steps on one ``rows x cols`` matrix."""
+    """Matmul flops of ``steps`` Newton-Schulz steps on one ``rows x cols`` matrix (``method="auto"``
+    counted as on CUDA)."""
     m, n = min(rows, cols), max(rows, cols)
     if not _use_gram(m, n, method) or steps < 1:
         return steps * (4.0 * m * m * n + 2.0 * m**3)
-    restart = 0 < GRAM_RESTART < steps
-    cubes = 0
-    for k in range(steps):
-        cubes += 1 + (k > 0 and not (restart and k == GRAM_RESTART))  # A^2, and Q = P Q
-        if k < steps - 1 and not (restart and k + 1 == GRAM_RESTART):
-            cubes += 2  # A <- P (P A)
-    return 2.0 * m**3 * cubes + 2.0 * m * m * n * (2 + 2 * restart)
+    seg = _segments(steps)
+    return 2.0 * m**3 * sum(4 * L - 3 for L in seg) + 2.0 * m * m * n * 2 * len(seg)
 
 
 def newton_schulz_batched(x: Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS, steps: int = 5,
@@ -83,14 +117,12 @@ def newton_schulz_batched(x: Tensor, coefficients: Sequence[float] = NS_COEFFICI
         raise ValueError(f"newton_schulz_batched: x must be (batch, rows, cols), got shape {tuple(x.shape)}")
     a, b, c = (float(v) for v in coefficients)
     tall = x.size(-2) > x.size(-1)
+    if steps > 0 and _use_gram(min(x.shape[-2:]), max(x.shape[-2:]), method, x.device):
+        return gram_newton_schulz(x, (a, b, c), steps, eps)
     X = x.mT if tall else x
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     if steps == 0:
         return X.mT.contiguous() if tall else X.contiguous()
-    if _use_gram(X.size(-2), X.size(-1), method):
-        Q = _gram_polynomial(X, a, b, c, steps)
-        X, Q = Q if isinstance(Q, tuple) else (X, Q)
-        return torch.bmm(X.mT, Q) if tall else torch.bmm(Q, X)
     for k in range(steps):
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
@@ -100,22 +132,45 @@ def newton_schulz_batched(x: Tensor, coefficients: Sequence[float] = NS_COEFFICI
     return X
 
 
-def _gram_polynomial(X: Tensor, a: float, b: float, c: float, steps: int):
-    """``Q`` with ``Q X`` the result (or ``(X_restarted, Q)``); see the module docstring."""
-    A = torch.bmm(X, X.mT)
-    eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
+def gram_newton_schulz(x: Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS, steps: int = 5,
+                       eps: float = 1e-7) -> Tensor:
+    """The Gram form (module docstring) on ``x`` (``(B, rows, cols)``): products in float16 for a
+    16-bit ``x``, else in ``x``'s dtype; returns a contiguous tensor of ``x``'s dtype and shape.
+    Its reference is the standard form (:func:`newton_schulz_batched` with ``method="standard"``),
+    equal in exact arithmetic."""
+    a, b, c = (float(v) for v in coefficients)
+    tall = x.size(-2) > x.size(-1)
+    X = x.mT if tall else x
+    batch, m, n = X.shape
+    dt = torch.float16 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    scale = math.sqrt(n)  # X' = sqrt(n) X_0: entries far from float16's smallest normal (6e-5)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc).clamp(min=eps)
+    X = torch.mul(X, scale / norm, out=torch.empty(batch, m, n, dtype=dt, device=x.device))
+    inv = 1.0 / (scale * scale)
+    mm = torch.empty(batch, m, m, dtype=dt, device=x.device)
     Q = None
-    restart = 0 < GRAM_RESTART < steps
-    for k in range(steps):
-        if restart and k == GRAM_RESTART:
+    for L in _segments(steps):
+        if Q is not None:  # restart: X = Q X, read A again from X
             X = torch.bmm(Q, X)
-            A = torch.bmm(X, X.mT)
-            Q = None
-        P = torch.baddbmm(A, A, A, beta=b, alpha=c).add_(eye, alpha=a)
-        Q = P if Q is None else torch.bmm(P, Q)
-        if k < steps - 1 and not (restart and k + 1 == GRAM_RESTART):
-            A = torch.bmm(P, torch.bmm(P, A))
-    return (X, Q) if restart else Q
+        A = torch.baddbmm(mm, X, X.mT, beta=0.0, alpha=inv)
+        for k in range(L):
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            if k < L - 1:
+                PA = torch.baddbmm(A, B, A, beta=a)
+                A = torch.baddbmm(PA, B, PA, beta=a)
+            if k == 0:  # Q = aI + B, in B's memory (B is not read again)
+                Q = B
+                d = Q.diagonal(dim1=-2, dim2=-1)
+                d.copy_(d.to(acc) + a)  # a in float32 (a float16 scalar add may round a first)
+            else:
+                Q = torch.baddbmm(Q, B, Q, beta=a)
+    if tall:  # O^T = X^T Q^T: the tall input's orientation, contiguous
+        out = torch.baddbmm(torch.empty(batch, n, m, dtype=dt, device=x.device), X.mT, Q.mT, beta=0.0,
+                            alpha=1.0 / scale)
+    else:
+        out = torch.baddbmm(torch.empty_like(X), Q, X, beta=0.0, alpha=1.0 / scale)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class NSBatches:
@@ -165,6 +220,19 @@ def newton_schulz_many(ms: Sequence[Tensor], coefficients: Sequence[float] = NS_
     for i, m in enumerate(ms):
         batches.slot(i).copy_(m.reshape(shapes[i]))
     return [o.reshape(m.shape) for o, m in zip(batches.run(coefficients, steps, eps, method), ms)]
+
+
+def orthogonalize_one(m: Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS, steps: int = 5, eps: float = 1e-7,
+                      dtype: torch.dtype | None = torch.bfloat16, method: str = "standard") -> Tensor:
+    """One matrix (``(rows, cols)``; the foreach path): the Gram form where ``method`` takes it on
+    this shape and device, else torch's iteration
+    (:func:`~deepopt.levels.orthogonal.level.newton_schulz`). Output of ``dtype`` (None: ``m``'s)."""
+    from .level import newton_schulz
+
+    r, c = m.shape[0], m[0].numel()
+    if steps > 0 and _use_gram(min(r, c), max(r, c), method, m.device):
+        return newton_schulz_many([m], coefficients, steps, eps, dtype, method)[0]
+    return newton_schulz(m, tuple(coefficients), steps, eps, dtype)
 
 
 def orthogonality_error(o: Tensor) -> float:

@@ -3,7 +3,8 @@
 :class:`MuonStep` (``Chain(Momentum (period 1), NewtonSchulz)``):
 
     buf = momentum write (sgd or ema form),  o = buf or its Nesterov look-ahead   (momentum_kernel)
-    O = NS(o)      batched per shape, in the NS dtype (:mod:`deepopt.levels.orthogonal.batched`)
+    O = NS(o)      batched per shape, in the NS dtype (:mod:`deepopt.levels.orthogonal.batched`;
+                   the Gram form where ``ns_method`` takes it)
     p = (1 - lr wd) p - lr r(p) O                                                    (apply_kernel)
 
 The momentum kernel writes the read-out in the NS dtype straight into the stacked per-shape
@@ -27,14 +28,15 @@ from ...kernels.tables import RowSet, scalar_table
 from ..momentum.fused import momentum, momentum_terms
 from ..momentum.level import Momentum
 from .batched import NSBatches
-from .level import NewtonSchulz, adjust_lr_ratio
+from .level import NewtonSchulz, adjust_lr_ratio, check_ns_method
 
 __all__ = ["MuonStep", "ns_method"]
 
 
 def ns_method(group: Mapping[str, Any]) -> str:
-    """The Newton-Schulz form of a group (key ``"ns_method"``: auto, standard or gram; default standard)."""
-    return group.get("ns_method", "standard")
+    """The Newton-Schulz form of a group (key ``"ns_method"``: auto, standard or gram; standard where
+    the group has none; MuonMemory and M3 write ``"auto"``)."""
+    return check_ns_method(group)
 
 
 class MuonStep(FusedStep):

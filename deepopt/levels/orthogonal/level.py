@@ -7,8 +7,12 @@ quintic Newton-Schulz iteration takes a few steps of that inner optimization:
     (a, b, c) = (3.4445, -4.7750, 2.0315),  5 steps, on the smaller side of the matrix.
 
 The result is close to ``U V^T`` (``M = U S V^T``) with singular values in about [0.7, 1.2].
-Computed in bfloat16 by default, with exactly the operations of ``torch.optim.Muon`` so that
-``MuonMemory`` equals it bit for bit. Tensors with more than two dimensions are orthogonalized
+:func:`newton_schulz` computes in bfloat16 by default, with exactly the operations of
+``torch.optim.Muon`` (``ns_method="standard"`` makes ``MuonMemory`` equal it bit for bit). The
+group key ``ns_method`` picks the form: ``"standard"`` (this function), ``"gram"`` (the Gram form
+of :mod:`deepopt.levels.orthogonal.batched`: the same function in exact arithmetic, fewer flops on
+wide matrices and a smaller rounding error than torch's bf16 iteration) or ``"auto"`` (the Gram form
+on CUDA for ``n >= 2m``, else the standard one; MuonMemory's and M3's default). Tensors with more than two dimensions are orthogonalized
 as the matrix ``(shape[0], prod(shape[1:]))`` (conv filters); vectors and scalars are not matrices
 and are left to an element-wise level (``applies_to`` is False for them).
 
@@ -31,7 +35,7 @@ from torch import Tensor
 
 from ..base import Direction, Level, State, check_nonnegative
 
-__all__ = ["NewtonSchulz", "newton_schulz", "owner_batched", "adjust_lr_ratio", "NS_COEFFICIENTS", "ADJUST_LR_FNS"]
+__all__ = ["NewtonSchulz", "newton_schulz", "owner_batched", "check_ns_method", "adjust_lr_ratio", "NS_COEFFICIENTS", "ADJUST_LR_FNS"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "none")
@@ -95,8 +99,21 @@ def owner_batched(xs: list[Tensor], coefficients, steps: int, eps: float, dtype:
     return lambda ms: newton_schulz_many(ms, coefficients, steps, eps, dtype, method)
 
 
+def check_ns_method(group: Mapping[str, Any]) -> str:
+    """The group's Newton-Schulz form (key ``"ns_method"``, default ``"standard"``), validated."""
+    from .batched import METHODS
+
+    method = group.get("ns_method", "standard")
+    if method not in METHODS:
+        raise ValueError(f"invalid ns_method: {method!r}; use one of {METHODS}")
+    return method
+
+
 class NewtonSchulz(Level):
     """Stateless level: read-out ``O = NS(x)`` with Muon's learning-rate ratio as ``mul``.
+
+    The form is the group's ``ns_method`` (default ``"standard"``: torch's iteration; see the module
+    docstring).
 
     Args:
         ns_coefficients, ns_steps: the iteration (group keys of the same names).
@@ -127,6 +144,7 @@ class NewtonSchulz(Level):
         check_nonnegative(group, self.key("eps"))
         if self.hp(group, "adjust_lr_fn") not in ADJUST_LR_FNS:
             raise ValueError(f"invalid adjust_lr_fn: {self.hp(group, 'adjust_lr_fn')!r}; use one of {ADJUST_LR_FNS}")
+        check_ns_method(group)
 
     def applies_to(self, p: Tensor, group: Mapping[str, Any]) -> bool:
         flag = group.get("orthogonalize")
@@ -139,10 +157,12 @@ class NewtonSchulz(Level):
     def orthogonalize_many(self, xs: list[Tensor], group: Mapping[str, Any]) -> list[Tensor]:
         """``NS(x)`` of each (DTensors: spread over ranks, :func:`deepopt.distributed.orthogonalize_many`)."""
         from ...distributed import orthogonalize_many
+        from .batched import orthogonalize_one
 
         coeffs, steps, eps = tuple(self.hp(group, "ns_coefficients")), self.hp(group, "ns_steps"), self.hp(group, "eps")
-        return orthogonalize_many(xs, lambda m: newton_schulz(m, coeffs, steps, eps, self.ns_dtype), self.ns_dtype,
-                                  owner_batched(xs, coeffs, steps, eps, self.ns_dtype, group))
+        method = check_ns_method(group)
+        return orthogonalize_many(xs, lambda m: orthogonalize_one(m, coeffs, steps, eps, self.ns_dtype, method),
+                                  self.ns_dtype, owner_batched(xs, coeffs, steps, eps, self.ns_dtype, group))
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         return Direction(self.orthogonalize(x, group), mul=adjust_lr_ratio(p.shape, self.hp(group, "adjust_lr_fn")))
