@@ -209,7 +209,8 @@ def test_maximize_equals_the_counterparts(impl):
              lambda p: deepopt.MomentumMemory(p, lr=0.1, momentum=0.9, weight_decay=0.1, maximize=True,
                                               impl=impl), SHAPES)
     # torch's Muon has no maximize: MuonMemory(maximize=True) on g is torch's Muon on -g
-    run_pair(lambda p: deepopt.MuonMemory(p, lr=0.02, maximize=True, impl=impl), lambda p: torch.optim.Muon(p, lr=0.02),
+    run_pair(lambda p: deepopt.MuonMemory(p, lr=0.02, maximize=True, impl=impl, ns_method="standard"),
+             lambda p: torch.optim.Muon(p, lr=0.02),
              [(5, 3), (4, 9)], negate_b=True)
 
 
@@ -252,7 +253,8 @@ def test_counterpart_arguments_are_honoured_exactly(foreach):
     run_pair(lambda p: torch.optim.SGD(p, 0.1, 0.9, 0.0, 0.01, True, foreach=foreach),
              lambda p: deepopt.MomentumMemory(p, 0.1, 0.9, 0.0, 0.01, True, foreach=foreach), SHAPES)
     run_pair(lambda p: torch.optim.Muon(p, 0.02, 0.05, 0.9, False, eps=1e-6, ns_steps=3, adjust_lr_fn="original"),
-             lambda p: deepopt.MuonMemory(p, 0.02, 0.05, 0.9, False, eps=1e-6, ns_steps=3, adjust_lr_fn="original"),
+             lambda p: deepopt.MuonMemory(p, 0.02, 0.05, 0.9, False, eps=1e-6, ns_steps=3, adjust_lr_fn="original",
+                                          ns_method="standard"),
              [(5, 3), (4, 9)])
 
 

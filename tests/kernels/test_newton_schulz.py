@@ -1,10 +1,10 @@
 """Batched Newton-Schulz: equals torch's iteration (standard form), and its orthogonality error
-is no worse than torch's on the same inputs (the Gram form within the bf16 rounding margin)."""
+is no worse than torch's on the same inputs (the Gram form: tests/kernels/test_ns_gram.py)."""
 
 import pytest
 import torch
 
-from deepopt.levels.orthogonal.batched import newton_schulz_many, ns_flops, orthogonality_error
+from deepopt.levels.orthogonal.batched import newton_schulz_many, orthogonality_error
 from deepopt.levels.orthogonal import newton_schulz
 
 
@@ -30,15 +30,15 @@ def test_standard_batched_equals_torch_iteration(dtype):
 @pytest.mark.parametrize("method", ["standard", "gram"])
 def test_orthogonality_no_worse_than_torch(method):
     for m in inputs():
-        torch_err = orthogonality_error(newton_schulz(m.reshape(m.shape[0], -1)))
+        m2 = m.reshape(m.shape[0], -1)
+        torch_err = orthogonality_error(newton_schulz(m2))
         ours = orthogonality_error(newton_schulz_many([m], method=method)[0])
-        # the standard form is torch's iteration; the Gram form reorders bf16 products (<= 10%)
-        assert ours <= torch_err * (1.0 if method == "standard" else 1.1) + 1e-6, (m.shape, ours, torch_err)
-
-
-def test_gram_form_flops():
-    assert ns_flops(2048, 8192, method="gram") / ns_flops(2048, 8192) == pytest.approx(2 / 3)
-    assert ns_flops(64, 64, method="auto") == ns_flops(64, 64)  # square: the standard form
+        if method == "standard":  # torch's iteration
+            assert ours <= torch_err + 1e-6, (m.shape, ours, torch_err)
+        else:  # the exact iteration's error, more closely than torch's bf16 (whose noise in the near-null
+            # directions of the low-rank inputs lowers the raw error by up to 4%: test_ns_gram.py's band metric)
+            exact = orthogonality_error(newton_schulz(m2.double(), dtype=None))
+            assert abs(ours - exact) <= abs(torch_err - exact) + 2e-3, (m.shape, ours, torch_err, exact)
 
 
 def test_bad_method():
