@@ -14,6 +14,7 @@ from nl_layers.ops.fast_weights import (
     scan_recurrent,
     step_bound,
 )
+from nl_layers.ops.fast_weights.scan import rank1_ends, rank1_read_tokens, read_starts, token_mix
 
 from .helpers import max_diff
 
@@ -105,3 +106,50 @@ def test_none_initial_state_is_a_zero_state(momentum, group, monkeypatch):
         want = _rank1(left, right, log_m, log_a, zero if given_d is None else d0, zero if given_s is None else s0, x, 4)
         got = _rank1(left, right, log_m, log_a, given_d, given_s, x, chunk=4)
         assert all(max_diff(a, b) < 1e-12 for a, b in zip(got, want))
+
+
+def _rank1_tokens(left, right, log_m, log_a, d0, s0, x, chunk, scale):
+    """The token form (token_mix, rank1_read_tokens, rank1_ends) of a scan of u_r = scale_r left_r right_r^T."""
+    plan = ChunkPlan.build(log_m, log_a, chunk)
+    given = d0 is not None or (s0 is not None and log_m is not None)
+    init = plan.cross.initial(d0, s0) if given else None
+    y = rank1_read_tokens(token_mix(plan, scale), left, right, x)
+    if init is not None:
+        y = y + plan.unblocks(read_starts(plan, init[:, : plan.chunks], plan.blocks(x)))
+    return (y, *rank1_ends(plan, left, right, scale, init))
+
+
+@pytest.mark.parametrize("initial", ["both", "none", "d0", "s0"])
+@pytest.mark.parametrize("length, chunk", [(1, 16), (17, 4), (63, 16), (40, 64), (23, 2)])
+@pytest.mark.parametrize("momentum", [True, False])
+def test_token_form_equals_recurrent_values_and_gradients(momentum, length, chunk, initial):
+    """Reads and end states through the L x L token matrix equal the token-by-token scan (float64),
+    as do the gradients w.r.t. every input (factors, scales, decays, initial state, queries)."""
+    left, right, log_m, log_a, d0, s0 = _inputs(length, momentum)
+    d0 = d0 if initial in ("both", "d0") else None
+    s0 = s0 if initial in ("both", "s0") else None
+    scale = torch.rand(3, length, dtype=torch.float64) - 0.5
+    x = torch.randn(3, length, 5, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (left, right, log_m, log_a, d0, s0, x, scale) if t is not None]
+    got = _rank1_tokens(left, right, log_m, log_a, d0, s0, x, chunk, scale)
+    zero = torch.zeros(3, 4, 5, dtype=torch.float64)
+    u = scale[..., None, None] * left[..., :, None] * right[..., None, :]
+    ref, d_ref, s_ref = scan_recurrent(u, log_m, log_a, zero if d0 is None else d0, zero if s0 is None else s0)
+    want = ((ref @ x[..., None])[..., 0], d_ref, s_ref)
+    for a, b in zip(got, want):
+        assert max_diff(a, b) < 1e-11
+    w = [torch.randn_like(t) for t in want]
+    objective = lambda outs: sum((o * v).sum() for o, v in zip(outs, w))  # noqa: E731
+    grads = [torch.autograd.grad(objective(outs), inputs, allow_unused=True) for outs in (got, want)]
+    for g, h in zip(*grads):  # None for s0 without momentum (it does not enter), in both
+        assert (g is None and h is None) or max_diff(g, h) < 1e-10
+
+
+def test_token_mix_is_the_scan_matrix():
+    log_m, log_a = -torch.rand(2, 29, dtype=torch.float64), -torch.rand(2, 29, dtype=torch.float64)
+    scale = torch.randn(2, 29, dtype=torch.float64)
+    plan = ChunkPlan.build(log_m, log_a, chunk_size=8)
+    eye = torch.eye(29, dtype=torch.float64).expand(2, 29, 29)  # u_r = e_r: D_t's entries are the row T_t.
+    ref, _, _ = scan_recurrent(scale[..., None] * eye, log_m, log_a, torch.zeros(2, 29), torch.zeros(2, 29))
+    assert max_diff(token_mix(plan, scale), ref) < 1e-12
+    assert (token_mix(plan).triu(1) == 0).all()  # causal

@@ -34,7 +34,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .scan import ChunkPlan, bc, dense_all, dense_states, rank1_read, rank1_states
+from .scan import (
+    ChunkPlan,
+    bc,
+    dense_all,
+    dense_states,
+    rank1_ends,
+    rank1_read,
+    rank1_read_tokens,
+    rank1_states,
+    read_starts,
+    token_mix,
+)
 from .step import inner_step
 
 
@@ -50,13 +61,24 @@ def _get(tree: dict | None, name: str):
 class AnalyticEngine:
     """Segments in closed form for memories with ``factors`` and ``compose`` (see memory/mlp.py)."""
 
-    def __init__(self, template: nn.Module):
+    def __init__(self, template: nn.Module, form: str = "auto"):
         if not all(hasattr(template, a) for a in ("factors", "compose")):
             raise ValueError(
                 f"grad_impl='analytic' needs a memory with closed-form factors/compose "
                 f"(ResidualMLPMemory, LinearMapMemory); {type(template).__name__} has none: use grad_impl='func'"
             )
-        self.template = template
+        if form not in ("auto", "tokens", "chunks"):
+            raise ValueError(f"form must be 'auto', 'tokens' or 'chunks', got {form!r}")
+        self.template, self.form = template, form
+
+    def use_tokens(self, plan: ChunkPlan, sizes) -> bool:
+        """Whether to read through the token-by-token matrix (:func:`token_mix`, L x L per copy)
+        rather than the chunk start states (n K x the weight matrix per copy and matrix): "auto"
+        takes the former when L^2 <= n K x the smallest weight matrix (short segments, such as a
+        language model's 256 tokens with 64-token chunks), needing the closed-form cross operator."""
+        if plan.cross is None or self.form == "chunks":
+            return False
+        return self.form == "tokens" or plan.length**2 <= plan.chunks * plan.weights.shape[-1] * min(sizes)
 
     def read(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """All tokens x (N, L, d) read with one set of weights per copy (N, ...)."""
@@ -68,6 +90,8 @@ class AnalyticEngine:
         g_sq = sum(left.square().sum(-1) * right.square().sum(-1) for left, right in facs.values())
         step = inner_step(lr, g_sq, r_sq, error_clip)
         plan = ChunkPlan.build(log_m, log_a, chunk_size)
+        if self.use_tokens(plan, [left.shape[-1] * right.shape[-1] for left, right in facs.values()]):
+            return self._segment_tokens(plan, facs, -step, d0, s0, base, q)
         blocked = {n: (plan.blocks(-step[..., None] * left), plan.blocks(right)) for n, (left, right) in facs.items()}
         starts, d_last, s_last = {}, {}, {}
         for n, (left, right) in blocked.items():
@@ -81,6 +105,28 @@ class AnalyticEngine:
                 return fixed + rank1_read(plan, left, right, starts[n], x)
 
             y = plan.unblocks(self.template.compose(plan.blocks(q), linear))
+        return y, d_last, s_last
+
+    def _segment_tokens(self, plan, facs, scale, d0, s0, base, q):
+        """:meth:`segment` through :func:`token_mix`: the updates' step sizes folded into its
+        columns, no chunk start states (the initial state's part only when one is given)."""
+        mixing = token_mix(plan, scale) if q is not None else None
+        y, d_last, s_last, init = None, {}, {}, {}
+        for n, (left, right) in facs.items():
+            dn, sn = _get(d0, n), _get(s0, n)
+            given = dn is not None or (sn is not None and plan.end_dm is not None)
+            init[n] = plan.cross.initial(dn, sn) if given else None
+            d_last[n], s_last[n] = rank1_ends(plan, left, right, scale, init[n])
+        if q is not None:
+
+            def linear(n, x):  # W_t x_t for every token t, without forming W_t
+                left, right = facs[n]
+                out = _apply(base[n], x) + rank1_read_tokens(mixing, left, right, x)
+                if init[n] is not None:
+                    out = out + plan.unblocks(read_starts(plan, init[n][:, : plan.chunks], plan.blocks(x)))
+                return out
+
+            y = self.template.compose(q, linear)
         return y, d_last, s_last
 
 

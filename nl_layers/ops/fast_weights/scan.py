@@ -160,14 +160,76 @@ def rank1_states(plan: ChunkPlan, left, right, d0, s0):
     return _states(plan, summaries, d0, s0, last_u)
 
 
-def rank1_read(plan: ChunkPlan, left, right, starts, x):
-    """D_t x_t for every token of blocked x (N, n, C, i), without forming D_t: (N, n, C, o)."""
+def read_starts(plan: ChunkPlan, starts, x):
+    """The part of D_t x_t from the chunk start states (N, n, K, o, i), for blocked x (N, n, C, i): (N, n, C, o)."""
     b, n, k, o, i = starts.shape
     from_starts = x @ starts.reshape(b, n, k * o, i).transpose(-1, -2)  # (N, n, C, K o)
-    out = (plan.mix * (x @ right.transpose(-1, -2))) @ left
     if k == 1:
-        return out + plan.pa[..., None] * from_starts
-    return out + (plan.reads[..., None] * from_starts.reshape(b, n, -1, k, o)).sum(-2)
+        return plan.pa[..., None] * from_starts
+    return (plan.reads[..., None] * from_starts.reshape(b, n, -1, k, o)).sum(-2)
+
+
+def rank1_read(plan: ChunkPlan, left, right, starts, x):
+    """D_t x_t for every token of blocked x (N, n, C, i), without forming D_t: (N, n, C, o)."""
+    return (plan.mix * (x @ right.transpose(-1, -2))) @ left + read_starts(plan, starts, x)
+
+
+def token_mix(plan: ChunkPlan, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The (N, L, L) matrix T of the whole scan from a zero state: D_t = sum_{r <= t} T_tr u_r.
+
+    Within a chunk T is ``mix``; from token r of an earlier chunk j to token t of chunk c it is
+    reads_t^T X_cj weights_r (rank K: X_cj the K x K block of the cross operator), so T costs a
+    few small products, no decay product over L. ``scale`` (N, L) multiplies column r (the
+    updates' scalar factors folded in: T diag(scale)). Needs ``plan.cross`` (up to cross.GROUP chunks).
+
+    Example:
+        >>> log_m, log_a = -torch.rand(2, 10), -torch.rand(2, 10)
+        >>> u = torch.randn(2, 10, 3)
+        >>> t = token_mix(ChunkPlan.build(log_m, log_a, chunk_size=4))
+        >>> bool(torch.allclose(t @ u, scan_recurrent(u, log_m, log_a, torch.zeros(2, 3), torch.zeros(2, 3))[0], atol=1e-6))
+        True
+    """
+    b, n, c = plan.pa.shape
+    k = plan.weights.shape[-1]
+    weights, mix = plan.weights, plan.mix
+    if scale is not None:
+        blocked = plan.blocks(scale.to(weights.dtype))
+        weights, mix = weights * blocked[..., None], mix * blocked[:, :, None, :]
+    rows = plan.reads @ plan.cross.starts.reshape(b, n, k, n * k)  # (N, n, C, n K): reads_t^T X_c.
+    eye = torch.eye(n, dtype=weights.dtype, device=weights.device)
+    cols = (weights.transpose(-1, -2)[:, :, :, None, :] * eye[:, None, :, None]).reshape(b, n * k, n * c)  # block diagonal
+    full = (rows.reshape(b, n * c, n * k) @ cols).reshape(b, n, c, n, c)  # zero on and above the diagonal blocks
+    full = torch.diagonal_scatter(full, mix.permute(0, 2, 3, 1), 0, 1, 3).reshape(b, n * c, n * c)
+    return full[:, : plan.length, : plan.length]
+
+
+def rank1_read_tokens(mixing: torch.Tensor, left, right, x) -> torch.Tensor:
+    """sum_{r <= t} T_tr (right_r . x_t) left_r for every token: the read of a zero-start scan of
+    u_r = left_r right_r^T, with T from :func:`token_mix`; left (N, L, o), right, x (N, L, i)."""
+    return (mixing * (x @ right.transpose(-1, -2))) @ left
+
+
+def rank1_ends(plan: ChunkPlan, left, right, scale, init=None):
+    """(D_L, S_L) for updates u_r = scale_r left_r right_r^T (unblocked, (N, L, o), (N, L, i); scale (N, L)).
+
+    init: the initial state's part of every chunk state, (N, n + 1, K, o, i) (:meth:`CrossOperator.initial`), or None.
+    """
+    b, n, c = plan.pa.shape
+    k = plan.weights.shape[-1]
+    length, o, i = plan.length, left.shape[-1], right.shape[-1]
+    # each token's weight in the end state: the cross operator's last row times the summary weights
+    per_chunk = plan.weights @ plan.cross.final.reshape(b, k, n, k).permute(0, 2, 3, 1)  # (N, n, C, K)
+    w = per_chunk.reshape(b, n * c, k)[:, :length] * scale[..., None]
+    if i <= o:  # weight the narrower factor
+        ends = (left.transpose(-1, -2) @ (w[..., None] * right[:, :, None, :]).reshape(b, length, k * i))
+        ends = ends.reshape(b, o, k, i).transpose(1, 2)
+    else:
+        ends = ((w[..., None] * left[:, :, None, :]).reshape(b, length, k * o).transpose(-1, -2) @ right).reshape(b, k, o, i)
+    if init is not None:
+        ends = ends + init[:, n]
+    if k == 2:
+        return ends[:, 0], ends[:, 1]
+    return ends[:, 0], scale[:, -1, None, None] * left[:, -1, :, None] * right[:, -1, None, :]  # S_L = u_L
 
 
 def dense_states(plan: ChunkPlan, u, d0, s0):
