@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from ..._modules import squared_norm
 from .scan import (
     ChunkPlan,
     bc,
@@ -87,7 +88,7 @@ class AnalyticEngine:
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False):
         """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero."""
         facs, r_sq = self.template.factors(anchor, k, v, dgd)
-        g_sq = sum(left.square().sum(-1) * right.square().sum(-1) for left, right in facs.values())
+        g_sq = sum(squared_norm(left) * squared_norm(right) for left, right in facs.values())
         step = inner_step(lr, g_sq, r_sq, error_clip)
         plan = ChunkPlan.build(log_m, log_a, chunk_size)
         if self.use_tokens(plan, [left.shape[-1] * right.shape[-1] for left, right in facs.values()]):
