@@ -44,3 +44,20 @@ def test_squared_norm_equals_the_sum_of_squares_with_gradients():
     assert max_diff(squared_norm(x), x.square().sum(-1)) < 1e-13
     assert torch.autograd.gradcheck(squared_norm, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
     assert torch.autograd.gradgradcheck(squared_norm, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
+
+
+def test_silu_and_slope_equals_autograd_values_and_gradients():
+    from nl_layers.memory.mlp import silu_and_slope
+
+    z = (torch.randn(7, 9, dtype=torch.float64) * 4).requires_grad_()
+    h, slope = silu_and_slope(z)
+    s = torch.sigmoid(z)
+    h_ref, slope_ref = z * s, s * (1 + z * (1 - s))  # the autograd form
+    assert max_diff(h, h_ref) < 1e-15 and max_diff(slope, slope_ref) < 1e-15
+    w1, w2 = torch.randn_like(h), torch.randn_like(h)
+    (g,) = torch.autograd.grad((h * w1 + slope * w2).sum(), z, retain_graph=True)
+    (g_ref,) = torch.autograd.grad((h_ref * w1 + slope_ref * w2).sum(), z, retain_graph=True)
+    assert max_diff(g, g_ref) < 1e-13
+    (g_one,) = torch.autograd.grad(slope.sum(), z)  # one output unused
+    assert max_diff(g_one, torch.autograd.grad(slope_ref.sum(), z)[0]) < 1e-13
+    assert torch.autograd.gradcheck(silu_and_slope, (torch.randn(4, 3, dtype=torch.float64, requires_grad=True),))
