@@ -62,8 +62,16 @@ from torch.func import functional_call, vmap
 
 from .._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from .._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads
-from ..ops.fast_weights import make_engine
-from .fast_weights import expand_params, flatten, reference_grads_and_losses, reference_step, segments, unflatten
+from ..ops.fast_weights import AnalyticEngine, make_engine
+from .fast_weights import (
+    expand_params,
+    flatten,
+    reference_grads_and_losses,
+    reference_step,
+    segments,
+    shared_params,
+    unflatten,
+)
 from .mlp import make_memory
 
 
@@ -224,18 +232,23 @@ class NeuralMemory(nn.Module):
     # -- parallel form: one batched pass per anchor segment -------------------------------------
     def _parallel(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position, fresh=False):
         ys = []
+        # The analytic engine takes weights shared by every copy as one matrix (plain products, no per-copy
+        # gradients): the initial weights W_0, and the anchor of a fresh sequence until it is first refreshed.
+        if isinstance(self.engine, AnalyticEngine):
+            base = shared_params(self.memory)
+        work = base if fresh and isinstance(self.engine, AnalyticEngine) else anchor
         for start, end, reanchor in segments(q.shape[1], self.anchor_size, position):
             sl = slice(start, end)
             zero = fresh and start == 0
             y, delta, s = self.engine.segment(
-                anchor, None if zero else {n: w[n] - base[n] for n in w}, None if zero else s, base,
+                work, None if zero else {n: w[n] - base[n] for n in w}, None if zero else s, base,
                 k[:, sl], v[:, sl], lr[:, sl],
                 None if log_m is None else log_m[:, sl], log_a[:, sl], self.chunk_size, self.error_clip, q=q[:, sl],
             )
             w = {n: base[n] + delta[n] for n in w}
             ys.append(y)
             if reanchor:
-                anchor = w
+                anchor = work = w
         return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0], w, anchor, s
 
     # -- token-by-token reference ---------------------------------------------------------------

@@ -82,11 +82,22 @@ class AnalyticEngine:
         return self.form == "tokens" or plan.length**2 <= plan.chunks * plan.weights.shape[-1] * min(sizes)
 
     def read(self, w: dict, x: torch.Tensor) -> torch.Tensor:
-        """All tokens x (N, L, d) read with one set of weights per copy (N, ...)."""
+        """All tokens x (N, L, d) read with one set of weights per copy (N, ...), or one for all copies (...)."""
         return self.template.compose(x, lambda n, inp: _apply(w[n], inp))
 
+    def read_shared(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+        """x (N, L, d) read by G memories with one set of weights each, w: name -> (G, ...), shared by
+        all N copies: (G N, L, d_out), memory-major (as :meth:`read` of the G memories stacked along
+        the copies, without repeating x or the weights)."""
+        g = next(iter(w.values())).shape[0]
+        y = self.template.compose(x.reshape(1, -1, x.shape[-1]).expand(g, -1, -1), lambda n, inp: _apply(w[n], inp))
+        return y.reshape(g * x.shape[0], x.shape[1], -1)
+
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False):
-        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero."""
+        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero.
+
+        anchor and base: name -> (N, *shape) per copy, or (*shape) one for all copies.
+        """
         facs, r_sq = self.template.factors(anchor, k, v, dgd)
         g_sq = sum(squared_norm(left) * squared_norm(right) for left, right in facs.values())
         step = inner_step(lr, g_sq, r_sq, error_clip)
