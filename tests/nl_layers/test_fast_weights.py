@@ -14,7 +14,7 @@ from nl_layers.ops.fast_weights import (
     scan_recurrent,
     step_bound,
 )
-from nl_layers.ops.fast_weights.scan import rank1_ends, rank1_read_tokens, read_starts, token_mix
+from nl_layers.ops.fast_weights.scan import TokenPlan, rank1_ends, rank1_read_tokens
 
 from .helpers import max_diff
 
@@ -108,21 +108,33 @@ def test_none_initial_state_is_a_zero_state(momentum, group, monkeypatch):
         assert all(max_diff(a, b) < 1e-12 for a, b in zip(got, want))
 
 
-def _rank1_tokens(left, right, log_m, log_a, d0, s0, x, chunk, scale):
-    """The token form (token_mix, rank1_read_tokens, rank1_ends) of a scan of u_r = scale_r left_r right_r^T."""
-    plan = ChunkPlan.build(log_m, log_a, chunk)
-    given = d0 is not None or (s0 is not None and log_m is not None)
-    init = plan.cross.initial(d0, s0) if given else None
-    y = rank1_read_tokens(token_mix(plan, scale), left, right, x)
-    if init is not None:
-        y = y + plan.unblocks(read_starts(plan, init[:, : plan.chunks], plan.blocks(x)))
-    return (y, *rank1_ends(plan, left, right, scale, init))
+def _rank1_tokens(left, right, log_m, log_a, d0, s0, x, scale):
+    """The token form (TokenPlan, rank1_read_tokens, rank1_ends) of a scan of u_r = scale_r left_r right_r^T."""
+    plan = TokenPlan.build(log_m, log_a, initial=True)
+    mixing = plan.mix * scale[:, None, :]
+    out = 0 * x[..., :1] * left[:, :1]  # (N, L, o) zeros, or the initial state's part
+    if d0 is not None:
+        out = out + plan.pa[..., None] * (x @ d0.transpose(-1, -2))
+    if s0 is not None and log_m is not None:
+        out = out + plan.fs[..., None] * (x @ s0.transpose(-1, -2))
+    y = rank1_read_tokens(mixing, left, right, x, out)
+    if log_m is None:
+        ends = rank1_ends(left, right, mixing[:, -1, :, None])
+        d_last, s_last = ends[:, 0], scale[:, -1, None, None] * left[:, -1, :, None] * right[:, -1, None, :]
+    else:
+        ends = rank1_ends(left, right, torch.stack([mixing[:, -1], plan.dm_last * scale], -1))
+        d_last, s_last = ends[:, 0], ends[:, 1]
+        if s0 is not None:
+            d_last, s_last = d_last + plan.fs[:, -1, None, None] * s0, s_last + plan.pm[:, -1, None, None] * s0
+    if d0 is not None:
+        d_last = d_last + plan.pa[:, -1, None, None] * d0
+    return y, d_last, s_last
 
 
 @pytest.mark.parametrize("initial", ["both", "none", "d0", "s0"])
-@pytest.mark.parametrize("length, chunk", [(1, 16), (17, 4), (63, 16), (40, 64), (23, 2)])
+@pytest.mark.parametrize("length", [1, 2, 17, 63])
 @pytest.mark.parametrize("momentum", [True, False])
-def test_token_form_equals_recurrent_values_and_gradients(momentum, length, chunk, initial):
+def test_token_form_equals_recurrent_values_and_gradients(momentum, length, initial):
     """Reads and end states through the L x L token matrix equal the token-by-token scan (float64),
     as do the gradients w.r.t. every input (factors, scales, decays, initial state, queries)."""
     left, right, log_m, log_a, d0, s0 = _inputs(length, momentum)
@@ -131,7 +143,7 @@ def test_token_form_equals_recurrent_values_and_gradients(momentum, length, chun
     scale = torch.rand(3, length, dtype=torch.float64) - 0.5
     x = torch.randn(3, length, 5, dtype=torch.float64)
     inputs = [t.requires_grad_() for t in (left, right, log_m, log_a, d0, s0, x, scale) if t is not None]
-    got = _rank1_tokens(left, right, log_m, log_a, d0, s0, x, chunk, scale)
+    got = _rank1_tokens(left, right, log_m, log_a, d0, s0, x, scale)
     zero = torch.zeros(3, 4, 5, dtype=torch.float64)
     u = scale[..., None, None] * left[..., :, None] * right[..., None, :]
     ref, d_ref, s_ref = scan_recurrent(u, log_m, log_a, zero if d0 is None else d0, zero if s0 is None else s0)
@@ -145,11 +157,23 @@ def test_token_form_equals_recurrent_values_and_gradients(momentum, length, chun
         assert (g is None and h is None) or max_diff(g, h) < 1e-10
 
 
-def test_token_mix_is_the_scan_matrix():
-    log_m, log_a = -torch.rand(2, 29, dtype=torch.float64), -torch.rand(2, 29, dtype=torch.float64)
-    scale = torch.randn(2, 29, dtype=torch.float64)
-    plan = ChunkPlan.build(log_m, log_a, chunk_size=8)
-    eye = torch.eye(29, dtype=torch.float64).expand(2, 29, 29)  # u_r = e_r: D_t's entries are the row T_t.
-    ref, _, _ = scan_recurrent(scale[..., None] * eye, log_m, log_a, torch.zeros(2, 29), torch.zeros(2, 29))
-    assert max_diff(token_mix(plan, scale), ref) < 1e-12
-    assert (token_mix(plan).triu(1) == 0).all()  # causal
+@pytest.mark.parametrize("momentum", [True, False])
+def test_token_plan_is_the_scan_in_closed_form(momentum):
+    """u_r = e_r (unit updates): D_t's entries are row t of mix, S_L's are dm_last; pa, fs, pm from unit initial states."""
+    n, length = 2, 29
+    log_m = -torch.rand(n, length, dtype=torch.float64) if momentum else None
+    log_a = -torch.rand(n, length, dtype=torch.float64)
+    plan = TokenPlan.build(log_m, log_a, initial=True)
+    eye, zero = torch.eye(length, dtype=torch.float64).expand(n, length, length), torch.zeros(n, length, dtype=torch.float64)
+    ref, _, s_last = scan_recurrent(eye, log_m, log_a, zero, zero)
+    assert max_diff(plan.mix, ref) < 1e-12 and (plan.mix.triu(1) == 0).all()
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    d_from_d0, _, _ = scan_recurrent(torch.zeros(n, length, 1, dtype=torch.float64), log_m, log_a, ones, 0 * ones)
+    assert max_diff(plan.pa, d_from_d0[..., 0]) < 1e-12
+    if momentum:
+        assert max_diff(plan.dm_last, s_last) < 1e-12
+        d_from_s0, _, _ = scan_recurrent(torch.zeros(n, length, 1, dtype=torch.float64), log_m, log_a, 0 * ones, ones)
+        assert max_diff(plan.fs, d_from_s0[..., 0]) < 1e-12
+        assert max_diff(plan.pm, log_m.cumsum(-1).exp()) < 1e-12
+    else:
+        assert plan.fs is None and plan.pm is None and plan.dm_last is None

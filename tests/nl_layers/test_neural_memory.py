@@ -72,14 +72,13 @@ def test_both_read_forms_equal_the_reference(form, anchor, memory, kw):
 
 
 def test_auto_form_takes_the_token_matrix_for_short_segments_only():
-    from nl_layers.ops.fast_weights import ChunkPlan
-
     engine = nl_layers.NeuralMemory(384, heads=4).engine  # a language model's layer: 96 x 192 matrices, chunks of 64
     sizes = [96 * 192, 192 * 96]
-    plan = lambda length: ChunkPlan.build(-torch.rand(1, length), -torch.rand(1, length), 64)  # noqa: E731
-    assert engine.form == "auto" and engine.use_tokens(plan(256), sizes)
-    assert not engine.use_tokens(plan(1024), sizes)  # 16 chunks: L^2 > n K x 18432
-    assert not engine.use_tokens(plan(4096), sizes)  # 64 chunks: no closed-form cross operator
+    assert engine.form == "auto" and engine.use_tokens(256, 64, True, sizes)
+    assert not engine.use_tokens(1024, 64, True, sizes)  # 16 chunks: L^2 > n K x 18432
+    assert not engine.use_tokens(256, 64, True, [16 * 16])  # small matrices: the chunk states are smaller
+    engine.form = "chunks"
+    assert not engine.use_tokens(256, 64, True, sizes)
     with pytest.raises(ValueError, match="form"):
         type(engine)(nl_layers.ResidualMLPMemory(4, 8), form="dense")
 

@@ -40,12 +40,11 @@ from .scan import (
     bc,
     dense_all,
     dense_states,
+    TokenPlan,
     rank1_ends,
     rank1_read,
     rank1_read_tokens,
     rank1_states,
-    read_starts,
-    token_mix,
 )
 from .step import inner_step
 
@@ -72,14 +71,15 @@ class AnalyticEngine:
             raise ValueError(f"form must be 'auto', 'tokens' or 'chunks', got {form!r}")
         self.template, self.form = template, form
 
-    def use_tokens(self, plan: ChunkPlan, sizes) -> bool:
-        """Whether to read through the token-by-token matrix (:func:`token_mix`, L x L per copy)
-        rather than the chunk start states (n K x the weight matrix per copy and matrix): "auto"
-        takes the former when L^2 <= n K x the smallest weight matrix (short segments, such as a
-        language model's 256 tokens with 64-token chunks), needing the closed-form cross operator."""
-        if plan.cross is None or self.form == "chunks":
-            return False
-        return self.form == "tokens" or plan.length**2 <= plan.chunks * plan.weights.shape[-1] * min(sizes)
+    def use_tokens(self, length: int, chunk_size: int, momentum: bool, sizes) -> bool:
+        """Whether to take the whole segment in one closed form (:class:`TokenPlan`, an L x L matrix
+        per copy) rather than in chunks (chunk start states: n K x the weight matrix per copy and
+        matrix, n = L / C chunks): "auto" takes the former when L^2 <= n K x the smallest weight
+        matrix (short segments, such as a language model's 256 tokens in chunks of 64)."""
+        if self.form != "auto":
+            return self.form == "tokens"
+        chunks = -(-length // min(chunk_size, length))
+        return length**2 <= chunks * (2 if momentum else 1) * min(sizes)
 
     def read(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """All tokens x (N, L, d) read with one set of weights per copy (N, ...), or one for all copies (...)."""
@@ -101,9 +101,9 @@ class AnalyticEngine:
         facs, r_sq = self.template.factors(anchor, k, v, dgd)
         g_sq = sum(squared_norm(left) * squared_norm(right) for left, right in facs.values())
         step = inner_step(lr, g_sq, r_sq, error_clip)
+        if self.use_tokens(k.shape[1], chunk_size, log_m is not None, [a.shape[-1] * b.shape[-1] for a, b in facs.values()]):
+            return self._segment_tokens(log_m, log_a, facs, -step, d0, s0, base, q)
         plan = ChunkPlan.build(log_m, log_a, chunk_size)
-        if self.use_tokens(plan, [left.shape[-1] * right.shape[-1] for left, right in facs.values()]):
-            return self._segment_tokens(plan, facs, -step, d0, s0, base, q)
         blocked = {n: (plan.blocks(-step[..., None] * left), plan.blocks(right)) for n, (left, right) in facs.items()}
         starts, d_last, s_last = {}, {}, {}
         for n, (left, right) in blocked.items():
@@ -119,24 +119,35 @@ class AnalyticEngine:
             y = plan.unblocks(self.template.compose(plan.blocks(q), linear))
         return y, d_last, s_last
 
-    def _segment_tokens(self, plan, facs, scale, d0, s0, base, q):
-        """:meth:`segment` through :func:`token_mix`: the updates' step sizes folded into its
-        columns, no chunk start states (the initial state's part only when one is given)."""
-        mixing = token_mix(plan, scale) if q is not None else None
-        y, d_last, s_last, init = None, {}, {}, {}
+    def _segment_tokens(self, log_m, log_a, facs, scale, d0, s0, base, q):
+        """:meth:`segment` through a :class:`TokenPlan`: the updates' step sizes folded into its
+        columns; the initial state's part only when one is given."""
+        given_s = s0 is not None and log_m is not None  # without momentum S_0 does not enter
+        plan = TokenPlan.build(log_m, log_a, initial=given_s)
+        mixing = plan.mix * scale[:, None, :]
+        weights = mixing[:, -1, :, None] if log_m is None else torch.stack([mixing[:, -1], plan.dm_last * scale], -1)
+        y, d_last, s_last = None, {}, {}
         for n, (left, right) in facs.items():
-            dn, sn = _get(d0, n), _get(s0, n)
-            given = dn is not None or (sn is not None and plan.end_dm is not None)
-            init[n] = plan.cross.initial(dn, sn) if given else None
-            d_last[n], s_last[n] = rank1_ends(plan, left, right, scale, init[n])
+            ends = rank1_ends(left, right, weights)
+            d_last[n] = ends[:, 0]
+            if log_m is None:
+                s_last[n] = scale[:, -1, None, None] * left[:, -1, :, None] * right[:, -1, None, :]  # S_L = u_L
+            else:
+                s_last[n] = ends[:, 1] if not given_s else ends[:, 1] + bc(plan.pm[:, -1], s0[n]) * s0[n]
+            if d0 is not None:
+                d_last[n] = d_last[n] + bc(plan.pa[:, -1], d0[n]) * d0[n]
+            if given_s:
+                d_last[n] = d_last[n] + bc(plan.fs[:, -1], s0[n]) * s0[n]
         if q is not None:
 
             def linear(n, x):  # W_t x_t for every token t, without forming W_t
                 left, right = facs[n]
-                out = _apply(base[n], x) + rank1_read_tokens(mixing, left, right, x)
-                if init[n] is not None:
-                    out = out + plan.unblocks(read_starts(plan, init[n][:, : plan.chunks], plan.blocks(x)))
-                return out
+                out = _apply(base[n], x)
+                if d0 is not None:
+                    out = out + plan.pa[..., None] * _apply(d0[n], x)
+                if given_s:
+                    out = out + plan.fs[..., None] * _apply(s0[n], x)
+                return rank1_read_tokens(mixing, left, right, x, out)
 
             y = self.template.compose(q, linear)
         return y, d_last, s_last

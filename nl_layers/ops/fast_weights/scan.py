@@ -174,62 +174,63 @@ def rank1_read(plan: ChunkPlan, left, right, starts, x):
     return (plan.mix * (x @ right.transpose(-1, -2))) @ left + read_starts(plan, starts, x)
 
 
-def token_mix(plan: ChunkPlan, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The (N, L, L) matrix T of the whole scan from a zero state: D_t = sum_{r <= t} T_tr u_r.
+class TokenPlan(NamedTuple):
+    """The scan of L tokens in one closed form (short segments), tensors (N, L[, L]):
 
-    Within a chunk T is ``mix``; from token r of an earlier chunk j to token t of chunk c it is
-    reads_t^T X_cj weights_r (rank K: X_cj the K x K block of the cross operator), so T costs a
-    few small products, no decay product over L. ``scale`` (N, L) multiplies column r (the
-    updates' scalar factors folded in: T diag(scale)). Needs ``plan.cross`` (up to cross.GROUP chunks).
+        D_t = pa_t D_0 + fs_t S_0 + sum_{r <= t} mix_tr u_r,    S_t = pm_t S_0 + sum_{r <= t} dm_tr u_r,
+
+    mix = D^a D^m (D^a alone without momentum) over all L tokens, with the notation of the module
+    docstring. Fewer, larger operations than :class:`ChunkPlan` (no chunk maps): for a segment
+    short enough that an L x L matrix per copy is smaller than the chunk start states.
+    dm_last: row L - 1 of D^m (S_L's weights; None without momentum); fs, pm: None without momentum
+    or when built without ``initial``.
 
     Example:
         >>> log_m, log_a = -torch.rand(2, 10), -torch.rand(2, 10)
-        >>> u = torch.randn(2, 10, 3)
-        >>> t = token_mix(ChunkPlan.build(log_m, log_a, chunk_size=4))
-        >>> bool(torch.allclose(t @ u, scan_recurrent(u, log_m, log_a, torch.zeros(2, 3), torch.zeros(2, 3))[0], atol=1e-6))
+        >>> u, d0, s0 = torch.randn(2, 10, 3), torch.randn(2, 3), torch.randn(2, 3)
+        >>> p = TokenPlan.build(log_m, log_a, initial=True)
+        >>> d = p.mix @ u + p.pa[..., None] * d0[:, None] + p.fs[..., None] * s0[:, None]
+        >>> bool(torch.allclose(d, scan_recurrent(u, log_m, log_a, d0, s0)[0], atol=1e-5))
         True
     """
-    b, n, c = plan.pa.shape
-    k = plan.weights.shape[-1]
-    weights, mix = plan.weights, plan.mix
-    if scale is not None:
-        blocked = plan.blocks(scale.to(weights.dtype))
-        weights, mix = weights * blocked[..., None], mix * blocked[:, :, None, :]
-    rows = plan.reads @ plan.cross.starts.reshape(b, n, k, n * k)  # (N, n, C, n K): reads_t^T X_c.
-    eye = torch.eye(n, dtype=weights.dtype, device=weights.device)
-    cols = (weights.transpose(-1, -2)[:, :, :, None, :] * eye[:, None, :, None]).reshape(b, n * k, n * c)  # block diagonal
-    full = (rows.reshape(b, n * c, n * k) @ cols).reshape(b, n, c, n, c)  # zero on and above the diagonal blocks
-    full = torch.diagonal_scatter(full, mix.permute(0, 2, 3, 1), 0, 1, 3).reshape(b, n * c, n * c)
-    return full[:, : plan.length, : plan.length]
+
+    mix: torch.Tensor
+    pa: torch.Tensor
+    fs: torch.Tensor | None
+    pm: torch.Tensor | None
+    dm_last: torch.Tensor | None
+
+    @staticmethod
+    def build(log_m: torch.Tensor | None, log_a: torch.Tensor, initial: bool = False) -> "TokenPlan":
+        """Plan for log-momentum (N, L) (None: no momentum) and log-decay (N, L); ``initial``: also fs, pm."""
+        work = torch.promote_types(log_a.dtype, torch.float32)  # decay products in at least float32
+        cast = lambda t: None if t is None else t.to(log_a.dtype)  # noqa: E731
+        if log_m is None:
+            da, la = decay_products(log_a.to(work))
+            return TokenPlan(cast(da), cast(la.exp()), None, None, None)
+        (da, dm), (la, lm) = (t.unbind(0) for t in decay_products(torch.stack([log_a.to(work), log_m.to(work)])))
+        pm = lm.exp() if initial else None
+        fs = (da @ pm[..., None])[..., 0] if initial else None
+        return TokenPlan(cast(da @ dm), cast(la.exp()), cast(fs), cast(pm), cast(dm[:, -1]))
 
 
-def rank1_read_tokens(mixing: torch.Tensor, left, right, x) -> torch.Tensor:
-    """sum_{r <= t} T_tr (right_r . x_t) left_r for every token: the read of a zero-start scan of
-    u_r = left_r right_r^T, with T from :func:`token_mix`; left (N, L, o), right, x (N, L, i)."""
-    return (mixing * (x @ right.transpose(-1, -2))) @ left
+def rank1_read_tokens(mixing: torch.Tensor, left, right, x, out=None) -> torch.Tensor:
+    """sum_{r <= t} mixing_tr (right_r . x_t) left_r for every token (plus ``out``, if given): the read
+    of a zero-start scan of u_r = left_r right_r^T through an (N, L, L) matrix such as
+    :attr:`TokenPlan.mix` (with the updates' scalar factors folded into its columns);
+    left (N, L, o), right, x (N, L, i)."""
+    weighted = mixing * (x @ right.transpose(-1, -2))
+    return weighted @ left if out is None else torch.baddbmm(out, weighted, left)
 
 
-def rank1_ends(plan: ChunkPlan, left, right, scale, init=None):
-    """(D_L, S_L) for updates u_r = scale_r left_r right_r^T (unblocked, (N, L, o), (N, L, i); scale (N, L)).
-
-    init: the initial state's part of every chunk state, (N, n + 1, K, o, i) (:meth:`CrossOperator.initial`), or None.
-    """
-    b, n, c = plan.pa.shape
-    k = plan.weights.shape[-1]
-    length, o, i = plan.length, left.shape[-1], right.shape[-1]
-    # each token's weight in the end state: the cross operator's last row times the summary weights
-    per_chunk = plan.weights @ plan.cross.final.reshape(b, k, n, k).permute(0, 2, 3, 1)  # (N, n, C, K)
-    w = per_chunk.reshape(b, n * c, k)[:, :length] * scale[..., None]
+def rank1_ends(left, right, weights) -> torch.Tensor:
+    """sum_r weights_rk left_r right_r^T for each k: (N, K, o, i), for left (N, L, o), right (N, L, i), weights (N, L, K)."""
+    b, length, k = weights.shape
+    o, i = left.shape[-1], right.shape[-1]
     if i <= o:  # weight the narrower factor
-        ends = (left.transpose(-1, -2) @ (w[..., None] * right[:, :, None, :]).reshape(b, length, k * i))
-        ends = ends.reshape(b, o, k, i).transpose(1, 2)
-    else:
-        ends = ((w[..., None] * left[:, :, None, :]).reshape(b, length, k * o).transpose(-1, -2) @ right).reshape(b, k, o, i)
-    if init is not None:
-        ends = ends + init[:, n]
-    if k == 2:
-        return ends[:, 0], ends[:, 1]
-    return ends[:, 0], scale[:, -1, None, None] * left[:, -1, :, None] * right[:, -1, None, :]  # S_L = u_L
+        ends = left.transpose(-1, -2) @ (weights[..., None] * right[:, :, None, :]).reshape(b, length, k * i)
+        return ends.reshape(b, o, k, i).transpose(1, 2)
+    return ((weights[..., None] * left[:, :, None, :]).reshape(b, length, k * o).transpose(-1, -2) @ right).reshape(b, k, o, i)
 
 
 def dense_states(plan: ChunkPlan, u, d0, s0):
