@@ -23,10 +23,13 @@ class _L2Normalize(torch.autograd.Function):
         ctx.eps = inputs[1]
         ctx.save_for_backward(y, d)
         ctx.mark_non_differentiable(d)
+        ctx.set_materialize_grads(False)  # no zero gradient for d
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, _):
+        if gy is None:
+            return None, None
         y, d = ctx.saved_tensors
         dot = (y * gy).sum(-1, keepdim=True).masked_fill_(d <= ctx.eps, 0.0)  # clamped norm: d is a constant
         return torch.addcmul(gy, y, dot, value=-1.0).div_(d), None

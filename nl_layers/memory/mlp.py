@@ -50,14 +50,17 @@ class _SiluAndSlope(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _, slope, s = output
         ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # no zero gradient for s (nor for an unused h or h')
         ctx.save_for_backward(s, slope)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_h, g_slope, _):
         s, slope = ctx.saved_tensors
-        curvature = torch.addcmul(s, torch.rsub(s, 1, alpha=2), slope)  # silu''(z)
-        return curvature.mul_(g_slope).addcmul_(g_h, slope)
+        if g_slope is None:
+            return None if g_h is None else g_h * slope
+        curvature = torch.addcmul(s, torch.rsub(s, 1, alpha=2), slope).mul_(g_slope)  # silu''(z) dh'
+        return curvature if g_h is None else curvature.addcmul_(g_h, slope)
 
 
 def silu_and_slope(z: torch.Tensor):

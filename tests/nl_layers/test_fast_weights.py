@@ -14,7 +14,7 @@ from nl_layers.ops.fast_weights import (
     scan_recurrent,
     step_bound,
 )
-from nl_layers.ops.fast_weights.scan import TokenPlan, rank1_ends, rank1_read_tokens
+from nl_layers.ops.fast_weights.scan import TokenPlan, decay_mix, rank1_ends, rank1_read_tokens
 
 from .helpers import max_diff
 
@@ -177,3 +177,30 @@ def test_token_plan_is_the_scan_in_closed_form(momentum):
         assert max_diff(plan.pm, log_m.cumsum(-1).exp()) < 1e-12
     else:
         assert plan.fs is None and plan.pm is None and plan.dm_last is None
+
+
+def test_decay_mix_equals_the_autograd_product_values_and_gradients():
+    c = torch.stack([-torch.rand(3, 11, dtype=torch.float64), -2 * torch.rand(3, 11, dtype=torch.float64)])
+    c = c.cumsum(-1).requires_grad_()
+    mix = decay_mix(c)
+    lower = torch.ones(11, 11, dtype=torch.bool).tril()
+    d = torch.where(lower, c[..., :, None] - c[..., None, :], -torch.inf).exp()
+    ref = d[0] @ d[1]
+    assert max_diff(mix, ref) < 1e-14
+    w = torch.randn_like(mix)
+    got, want = (torch.autograd.grad((m * w).sum(), c)[0] for m in (mix, ref))
+    assert max_diff(got, want) < 1e-12
+    assert torch.autograd.gradcheck(decay_mix, (c.detach()[..., :5].requires_grad_(),))
+
+
+def test_token_plan_without_initial_state_equals_the_plan_with_it():
+    """The hand-written decay mix (a fresh sequence) against the autograd decay products."""
+    log_m = (-torch.rand(2, 19, dtype=torch.float64)).requires_grad_()
+    log_a = (-torch.rand(2, 19, dtype=torch.float64)).requires_grad_()
+    fresh, full = TokenPlan.build(log_m, log_a), TokenPlan.build(log_m, log_a, initial=True)
+    assert fresh.fs is None and fresh.pm is None
+    w = [torch.randn_like(t) for t in (full.mix, full.pa, full.dm_last)]
+    objective = lambda p: sum((t * v).sum() for t, v in zip((p.mix, p.pa, p.dm_last), w))  # noqa: E731
+    assert max(max_diff(a, b) for a, b in zip((fresh.mix, fresh.pa, fresh.dm_last), (full.mix, full.pa, full.dm_last))) < 1e-14
+    got, want = (torch.autograd.grad(objective(p), [log_m, log_a]) for p in (fresh, full))
+    assert all(max_diff(g, h) < 1e-12 for g, h in zip(got, want))
