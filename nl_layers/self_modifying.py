@@ -190,7 +190,8 @@ class SelfModifyingTitans(nn.Module):
     def initial_state(self, batch: int, like: torch.Tensor) -> SelfModifyingState:
         """The state at the start of a sequence: the learnable initial weights, zero momentum."""
         w = {m: expand_params(t, batch, self.heads) for m, t in self.memories.items()}
-        s = {m: {n: torch.zeros_like(x) for n, x in d.items()} for m, d in w.items()}
+        zero = like.new_zeros(())  # one zero, broadcast to every momentum (no memory, no writes)
+        s = {m: {n: zero.expand(x.shape) for n, x in d.items()} for m, d in w.items()}
         return SelfModifyingState(w, w, s, like.new_zeros(batch, self.conv.width - 1, self.dim), 0)
 
     def _rates(self, lr_out, decay_out):
@@ -253,9 +254,9 @@ class SelfModifyingTitans(nn.Module):
 
         for start, end, reanchor in segments(xh.shape[1], self.anchor_size, position):
             sl = slice(start, end)
-            read = read_components(xh[:, sl])
-            k, v = l2_normalize(read[: 2 * n]).split(n)  # as _gates, key and value normalised at once
-            lr, log_a = self._rates(*read[2 * n :].split(n))
+            key_value, rates = read_components(xh[:, sl]).split(2 * n)
+            k, v = l2_normalize(key_value).split(n)  # as _gates, key and value normalised at once
+            lr, log_a = self._rates(*rates.split(n))
             if writes:  # the components' writes are read after the next re-anchor
                 target = read_components(v) if self.detach_values else rep(v)
                 _, dc, sc = comp.segment(

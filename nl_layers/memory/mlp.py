@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .._modules import squared_norm
+
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 
 
@@ -138,7 +140,7 @@ class ResidualMLPMemory(nn.Module):
         out = _apply(w_out, h)
         err = k + out - v
         back = (err @ w_out) * slope
-        r_sq = err.square().sum(-1) + (out.square().sum(-1) if dgd else 0)
+        r_sq = squared_norm(err) + (squared_norm(out) if dgd else 0)
         return {"w_in": (back, k), "w_out": (err + out if dgd else err, h)}, r_sq
 
 
@@ -169,7 +171,7 @@ class LinearMapMemory(nn.Module):
         """grad_W = (W k - v) k^T; with ``dgd`` the left factor gains W k. Also the squared residual norms."""
         out = _apply(params["weight"], k)
         err = out - v
-        r_sq = err.square().sum(-1) + (out.square().sum(-1) if dgd else 0)
+        r_sq = squared_norm(err) + (squared_norm(out) if dgd else 0)
         return {"weight": (err + out if dgd else err, k)}, r_sq
 
 

@@ -59,7 +59,12 @@ def _get(tree: dict | None, name: str):
 
 
 class AnalyticEngine:
-    """Segments in closed form for memories with ``factors`` and ``compose`` (see memory/mlp.py)."""
+    """Segments in closed form for memories with ``factors`` and ``compose`` (see memory/mlp.py).
+
+    ``form``: "chunks" (chunk start states, :class:`ChunkPlan`), "tokens" (one L x L closed form
+    per segment, :class:`TokenPlan`) or "auto" (the one that moves fewer bytes, :meth:`use_tokens`);
+    the results are the same.
+    """
 
     def __init__(self, template: nn.Module, form: str = "auto"):
         if not all(hasattr(template, a) for a in ("factors", "compose")):
