@@ -200,7 +200,8 @@ class NeuralMemory(nn.Module):
         h, inner = self.heads, self.heads * self.head_dim
         gates = [m for m in (self.to_lr, self.to_momentum, self.to_forget) if m is not None]
         # q, k, v and the gates' logits in one product: the projections' weights side by side
-        qkv, logits = F.linear(x, torch.cat([self.to_qkv.weight] + [g.weight for g in gates])).split([3 * inner, h * len(gates)], -1)
+        weight = torch.cat([self.to_qkv.weight] + [g.weight for g in gates])
+        qkv, logits = F.linear(x, weight).split([3 * inner, h * len(gates)], -1)
         qkv, conv = self.conv(qkv, state.conv)
         qkv = l2_normalize(qkv.view(b, t, 3 * h, self.head_dim))  # q, k, v of every head at once
         # (B, T, 3, H, d) -> (3, B*H, T, d) and (B, T, G, H) -> (G, B*H, T): one copy each

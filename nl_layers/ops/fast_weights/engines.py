@@ -37,10 +37,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from ..._modules import squared_norm
 from .scan import (
     ChunkPlan,
+    TokenPlan,
     bc,
     dense_all,
     dense_states,
-    TokenPlan,
     rank1_ends,
     rank1_read,
     rank1_read_tokens,
