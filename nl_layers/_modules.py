@@ -5,11 +5,72 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+class _L2Normalize(torch.autograd.Function):
+    """y = x / d, d = max(||x||, eps) over the last dimension; hand-written backward (fewer passes
+    over x than autograd's): dx = (dy - [||x|| > eps] y (y . dy)) / d."""
+
+    @staticmethod
+    def forward(x, eps):
+        d = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+        return x / d, d
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, d = output
+        ctx.eps = inputs[1]
+        ctx.save_for_backward(y, d)
+        ctx.mark_non_differentiable(d)
+        ctx.set_materialize_grads(False)  # no zero gradient for d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, _):
+        if gy is None:
+            return None, None
+        y, d = ctx.saved_tensors
+        dot = (y * gy).sum(-1, keepdim=True).masked_fill_(d <= ctx.eps, 0.0)  # clamped norm: d is a constant
+        return torch.addcmul(gy, y, dot, value=-1.0).div_(d), None
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / max(||x||, eps) over the last dimension."""
-    return F.normalize(x, dim=-1, eps=eps)
+    """x / max(||x||, eps) over the last dimension (as ``F.normalize``, with a leaner backward).
+
+    Example:
+        >>> x = torch.randn(3, 5, dtype=torch.float64)
+        >>> bool(torch.allclose(l2_normalize(x), torch.nn.functional.normalize(x, dim=-1, eps=1e-6)))
+        True
+    """
+    return _L2Normalize.apply(x, eps)[0]
+
+
+class _SquaredNorm(torch.autograd.Function):
+    """||x||^2 over the last dimension: one reduction forward, one pass backward (dx = 2 g x)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.linalg.vector_norm(x, dim=-1).square()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return x * (2 * g)[..., None]
+
+
+def squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """sum_i x_i^2 over the last dimension (``x.square().sum(-1)`` in one pass forward and one backward).
+
+    Example:
+        >>> squared_norm(torch.tensor([[3.0, 4.0]]))
+        tensor([25.])
+    """
+    return _SquaredNorm.apply(x)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -55,9 +55,17 @@ from torch.func import functional_call, vmap
 
 from ._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, split_heads
-from .memory.fast_weights import expand_params, flatten, reference_grads_and_losses, reference_step, segments, unflatten
+from .memory.fast_weights import (
+    expand_params,
+    flatten,
+    reference_grads_and_losses,
+    reference_step,
+    segments,
+    shared_params,
+    unflatten,
+)
 from .memory.mlp import ResidualMLPMemory
-from .ops.fast_weights import make_engine
+from .ops.fast_weights import AnalyticEngine, make_engine
 
 COMPONENTS = ("key", "value", "lr", "decay")
 MEMORIES = COMPONENTS + ("memory",)
@@ -182,7 +190,8 @@ class SelfModifyingTitans(nn.Module):
     def initial_state(self, batch: int, like: torch.Tensor) -> SelfModifyingState:
         """The state at the start of a sequence: the learnable initial weights, zero momentum."""
         w = {m: expand_params(t, batch, self.heads) for m, t in self.memories.items()}
-        s = {m: {n: torch.zeros_like(x) for n, x in d.items()} for m, d in w.items()}
+        zero = like.new_zeros(())  # one zero, broadcast to every momentum (no memory, no writes)
+        s = {m: {n: zero.expand(x.shape) for n, x in d.items()} for m, d in w.items()}
         return SelfModifyingState(w, w, s, like.new_zeros(batch, self.conv.width - 1, self.dim), 0)
 
     def _rates(self, lr_out, decay_out):
@@ -220,37 +229,54 @@ class SelfModifyingTitans(nn.Module):
     def _parallel(self, xh, q, w, a, s, base, log_beta, position, fresh=False):
         """One batched pass per anchor segment; updates w, a, s (dicts per memory) in place."""
         n = xh.shape[0]
+        writes = self.anchor_size is not None  # the components are written (and re-read) only with anchors
         # The four component memories share one structure: run them stacked along the copy axis.
         stack = lambda tree: {p: torch.cat([tree[m][p] for m in COMPONENTS]) for p in tree["key"]}  # noqa: E731
-        wc, ac, sc, bc = stack(w), stack(a), stack(s), stack(base)
         rep = lambda z: z.repeat(len(COMPONENTS), *([1] * (z.ndim - 1)))  # noqa: E731
         log_bc = log_beta[: len(COMPONENTS)].repeat_interleave(n)[:, None]
         comp, main, ys = self.engines["key"], self.engines["memory"], []
         wm, am, sm, bm = w["memory"], a["memory"], s["memory"], base["memory"]
+        # The analytic engines take weights shared by every copy as one matrix (plain products, no per-copy
+        # gradients): the initial weights W_0, and the anchors of a fresh sequence until they are first refreshed.
+        shared, work = None, am
+        if isinstance(main, AnalyticEngine):
+            params = {m: shared_params(self.memories[m]) for m in MEMORIES}
+            bm = params["memory"]
+            if fresh:
+                work = bm
+                shared = {p: torch.stack([params[m][p] for m in COMPONENTS]) for p in params["key"]}
+        ac = stack(a) if writes or shared is None else None
+        if writes:
+            wc, sc, bc = stack(w), stack(s), stack(base)
+
+        def read_components(x):  # the four components' outputs stacked: key, value, lr, decay
+            return comp.read_shared(shared, x) if shared is not None else comp.read(ac, rep(x))
+
         for start, end, reanchor in segments(xh.shape[1], self.anchor_size, position):
             sl = slice(start, end)
-            read = comp.read(ac, rep(xh[:, sl]))  # the four components stacked: key, value, lr, decay
-            k, v = l2_normalize(read[: 2 * n]).split(n)  # as _gates, key and value normalised at once
-            lr, log_a = self._rates(*read[2 * n :].split(n))
-            if self.anchor_size is not None:  # the components' writes are read after the next re-anchor
-                target = comp.read(ac, rep(v)) if self.detach_values else rep(v)
+            key_value, rates = read_components(xh[:, sl]).split(2 * n)
+            k, v = l2_normalize(key_value).split(n)  # as _gates, key and value normalised at once
+            lr, log_a = self._rates(*rates.split(n))
+            if writes:  # the components' writes are read after the next re-anchor
+                target = read_components(v) if self.detach_values else rep(v)
                 _, dc, sc = comp.segment(
                     ac, None if fresh and start == 0 else {p: wc[p] - bc[p] for p in wc}, None if fresh and start == 0 else sc, bc, rep(k), target, rep(lr), log_bc.expand(-1, end - start),
                     rep(log_a), self.chunk_size, self.error_clip, dgd=True,
                 )
                 wc = {p: bc[p] + dc[p] for p in wc}
-            target = main.read(am, v) if self.detach_values else v
+            target = main.read(work, v) if self.detach_values else v
             zero = fresh and start == 0
             y, dm, sm = main.segment(
-                am, None if zero else {p: wm[p] - bm[p] for p in wm}, None if zero else sm, bm, k, target, lr, log_beta[-1].expand_as(lr), log_a,
+                work, None if zero else {p: wm[p] - bm[p] for p in wm}, None if zero else sm, bm, k, target, lr, log_beta[-1].expand_as(lr), log_a,
                 self.chunk_size, self.error_clip, q=q[:, sl], dgd=True,
             )
             wm = {p: bm[p] + dm[p] for p in wm}
             ys.append(y)
             if reanchor:
-                ac, am = wc, wm
-        for i, m in enumerate(COMPONENTS):
-            w[m], a[m], s[m] = ({p: z[p][i * n : (i + 1) * n] for p in z} for z in (wc, ac, sc))
+                ac, am, work, shared = wc, wm, wm, None
+        if writes:
+            for i, m in enumerate(COMPONENTS):
+                w[m], a[m], s[m] = ({p: z[p][i * n : (i + 1) * n] for p in z} for z in (wc, ac, sc))
         w["memory"], a["memory"], s["memory"] = wm, am, sm
         return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
 

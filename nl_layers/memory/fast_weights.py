@@ -48,6 +48,13 @@ def expand_params(template: nn.Module, batch: int, heads: int) -> dict:
     return {n: p.expand(batch, heads, *p.shape) for n, p in template.named_parameters()}
 
 
+def shared_params(template: nn.Module) -> dict:
+    """The template's parameters as one weight per name for every copy, (*shape): what
+    :func:`expand_params` repeats. The analytic engines take such weights as they are (a plain
+    matrix product for all copies at once, and gradients without a per-copy intermediate)."""
+    return dict(template.named_parameters())
+
+
 def flatten(tree: dict) -> dict:
     """(B, H, *shape) -> (B*H, *shape)."""
     return {n: t.reshape(-1, *t.shape[2:]) for n, t in tree.items()}

@@ -24,6 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .._modules import squared_norm
 
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 
@@ -33,11 +36,52 @@ def activation(name: str, z: torch.Tensor) -> torch.Tensor:
     return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}[name](z)
 
 
+class _SiluAndSlope(torch.autograd.Function):
+    """h = z s and h' = s (1 + z (1 - s)) with s = sigmoid(z), in few passes, with a hand-written backward.
+
+    silu'' = s (1 - s)(2 + z (1 - 2 s)) = s + (1 - 2 s) h', so dz = dh h' + dh' (s + (1 - 2 s) h').
+    """
+
+    @staticmethod
+    def forward(z):
+        s = torch.sigmoid(z)
+        h = z * s
+        return h, torch.addcmul(s, h, 1 - s), s  # h' = s + z s (1 - s); s only for the backward
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, slope, s = output
+        ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # no zero gradient for s (nor for an unused h or h')
+        ctx.save_for_backward(s, slope)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_h, g_slope, _):
+        s, slope = ctx.saved_tensors
+        if g_slope is None:
+            return None if g_h is None else g_h * slope
+        curvature = torch.addcmul(s, torch.rsub(s, 1, alpha=2), slope).mul_(g_slope)  # silu''(z) dh'
+        return curvature if g_h is None else curvature.addcmul_(g_h, slope)
+
+
+def silu_and_slope(z: torch.Tensor):
+    """silu(z) and silu'(z) (as ``activation_and_slope("silu", z)`` in autograd terms, with fewer passes).
+
+    Example:
+        >>> z = torch.randn(5, dtype=torch.float64)
+        >>> h, slope = silu_and_slope(z)
+        >>> bool(torch.allclose(slope, torch.func.vmap(torch.func.grad(F.silu))(z)))
+        True
+    """
+    h, slope, _ = _SiluAndSlope.apply(z)
+    return h, slope
+
+
 def activation_and_slope(name: str, z: torch.Tensor):
     """act(z) and act'(z)."""
     if name == "silu":
-        s = torch.sigmoid(z)
-        return z * s, s * (1 + z * (1 - s))
+        return silu_and_slope(z)
     if name == "gelu":
         cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
         return z * cdf, cdf + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
@@ -96,7 +140,7 @@ class ResidualMLPMemory(nn.Module):
         out = _apply(w_out, h)
         err = k + out - v
         back = (err @ w_out) * slope
-        r_sq = err.square().sum(-1) + (out.square().sum(-1) if dgd else 0)
+        r_sq = squared_norm(err) + (squared_norm(out) if dgd else 0)
         return {"w_in": (back, k), "w_out": (err + out if dgd else err, h)}, r_sq
 
 
@@ -127,7 +171,7 @@ class LinearMapMemory(nn.Module):
         """grad_W = (W k - v) k^T; with ``dgd`` the left factor gains W k. Also the squared residual norms."""
         out = _apply(params["weight"], k)
         err = out - v
-        r_sq = err.square().sum(-1) + (out.square().sum(-1) if dgd else 0)
+        r_sq = squared_norm(err) + (squared_norm(out) if dgd else 0)
         return {"weight": (err + out if dgd else err, k)}, r_sq
 
 

@@ -62,8 +62,16 @@ from torch.func import functional_call, vmap
 
 from .._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from .._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads
-from ..ops.fast_weights import make_engine
-from .fast_weights import expand_params, flatten, reference_grads_and_losses, reference_step, segments, unflatten
+from ..ops.fast_weights import AnalyticEngine, make_engine
+from .fast_weights import (
+    expand_params,
+    flatten,
+    reference_grads_and_losses,
+    reference_step,
+    segments,
+    shared_params,
+    unflatten,
+)
 from .mlp import make_memory
 
 
@@ -182,23 +190,28 @@ class NeuralMemory(nn.Module):
     def initial_state(self, batch: int, like: torch.Tensor) -> NeuralMemoryState:
         """The state at the start of a sequence: the learnable initial weights, zero momentum."""
         w = expand_params(self.memory, batch, self.heads)
-        zeros = {n: torch.zeros_like(t) for n, t in w.items()}
+        zero = like.new_zeros(())  # one zero, broadcast to every momentum (no memory, no writes)
+        zeros = {n: zero.expand(t.shape) for n, t in w.items()}
         conv = like.new_zeros(batch, self.conv.width - 1, self.conv.weight.shape[0])
         return NeuralMemoryState(w, w, zeros, conv, 0)
 
     def _prepare(self, x, state):
-        qkv, conv = self.conv(self.to_qkv(x), state.conv)
         b, t = x.shape[:2]
-        qkv = l2_normalize(qkv.view(b, t, 3 * self.heads, self.head_dim))  # q, k, v of every head at once
-        q, k, v = (z.transpose(1, 2) for z in qkv.split(self.heads, dim=2))  # (B, H, T, d) each
-        flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731  (B, H, ...) -> (B*H, ...)
-        lr = flat(self.max_lr * torch.sigmoid(self.to_lr(x)).transpose(1, 2))
-        log_m = flat(F.logsigmoid(self.to_momentum(x)).transpose(1, 2)) if self.to_momentum is not None else None
-        if self.to_forget is not None:
-            log_a = flat(F.logsigmoid(-self.to_forget(x)).transpose(1, 2))  # log(1 - alpha)
-        else:
-            log_a = torch.zeros_like(lr)
-        return flat(q), flat(k), flat(v), lr, log_m, log_a, conv
+        h, inner = self.heads, self.heads * self.head_dim
+        gates = [m for m in (self.to_lr, self.to_momentum, self.to_forget) if m is not None]
+        # q, k, v and the gates' logits in one product: the projections' weights side by side
+        weight = torch.cat([self.to_qkv.weight] + [g.weight for g in gates])
+        qkv, logits = F.linear(x, weight).split([3 * inner, h * len(gates)], -1)
+        qkv, conv = self.conv(qkv, state.conv)
+        qkv = l2_normalize(qkv.view(b, t, 3 * h, self.head_dim))  # q, k, v of every head at once
+        # (B, T, 3, H, d) -> (3, B*H, T, d) and (B, T, G, H) -> (G, B*H, T): one copy each
+        q, k, v = qkv.view(b, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).reshape(3, b * h, t, self.head_dim).unbind(0)
+        logits = (logits + torch.cat([g.bias for g in gates])).view(b, t, len(gates), h)
+        logits = iter(logits.permute(2, 0, 3, 1).reshape(len(gates), b * h, t).unbind(0))
+        lr = self.max_lr * torch.sigmoid(next(logits))
+        log_m = F.logsigmoid(next(logits)) if self.to_momentum is not None else None
+        log_a = F.logsigmoid(-next(logits)) if self.to_forget is not None else torch.zeros_like(lr)  # log(1 - alpha)
+        return q, k, v, lr, log_m, log_a, conv
 
     def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None, mode: str = "chunked"):
         check_sequence(x, self.dim)
@@ -224,18 +237,23 @@ class NeuralMemory(nn.Module):
     # -- parallel form: one batched pass per anchor segment -------------------------------------
     def _parallel(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position, fresh=False):
         ys = []
+        # The analytic engine takes weights shared by every copy as one matrix (plain products, no per-copy
+        # gradients): the initial weights W_0, and the anchor of a fresh sequence until it is first refreshed.
+        if isinstance(self.engine, AnalyticEngine):
+            base = shared_params(self.memory)
+        work = base if fresh and isinstance(self.engine, AnalyticEngine) else anchor
         for start, end, reanchor in segments(q.shape[1], self.anchor_size, position):
             sl = slice(start, end)
             zero = fresh and start == 0
             y, delta, s = self.engine.segment(
-                anchor, None if zero else {n: w[n] - base[n] for n in w}, None if zero else s, base,
+                work, None if zero else {n: w[n] - base[n] for n in w}, None if zero else s, base,
                 k[:, sl], v[:, sl], lr[:, sl],
                 None if log_m is None else log_m[:, sl], log_a[:, sl], self.chunk_size, self.error_clip, q=q[:, sl],
             )
             w = {n: base[n] + delta[n] for n in w}
             ys.append(y)
             if reanchor:
-                anchor = w
+                anchor = work = w
         return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0], w, anchor, s
 
     # -- token-by-token reference ---------------------------------------------------------------

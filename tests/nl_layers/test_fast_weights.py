@@ -14,6 +14,7 @@ from nl_layers.ops.fast_weights import (
     scan_recurrent,
     step_bound,
 )
+from nl_layers.ops.fast_weights.scan import TokenPlan, decay_mix, rank1_ends, rank1_read_tokens
 
 from .helpers import max_diff
 
@@ -105,3 +106,101 @@ def test_none_initial_state_is_a_zero_state(momentum, group, monkeypatch):
         want = _rank1(left, right, log_m, log_a, zero if given_d is None else d0, zero if given_s is None else s0, x, 4)
         got = _rank1(left, right, log_m, log_a, given_d, given_s, x, chunk=4)
         assert all(max_diff(a, b) < 1e-12 for a, b in zip(got, want))
+
+
+def _rank1_tokens(left, right, log_m, log_a, d0, s0, x, scale):
+    """The token form (TokenPlan, rank1_read_tokens, rank1_ends) of a scan of u_r = scale_r left_r right_r^T."""
+    plan = TokenPlan.build(log_m, log_a, initial=True)
+    mixing = plan.mix * scale[:, None, :]
+    out = 0 * x[..., :1] * left[:, :1]  # (N, L, o) zeros, or the initial state's part
+    if d0 is not None:
+        out = out + plan.pa[..., None] * (x @ d0.transpose(-1, -2))
+    if s0 is not None and log_m is not None:
+        out = out + plan.fs[..., None] * (x @ s0.transpose(-1, -2))
+    y = rank1_read_tokens(mixing, left, right, x, out)
+    if log_m is None:
+        ends = rank1_ends(left, right, mixing[:, -1, :, None])
+        d_last, s_last = ends[:, 0], scale[:, -1, None, None] * left[:, -1, :, None] * right[:, -1, None, :]
+    else:
+        ends = rank1_ends(left, right, torch.stack([mixing[:, -1], plan.dm_last * scale], -1))
+        d_last, s_last = ends[:, 0], ends[:, 1]
+        if s0 is not None:
+            d_last, s_last = d_last + plan.fs[:, -1, None, None] * s0, s_last + plan.pm[:, -1, None, None] * s0
+    if d0 is not None:
+        d_last = d_last + plan.pa[:, -1, None, None] * d0
+    return y, d_last, s_last
+
+
+@pytest.mark.parametrize("initial", ["both", "none", "d0", "s0"])
+@pytest.mark.parametrize("length", [1, 2, 17, 63])
+@pytest.mark.parametrize("momentum", [True, False])
+def test_token_form_equals_recurrent_values_and_gradients(momentum, length, initial):
+    """Reads and end states through the L x L token matrix equal the token-by-token scan (float64),
+    as do the gradients w.r.t. every input (factors, scales, decays, initial state, queries)."""
+    left, right, log_m, log_a, d0, s0 = _inputs(length, momentum)
+    d0 = d0 if initial in ("both", "d0") else None
+    s0 = s0 if initial in ("both", "s0") else None
+    scale = torch.rand(3, length, dtype=torch.float64) - 0.5
+    x = torch.randn(3, length, 5, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (left, right, log_m, log_a, d0, s0, x, scale) if t is not None]
+    got = _rank1_tokens(left, right, log_m, log_a, d0, s0, x, scale)
+    zero = torch.zeros(3, 4, 5, dtype=torch.float64)
+    u = scale[..., None, None] * left[..., :, None] * right[..., None, :]
+    ref, d_ref, s_ref = scan_recurrent(u, log_m, log_a, zero if d0 is None else d0, zero if s0 is None else s0)
+    want = ((ref @ x[..., None])[..., 0], d_ref, s_ref)
+    for a, b in zip(got, want):
+        assert max_diff(a, b) < 1e-11
+    w = [torch.randn_like(t) for t in want]
+    objective = lambda outs: sum((o * v).sum() for o, v in zip(outs, w))  # noqa: E731
+    grads = [torch.autograd.grad(objective(outs), inputs, allow_unused=True) for outs in (got, want)]
+    for g, h in zip(*grads):  # None for s0 without momentum (it does not enter), in both
+        assert (g is None and h is None) or max_diff(g, h) < 1e-10
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_token_plan_is_the_scan_in_closed_form(momentum):
+    """u_r = e_r (unit updates): D_t's entries are row t of mix, S_L's are dm_last; pa, fs, pm from unit initial states."""
+    n, length = 2, 29
+    log_m = -torch.rand(n, length, dtype=torch.float64) if momentum else None
+    log_a = -torch.rand(n, length, dtype=torch.float64)
+    plan = TokenPlan.build(log_m, log_a, initial=True)
+    eye, zero = torch.eye(length, dtype=torch.float64).expand(n, length, length), torch.zeros(n, length, dtype=torch.float64)
+    ref, _, s_last = scan_recurrent(eye, log_m, log_a, zero, zero)
+    assert max_diff(plan.mix, ref) < 1e-12 and (plan.mix.triu(1) == 0).all()
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    d_from_d0, _, _ = scan_recurrent(torch.zeros(n, length, 1, dtype=torch.float64), log_m, log_a, ones, 0 * ones)
+    assert max_diff(plan.pa, d_from_d0[..., 0]) < 1e-12
+    if momentum:
+        assert max_diff(plan.dm_last, s_last) < 1e-12
+        d_from_s0, _, _ = scan_recurrent(torch.zeros(n, length, 1, dtype=torch.float64), log_m, log_a, 0 * ones, ones)
+        assert max_diff(plan.fs, d_from_s0[..., 0]) < 1e-12
+        assert max_diff(plan.pm, log_m.cumsum(-1).exp()) < 1e-12
+    else:
+        assert plan.fs is None and plan.pm is None and plan.dm_last is None
+
+
+def test_decay_mix_equals_the_autograd_product_values_and_gradients():
+    c = torch.stack([-torch.rand(3, 11, dtype=torch.float64), -2 * torch.rand(3, 11, dtype=torch.float64)])
+    c = c.cumsum(-1).requires_grad_()
+    mix = decay_mix(c)
+    lower = torch.ones(11, 11, dtype=torch.bool).tril()
+    d = torch.where(lower, c[..., :, None] - c[..., None, :], -torch.inf).exp()
+    ref = d[0] @ d[1]
+    assert max_diff(mix, ref) < 1e-14
+    w = torch.randn_like(mix)
+    got, want = (torch.autograd.grad((m * w).sum(), c)[0] for m in (mix, ref))
+    assert max_diff(got, want) < 1e-12
+    assert torch.autograd.gradcheck(decay_mix, (c.detach()[..., :5].requires_grad_(),))
+
+
+def test_token_plan_without_initial_state_equals_the_plan_with_it():
+    """The hand-written decay mix (a fresh sequence) against the autograd decay products."""
+    log_m = (-torch.rand(2, 19, dtype=torch.float64)).requires_grad_()
+    log_a = (-torch.rand(2, 19, dtype=torch.float64)).requires_grad_()
+    fresh, full = TokenPlan.build(log_m, log_a), TokenPlan.build(log_m, log_a, initial=True)
+    assert fresh.fs is None and fresh.pm is None
+    w = [torch.randn_like(t) for t in (full.mix, full.pa, full.dm_last)]
+    objective = lambda p: sum((t * v).sum() for t, v in zip((p.mix, p.pa, p.dm_last), w))  # noqa: E731
+    assert max(max_diff(a, b) for a, b in zip((fresh.mix, fresh.pa, fresh.dm_last), (full.mix, full.pa, full.dm_last))) < 1e-14
+    got, want = (torch.autograd.grad(objective(p), [log_m, log_a]) for p in (fresh, full))
+    assert all(max_diff(g, h) < 1e-12 for g, h in zip(got, want))

@@ -55,6 +55,34 @@ def test_parallel_equals_recurrent_outputs_states_and_gradients(anchor, memory, 
     assert_grads_close(mem, x, y, y_ref)
 
 
+@pytest.mark.parametrize("form", ["tokens", "chunks"])
+@pytest.mark.parametrize("anchor, memory, kw", [(None, "mlp", {}), (16, "mlp", dict(momentum=False)), (24, "linear", {})])
+def test_both_read_forms_equal_the_reference(form, anchor, memory, kw):
+    """The analytic engine read through the L x L token matrix or through the chunk start states."""
+    mem = _memory(16, memory, anchor_size=anchor, **kw)
+    mem.engine.form = form
+    _, state = mem(torch.randn(2, 21, 24, dtype=torch.float64))
+    x = torch.randn(2, 63, 24, dtype=torch.float64, requires_grad=True)
+    for start in (None, state):
+        y, s = mem(x, start)
+        y_ref, s_ref = mem(x, start, mode="recurrent")
+        assert max_diff(y, y_ref) < 1e-12
+        _assert_states_close(s, s_ref)
+        assert_grads_close(mem, x, y, y_ref)
+
+
+def test_auto_form_takes_the_token_matrix_for_short_segments_only():
+    engine = nl_layers.NeuralMemory(384, heads=4).engine  # a language model's layer: 96 x 192 matrices, chunks of 64
+    sizes = [96 * 192, 192 * 96]
+    assert engine.form == "auto" and engine.use_tokens(256, 64, True, sizes)
+    assert not engine.use_tokens(1024, 64, True, sizes)  # 16 chunks: L^2 > n K x 18432
+    assert not engine.use_tokens(256, 64, True, [16 * 16])  # small matrices: the chunk states are smaller
+    engine.form = "chunks"
+    assert not engine.use_tokens(256, 64, True, sizes)
+    with pytest.raises(ValueError, match="form"):
+        type(engine)(nl_layers.ResidualMLPMemory(4, 8), form="dense")
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu", "tanh"])
 def test_every_activation_of_the_mlp_memory_equals_the_reference(activation):
     """The closed-form factors (act and its slope) against plain autograd, fresh and carried state."""

@@ -41,6 +41,22 @@ def test_parallel_equals_recurrent(chunk, anchor, grad_impl, detach_values):
     assert_grads_close(layer, x, y, y_ref)
 
 
+@pytest.mark.parametrize("form", ["tokens", "chunks"])
+@pytest.mark.parametrize("chunk, anchor", [(8, None), (4, 7)])
+def test_both_read_forms_equal_the_reference(chunk, anchor, form):
+    layer = _layer(chunk, anchor)
+    for engine in layer.engines.values():
+        engine.form = form
+    _, state = layer(torch.randn(2, 6, 16, dtype=torch.float64))
+    x = torch.randn(2, 23, 16, dtype=torch.float64, requires_grad=True)
+    for start in (None, state):  # fresh: the initial weights enter as one matrix for all copies
+        y, s = layer(x, start)
+        y_ref, s_ref = layer(x, start, mode="recurrent")
+        assert max_diff(y, y_ref) < 1e-12
+        _assert_states_close(s, s_ref)
+        assert_grads_close(layer, x, y, y_ref)
+
+
 def test_func_and_analytic_engines_agree():
     func, analytic = _layer(8, 4, grad_impl="func"), _layer(8, 4, grad_impl="analytic")
     analytic.load_state_dict(func.state_dict())

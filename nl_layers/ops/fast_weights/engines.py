@@ -34,7 +34,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .scan import ChunkPlan, bc, dense_all, dense_states, rank1_read, rank1_states
+from ..._modules import squared_norm
+from .scan import (
+    ChunkPlan,
+    TokenPlan,
+    bc,
+    dense_all,
+    dense_states,
+    rank1_ends,
+    rank1_read,
+    rank1_read_tokens,
+    rank1_states,
+)
 from .step import inner_step
 
 
@@ -48,25 +59,55 @@ def _get(tree: dict | None, name: str):
 
 
 class AnalyticEngine:
-    """Segments in closed form for memories with ``factors`` and ``compose`` (see memory/mlp.py)."""
+    """Segments in closed form for memories with ``factors`` and ``compose`` (see memory/mlp.py).
 
-    def __init__(self, template: nn.Module):
+    ``form``: "chunks" (chunk start states, :class:`ChunkPlan`), "tokens" (one L x L closed form
+    per segment, :class:`TokenPlan`) or "auto" (the one that moves fewer bytes, :meth:`use_tokens`);
+    the results are the same.
+    """
+
+    def __init__(self, template: nn.Module, form: str = "auto"):
         if not all(hasattr(template, a) for a in ("factors", "compose")):
             raise ValueError(
                 f"grad_impl='analytic' needs a memory with closed-form factors/compose "
                 f"(ResidualMLPMemory, LinearMapMemory); {type(template).__name__} has none: use grad_impl='func'"
             )
-        self.template = template
+        if form not in ("auto", "tokens", "chunks"):
+            raise ValueError(f"form must be 'auto', 'tokens' or 'chunks', got {form!r}")
+        self.template, self.form = template, form
+
+    def use_tokens(self, length: int, chunk_size: int, momentum: bool, sizes) -> bool:
+        """Whether to take the whole segment in one closed form (:class:`TokenPlan`, an L x L matrix
+        per copy) rather than in chunks (chunk start states: n K x the weight matrix per copy and
+        matrix, n = L / C chunks): "auto" takes the former when L^2 <= n K x the smallest weight
+        matrix (short segments, such as a language model's 256 tokens in chunks of 64)."""
+        if self.form != "auto":
+            return self.form == "tokens"
+        chunks = -(-length // min(chunk_size, length))
+        return length**2 <= chunks * (2 if momentum else 1) * min(sizes)
 
     def read(self, w: dict, x: torch.Tensor) -> torch.Tensor:
-        """All tokens x (N, L, d) read with one set of weights per copy (N, ...)."""
+        """All tokens x (N, L, d) read with one set of weights per copy (N, ...), or one for all copies (...)."""
         return self.template.compose(x, lambda n, inp: _apply(w[n], inp))
 
+    def read_shared(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+        """x (N, L, d) read by G memories with one set of weights each, w: name -> (G, ...), shared by
+        all N copies: (G N, L, d_out), memory-major (as :meth:`read` of the G memories stacked along
+        the copies, without repeating x or the weights)."""
+        g = next(iter(w.values())).shape[0]
+        y = self.template.compose(x.reshape(1, -1, x.shape[-1]).expand(g, -1, -1), lambda n, inp: _apply(w[n], inp))
+        return y.reshape(g * x.shape[0], x.shape[1], -1)
+
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False):
-        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero."""
+        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero.
+
+        anchor and base: name -> (N, *shape) per copy, or (*shape) one for all copies.
+        """
         facs, r_sq = self.template.factors(anchor, k, v, dgd)
-        g_sq = sum(left.square().sum(-1) * right.square().sum(-1) for left, right in facs.values())
+        g_sq = sum(squared_norm(left) * squared_norm(right) for left, right in facs.values())
         step = inner_step(lr, g_sq, r_sq, error_clip)
+        if self.use_tokens(k.shape[1], chunk_size, log_m is not None, [a.shape[-1] * b.shape[-1] for a, b in facs.values()]):
+            return self._segment_tokens(log_m, log_a, facs, -step, d0, s0, base, q)
         plan = ChunkPlan.build(log_m, log_a, chunk_size)
         blocked = {n: (plan.blocks(-step[..., None] * left), plan.blocks(right)) for n, (left, right) in facs.items()}
         starts, d_last, s_last = {}, {}, {}
@@ -81,6 +122,39 @@ class AnalyticEngine:
                 return fixed + rank1_read(plan, left, right, starts[n], x)
 
             y = plan.unblocks(self.template.compose(plan.blocks(q), linear))
+        return y, d_last, s_last
+
+    def _segment_tokens(self, log_m, log_a, facs, scale, d0, s0, base, q):
+        """:meth:`segment` through a :class:`TokenPlan`: the updates' step sizes folded into its
+        columns; the initial state's part only when one is given."""
+        given_s = s0 is not None and log_m is not None  # without momentum S_0 does not enter
+        plan = TokenPlan.build(log_m, log_a, initial=given_s)
+        mixing = plan.mix * scale[:, None, :]
+        weights = mixing[:, -1, :, None] if log_m is None else torch.stack([mixing[:, -1], plan.dm_last * scale], -1)
+        y, d_last, s_last = None, {}, {}
+        for n, (left, right) in facs.items():
+            ends = rank1_ends(left, right, weights)
+            d_last[n] = ends[:, 0]
+            if log_m is None:
+                s_last[n] = scale[:, -1, None, None] * left[:, -1, :, None] * right[:, -1, None, :]  # S_L = u_L
+            else:
+                s_last[n] = ends[:, 1] if not given_s else ends[:, 1] + bc(plan.pm[:, -1], s0[n]) * s0[n]
+            if d0 is not None:
+                d_last[n] = d_last[n] + bc(plan.pa[:, -1], d0[n]) * d0[n]
+            if given_s:
+                d_last[n] = d_last[n] + bc(plan.fs[:, -1], s0[n]) * s0[n]
+        if q is not None:
+
+            def linear(n, x):  # W_t x_t for every token t, without forming W_t
+                left, right = facs[n]
+                out = _apply(base[n], x)
+                if d0 is not None:
+                    out = out + plan.pa[..., None] * _apply(d0[n], x)
+                if given_s:
+                    out = out + plan.fs[..., None] * _apply(s0[n], x)
+                return rank1_read_tokens(mixing, left, right, x, out)
+
+            y = self.template.compose(q, linear)
         return y, d_last, s_last
 
 
