@@ -81,7 +81,13 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
        for (i, b), s, d in itertools.product((("fisher", 0.0), ("fisher", 0.9), ("fisher", 0.99), ("path", 0.0)),
                                              (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), (0.0, 0.1, 0.2, 0.3, 0.5))]
     + [{"strength": s, "distill": d, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"}
-       for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))],
+       for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))]
+    # third round: the importance-damped learning rate (damping > 0) around the former choice's
+    # importance, and the predictive Fisher taken at consolidation (importance="predictive")
+    + [{"strength": s, "distill": d, "importance": "fisher", "importance_beta": 0.9, "coupling": "gradient",
+        "damping": k} for s, d, k in itertools.product((0.01, 0.03, 0.1, 0.3), (0.1, 0.2), (1.0, 3.0, 10.0))]
+    + [{"strength": s, "distill": d, "importance": "predictive", "importance_beta": 0.0, "coupling": "gradient"}
+       for s, d in itertools.product((0.01, 0.03, 0.1), (0.1, 0.2))],
 }
 
 

@@ -104,6 +104,14 @@ class SlowLevel:
             if p.grad is not None:
                 p.grad.add_((imp * self.strength).to(p.dtype) * (p.detach() - s))
 
+    @torch.no_grad()
+    def damp(self, before: Sequence[Tensor], damping: float) -> None:
+        """Scale the step just taken from ``before`` by ``1 / (1 + damping * Omega)`` per weight."""
+        if not self.writes or damping == 0:
+            return
+        for p, b, imp in zip(self.params, before, self.importance):
+            p.copy_(b + (p - b) / (1 + damping * imp).to(p.dtype))
+
     def distance(self) -> float:
         """Importance-weighted squared distance sum Omega (theta - slow)^2 (0 before the first write)."""
         return float(sum((imp * (p.detach().float() - s.float()) ** 2).sum()

@@ -60,7 +60,8 @@ __all__ = ["Recipe", "DEFAULTS"]
 
 #: The recipe's knobs as chosen on the validation sequences.
 DEFAULTS: dict[str, Any] = {"strength": 0.01, "rate": 1.0, "decay": 1.0, "importance": "fisher",
-                            "importance_beta": 0.9, "coupling": "gradient", "distill": 0.1, "temperature": 2.0}
+                            "importance_beta": 0.9, "coupling": "gradient", "distill": 0.1, "temperature": 2.0,
+                            "damping": 0.0}
 
 COUPLINGS = ("gradient", "decoupled")
 
@@ -72,7 +73,8 @@ class ContinualEngine:
 
     def __init__(self, model: nn.Module, lr: float, *, strength: float, rate: float, decay: float, importance: str,
                  distill: float, temperature: float, importance_beta: float = 0.0, coupling: str = "gradient",
-                 clock: str | int | None = None, output: Callable[[Any], Tensor] | None = None) -> None:
+                 clock: str | int | None = None, output: Callable[[Any], Tensor] | None = None,
+                 damping: float = 0.0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not lr > 0:
@@ -83,6 +85,8 @@ class ContinualEngine:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         if not distill >= 0:
             raise ValueError(f"distill must be >= 0 (0 = off), got {distill!r}")
+        if not damping >= 0:
+            raise ValueError(f"damping must be >= 0 (0 = every weight at the full learning rate), got {damping!r}")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameter that requires grad; nothing to learn")
@@ -90,7 +94,7 @@ class ContinualEngine:
         self.names = [n for n, _ in named]
         params = [p for _, p in named]
         self.slow = SlowLevel(params, strength=strength, rate=rate, decay=decay)
-        self.importance = Importance(params, importance, beta=importance_beta)
+        self.importance = Importance(params, importance, beta=importance_beta, model=model, output=output)
         if clock is None or clock == "task":
             self.clock = TaskClock(None)
         elif clock == "surprise":
@@ -101,6 +105,8 @@ class ContinualEngine:
             raise ValueError(f"clock must be 'task' (end_task only), 'surprise' (loss shifts) or an int period, "
                              f"got {clock!r}")
         self.distillation = SlowDistillation(model, self.names, distill, temperature, output) if distill > 0 else None
+        self.damping = float(damping)
+        self._before: list[Tensor] = []
         self.consolidations = 0
 
     def before_step(self) -> None:
@@ -109,8 +115,13 @@ class ContinualEngine:
             self.distillation.add_gradients(self.slow.slow)
         if self.coupling == "gradient":
             self.slow.pull_gradients()
+        if self.damping and self.slow.writes:
+            self._before = [p.detach().clone() for p in self.slow.params]
 
     def after_step(self, loss: float | Tensor | None = None) -> None:
+        if self._before:
+            self.slow.damp(self._before, self.damping)
+            self._before = []
         self.importance.after_step()
         if self.coupling == "decoupled":
             self.slow.pull(self.lr)
@@ -139,6 +150,7 @@ class ContinualEngine:
         self.consolidations = int(state["consolidations"])
 
     def remove_hooks(self) -> None:
+        self.importance.remove_hooks()
         if self.distillation is not None:
             self.distillation.remove_hooks()
 
@@ -174,10 +186,10 @@ class Recipe:
                  importance_beta: float = DEFAULTS["importance_beta"], coupling: str = DEFAULTS["coupling"],
                  distill: float = DEFAULTS["distill"], temperature: float = DEFAULTS["temperature"],
                  clock: str | int | None = "task", output: Callable[[Any], Tensor] | None = None,
-                 **optimizer_kwargs: Any) -> None:
+                 damping: float = DEFAULTS["damping"], **optimizer_kwargs: Any) -> None:
         self.engine = ContinualEngine(model, lr, strength=strength, rate=rate, decay=decay, importance=importance,
                                       importance_beta=importance_beta, coupling=coupling, distill=distill, temperature=temperature,
-                                      clock=clock, output=output)
+                                      clock=clock, output=output, damping=damping)
         self.model = model
         self.optimizer, self.periodic = build_optimizer(model, lr, optimizer, periods, lr_scales,
                                                         weight_decay=weight_decay, **optimizer_kwargs)
