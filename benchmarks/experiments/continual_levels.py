@@ -15,6 +15,10 @@ Both models put their feed-forward blocks at ``blocks.<i>.mlp``. Methods (AdamW,
   into a sequential CMS (new zero-output levels at the slower periods); more parameters.
 - ``ewc``: AdamW + online EWC (:class:`benchmarks.continual.EWC`, ``ewc_lambda``).
 - ``replay`` (a reference, it stores data): also the loss on a buffer of earlier tasks' examples.
+- ``recipe``: ``deepopt.continual.Recipe(model, lr, weight_decay=...)`` with its defaults
+  (``deepopt.continual.DEFAULTS``: the one setting chosen on the validation digit sequences of
+  :mod:`benchmarks.continual_recipe`, not tuned on these sequences), ``end_task()`` at each task
+  boundary; its AdamW is the one ``finetune`` uses (same lr, same weight decay).
 
 A period-C parameter accumulates its gradient over C steps and is stepped every C steps with the
 mean. Metrics (:mod:`benchmarks.metrics`): average final, BWT, FWT; for bits per character both
@@ -74,8 +78,10 @@ PRESETS = {
 # step time of a method relative to finetune (CPU measurements, see the module doc); evaluations
 # (curve points + the matrix rows) cost about one training step each
 COST_FACTOR = {
-    "shakespeare_genres": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.6, "ewc": 1.1, "replay": 1.1},
-    "permuted_digits": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.9, "ewc": 1.5, "replay": 1.3},
+    "shakespeare_genres": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.6, "ewc": 1.1, "replay": 1.1,
+                           "recipe": 2.2},
+    "permuted_digits": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.9, "ewc": 1.5, "replay": 1.3,
+                        "recipe": 2.2},
 }
 
 
@@ -127,14 +133,21 @@ def build(params: dict, device: str):
                               activation=seq.nest_activation)
         spec = {k: c for k, c in spec.items() if c > 1}
     model = model.to(device)
+    if params["method"] == "recipe":
+        from deepopt.continual import Recipe
+
+        # the Recipe's optimizer is torch.optim.AdamW at the same lr and weight decay as finetune's
+        return seq, model, Recipe(model, params["lr"], weight_decay=params["weight_decay"]), None, spec
     opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
     periodic = PeriodicGradients(model.named_parameters(), spec) if spec else None
     return seq, model, opt, periodic, spec
 
 
-def train_step(seq, model: nn.Module, opt: torch.optim.Optimizer, periodic, task: int, gen: torch.Generator,
+def train_step(seq, model: nn.Module, opt, periodic, task: int, gen: torch.Generator,
                params: dict, ewc: EWC | None = None, buffer: list | None = None) -> torch.Tensor:
-    """One AdamW step of the job's method on ``task`` (EWC penalty / replay batch / held slow gradients)."""
+    """One AdamW step of the job's method on ``task`` (EWC penalty / replay batch / held slow gradients;
+    for ``recipe``, ``opt`` is the :class:`deepopt.continual.Recipe`, whose step adds its pull and
+    distillation)."""
     opt.zero_grad(set_to_none=True)
     loss = seq.train_loss(model, task, gen)
     if params["method"] == "ewc" and ewc is not None:
@@ -146,7 +159,10 @@ def train_step(seq, model: nn.Module, opt: torch.optim.Optimizer, periodic, task
     loss.backward()
     if periodic is not None:
         periodic.before_step()
-    opt.step()
+    if params["method"] == "recipe":
+        opt.step(loss.detach())
+    else:
+        opt.step()
     return loss.detach()
 
 
@@ -186,6 +202,8 @@ def run(params: dict, device: str) -> dict:
                 ewc.consolidate(model, seq, task, gen)
             if method == "replay":
                 buffer.append((task, *seq.sample(task, gen, params["replay_per_task"])))
+            if method == "recipe":
+                opt.end_task()
         model.eval()
         matrix.append([seq.evaluate(model, j) for j in range(n)])
         model.train()
@@ -204,7 +222,14 @@ def run(params: dict, device: str) -> dict:
         "steps": done, "steps_planned": steps * n, "train_seconds": train_seconds,
         "seconds": time.perf_counter() - start, "cut_short": cut_short,
         "params": sum(p.numel() for p in model.parameters()), "level_spec": spec,
+        "recipe_knobs": _recipe_knobs() if method == "recipe" else None,
     }
+
+
+def _recipe_knobs() -> dict:
+    from deepopt.continual import DEFAULTS
+
+    return dict(DEFAULTS)
 
 
 # ----------------------------------------------------------------------------- jobs

@@ -105,7 +105,7 @@ class Importance:
         self._grads, self._before = [], []
 
     def predictive_fisher(self) -> list[Tensor]:
-        """Diagonal Fisher of the model's predictive distribution on the last training input:
+        r"""Diagonal Fisher of the model's predictive distribution on the last training input:
         :math:`\frac1n\sum_i (\nabla \log p_\theta(\hat y_i \mid x_i))^2`, :math:`\hat y_i` drawn from
         :math:`p_\theta(\cdot \mid x_i)` (seeded by the number of earlier ``take()`` calls)."""
         if self.input is None:
