@@ -75,19 +75,20 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "replay": [{}],
     # strength 0.001 and 0.003 below the first grid's lowest (0.01, chosen by it), distill 0.5 above its
     # highest; strength 0 (no pull: distillation alone, importance unused) closes the grid from below
-    "recipe": [{"strength": 0.0, "distill": d, "importance": "fisher", "importance_beta": 0.0, "coupling": "gradient"}
-               for d in (0.1, 0.2, 0.3, 0.5)]
-    + [{"strength": s, "distill": d, "importance": i, "importance_beta": b, "coupling": "gradient"}
+    # (every point names its damping: the first two rounds' points have none, damping=0)
+    "recipe": [{"strength": 0.0, "distill": d, "importance": "fisher", "importance_beta": 0.0, "coupling": "gradient",
+                "damping": 0.0} for d in (0.1, 0.2, 0.3, 0.5)]
+    + [{"strength": s, "distill": d, "importance": i, "importance_beta": b, "coupling": "gradient", "damping": 0.0}
        for (i, b), s, d in itertools.product((("fisher", 0.0), ("fisher", 0.9), ("fisher", 0.99), ("path", 0.0)),
                                              (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), (0.0, 0.1, 0.2, 0.3, 0.5))]
-    + [{"strength": s, "distill": d, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"}
-       for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))]
+    + [{"strength": s, "distill": d, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled",
+        "damping": 0.0} for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))]
     # third round: the importance-damped learning rate (damping > 0) around the former choice's
     # importance, and the predictive Fisher taken at consolidation (importance="predictive")
     + [{"strength": s, "distill": d, "importance": "fisher", "importance_beta": 0.9, "coupling": "gradient",
         "damping": k} for s, d, k in itertools.product((0.01, 0.03, 0.1, 0.3), (0.1, 0.2), (1.0, 3.0, 10.0))]
-    + [{"strength": s, "distill": d, "importance": "predictive", "importance_beta": 0.0, "coupling": "gradient"}
-       for s, d in itertools.product((0.01, 0.03, 0.1), (0.1, 0.2))],
+    + [{"strength": s, "distill": d, "importance": "predictive", "importance_beta": 0.0, "coupling": "gradient",
+        "damping": 0.0} for s, d in itertools.product((0.01, 0.03, 0.1), (0.1, 0.2))],
 }
 
 

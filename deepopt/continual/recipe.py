@@ -59,9 +59,9 @@ from .levels import build_optimizer
 __all__ = ["Recipe", "DEFAULTS"]
 
 #: The recipe's knobs as chosen on the validation sequences.
-DEFAULTS: dict[str, Any] = {"strength": 0.01, "rate": 1.0, "decay": 1.0, "importance": "fisher",
+DEFAULTS: dict[str, Any] = {"strength": 0.03, "rate": 1.0, "decay": 1.0, "importance": "fisher",
                             "importance_beta": 0.9, "coupling": "gradient", "distill": 0.1, "temperature": 2.0,
-                            "damping": 0.0}
+                            "damping": 3.0}
 
 COUPLINGS = ("gradient", "decoupled")
 
