@@ -24,7 +24,9 @@ seeds on the test sequences. The recipe has one setting for every sequence.
 
     python -m benchmarks run --suite continual_recipe     # or: python -m benchmarks.continual_recipe
     (``--update-results`` rewrites the committed benchmarks/results/continual_recipe/; ``--smoke``:
-    one tiny grid point per method, 3 steps per task, one seed, seconds)
+    one tiny grid point per method, 3 steps per task, one seed, seconds;
+    ``--validation-check 100 101 ... 109``: only ``CHECK_SETTINGS`` on the validation sequences
+    with those seeds, into validation_check.json: more seeds than the selection's, no test data)
 
 Example:
     >>> from benchmarks.continual_sequences import SEQUENCES
@@ -338,6 +340,31 @@ def evaluate(chosen: dict, seeds=TEST_SEEDS, sequences=tuple(TEST_SEQUENCES), lo
     return out
 
 
+#: the validation check's settings: the recipe's chosen setting and the second round's (no damping),
+#: beside the baselines' chosen knobs
+CHECK_SETTINGS = [("recipe", {"strength": 0.03, "distill": 0.1, "importance": "fisher", "importance_beta": 0.9,
+                              "coupling": "gradient", "damping": 3.0}),
+                  ("recipe", {"strength": 0.01, "distill": 0.1, "importance": "fisher", "importance_beta": 0.9,
+                              "coupling": "gradient", "damping": 0.0}),
+                  ("EWC", {"lam": 100.0}), ("SI", {"c": 0.1}), ("finetune", {})]
+
+
+def validation_check(seeds, settings=CHECK_SETTINGS, log=print, sizes: dict | None = None) -> list[dict]:
+    """``settings`` on the validation sequences with more seeds than the selection's (no test data):
+    per sequence, each seed's average accuracy and their spread (a check that a chosen setting's lead
+    on the two selection seeds is not their noise; nothing is chosen from it)."""
+    out = []
+    for method, knobs in settings:
+        row = {"method": method, "knobs": knobs, "per_sequence": {}}
+        for name, cls in VALIDATION_SEQUENCES.items():
+            runs = [run(cls(**(sizes or {})), method, knobs, s) for s in seeds]
+            avg = [metrics.average_accuracy(r["matrix"]) if r["matrix"] else None for r in runs]
+            row["per_sequence"][name] = {"average_per_seed": avg, "average": _spread(avg)}
+        log(f"check {method} {knobs}: " + " ".join(f"{k}: {_pm(v['average'])}" for k, v in row["per_sequence"].items()))
+        out.append(row)
+    return out
+
+
 def targets(test: dict) -> dict:
     """The issue's targets per sequence: |BWT| <= 0.5 x fine-tuning's at average >= fine-tuning's;
     average above EWC's and SI's (means over the test seeds)."""
@@ -383,9 +410,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the committed results')")
     parser.add_argument("--smoke", action="store_true", help="first grid point per method, 3 steps per task, one seed")
+    parser.add_argument("--validation-check", type=int, nargs="+", metavar="SEED",
+                        help="only run CHECK_SETTINGS on the validation sequences with these seeds "
+                             "(validation_check.json; no selection, no test data)")
     args = parser.parse_args(argv)
     out_dir = run_dir("continual_recipe", args.out, args.update_results)
     torch.set_num_threads(args.threads)
+    if args.validation_check:
+        t0 = time.perf_counter()
+        rows = validation_check(args.validation_check, log=lambda s: print(s, flush=True))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "validation_check.json"), "w") as fh:
+            json.dump({"command": f"OMP_NUM_THREADS={args.threads} python -m benchmarks.continual_recipe "
+                                  + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "seeds": args.validation_check, "rows": rows, "seconds": time.perf_counter() - t0}, fh, indent=1)
+        announce(out_dir)
+        return {"validation_check": rows}
     sizes, grids = ({"steps": 3}, {m: g[:1] for m, g in GRIDS.items()}) if args.smoke else ({}, GRIDS)
     if args.smoke:
         args.seeds, args.val_seeds = args.seeds[:1], args.val_seeds[:1]

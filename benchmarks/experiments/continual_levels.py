@@ -25,8 +25,14 @@ mean. Metrics (:mod:`benchmarks.metrics`): average final, BWT, FWT; for bits per
 transfers are negated, so **negative BWT = forgetting** everywhere. Learning rates (a CPU sweep of
 ``finetune`` on the first task): text 3e-3 (bpc 3.04 / 2.96 / 3.21 at 1e-3 / 3e-3 / 1e-2), digits
 1e-3. Sizing: 20-steps-per-task runs on an H200 (``calibrate.sh``) gave ``est_step_s`` 0.025 s
-(text) and 0.004 s (digits); the ``gpu`` preset is 2 sequences x 5 methods x 3 seeds, text 3 x 400
-steps, digits 5 x 500, each job capped at 240 s. Per-sequence entries: ``--set
+(text) and 0.004 s (digits); the ``gpu`` preset is 2 sequences x 6 methods x 3 seeds, text 3 x 400
+steps, digits 5 x 500, each job capped at 240 s: 1,014 s of jobs by ``est_step_s`` and
+``COST_FACTOR`` (text 738 s, of which the recipe 203 s; digits 276 s). The H200 runs of the first
+five methods at these sizes took 0.5-1.1x of their estimate, 0.71x summed (text fine-tuning 17.5 s
+a run against 30.8 s), so one worker would need about 12 minutes. The runs are launch-bound
+(1.8 M and 0.2 M parameters), so several workers can share one GPU
+(``--devices cuda:0,cuda:0,cuda:0,cuda:0``); jobs start largest cost first (text, the recipe first)
+and ``--deadline`` stops the rest. Per-sequence entries: ``--set
 continual.shakespeare_genres.steps_per_task=400``. Report: :mod:`.continual_levels_report`.
 
 Example:

@@ -31,6 +31,18 @@ where the new task needs it more (the decoupled pull bounds every weight of equa
 same :math:`\approx 1/(\lambda\Omega)`, whatever the task's need). Before the first consolidation
 :math:`\Omega = 0` and nothing is pulled.
 
+The importance also sets a learning rate per weight (``damping`` :math:`\kappa`,
+:meth:`SlowLevel.damp`): the optimizer's step :math:`\Delta` (taken with the pull's gradient in
+it) is applied as
+
+.. math:: \theta \leftarrow \theta_\text{before} + \Delta \,/\, (1 + \kappa\,\Omega),
+
+so a weight important to earlier tasks moves :math:`1 + \kappa\Omega` times slower and an
+unimportant one (:math:`\Omega \approx 0`) at the full rate: a slow level per weight whose rate the
+importance sets. The pull sets where a weight settles (under Adam, where the task's and the pull's
+gradients balance; Adam normalises their sum, so the step size does not shrink with the stiffness);
+the damping slows the move itself, on the weights earlier tasks need.
+
 Example:
     >>> import torch
     >>> w = torch.nn.Parameter(torch.tensor([0.0, 0.0]))

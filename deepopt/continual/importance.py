@@ -14,6 +14,12 @@ Both estimators watch the training loop (``before_step`` with the task gradient 
   for) divided by the squared total move of the task plus ``xi``:
   :math:`\Omega = \omega / ((\theta_\text{end} - \theta_\text{start})^2 + \xi)`.
 
+* ``"predictive"``: at the consolidation, the diagonal Fisher of the model's own predictive
+  distribution on the last training minibatch :math:`x_1..x_n` (captured by a forward pre-hook; no
+  data is stored beyond it), :math:`\Omega = \frac1n\sum_i (\nabla_\theta \log p_\theta(\hat y_i
+  \mid x_i))^2` with :math:`\hat y_i \sim p_\theta(\cdot \mid x_i)` (the "true" Fisher, which
+  needs no labels; with the write rate 1 the fast weights are the slow copy's), one backward per row.
+
 ``take()`` returns the task's importance normalised to mean 1 over all weights (so the strength
 of the pull that uses it does not depend on the loss scale) and restarts the estimate.
 
@@ -43,9 +49,10 @@ class Importance:
 
     Args:
         params: the weights (those with ``requires_grad``).
-        kind: ``"fisher"`` or ``"path"``.
+        kind: ``"fisher"``, ``"path"`` or ``"predictive"``.
         xi: damping of the path estimate (default 1e-3).
         beta: running-average factor of the Fisher estimate in [0, 1) (0: the plain mean).
+        model, output: the model and its logits map (``"predictive"`` only; see ``Recipe``).
     """
 
     def __init__(self, params: Sequence[Tensor], kind: str = "fisher", xi: float = 1e-3, beta: float = 0.0,

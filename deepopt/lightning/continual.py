@@ -7,7 +7,8 @@ slow parameter periods with :class:`MultiTimescale`). The callback adds the slow
 * ``on_before_optimizer_step``: record the task gradient (importance), add the distillation
   gradient from the slow level (the training forward's input is captured by a hook on ``module``)
   and, with ``coupling="gradient"``, the pull's gradient;
-* ``on_train_batch_end`` after a step: the importance update, the decoupled pull (if chosen), the clock;
+* ``on_train_batch_end`` after a step: the importance-damped step (``damping``), the importance
+  update, the decoupled pull (if chosen), the clock;
 * at a task boundary: every ``epochs_per_task`` epochs, or whenever ``callback.end_task()`` is
   called (e.g. from the DataModule when it switches tasks).
 
