@@ -134,3 +134,16 @@ def test_docstring_examples():
 
     failures, attempted = run_examples(continual, optionflags=doctest.ELLIPSIS)
     assert attempted > 0 and failures == 0
+
+
+def test_report_compares_the_recipe_with_ewc_and_names_it_only_when_present(tmp_path):
+    records = [run_one(job, "cpu") for seed in (0, 1) for job in continual.jobs(
+        "tiny", [seed], methods=["finetune", "ewc", "recipe"], sequences=["permuted_digits"], steps_per_task=3)]
+    continual.report(records, tmp_path / "with", {"command": "c", "record_files": []})
+    md = (tmp_path / "with" / "results.md").read_text()
+    assert md.startswith("# Continual learning: fine-tuning vs multi-timescale levels vs nested CMS vs EWC vs the recipe")
+    assert "| recipe |" in md and "- permuted_digits / recipe vs ewc: final average " in md
+    continual.report([r for r in records if r["job"]["params"]["method"] != "recipe"], tmp_path / "without",
+                     {"command": "c", "record_files": []})
+    md = (tmp_path / "without" / "results.md").read_text()
+    assert "recipe" not in md
