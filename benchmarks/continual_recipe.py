@@ -230,8 +230,14 @@ class Replay(_Base):
 
 
 class RecipeMethod(_Base):
-    def __init__(self, model, seq, gen, **setting):
-        self.model, self.seq, self.gen = model, seq, gen
+    """``Recipe(model, lr=LR, **setting)``; with ``task_boundaries=False`` it is never told where a
+    task ends (no ``end_task()``) and writes its slow level when its ``"surprise"`` clock finds a
+    jump of the training loss."""
+
+    def __init__(self, model, seq, gen, task_boundaries=True, **setting):
+        self.model, self.seq, self.gen, self.task_boundaries = model, seq, gen, task_boundaries
+        if not task_boundaries:
+            setting = {**setting, "clock": "surprise"}
         self.recipe = deepopt.continual.Recipe(model, lr=LR, **setting)
 
     def train_step(self, task):
@@ -243,7 +249,8 @@ class RecipeMethod(_Base):
         self.recipe.step(loss.detach())
 
     def end_task(self, task):
-        self.recipe.end_task()
+        if self.task_boundaries:
+            self.recipe.end_task()
 
 
 METHODS = {"finetune": Finetune, "EWC": EWC, "SI": SI, "LwF": LwF, "replay": Replay, "recipe": RecipeMethod}
@@ -265,6 +272,8 @@ def run(seq, method: str, knobs: dict, seed: int) -> dict:
             matrix.append([seq.evaluate(model, j) for j in range(seq.n_tasks)])
         out["seconds"] = time.perf_counter() - t0
         out["matrix"] = matrix
+        if isinstance(learner, RecipeMethod):
+            out["consolidations"] = learner.recipe.consolidations
     except Exception as err:  # reported, the protocol goes on
         out["error"] = f"{type(err).__name__}: {err}"
     return out
@@ -340,12 +349,15 @@ def evaluate(chosen: dict, seeds=TEST_SEEDS, sequences=tuple(TEST_SEQUENCES), lo
     return out
 
 
-#: the validation check's settings: the recipe's chosen setting and the second round's (no damping),
-#: beside the baselines' chosen knobs
+#: the validation check's settings: the recipe's chosen setting, the second round's (no damping) and
+#: the chosen one without task boundaries (the surprise clock writes the slow level), beside the
+#: baselines' chosen knobs
 CHECK_SETTINGS = [("recipe", {"strength": 0.03, "distill": 0.1, "importance": "fisher", "importance_beta": 0.9,
                               "coupling": "gradient", "damping": 3.0}),
                   ("recipe", {"strength": 0.01, "distill": 0.1, "importance": "fisher", "importance_beta": 0.9,
                               "coupling": "gradient", "damping": 0.0}),
+                  ("recipe", {"strength": 0.03, "distill": 0.1, "importance": "fisher", "importance_beta": 0.9,
+                              "coupling": "gradient", "damping": 3.0, "task_boundaries": False}),
                   ("EWC", {"lam": 100.0}), ("SI", {"c": 0.1}), ("finetune", {})]
 
 
@@ -360,6 +372,8 @@ def validation_check(seeds, settings=CHECK_SETTINGS, log=print, sizes: dict | No
             runs = [run(cls(**(sizes or {})), method, knobs, s) for s in seeds]
             avg = [metrics.average_accuracy(r["matrix"]) if r["matrix"] else None for r in runs]
             row["per_sequence"][name] = {"average_per_seed": avg, "average": _spread(avg)}
+            if method == "recipe":  # slow-level writes per seed (one per task boundary when told)
+                row["per_sequence"][name]["consolidations_per_seed"] = [r.get("consolidations") for r in runs]
         log(f"check {method} {knobs}: " + " ".join(f"{k}: {_pm(v['average'])}" for k, v in row["per_sequence"].items()))
         out.append(row)
     return out

@@ -88,13 +88,15 @@ class SlowLevel:
         self.writes = 0
 
     @torch.no_grad()
-    def consolidate(self, task_importance: Sequence[Tensor]) -> None:
-        """Write the slow level from the fast one (see the module docstring)."""
+    def consolidate(self, task_importance: Sequence[Tensor], source: Sequence[Tensor] | None = None) -> None:
+        """Write the slow level from the fast one (see the module docstring); ``source``: fast
+        weights to write from instead of the current ones (e.g. those before the last step)."""
         if len(task_importance) != len(self.params):
             raise ValueError(f"task_importance needs one tensor per parameter ({len(self.params)}), "
                              f"got {len(task_importance)}")
-        for s, p, imp, new in zip(self.slow, self.params, self.importance, task_importance):
-            s.lerp_(p.detach(), self.rate) if self.writes else s.copy_(p.detach())
+        source = [p.detach() for p in self.params] if not source else source
+        for s, p, imp, new in zip(self.slow, source, self.importance, task_importance):
+            s.lerp_(p, self.rate) if self.writes else s.copy_(p)
             imp.mul_(self.decay).add_(new.to(imp.device, imp.dtype))
         self.writes += 1
 

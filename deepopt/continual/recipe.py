@@ -117,17 +117,27 @@ class ContinualEngine:
             self.distillation.add_gradients(self.slow.slow)
         if self.coupling == "gradient":
             self.slow.pull_gradients()
-        if self.damping and self.slow.writes:
+        if (self.damping and self.slow.writes) or isinstance(self.clock, SurpriseClock):
             self._before = [p.detach().clone() for p in self.slow.params]
 
     def after_step(self, loss: float | Tensor | None = None) -> None:
-        if self._before:
-            self.slow.damp(self._before, self.damping)
-            self._before = []
+        before, self._before = self._before, []
+        if before and self.damping:
+            self.slow.damp(before, self.damping)
+        loss = None if loss is None else float(loss.detach() if isinstance(loss, Tensor) else loss)
+        if isinstance(self.clock, SurpriseClock):
+            # the loss was taken at the weights before this step: a jump says this batch is the next
+            # task's, so the slow level is written from those weights and the importance without it
+            if self.clock.tick(loss):
+                self._consolidate(source=before)
+            self.importance.after_step()
+            if self.coupling == "decoupled":
+                self.slow.pull(self.lr)
+            return
         self.importance.after_step()
         if self.coupling == "decoupled":
             self.slow.pull(self.lr)
-        if self.clock.tick(None if loss is None else float(loss.detach() if isinstance(loss, Tensor) else loss)):
+        if self.clock.tick(loss):
             self._consolidate()
 
     def end_task(self) -> None:
@@ -135,10 +145,10 @@ class ContinualEngine:
         if isinstance(self.clock, SurpriseClock):
             self.clock.restart()
 
-    def _consolidate(self) -> None:
+    def _consolidate(self, source: list[Tensor] | None = None) -> None:
         if self.importance.count == 0 and self.slow.writes:
             return  # nothing learned since the last write
-        self.slow.consolidate(self.importance.take())
+        self.slow.consolidate(self.importance.take(), source)
         self.consolidations += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -97,5 +97,6 @@ def test_validation_check_runs_only_validation_sequences():
     assert [r["knobs"] for r in rows] == [k for _, k in cr.CHECK_SETTINGS[:2]]
     for r in rows:
         assert set(r["per_sequence"]) == set(cr.VALIDATION_SEQUENCES)
-        for v in r["per_sequence"].values():
+        for name, v in r["per_sequence"].items():
             assert len(v["average_per_seed"]) == 1 and v["average"]["mean"] == v["average_per_seed"][0]
+            assert v["consolidations_per_seed"] == [cr.VALIDATION_SEQUENCES[name]().n_tasks]  # told: one per task

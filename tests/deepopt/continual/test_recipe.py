@@ -140,6 +140,30 @@ def test_surprise_clock_consolidates_without_end_task():
     assert recipe.consolidations == 1  # the switch to task 1 was found in the loss
 
 
+def test_surprise_write_takes_the_weights_before_the_jump_step():
+    """The jumping loss was computed at the weights before the step: those (the last task's end) are
+    written, not the weights after one step on the new task."""
+    tasks = _tasks()
+    model = _model()
+    recipe = Recipe(model, lr=1e-2, clock="surprise", distill=0.0)
+    written = None
+    for x, y in tasks:
+        for i in range(150):
+            before = [p.detach().clone() for p in model.parameters()]
+            recipe.zero_grad()
+            idx = torch.arange(32) + 32 * (i % 8)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            n = recipe.consolidations
+            recipe.step(loss=loss)
+            if recipe.consolidations > n:
+                written = before
+                assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+                for s, b in zip(recipe.engine.slow.slow, before):
+                    assert torch.equal(s, b)
+    assert written is not None
+
+
 def test_period_clock_consolidates_every_period():
     model = _model()
     recipe = Recipe(model, lr=1e-2, clock=10, distill=0.0)
