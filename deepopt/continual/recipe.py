@@ -32,6 +32,9 @@ levels' gradients; optimizer step; divide each weight's step by :math:`1 + \kapp
 :mod:`deepopt.continual.consolidation`); (``coupling="decoupled"``) pull toward the slow copy with
 the base ``lr``; tick the clock and consolidate if due.
 ``end_task()`` consolidates now (with the ``"surprise"`` clock or a period it may be left out).
+With ``clock="surprise"`` the loss passed to ``step`` was computed at the weights before the step, so
+when it jumps the slow level is written from those weights (the end of the task that just ended)
+and from the importance without this step's gradient, which counts toward the next task instead.
 
 Defaults (``DEFAULTS``): the setting chosen by ``python -m benchmarks.continual_recipe`` among 158 on
 two validation sequences (permuted and split digits with other permutations and class pairs than
