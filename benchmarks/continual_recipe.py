@@ -24,7 +24,9 @@ seeds on the test sequences. The recipe has one setting for every sequence.
 
     python -m benchmarks run --suite continual_recipe     # or: python -m benchmarks.continual_recipe
     (``--update-results`` rewrites the committed benchmarks/results/continual_recipe/; ``--smoke``:
-    one tiny grid point per method, 3 steps per task, one seed, seconds)
+    one tiny grid point per method, 3 steps per task, one seed, seconds;
+    ``--validation-check 100 101 ... 109``: only ``CHECK_SETTINGS`` on the validation sequences
+    with those seeds, into validation_check.json: more seeds than the selection's, no test data)
 
 Example:
     >>> from benchmarks.continual_sequences import SEQUENCES
@@ -75,13 +77,20 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "replay": [{}],
     # strength 0.001 and 0.003 below the first grid's lowest (0.01, chosen by it), distill 0.5 above its
     # highest; strength 0 (no pull: distillation alone, importance unused) closes the grid from below
-    "recipe": [{"strength": 0.0, "distill": d, "importance": "fisher", "importance_beta": 0.0, "coupling": "gradient"}
-               for d in (0.1, 0.2, 0.3, 0.5)]
-    + [{"strength": s, "distill": d, "importance": i, "importance_beta": b, "coupling": "gradient"}
+    # (every point names its damping: the first two rounds' points have none, damping=0)
+    "recipe": [{"strength": 0.0, "distill": d, "importance": "fisher", "importance_beta": 0.0, "coupling": "gradient",
+                "damping": 0.0} for d in (0.1, 0.2, 0.3, 0.5)]
+    + [{"strength": s, "distill": d, "importance": i, "importance_beta": b, "coupling": "gradient", "damping": 0.0}
        for (i, b), s, d in itertools.product((("fisher", 0.0), ("fisher", 0.9), ("fisher", 0.99), ("path", 0.0)),
                                              (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), (0.0, 0.1, 0.2, 0.3, 0.5))]
-    + [{"strength": s, "distill": d, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"}
-       for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))],
+    + [{"strength": s, "distill": d, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled",
+        "damping": 0.0} for s, d in itertools.product((3.0, 10.0), (0.2, 0.3))]
+    # third round: the importance-damped learning rate (damping > 0) around the former choice's
+    # importance, and the predictive Fisher taken at consolidation (importance="predictive")
+    + [{"strength": s, "distill": d, "importance": "fisher", "importance_beta": 0.9, "coupling": "gradient",
+        "damping": k} for s, d, k in itertools.product((0.01, 0.03, 0.1, 0.3), (0.1, 0.2), (1.0, 3.0, 10.0))]
+    + [{"strength": s, "distill": d, "importance": "predictive", "importance_beta": 0.0, "coupling": "gradient",
+        "damping": 0.0} for s, d in itertools.product((0.01, 0.03, 0.1), (0.1, 0.2))],
 }
 
 
@@ -221,8 +230,14 @@ class Replay(_Base):
 
 
 class RecipeMethod(_Base):
-    def __init__(self, model, seq, gen, **setting):
-        self.model, self.seq, self.gen = model, seq, gen
+    """``Recipe(model, lr=LR, **setting)``; with ``task_boundaries=False`` it is never told where a
+    task ends (no ``end_task()``) and writes its slow level when its ``"surprise"`` clock finds a
+    jump of the training loss."""
+
+    def __init__(self, model, seq, gen, task_boundaries=True, **setting):
+        self.model, self.seq, self.gen, self.task_boundaries = model, seq, gen, task_boundaries
+        if not task_boundaries:
+            setting = {**setting, "clock": "surprise"}
         self.recipe = deepopt.continual.Recipe(model, lr=LR, **setting)
 
     def train_step(self, task):
@@ -234,7 +249,8 @@ class RecipeMethod(_Base):
         self.recipe.step(loss.detach())
 
     def end_task(self, task):
-        self.recipe.end_task()
+        if self.task_boundaries:
+            self.recipe.end_task()
 
 
 METHODS = {"finetune": Finetune, "EWC": EWC, "SI": SI, "LwF": LwF, "replay": Replay, "recipe": RecipeMethod}
@@ -256,6 +272,8 @@ def run(seq, method: str, knobs: dict, seed: int) -> dict:
             matrix.append([seq.evaluate(model, j) for j in range(seq.n_tasks)])
         out["seconds"] = time.perf_counter() - t0
         out["matrix"] = matrix
+        if isinstance(learner, RecipeMethod):
+            out["consolidations"] = learner.recipe.consolidations
     except Exception as err:  # reported, the protocol goes on
         out["error"] = f"{type(err).__name__}: {err}"
     return out
@@ -331,6 +349,36 @@ def evaluate(chosen: dict, seeds=TEST_SEEDS, sequences=tuple(TEST_SEQUENCES), lo
     return out
 
 
+#: the validation check's settings: the recipe's chosen setting, the second round's (no damping) and
+#: the chosen one without task boundaries (the surprise clock writes the slow level), beside the
+#: baselines' chosen knobs
+CHECK_SETTINGS = [("recipe", {"strength": 0.03, "distill": 0.1, "importance": "fisher", "importance_beta": 0.9,
+                              "coupling": "gradient", "damping": 3.0}),
+                  ("recipe", {"strength": 0.01, "distill": 0.1, "importance": "fisher", "importance_beta": 0.9,
+                              "coupling": "gradient", "damping": 0.0}),
+                  ("recipe", {"strength": 0.03, "distill": 0.1, "importance": "fisher", "importance_beta": 0.9,
+                              "coupling": "gradient", "damping": 3.0, "task_boundaries": False}),
+                  ("EWC", {"lam": 100.0}), ("SI", {"c": 0.1}), ("finetune", {})]
+
+
+def validation_check(seeds, settings=CHECK_SETTINGS, log=print, sizes: dict | None = None) -> list[dict]:
+    """``settings`` on the validation sequences with more seeds than the selection's (no test data):
+    per sequence, each seed's average accuracy and their spread (a check that a chosen setting's lead
+    on the two selection seeds is not their noise; nothing is chosen from it)."""
+    out = []
+    for method, knobs in settings:
+        row = {"method": method, "knobs": knobs, "per_sequence": {}}
+        for name, cls in VALIDATION_SEQUENCES.items():
+            runs = [run(cls(**(sizes or {})), method, knobs, s) for s in seeds]
+            avg = [metrics.average_accuracy(r["matrix"]) if r["matrix"] else None for r in runs]
+            row["per_sequence"][name] = {"average_per_seed": avg, "average": _spread(avg)}
+            if method == "recipe":  # slow-level writes per seed (one per task boundary when told)
+                row["per_sequence"][name]["consolidations_per_seed"] = [r.get("consolidations") for r in runs]
+        log(f"check {method} {knobs}: " + " ".join(f"{k}: {_pm(v['average'])}" for k, v in row["per_sequence"].items()))
+        out.append(row)
+    return out
+
+
 def targets(test: dict) -> dict:
     """The issue's targets per sequence: |BWT| <= 0.5 x fine-tuning's at average >= fine-tuning's;
     average above EWC's and SI's (means over the test seeds)."""
@@ -376,9 +424,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the committed results')")
     parser.add_argument("--smoke", action="store_true", help="first grid point per method, 3 steps per task, one seed")
+    parser.add_argument("--validation-check", type=int, nargs="+", metavar="SEED",
+                        help="only run CHECK_SETTINGS on the validation sequences with these seeds "
+                             "(validation_check.json; no selection, no test data)")
     args = parser.parse_args(argv)
     out_dir = run_dir("continual_recipe", args.out, args.update_results)
     torch.set_num_threads(args.threads)
+    if args.validation_check:
+        t0 = time.perf_counter()
+        rows = validation_check(args.validation_check, log=lambda s: print(s, flush=True))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "validation_check.json"), "w") as fh:
+            json.dump({"command": f"OMP_NUM_THREADS={args.threads} python -m benchmarks.continual_recipe "
+                                  + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "seeds": args.validation_check, "rows": rows, "seconds": time.perf_counter() - t0}, fh, indent=1)
+        announce(out_dir)
+        return {"validation_check": rows}
     sizes, grids = ({"steps": 3}, {m: g[:1] for m, g in GRIDS.items()}) if args.smoke else ({}, GRIDS)
     if args.smoke:
         args.seeds, args.val_seeds = args.seeds[:1], args.val_seeds[:1]

@@ -15,14 +15,24 @@ Both models put their feed-forward blocks at ``blocks.<i>.mlp``. Methods (AdamW,
   into a sequential CMS (new zero-output levels at the slower periods); more parameters.
 - ``ewc``: AdamW + online EWC (:class:`benchmarks.continual.EWC`, ``ewc_lambda``).
 - ``replay`` (a reference, it stores data): also the loss on a buffer of earlier tasks' examples.
+- ``recipe``: ``deepopt.continual.Recipe(model, lr, weight_decay=...)`` with its defaults
+  (``deepopt.continual.DEFAULTS``: the one setting chosen on the validation digit sequences of
+  :mod:`benchmarks.continual_recipe`, not tuned on these sequences), ``end_task()`` at each task
+  boundary; its AdamW is the one ``finetune`` uses (same lr, same weight decay).
 
 A period-C parameter accumulates its gradient over C steps and is stepped every C steps with the
 mean. Metrics (:mod:`benchmarks.metrics`): average final, BWT, FWT; for bits per character both
 transfers are negated, so **negative BWT = forgetting** everywhere. Learning rates (a CPU sweep of
 ``finetune`` on the first task): text 3e-3 (bpc 3.04 / 2.96 / 3.21 at 1e-3 / 3e-3 / 1e-2), digits
 1e-3. Sizing: 20-steps-per-task runs on an H200 (``calibrate.sh``) gave ``est_step_s`` 0.025 s
-(text) and 0.004 s (digits); the ``gpu`` preset is 2 sequences x 5 methods x 3 seeds, text 3 x 400
-steps, digits 5 x 500, each job capped at 240 s. Per-sequence entries: ``--set
+(text) and 0.004 s (digits); the ``gpu`` preset is 2 sequences x 6 methods x 3 seeds, text 3 x 400
+steps, digits 5 x 500, each job capped at 240 s: 1,014 s of jobs by ``est_step_s`` and
+``COST_FACTOR`` (text 738 s, of which the recipe 203 s; digits 276 s). The H200 runs of the first
+five methods at these sizes took 0.5-1.1x of their estimate, 0.71x summed (text fine-tuning 17.5 s
+a run against 30.8 s), so one worker would need about 12 minutes. The runs are launch-bound
+(1.8 M and 0.2 M parameters), so several workers can share one GPU
+(``--devices cuda:0,cuda:0,cuda:0,cuda:0``); jobs start largest cost first (text, the recipe first)
+and ``--deadline`` stops the rest. Per-sequence entries: ``--set
 continual.shakespeare_genres.steps_per_task=400``. Report: :mod:`.continual_levels_report`.
 
 Example:
@@ -74,8 +84,10 @@ PRESETS = {
 # step time of a method relative to finetune (CPU measurements, see the module doc); evaluations
 # (curve points + the matrix rows) cost about one training step each
 COST_FACTOR = {
-    "shakespeare_genres": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.6, "ewc": 1.1, "replay": 1.1},
-    "permuted_digits": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.9, "ewc": 1.5, "replay": 1.3},
+    "shakespeare_genres": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.6, "ewc": 1.1, "replay": 1.1,
+                           "recipe": 2.2},
+    "permuted_digits": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.9, "ewc": 1.5, "replay": 1.3,
+                        "recipe": 2.2},
 }
 
 
@@ -127,14 +139,21 @@ def build(params: dict, device: str):
                               activation=seq.nest_activation)
         spec = {k: c for k, c in spec.items() if c > 1}
     model = model.to(device)
+    if params["method"] == "recipe":
+        from deepopt.continual import Recipe
+
+        # the Recipe's optimizer is torch.optim.AdamW at the same lr and weight decay as finetune's
+        return seq, model, Recipe(model, params["lr"], weight_decay=params["weight_decay"]), None, spec
     opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
     periodic = PeriodicGradients(model.named_parameters(), spec) if spec else None
     return seq, model, opt, periodic, spec
 
 
-def train_step(seq, model: nn.Module, opt: torch.optim.Optimizer, periodic, task: int, gen: torch.Generator,
+def train_step(seq, model: nn.Module, opt, periodic, task: int, gen: torch.Generator,
                params: dict, ewc: EWC | None = None, buffer: list | None = None) -> torch.Tensor:
-    """One AdamW step of the job's method on ``task`` (EWC penalty / replay batch / held slow gradients)."""
+    """One AdamW step of the job's method on ``task`` (EWC penalty / replay batch / held slow gradients;
+    for ``recipe``, ``opt`` is the :class:`deepopt.continual.Recipe`, whose step adds its pull and
+    distillation)."""
     opt.zero_grad(set_to_none=True)
     loss = seq.train_loss(model, task, gen)
     if params["method"] == "ewc" and ewc is not None:
@@ -146,7 +165,10 @@ def train_step(seq, model: nn.Module, opt: torch.optim.Optimizer, periodic, task
     loss.backward()
     if periodic is not None:
         periodic.before_step()
-    opt.step()
+    if params["method"] == "recipe":
+        opt.step(loss.detach())
+    else:
+        opt.step()
     return loss.detach()
 
 
@@ -186,6 +208,8 @@ def run(params: dict, device: str) -> dict:
                 ewc.consolidate(model, seq, task, gen)
             if method == "replay":
                 buffer.append((task, *seq.sample(task, gen, params["replay_per_task"])))
+            if method == "recipe":
+                opt.end_task()
         model.eval()
         matrix.append([seq.evaluate(model, j) for j in range(n)])
         model.train()
@@ -204,7 +228,14 @@ def run(params: dict, device: str) -> dict:
         "steps": done, "steps_planned": steps * n, "train_seconds": train_seconds,
         "seconds": time.perf_counter() - start, "cut_short": cut_short,
         "params": sum(p.numel() for p in model.parameters()), "level_spec": spec,
+        "recipe_knobs": _recipe_knobs() if method == "recipe" else None,
     }
+
+
+def _recipe_knobs() -> dict:
+    from deepopt.continual import DEFAULTS
+
+    return dict(DEFAULTS)
 
 
 # ----------------------------------------------------------------------------- jobs

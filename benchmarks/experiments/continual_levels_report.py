@@ -19,7 +19,7 @@ from pathlib import Path
 from ..metrics import spread
 from ..report import markdown_table, to_jsonable
 
-METHODS = ("finetune", "multitimescale", "nested_cms", "ewc", "replay")
+METHODS = ("finetune", "multitimescale", "nested_cms", "ewc", "replay", "recipe")
 
 
 # ----------------------------------------------------------------------------- report
@@ -95,7 +95,7 @@ def _sentences(summary: dict) -> list[str]:
             lines.append(f"- {seq_name}: no complete finetune runs, no comparison made.")
             continue
         base = ms["finetune"]
-        for method in ("multitimescale", "nested_cms", "ewc", "replay"):
+        for method in METHODS[1:]:
             if method not in ms:
                 continue
             m = ms[method]
@@ -111,6 +111,14 @@ def _sentences(summary: dict) -> list[str]:
             lines.append(f"- {seq_name} / {method}: {verdict} (BWT {m['bwt']['mean']:+.3f} vs "
                          f"{base['bwt']['mean']:+.3f}, spread {noise:.3f}); final average "
                          f"{'better' if d_avg > 0 else 'worse'} by {abs(d_avg):.3f} {seq['metric']}.")
+        if "recipe" in ms and "ewc" in ms:
+            r, e = ms["recipe"], ms["ewc"]
+            sign = 1 if seq["higher_is_better"] else -1
+            d_avg = sign * (r["average_final"]["mean"] - e["average_final"]["mean"])
+            noise = math.hypot(r["average_final"]["std"], e["average_final"]["std"])
+            lines.append(f"- {seq_name} / recipe vs ewc: final average {'better' if d_avg > 0 else 'worse'} by "
+                         f"{abs(d_avg):.3f} {seq['metric']} (spread {noise:.3f}); BWT {r['bwt']['mean']:+.3f} vs "
+                         f"{e['bwt']['mean']:+.3f}.")
     return lines
 
 
@@ -127,14 +135,18 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
                                "records": records}), fh, indent=1, allow_nan=False)
         fh.write("\n")
     plots = _plot(summary, out_dir)
-    lines = ["# Continual learning: fine-tuning vs multi-timescale levels vs nested CMS vs EWC", "",
+    has_recipe = any("recipe" in seq["methods"] for seq in summary.values())
+    lines = ["# Continual learning: fine-tuning vs multi-timescale levels vs nested CMS vs EWC"
+             + (" vs the recipe" if has_recipe else ""), "",
              f"- command: `{header.get('command', '?')}`", f"- record files: {header.get('record_files', [])}",
              f"- device(s): {', '.join(gpus)}", f"- run date(s): {', '.join(sorted(set(dates))) or '?'}",
              f"- report written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "Average final = mean metric over all tasks after the last task; BWT/FWT as in GEM "
              "(benchmarks/metrics.py); for bits per character both are negated, so **negative BWT = "
              "forgetting** everywhere. Mean +- std over seeds. `replay` stores data: a reference, not a "
-             "competitor. `nested_cms` has more parameters (column params).", ""]
+             "competitor. `nested_cms` has more parameters (column params)."
+             + (" `recipe` is `deepopt.continual.Recipe` with its defaults (the setting chosen on the digits "
+                "validation sequences of `benchmarks.continual_recipe`, not tuned here)." if has_recipe else ""), ""]
     for seq_name, seq in summary.items():
         better = "higher" if seq["higher_is_better"] else "lower"
         any_run = next(r["job"]["params"] for r in records if r["job"]["params"]["sequence"] == seq_name)

@@ -31,6 +31,18 @@ where the new task needs it more (the decoupled pull bounds every weight of equa
 same :math:`\approx 1/(\lambda\Omega)`, whatever the task's need). Before the first consolidation
 :math:`\Omega = 0` and nothing is pulled.
 
+The importance also sets a learning rate per weight (``damping`` :math:`\kappa`,
+:meth:`SlowLevel.damp`): the optimizer's step :math:`\Delta` (taken with the pull's gradient in
+it) is applied as
+
+.. math:: \theta \leftarrow \theta_\text{before} + \Delta \,/\, (1 + \kappa\,\Omega),
+
+so a weight important to earlier tasks moves :math:`1 + \kappa\Omega` times slower and an
+unimportant one (:math:`\Omega \approx 0`) at the full rate: a slow level per weight whose rate the
+importance sets. The pull sets where a weight settles (under Adam, where the task's and the pull's
+gradients balance; Adam normalises their sum, so the step size does not shrink with the stiffness);
+the damping slows the move itself, on the weights earlier tasks need.
+
 Example:
     >>> import torch
     >>> w = torch.nn.Parameter(torch.tensor([0.0, 0.0]))
@@ -76,13 +88,15 @@ class SlowLevel:
         self.writes = 0
 
     @torch.no_grad()
-    def consolidate(self, task_importance: Sequence[Tensor]) -> None:
-        """Write the slow level from the fast one (see the module docstring)."""
+    def consolidate(self, task_importance: Sequence[Tensor], source: Sequence[Tensor] | None = None) -> None:
+        """Write the slow level from the fast one (see the module docstring); ``source``: fast
+        weights to write from instead of the current ones (e.g. those before the last step)."""
         if len(task_importance) != len(self.params):
             raise ValueError(f"task_importance needs one tensor per parameter ({len(self.params)}), "
                              f"got {len(task_importance)}")
-        for s, p, imp, new in zip(self.slow, self.params, self.importance, task_importance):
-            s.lerp_(p.detach(), self.rate) if self.writes else s.copy_(p.detach())
+        source = [p.detach() for p in self.params] if not source else source
+        for s, p, imp, new in zip(self.slow, source, self.importance, task_importance):
+            s.lerp_(p, self.rate) if self.writes else s.copy_(p)
             imp.mul_(self.decay).add_(new.to(imp.device, imp.dtype))
         self.writes += 1
 
@@ -103,6 +117,14 @@ class SlowLevel:
         for p, s, imp in zip(self.params, self.slow, self.importance):
             if p.grad is not None:
                 p.grad.add_((imp * self.strength).to(p.dtype) * (p.detach() - s))
+
+    @torch.no_grad()
+    def damp(self, before: Sequence[Tensor], damping: float) -> None:
+        """Scale the step just taken from ``before`` by ``1 / (1 + damping * Omega)`` per weight."""
+        if not self.writes or damping == 0:
+            return
+        for p, b, imp in zip(self.params, before, self.importance):
+            p.copy_(b + (p - b) / (1 + damping * imp).to(p.dtype))
 
     def distance(self) -> float:
         """Importance-weighted squared distance sum Omega (theta - slow)^2 (0 before the first write)."""

@@ -7,7 +7,8 @@ slow parameter periods with :class:`MultiTimescale`). The callback adds the slow
 * ``on_before_optimizer_step``: record the task gradient (importance), add the distillation
   gradient from the slow level (the training forward's input is captured by a hook on ``module``)
   and, with ``coupling="gradient"``, the pull's gradient;
-* ``on_train_batch_end`` after a step: the importance update, the decoupled pull (if chosen), the clock;
+* ``on_train_batch_end`` after a step: the importance-damped step (``damping``), the importance
+  update, the decoupled pull (if chosen), the clock;
 * at a task boundary: every ``epochs_per_task`` epochs, or whenever ``callback.end_task()`` is
   called (e.g. from the DataModule when it switches tasks).
 
@@ -41,7 +42,7 @@ class ContinualRecipe(Callback):
         epochs_per_task: end a task every this many epochs (None: only ``end_task()`` calls).
         module: dotted path of the submodule to consolidate (``""`` = the LightningModule).
         strength, rate, decay, importance, importance_beta, coupling, distill, temperature, clock,
-            output: as for :class:`deepopt.continual.Recipe`.
+            output, damping: as for :class:`deepopt.continual.Recipe`.
     """
 
     def __init__(self, lr: float | None = None, epochs_per_task: int | None = None, module: str = "", *,
@@ -49,7 +50,8 @@ class ContinualRecipe(Callback):
                  decay: float = DEFAULTS["decay"], importance: str = DEFAULTS["importance"],
                  importance_beta: float = DEFAULTS["importance_beta"], coupling: str = DEFAULTS["coupling"],
                  distill: float = DEFAULTS["distill"], temperature: float = DEFAULTS["temperature"],
-                 clock: str | int | None = "task", output: Callable[[Any], torch.Tensor] | None = None) -> None:
+                 clock: str | int | None = "task", output: Callable[[Any], torch.Tensor] | None = None,
+                 damping: float = DEFAULTS["damping"]) -> None:
         if lr is not None and not lr > 0:
             raise ValueError(f"lr must be > 0 or None (take the optimizer's), got {lr!r}")
         if epochs_per_task is not None and (isinstance(epochs_per_task, bool) or not isinstance(epochs_per_task, int)
@@ -60,7 +62,7 @@ class ContinualRecipe(Callback):
         self.lr, self.epochs_per_task, self.module = lr, epochs_per_task, module
         self.knobs = dict(strength=strength, rate=rate, decay=decay, importance=importance,
                           importance_beta=importance_beta, coupling=coupling, distill=distill,
-                          temperature=temperature, clock=clock, output=output)
+                          temperature=temperature, clock=clock, output=output, damping=damping)
         self.engine: ContinualEngine | None = None
         self._stepped = False
         self._pending: dict[str, Any] | None = None

@@ -30,7 +30,7 @@ def test_run_gives_full_finite_matrix(sequence):
     json.dumps(res)  # JSON-able
 
 
-@pytest.mark.parametrize("method", ["multitimescale", "nested_cms", "ewc", "replay"])
+@pytest.mark.parametrize("method", ["multitimescale", "nested_cms", "ewc", "replay", "recipe"])
 def test_every_method_runs(method):
     res = continual.run(tiny("permuted_digits", method, steps_per_task=3), "cpu")
     assert len(res["matrix"]) == res["n_tasks"] and math.isfinite(res["bwt"])
@@ -66,6 +66,22 @@ def test_periods_are_applied(method, name, period):
     assert changed == [t for t in range(1, 17) if t % period == 0]
 
 
+def test_recipe_is_finetune_until_its_first_consolidation():
+    """Same seed, same data: before the first end_task the recipe is its AdamW alone (no slow level
+    to pull toward or distil from), so the first row of R equals finetune's exactly; after it, the
+    slow level acts and the rows differ."""
+    ft = continual.run(tiny("permuted_digits", "finetune", steps_per_task=6), "cpu")
+    rc = continual.run(tiny("permuted_digits", "recipe", steps_per_task=6), "cpu")
+    assert rc["matrix"][0] == ft["matrix"][0]
+    assert rc["matrix"][1:] != ft["matrix"][1:]
+    from deepopt.continual import DEFAULTS
+
+    assert rc["recipe_knobs"] == DEFAULTS and ft["recipe_knobs"] is None
+    seq, model, recipe, periodic, spec = continual.build(tiny("permuted_digits", "recipe"), "cpu")
+    assert type(recipe).__name__ == "Recipe" and periodic is None and spec == {}
+    assert type(recipe.optimizer) is torch.optim.AdamW and recipe.optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
 def test_finetune_has_no_levels():
     seq, model, opt, periodic, spec = continual.build(tiny("permuted_digits"), "cpu")
     assert periodic is None and spec == {}
@@ -81,8 +97,12 @@ def test_jobs_names_overrides_and_gpu_budget():
     assert all(j.params["steps_per_task"] == 5 for j in two)
     assert {j.params["sequence"]: j.params.get("n_tasks") for j in two}["permuted_digits"] == 4
     gpu = continual.jobs("gpu", None)
-    assert len(gpu) == 30 and all(j.params["max_seconds"] <= 240 for j in gpu)
-    assert 300 < sum(j.cost for j in gpu) < 1200  # about 12 GPU-minutes
+    assert len(gpu) == 36 and all(j.params["max_seconds"] <= 240 for j in gpu)
+    assert 300 < sum(j.cost for j in gpu) < 1200  # about 17 GPU-minutes by est_step_s
+    # the recipe's jobs are the costliest of each sequence (distillation: one more forward and backward)
+    for seq in continual.SEQUENCES:
+        costs = {j.params["method"]: j.cost for j in gpu if j.params["sequence"] == seq and j.params["seed"] == 0}
+        assert max(costs, key=costs.get) == "recipe"
     with pytest.raises(ValueError, match="methods"):
         continual.jobs("tiny", None, methods=["sgd"])
     with pytest.raises(ValueError, match="preset"):
@@ -114,3 +134,16 @@ def test_docstring_examples():
 
     failures, attempted = run_examples(continual, optionflags=doctest.ELLIPSIS)
     assert attempted > 0 and failures == 0
+
+
+def test_report_compares_the_recipe_with_ewc_and_names_it_only_when_present(tmp_path):
+    records = [run_one(job, "cpu") for seed in (0, 1) for job in continual.jobs(
+        "tiny", [seed], methods=["finetune", "ewc", "recipe"], sequences=["permuted_digits"], steps_per_task=3)]
+    continual.report(records, tmp_path / "with", {"command": "c", "record_files": []})
+    md = (tmp_path / "with" / "results.md").read_text()
+    assert md.startswith("# Continual learning: fine-tuning vs multi-timescale levels vs nested CMS vs EWC vs the recipe")
+    assert "| recipe |" in md and "- permuted_digits / recipe vs ewc: final average " in md
+    continual.report([r for r in records if r["job"]["params"]["method"] != "recipe"], tmp_path / "without",
+                     {"command": "c", "record_files": []})
+    md = (tmp_path / "without" / "results.md").read_text()
+    assert "recipe" not in md

@@ -76,3 +76,27 @@ def test_every_grid_point_runs():
         for knobs in grid:
             out = cr.run(SEQUENCES["val_split_digits"](n_tasks=2, steps=2), method, knobs, seed=0)
             assert out["error"] is None, (method, knobs, out["error"])
+
+
+def test_the_recipes_chosen_setting_is_its_default_and_every_grid_point_names_its_damping():
+    """The protocol's committed choice is what ``Recipe`` does without arguments; the grid's points
+    all pass ``damping`` (so changing the default cannot change an earlier round's point)."""
+    import json
+    from pathlib import Path
+
+    from deepopt.continual import DEFAULTS
+
+    chosen = json.loads((Path(cr.__file__).parent / "results" / "continual_recipe" / "results.json").read_text())["chosen"]
+    assert all(DEFAULTS[k] == v for k, v in chosen["recipe"].items())
+    assert cr.CHECK_SETTINGS[0] == ("recipe", chosen["recipe"])
+    assert all("damping" in knobs for knobs in cr.GRIDS["recipe"])
+
+
+def test_validation_check_runs_only_validation_sequences():
+    rows = cr.validation_check([0], settings=cr.CHECK_SETTINGS[:2], log=lambda s: None, sizes={"steps": 2})
+    assert [r["knobs"] for r in rows] == [k for _, k in cr.CHECK_SETTINGS[:2]]
+    for r in rows:
+        assert set(r["per_sequence"]) == set(cr.VALIDATION_SEQUENCES)
+        for name, v in r["per_sequence"].items():
+            assert len(v["average_per_seed"]) == 1 and v["average"]["mean"] == v["average_per_seed"][0]
+            assert v["consolidations_per_seed"] == [cr.VALIDATION_SEQUENCES[name]().n_tasks]  # told: one per task

@@ -273,3 +273,47 @@ def test_coupled_pull_adds_strength_importance_times_distance_to_the_gradient():
         w.fill_(0.5)
     slow.pull_gradients()
     torch.testing.assert_close(w.grad, torch.tensor([1.0 + 3.0 * 2.0 * 0.5, 1.0]))
+
+
+def test_damping_divides_each_weights_step_by_one_plus_damping_importance():
+    w = torch.nn.Parameter(torch.zeros(3))
+    slow = SlowLevel([w], strength=0.0)
+    before = [w.detach().clone()]
+    with torch.no_grad():
+        w.add_(torch.tensor([1.0, 1.0, -2.0]))
+    slow.damp(before, 4.0)
+    assert torch.equal(w.detach(), torch.tensor([1.0, 1.0, -2.0]))  # no write yet: the full step
+    slow.consolidate([torch.tensor([0.0, 1.0, 0.5])])
+    before = [w.detach().clone()]
+    with torch.no_grad():
+        w.add_(torch.tensor([1.0, 1.0, 1.0]))
+    slow.damp(before, 4.0)
+    torch.testing.assert_close(w.detach(), torch.tensor([2.0, 1.0 + 1 / 5, -2.0 + 1 / 3]))
+
+
+def test_predictive_fisher_is_the_models_own_fisher_on_the_last_training_input():
+    """Softmax regression: grad of log p(y|x) in W is (e_y - p) x^T; y drawn from p with the
+    importance's generator (seed 8191 + number of earlier takes); mean over the input's rows,
+    normalised to mean 1."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3, bias=False)
+    imp = Importance(list(model.parameters()), "predictive", model=model)
+    with torch.no_grad():
+        model(torch.randn(2, 4))  # no gradient: not a training input, not captured
+    assert imp.input is None
+    x = torch.randn(5, 4)
+    model(x).sum().backward()
+    imp.before_step(); imp.after_step()
+    gen = torch.Generator().manual_seed(8191)
+    p = torch.softmax(model(x), -1).detach()
+    expected = torch.zeros(3, 4)
+    for i in range(5):
+        y = int(torch.multinomial(p[i : i + 1], 1, generator=gen))
+        expected += torch.outer(torch.nn.functional.one_hot(torch.tensor(y), 3).float() - p[i], x[i]) ** 2 / 5
+    torch.testing.assert_close(imp.take()[0], expected * expected.numel() / expected.sum())
+    assert imp.takes == 1 and imp.count == 0
+    imp.remove_hooks()
+    model(x).sum().backward()
+    assert imp.input.shape == (5, 4) and not model._forward_pre_hooks
+    with pytest.raises(ValueError, match="model"):
+        Importance(list(model.parameters()), "predictive")

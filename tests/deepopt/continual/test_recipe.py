@@ -46,19 +46,27 @@ def _train(model, step, zero, end, tasks, steps=150):
     return R
 
 
-def test_recipe_forgets_less_than_the_same_optimizer_alone():
+@pytest.mark.parametrize("kw", [{}, {"strength": 0.01, "damping": 0.0}])
+def test_recipe_forgets_less_than_the_same_optimizer_alone(kw):
+    """The shipped defaults ({}) and the second round's (no damping). Here task 1 must rewrite the
+    weights task 0 relied on (the same inputs, permuted), so the defaults' damping costs plasticity:
+    they forget less (BWT -0.32 against -0.40) but learn task 1 to 0.88 instead of 0.99, and their
+    average (0.773) stays below AdamW's (0.789); without damping the average is above it."""
     tasks = _tasks()
     plain = _model()
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.0)
     R_plain = _train(plain, opt.step, opt.zero_grad, lambda: None, tasks)
     model = _model()
-    recipe = Recipe(model, lr=1e-2)  # the shipped defaults
+    recipe = Recipe(model, lr=1e-2, **kw)
     R = _train(model, recipe.step, recipe.zero_grad, recipe.end_task, tasks)
     assert recipe.consolidations == 2
     bwt_plain, bwt = metrics.backward_transfer(R_plain), metrics.backward_transfer(R)
     assert bwt_plain < -0.3, R_plain  # the tasks do conflict
-    assert abs(bwt) <= 0.9 * abs(bwt_plain), (R, R_plain)  # defaults here: 0.33 against 0.40
-    assert metrics.average_accuracy(R) > metrics.average_accuracy(R_plain), (R, R_plain)
+    assert abs(bwt) <= 0.9 * abs(bwt_plain), (R, R_plain)  # 0.32 (defaults), 0.33 (no damping) against 0.40
+    if kw:
+        assert metrics.average_accuracy(R) > metrics.average_accuracy(R_plain), (R, R_plain)
+    else:
+        assert R[1][1] < R_plain[1][1] - 0.05, (R, R_plain)  # the plasticity cost, stated above
 
 
 def test_without_consolidation_the_recipe_is_its_optimizer():
@@ -73,7 +81,8 @@ def test_without_consolidation_the_recipe_is_its_optimizer():
 
 
 @pytest.mark.parametrize("kw", [{}, {"optimizer": "M3", "periods": {"0.*": 2}},
-                                {"periods": {"0.*": 2}, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"}])
+                                {"periods": {"0.*": 2}, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"},
+                                {"importance": "predictive", "importance_beta": 0.0, "damping": 0.0}])
 def test_state_dict_resume_is_exact(kw):
     tasks = _tasks()
     full = _model()
@@ -94,6 +103,29 @@ def test_state_dict_resume_is_exact(kw):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_damping_scales_the_optimizers_step_by_importance():
+    """strength 0 and no distillation: after a consolidation the recipe's step is AdamW's divided by
+    1 + damping * importance, weight by weight (AdamW itself sees the same gradients)."""
+    tasks = _tasks()
+    model = _model()
+    recipe = Recipe(model, lr=1e-2, strength=0.0, distill=0.0, damping=2.0)
+    _train(model, recipe.step, recipe.zero_grad, recipe.end_task, tasks[:1], steps=10)
+    imp = recipe.engine.slow.importance
+    assert recipe.consolidations == 1 and float(sum(i.sum() for i in imp)) > 0
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.0)
+    twin_opt.load_state_dict(copy.deepcopy(recipe.optimizer.state_dict()))  # no shared moment tensors
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = tasks[1]
+    for m, step, zero in ((model, recipe.step, recipe.zero_grad), (twin, twin_opt.step, twin_opt.zero_grad)):
+        zero()
+        F.cross_entropy(m(x[:32]), y[:32]).backward()
+        step()
+    for p, q, b, i in zip(model.parameters(), twin.parameters(), before, imp):
+        torch.testing.assert_close(p - b, (q - b) / (1 + 2.0 * i))
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
 def test_surprise_clock_consolidates_without_end_task():
     tasks = _tasks()
     model = _model()
@@ -108,6 +140,30 @@ def test_surprise_clock_consolidates_without_end_task():
     assert recipe.consolidations == 1  # the switch to task 1 was found in the loss
 
 
+def test_surprise_write_takes_the_weights_before_the_jump_step():
+    """The jumping loss was computed at the weights before the step: those (the last task's end) are
+    written, not the weights after one step on the new task."""
+    tasks = _tasks()
+    model = _model()
+    recipe = Recipe(model, lr=1e-2, clock="surprise", distill=0.0)
+    written = None
+    for x, y in tasks:
+        for i in range(150):
+            before = [p.detach().clone() for p in model.parameters()]
+            recipe.zero_grad()
+            idx = torch.arange(32) + 32 * (i % 8)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            n = recipe.consolidations
+            recipe.step(loss=loss)
+            if recipe.consolidations > n:
+                written = before
+                assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+                for s, b in zip(recipe.engine.slow.slow, before):
+                    assert torch.equal(s, b)
+    assert written is not None
+
+
 def test_period_clock_consolidates_every_period():
     model = _model()
     recipe = Recipe(model, lr=1e-2, clock=10, distill=0.0)
@@ -119,6 +175,7 @@ def test_period_clock_consolidates_every_period():
                                            ({"importance": "hessian"}, ValueError, "importance"),
                                            ({"distill": -1.0}, ValueError, "distill"),
                                            ({"coupling": "tight"}, ValueError, "coupling"),
+                                           ({"damping": -1.0}, ValueError, "damping"),
                                            ({"optimizer": "lbfgs"}, ValueError, "optimizer")])
 def test_recipe_bad_input(kw, exc, word):
     kw = {"lr": 1e-2, **kw}
