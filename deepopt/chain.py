@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .levels.base import Direction, Level, State, host_ints, is_boundary, level_step, static_step
+from .levels.base import Direction, Level, State, advance_steps, is_boundary, level_step, static_step
 
 __all__ = ["Chain"]
 
@@ -122,9 +122,7 @@ class Chain:
     def update_(self, states: Sequence[State], xs: Sequence[Tensor], ps: Sequence[Tensor],
                 group: Mapping[str, Any]) -> list[Direction]:
         """One step on a list of tensors; states are updated in place."""
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
-        ts = host_ints(steps)
+        ts = advance_steps(list(states))
         xs, ps = list(xs), list(ps)
         ds: list[Direction] = [Direction(x) for x in xs]
         for i, lvl in enumerate(self.levels):
