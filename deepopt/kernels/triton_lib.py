@@ -61,10 +61,26 @@ def _grad(ptrs, row, offs, mask, wd, pp, NCOL: tl.constexpr, G_DT: tl.constexpr,
     return g
 
 
+def _interpreted() -> bool:
+    """Whether this process's kernels run in Triton's CPU interpreter: asked for
+    (``TRITON_INTERPRET=1``) and in effect (the mode is fixed at the first ``import triton``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .launch import interpreting
+
+    return interpreting() and isinstance(tl.sum, InterpretedFunction)
+
+
+#: round float32 -> bfloat16 with integer bit operations: only the interpreter needs it (its
+#: conversion truncates); compiled kernels convert with round-to-nearest-even in one instruction.
+RNE_BY_BITS = tl.constexpr(_interpreted())
+
+
 @triton.jit
 def _cast(x, DT: tl.constexpr):
-    """float32 -> DT rounding to nearest even (explicit for bf16: Triton's CPU interpreter truncates)."""
-    if DT == tl.bfloat16:
+    """float32 -> DT rounding to nearest even (compiled: the conversion itself, which rounds to
+    nearest even; in the interpreter, which truncates, by integer bit operations for bf16)."""
+    if RNE_BY_BITS and DT == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True).to(DT)
