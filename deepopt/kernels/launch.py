@@ -206,7 +206,11 @@ def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, b
     if t.grid[0] == 0:
         return
     device = rows.rows[0][0].device
-    flag = found if found is not None else _NO_FLAG.setdefault(device, torch.zeros(1, device=device))
+    flag = found
+    if flag is None:  # any valid pointer (CHECK is off): one per device, made once
+        flag = _NO_FLAG.get(device)
+        if flag is None:
+            flag = _NO_FLAG[device] = torch.zeros(1, device=device)
     extra = () if scal is None else (scal,)
     kernel_fn[t.grid](t.ptrs, t.numel, t.blk_row, t.blk_start, flag, *extra, *args, NCOL=len(rows.rows[0]),
                       BLOCK=block, ALIGNED=t.aligned, CHECK=found is not None, num_warps=num_warps, **consts)

@@ -136,8 +136,11 @@ class RowSet:
         blk_start = (torch.arange(int(nblk.sum()), dtype=torch.int64) - first.repeat_interleave(nblk)) * block
         aligned = bool((ptrs % 16 == 0).all()) and bool((numel % 16 == 0).all()) and block % 16 == 0
         table = torch.empty(ptrs.shape, dtype=torch.int64, device=device)
-        table.copy_(ptrs - table.data_ptr())  # byte offsets from the table itself (see triton_kernels._col)
-        tables = Tables(table, *(t.to(device) for t in (numel, blk_row, blk_start)), aligned=aligned)
+        # byte offsets from the table itself (see triton_lib._col); the copies do not wait for the
+        # device (from pageable memory CUDA stages the source before returning)
+        table.copy_(ptrs - table.data_ptr(), non_blocking=True)
+        tables = Tables(table, *(t.to(device, non_blocking=True) for t in (numel, blk_row, blk_start)),
+                        aligned=aligned)
         _CACHE[key] = tables
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
