@@ -55,7 +55,7 @@ __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direc
 IMPLS = ("auto", "foreach", "reference", "triton")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _SLOW_SUM, _SLOW_CALLS = "slow.grad_sum", "slow.calls"
-_GRAD, _SPARSE = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
+_GRAD, _SPARSE, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("is_sparse"), operator.attrgetter("dtype")
 _IS_TENSOR = Tensor.__instancecheck__
 _UNSET = object()  # _run_chain's "no fused step given": look it up
 #: constructor arguments that configure the shell, not the update rule
@@ -175,7 +175,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self._skipped_steps = 0
         self._pending: tuple[Any, list[Tensor]] | None = None  # a flag the kernels read, not yet the host
-        self._plans: dict[int, tuple[tuple, list[_Part]]] = {}  # per group: see _plan
+        self._plans: dict[int, tuple] = {}  # per group: (key, parts, group, params list): see _plan
         defaults = {"period": 1, **group_defaults(self.chains, defaults), **CONVENTIONS, **conventions}
         self._check_hyperparameters(defaults)  # as torch: hyperparameters first, then the parameters
         super().__init__(params, defaults)
@@ -353,10 +353,13 @@ class LevelOptimizer(torch.optim.Optimizer):
         hyperparameters do not enter it). ``add_param_group`` and ``load_state_dict`` drop every
         plan. Example: the parts of a group whose matrices Muon takes and whose vectors its
         element-wise fallback takes are two."""
-        key = (tuple(map(id, params)), tuple(p.dtype for p in group["params"]), params[0].is_cuda,
-               tuple((k, v) for k, v in group.items() if type(v) in _STRUCTURAL))
         hit = self._plans.get(id(group))
+        if hit is not None and hit[3] is params:  # asked again within this step (the same list)
+            return hit[1]
+        key = (tuple(map(id, params)), tuple(map(_DTYPE, group["params"])), params[0].is_cuda,
+               tuple((k, v) for k, v in group.items() if type(v) in _STRUCTURAL))
         if hit is not None and hit[0] == key and hit[2] is group:
+            self._plans[id(group)] = (key, hit[1], group, params)
             return hit[1]
         parts: dict[int, _Part] = {}
         for i, p in enumerate(params):
@@ -370,7 +373,7 @@ class LevelOptimizer(torch.optim.Optimizer):
             part.full = needs_full_tensors(part.chain, ps, group)
             part.whole = len(part.positions) == len(params)
         plan = list(parts.values())
-        self._plans[id(group)] = (key, plan, group)
+        self._plans[id(group)] = (key, plan, group, params)
         return plan
 
     def _collect(self, group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:

@@ -207,11 +207,14 @@ def test_nonfinite_skip_with_cached_plans_takes_the_counters_back(name, monkeypa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_nonfinite_flag_by_sums(dtype):
     big = torch.finfo(dtype).max / 2
-    ok = [torch.randn(10).to(dtype), torch.full((4,), big, dtype=dtype)]  # the sum overflows: "maybe", then no
-    assert float(nonfinite_flag(ok)) == 0.0
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        t = torch.randn(10).to(dtype)
-        t[3] = bad
-        assert float(nonfinite_flag(ok + [t])) == 1.0, bad
-    mixed = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # +Inf - Inf: a NaN sum
-    assert float(nonfinite_flag([mixed])) == 1.0
+    for n in (10, 1 << 16):  # small tensors (a norm each) and large ones (a sum each)
+        ok = [torch.randn(n).to(dtype), torch.full((n,), big, dtype=dtype)]  # overflows: "maybe", then no
+        assert float(nonfinite_flag(ok)) == 0.0
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = torch.randn(n).to(dtype)
+            t[3] = bad
+            assert float(nonfinite_flag(ok + [t])) == 1.0, bad
+            assert float(nonfinite_flag([t, torch.randn(10 if n > 10 else 1 << 16).to(dtype)])) == 1.0, bad
+        mixed = torch.zeros(n, dtype=dtype)
+        mixed[0], mixed[-1] = float("inf"), -float("inf")  # +Inf - Inf: a NaN sum
+        assert float(nonfinite_flag([mixed])) == 1.0
