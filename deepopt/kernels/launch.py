@@ -219,6 +219,16 @@ def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, b
 def apply_directions(params: list[Tensor], directions: list[Direction], lr: float) -> None:
     """``W <- W - (lr mul/div) num/den`` in place (``add_``/``addcdiv_`` as torch's optimizers),
     batched by equal scalar, dtype and device: one foreach call per bucket."""
+    if directions and len({(d.mul, d.div, d.den is None) for d in directions}) == 1:
+        dtypes = set(map(_DTYPE, params))
+        if len(dtypes) == 1 and {d.num.dtype for d in directions} == dtypes and len({p.device for p in params}) == 1:
+            d0 = directions[0]  # one bucket (the usual list): no per-parameter keys
+            alpha = -(lr * d0.mul) / d0.div
+            if d0.den is None:
+                torch._foreach_add_(params, [d.num for d in directions], alpha=alpha)
+            else:
+                torch._foreach_addcdiv_(params, [d.num for d in directions], [d.den for d in directions], value=alpha)
+            return
     buckets: dict[tuple, tuple[list, list, list]] = {}
     for p, d in zip(params, directions):
         alpha = -(lr * d.mul) / d.div

@@ -446,12 +446,12 @@ class LevelOptimizer(torch.optim.Optimizer):
             fused = self._fused(chain, group, ps)
         if fused is not None:  # one kernel: state update, decay and parameter step together
             if coupled:
-                gs = [coupled_decay(g, p, wd) for p, g in zip(ps, gs)]
+                gs = [coupled_decay(g, p, wd) for p, g in zip(ps, gs)] if wd != 0 else gs
             fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled, found=found)
             return
         work, gs = _in_state_dtype(ps, gs, states, group)
         if coupled:
-            gs = [coupled_decay(g, p, wd) for p, g in zip(work, gs)]
+            gs = [coupled_decay(g, p, wd) for p, g in zip(work, gs)] if wd != 0 else gs
         if self.impl == "reference" or group["foreach"] is False:  # the functional core, tensor by tensor
             decay = 0.0 if coupled else wd
             for p, g, state in zip(work, gs, states):
@@ -633,6 +633,8 @@ def _in_state_dtype(ps: list[Tensor], gs: list[Tensor], states: list[State],
                     group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters and gradients to step: upcast copies where the state dtype is wider."""
     work, grads = list(ps), list(gs)
+    if group.get("state_dtype") is None and torch.float16 not in set(map(_DTYPE, ps)):
+        return work, grads  # (state_dtype_for is None for every parameter)
     for i, (p, state) in enumerate(zip(ps, states)):
         dtype = state_dtype_for(p, group)
         if dtype is None:
