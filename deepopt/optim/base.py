@@ -46,8 +46,8 @@ from ..distributed import distributed_ns, is_dtensor, needs_full_tensors, on_ful
 from ..kernels.launch import apply_directions
 from ..levels import fused as fused_steps
 from ..levels.base import Direction, State, axpy
-from .conventions import (CONVENTIONS, check_conventions, check_real, device_flag, flag_set, host_ints, outside_graphs,
-                          state_dtype_for, tensor_step)
+from .conventions import (CONVENTIONS, check_conventions, check_real, device_flag, flag_set, flag_to_host, host_ints,
+                          outside_graphs, state_dtype_for, tensor_step)
 
 __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direction", "chain_for", "coupled_decay",
            "group_defaults"]
@@ -56,7 +56,6 @@ IMPLS = ("auto", "foreach", "reference", "triton")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _SLOW_SUM, _SLOW_CALLS = "slow.grad_sum", "slow.calls"
 _GRAD, _SPARSE, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("is_sparse"), operator.attrgetter("dtype")
-_IS_TENSOR = Tensor.__instancecheck__
 _UNSET = object()  # _run_chain's "no fused step given": look it up
 #: constructor arguments that configure the shell, not the update rule
 _SHELL_ARGS = ("self", "params", "impl", "nonfinite", "model")
@@ -379,7 +378,7 @@ class LevelOptimizer(torch.optim.Optimizer):
     def _collect(self, group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params = group["params"]
         grads = list(map(_GRAD, params))
-        if not all(map(_IS_TENSOR, grads)):  # (not `None in grads`: that compares tensors with ==)
+        if any(g is None for g in grads):  # (not `None in grads`: that compares tensors with ==)
             params = [p for p, g in zip(params, grads) if g is not None]
             grads = [g for g in grads if g is not None]
         else:
@@ -594,21 +593,12 @@ class FlagReader:
     def __init__(self, flag: Tensor) -> None:
         self.flag, self.event = flag, None
         if flag.is_cuda:
-            self.flag, self.event = _start_copy(flag)
+            self.flag, self.event = flag_to_host(flag)
 
     def read(self) -> bool:
         if self.event is not None:
             self.event.synchronize()
         return flag_set(self.flag)
-
-
-@torch.compiler.disable
-def _start_copy(flag: Tensor) -> tuple[Tensor, Any]:
-    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
 
 
 #: group values that enter a plan's key (floats such as lr never do)

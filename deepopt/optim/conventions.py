@@ -30,7 +30,7 @@ from torch import Tensor
 from ..levels.base import _HOST, host_ints
 
 __all__ = ["CONVENTIONS", "check_conventions", "check_real", "state_dtype_for", "host_ints", "all_finite",
-           "device_flag", "flag_set", "nonfinite_flag", "tensor_step", "outside_graphs"]
+           "device_flag", "flag_set", "flag_to_host", "nonfinite_flag", "tensor_step", "outside_graphs"]
 
 #: group keys of torch's optimizers, with their defaults (filled into older checkpoints' groups).
 CONVENTIONS: dict[str, Any] = {"maximize": False, "foreach": None, "capturable": False, "differentiable": False,
@@ -184,8 +184,23 @@ def _flag_set(flag: Tensor) -> bool:
     return bool(flag)
 
 
+def flag_to_host(flag: Tensor) -> tuple[Tensor, Any]:
+    """Start copying a CUDA flag to the host: ``(pinned host tensor, CUDA event)``; the copy is
+    asynchronous (no sync), and the host tensor holds the flag once the event has completed.
+    Outside compiled graphs."""
+    return _HOST.get("to_host", _flag_to_host)(flag)
+
+
+def _flag_to_host(flag: Tensor) -> tuple[Tensor, Any]:
+    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 def outside_graphs() -> None:
     """Wrap the shell's host reads for ``torch.compile`` (see :func:`deepopt.levels.base.outside_graphs`)."""
     from ..levels.base import outside_graphs as wrap
 
-    wrap(finite=_all_finite, flag=_flag_set, nonfinite=nonfinite_flag)
+    wrap(finite=_all_finite, flag=_flag_set, nonfinite=nonfinite_flag, to_host=_flag_to_host)
