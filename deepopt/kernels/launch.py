@@ -104,7 +104,7 @@ class FusedStep(abc.ABC):
                  lr: float, weight_decay: float, decoupled: bool, grads_decayed: bool = True,
                  found: Tensor | None = None) -> None:
         """One step. ``grads_decayed``: with coupled decay (``decoupled=False``), the gradients
-        already hold ``wd p`` (the shell adds it); False makes the kernels add it in registers.
+        already hold ``wd p``; False (what the shell passes) makes the kernels add it in registers.
         ``found``: the non-finite flag; when it is set nothing but ``state["step"]`` changes (the
         shell takes the count back when it reads the flag)."""
         if not params:

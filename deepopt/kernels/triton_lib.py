@@ -77,6 +77,21 @@ RNE_BY_BITS = tl.constexpr(_interpreted())
 
 
 @triton.jit
+def _grad_p(ptrs, row, offs, mask, wd, pp, NCOL: tl.constexpr, G_DT: tl.constexpr, COUPLED: tl.constexpr,
+            ALIGNED: tl.constexpr, LOAD_P: tl.constexpr):
+    """``(g, p)``: the gradient (``g + wd p`` with COUPLED) and the parameter, read once for both
+    (with COUPLED or LOAD_P; otherwise ``p`` is not read and ``g`` stands in for it)."""
+    g = _ld(_col(ptrs, row, 1, NCOL, G_DT, ALIGNED), offs, mask)
+    if COUPLED or LOAD_P:
+        p = _ld(pp, offs, mask)
+    else:
+        p = g
+    if COUPLED:
+        g += wd * p
+    return g, p
+
+
+@triton.jit
 def _cast(x, DT: tl.constexpr):
     """float32 -> DT rounding to nearest even (compiled: the conversion itself, which rounds to
     nearest even; in the interpreter, which truncates, by integer bit operations for bf16)."""

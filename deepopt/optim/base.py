@@ -444,9 +444,10 @@ class LevelOptimizer(torch.optim.Optimizer):
         if fused is _UNSET:
             fused = self._fused(chain, group, ps)
         if fused is not None:  # one kernel: state update, decay and parameter step together
-            if coupled:
-                gs = [coupled_decay(g, p, wd) for p, g in zip(ps, gs)] if wd != 0 else gs
-            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled, found=found)
+            # coupled decay g + wd p in the kernels' registers (float32, as torch's fused SGD), not
+            # as a decayed copy of every gradient first (a read of g and p and a write more)
+            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled, grads_decayed=False,
+                  found=found)
             return
         work, gs = _in_state_dtype(ps, gs, states, group)
         if coupled:
