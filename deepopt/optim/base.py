@@ -451,7 +451,7 @@ class LevelOptimizer(torch.optim.Optimizer):
             return
         work, gs = _in_state_dtype(ps, gs, states, group)
         if coupled:
-            gs = [coupled_decay(g, p, wd) for p, g in zip(work, gs)] if wd != 0 else gs
+            gs = torch._foreach_add(gs, work, alpha=wd) if wd != 0 else gs  # g + wd p, as torch's SGD
         if self.impl == "reference" or group["foreach"] is False:  # the functional core, tensor by tensor
             decay = 0.0 if coupled else wd
             for p, g, state in zip(work, gs, states):
