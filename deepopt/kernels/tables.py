@@ -40,7 +40,7 @@ from torch import Tensor
 __all__ = ["RowSet", "Tables", "same_dense_layout", "scalar_table", "step_scalars"]
 
 _CACHE: "OrderedDict[tuple, Tables]" = OrderedDict()
-_CACHE_SIZE = 64
+_CACHE_SIZE = 256  # launches: a few per (param group, chain, dtype combination)
 
 
 @dataclass

@@ -171,7 +171,7 @@ def _float(x: Tensor) -> float:
 
 #: step counters banked by :func:`advance_steps`: ids of the counters -> (the counters, their base)
 _BANKS: "OrderedDict[tuple[int, ...], tuple[list[Tensor], Tensor]]" = OrderedDict()
-_BANKS_SIZE = 32
+_BANKS_SIZE = 256  # lists of counters: one per (param group, chain) of every live optimizer
 
 
 def _banked(steps: list[Tensor]) -> Tensor | None:
