@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .levels.base import Direction, Level, State, host_ints, is_boundary, level_step, static_step
+from .levels.base import Direction, Level, State, advance_steps, is_boundary, level_step, static_step
 
 __all__ = ["Chain"]
 
@@ -122,14 +122,12 @@ class Chain:
     def update_(self, states: Sequence[State], xs: Sequence[Tensor], ps: Sequence[Tensor],
                 group: Mapping[str, Any]) -> list[Direction]:
         """One step on a list of tensors; states are updated in place."""
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
-        ts = host_ints(steps)
+        ts = advance_steps(list(states))
         xs, ps = list(xs), list(ps)
         ds: list[Direction] = [Direction(x) for x in xs]
         for i, lvl in enumerate(self.levels):
-            subs = [_sub(s, lvl.name) for s in states]
-            tls = [level_step(t, lvl.period, lvl.write_first) for t in ts]
+            subs = _subs(states, lvl.name)
+            tls = ts if lvl.period == 1 else [level_step(t, lvl.period, lvl.write_first) for t in ts]
             if lvl.period > 1:
                 accs = [s[f"{lvl.name}.accumulator"] for s in states]
                 torch._foreach_add_(accs, [lvl.write_input(x) for x in xs])
@@ -157,6 +155,25 @@ class Chain:
 def _sub(state: State, name: str) -> State:
     prefix = f"{name}."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k != f"{name}.accumulator"}
+
+
+def _subs(states: Sequence[State], name: str) -> list[State]:
+    """:func:`_sub` of every state: the keys are read from the first (a chain's states share them)
+    and looked up in the others, which fall back to :func:`_sub` where they differ."""
+    if not states:
+        return []
+    prefix = f"{name}."
+    acc = f"{name}.accumulator"
+    pairs = [(k, k[len(prefix):]) for k in states[0] if k.startswith(prefix) and k != acc]
+    n = len(states[0])
+    out = []
+    for s in states:
+        try:
+            sub = {short: s[k] for k, short in pairs}
+        except KeyError:
+            sub = None
+        out.append(sub if sub is not None and len(s) == n else _sub(s, name))
+    return out
 
 
 def _chunk(t: int, lvl: Level) -> int:

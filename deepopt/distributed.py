@@ -69,6 +69,8 @@ DISTRIBUTED_NS = ("spread", "replicate")
 
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    if type(t) is Tensor or type(t) is nn.Parameter:  # the usual answer, without the import machinery
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed

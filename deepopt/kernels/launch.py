@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import abc
 import math
+import operator
 import os
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..levels.base import Direction, host_float, host_ints
+from ..levels.base import Direction, advance_steps, host_float
 from .tables import RowSet, scalar_table
 
 __all__ = ["FusedStep", "IMPLS", "BLOCK", "apply_directions", "apply_rows", "bias_correction", "cast_state",
@@ -45,6 +46,9 @@ __all__ = ["FusedStep", "IMPLS", "BLOCK", "apply_directions", "apply_rows", "bia
 IMPLS = ("auto", "triton", "reference", "foreach")
 #: elements per program of the element-wise kernels, and their warps (16 fp32 per thread).
 BLOCK, NUM_WARPS = 4096, 8
+
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 def interpreting() -> bool:
@@ -100,7 +104,7 @@ class FusedStep(abc.ABC):
                  lr: float, weight_decay: float, decoupled: bool, grads_decayed: bool = True,
                  found: Tensor | None = None) -> None:
         """One step. ``grads_decayed``: with coupled decay (``decoupled=False``), the gradients
-        already hold ``wd p`` (the shell adds it); False makes the kernels add it in registers.
+        already hold ``wd p``; False (what the shell passes) makes the kernels add it in registers.
         ``found``: the non-finite flag; when it is set nothing but ``state["step"]`` changes (the
         shell takes the count back when it reads the flag)."""
         if not params:
@@ -108,28 +112,39 @@ class FusedStep(abc.ABC):
         if not decoupled and grads_decayed:
             weight_decay = 0.0
         cast_state(states, group)
-        steps = [s["step"] for s in states]
         kernel = self.use_kernel(params)
         if found is not None and not kernel and host_float(found) != 0:  # the references read it on the host
-            torch._foreach_add_(steps, 1.0)
+            advance_steps(states)
             return
         if self.impl == "foreach":
             return self._foreach(params, grads, states, group, lr, weight_decay, decoupled)
-        torch._foreach_add_(steps, 1.0)
-        ts = host_ints(steps)
+        ts = advance_steps(states)
+        self.found = found if kernel else None
+        try:
+            for idx in self.signatures(params, grads, states):
+                self.run(idx, params, grads, states, group, ts, lr * self.lr_scale(group), float(weight_decay),
+                         decoupled, kernel)
+        finally:
+            self.found = None
+
+    @staticmethod
+    def signatures(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict]) -> list[list[int]]:
+        """The rows grouped by storage dtypes ``(parameter, gradient, state)`` (one launch each);
+        empty parameters are left out. The usual list (one dtype of each) is checked in one pass."""
+        p0, s0 = params[0], states[0]
+        n0 = p0.numel()
+        k0 = next((k for k, v in s0.items() if k != "step" and v.numel() == n0), None)
+        if k0 is not None and n0:
+            dtypes = set(map(_DTYPE, params)), set(map(_DTYPE, grads)), {s[k0].dtype for s in states}
+            if all(len(d) == 1 for d in dtypes) and all(map(Tensor.numel, params)):
+                return [list(range(len(params)))]
         sig: dict[tuple, list[int]] = {}
         for i, (p, g, s) in enumerate(zip(params, grads, states)):
             if p.numel() == 0:
                 continue
             sdt = next((v.dtype for k, v in s.items() if k != "step" and v.numel() == p.numel()), p.dtype)
             sig.setdefault((p.dtype, g.dtype, sdt), []).append(i)
-        self.found = found if kernel else None
-        try:
-            for idx in sig.values():
-                self.run(idx, params, grads, states, group, ts, lr * self.lr_scale(group), float(weight_decay),
-                         decoupled, kernel)
-        finally:
-            self.found = None
+        return list(sig.values())
 
     def _foreach(self, params, grads, states, group, lr, wd, decoupled) -> None:
         if wd != 0 and not decoupled:
@@ -191,7 +206,11 @@ def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, b
     if t.grid[0] == 0:
         return
     device = rows.rows[0][0].device
-    flag = found if found is not None else _NO_FLAG.setdefault(device, torch.zeros(1, device=device))
+    flag = found
+    if flag is None:  # any valid pointer (CHECK is off): one per device, made once
+        flag = _NO_FLAG.get(device)
+        if flag is None:
+            flag = _NO_FLAG[device] = torch.zeros(1, device=device)
     extra = () if scal is None else (scal,)
     kernel_fn[t.grid](t.ptrs, t.numel, t.blk_row, t.blk_start, flag, *extra, *args, NCOL=len(rows.rows[0]),
                       BLOCK=block, ALIGNED=t.aligned, CHECK=found is not None, num_warps=num_warps, **consts)
@@ -200,6 +219,16 @@ def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, b
 def apply_directions(params: list[Tensor], directions: list[Direction], lr: float) -> None:
     """``W <- W - (lr mul/div) num/den`` in place (``add_``/``addcdiv_`` as torch's optimizers),
     batched by equal scalar, dtype and device: one foreach call per bucket."""
+    if directions and len({(d.mul, d.div, d.den is None) for d in directions}) == 1:
+        dtypes = set(map(_DTYPE, params))
+        if len(dtypes) == 1 and {d.num.dtype for d in directions} == dtypes and len({p.device for p in params}) == 1:
+            d0 = directions[0]  # one bucket (the usual list): no per-parameter keys
+            alpha = -(lr * d0.mul) / d0.div
+            if d0.den is None:
+                torch._foreach_add_(params, [d.num for d in directions], alpha=alpha)
+            else:
+                torch._foreach_addcdiv_(params, [d.num for d in directions], [d.den for d in directions], value=alpha)
+            return
     buckets: dict[tuple, tuple[list, list, list]] = {}
     for p, d in zip(params, directions):
         alpha = -(lr * d.mul) / d.div

@@ -32,15 +32,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["RowSet", "Tables", "same_dense_layout", "scalar_table"]
+__all__ = ["RowSet", "Tables", "same_dense_layout", "scalar_table", "step_scalars"]
 
 _CACHE: "OrderedDict[tuple, Tables]" = OrderedDict()
-_CACHE_SIZE = 64
+_CACHE_SIZE = 256  # launches: a few per (param group, chain, dtype combination)
 
 
 @dataclass
@@ -85,18 +85,32 @@ class RowSet:
                  extra: Sequence[Sequence[Tensor]] = ()) -> None:
         self.rows: list[list[Tensor]] = []
         self._writeback: list[tuple[Tensor, Tensor]] = []
+        self._numel: tuple[int, ...] = ()
+        self._flat: list[Tensor] | None = None  # every column of every row, when there are no extras
+        rows = [list(row) for row in rows] if extra or not isinstance(rows, list) else rows
+        ncol = len(rows[0]) if rows else 0
+        if rows and all(len(row) == ncol for row in rows):  # the usual list: every row dense, checked at once
+            flat = [t for row in rows for t in row]
+            numel = list(map(Tensor.numel, flat))
+            per_row = numel[::ncol]
+            if all(map(Tensor.is_contiguous, flat)) and all(numel[c::ncol] == per_row for c in range(1, ncol)):
+                rows, self.rows, self._numel = [], rows, tuple(per_row)
+                self._flat = None if extra else flat
         for row in rows:
             row = list(row)
             n = row[0].numel()
-            if any(t.numel() != n for t in row):
-                raise ValueError("every tensor of a row must have the parameter's number of elements")
-            if not same_dense_layout(row):
-                copies = [t.contiguous() for t in row]
-                for c in mutable:
-                    if copies[c] is not row[c]:
-                        self._writeback.append((row[c], copies[c]))
-                row = copies
+            if not all(t.numel() == n and t.is_contiguous() for t in row):  # the usual row: dense, as is
+                if any(t.numel() != n for t in row):
+                    raise ValueError("every tensor of a row must have the parameter's number of elements")
+                if not same_dense_layout(row):
+                    copies = [t.contiguous() for t in row]
+                    for c in mutable:
+                        if copies[c] is not row[c]:
+                            self._writeback.append((row[c], copies[c]))
+                    row = copies
             self.rows.append(row)
+        if rows:
+            self._numel = tuple(row[0].numel() for row in self.rows)
         for row, more in zip(self.rows, extra):
             if not all(t.is_contiguous() for t in more):
                 raise ValueError("extra columns must be contiguous tensors")
@@ -108,7 +122,8 @@ class RowSet:
     def tables(self, block: int) -> Tables:
         """The launch's device tables for blocks of ``block`` elements (cached by address)."""
         device = self.rows[0][0].device
-        key = (device, block, tuple((t.data_ptr(), t.numel()) for row in self.rows for t in row))
+        flat = self._flat if self._flat is not None else [t for row in self.rows for t in row]
+        key = (device, block, self._numel, tuple(map(Tensor.data_ptr, flat)))
         hit = _CACHE.get(key)
         if hit is not None:
             _CACHE.move_to_end(key)
@@ -121,8 +136,11 @@ class RowSet:
         blk_start = (torch.arange(int(nblk.sum()), dtype=torch.int64) - first.repeat_interleave(nblk)) * block
         aligned = bool((ptrs % 16 == 0).all()) and bool((numel % 16 == 0).all()) and block % 16 == 0
         table = torch.empty(ptrs.shape, dtype=torch.int64, device=device)
-        table.copy_(ptrs - table.data_ptr())  # byte offsets from the table itself (see triton_kernels._col)
-        tables = Tables(table, *(t.to(device) for t in (numel, blk_row, blk_start)), aligned=aligned)
+        # byte offsets from the table itself (see triton_lib._col); the copies do not wait for the
+        # device (from pageable memory CUDA stages the source before returning)
+        table.copy_(ptrs - table.data_ptr(), non_blocking=True)
+        tables = Tables(table, *(t.to(device, non_blocking=True) for t in (numel, blk_row, blk_start)),
+                        aligned=aligned)
         _CACHE[key] = tables
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -138,3 +156,22 @@ def scalar_table(values: Sequence[Sequence[float]], device: torch.device) -> Ten
     """Per-row float32 scalars ``values[i][k]`` as a device tensor (at least one column)."""
     rows = [list(v) or [0.0] for v in values]
     return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+
+
+def step_scalars(ts: Sequence[int], fn: Callable[[int], Sequence[float]], device: torch.device) -> Tensor:
+    """:func:`scalar_table` of per-row scalars that depend only on the row's step ``t``:
+    ``fn(t)`` is called once per distinct step (once per list in the usual case, where every
+    parameter is at the same step), not once per row.
+
+    Example:
+        >>> step_scalars([3, 3, 4], lambda t: [t, 1.0 / t], torch.device("cpu")).tolist()
+        [[3.0, 0.3333333432674408], [3.0, 0.3333333432674408], [4.0, 0.25]]
+    """
+    if ts.count(ts[0]) == len(ts):
+        one = torch.tensor([list(fn(ts[0])) or [0.0]], dtype=torch.float32)
+        return one.expand(len(ts), one.shape[1]).contiguous().to(device, non_blocking=True)
+    known: dict[int, list[float]] = {}
+    for t in ts:
+        if t not in known:
+            known[t] = list(fn(t)) or [0.0]
+    return torch.tensor([known[t] for t in ts], dtype=torch.float32).to(device, non_blocking=True)

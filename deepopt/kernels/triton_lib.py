@@ -61,10 +61,41 @@ def _grad(ptrs, row, offs, mask, wd, pp, NCOL: tl.constexpr, G_DT: tl.constexpr,
     return g
 
 
+def _interpreted() -> bool:
+    """Whether this process's kernels run in Triton's CPU interpreter: asked for
+    (``TRITON_INTERPRET=1``) and in effect (the mode is fixed at the first ``import triton``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .launch import interpreting
+
+    return interpreting() and isinstance(tl.sum, InterpretedFunction)
+
+
+#: round float32 -> bfloat16 with integer bit operations: only the interpreter needs it (its
+#: conversion truncates); compiled kernels convert with round-to-nearest-even in one instruction.
+RNE_BY_BITS = tl.constexpr(_interpreted())
+
+
+@triton.jit
+def _grad_p(ptrs, row, offs, mask, wd, pp, NCOL: tl.constexpr, G_DT: tl.constexpr, COUPLED: tl.constexpr,
+            ALIGNED: tl.constexpr, LOAD_P: tl.constexpr):
+    """``(g, p)``: the gradient (``g + wd p`` with COUPLED) and the parameter, read once for both
+    (with COUPLED or LOAD_P; otherwise ``p`` is not read and ``g`` stands in for it)."""
+    g = _ld(_col(ptrs, row, 1, NCOL, G_DT, ALIGNED), offs, mask)
+    if COUPLED or LOAD_P:
+        p = _ld(pp, offs, mask)
+    else:
+        p = g
+    if COUPLED:
+        g += wd * p
+    return g, p
+
+
 @triton.jit
 def _cast(x, DT: tl.constexpr):
-    """float32 -> DT rounding to nearest even (explicit for bf16: Triton's CPU interpreter truncates)."""
-    if DT == tl.bfloat16:
+    """float32 -> DT rounding to nearest even (compiled: the conversion itself, which rounds to
+    nearest even; in the interpreter, which truncates, by integer bit operations for bf16)."""
+    if RNE_BY_BITS and DT == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True).to(DT)

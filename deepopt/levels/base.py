@@ -26,12 +26,14 @@ cycling and checkpointing all work): a level declares its group keys and their d
 from __future__ import annotations
 
 import numbers
+from collections import OrderedDict
 from typing import Any, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
 
 State = dict[str, Tensor]
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 class Direction(NamedTuple):
@@ -167,6 +169,74 @@ def _float(x: Tensor) -> float:
     return float(x)
 
 
+#: step counters banked by :func:`advance_steps`: ids of the counters -> (the counters, their base)
+_BANKS: "OrderedDict[tuple[int, ...], tuple[list[Tensor], Tensor]]" = OrderedDict()
+_BANKS_SIZE = 256  # lists of counters: one per (param group, chain) of every live optimizer
+
+
+def _banked(steps: list[Tensor]) -> Tensor | None:
+    """The 1-D float32 CPU tensor whose entries the counters ``steps`` are, in order, or None."""
+    base = steps[0]._base
+    if (base is None or base.ndim != 1 or base.numel() != len(steps) or not base.is_contiguous()
+            or base.dtype != torch.float32 or base.device.type != "cpu"):
+        return None
+    for i, t in enumerate(steps):
+        if t._base is not base or t.ndim != 0 or t.storage_offset() != base.storage_offset() + i:
+            return None
+    return base
+
+
+def _advance(states: list[State]) -> list[int]:
+    steps = [s["step"] for s in states]
+    key = tuple(map(id, steps))
+    hit = _BANKS.get(key)
+    if hit is not None:
+        _BANKS.move_to_end(key)
+        base = hit[1]
+    else:
+        plain = all(type(t) in _PLAIN and t.dtype == torch.float32 and t.ndim == 0 and t.device.type == "cpu"
+                    and not t.requires_grad for t in steps)
+        if not plain:  # e.g. counters on another device: one by one
+            torch._foreach_add_(steps, 1.0)
+            return _ints(steps)
+        base = _banked(steps)
+        if base is None:  # one base for the list: the counters become its entries (same values)
+            base = torch.stack(steps)
+            steps = list(base.unbind(0))
+            for s, t in zip(states, steps):
+                s["step"] = t
+            key = tuple(map(id, steps))
+        _BANKS[key] = (steps, base)
+        if len(_BANKS) > _BANKS_SIZE:
+            _BANKS.popitem(last=False)
+    base.add_(1.0)
+    return list(map(int, base.tolist()))
+
+
+def advance_steps(states: list[State]) -> list[int]:
+    """Add one to every ``state["step"]`` and return the new counts as Python ints.
+
+    The per-parameter counters stay float32 0-d tensors (torch's convention: each parameter's
+    ``state["step"]``, saved and loaded with the state), but the first call makes them entries
+    (views) of one 1-D tensor per list, so every later step advances and reads them with one
+    operation each instead of one per parameter. A list whose counters were replaced (a loaded
+    checkpoint, another subset of parameters with gradients) is banked again, values kept.
+    Counters that are not plain float32 CPU scalars are advanced one by one. Outside compiled
+    graphs (see :func:`outside_graphs`).
+
+    Example:
+        >>> import torch
+        >>> states = [{"step": torch.tensor(0.0)}, {"step": torch.tensor(4.0)}]
+        >>> advance_steps(states), advance_steps(states)
+        ([1, 5], [2, 6])
+        >>> states[1]["step"]
+        tensor(6.)
+    """
+    if not torch.compiler.is_compiling():  # (the wrapper's own cost, ~10 us, only where it is needed)
+        return _advance(states)
+    return _HOST.get("advance", _advance)(states)
+
+
 #: the host reads, wrapped by ``torch.compiler.disable`` once :func:`outside_graphs` ran
 _HOST: dict[str, Any] = {}
 
@@ -176,7 +246,8 @@ def outside_graphs(**fns: Any) -> None:
     graph break instead of dynamo's ``Tensor.item()`` warning). Called by the optimizer shell's
     constructor (which imports ``torch._dynamo`` anyway), so ``import deepopt`` stays light."""
     if not _HOST:
-        _HOST.update(ints=torch.compiler.disable(_ints), float=torch.compiler.disable(_float))
+        _HOST.update(ints=torch.compiler.disable(_ints), float=torch.compiler.disable(_float),
+                     advance=torch.compiler.disable(_advance))
     for name, fn in fns.items():
         if name not in _HOST:
             _HOST[name] = torch.compiler.disable(fn)

@@ -34,6 +34,7 @@ or older deepopt (missing convention keys) load, and ``state_dtype`` is honoured
 from __future__ import annotations
 
 import inspect
+import operator
 import warnings
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
@@ -45,8 +46,8 @@ from ..distributed import distributed_ns, is_dtensor, needs_full_tensors, on_ful
 from ..kernels.launch import apply_directions
 from ..levels import fused as fused_steps
 from ..levels.base import Direction, State, axpy
-from .conventions import (CONVENTIONS, check_conventions, check_real, device_flag, flag_set, host_ints, outside_graphs,
-                          state_dtype_for, tensor_step)
+from .conventions import (CONVENTIONS, check_conventions, check_real, device_flag, flag_set, flag_to_host, host_ints,
+                          outside_graphs, state_dtype_for, tensor_step)
 
 __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direction", "chain_for", "coupled_decay",
            "group_defaults"]
@@ -54,6 +55,8 @@ __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direc
 IMPLS = ("auto", "foreach", "reference", "triton")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _SLOW_SUM, _SLOW_CALLS = "slow.grad_sum", "slow.calls"
+_GRAD, _SPARSE, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("is_sparse"), operator.attrgetter("dtype")
+_UNSET = object()  # _run_chain's "no fused step given": look it up
 #: constructor arguments that configure the shell, not the update rule
 _SHELL_ARGS = ("self", "params", "impl", "nonfinite", "model")
 
@@ -170,7 +173,8 @@ class LevelOptimizer(torch.optim.Optimizer):
         self.impl = impl
         self.nonfinite = nonfinite
         self._skipped_steps = 0
-        self._pending: tuple[Tensor, list[Tensor]] | None = None  # a flag the kernels read, not yet the host
+        self._pending: tuple[Any, list[Tensor]] | None = None  # a flag the kernels read, not yet the host
+        self._plans: dict[int, tuple] = {}  # per group: (key, parts, group, params list): see _plan
         defaults = {"period": 1, **group_defaults(self.chains, defaults), **CONVENTIONS, **conventions}
         self._check_hyperparameters(defaults)  # as torch: hyperparameters first, then the parameters
         super().__init__(params, defaults)
@@ -182,7 +186,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         self._settle()
         state = super().__getstate__()
         state.update({k: v for k, v in self.__dict__.items()
-                      if k not in state and not k.startswith("_optimizer_") and k != "_zero_grad_profile_name"})
+                      if k not in state and not k.startswith("_optimizer_") and k not in _UNPICKLED})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -193,6 +197,7 @@ class LevelOptimizer(torch.optim.Optimizer):
             self._skipped_steps = self.__dict__.pop("skipped_steps")
         self.__dict__.setdefault("_skipped_steps", 0)
         self.__dict__.setdefault("_pending", None)
+        self._plans = {}  # (load_state_dict comes here too) every cached plan is rebuilt
         for group in self.param_groups:
             self._upgrade_group(group)
         for s in self.state.values():
@@ -211,6 +216,7 @@ class LevelOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.__dict__.setdefault("_plans", {}).clear()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -294,6 +300,7 @@ class LevelOptimizer(torch.optim.Optimizer):
                     return loss
                 found = None
         advanced: list[Tensor] = []
+        reader = None if found is None else FlagReader(found)  # on CUDA: an asynchronous copy to the host
         for group, (params, grads) in zip(self.param_groups, grads_by_group):
             if group["maximize"] and grads:  # ascend: the gradient of -f (new tensors, grads untouched)
                 grads = torch._foreach_neg(grads)
@@ -301,8 +308,8 @@ class LevelOptimizer(torch.optim.Optimizer):
                 params, grads = self._slow(group, params, grads)
             if params:
                 self._step_group(group, params, grads, found, advanced)
-        if found is not None:
-            self._pending = (found, advanced)
+        if reader is not None:
+            self._pending = (reader, advanced)
             if not found.is_cuda:  # reading it costs nothing here: count and warn at once
                 self._settle()
         return loss
@@ -317,7 +324,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         """Read the flag the kernels of the last step took: if it was set, they stored nothing, and
         the step counters they advanced go back."""
         pending, self._pending = self._pending, None
-        if pending is not None and flag_set(pending[0]):
+        if pending is not None and pending[0].read():
             if pending[1]:
                 torch._foreach_sub_(pending[1], 1.0)
             self._count_skip()
@@ -330,29 +337,55 @@ class LevelOptimizer(torch.optim.Optimizer):
                 continue
             if group["period"] > 1:
                 return False
-            for chain, ps in self._by_chain(group, params).values():
-                fused = self._fused(chain, group, ps)
-                if fused is None or not fused.use_kernel(ps):
+            for part in self._plan(group, params):
+                if part.fused is None or not part.fused.use_kernel(params):
                     return False
         return True
 
-    def _by_chain(self, group: Mapping[str, Any], params: list[Tensor]) -> dict[int, tuple[Chain, list[Tensor]]]:
-        out: dict[int, tuple[Chain, list[Tensor]]] = {}
-        for p in params:
+    def _plan(self, group: Mapping[str, Any], params: list[Tensor]) -> list[_Part]:
+        """How this group's parameters with gradients are stepped: per chain, their positions in
+        ``params``, the fused step (or None) and whether they need full tensors (DTensors).
+
+        Cached per group between steps; the key is everything these depend on: the parameters'
+        identities and dtypes, the device kind and the group's non-float values (a change of
+        ``orthogonalize``, ``foreach``, ``amsgrad``, ... rebuilds it; ``lr`` and the other float
+        hyperparameters do not enter it). ``add_param_group`` and ``load_state_dict`` drop every
+        plan. Example: the parts of a group whose matrices Muon takes and whose vectors its
+        element-wise fallback takes are two."""
+        hit = self._plans.get(id(group))
+        if hit is not None and hit[3] is params:  # asked again within this step (the same list)
+            return hit[1]
+        key = (tuple(map(id, params)), tuple(map(_DTYPE, group["params"])), params[0].is_cuda,
+               tuple((k, v) for k, v in group.items() if type(v) in _STRUCTURAL))
+        if hit is not None and hit[0] == key and hit[2] is group:
+            self._plans[id(group)] = (key, hit[1], group, params)
+            return hit[1]
+        parts: dict[int, _Part] = {}
+        for i, p in enumerate(params):
             chain = self._chain_for(p, group)
-            out.setdefault(id(chain), (chain, []))[1].append(p)
-        return out
+            if id(chain) not in parts:
+                parts[id(chain)] = _Part(chain, [])
+            parts[id(chain)].positions.append(i)
+        for part in parts.values():
+            ps = [params[i] for i in part.positions]
+            part.fused = self._fused(part.chain, group, ps)
+            part.full = needs_full_tensors(part.chain, ps, group)
+            part.whole = len(part.positions) == len(params)
+        plan = list(parts.values())
+        self._plans[id(group)] = (key, plan, group, params)
+        return plan
 
     def _collect(self, group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        params, grads = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use "
-                                   "torch.optim.SparseAdam or a dense nn.Embedding (sparse=False)")
-            params.append(p)
-            grads.append(p.grad)
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        if any(g is None for g in grads):  # (not `None in grads`: that compares tensors with ==)
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        else:
+            params = list(params)
+        if any(map(_SPARSE, grads)):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use "
+                               "torch.optim.SparseAdam or a dense nn.Embedding (sparse=False)")
         return params, grads
 
     def _slow(self, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]):
@@ -378,37 +411,47 @@ class LevelOptimizer(torch.optim.Optimizer):
         self._prepare_group(group)
         lr = float(group["lr"])
         wd = float(group["weight_decay"])
-        by_chain: dict[int, tuple[Chain, list[Tensor], list[Tensor]]] = {}
-        for p, g in zip(params, grads):
-            chain = self._chain_for(p, group)
-            by_chain.setdefault(id(chain), (chain, [], []))
-            by_chain[id(chain)][1].append(p)
-            by_chain[id(chain)][2].append(g)
-        for chain, ps, gs in by_chain.values():
-            states = [self._state(p, chain, group) for p in ps]
-            if needs_full_tensors(chain, ps, group):  # a matrix level on DTensor shards: see deepopt.distributed
+        for part in self._plan(group, params):
+            chain = part.chain
+            if part.whole:
+                ps, gs = params, grads
+            else:
+                ps, gs = [params[i] for i in part.positions], [grads[i] for i in part.positions]
+            states = self._states(ps, chain, group)
+            if part.full:  # a matrix level on DTensor shards: see deepopt.distributed
                 on_full_tensors(lambda fp, fg, fs: self._run_chain(chain, group, fp, fg, fs, lr, wd), ps, gs, states)
             else:
-                self._run_chain(chain, group, ps, gs, states, lr, wd, found)
+                self._run_chain(chain, group, ps, gs, states, lr, wd, found, part.fused)
             if found is not None and advanced is not None:
                 advanced.extend(s["step"] for s in states)
 
+    def _states(self, ps: list[Tensor], chain: Chain, group: Mapping[str, Any]) -> list[State]:
+        """The states of ``ps`` (initialized where new)."""
+        states = [self.state[p] for p in ps]
+        for i, s in enumerate(states):
+            if "step" not in s:
+                states[i] = self._state(ps[i], chain, group)
+        return states
+
     def _run_chain(self, chain: Chain, group: Mapping[str, Any], ps: list[Tensor], gs: list[Tensor],
-                   states: list[State], lr: float, wd: float, found: Tensor | None = None) -> None:
+                   states: list[State], lr: float, wd: float, found: Tensor | None = None,
+                   fused: Any = _UNSET) -> None:
         """One chain's step on a list of parameters: the fused kernel, the reference or foreach.
 
         Outside the kernels, a parameter whose state dtype is wider (``state_dtype``; float32 for
         float16) is stepped as an upcast copy that is rounded back into it once."""
         coupled = self.weight_decay_mode == "coupled"
-        fused = self._fused(chain, group, ps)
+        if fused is _UNSET:
+            fused = self._fused(chain, group, ps)
         if fused is not None:  # one kernel: state update, decay and parameter step together
-            if coupled:
-                gs = [coupled_decay(g, p, wd) for p, g in zip(ps, gs)]
-            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled, found=found)
+            # coupled decay g + wd p in the kernels' registers (float32, as torch's fused SGD), not
+            # as a decayed copy of every gradient first (a read of g and p and a write more)
+            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled, grads_decayed=False,
+                  found=found)
             return
         work, gs = _in_state_dtype(ps, gs, states, group)
         if coupled:
-            gs = [coupled_decay(g, p, wd) for p, g in zip(work, gs)]
+            gs = torch._foreach_add(gs, work, alpha=wd) if wd != 0 else gs  # g + wd p, as torch's SGD
         if self.impl == "reference" or group["foreach"] is False:  # the functional core, tensor by tensor
             decay = 0.0 if coupled else wd
             for p, g, state in zip(work, gs, states):
@@ -524,6 +567,47 @@ class LevelOptimizer(torch.optim.Optimizer):
                                  f"needs {tuple(expected[k].shape)}; the model's shapes changed")
 
 
+class _Part:
+    """The parameters of one group that one chain steps (see :meth:`LevelOptimizer._plan`)."""
+
+    __slots__ = ("chain", "positions", "fused", "full", "whole")
+
+    def __init__(self, chain: Chain, positions: list[int]) -> None:
+        self.chain, self.positions = chain, positions
+        self.fused: Any = None
+        self.full = False
+        self.whole = False
+
+
+class FlagReader:
+    """The host's view of a non-finite flag: on CUDA an asynchronous copy into pinned memory and
+    an event, started when the flag is made (before the step's kernels), so reading it later waits
+    for that copy only, not for the kernels or for anything queued after them (no stream sync);
+    on the CPU the flag itself.
+
+    Example:
+        >>> import torch
+        >>> FlagReader(torch.tensor([1.0])).read(), FlagReader(torch.tensor([0.0])).read()
+        (True, False)
+    """
+
+    def __init__(self, flag: Tensor) -> None:
+        self.flag, self.event = flag, None
+        if flag.is_cuda:
+            self.flag, self.event = flag_to_host(flag)
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return flag_set(self.flag)
+
+
+#: group values that enter a plan's key (floats such as lr never do)
+_STRUCTURAL = (bool, int, str, type(None), torch.dtype)
+#: attributes that are caches, not optimizer state (dropped by copy and pickle)
+_UNPICKLED = ("_zero_grad_profile_name", "_plans")
+
+
 def _is_fsdp1_flat(p: Tensor) -> bool:
     """Whether ``p`` is one of FSDP1's FlatParameters (many parameters flattened into one vector)."""
     return bool(getattr(p, "_is_flat_param", False))
@@ -540,6 +624,8 @@ def _in_state_dtype(ps: list[Tensor], gs: list[Tensor], states: list[State],
                     group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters and gradients to step: upcast copies where the state dtype is wider."""
     work, grads = list(ps), list(gs)
+    if group.get("state_dtype") is None and torch.float16 not in set(map(_DTYPE, ps)):
+        return work, grads  # (state_dtype_for is None for every parameter)
     for i, (p, state) in enumerate(zip(ps, states)):
         dtype = state_dtype_for(p, group)
         if dtype is None:

@@ -142,3 +142,45 @@ def test_kernels_read_the_nonfinite_flag_and_store_nothing(name, monkeypatch):
     params[0].grad[0, 0] = 0.0
     opt.step()  # and the next finite step runs
     assert opt.skipped_steps == 1 and not all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_bf16_stores_round_to_nearest_even(monkeypatch):
+    """The interpreter truncates float32 -> bfloat16, so there (only) ``_cast`` rounds with bit
+    operations (``RNE_BY_BITS``); stores equal torch's round-to-nearest-even exactly, ties included."""
+    from deepopt.kernels import triton_lib
+    from deepopt.kernels.launch import FusedStep, apply_rows
+
+    assert triton_lib.RNE_BY_BITS.value is True
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randn(4096, generator=g).view(torch.int32)
+    bits[:2048] = (bits[:2048] & ~0xFFFF) | 0x8000  # exact ties (both parities of the kept bits)
+    bits[2048:2560] = (bits[2048:2560] & ~0xFFFF) | 0x7FFF  # just below a tie
+    o = bits.view(torch.float32)
+    p = torch.zeros(4096, dtype=torch.bfloat16)
+    expect = o.to(torch.bfloat16)  # p = 1 * 0 - (-1) o: the kernel stores o rounded
+
+    class Apply(FusedStep):
+        covers = classmethod(lambda cls, chain: False)
+        run = None
+
+    apply_rows(Apply(None, "triton"), [0], [p], [o], [-1.0], 1.0, kernel=True)
+    assert torch.equal(p, expect)
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam", "precond_slow", "delta", "deep"])
+def test_kernels_with_counters_at_different_steps(name, monkeypatch):
+    """A parameter without a gradient at some steps falls behind the others: per-row step
+    scalars (first write, bias corrections) then differ between rows; kernel == reference."""
+    out = {}
+    for impl in ("triton", "reference"):
+        cls, kw = CASES[name]
+        params = make_params(torch.float32)
+        monkeypatch.setattr(K, "fused_step_for", lambda chain, group, impl=impl: REAL(chain, group, impl=impl))
+        opt = cls(params, impl="triton", **kw)
+        for s in range(STEPS):
+            for i, (p, g) in enumerate(zip(params, grads_for(params, s))):
+                p.grad = None if (i == 1 and s < 2) or (i == 4 and s == 1) else g
+            opt.step()
+        out[impl] = (params, opt)
+    assert sorted({int(s["step"]) for s in out["triton"][1].state.values()}) == [2, 3, 4]
+    compare(*out["triton"], *out["reference"], 1e-5)

@@ -67,3 +67,27 @@ def test_gram_form_rounding_error_is_below_torchs_on_cuda():
             o64 = exact(x.cpu())
             ours = metrics(newton_schulz_many([x], method="gram")[0], x, o64)
             assert ours["dev"] <= 0.5 * metrics(torch_ns(x), x, o64)["dev"], (shape, name)
+
+
+@pytest.mark.parametrize("name", ["momentum", "momentum_nesterov", "adam", "precond", "precond_slow", "delta"])
+def test_fused_steps_do_not_synchronize(name):
+    """A step queues its work and returns: no host synchronisation (CUDA's sync debug mode raises
+    on one), the non-finite check included (its flag reaches the host by an asynchronous copy that
+    the next step reads), also with new gradient tensors every step (new launch tables)."""
+    from .test_fused_steps import grads_for, make_params
+
+    cls, kw = CASES[name]
+    params = make_params(torch.float32, "cuda", 40)
+    opt = cls(params, impl="triton", **kw)
+    for s in range(4):
+        for p, g in zip(params, grads_for(params, s)):
+            p.grad = g
+        if s == 0:  # the first step creates the state
+            opt.step()
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert opt.skipped_steps == 0 and all(int(opt.state[p]["step"]) == 4 for p in params)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ...kernels.launch import FusedStep, bias_correction, f32, first_write, row_grad, row_step, tl_dtype
-from ...kernels.tables import RowSet, scalar_table
+from ...kernels.tables import RowSet, step_scalars
 from ..base import is_boundary, level_step
 from ..momentum.level import Momentum
 from .level import AdamMoments, DiagonalPreconditioner
@@ -96,16 +96,19 @@ class AdamStep(FusedStep):
         coeffs = dict(c_m=b1, c_g=1 - b1, c_v=b2, c_g2=1 - b2) if ema else dict(c_m=1.0, c_g=b1, c_v=1.0, c_g2=b2)
         decay, coupled = self.decay_terms(lr, wd, decoupled)
         km, kv = f"{lvl.name}.exp_avg", f"{lvl.name}.exp_avg_sq"
-        scal = [[lr / bias_correction(b1, t), bias_correction(b2, t) ** -0.5] if ema else [lr, 1.0]
-                for t in (ts[i] for i in idx)]
+        def scalars(t: int) -> list[float]:
+            return [lr / bias_correction(b1, t), bias_correction(b2, t) ** -0.5] if ema else [lr, 1.0]
+
         if not kernel:
-            for i, (s1, s2) in zip(idx, scal):
+            for i in idx:
+                s1, s2 = scalars(ts[i])
                 adam(params[i], grads[i], states[i][km], states[i][kv], s1=s1, s2=s2, eps=eps, decay=decay,
                      wd=wd, coupled=coupled, **coeffs)
             return
         rows = RowSet([[params[i], grads[i], states[i][km], states[i][kv]] for i in idx], mutable=(0, 2, 3))
         p, g, s = params[idx[0]], grads[idx[0]], states[idx[0]][km]
-        self.launch(_kernels().adam_kernel, rows, scalar_table(scal, p.device), coeffs["c_m"], coeffs["c_g"],
+        scal = step_scalars([ts[i] for i in idx], scalars, p.device)
+        self.launch(_kernels().adam_kernel, rows, scal, coeffs["c_m"], coeffs["c_g"],
                     coeffs["c_v"], coeffs["c_g2"], eps, decay, wd, NSCAL=2, P_DT=tl_dtype(p.dtype),
                     G_DT=tl_dtype(g.dtype), S_DT=tl_dtype(s.dtype), COUPLED=coupled)
         rows.finish()
@@ -130,21 +133,22 @@ class PrecondMomentumStep(FusedStep):
         decay, coupled = self.decay_terms(lr, wd, decoupled)
         C = pre.period
         kv, kb, ka = f"{pre.name}.exp_avg_sq", f"{mom.name}.momentum_buffer", f"{pre.name}.accumulator"
-        scal = []
-        for t in (ts[i] for i in idx):
-            tl_ = level_step(t, C, True)
-            scal.append([float(first_write(t, a)), float(is_boundary(t, C, True)), 1.0 if t == 1 else 1.0 / C,
-                         bias_correction(b2, tl_) ** -0.5])
+        def scalars(t: int) -> list[float]:
+            return [float(first_write(t, a)), float(is_boundary(t, C, True)), 1.0 if t == 1 else 1.0 / C,
+                    bias_correction(b2, level_step(t, C, True)) ** -0.5]
+
         hp = dict(b2=b2, eps=eps, a=a, c_g=c_g, lr=lr, decay=decay, wd=wd, nesterov=nesterov, coupled=coupled)
         if not kernel:
-            for i, (first, hit, inv, den) in zip(idx, scal):
+            for i in idx:
+                first, hit, inv, den = scalars(ts[i])
                 precond_momentum(params[i], grads[i], states[i][kv], states[i][kb], states[i][ka] if C > 1 else None,
                                  first=bool(first), boundary=bool(hit), inv_chunk=inv, den_scale=den, **hp)
             return
         cols = [[params[i], grads[i], states[i][kv], states[i][kb]] + ([states[i][ka]] if C > 1 else []) for i in idx]
         rows = RowSet(cols, mutable=(0, 2, 3, 4) if C > 1 else (0, 2, 3))
         p, g, s = params[idx[0]], grads[idx[0]], states[idx[0]][kv]
-        self.launch(_kernels().precond_momentum_kernel, rows, scalar_table(scal, p.device), b2, eps, a, c_g, lr,
+        scal = step_scalars([ts[i] for i in idx], scalars, p.device)
+        self.launch(_kernels().precond_momentum_kernel, rows, scal, b2, eps, a, c_g, lr,
                     decay, wd, NSCAL=4, P_DT=tl_dtype(p.dtype), G_DT=tl_dtype(g.dtype), S_DT=tl_dtype(s.dtype),
                     NESTEROV=nesterov, PERIODIC=C > 1, COUPLED=coupled)
         rows.finish()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...kernels.triton_lib import _cast, _col, _grad, _ld, _row
+from ...kernels.triton_lib import _cast, _col, _grad_p, _ld, _row
 
 
 # ----------------------------------------------------------------------------- Adam
@@ -23,7 +23,7 @@ def adam_kernel(ptrs, numel, blk_row, blk_start, found, scal, c_m, c_g, c_v, c_g
     p = decay p - s1 m / (sqrt(v) s2 + eps) with (s1, s2) = scal[row]."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
-    g = _grad(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED)
+    g, p = _grad_p(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED, True)
     mp = _col(ptrs, row, 2, NCOL, S_DT, ALIGNED)
     vp = _col(ptrs, row, 3, NCOL, S_DT, ALIGNED)
     m = c_m * _ld(mp, offs, mask) + c_g * g
@@ -32,7 +32,6 @@ def adam_kernel(ptrs, numel, blk_row, blk_start, found, scal, c_m, c_g, c_v, c_g
     tl.store(vp + offs, _cast(v, S_DT), mask=mask)
     s1 = tl.load(scal + row * NSCAL)
     s2 = tl.load(scal + row * NSCAL + 1)
-    p = _ld(pp, offs, mask)
     tl.store(pp + offs, _cast(p * decay - s1 * m / (tl.sqrt(v) * s2 + eps), P_DT), mask=mask)
 
 # ----------------------------------------------------------------------------- preconditioned momentum
@@ -47,7 +46,7 @@ def precond_momentum_kernel(ptrs, numel, blk_row, blk_start, found, scal, b2, ep
     x = g / (sqrt(v)/sqrt(bc2) + eps); buf = first ? x : a buf + c_g x; p = decay p - lr read(buf)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
-    g = _grad(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED)
+    g, p = _grad_p(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED, True)
     vp = _col(ptrs, row, 2, NCOL, S_DT, ALIGNED)
     v = _ld(vp, offs, mask)
     if PERIODIC:
@@ -67,4 +66,4 @@ def precond_momentum_kernel(ptrs, numel, blk_row, blk_start, found, scal, b2, ep
     d = buf
     if NESTEROV:
         d = x + a * buf
-    tl.store(pp + offs, _cast(_ld(pp, offs, mask) * decay - lr * d, P_DT), mask=mask)
+    tl.store(pp + offs, _cast(p * decay - lr * d, P_DT), mask=mask)

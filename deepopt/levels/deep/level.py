@@ -271,21 +271,24 @@ def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[T
     """
     single = w1.ndim == 1
     rows, w1, b1 = _rows(x, w1, b1)
-    wb, h = _weights(w1, b1), w1.shape[1]
-    acc = torch.zeros(len(rows), 2, 2 * h, dtype=w1.dtype, device=w1.device)  # [u k; u] . [s, s (1 - s)]
-    sd = None
+    wb, h, b = _weights(w1, b1), w1.shape[1], len(rows)
+    acc_s = torch.zeros(b, 2, h, dtype=w1.dtype, device=w1.device)  # [u k; u] . s
+    acc_d = torch.zeros_like(acc_s)  # [u k; u] . s (1 - s)
+    z = d = None
     for _, uc, k1 in _chunks(rows, chunk):
-        if sd is None or sd.shape[-1] != uc.shape[1]:
-            sd = torch.empty(len(rows), 2 * h, uc.shape[1], dtype=w1.dtype, device=w1.device)
-        s = torch.sigmoid(torch.bmm(wb, k1), out=sd[:, :h])  # B x hidden x chunk
-        torch.addcmul(s, s, s, value=-1.0, out=sd[:, h:])  # s (1 - s)
+        if z is None or z.shape[-1] != uc.shape[1]:  # contiguous buffers, reused by every chunk
+            z = torch.empty(b, h, uc.shape[1], dtype=w1.dtype, device=w1.device)
+            d = torch.empty_like(z)
+        s = torch.bmm(wb, k1, out=z).sigmoid_()  # B x hidden x chunk
+        torch.addcmul(s, s, s, value=-1.0, out=d)  # s (1 - s)
         k1[:, 1].copy_(uc)  # [k; 1] -> rows [u k, u]
         k1[:, 0].mul_(uc)
-        acc.baddbmm_(k1, sd.mT)
+        acc_s.baddbmm_(k1, s.mT)
+        acc_d.baddbmm_(k1, d.mT)
         k1[:, 1].fill_(1.0)
     total = torch.stack([r.sum() for r in rows]).unsqueeze(1)
-    s0 = 2 * acc[:, 1, :h] - total
-    s1, s2 = 4 * acc[:, 1, h:], 4 * acc[:, 0, h:]
+    s0 = 2 * acc_s[:, 1] - total
+    s1, s2 = 4 * acc_d[:, 1], 4 * acc_d[:, 0]
     return (s0[0], s1[0], s2[0]) if single else (s0, s1, s2)
 
 
@@ -306,11 +309,16 @@ def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: 
     rows, w1, b1, w2 = _rows(x, w1, b1, w2)
     biases = _flat([bias] if single else bias, w1.dtype)
     wb, w2x2, w2sum = _weights(w1, b1), (2 * w2).unsqueeze(1), w2.sum(1, keepdim=True)
-    out = torch.empty(len(rows), rows[0].numel(), dtype=w1.dtype, device=w1.device)
-    parts = [bb.split(max(1, chunk // len(rows))) for bb in biases]
+    b = len(rows)
+    out = torch.empty(b, rows[0].numel(), dtype=w1.dtype, device=w1.device)
+    parts = [bb.split(max(1, chunk // b)) for bb in biases]
+    z = y = None
     for j, (start, uc, k1) in enumerate(_chunks(rows, chunk)):
-        s = torch.bmm(wb, k1).sigmoid_()
-        y = torch.bmm(w2x2, s).squeeze(1).sub_(w2sum)
-        y += parts[0][j].unsqueeze(0) if len(rows) == 1 else torch.stack([p[j] for p in parts])
-        out[:, start:start + uc.shape[1]] = y
+        if z is None or z.shape[-1] != uc.shape[1]:  # contiguous buffers, reused by every chunk
+            z = torch.empty(b, w1.shape[1], uc.shape[1], dtype=w1.dtype, device=w1.device)
+            y = torch.empty(b, 1, uc.shape[1], dtype=w1.dtype, device=w1.device)
+        s = torch.bmm(wb, k1, out=z).sigmoid_()
+        mlp = torch.bmm(w2x2, s, out=y).squeeze(1).sub_(w2sum)
+        bc = parts[0][j].unsqueeze(0) if b == 1 else torch.stack([p[j] for p in parts])
+        torch.add(mlp, bc, out=out[:, start:start + uc.shape[1]])
     return out[0].to(bias.dtype).reshape(bias.shape) if single else out

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ...kernels.launch import FusedStep, f32, first_write, row_grad, row_step, tl_dtype
-from ...kernels.tables import RowSet, scalar_table
+from ...kernels.tables import RowSet, scalar_table, step_scalars
 from .level import DeltaMomentumLevel, Momentum, forget_terms
 
 __all__ = ["MomentumStep", "DeltaStep", "momentum", "momentum_terms", "delta"]
@@ -107,7 +107,7 @@ class MomentumStep(FusedStep):
                          decay=decay, wd=wd, ema=ema, nesterov=nesterov, coupled=coupled)
             return
         rows = RowSet([[params[i], grads[i], states[i][key]] for i in idx], mutable=(0, 2))
-        scal = scalar_table([[float(first_write(ts[i], a))] for i in idx], params[idx[0]].device)
+        scal = step_scalars([ts[i] for i in idx], lambda t: [float(first_write(t, a))], params[idx[0]].device)
         p, g, s = params[idx[0]], grads[idx[0]], states[idx[0]][key]
         self.launch(_kernels().momentum_kernel, rows, scal, a, c_g, lr, decay, wd, NSCAL=1, P_DT=tl_dtype(p.dtype),
                     G_DT=tl_dtype(g.dtype), S_DT=tl_dtype(s.dtype), O_DT=tl_dtype(p.dtype), EMA=ema,

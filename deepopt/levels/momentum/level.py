@@ -94,7 +94,7 @@ class Momentum(Level):
         if self.form == "ema":
             torch._foreach_lerp_(bufs, xs, 1 - a)
             return
-        first = [i for i, t in enumerate(ts) if t == 1 or _no_momentum(a)]
+        first = list(range(len(ts))) if _no_momentum(a) else [i for i, t in enumerate(ts) if t == 1]
         for i in first:
             bufs[i].copy_(xs[i])
         if len(first) < len(bufs):

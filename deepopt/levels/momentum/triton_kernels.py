@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...kernels.triton_lib import _cast, _col, _grad, _ld, _row
+from ...kernels.triton_lib import _cast, _col, _grad, _grad_p, _ld, _row
 
 
 # ----------------------------------------------------------------------------- momentum
@@ -24,7 +24,7 @@ def momentum_kernel(ptrs, numel, blk_row, blk_start, found, scal, a, c_g, lr, de
     Read d = buf or its Nesterov look-ahead; then p = decay p - lr d, or (TO_OUT) out = d."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
-    g = _grad(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED)
+    g, p = _grad_p(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED, not TO_OUT)
     bp = _col(ptrs, row, 2, NCOL, S_DT, ALIGNED)
     buf = _ld(bp, offs, mask)
     if EMA:
@@ -42,7 +42,6 @@ def momentum_kernel(ptrs, numel, blk_row, blk_start, found, scal, a, c_g, lr, de
     if TO_OUT:
         tl.store(_col(ptrs, row, 3, NCOL, O_DT, ALIGNED) + offs, _cast(d, O_DT), mask=mask)
     else:
-        p = _ld(pp, offs, mask)
         tl.store(pp + offs, _cast(p * decay - lr * d, P_DT), mask=mask)
 
 # ----------------------------------------------------------------------------- delta momentum
@@ -71,7 +70,7 @@ def delta_update_kernel(ptrs, numel, blk_row, blk_start, found, scal, red, a, la
     f/||g||^2 (matrices: f = buf G^T G computed by a matmul); p = decay p - lr read(buf)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
-    g = _grad(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED)
+    g, p = _grad_p(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED, True)
     bp = _col(ptrs, row, 2, NCOL, S_DT, ALIGNED)
     buf = _ld(bp, offs, mask)
     first = tl.load(scal + row * NSCAL)
@@ -87,4 +86,4 @@ def delta_update_kernel(ptrs, numel, blk_row, blk_start, found, scal, red, a, la
     d = new
     if NESTEROV:
         d = g + a * new
-    tl.store(pp + offs, _cast(_ld(pp, offs, mask) * decay - lr * d, P_DT), mask=mask)
+    tl.store(pp + offs, _cast(p * decay - lr * d, P_DT), mask=mask)
