@@ -184,3 +184,17 @@ def test_kernels_with_counters_at_different_steps(name, monkeypatch):
         out[impl] = (params, opt)
     assert sorted({int(s["step"]) for s in out["triton"][1].state.values()}) == [2, 3, 4]
     compare(*out["triton"], *out["reference"], 1e-5)
+
+
+def test_launch_config_follows_the_narrowest_element():
+    """32 bytes per thread: 8 fp32 elements (1024 x 4 warps) or 16 bf16 ones (512 x 1 warp); a
+    bf16 parameter with fp32 state takes the bf16 configuration."""
+    from deepopt.kernels.launch import CONFIGS, launch_config
+    from deepopt.kernels.tables import RowSet
+
+    f32, b16 = torch.zeros(8), torch.zeros(8, dtype=torch.bfloat16)
+    assert launch_config(RowSet([[f32, f32.clone()]])) == CONFIGS[4] == (1024, 4)
+    assert launch_config(RowSet([[b16, b16.clone()]])) == CONFIGS[2] == (512, 1)
+    assert launch_config(RowSet([[b16, f32]])) == CONFIGS[2]
+    for block, warps in CONFIGS.values():
+        assert block // (32 * warps) * {1024: 4, 512: 2}[block] == 32  # bytes per thread

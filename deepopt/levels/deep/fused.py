@@ -120,7 +120,7 @@ class DeepStep(FusedStep):
             sdt = tl_dtype(b.dtype)
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
-            self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, **dts)
+            self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=4096, **dts)
             self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
                         LEARN=eta != 0, H=h, HP=hp, WC=wc, block=1024, **dts)
             t = rows.tables(1024)
