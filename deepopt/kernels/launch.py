@@ -212,10 +212,11 @@ def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, b
     """Launch ``kernel_fn`` over ``rows`` (grid = their blocks); ``scal`` may be None. Every kernel
     takes the flag pointer ``found`` after the tables and skips its stores when ``CHECK`` and the
     flag is set. ``block`` / ``num_warps`` default to :func:`launch_config`'s."""
-    if block is None or num_warps is None:
-        auto_block, auto_warps = launch_config(rows)
-        block = auto_block if block is None else block
-        num_warps = (auto_warps if block == auto_block else 8) if num_warps is None else num_warps
+    if block is None:
+        block, auto_warps = launch_config(rows)
+        num_warps = auto_warps if num_warps is None else num_warps
+    elif num_warps is None:  # a kernel's own block (the deep family's): 8 warps
+        num_warps = 8
     t = rows.tables(block)
     if t.grid[0] == 0:
         return
