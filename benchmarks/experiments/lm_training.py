@@ -18,7 +18,16 @@ layers' default 0.1, and at 0.01 with chunks of 32, the chunked inner loop diver
 one CPU thread (fast weights 11 -> inf within 150 tokens, after 1 to 30 AdamW steps; at 3e-3 after
 60): a chunk applies up to L / (1 - eta) gradients taken at the chunk-start weights without
 feedback, and the residual-MLP memory's curvature is |silu(W_in k)|^2 (about 40 here, hidden 128),
-so stability needs roughly max_lr * L * |h|^2 / (1 - eta) < 2.
+so stability needs roughly max_lr * L * |h|^2 / (1 - eta) < 2. (That was the layers of that time:
+the sizes ``small`` and ``large``, used by the lm suite's ``gpu10x`` preset, leave ``chunk_size`` and
+``max_lr`` at the layers' current defaults, which ran 1,000 steps x 3 seeds finite at dim 384.)
+
+Compilation: ``cfg["compile"]`` is ``"none"`` (default), ``"blocks"`` (``model.compile_blocks()``)
+or ``"full"`` (``model.compile(fullgraph=True)``), or a dict model -> mode; applied after the model
+is built, with backend ``cfg.get("compile_backend", "inductor")``. Evaluation runs eager (see
+:func:`evaluate`). Timing: the first ``WARM_STEPS`` = 2 steps (compilation, warm-up) are reported as
+``compile_seconds``; ``ms_per_step`` and ``tokens_per_second`` time the steps after them (without
+evaluations).
 
 Training: AdamW-style runs use any optimizer spec of :mod:`benchmarks.optimizers`; a linear
 warm-up over the first 5 % of steps, then cosine decay to 10 % of the peak rate (set on every
@@ -52,27 +61,61 @@ SIZES = {
     "tiny": dict(dim=32, depth=2, heads=2, chunk_size=8, max_lr=1e-3, cms_hidden=32, batch=4, seq_len=32, val_windows=4),
     "gpu": dict(dim=384, depth=6, heads=6, chunk_size=16, max_lr=1e-3, cms_hidden=512, batch=32, seq_len=256,
                 val_windows=128),
+    # about 10 M parameters, the fast-weight memories at their layer defaults (chunk 64; max_lr 1.0 in
+    # TitansLM, 0.1 in HopeLM): stable for 1,000 steps x 3 seeds at dim 384 on an H200
+    "small": dict(dim=384, depth=6, heads=6, chunk_size=None, max_lr=None, cms_hidden=512, batch=32, seq_len=256,
+                  val_windows=128),
+    # 40-60 M parameters (test_lm_sizes): head dim 64 as in "small", CMS widths again matching one SwiGLU
+    "large": dict(dim=768, depth=8, heads=12, chunk_size=None, max_lr=None, cms_hidden=1024, batch=32, seq_len=256,
+                  val_windows=128),
 }
+COMPILE_MODES = ("none", "blocks", "full")
 CMS_PERIODS = (1, 4, 16)
 WARMUP_FRACTION, FINAL_LR_FRACTION, CLIP_NORM = 0.05, 0.1, 1.0
+WARM_STEPS = 2  # untimed first steps (reported as compile_seconds); ms_per_step times the rest
 # learning-rate centres per optimizer family (benchmarks.optimizers); a sweep multiplies them by 1/3, 1, 3
 LR_CENTRES = {"adam": 3e-3, "muon": 2e-2, "sgd": 0.1}
 
 
 def build_model(cfg: dict, vocab: int) -> torch.nn.Module:
-    """One of ``MODELS`` at the sizes in ``cfg`` (dim, depth, heads, chunk_size, cms_hidden)."""
+    """One of ``MODELS`` at the sizes in ``cfg`` (dim, depth, heads, chunk_size, max_lr, cms_hidden);
+    ``chunk_size`` / ``max_lr`` absent or None: the layer's default."""
     name, dim, depth, heads = cfg["model"], cfg["dim"], cfg["depth"], cfg["heads"]
+    memory = {k: cfg[k] for k in ("chunk_size", "max_lr") if cfg.get(k) is not None}
     if name == "transformer":
         return nl_layers.TransformerLM(vocab, dim, depth, heads=heads)
     if name == "titans":
-        return nl_layers.TitansLM(vocab, dim, depth, heads=heads, chunk_size=cfg["chunk_size"], max_lr=cfg["max_lr"])
+        return nl_layers.TitansLM(vocab, dim, depth, heads=heads, **memory)
     if name == "hope":
-        return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="hope", chunk_size=cfg["chunk_size"],
-                                max_lr=cfg["max_lr"], cms_periods=CMS_PERIODS, cms_hidden=cfg["cms_hidden"])
+        return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="hope", cms_periods=CMS_PERIODS,
+                                cms_hidden=cfg["cms_hidden"], **memory)
     if name == "hope_attention":
         return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="attention", cms_periods=CMS_PERIODS,
                                 cms_hidden=cfg["cms_hidden"])
     raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+
+
+def compile_mode(cfg: dict) -> str:
+    """``cfg["compile"]``: one of ``COMPILE_MODES`` or a dict model -> mode (absent model: "none")."""
+    mode = cfg.get("compile", "none")
+    if isinstance(mode, dict):
+        mode = mode.get(cfg["model"], "none")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES} (or a dict model -> mode), got {mode!r}")
+    return mode
+
+
+def compile_model(model: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:
+    """Compile ``model`` in place: ``full`` = ``model.compile(fullgraph=True)`` (so ``model.loss``
+    runs compiled), ``blocks`` = ``model.compile_blocks()`` (each block, fullgraph; regional:
+    identical blocks share one graph), ``none`` = unchanged."""
+    if mode == "full":
+        model.compile(fullgraph=True, backend=backend)
+    elif mode == "blocks":
+        model.compile_blocks(backend=backend)
+    elif mode != "none":
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    return model
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -86,11 +129,15 @@ def lr_factor(step: int, steps: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: torch.Tensor) -> float:
-    """Mean validation loss (nats per character) over the fixed windows ``val`` (N, T + 1)."""
+    """Mean validation loss (nats per character) over the fixed windows ``val`` (N, T + 1).
+
+    Always eager (``torch.compiler.set_stance("force_eager")``): a compiled model would otherwise
+    compile a second, no-grad graph (and one more per odd last chunk) for a few forward passes."""
     model.eval()
     total = 0.0
-    for chunk in val.split(32):
-        total += float(model.loss(chunk)) * len(chunk)
+    with torch.compiler.set_stance("force_eager"):
+        for chunk in val.split(32):
+            total += float(model.loss(chunk)) * len(chunk)
     model.train()
     return total / len(val)
 
@@ -119,6 +166,8 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
     torch.manual_seed(seed)
     model = build_model(cfg, vocab).to(device)
     n_params = sum(p.numel() for p in model.parameters())
+    mode = compile_mode(cfg)
+    compile_model(model, mode, cfg.get("compile_backend", "inductor"))
     spec = select_optimizers([optimizer])[optimizer]
     lrs = {family: lr if family == spec.family else LR_CENTRES[family] * lr / LR_CENTRES[spec.family]
            for family in LR_CENTRES}
@@ -134,8 +183,8 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
     eval_every = cfg.get("eval_every", max(1, steps // 20))
     out = {"model": cfg["model"], "optimizer": optimizer, "lr": lr, "seed": seed, "params": n_params,
            "tokens_per_step": cfg["batch"] * seq, "steps": steps, "eval_steps": [0], "val_loss": [evaluate(model, val)],
-           "train_loss": [], "diverged": False, "cut_short": False}
-    train_seconds, step = 0.0, 0
+           "train_loss": [], "diverged": False, "cut_short": False, "size": cfg.get("size"), "compile": mode}
+    train_seconds, compile_seconds, step = 0.0, 0.0, 0
     _sync(device)
     tick = time.perf_counter()
     for step in range(steps):
@@ -151,9 +200,16 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
             group["lr"] = base * factor
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if step == WARM_STEPS - 1:  # the first steps (compilation, allocator and autotuning warm-up) apart
+            _sync(device)
+            now = time.perf_counter()
+            compile_seconds, tick = compile_seconds + now - tick, now
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             _sync(device)
-            train_seconds += time.perf_counter() - tick
+            if step < WARM_STEPS:
+                compile_seconds += time.perf_counter() - tick
+            else:
+                train_seconds += time.perf_counter() - tick
             value = float(loss.detach())
             out["train_loss"].append(value)
             out["eval_steps"].append(step + 1)
@@ -169,7 +225,10 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
     out["steps_done"] = out["eval_steps"][-1]
     out["final_val_loss"] = out["val_loss"][-1]
     out["final_bpc"] = out["final_val_loss"] / math.log(2)
-    out["ms_per_step"] = 1000 * train_seconds / max(1, out["steps_done"])
+    timed = out["steps_done"] - WARM_STEPS
+    out["compile_seconds"] = compile_seconds
+    out["ms_per_step"] = 1000 * (train_seconds / timed if timed > 0 else compile_seconds / max(1, out["steps_done"]))
+    out["tokens_per_second"] = out["tokens_per_step"] / max(out["ms_per_step"], 1e-9) * 1000
     out["seconds"] = time.perf_counter() - start
     if device.startswith("cuda"):
         out["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
