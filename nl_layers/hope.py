@@ -45,9 +45,11 @@ class _MixerThenCMS(nn.Module):
             dim, cms_hidden, periods=cms_periods, variant=cms_variant, in_context=cms_in_context, in_context_lr=cms_in_context_lr
         )
 
-    def forward(self, x: torch.Tensor, state: HopeBlockState | None = None):
+    def forward(self, x: torch.Tensor, state: HopeBlockState | None = None, need_state: bool = True):
+        """(y, HopeBlockState); ``need_state=False`` (the state is dropped): the mixer skips its end
+        state (the returned state then holds None for it), y is the same."""
         check_sequence(x, self.dim)
-        mixed, mixer_state = self.mixer(self.norm1(x), None if state is None else state.mixer)
+        mixed, mixer_state = self.mixer(self.norm1(x), None if state is None else state.mixer, need_state=need_state)
         h = x + mixed
         if self.cms.engine is None:
             return h + self.cms(self.norm2(h)), HopeBlockState(mixer_state, None)
@@ -67,7 +69,7 @@ class HopeBlock(_MixerThenCMS):
         chunk_size, anchor_size, max_lr: of :class:`~nl_layers.SelfModifyingTitans`.
         cms_periods, cms_hidden, cms_variant, cms_in_context, cms_in_context_lr: of :class:`~nl_layers.CMS`.
 
-    ``forward(x, state=None)`` returns ``(y, HopeBlockState)``.
+    ``forward(x, state=None, need_state=True)`` returns ``(y, HopeBlockState)``.
 
     Example:
         >>> block = HopeBlock(dim=32, heads=2, chunk_size=8, cms_periods=(1, 4))

@@ -39,7 +39,11 @@ def swiglu_hidden(dim: int) -> int:
 
 
 class _LanguageModel(nn.Module):
-    """Embedding -> blocks (each returns (x, state)) -> RMSNorm -> linear head."""
+    """Embedding -> blocks (each returns (x, state)) -> RMSNorm -> linear head.
+
+    Blocks take ``need_state``: a forward without ``return_state`` (training) passes False, so the
+    fast-weight memories skip their end-of-sequence weights, which nothing reads.
+    """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, blocks: list):
         super().__init__()
@@ -56,7 +60,7 @@ class _LanguageModel(nn.Module):
         x = self.embed(tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long())  # embedding: int32/64 only
         new_state = []
         for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state[i])
+            x, s = block(x, None if state is None else state[i], need_state=return_state)  # no end states unless returned
             new_state.append(s)
         logits = self.head(self.norm(x))
         return (logits, tuple(new_state)) if return_state else logits
@@ -184,8 +188,8 @@ class TransformerBlock(nn.Module):
         self.attn = AttentionMemory(dim, heads, causal=True, rope=True, impl="sdpa")
         self.mlp = SwiGLU(dim, hidden)
 
-    def forward(self, x: torch.Tensor, state=None):
-        a, state = self.attn(self.norm1(x), state)
+    def forward(self, x: torch.Tensor, state=None, need_state: bool = True):
+        a, state = self.attn(self.norm1(x), state, need_state=need_state)
         x = x + a
         return x + self.mlp(self.norm2(x)), state
 
@@ -218,8 +222,9 @@ class TitansBlock(nn.Module):
         self.memory = NeuralMemory(dim, heads, chunk_size=chunk_size, anchor_size=anchor_size, max_lr=max_lr)
         self.mlp = SwiGLU(dim, hidden)
 
-    def forward(self, x: torch.Tensor, state=None):
-        m, state = self.memory(self.norm1(x), state)
+    def forward(self, x: torch.Tensor, state=None, need_state: bool = True):
+        """(y, state); ``need_state=False``: the memory skips its end state (returned as None), y is the same."""
+        m, state = self.memory(self.norm1(x), state, need_state=need_state)
         x = x + m
         return x + self.mlp(self.norm2(x)), state
 

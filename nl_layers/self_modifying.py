@@ -119,7 +119,9 @@ class SelfModifyingTitans(nn.Module):
             (``vmap(grad(functional_call))``) or "auto" (default: analytic, or func when
             detach_values=False, which differentiates through M(v) inside the inner loss).
 
-    ``forward(x, state=None, mode="chunked")`` returns ``(y, SelfModifyingState)``.
+    ``forward(x, state=None, mode="chunked", need_state=True)`` returns ``(y, SelfModifyingState)``;
+    ``need_state=False`` (a caller that drops the state) returns ``(y, None)`` and skips the last
+    segment's end states and component writes (y is the same).
 
     Example:
         >>> layer = SelfModifyingTitans(dim=32, heads=2, chunk_size=8, anchor_size=4)
@@ -202,7 +204,7 @@ class SelfModifyingTitans(nn.Module):
         """k, v, eta, log alpha from the four component memories' outputs."""
         return (l2_normalize(key_out), l2_normalize(value_out), *self._rates(lr_out, decay_out))
 
-    def forward(self, x: torch.Tensor, state: SelfModifyingState | None = None, mode: str = "chunked"):
+    def forward(self, x: torch.Tensor, state: SelfModifyingState | None = None, mode: str = "chunked", need_state: bool = True):
         check_sequence(x, self.dim)
         check_choice(mode, "mode", ("chunked", "recurrent"))
         b, t, _ = x.shape
@@ -219,15 +221,20 @@ class SelfModifyingTitans(nn.Module):
         log_beta = F.logsigmoid(self.momentum_logit)
         base = {m: flatten(expand_params(tpl, b, self.heads)) for m, tpl in self.memories.items()}
         if mode == "chunked":
-            y = self._parallel(xh, q, w, a, s, base, log_beta, state.position, fresh)
+            y = self._parallel(xh, q, w, a, s, base, log_beta, state.position, fresh, need_state)
         else:
             y = self._recurrent(xh, q, w, a, s, base, log_beta, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
+        if not need_state:
+            return self.out(y), None
         unf = lambda tree: {m: unflatten(d, b, self.heads) for m, d in tree.items()}  # noqa: E731
         return self.out(y), SelfModifyingState(unf(w), unf(a), unf(s), conv, state.position + t)
 
-    def _parallel(self, xh, q, w, a, s, base, log_beta, position, fresh=False):
-        """One batched pass per anchor segment; updates w, a, s (dicts per memory) in place."""
+    def _parallel(self, xh, q, w, a, s, base, log_beta, position, fresh=False, need_state=True):
+        """One batched pass per anchor segment; updates w, a, s (dicts per memory) in place. Without
+        ``need_state`` the last segment writes nothing that is never read: the components' writes
+        (read only after a later re-anchor) are skipped and the main memory's end state is not formed
+        (w, a, s are then left incomplete: the caller drops them)."""
         n = xh.shape[0]
         writes = self.anchor_size is not None  # the components are written (and re-read) only with anchors
         # The four component memories share one structure: run them stacked along the copy axis.
@@ -252,12 +259,14 @@ class SelfModifyingTitans(nn.Module):
         def read_components(x):  # the four components' outputs stacked: key, value, lr, decay
             return comp.read_shared(shared, x) if shared is not None else comp.read(ac, rep(x))
 
+        last = False
         for start, end, reanchor in segments(xh.shape[1], self.anchor_size, position):
             sl = slice(start, end)
             key_value, rates = read_components(xh[:, sl]).split(2 * n)
             k, v = l2_normalize(key_value).split(n)  # as _gates, key and value normalised at once
             lr, log_a = self._rates(*rates.split(n))
-            if writes:  # the components' writes are read after the next re-anchor
+            last = not need_state and end == xh.shape[1]
+            if writes and not last:  # the components' writes are read after the next re-anchor
                 target = read_components(v) if self.detach_values else rep(v)
                 _, dc, sc = comp.segment(
                     ac, None if fresh and start == 0 else {p: wc[p] - bc[p] for p in wc}, None if fresh and start == 0 else sc, bc, rep(k), target, rep(lr), log_bc.expand(-1, end - start),
@@ -268,17 +277,22 @@ class SelfModifyingTitans(nn.Module):
             zero = fresh and start == 0
             y, dm, sm = main.segment(
                 work, None if zero else {p: wm[p] - bm[p] for p in wm}, None if zero else sm, bm, k, target, lr, log_beta[-1].expand_as(lr), log_a,
-                self.chunk_size, self.error_clip, q=q[:, sl], dgd=True,
+                self.chunk_size, self.error_clip, q=q[:, sl], dgd=True, need_state=not last,
             )
-            wm = {p: bm[p] + dm[p] for p in wm}
             ys.append(y)
+            if last:
+                break
+            wm = {p: bm[p] + dm[p] for p in wm}
             if reanchor:
                 ac, am, work, shared = wc, wm, wm, None
+        y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
+        if last:  # the caller drops the state
+            return y
         if writes:
             for i, m in enumerate(COMPONENTS):
                 w[m], a[m], s[m] = ({p: z[p][i * n : (i + 1) * n] for p in z} for z in (wc, ac, sc))
         w["memory"], a["memory"], s["memory"] = wm, am, sm
-        return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
+        return y
 
     def _recurrent(self, xh, q, w, a, s, base, log_beta, position):
         ys, writes = [], MEMORIES if self.anchor_size is not None else ("memory",)

@@ -139,7 +139,8 @@ class AttentionMemory(nn.Module):
             they agree to rounding.
         chunk_size: key chunk of the "memory" implementation.
 
-    ``forward(x, state=None)`` returns ``(y, AttentionMemoryState)``.
+    ``forward(x, state=None, need_state=True)`` returns ``(y, AttentionMemoryState)`` (``need_state``
+    is accepted for the blocks' common interface; the state, a cache of keys and values, costs nothing to return).
 
     Example:
         >>> attn = AttentionMemory(dim=32, heads=4)
@@ -165,7 +166,7 @@ class AttentionMemory(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
         self.rotary = Rotary(dim // heads) if rope else None
 
-    def forward(self, x: torch.Tensor, state: AttentionMemoryState | None = None):
+    def forward(self, x: torch.Tensor, state: AttentionMemoryState | None = None, need_state: bool = True):
         check_sequence(x, self.dim)
         if state is not None and not self.causal:
             raise ValueError("streaming with a state needs causal=True (a non-causal query would see future keys)")

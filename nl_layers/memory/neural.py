@@ -121,8 +121,10 @@ class NeuralMemory(nn.Module):
             "analytic" (closed-form, dual-form segments of the built-in memories: the same numbers
             with less overhead) or "auto" (default: analytic when available).
 
-    ``forward(x, state=None, mode="chunked")`` returns ``(y, NeuralMemoryState)``. Feeding a
-    sequence in pieces, passing the state along, gives the same outputs as one call.
+    ``forward(x, state=None, mode="chunked", need_state=True)`` returns ``(y, NeuralMemoryState)``.
+    Feeding a sequence in pieces, passing the state along, gives the same outputs as one call.
+    ``need_state=False`` (a caller that drops the state, such as a training loss) returns ``(y, None)``
+    and skips the end-of-call fast weights where the engine can (y is the same).
 
     Example:
         >>> mem = NeuralMemory(dim=32, heads=2, chunk_size=8)
@@ -213,7 +215,7 @@ class NeuralMemory(nn.Module):
         log_a = F.logsigmoid(-next(logits)) if self.to_forget is not None else torch.zeros_like(lr)  # log(1 - alpha)
         return q, k, v, lr, log_m, log_a, conv
 
-    def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None, mode: str = "chunked"):
+    def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None, mode: str = "chunked", need_state: bool = True):
         check_sequence(x, self.dim)
         check_choice(mode, "mode", ("chunked", "recurrent"))
         b, t, _ = x.shape
@@ -225,18 +227,22 @@ class NeuralMemory(nn.Module):
         w, anchor, s = flatten(state.weights), flatten(state.anchor), flatten(state.momentum)
         base = flatten(expand_params(self.memory, b, self.heads))
         if mode == "chunked":
-            y, w, anchor, s = self._parallel(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position, fresh)
+            y, w, anchor, s = self._parallel(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position, fresh, need_state)
         else:
             y, w, anchor, s = self._recurrent(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
+        if not need_state:
+            return self.out(y), None
         new_state = NeuralMemoryState(
             unflatten(w, b, self.heads), unflatten(anchor, b, self.heads), unflatten(s, b, self.heads), conv, state.position + t
         )
         return self.out(y), new_state
 
     # -- parallel form: one batched pass per anchor segment -------------------------------------
-    def _parallel(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position, fresh=False):
-        ys = []
+    def _parallel(self, q, k, v, lr, log_m, log_a, w, anchor, s, base, position, fresh=False, need_state=True):
+        """Read-outs and the end state (w, anchor, s; None for w and s when the last segment is run
+        without ``need_state``)."""
+        ys, length = [], q.shape[1]
         # The analytic engine takes weights shared by every copy as one matrix (plain products, no per-copy
         # gradients): the initial weights W_0, and the anchor of a fresh sequence until it is first refreshed.
         if isinstance(self.engine, AnalyticEngine):
@@ -249,8 +255,9 @@ class NeuralMemory(nn.Module):
                 work, None if zero else {n: w[n] - base[n] for n in w}, None if zero else s, base,
                 k[:, sl], v[:, sl], lr[:, sl],
                 None if log_m is None else log_m[:, sl], log_a[:, sl], self.chunk_size, self.error_clip, q=q[:, sl],
+                need_state=need_state or end < length,
             )
-            w = {n: base[n] + delta[n] for n in w}
+            w = None if delta is None else {n: base[n] + delta[n] for n in delta}
             ys.append(y)
             if reanchor:
                 anchor = work = w

@@ -9,6 +9,7 @@ from nl_layers.ops.fast_weights import (
     dense_all,
     dense_states,
     inner_step,
+    inner_step_reference,
     rank1_read,
     rank1_states,
     scan_recurrent,
@@ -90,6 +91,52 @@ def test_inner_step_at_a_zero_residual_has_finite_gradients():
     assert c[0] == 0 and c[1] == 0.5 / (1 + 0.5 * 2.0)  # zero residual: zero step (its gradient is zero anyway)
     grads = torch.autograd.grad(c.sum(), [theta, g_sq, r_sq])
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def _step_inputs(n=64, zero=True):
+    """theta, g^2, r^2 (float64, n tokens): residuals on both sides of the clips used below, and
+    (with ``zero``) tokens with a zero residual and gradient, a zero gradient only, and r^2 = tau^2 = 1."""
+    torch.manual_seed(0)
+    theta = torch.rand(n, dtype=torch.float64) * 2 + 1e-3
+    g_sq = torch.rand(n, dtype=torch.float64) * 10 ** torch.empty(n, dtype=torch.float64).uniform_(-3, 3)
+    r_sq = torch.rand(n, dtype=torch.float64) * 10 ** torch.empty(n, dtype=torch.float64).uniform_(-3, 3)
+    if zero:
+        g_sq[:3], r_sq[:2] = 0.0, 0.0
+        r_sq[5] = 1.0
+    return [t.requires_grad_() for t in (theta, g_sq, r_sq)]
+
+
+@pytest.mark.parametrize("error_clip", [1.0, 0.05, 1e6, None])
+def test_inner_step_matches_its_reference_values_and_gradients(error_clip):
+    """The fused step (hand-written backward) equals autograd through the reference: values and the
+    gradients of theta, g^2 and r^2, with the clip active on some tokens, none or all, and at zero residuals."""
+    inputs = _step_inputs()
+    c, ref = inner_step(*inputs, error_clip), inner_step_reference(*inputs, error_clip)
+    assert max_diff(c, ref) < 1e-15 * ref.abs().max()
+    w = torch.randn_like(c)
+    grads = torch.autograd.grad((c * w).sum(), inputs)
+    grads_ref = torch.autograd.grad((ref * w).sum(), inputs)
+    for g, gr in zip(grads, grads_ref):
+        assert torch.isfinite(g).all()
+        assert max_diff(g, gr) <= 1e-12 * (1 + gr.abs().max())
+    if error_clip is not None:  # zero residual: zero step, dc/dr^2 = theta (clip inactive), no NaN
+        assert (c[:2] == 0).all() and torch.equal(grads[2][:2], (w * inputs[0])[:2].detach())
+
+
+@pytest.mark.parametrize("error_clip", [1.0, None])
+def test_inner_step_gradcheck(error_clip):
+    theta, g_sq, r_sq = (t.detach()[6:18].requires_grad_() for t in _step_inputs())  # away from the clip's kink
+    assert torch.autograd.gradcheck(lambda *x: inner_step(*x, error_clip), (theta, g_sq, r_sq))
+
+
+def test_inner_step_broadcasts_like_its_reference():
+    theta = torch.rand(3, 1, 1, dtype=torch.float64, requires_grad=True)
+    g_sq = torch.rand(1, 4, 1, dtype=torch.float64, requires_grad=True)
+    r_sq = (torch.rand(1, 1, 5, dtype=torch.float64) * 3).requires_grad_()
+    c, ref = inner_step(theta, g_sq, r_sq, 1.0), inner_step_reference(theta, g_sq, r_sq, 1.0)
+    assert c.shape == ref.shape == (3, 4, 5) and max_diff(c, ref) < 1e-15
+    for g, gr in zip(torch.autograd.grad(c.sum(), (theta, g_sq, r_sq)), torch.autograd.grad(ref.sum(), (theta, g_sq, r_sq))):
+        assert g.shape == gr.shape and max_diff(g, gr) < 1e-12
 
 
 @pytest.mark.parametrize("group", [2, 16])

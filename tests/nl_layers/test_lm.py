@@ -179,3 +179,29 @@ def test_docstring_examples_of_the_helpers_run(name):
 
     result = run_examples(importlib.import_module(name), extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize("kind", ["titans", "titans-anchored", "hope", "hope-anchored", "attention"])
+def test_training_forward_skips_end_states_with_the_same_logits_and_gradients(kind):
+    """return_state=False passes need_state=False to the blocks: the same logits and parameter
+    gradients as a forward that forms (and returns) the end states; these are still returned when asked."""
+    torch.manual_seed(0)
+    anchor = 4 if kind.endswith("anchored") else None
+    if kind.startswith("titans"):
+        lm = nl_layers.TitansLM(30, dim=16, depth=2, heads=2, chunk_size=4, anchor_size=anchor)
+    else:
+        lm = nl_layers.HopeLM(30, dim=16, depth=2, heads=2, block=kind.split("-")[0], chunk_size=4, anchor_size=anchor, cms_periods=(1, 2))
+    lm = lm.double()
+    tokens = torch.randint(0, 30, (2, 11))
+    w = torch.randn(2, 11, 30, dtype=torch.float64)
+    params = list(lm.parameters())
+    with_state, state = lm(tokens, return_state=True)
+    without = lm(tokens)
+    assert len(state) == 2 and all(s is not None for s in state)
+    assert max_diff(with_state, without) < 1e-13
+    g_with = torch.autograd.grad((with_state * w).sum(), params, allow_unused=True)
+    g_without = torch.autograd.grad((without * w).sum(), params, allow_unused=True)
+    for a, b in zip(g_with, g_without):
+        assert (a is None) == (b is None) and (a is None or max_diff(a, b) < 1e-12)
+    _, state2 = lm(tokens[:, 4:], state, return_state=True)  # a returned state still streams on
+    assert all(s is not None for s in state2)

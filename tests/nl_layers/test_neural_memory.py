@@ -273,3 +273,22 @@ def test_state_detach_cuts_the_graph():
     _, s = mem(torch.randn(1, 6, 24, dtype=torch.float64))
     d = s.detach()
     assert all(not t.requires_grad for t in d.weights.values()) and d.position == 6
+
+
+@pytest.mark.parametrize("grad_impl", ["analytic", "func"])
+@pytest.mark.parametrize("anchor_size", [None, 4, 7])
+@pytest.mark.parametrize("given", [False, True])
+def test_need_state_false_gives_the_same_output_and_gradients(grad_impl, anchor_size, given):
+    """need_state=False returns (y, None) with the same y and gradients as the full forward."""
+    torch.manual_seed(0)
+    mem = nl_layers.NeuralMemory(16, heads=2, chunk_size=4, anchor_size=anchor_size, grad_impl=grad_impl).double()
+    x = torch.randn(2, 14, 16, dtype=torch.float64, requires_grad=True)
+    state = mem(torch.randn(2, 5, 16, dtype=torch.float64))[1] if given else None
+    y, full = mem(x, state)
+    y_skip, none = mem(x, state, need_state=False)
+    assert none is None and full is not None and max_diff(y, y_skip) < 1e-13
+    w = torch.randn_like(y)
+    inputs = [x] + list(mem.parameters())
+    for a, b in zip(torch.autograd.grad((y * w).sum(), inputs, allow_unused=True, retain_graph=True),
+                    torch.autograd.grad((y_skip * w).sum(), inputs, allow_unused=True)):
+        assert (a is None) == (b is None) and (a is None or max_diff(a, b) < 1e-12)

@@ -202,3 +202,22 @@ def test_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match="NaN"):
         layer(x)
     assert isinstance(layer.memories["key"], ResidualMLPMemory)
+
+
+@pytest.mark.parametrize("anchor_size", [None, 4, 7])
+@pytest.mark.parametrize("given", [False, True])
+def test_need_state_false_gives_the_same_output_and_gradients(anchor_size, given):
+    """need_state=False returns (y, None) with the same y and gradients as the full forward (the last
+    segment's end states and component writes skipped)."""
+    torch.manual_seed(0)
+    layer = nl_layers.SelfModifyingTitans(16, heads=2, chunk_size=4, anchor_size=anchor_size).double()
+    x = torch.randn(2, 14, 16, dtype=torch.float64, requires_grad=True)
+    state = layer(torch.randn(2, 5, 16, dtype=torch.float64))[1] if given else None
+    y, full = layer(x, state)
+    y_skip, none = layer(x, state, need_state=False)
+    assert none is None and full is not None and max_diff(y, y_skip) < 1e-13
+    w = torch.randn_like(y)
+    inputs = [x] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad((y * w).sum(), inputs, allow_unused=True, retain_graph=True),
+                    torch.autograd.grad((y_skip * w).sum(), inputs, allow_unused=True)):
+        assert (a is None) == (b is None) and (a is None or max_diff(a, b) < 1e-12)

@@ -11,7 +11,7 @@
 from .engines import AnalyticEngine, FuncEngine, make_engine
 from .cross import scan_maps
 from .scan import ChunkPlan, dense_all, dense_states, rank1_read, rank1_states, scan_recurrent
-from .step import inner_step, step_bound
+from .step import inner_step, inner_step_reference, step_bound
 
 __all__ = [
     "AnalyticEngine",
@@ -20,6 +20,7 @@ __all__ = [
     "dense_all",
     "dense_states",
     "inner_step",
+    "inner_step_reference",
     "make_engine",
     "rank1_read",
     "rank1_states",

@@ -98,16 +98,18 @@ class AnalyticEngine:
         y = self.template.compose(x.reshape(1, -1, x.shape[-1]).expand(g, -1, -1), lambda n, inp: _apply(w[n], inp))
         return y.reshape(g * x.shape[0], x.shape[1], -1)
 
-    def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False):
+    def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False, need_state=True):
         """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero.
 
-        anchor and base: name -> (N, *shape) per copy, or (*shape) one for all copies.
+        anchor and base: name -> (N, *shape) per copy, or (*shape) one for all copies. ``need_state``
+        False: the caller does not use the end states; the token form then skips them and returns
+        None for both (the chunk form has them anyway, as a by-product of its chunk starts).
         """
         facs, r_sq = self.template.factors(anchor, k, v, dgd)
         g_sq = sum(squared_norm(left) * squared_norm(right) for left, right in facs.values())
         step = inner_step(lr, g_sq, r_sq, error_clip)
         if self.use_tokens(k.shape[1], chunk_size, log_m is not None, [a.shape[-1] * b.shape[-1] for a, b in facs.values()]):
-            return self._segment_tokens(log_m, log_a, facs, -step, d0, s0, base, q)
+            return self._segment_tokens(log_m, log_a, facs, -step, d0, s0, base, q, need_state)
         plan = ChunkPlan.build(log_m, log_a, chunk_size)
         blocked = {n: (plan.blocks(-step[..., None] * left), plan.blocks(right)) for n, (left, right) in facs.items()}
         starts, d_last, s_last = {}, {}, {}
@@ -124,15 +126,17 @@ class AnalyticEngine:
             y = plan.unblocks(self.template.compose(plan.blocks(q), linear))
         return y, d_last, s_last
 
-    def _segment_tokens(self, log_m, log_a, facs, scale, d0, s0, base, q):
+    def _segment_tokens(self, log_m, log_a, facs, scale, d0, s0, base, q, need_state=True):
         """:meth:`segment` through a :class:`TokenPlan`: the updates' step sizes folded into its
-        columns; the initial state's part only when one is given."""
+        columns; the initial state's part only when one is given; the end states only with ``need_state``
+        (None, None otherwise)."""
         given_s = s0 is not None and log_m is not None  # without momentum S_0 does not enter
         plan = TokenPlan.build(log_m, log_a, initial=given_s)
         mixing = plan.mix * scale[:, None, :]
-        weights = mixing[:, -1, :, None] if log_m is None else torch.stack([mixing[:, -1], plan.dm_last * scale], -1)
+        if need_state:
+            weights = mixing[:, -1, :, None] if log_m is None else torch.stack([mixing[:, -1], plan.dm_last * scale], -1)
         y, d_last, s_last = None, {}, {}
-        for n, (left, right) in facs.items():
+        for n, (left, right) in facs.items() if need_state else ():
             ends = rank1_ends(left, right, weights)
             d_last[n] = ends[:, 0]
             if log_m is None:
@@ -155,7 +159,7 @@ class AnalyticEngine:
                 return rank1_read_tokens(mixing, left, right, x, out)
 
             y = self.template.compose(q, linear)
-        return y, d_last, s_last
+        return (y, d_last, s_last) if need_state else (y, None, None)
 
 
 class FuncEngine:
@@ -183,8 +187,10 @@ class FuncEngine:
         self.read_per_token = vmap(vmap(call))
         self.read = vmap(call)
 
-    def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False):
-        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero."""
+    def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False, need_state=True):
+        """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero.
+        ``need_state``: accepted for :class:`AnalyticEngine`'s interface; the end states come with
+        the chunk starts anyway."""
         g, loss = self.token_grads(anchor, k, v)
         r_sq = 2 * loss
         if dgd:

@@ -25,10 +25,12 @@ Example:
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
-def inner_step(theta: torch.Tensor, g_sq: torch.Tensor, r_sq: torch.Tensor, error_clip: float | None) -> torch.Tensor:
-    """Per-token step size c_t (same shape as theta) from the squared norms of gradient and residual.
+def inner_step_reference(theta: torch.Tensor, g_sq: torch.Tensor, r_sq: torch.Tensor, error_clip: float | None) -> torch.Tensor:
+    """:func:`inner_step` written with plain autograd operators (its backward is autograd's): the
+    reference the fused version is tested against.
 
     Computed as theta r^2 / (r^2 + theta g^2): a zero residual (and so a zero gradient) gets a zero
     step, with no division by zero and no NaN in the backward pass.
@@ -38,6 +40,70 @@ def inner_step(theta: torch.Tensor, g_sq: torch.Tensor, r_sq: torch.Tensor, erro
     if error_clip is not None:
         step = step * (error_clip * torch.rsqrt(torch.clamp(r_sq, min=error_clip**2)))
     return step
+
+
+class _InnerStep(torch.autograd.Function):
+    """c = theta s r^2 / D with D = r^2 + theta g^2 (1 where D = 0) and s = tau / sqrt(max(r^2, tau^2))
+    (s = 1 without a clip), with a hand-written backward. With f = s / D, u = theta f and
+    rho = r^2 / D (all finite: D >= r^2 and D > 0):
+
+        dc/dtheta = f r^2 rho                       (s r^2 (D - theta g^2) / D^2, as D - theta g^2 = r^2)
+        dc/dg^2   = -theta^2 f rho
+        dc/dr^2   = u (1 - [r^2 >= tau^2] / 2) - theta f rho
+
+    (ds/dr^2 = -s / (2 r^2) where the clip is active, r^2 >= tau^2 as torch.clamp's gradient, and
+    c ds/(s dr^2) = -u / 2 there). Where D = 0 (r^2 = theta g^2 = 0) the where() gives D no gradient,
+    so dc/dr^2 = theta s and the others are 0, which the formulas give with D = 1, r^2 = 0. About a
+    third of the operators of autograd's backward of :func:`inner_step_reference`, same values.
+    """
+
+    @staticmethod
+    def forward(theta, g_sq, r_sq, error_clip):
+        den = torch.addcmul(r_sq, theta, g_sq)
+        den = den.masked_fill_(den <= 0, 1.0)
+        if error_clip is None:
+            f = den.reciprocal()
+        else:
+            f = torch.clamp(r_sq, min=error_clip**2).rsqrt_().mul_(error_clip) / den  # s / D (r_sq may broadcast)
+        u = theta * f
+        return u * r_sq, den, f, u
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        theta, g_sq, r_sq, ctx.clip = inputs
+        _, den, f, u = output
+        ctx.mark_non_differentiable(den, f, u)
+        ctx.set_materialize_grads(False)
+        ctx.shapes = theta.shape, g_sq.shape, r_sq.shape
+        ctx.save_for_backward(theta, r_sq, den, f, u)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gc, *_):
+        if gc is None:
+            return None, None, None, None
+        theta, r_sq, den, f, u = ctx.saved_tensors
+        a = torch.mul(gc, f).mul_(r_sq / den)  # gc f rho
+        b = a * theta  # gc theta f rho
+        g_theta = a * r_sq
+        g_g = torch.mul(b, theta).neg_()
+        g_r = torch.mul(gc, u)
+        if ctx.clip is not None:
+            g_r = g_r.addcmul_(g_r, r_sq >= ctx.clip**2, value=-0.5)  # halved where the clip is active
+        g_r = g_r.sub_(b)
+        grads = [g if g.shape == s else g.sum_to_size(s) for g, s in zip((g_theta, g_g, g_r), ctx.shapes)]
+        return *grads, None
+
+
+def inner_step(theta: torch.Tensor, g_sq: torch.Tensor, r_sq: torch.Tensor, error_clip: float | None) -> torch.Tensor:
+    """Per-token step size c_t (same shape as theta) from the squared norms of gradient and residual.
+
+    c = theta s r^2 / (r^2 + theta g^2) (s the error clip's factor): a zero residual (and so a zero
+    gradient) gets a zero step, with no division by zero and no NaN in the backward pass. One
+    autograd node with a hand-written backward (:class:`_InnerStep`); the same values and gradients
+    as :func:`inner_step_reference` in far fewer operators (first derivatives only).
+    """
+    return _InnerStep.apply(theta, g_sq, r_sq, error_clip)[0]
 
 
 def step_bound(max_lr: float, error_clip: float | None) -> float:
