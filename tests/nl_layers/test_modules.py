@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nl_layers._modules import l2_normalize, squared_norm
+from nl_layers._modules import factored_grad_sq_norm, l2_normalize, squared_norm
 
 from .helpers import max_diff
 
@@ -44,6 +44,42 @@ def test_squared_norm_equals_the_sum_of_squares_with_gradients():
     assert max_diff(squared_norm(x), x.square().sum(-1)) < 1e-13
     assert torch.autograd.gradcheck(squared_norm, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
     assert torch.autograd.gradgradcheck(squared_norm, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
+
+
+def _reference_grad_sq_norm(pairs):
+    """The expression factored_grad_sq_norm replaces (as AnalyticEngine.segment had it)."""
+    return sum(squared_norm(left) * squared_norm(right) for left, right in pairs)
+
+
+@pytest.mark.parametrize("widths", [[(6, 6)], [(6, 9), (9, 6)], [(3, 5), (5, 3), (4, 4)]])
+def test_factored_grad_sq_norm_equals_the_sum_of_products_values_and_gradients(widths):
+    torch.manual_seed(0)
+    pairs = [(torch.randn(2, 7, a, dtype=torch.float64), torch.randn(2, 7, b, dtype=torch.float64)) for a, b in widths]
+    pairs[0][0][1, 3] = 0.0  # a zero factor
+    leaves = [x.requires_grad_() for pair in pairs for x in pair]
+    g, g_ref = factored_grad_sq_norm(pairs), _reference_grad_sq_norm(pairs)
+    assert g.shape == g_ref.shape == (2, 7) and max_diff(g, g_ref) < 1e-12 * g_ref.abs().max()
+    w = torch.randn(2, 7, dtype=torch.float64)
+    grads = torch.autograd.grad((g * w).sum(), leaves)
+    grads_ref = torch.autograd.grad((g_ref * w).sum(), leaves)
+    for a, b in zip(grads, grads_ref):
+        assert max_diff(a, b) < 1e-12 * b.abs().max()
+
+    def flat(*xs):
+        return factored_grad_sq_norm(list(zip(xs[0::2], xs[1::2])))
+
+    small = [torch.randn(2, 3, a, dtype=torch.float64, requires_grad=True) for pair in widths for a in pair]
+    assert torch.autograd.gradcheck(flat, tuple(small))
+
+
+def test_factored_grad_sq_norm_partial_gradients_and_broadcast_fallback():
+    left = torch.randn(3, 4, 5, requires_grad=True)
+    right = torch.randn(3, 4, 6)  # no gradient wanted
+    (gl,) = torch.autograd.grad(factored_grad_sq_norm([(left, right)]).sum(), left)
+    (gl_ref,) = torch.autograd.grad(_reference_grad_sq_norm([(left, right)]).sum(), left)
+    assert max_diff(gl, gl_ref) < 1e-5 * gl_ref.abs().max()
+    shared = torch.randn(4, 6)  # broadcast over the leading 3: the reference expression
+    assert max_diff(factored_grad_sq_norm([(left, shared)]), _reference_grad_sq_norm([(left, shared)])) == 0
 
 
 def test_silu_and_slope_equals_autograd_values_and_gradients():

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from ..._modules import squared_norm
+from ..._modules import factored_grad_sq_norm
 from .scan import (
     ChunkPlan,
     TokenPlan,
@@ -106,7 +106,7 @@ class AnalyticEngine:
         None for both (the chunk form has them anyway, as a by-product of its chunk starts).
         """
         facs, r_sq = self.template.factors(anchor, k, v, dgd)
-        g_sq = sum(squared_norm(left) * squared_norm(right) for left, right in facs.values())
+        g_sq = factored_grad_sq_norm(facs.values())
         step = inner_step(lr, g_sq, r_sq, error_clip)
         if self.use_tokens(k.shape[1], chunk_size, log_m is not None, [a.shape[-1] * b.shape[-1] for a, b in facs.values()]):
             return self._segment_tokens(log_m, log_a, facs, -step, d0, s0, base, q, need_state)
