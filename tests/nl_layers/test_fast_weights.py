@@ -251,3 +251,20 @@ def test_token_plan_without_initial_state_equals_the_plan_with_it():
     assert max(max_diff(a, b) for a, b in zip((fresh.mix, fresh.pa, fresh.dm_last), (full.mix, full.pa, full.dm_last))) < 1e-14
     got, want = (torch.autograd.grad(objective(p), [log_m, log_a]) for p in (fresh, full))
     assert all(max_diff(g, h) < 1e-12 for g, h in zip(got, want))
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_token_plan_without_ends_skips_dm_last_and_pa_with_the_same_mix(momentum):
+    """ends=False (no end states wanted) and d0=False (no D_0): no dm_last nor pa; mix and its
+    gradients as in the full plan; with d0 pa is kept."""
+    log_m = (-torch.rand(2, 13, dtype=torch.float64)).requires_grad_() if momentum else None
+    log_a = (-torch.rand(2, 13, dtype=torch.float64)).requires_grad_()
+    full, lean = TokenPlan.build(log_m, log_a), TokenPlan.build(log_m, log_a, ends=False, d0=False)
+    assert lean.dm_last is None and lean.pa is None and (full.dm_last is not None) == momentum
+    assert max_diff(lean.mix, full.mix) == 0
+    with_d0 = TokenPlan.build(log_m, log_a, ends=False, d0=True)
+    assert with_d0.dm_last is None and max_diff(with_d0.pa, full.pa) == 0
+    leaves = [t for t in (log_m, log_a) if t is not None]
+    w = torch.randn_like(full.mix)
+    got, want = (torch.autograd.grad((p.mix * w).sum(), leaves) for p in (lean, full))
+    assert all(max_diff(g, h) < 1e-14 for g, h in zip(got, want))

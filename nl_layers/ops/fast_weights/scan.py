@@ -236,8 +236,9 @@ class TokenPlan(NamedTuple):
     mix = D^a D^m (D^a alone without momentum) over all L tokens, with the notation of the module
     docstring. Fewer, larger operations than :class:`ChunkPlan` (no chunk maps): for a segment
     short enough that an L x L matrix per copy is smaller than the chunk start states.
-    dm_last: row L - 1 of D^m (S_L's weights; None without momentum); fs, pm: None without momentum
-    or when built without ``initial``.
+    dm_last: row L - 1 of D^m (S_L's weights; None without momentum or when built without ``ends``);
+    pa: None when built without ``ends`` nor ``d0`` (only D_L and a given D_0 take it); fs, pm: None
+    without momentum or when built without ``initial``.
 
     Example:
         >>> log_m, log_a = -torch.rand(2, 10), -torch.rand(2, 10)
@@ -249,22 +250,30 @@ class TokenPlan(NamedTuple):
     """
 
     mix: torch.Tensor
-    pa: torch.Tensor
+    pa: torch.Tensor | None
     fs: torch.Tensor | None
     pm: torch.Tensor | None
     dm_last: torch.Tensor | None
 
     @staticmethod
-    def build(log_m: torch.Tensor | None, log_a: torch.Tensor, initial: bool = False) -> "TokenPlan":
-        """Plan for log-momentum (N, L) (None: no momentum) and log-decay (N, L); ``initial``: also fs, pm."""
+    def build(
+        log_m: torch.Tensor | None, log_a: torch.Tensor, initial: bool = False, ends: bool = True, d0: bool = True
+    ) -> "TokenPlan":
+        """Plan for log-momentum (N, L) (None: no momentum) and log-decay (N, L); ``initial``: also fs, pm.
+
+        ``ends`` False: the caller wants no end states (D_L, S_L), so no dm_last (exp(cm_L - cm_r));
+        with ``d0`` False too (no initial D_0) no pa = exp(ca_t) either. ``initial`` implies both.
+        """
         work = torch.promote_types(log_a.dtype, torch.float32)  # decay products in at least float32
         cast = lambda t: None if t is None else t.to(log_a.dtype)  # noqa: E731
+        need_pa = ends or d0 or initial
         if log_m is None:
             da, la = decay_products(log_a.to(work))
-            return TokenPlan(cast(da), cast(la.exp()), None, None, None)
+            return TokenPlan(cast(da), cast(la.exp()) if need_pa else None, None, None, None)
         if not initial:  # the common case (a fresh sequence): mix by hand, its backward too
             c = torch.stack([log_a, log_m]).to(work).cumsum(-1)
-            return TokenPlan(cast(decay_mix(c)), cast(c[0].exp()), None, None, cast((c[1, :, -1:] - c[1]).exp()))
+            pa = cast(c[0].exp()) if need_pa else None
+            return TokenPlan(cast(decay_mix(c)), pa, None, None, cast((c[1, :, -1:] - c[1]).exp()) if ends else None)
         (da, dm), (la, lm) = (t.unbind(0) for t in decay_products(torch.stack([log_a.to(work), log_m.to(work)])))
         pm = lm.exp()
         return TokenPlan(cast(da @ dm), cast(la.exp()), cast((da @ pm[..., None])[..., 0]), cast(pm), cast(dm[:, -1]))
