@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 
 import torch
 
 from deepopt.levels.orthogonal import NS_COEFFICIENTS, newton_schulz_many
+
+from .speed import time_cuda
 
 __all__ = ["inputs", "exact", "metrics", "torch_ns", "FAMILIES", "main"]
 
@@ -127,19 +128,8 @@ def time_forms(shapes, batch: int = 8, repeats: int = 10) -> list[dict]:
     for m, n in shapes:
         x = torch.randn(batch, m, n, device="cuda").bfloat16()
         for form in ("standard", "gram"):
-            fn = lambda: newton_schulz_many(list(x), method=form)  # noqa: E731
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(repeats):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b))
-            rows.append({"shape": f"{m}x{n}", "form": form, "batch": batch, "ms": statistics.median(ts)})
+            ms = time_cuda(lambda: newton_schulz_many(list(x), method=form), warmup=3, repeats=repeats)
+            rows.append({"shape": f"{m}x{n}", "form": form, "batch": batch, "ms": ms})
     return rows
 
 
