@@ -7,8 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._function import Function
 
-class _L2Normalize(torch.autograd.Function):
+
+class _L2Normalize(Function):
     """y = x / d, d = max(||x||, eps) over the last dimension; hand-written backward (fewer passes
     over x than autograd's): dx = (dy - [||x|| > eps] y (y . dy)) / d."""
 
@@ -46,7 +48,7 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return _L2Normalize.apply(x, eps)[0]
 
 
-class _SquaredNorm(torch.autograd.Function):
+class _SquaredNorm(Function):
     """||x||^2 over the last dimension: one reduction forward, one pass backward (dx = 2 g x)."""
 
     @staticmethod
@@ -73,7 +75,7 @@ def squared_norm(x: torch.Tensor) -> torch.Tensor:
     return _SquaredNorm.apply(x)
 
 
-class _FactoredGradSqNorm(torch.autograd.Function):
+class _FactoredGradSqNorm(Function):
     """g = sum_i ||l_i||^2 ||r_i||^2 over the last dimension, for rank-one gradients l_i r_i^T
     (||l r^T||_F^2 = ||l||^2 ||r||^2), taking the factors (l_1, r_1, l_2, r_2, ...) at once.
 

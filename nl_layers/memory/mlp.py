@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .._function import Function
+
 from .._modules import squared_norm
 
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
@@ -36,7 +38,7 @@ def activation(name: str, z: torch.Tensor) -> torch.Tensor:
     return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}[name](z)
 
 
-class _SiluAndSlope(torch.autograd.Function):
+class _SiluAndSlope(Function):
     """h = z s and h' = s (1 + z (1 - s)) with s = sigmoid(z), in few passes, with a hand-written backward.
 
     silu'' = s (1 - s)(2 + z (1 - 2 s)) = s + (1 - 2 s) h', so dz = dh h' + dh' (s + (1 - 2 s) h').

@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..._modules import factored_grad_sq_norm
+from .grouped_linear import grouped_linear
 from .scan import (
     ChunkPlan,
     TokenPlan,
@@ -95,7 +96,7 @@ class AnalyticEngine:
         all N copies: (G N, L, d_out), memory-major (as :meth:`read` of the G memories stacked along
         the copies, without repeating x or the weights)."""
         g = next(iter(w.values())).shape[0]
-        y = self.template.compose(x.reshape(1, -1, x.shape[-1]).expand(g, -1, -1), lambda n, inp: _apply(w[n], inp))
+        y = self.template.compose(x.reshape(1, -1, x.shape[-1]).expand(g, -1, -1), lambda n, inp: grouped_linear(inp, w[n]))
         return y.reshape(g * x.shape[0], x.shape[1], -1)
 
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False, need_state=True):

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..._function import Function
+
 from . import cross
 from .cross import CrossOperator, _above, closed_states, cross_operator, decay_products, grouped_states
 
@@ -182,7 +184,7 @@ def rank1_read(plan: ChunkPlan, left, right, starts, x):
     return (plan.mix * (x @ right.transpose(-1, -2))) @ left + read_starts(plan, starts, x)
 
 
-class _DecayMix(torch.autograd.Function):
+class _DecayMix(Function):
     """mix = D^a D^m (N, L, L) from the stacked log prefixes c = (ca, cm) (2, N, L), D^x_ts = exp(cx_t - cx_s)
     for s <= t (else 0).
 

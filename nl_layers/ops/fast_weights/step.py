@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..._function import Function
+
 
 def inner_step_reference(theta: torch.Tensor, g_sq: torch.Tensor, r_sq: torch.Tensor, error_clip: float | None) -> torch.Tensor:
     """:func:`inner_step` written with plain autograd operators (its backward is autograd's): the
@@ -42,7 +44,7 @@ def inner_step_reference(theta: torch.Tensor, g_sq: torch.Tensor, r_sq: torch.Te
     return step
 
 
-class _InnerStep(torch.autograd.Function):
+class _InnerStep(Function):
     """c = theta s r^2 / D with D = r^2 + theta g^2 (1 where D = 0) and s = tau / sqrt(max(r^2, tau^2))
     (s = 1 without a clip), with a hand-written backward. With f = s / D, u = theta f and
     rho = r^2 / D (all finite: D >= r^2 and D > 0):
