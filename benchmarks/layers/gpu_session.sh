@@ -7,6 +7,10 @@
 #   layers    the whole `layers` suite
 #   compile   eager against compiled LM steps (benchmarks/layers/lm_compile.py)
 #   defaults  lm_defaults (every LM at its defaults, 1000 steps x 3 seeds)
+#   kernels   the memory layers' Triton kernels against their torch references, checked and timed
+#             (benchmarks/layers/*_bench.py)
+#   baseline  the LM step's anatomy for the tree in $BASELINE (e.g. an earlier commit unpacked by
+#             `git archive`), in the same call as `profile`: a before/after pair on one machine
 # On 2 or more GPUs the jobs start at once: the last GPU runs the layers suite alone (its timings
 # are not disturbed); GPU 0 runs the tests, then the compiled-step measurement, beside the
 # lm_defaults workers. On one GPU the steps run in turn (lm_defaults with 3 processes sharing the
@@ -61,6 +65,20 @@ lm_compile() {
     > "$out/logs/lm_compile.log" 2>&1
   say "lm_compile rc=$?"
 }
+kernels() {
+  for bench in ${KERNEL_BENCHES:-read_kernel_bench causal_conv_bench mix_kernel_bench}; do
+    say "$bench start"
+    CUDA_VISIBLE_DEVICES=${1:-0} timeout "${KERNEL_SECONDS:-120}" python3 -m benchmarks.layers.$bench > "$out/logs/$bench.log" 2>&1
+    say "$bench rc=$?"
+    tail -n 12 "$out/logs/$bench.log" | tee -a "$out/session.log"
+  done
+}
+baseline() {
+  say "baseline profile start ($BASELINE)"
+  (cd "$BASELINE" && CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile \
+    --out "$out/lm_profile_baseline") > "$out/logs/lm_profile_baseline.log" 2>&1
+  say "baseline profile rc=$?"
+}
 lm_defaults() {
   say "lm_defaults start on GPUs $1"
   timeout "${LM_SECONDS:-570}" python3 -m benchmarks run --suite lm_defaults --devices "$1" --max-seconds "${LM_JOB_SECONDS:-540}" \
@@ -75,20 +93,23 @@ if [ "$n" -ge 2 ]; then
   [ "$n" -ge 4 ] && workers=0,2,2,3,3
   pids=""
   if has layers; then layers $((n - 1)) & pids="$pids $!"; fi
-  (has tests && tests; has ops && ops 0; has profile && profile 0; has compile && lm_compile) & pids="$pids $!"
+  (has kernels && kernels 0; has tests && tests; has ops && ops 0; has baseline && baseline 0; has profile && profile 0
+    has compile && lm_compile) & pids="$pids $!"
   if has defaults; then lm_defaults $workers & pids="$pids $!"; fi
   wait $pids
 else
+  has kernels && kernels 0
   has tests && tests
   has ops && ops 0
+  has baseline && baseline 0
   has profile && profile 0
   has layers && layers 0
   has compile && lm_compile
   has defaults && lm_defaults 0,0,0
 fi
-tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers ops lm_profile lm_defaults lm_compile 2>/dev/null)
+tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers ops lm_profile lm_profile_baseline lm_defaults lm_compile 2>/dev/null)
 say "done"
-for f in "$out/ops/results.md" "$out/lm_profile/lm_profile.md" "$out/lm_compile/lm_compile.md"; do
+for f in "$out/ops/results.md" "$out/lm_profile_baseline/lm_profile.md" "$out/lm_profile/lm_profile.md" "$out/lm_compile/lm_compile.md"; do
   [ -f "$f" ] && head -n 30 "$f"
 done
 tail -n 25 "$out/logs/layers.log" 2>/dev/null
