@@ -40,6 +40,8 @@ Example (CPU: the torch path):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -128,8 +130,22 @@ def _config(x, left, blocks):
     bt, br, warps = next(c for w, c in CONFIGS.items() if w is None or max(bi, bo) <= w)
     if blocks is not None:
         bt, br = blocks
-    prec = "tf32" if x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    prec = "tf32" if x.dtype != torch.float32 or _tf32() else "ieee"
     return dict(BT=bt, BR=br, BI=bi, BO=bo, PREC=prec, num_warps=warps)
+
+
+def _tf32() -> bool:
+    """torch's TF32 switch for fp32 matmuls (the legacy flag; the new API's setting when torch refuses
+    to read the legacy one after both were used)."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        return getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32"
+
+
+def _on(x):
+    """Launch on x's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _strides(*tensors):
@@ -146,10 +162,11 @@ class _Read(torch.autograd.Function):
         o = left.shape[-1]
         cfg = _config(x, left, blocks)
         y = torch.empty(n, length, o, device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(length, cfg["BT"]), n)
+        grid = (n, triton.cdiv(length, cfg["BT"]))  # copies fastest: every copy's last rows first
         src = y if out is None else out
-        _fwd[grid](mixing, left, right, x, src, y, length, i, o,
-                   *_strides(mixing, left, right, x, src, y), HAS_OUT=out is not None, **cfg)
+        with _on(x):
+            _fwd[grid](mixing, left, right, x, src, y, length, i, o,
+                       *_strides(mixing, left, right, x, src, y), HAS_OUT=out is not None, **cfg)
         ctx.save_for_backward(mixing, left, right, x)
         ctx.cfg, ctx.has_out = cfg, out is not None
         return y
@@ -161,16 +178,15 @@ class _Read(torch.autograd.Function):
         cfg = ctx.cfg
         n, length, i = x.shape
         o = left.shape[-1]
-        dm = torch.empty_like(mixing, memory_format=torch.contiguous_format)
-        dx, dright = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
-            right, memory_format=torch.contiguous_format)
-        dleft = torch.empty_like(left, memory_format=torch.contiguous_format)
+        dm, dleft, dright, dx = (torch.empty_like(t, memory_format=torch.contiguous_format)
+                                 for t in (mixing, left, right, x))
         g = g.to(x.dtype)
-        _bwd_rows[(triton.cdiv(length, cfg["BT"]), n)](
-            mixing, left, right, x, g, dm, dx, length, i, o, *_strides(mixing, left, right, x, g, dm, dx), **cfg)
-        _bwd_cols[(triton.cdiv(length, cfg["BR"]), n)](
-            mixing, left, right, x, g, dleft, dright, length, i, o,
-            *_strides(mixing, left, right, x, g, dleft, dright), **cfg)
+        with _on(x):
+            _bwd_rows[(n, triton.cdiv(length, cfg["BT"]))](
+                mixing, left, right, x, g, dm, dx, length, i, o, *_strides(mixing, left, right, x, g, dm, dx), **cfg)
+            _bwd_cols[(n, triton.cdiv(length, cfg["BR"]))](
+                mixing, left, right, x, g, dleft, dright, length, i, o,
+                *_strides(mixing, left, right, x, g, dleft, dright), **cfg)
         return dm, dleft, dright, dx, (g if ctx.has_out else None), None
 
 
@@ -187,9 +203,9 @@ if triton is not None:
              m0, m1, m2, a0, a1, a2, b0, b1, b2, x0, x1, x2, o0, o1, o2, y0, y1, y2,
              HAS_OUT: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr,
              PREC: tl.constexpr):
-        """Program (t-block, copy): y_t = out_t + sum_{r <= t} M_tr s_tr left_r over r-blocks to the diagonal."""
-        t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BT  # the longest rows first
-        c = tl.program_id(1).to(tl.int64)
+        """Program (copy, t-block): y_t = out_t + sum_{r <= t} M_tr s_tr left_r over r-blocks to the diagonal."""
+        t0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BT  # the longest rows first
+        c = tl.program_id(0).to(tl.int64)
         ts, ci, co = t0 + tl.arange(0, BT), tl.arange(0, BI), tl.arange(0, BO)
         x = _tile(X + c * x0, ts, ci, L, DI, x1, x2)
         acc = tl.zeros((BT, BO), dtype=tl.float32)
@@ -210,9 +226,9 @@ if triton is not None:
     def _bwd_rows(M, A, B, X, G, DM, DX, L, DI, DO,
                   m0, m1, m2, a0, a1, a2, b0, b1, b2, x0, x1, x2, g0, g1, g2, d0, d1, d2, e0, e1, e2,
                   BT: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, PREC: tl.constexpr):
-        """Program (t-block, copy): dM_tr = p_tr s_tr (0 above the diagonal), dx_t = sum_r M_tr p_tr right_r."""
-        t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BT
-        c = tl.program_id(1).to(tl.int64)
+        """Program (copy, t-block): dM_tr = p_tr s_tr (0 above the diagonal), dx_t = sum_r M_tr p_tr right_r."""
+        t0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BT
+        c = tl.program_id(0).to(tl.int64)
         ts, ci, co = t0 + tl.arange(0, BT), tl.arange(0, BI), tl.arange(0, BO)
         x = _tile(X + c * x0, ts, ci, L, DI, x1, x2)
         g = _tile(G + c * g0, ts, co, L, DO, g1, g2)
@@ -242,10 +258,10 @@ if triton is not None:
     def _bwd_cols(M, A, B, X, G, DA, DB, L, DI, DO,
                   m0, m1, m2, a0, a1, a2, b0, b1, b2, x0, x1, x2, g0, g1, g2, d0, d1, d2, e0, e1, e2,
                   BT: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, PREC: tl.constexpr):
-        """Program (r-block, copy): dleft_r = sum_{t >= r} M_tr s_tr g_t, dright_r = sum_{t >= r} M_tr p_tr x_t,
+        """Program (copy, r-block): dleft_r = sum_{t >= r} M_tr s_tr g_t, dright_r = sum_{t >= r} M_tr p_tr x_t,
         in the transposed (r, t) layout."""
-        r0 = tl.program_id(0) * BR
-        c = tl.program_id(1).to(tl.int64)
+        r0 = tl.program_id(1) * BR
+        c = tl.program_id(0).to(tl.int64)
         rs, ci, co = r0 + tl.arange(0, BR), tl.arange(0, BI), tl.arange(0, BO)
         b = _tile(B + c * b0, rs, ci, L, DI, b1, b2)
         a = _tile(A + c * a0, rs, co, L, DO, a1, a2)
