@@ -42,7 +42,8 @@ __all__ = ["IMPLS", "causal_conv1d", "causal_conv1d_torch"]
 
 IMPLS = ("auto", "triton", "torch")
 #: rows x channels of one forward program; the backward program walks BT-row steps over ROWS rows.
-FWD_BT, FWD_BC, BWD_BT, BWD_BC, BWD_ROWS = 16, 128, 16, 64, 128
+#: Not tuned on a GPU yet: ``python -m benchmarks.layers.causal_conv_bench --sweep`` times alternatives.
+FWD_BT, FWD_BC, BWD_BT, BWD_BC, BWD_ROWS = 32, 128, 32, 64, 128
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -77,16 +78,16 @@ def causal_conv1d(x: Tensor, weight: Tensor, cache: Tensor | None = None, impl: 
         return causal_conv1d_torch(x, weight, cache)
     if triton is None:
         raise RuntimeError("causal_conv1d(impl='triton') needs triton")
-    if torch.is_autocast_enabled(x.device.type):  # as F.conv1d under autocast: the autocast dtype
+    width, x_in = weight.shape[-1], x
+    if torch.is_autocast_enabled(x.device.type):  # as F.conv1d under autocast: y in the autocast dtype
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"causal_conv1d kernels take float32/bfloat16/float16/float64, got {x.dtype}")
-    width = weight.shape[-1]
     if cache is not None and cache.shape != (x.shape[0], width - 1, x.shape[2]):
         want = (x.shape[0], width - 1, x.shape[2])
         raise ValueError(f"cache must be (B, width-1, C) = {want}, got {tuple(cache.shape)}")
     y = _CausalConv.apply(x, weight, cache)
-    return y, new_cache(x, cache, width)
+    return y, new_cache(x_in, cache, width)  # the cache keeps the input's dtype, as the torch path's
 
 
 def _kernel_ok(x: Tensor) -> bool:
@@ -200,14 +201,20 @@ if triton is not None:
                     W: tl.constexpr, WP: tl.constexpr, HAS_CACHE: tl.constexpr, STEPS: tl.constexpr,
                     BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
         """dxf[b, p] = sum_j w[:, j] dy[b, p - j] over STEPS * BT positions p of xf (from P0),
-        stored to dx (p >= W-1) or dcache; partial[row, j] = sum_p dy[b, p - j] xf[b, p]."""
+        stored to dx (p >= W-1) or dcache; partial[row, j] = sum_p dy[b, p - j] xf[b, p]. The
+        products of taps j < 4 add up in (BT, BC) tiles, summed over rows once at the end; taps
+        j >= 4 (W > 4) are summed over rows at every step."""
         b = tl.program_id(0) // NP
         start = P0 + (tl.program_id(0) % NP) * (STEPS * BT)
         cols = tl.program_id(1) * BC + tl.arange(0, BC)
         mc = cols < C
         js = tl.arange(0, WP)
         dw = tl.zeros((WP, BC), dtype=ACC)
-        for s in range(STEPS):
+        a0 = tl.zeros((BT, BC), dtype=ACC)
+        a1 = tl.zeros((BT, BC), dtype=ACC)
+        a2 = tl.zeros((BT, BC), dtype=ACC)
+        a3 = tl.zeros((BT, BC), dtype=ACC)
+        for s in range(tl.minimum(STEPS, tl.cdiv(T + W - 1 - start, BT))):
             p = start + s * BT + tl.arange(0, BT)
             mask = (p < T + W - 1)[:, None] & mc[None, :]
             xf = _load_xf(x, cache, b, p, cols, mask, T, C, sxb, sxt, W, HAS_CACHE, ACC)
@@ -218,12 +225,28 @@ if triton is not None:
                 g = tl.load(dy + (b.to(tl.int64) * T + td[:, None]) * C + cols[None, :], mask=md, other=0.0).to(ACC)
                 wj = tl.load(w + cols * W + j, mask=mc, other=0.0).to(ACC)
                 acc += wj[None, :] * g
-                dw += tl.where(js[:, None] == j, tl.sum(g * xf, axis=0)[None, :], 0.0)
+                if j == 0:
+                    a0 += g * xf
+                elif j == 1:
+                    a1 += g * xf
+                elif j == 2:
+                    a2 += g * xf
+                elif j == 3:
+                    a3 += g * xf
+                else:
+                    dw += tl.where(js[:, None] == j, tl.sum(g * xf, axis=0)[None, :], 0.0)
             tx = p - (W - 1)
             tl.store(dx + (b.to(tl.int64) * T + tx[:, None]) * C + cols[None, :], acc.to(dx.dtype.element_ty),
                      mask=mask & (tx >= 0)[:, None])
             if HAS_CACHE:
                 tl.store(dcache + (b.to(tl.int64) * (W - 1) + p[:, None]) * C + cols[None, :],
                          acc.to(dcache.dtype.element_ty), mask=mask & (tx < 0)[:, None])
+        dw += tl.where(js[:, None] == 0, tl.sum(a0, axis=0)[None, :], 0.0)
+        if W > 1:
+            dw += tl.where(js[:, None] == 1, tl.sum(a1, axis=0)[None, :], 0.0)
+        if W > 2:
+            dw += tl.where(js[:, None] == 2, tl.sum(a2, axis=0)[None, :], 0.0)
+        if W > 3:
+            dw += tl.where(js[:, None] == 3, tl.sum(a3, axis=0)[None, :], 0.0)
         tl.store(partial + (tl.program_id(0).to(tl.int64) * W + js[:, None]) * C + cols[None, :], dw,
                  mask=(js[:, None] < W) & mc[None, :])

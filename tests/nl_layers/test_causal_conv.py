@@ -56,10 +56,12 @@ def test_triton_matches_reference(width, with_cache, dtype):
 
 
 @pytest.mark.parametrize("with_cache", [False, True])
-def test_triton_several_programs(monkeypatch, with_cache):
-    """Several row programs in the backward (dw summed over their partials) and channel blocks."""
-    monkeypatch.setattr(causal_conv, "BWD_ROWS", 16)
-    check(*inputs(2, 40, 130, 4, with_cache, torch.float32), impl="triton", tol=1e-5)
+@pytest.mark.parametrize("width", [4, 6])
+def test_triton_several_programs(monkeypatch, width, with_cache):
+    """Several row programs in the backward (dw summed over their partials), several steps of one
+    program (a short last one), channel blocks; width 6 takes the taps j >= 4 branch."""
+    monkeypatch.setattr(causal_conv, "BWD_ROWS", 2 * causal_conv.BWD_BT)
+    check(*inputs(2, 2 * causal_conv.BWD_BT + 9, 130, width, with_cache, torch.float32), impl="triton", tol=1e-5)
 
 
 def test_triton_strided_input():
@@ -105,9 +107,24 @@ def test_lm_size_gpu(dtype, with_cache):
     x, w, cache = inputs(32, 256, 1152, 4, with_cache, dtype)
     x, w = x.cuda(), w.float().cuda()
     cache = None if cache is None else cache.cuda()
-    want = run(lambda x, w, c: reference(x.float(), w, None if c is None else c.float()), x, w, cache)
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False  # a float32 reference
+    try:
+        want = run(lambda x, w, c: reference(x.float(), w, None if c is None else c.float()), x, w, cache)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     got = run(lambda *a: causal_conv1d(*a, impl="auto"), x, w, cache)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for name, a, b in zip(("y", "cache", "dx", "dw", "dcache"), want, got):
         scale = a.abs().max().clamp_min(1.0)  # dw sums 8192 products: relative to its size
         assert ((b.float() - a).abs().max() / scale).item() < tol, name
+
+
+def test_triton_autocast_dtypes():
+    """Under autocast y comes in the autocast dtype and the cache in the input's, as on the torch path."""
+    x, w, cache = inputs(2, 5, 6, 4, True, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = causal_conv1d(x, w, cache, impl="torch")
+        got = causal_conv1d(x, w, cache, impl="triton")
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.bfloat16, torch.float32]
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1], want[1])
