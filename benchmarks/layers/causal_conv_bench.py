@@ -13,7 +13,7 @@ For (B, T, C) in ``SHAPES``, width 4, float32 and bfloat16, with and without a c
 
 Run ``PYTHONPATH=. python -m benchmarks.layers.causal_conv_bench`` (exits without CUDA); the last
 thing printed is a Markdown table. ``--sweep`` first times the kernels' tile sizes (the module
-constants ``FWD_BT, FWD_BC`` and ``BWD_BT, BWD_BC, BWD_ROWS``) at the first shape.
+constants ``FWD_*`` and ``BWD_*``) at the first shape.
 
 Example (the new torch path against the old one, on the CPU):
     >>> import torch
@@ -36,9 +36,9 @@ from ..speed import time_cuda
 
 SHAPES = ((32, 256, 1152), (8, 2048, 768))
 WIDTH, WARMUP, REPEATS = 4, 5, 50
-FWD_TILES = ((16, 128), (32, 64), (32, 128), (64, 64), (8, 256))  # (FWD_BT, FWD_BC)
-BWD_TILES = ((16, 64, 128), (32, 64, 128), (32, 32, 128), (64, 32, 128), (16, 128, 128), (32, 64, 256),
-             (128, 32, 128))  # (BWD_BT, BWD_BC, BWD_ROWS)
+FWD_TILES = ((16, 64, 4), (8, 128, 4), (16, 128, 8), (32, 64, 8), (32, 32, 4))  # FWD_BT, FWD_BC, FWD_WARPS
+BWD_TILES = ((16, 32, 128, 4), (8, 64, 128, 4), (16, 64, 128, 8), (16, 32, 256, 4), (16, 32, 64, 4),
+             (32, 64, 128, 16))  # BWD_BT, BWD_BC, BWD_ROWS, BWD_WARPS
 
 
 def run_old(x, w, cache):
@@ -96,20 +96,20 @@ def times(fn, x, w, cache, dy) -> tuple[float, float]:
 
 def sweep() -> None:
     """Kernel ms of the forward and of forward + backward per tile size, at SHAPES[0], no cache."""
-    keep = {n: getattr(causal_conv, n) for n in ("FWD_BT", "FWD_BC", "BWD_BT", "BWD_BC", "BWD_ROWS")}
+    fwd_names, bwd_names = ("FWD_BT", "FWD_BC", "FWD_WARPS"), ("BWD_BT", "BWD_BC", "BWD_ROWS", "BWD_WARPS")
+    keep = {n: getattr(causal_conv, n) for n in fwd_names + bwd_names}
     try:
         for dtype in (torch.float32, torch.bfloat16):
             args = inputs(*SHAPES[0], WIDTH, dtype, False, "cuda")
-            for bt, bc in FWD_TILES:
-                causal_conv.FWD_BT, causal_conv.FWD_BC = bt, bc
-                print(f"sweep {str(dtype)[6:]} fwd BT={bt} BC={bc}: {times(run_kernel, *args)[0]:.3f} ms", flush=True)
-            causal_conv.FWD_BT, causal_conv.FWD_BC = keep["FWD_BT"], keep["FWD_BC"]  # the backward sweep's forward
-            for bt, bc, rows in BWD_TILES:
-                causal_conv.BWD_BT, causal_conv.BWD_BC, causal_conv.BWD_ROWS = bt, bc, rows
-                print(f"sweep {str(dtype)[6:]} fwd+bwd BT={bt} BC={bc} ROWS={rows}: "
-                      f"{times(run_kernel, *args)[1]:.3f} ms", flush=True)
-            for n, v in keep.items():
-                setattr(causal_conv, n, v)
+            for names, tiles, which in ((fwd_names, FWD_TILES, 0), (bwd_names, BWD_TILES, 1)):
+                for tile in tiles:
+                    for n, v in keep.items():
+                        setattr(causal_conv, n, v)
+                    for n, v in zip(names, tile):
+                        setattr(causal_conv, n, v)
+                    label = " ".join(f"{n}={v}" for n, v in zip(names, tile))
+                    ms = times(run_kernel, *args)[which]
+                    print(f"sweep {str(dtype)[6:]} {('fwd', 'fwd+bwd')[which]} {label}: {ms:.3f} ms", flush=True)
     finally:
         for n, v in keep.items():
             setattr(causal_conv, n, v)

@@ -41,9 +41,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 __all__ = ["IMPLS", "causal_conv1d", "causal_conv1d_torch"]
 
 IMPLS = ("auto", "triton", "torch")
-#: rows x channels of one forward program; the backward program walks BT-row steps over ROWS rows.
-#: Not tuned on a GPU yet: ``python -m benchmarks.layers.causal_conv_bench --sweep`` times alternatives.
-FWD_BT, FWD_BC, BWD_BT, BWD_BC, BWD_ROWS = 32, 128, 32, 64, 128
+#: rows x channels (and warps) of one forward program; the backward program walks BT-row steps
+#: over ROWS rows. Chosen without a GPU to keep registers low (sm_90 cubin, W = 4: forward 80,
+#: backward 80 registers, no spills); ``python -m benchmarks.layers.causal_conv_bench --sweep``
+#: times alternatives.
+FWD_BT, FWD_BC, FWD_WARPS = 16, 64, 4
+BWD_BT, BWD_BC, BWD_ROWS, BWD_WARPS = 16, 32, 128, 4
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -86,13 +89,20 @@ def causal_conv1d(x: Tensor, weight: Tensor, cache: Tensor | None = None, impl: 
     if cache is not None and cache.shape != (x.shape[0], width - 1, x.shape[2]):
         want = (x.shape[0], width - 1, x.shape[2])
         raise ValueError(f"cache must be (B, width-1, C) = {want}, got {tuple(cache.shape)}")
-    y = _CausalConv.apply(x, weight, cache)
+    if not _fits(x):
+        raise ValueError(f"causal_conv1d kernels: one batch of x {tuple(x.shape)} has 2**31 elements or more")
+    y = _CausalConv.apply(x, weight, None if cache is None else cache.to(x.dtype))  # the kernels read both alike
     return y, new_cache(x_in, cache, width)  # the cache keeps the input's dtype, as the torch path's
 
 
 def _kernel_ok(x: Tensor) -> bool:
-    return (triton is not None and x.is_cuda and x.dtype in _KERNEL_DTYPES[:3]
+    return (triton is not None and x.is_cuda and x.dtype in _KERNEL_DTYPES[:3] and _fits(x)
             and not torch.compiler.is_compiling())
+
+
+def _fits(x: Tensor) -> bool:
+    """The kernels address one batch's rows with int32 offsets."""
+    return x.shape[1] * max(x.stride(1), x.shape[2]) < 2**31
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -106,7 +116,7 @@ class _CausalConv(torch.autograd.Function):
         x = _rows(x)
         ctx.cache_shape = None if cache is None else cache.shape  # (B, 0, C) when W = 1: nothing to read
         cache = None if cache is None or cache.shape[1] == 0 else cache.contiguous()
-        w = weight.detach().reshape(weight.shape[0], weight.shape[-1]).contiguous()
+        w = weight.detach().reshape(weight.shape[0], weight.shape[-1]).t().contiguous()  # (W, C): taps as rows
         y = _forward(x, w, cache)
         ctx.save_for_backward(x, w, cache)
         ctx.weight_dtype = weight.dtype
@@ -125,7 +135,7 @@ class _CausalConv(torch.autograd.Function):
 
 def _forward(x: Tensor, w: Tensor, cache: Tensor | None) -> Tensor:
     b, t, c = x.shape
-    width = w.shape[1]
+    width = w.shape[0]
     y = torch.empty(b, t, c, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
@@ -133,7 +143,7 @@ def _forward(x: Tensor, w: Tensor, cache: Tensor | None) -> Tensor:
     has_cache = cache is not None
     _fwd_kernel[(b * nt, triton.cdiv(c, FWD_BC))](
         x, cache if has_cache else x, w, y, t, c, nt, x.stride(0), x.stride(1),
-        W=width, HAS_CACHE=has_cache, BT=FWD_BT, BC=FWD_BC, ACC=_acc(x), num_warps=4)
+        W=width, HAS_CACHE=has_cache, BT=FWD_BT, BC=FWD_BC, ACC=_acc(x), num_warps=FWD_WARPS)
     return y
 
 
@@ -144,7 +154,7 @@ def _acc(x: Tensor):
 def _backward(x: Tensor, w: Tensor, cache: Tensor | None, dy: Tensor):
     """(dx, dw (C, W) in the accumulation dtype, dcache or None). Programs cover ROWS positions of xf each."""
     b, t, c = x.shape
-    width = w.shape[1]
+    width = w.shape[0]
     has_cache = cache is not None
     p0 = 0 if has_cache else width - 1  # without a cache, positions p < W-1 hold zeros: skip them
     npos = t + width - 1 - p0
@@ -160,7 +170,8 @@ def _backward(x: Tensor, w: Tensor, cache: Tensor | None, dy: Tensor):
     _bwd_kernel[(b * np_, triton.cdiv(c, BWD_BC))](
         x, cache if has_cache else x, w, dy, dx, dcache if has_cache else dx, partial,
         t, c, np_, p0, x.stride(0), x.stride(1),
-        W=width, WP=wp, HAS_CACHE=has_cache, STEPS=rows // BWD_BT, BT=BWD_BT, BC=BWD_BC, ACC=_acc(x), num_warps=4)
+        W=width, WP=wp, HAS_CACHE=has_cache, STEPS=rows // BWD_BT, BT=BWD_BT, BC=BWD_BC, ACC=_acc(x),
+        num_warps=BWD_WARPS)
     dw = partial.sum(0).t()
     return dx, dw, dcache
 
@@ -168,33 +179,34 @@ def _backward(x: Tensor, w: Tensor, cache: Tensor | None, dy: Tensor):
 if triton is not None:
 
     @triton.jit
-    def _load_xf(x, cache, b, p, cols, mask, T, C, sxb, sxt, W: tl.constexpr, HAS_CACHE: tl.constexpr,
-                 ACC: tl.constexpr):
-        """xf[b, p, cols] (BT, BC) in ACC: x at p >= W-1, the cache (or zeros) below."""
+    def _load_xf(xb, cb, p, cols, mask, C, sxt, W: tl.constexpr, HAS_CACHE: tl.constexpr, ACC: tl.constexpr):
+        """xf[b, p, cols] (BT, BC) in ACC: x at p >= W-1, the cache (or zeros) below, in one load.
+        ``xb``, ``cb``: batch b's x and cache (same dtype), addressed with int32 offsets (host:
+        one batch < 2**31 elements)."""
         tx = p - (W - 1)
         inx = tx >= 0
-        v = tl.load(x + b.to(tl.int64) * sxb + tx[:, None].to(tl.int64) * sxt + cols[None, :],
-                    mask=mask & inx[:, None], other=0.0).to(ACC)
+        at_x = xb + tx[:, None] * sxt + cols[None, :]
         if HAS_CACHE:
-            v += tl.load(cache + (b.to(tl.int64) * (W - 1) + p[:, None]) * C + cols[None, :],
-                         mask=mask & (p[:, None] >= 0) & (~inx[:, None]), other=0.0).to(ACC)
-        return v
+            v = tl.load(tl.where(inx[:, None], at_x, cb + p[:, None] * C + cols[None, :]), mask=mask, other=0.0)
+        else:
+            v = tl.load(at_x, mask=mask & inx[:, None], other=0.0)
+        return v.to(ACC)
 
     @triton.jit
     def _fwd_kernel(x, cache, w, y, T, C, NT, sxb, sxt,
                     W: tl.constexpr, HAS_CACHE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
         """y[b, t] = sum_j w[:, j] xf[b, t + j] for BT times and BC channels."""
-        b = tl.program_id(0) // NT
+        b = (tl.program_id(0) // NT).to(tl.int64)
         t = (tl.program_id(0) % NT) * BT + tl.arange(0, BT)
         cols = tl.program_id(1) * BC + tl.arange(0, BC)
         mc = cols < C
         mask = (t < T)[:, None] & mc[None, :]
+        xb, cb = x + b * sxb, cache + b * (W - 1) * C
         acc = tl.zeros((BT, BC), dtype=ACC)
         for j in tl.static_range(W):
-            wj = tl.load(w + cols * W + j, mask=mc, other=0.0).to(ACC)
-            acc += wj[None, :] * _load_xf(x, cache, b, t + j, cols, mask, T, C, sxb, sxt, W, HAS_CACHE, ACC)
-        offs = (b.to(tl.int64) * T + t[:, None]) * C + cols[None, :]
-        tl.store(y + offs, acc.to(y.dtype.element_ty), mask=mask)
+            wj = tl.load(w + j * C + cols, mask=mc, other=0.0).to(ACC)
+            acc += wj[None, :] * _load_xf(xb, cb, t + j, cols, mask, C, sxt, W, HAS_CACHE, ACC)
+        tl.store(y + b * T * C + t[:, None] * C + cols[None, :], acc.to(y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _bwd_kernel(x, cache, w, dy, dx, dcache, partial, T, C, NP, P0, sxb, sxt,
@@ -204,26 +216,28 @@ if triton is not None:
         stored to dx (p >= W-1) or dcache; partial[row, j] = sum_p dy[b, p - j] xf[b, p]. The
         products of taps j < 4 add up in (BT, BC) tiles, summed over rows once at the end; taps
         j >= 4 (W > 4) are summed over rows at every step."""
-        b = tl.program_id(0) // NP
+        b = (tl.program_id(0) // NP).to(tl.int64)
         start = P0 + (tl.program_id(0) % NP) * (STEPS * BT)
         cols = tl.program_id(1) * BC + tl.arange(0, BC)
         mc = cols < C
         js = tl.arange(0, WP)
+        xb, cb, dyb, dxb = x + b * sxb, cache + b * (W - 1) * C, dy + b * T * C, dx + b * T * C
         dw = tl.zeros((WP, BC), dtype=ACC)
         a0 = tl.zeros((BT, BC), dtype=ACC)
         a1 = tl.zeros((BT, BC), dtype=ACC)
         a2 = tl.zeros((BT, BC), dtype=ACC)
         a3 = tl.zeros((BT, BC), dtype=ACC)
         for s in range(tl.minimum(STEPS, tl.cdiv(T + W - 1 - start, BT))):
-            p = start + s * BT + tl.arange(0, BT)
+            lo = start + s * BT
+            p = lo + tl.arange(0, BT)
             mask = (p < T + W - 1)[:, None] & mc[None, :]
-            xf = _load_xf(x, cache, b, p, cols, mask, T, C, sxb, sxt, W, HAS_CACHE, ACC)
+            xf = _load_xf(xb, cb, p, cols, mask, C, sxt, W, HAS_CACHE, ACC)
             acc = tl.zeros((BT, BC), dtype=ACC)
             for j in tl.static_range(W):
                 td = p - j
                 md = mask & ((td >= 0) & (td < T))[:, None]
-                g = tl.load(dy + (b.to(tl.int64) * T + td[:, None]) * C + cols[None, :], mask=md, other=0.0).to(ACC)
-                wj = tl.load(w + cols * W + j, mask=mc, other=0.0).to(ACC)
+                g = tl.load(dyb + td[:, None] * C + cols[None, :], mask=md, other=0.0).to(ACC)
+                wj = tl.load(w + j * C + cols, mask=mc, other=0.0).to(ACC)
                 acc += wj[None, :] * g
                 if j == 0:
                     a0 += g * xf
@@ -236,11 +250,11 @@ if triton is not None:
                 else:
                     dw += tl.where(js[:, None] == j, tl.sum(g * xf, axis=0)[None, :], 0.0)
             tx = p - (W - 1)
-            tl.store(dx + (b.to(tl.int64) * T + tx[:, None]) * C + cols[None, :], acc.to(dx.dtype.element_ty),
-                     mask=mask & (tx >= 0)[:, None])
+            tl.store(dxb + tx[:, None] * C + cols[None, :], acc.to(dx.dtype.element_ty), mask=mask & (tx >= 0)[:, None])
             if HAS_CACHE:
-                tl.store(dcache + (b.to(tl.int64) * (W - 1) + p[:, None]) * C + cols[None, :],
-                         acc.to(dcache.dtype.element_ty), mask=mask & (tx < 0)[:, None])
+                if lo < W - 1:
+                    tl.store(dcache + b * (W - 1) * C + p[:, None] * C + cols[None, :],
+                             acc.to(dcache.dtype.element_ty), mask=mask & (tx < 0)[:, None])
         dw += tl.where(js[:, None] == 0, tl.sum(a0, axis=0)[None, :], 0.0)
         if W > 1:
             dw += tl.where(js[:, None] == 1, tl.sum(a1, axis=0)[None, :], 0.0)
@@ -248,5 +262,5 @@ if triton is not None:
             dw += tl.where(js[:, None] == 2, tl.sum(a2, axis=0)[None, :], 0.0)
         if W > 3:
             dw += tl.where(js[:, None] == 3, tl.sum(a3, axis=0)[None, :], 0.0)
-        tl.store(partial + (tl.program_id(0).to(tl.int64) * W + js[:, None]) * C + cols[None, :], dw,
+        tl.store(partial + tl.program_id(0).to(tl.int64) * W * C + js[:, None] * C + cols[None, :], dw,
                  mask=(js[:, None] < W) & mc[None, :])

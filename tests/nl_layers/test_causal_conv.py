@@ -70,6 +70,8 @@ def test_triton_strided_input():
     x = wide[..., 3:15]
     assert not x.is_contiguous()
     check(x, torch.randn(12, 1, 4), torch.randn(2, 3, 12), impl="triton", tol=1e-5)
+    x = torch.randn(2, 12, 9).transpose(1, 2)  # channel stride 9: copied first
+    check(x, torch.randn(12, 1, 4), None, impl="triton", tol=1e-5)
 
 
 @pytest.mark.parametrize("with_cache", [False, True])
