@@ -42,8 +42,8 @@ __all__ = ["IMPLS", "causal_conv1d", "causal_conv1d_torch"]
 
 IMPLS = ("auto", "triton", "torch")
 #: rows x channels (and warps) of one forward program; the backward program walks BT-row steps
-#: over ROWS rows. Chosen without a GPU to keep registers low (sm_90 cubin, W = 4: forward 80,
-#: backward 80 registers, no spills); ``python -m benchmarks.layers.causal_conv_bench --sweep``
+#: over ROWS rows. Chosen without a GPU, for few registers (sm_90 cubins, W = 4 with a cache:
+#: forward 54, backward 72, no spills); ``python -m benchmarks.layers.causal_conv_bench --sweep``
 #: times alternatives.
 FWD_BT, FWD_BC, FWD_WARPS = 16, 64, 4
 BWD_BT, BWD_BC, BWD_ROWS, BWD_WARPS = 16, 32, 128, 4
