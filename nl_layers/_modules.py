@@ -8,6 +8,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._function import Function
+from .ops.causal_conv import IMPLS as CONV_IMPLS, causal_conv1d
 
 
 class _L2Normalize(Function):
@@ -144,24 +145,24 @@ class CausalDepthwiseConv1d(nn.Module):
     ``forward(x, cache)`` takes (B, T, C) and the last ``width - 1`` inputs of the previous call
     (zeros at the start of a sequence) and returns ``(y, new_cache)``, so a sequence can be streamed.
     The filter starts as the identity (y = x), so the convolution only mixes once trained.
+    ``impl``: "auto" (Triton kernels on CUDA, else torch), "triton" or "torch"; see
+    :func:`nl_layers.ops.causal_conv.causal_conv1d`.
     """
 
-    def __init__(self, channels: int, width: int = 4):
+    def __init__(self, channels: int, width: int = 4, impl: str = "auto"):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        if impl not in CONV_IMPLS:
+            raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}")
         self.width = width
+        self.impl = impl
         self.weight = nn.Parameter(torch.zeros(channels, 1, width))
         with torch.no_grad():
             self.weight[:, 0, -1] = 1.0
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t, c = x.shape
-        if cache is None:
-            cache = x.new_zeros(b, self.width - 1, c)
-        full = torch.cat([cache, x], dim=1)  # (B, w-1+T, C)
-        y = F.conv1d(full.transpose(1, 2), self.weight, groups=c).transpose(1, 2)
-        return y, full[:, full.shape[1] - (self.width - 1) :]
+        return causal_conv1d(x, self.weight, cache, impl=self.impl)
 
 
 class SwiGLU(nn.Module):
