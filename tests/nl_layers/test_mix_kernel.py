@@ -10,10 +10,14 @@
 3. GPU: N = 256, L = 256 at the default tiles, float32 and float64 kernels against float64.
 """
 
+import importlib
+
 import pytest
 import torch
 
 from nl_layers.ops.fast_weights.scan import _DecayMix, decay_mix
+
+from ..example_imports import run_examples
 
 mix_kernel = pytest.importorskip("nl_layers.ops.fast_weights.mix_kernel")
 
@@ -95,3 +99,10 @@ def test_kernel_at_training_size_on_gpu(dtype):
     c = _prefixes(256, 256, "realistic", dtype, device="cuda")
     assert type(decay_mix(c.requires_grad_()).grad_fn).__name__ == "DecayMixKernelBackward"  # auto on CUDA
     _check(c.detach(), tol=5e-5 if dtype == torch.float32 else 1e-11)
+
+
+@pytest.mark.parametrize("name", ["nl_layers.ops.fast_weights.mix_kernel", "nl_layers.ops.fast_weights.scan"])
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = run_examples(module, extraglobs={"torch": torch})
+    assert result.failed == 0 and result.attempted > 0

@@ -58,7 +58,8 @@ PRECISION = "ieee"  # see the module docstring: TF32 is not accurate enough for 
 
 
 def block_size(c: torch.Tensor) -> int:
-    """Tile edge: 64 on a GPU (32 for float64: register pressure), 16 in the interpreter (small L still spans blocks)."""
+    """Tile edge: 64 on a GPU (32 for float64: register pressure), 16 in the interpreter (so that a
+    small L still spans several blocks)."""
     if not c.is_cuda:
         return 16
     return 32 if c.dtype == torch.float64 else 64
@@ -102,7 +103,8 @@ def _mix_fwd_kernel(c_ptr, mix_ptr, N, L, BLOCK: tl.constexpr, PREC: tl.constexp
 
 @triton.jit
 def _store_sums(part_ptr, g_tile, w, n, p, q, N, L, NB, BLOCK: tl.constexpr):
-    """Row sums of the (P-block x Q-block) tile to part[w, n, q, P positions], minus column sums to part[w, n, p, Q positions]."""
+    """Row sums of the (P-block x Q-block) tile to part[w, n, q, P positions], minus its column
+    sums to part[w, n, p, Q positions]."""
     ar = tl.arange(0, BLOCK)
     rows = p * BLOCK + ar
     cols = q * BLOCK + ar
@@ -118,7 +120,8 @@ def _store_sums(part_ptr, g_tile, w, n, p, q, N, L, NB, BLOCK: tl.constexpr):
 
 @triton.jit
 def _mix_bwd_kernel(c_ptr, g_ptr, part_ptr, N, L, NB, g_sn, g_st, g_sr, BLOCK: tl.constexpr, PREC: tl.constexpr):
-    """Programs (w * N + n, pb, qb), qb <= pb. w = 0: the G^a tile (t = P, j = Q) = (sum_{rb <= qb} g[t, r] D^m[j, r]^T) * D^a[t, j];
+    """Programs (w * N + n, pb, qb), qb <= pb (the others return).
+    w = 0: the G^a tile (t = P, j = Q) = (sum_{rb <= qb} g[t, r] D^m[j, r]^T) * D^a[t, j];
     w = 1: the G^m tile (j = P, r = Q) = (sum_{tb >= pb} D^a[t, j]^T g[t, r]) * D^m[j, r]."""
     wn = tl.program_id(0).to(tl.int64)
     w = wn // N
@@ -140,7 +143,8 @@ def _mix_bwd_kernel(c_ptr, g_ptr, part_ptr, N, L, NB, g_sn, g_st, g_sr, BLOCK: t
             for rb in range(0, qb + 1):
                 r = rb * BLOCK + ar
                 cm_r = tl.load(cm + r, mask=r < L, other=0.0)
-                g = tl.load(g_n + p[:, None] * g_st + r[None, :] * g_sr, mask=(p[:, None] < L) & (r[None, :] < L), other=0.0)
+                inside = (p[:, None] < L) & (r[None, :] < L)
+                g = tl.load(g_n + p[:, None] * g_st + r[None, :] * g_sr, mask=inside, other=0.0)
                 dm_t = tl.trans(_decay_tile(cm_j, cm_r, q, r, L))  # D^m[j, r]^T: (r, j)
                 acc += tl.dot(g.to(ca_t.dtype), dm_t, input_precision=PREC)
             tile = acc * _decay_tile(ca_t, ca_j, p, q, L)
@@ -152,7 +156,8 @@ def _mix_bwd_kernel(c_ptr, g_ptr, part_ptr, N, L, NB, g_sn, g_st, g_sr, BLOCK: t
             for tb in range(pb, NB):
                 t = tb * BLOCK + ar
                 ca_t = tl.load(ca + t, mask=t < L, other=0.0)
-                g = tl.load(g_n + t[:, None] * g_st + q[None, :] * g_sr, mask=(t[:, None] < L) & (q[None, :] < L), other=0.0)
+                inside = (t[:, None] < L) & (q[None, :] < L)
+                g = tl.load(g_n + t[:, None] * g_st + q[None, :] * g_sr, mask=inside, other=0.0)
                 da_t = tl.trans(_decay_tile(ca_t, ca_j, t, p, L))  # D^a[t, j]^T: (j, t)
                 acc += tl.dot(da_t, g.to(ca_j.dtype), input_precision=PREC)
             tile = acc * _decay_tile(cm_j, cm_r, p, q, L)
@@ -180,7 +185,8 @@ def mix_forward(c: torch.Tensor, block: int | None = None, precision: str = PREC
     return mix
 
 
-def mix_backward(c: torch.Tensor, g: torch.Tensor, block: int | None = None, precision: str = PRECISION) -> torch.Tensor:
+def mix_backward(c: torch.Tensor, g: torch.Tensor, block: int | None = None,
+                 precision: str = PRECISION) -> torch.Tensor:
     """dc (2, N, L) in c's dtype, the gradient through mix = D^a D^m for upstream g (N, L, L) (its lower triangle)."""
     _, n, length = c.shape
     block = block or block_size(c)
