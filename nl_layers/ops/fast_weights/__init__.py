@@ -3,8 +3,6 @@
 - ``scan``: the reference (:func:`scan_recurrent`, token by token) and the chunk-parallel form
   (:class:`ChunkPlan`, rank-1 dual form and dense updates);
 - ``cross``: the start states of all chunks at once (a small operator, or a grouped scan);
-- ``mix_kernel``: fused Triton kernels for the decay mix D^a D^m (``scan.decay_mix`` on CUDA; imported
-  on first use, so Triton stays optional);
 - ``step``: the bounded inner step size (normalised LMS with a clipped error);
 - ``engines``: one gradient-anchor segment, all tokens at once (closed-form rank-1 gradients of
   the built-in memories, or ``vmap(grad)`` for any module).

@@ -48,8 +48,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -221,14 +219,9 @@ class _DecayMix(Function):
         return torch.stack([ga.sum(-1) - ga.sum(-2), gm.sum(-1) - gm.sum(-2)])
 
 
-def decay_mix(c: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def decay_mix(c: torch.Tensor) -> torch.Tensor:
     """D^a D^m (N, L, L) from the stacked log prefixes c = (cumsum(log a), cumsum(log m)) (2, N, L):
     mix_tr = sum_{r <= j <= t} prod_{j < i <= t} a_i prod_{r < i <= j} m_i (see :class:`TokenPlan`).
-
-    ``impl``: "auto" runs the fused Triton kernels (:mod:`.mix_kernel`, which never store the D's)
-    for CUDA tensors when Triton imports and torch.compile is not tracing, else the torch reference
-    :class:`_DecayMix`; "torch" always the reference; "triton" always the kernels (on CPU only in
-    Triton's interpreter, TRITON_INTERPRET=1: the tests).
 
     Example:
         >>> la, lm = -torch.rand(2, 6, dtype=torch.float64), -torch.rand(2, 6, dtype=torch.float64)
@@ -236,31 +229,7 @@ def decay_mix(c: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         >>> bool(torch.allclose(decay_mix(torch.stack([la, lm]).cumsum(-1)), ref))
         True
     """
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"decay_mix: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    if impl == "triton" or (impl == "auto" and _kernel_ok(c)):
-        kernel = _mix_kernel()
-        if kernel is None:
-            raise RuntimeError("decay_mix(impl='triton'): triton cannot be imported")
-        if not c.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise RuntimeError("decay_mix(impl='triton'): the kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-        return kernel.DecayMixKernel.apply(c)
     return _DecayMix.apply(c)[0]
-
-
-def _kernel_ok(c: torch.Tensor) -> bool:
-    """Whether decay_mix's "auto" takes the kernels: CUDA, Triton importable, not under torch.compile."""
-    return c.is_cuda and not torch.compiler.is_compiling() and _mix_kernel() is not None
-
-
-@functools.cache
-def _mix_kernel():
-    """The kernel module, or None without Triton (imported on first use: ``import nl_layers`` needs no Triton)."""
-    try:
-        from . import mix_kernel
-    except ImportError:
-        return None
-    return mix_kernel
 
 
 class TokenPlan(NamedTuple):
