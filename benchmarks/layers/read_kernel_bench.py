@@ -20,7 +20,7 @@ import contextlib
 import torch
 
 from benchmarks.speed import time_cuda
-from nl_layers.ops.fast_weights.read_kernel import rank1_read_tokens, rank1_read_tokens_reference, rank1_read_tokens_triton
+from nl_layers.ops.fast_weights.read_kernel import rank1_read_tokens, rank1_read_tokens_reference
 
 N, L = 128, 256
 DEVICE = "cuda"
@@ -75,41 +75,16 @@ def bench(i, o, bf16, warmup, repeats):
     return label, max(err_k), max(err_t), times
 
 
-SWEEP = [(16, 32, 4, 1), (32, 32, 4, 1), (32, 32, 8, 1), (32, 64, 8, 1), (64, 32, 8, 1), (32, 32, 4, 2), (16, 64, 4, 1)]
-
-
-def sweep(warmup, repeats):
-    """fwd+bwd ms of each tile configuration at the LM's shapes (fp32 TF32 and bf16 autocast)."""
-    for bf16 in (False, True):
-        for i, o in SHAPES[:2]:
-            ins, g = _inputs(i, o), torch.randn(N, L, o, device=DEVICE)
-            ctx = (lambda: torch.autocast(DEVICE, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-            for cfg in SWEEP:
-                def fwd_bwd(cfg=cfg):
-                    with ctx():
-                        y = rank1_read_tokens_triton(*ins, blocks=cfg)
-                    torch.autograd.grad(y, ins, g.to(y.dtype))
-                try:
-                    ms = time_cuda(fwd_bwd, warmup, repeats)
-                except Exception as e:  # a configuration past the shared memory
-                    ms = float("nan")
-                    print(f"sweep {cfg}: {type(e).__name__}")
-                print(f"sweep i={i} o={o} {'bf16' if bf16 else 'fp32'} BT,BR,warps,stages={cfg}: {ms:.3f} ms")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--sweep", action="store_true", help="also time tile configurations (BT, BR, warps, stages)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("read_kernel_bench: needs a CUDA device; nothing to do")
         return
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    if args.sweep:
-        sweep(args.warmup, args.repeats)
     rows = [bench(i, o, bf16, args.warmup, args.repeats) for bf16 in (False, True) for i, o in SHAPES]
     print(f"\nN={N} L={L}, {torch.cuda.get_device_name()}; ms are CUDA-event medians of {args.repeats}\n")
     print("| case | max rel err kernel | max rel err torch | fwd kernel | fwd torch | fwd ratio "

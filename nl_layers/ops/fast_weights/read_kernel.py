@@ -56,7 +56,7 @@ __all__ = ["IMPLS", "rank1_read_tokens", "rank1_read_tokens_reference", "rank1_r
 IMPLS = ("auto", "triton", "torch")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays with torch (the kernels accumulate in fp32)
 #: (BT, BR, num_warps) up to a padded feature width (the widest of i, o): a first guess, not tuned on a GPU.
-CONFIGS = {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 8, 1), None: (16, 32, 8, 1)}
+CONFIGS = {64: (64, 64, 4), 128: (64, 32, 4), 256: (64, 32, 8), None: (32, 32, 8)}
 
 
 def rank1_read_tokens_reference(mixing, left, right, x, out=None) -> torch.Tensor:
@@ -127,11 +127,11 @@ def _pow2(n: int) -> int:
 
 def _config(x, left, blocks):
     bi, bo = _pow2(x.shape[-1]), _pow2(left.shape[-1])
-    bt, br, warps, stages = next(c for w, c in CONFIGS.items() if w is None or max(bi, bo) <= w)
-    if blocks is not None:  # (BT, BR) or (BT, BR, warps, stages)
-        bt, br, warps, stages = tuple(blocks) + (warps, stages)[len(blocks) - 2:]
+    bt, br, warps = next(c for w, c in CONFIGS.items() if w is None or max(bi, bo) <= w)
+    if blocks is not None:
+        bt, br = blocks
     prec = "tf32" if x.dtype != torch.float32 or _tf32() else "ieee"
-    return dict(BT=bt, BR=br, BI=bi, BO=bo, PREC=prec, num_warps=warps, num_stages=stages)
+    return dict(BT=bt, BR=br, BI=bi, BO=bo, PREC=prec, num_warps=warps)
 
 
 def _tf32() -> bool:
