@@ -27,10 +27,9 @@ u_t = left_t right_t^T and never form a per-token matrix (the dual form); :func:
 For a short segment the whole scan is one closed form instead (:class:`TokenPlan`: the same
 formulas with a single chunk of L tokens, mix = D^a D^m an L x L matrix per copy): the read-out
 is then one masked product per weight matrix (:func:`rank1_read_tokens`, the step sizes folded
-into the columns of mix; fused Triton kernels on CUDA, :mod:`.read_kernel`) and the end state one
-weighted product (:func:`rank1_ends`), with no chunk start states at all. It moves fewer bytes
-when L^2 is below the chunk states' size, n K x the weight matrix (a language model's 256 tokens
-against 96 x 192 matrices in chunks of 64).
+into the columns of mix) and the end state one weighted product (:func:`rank1_ends`), with no
+chunk start states at all. It moves fewer bytes when L^2 is below the chunk states' size, n K x
+the weight matrix (a language model's 256 tokens against 96 x 192 matrices in chunks of 64).
 
 Example:
     >>> n, length = 3, 10
@@ -58,7 +57,6 @@ from ..._function import Function
 
 from . import cross
 from .cross import CrossOperator, _above, closed_states, cross_operator, decay_products, grouped_states
-from .read_kernel import rank1_read_tokens, rank1_read_tokens_reference  # noqa: F401 (the token-form read)
 
 
 def bc(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -281,6 +279,15 @@ class TokenPlan(NamedTuple):
         (da, dm), (la, lm) = (t.unbind(0) for t in decay_products(torch.stack([log_a.to(work), log_m.to(work)])))
         pm = lm.exp()
         return TokenPlan(cast(da @ dm), cast(la.exp()), cast((da @ pm[..., None])[..., 0]), cast(pm), cast(dm[:, -1]))
+
+
+def rank1_read_tokens(mixing: torch.Tensor, left, right, x, out=None) -> torch.Tensor:
+    """sum_{r <= t} mixing_tr (right_r . x_t) left_r for every token (plus ``out``, if given): the read
+    of a zero-start scan of u_r = left_r right_r^T through an (N, L, L) matrix such as
+    :attr:`TokenPlan.mix` (with the updates' scalar factors folded into its columns);
+    left (N, L, o), right, x (N, L, i)."""
+    weighted = mixing * (x @ right.transpose(-1, -2))
+    return weighted @ left if out is None else torch.baddbmm(out, weighted, left)
 
 
 def rank1_ends(left, right, weights) -> torch.Tensor:
