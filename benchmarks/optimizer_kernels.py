@@ -1,0 +1,87 @@
+"""GPU time of each kernel of one optimizer step, fp32 against bf16 (GPU): where a fused step spends it.
+
+One step of each optimizer on the speed suite's GPT-like list (:func:`benchmarks.speed.gpt_param_shapes`,
+``--layers`` blocks) is profiled after a warm-up; the kernels are grouped by name and their GPU
+times summed (median of ``--repeats`` profiled steps), beside the torch optimizer the step is
+compared with. A kernel whose bf16 time is well above its fp32 time, on half the bytes, is a
+kernel bound by something other than memory traffic.
+
+Usage: ``python -m benchmarks.optimizer_kernels [--optimizers DeepMomentum AdamMemory] [--layers 8]``.
+
+Example (the table on made-up numbers):
+    >>> print(table({"K": {"float32": 1.0, "bfloat16": 0.5}})[-1])
+    | K | 1.000 | 0.500 | 0.50x |
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+
+from .speed import gpt_param_shapes, speed_optimizers
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def kernel_ms(make, shapes, dtype, repeats: int) -> dict[str, float]:
+    """kernel name -> median GPU ms per step of an optimizer from ``make(params)``."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for _, s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make(params)
+    for _ in range(3):
+        opt.step()
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(repeats):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            torch.cuda.synchronize()
+        times = defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                times[e.name[:70]] += e.device_time_total / 1e3
+        runs.append(times)
+    names = set().union(*runs)
+    return {n: sorted(r.get(n, 0.0) for r in runs)[len(runs) // 2] for n in names}
+
+
+def table(rows: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| kernel | fp32 ms | bf16 ms | bf16 / fp32 |", "|---|---|---|---|"]
+    for name, t in rows.items():
+        a, b = t.get("float32", 0.0), t.get("bfloat16", 0.0)
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {b / a:.2f}x |" if a else f"| {name} | {a:.3f} | {b:.3f} | - |")
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--optimizers", nargs="+", default=["AdamW(fused)", "SGD(fused)", "AdamMemory", "MomentumMemory",
+                                                      "DeepMomentum", "DeltaMomentum"])
+    p.add_argument("--layers", type=int, default=8, help="blocks of the GPT-like list (dim 2048)")
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("optimizer_kernels: needs a CUDA device; nothing to do")
+        return
+    shapes = gpt_param_shapes(layers=a.layers)
+    makers = speed_optimizers(a.optimizers, "cuda")
+    print(f"{torch.cuda.get_device_name()}, {sum(s[0] * s[1] for _, s in shapes) / 1e9:.2f} B params, "
+          f"median of {a.repeats} profiled steps")
+    for name in a.optimizers:
+        rows: dict[str, dict[str, float]] = defaultdict(dict)
+        for dtype in DTYPES:
+            for kernel, ms in kernel_ms(makers[name], shapes, dtype, a.repeats).items():
+                rows[kernel][str(dtype).split(".")[-1]] = ms
+        total = {d: sum(t.get(d, 0.0) for t in rows.values()) for d in ("float32", "bfloat16")}
+        rows = dict(sorted(rows.items(), key=lambda kv: -max(kv[1].values())))
+        rows["(all kernels)"] = total
+        print(f"\n## {name}\n")
+        print("\n".join(table(rows)))
+
+
+if __name__ == "__main__":
+    main()
