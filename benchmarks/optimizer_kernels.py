@@ -49,6 +49,28 @@ def kernel_ms(make, shapes, dtype, repeats: int) -> dict[str, float]:
     return {n: sorted(r.get(n, 0.0) for r in runs)[len(runs) // 2] for n in names}
 
 
+DEEP_TILES = [(1024, 8), (1024, 4), (512, 4), (512, 8), (256, 4), (256, 2), (2048, 8)]
+
+
+def deep_tiles(shapes, repeats: int) -> None:
+    """DeepMomentum's inner and read kernel ms per step at each (elements per program, warps)."""
+    from deepopt.levels.deep import fused
+
+    make = speed_optimizers(["DeepMomentum"], "cuda")["DeepMomentum"]
+    saved = dict(fused.TILE)
+    print("\n| tile (block, warps) | dtype | deep_inner_kernel ms | deep_read_kernel ms |\n|---|---|---|---|")
+    try:
+        for tile in DEEP_TILES:
+            for dtype in DTYPES:
+                fused.TILE.update({4: tile, 2: tile})
+                t = kernel_ms(make, shapes, dtype, repeats)
+                print(f"| {tile} | {str(dtype).split('.')[-1]} | {t.get('deep_inner_kernel', 0):.3f} "
+                      f"| {t.get('deep_read_kernel', 0):.3f} |")
+    finally:
+        fused.TILE.clear()
+        fused.TILE.update(saved)
+
+
 def table(rows: dict[str, dict[str, float]]) -> list[str]:
     lines = ["| kernel | fp32 ms | bf16 ms | bf16 / fp32 |", "|---|---|---|---|"]
     for name, t in rows.items():
@@ -63,11 +85,14 @@ def main(argv=None) -> None:
                                                       "DeepMomentum", "DeltaMomentum"])
     p.add_argument("--layers", type=int, default=8, help="blocks of the GPT-like list (dim 2048)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--deep-tiles", action="store_true", help="DeepMomentum's inner and read kernels at several tiles")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("optimizer_kernels: needs a CUDA device; nothing to do")
         return
     shapes = gpt_param_shapes(layers=a.layers)
+    if a.deep_tiles:
+        deep_tiles(shapes, a.repeats)
     makers = speed_optimizers(a.optimizers, "cuda")
     print(f"{torch.cuda.get_device_name()}, {sum(s[0] * s[1] for _, s in shapes) / 1e9:.2f} B params, "
           f"median of {a.repeats} profiled steps")

@@ -32,7 +32,11 @@ from ..orthogonal.fused import ns_method
 from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio
 from .level import DeepMemory
 
-__all__ = ["DeepStep", "deep"]
+__all__ = ["DeepStep", "deep", "TILE"]
+
+#: (elements per program, warps) of the inner and read kernels, whose programs hold a (BLOCK, H)
+#: tile of the memory MLP's hidden units, by the parameter's element size in bytes.
+TILE = {4: (1024, 8), 2: (1024, 8)}
 
 
 def _kernels():
@@ -121,13 +125,14 @@ class DeepStep(FusedStep):
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
             self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=4096, **dts)
+            block, warps = TILE.get(p.element_size(), TILE[4])
             self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
-                        LEARN=eta != 0, H=h, HP=hp, WC=wc, block=1024, **dts)
+                        LEARN=eta != 0, H=h, HP=hp, WC=wc, block=block, num_warps=warps, **dts)
             t = rows.tables(1024)
             flag = self.found if self.found is not None else red  # any pointer when CHECK is off
             k.deep_phi_kernel[(len(out_rows),)](t.ptrs, t.numel, flag, sums, a, eta, NCOL=len(rows.rows[0]), S_DT=sdt,
                                                 H=h, HP=hp, WC=wc, ALIGNED=t.aligned, CHECK=self.found is not None)
             self.launch(k.deep_read_kernel, rows, None, red, lr, decay, wd, S_DT=sdt,
                         O_DT=tl_dtype(slot[out_rows[0]].dtype) if to_out else sdt, COUPLED=coupled,
-                        SIGN=sigma == "sign", TO_OUT=to_out, H=h, HP=hp, WC=wc, block=1024, **dts)
+                        SIGN=sigma == "sign", TO_OUT=to_out, H=h, HP=hp, WC=wc, block=block, num_warps=warps, **dts)
             rows.finish()
