@@ -36,7 +36,7 @@ __all__ = ["DeepStep", "deep", "TILE"]
 
 #: (elements per program, warps) of the inner and read kernels, whose programs hold a (BLOCK, H)
 #: tile of the memory MLP's hidden units, by the parameter's element size in bytes.
-TILE = {4: (1024, 8), 2: (1024, 8)}
+TILE = {4: (512, 4), 2: (512, 4)}  # H200 sweep (benchmarks.optimizer_kernels --deep-tiles)
 
 
 def _kernels():
