@@ -37,6 +37,10 @@ from .level import DeltaMomentumLevel, Momentum, forget_terms
 __all__ = ["MomentumStep", "DeltaStep", "momentum", "momentum_terms", "delta"]
 
 
+#: elements per program of the reduction kernel (8 warps), whatever the dtype
+REDUCE_BLOCK = 4096
+
+
 def _kernels():
     from . import triton_kernels
 
@@ -149,7 +153,8 @@ class DeltaStep(FusedStep):
         red = torch.zeros(len(idx), 2, dtype=torch.float32, device=p.device)
         k = _kernels()
         if lam != 0:
-            self.launch(k.delta_reduce_kernel, rows, None, red, wd, COUPLED=coupled, **dts)
+            # a reduction: large programs (fewer atomics), as deep momentum's sum of squares
+            self.launch(k.delta_reduce_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
         scal = scalar_table([[float(ts[i] == 1), float(params[i].ndim < 2)] for i in idx], p.device)
         self.launch(k.delta_update_kernel, rows, scal, red, a, lam, lr, decay, wd, NSCAL=2, F_DT=dts["S_DT"],
                     NESTEROV=nesterov, COUPLED=coupled, **dts)
