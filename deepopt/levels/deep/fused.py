@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.launch import FusedStep, apply_rows, f32, row_grad, row_step, tanh, tl_dtype
+from ...kernels.launch import REDUCE_BLOCK, FusedStep, apply_rows, f32, row_grad, row_step, tanh, tl_dtype
 from ...kernels.tables import RowSet
 from ..orthogonal.batched import NSBatches
 from ..orthogonal.fused import ns_method
@@ -124,7 +124,7 @@ class DeepStep(FusedStep):
             sdt = tl_dtype(b.dtype)
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
-            self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=4096, **dts)
+            self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
             block, warps = TILE.get(p.element_size(), TILE[4])
             self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
                         LEARN=eta != 0, H=h, HP=hp, WC=wc, block=block, num_warps=warps, **dts)

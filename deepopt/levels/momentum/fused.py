@@ -30,15 +30,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.launch import FusedStep, f32, first_write, row_grad, row_step, tl_dtype
+from ...kernels.launch import REDUCE_BLOCK, FusedStep, f32, first_write, row_grad, row_step, tl_dtype
 from ...kernels.tables import RowSet, scalar_table, step_scalars
 from .level import DeltaMomentumLevel, Momentum, forget_terms
 
 __all__ = ["MomentumStep", "DeltaStep", "momentum", "momentum_terms", "delta"]
-
-
-#: elements per program of the reduction kernel (8 warps), whatever the dtype
-REDUCE_BLOCK = 4096
 
 
 def _kernels():
@@ -153,7 +149,6 @@ class DeltaStep(FusedStep):
         red = torch.zeros(len(idx), 2, dtype=torch.float32, device=p.device)
         k = _kernels()
         if lam != 0:
-            # a reduction: large programs (fewer atomics), as deep momentum's sum of squares
             self.launch(k.delta_reduce_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
         scal = scalar_table([[float(ts[i] == 1), float(params[i].ndim < 2)] for i in idx], p.device)
         self.launch(k.delta_update_kernel, rows, scal, red, a, lam, lr, decay, wd, NSCAL=2, F_DT=dts["S_DT"],

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ...kernels.launch import FusedStep, bias_correction, f32, row_grad, row_step, tl_dtype
+from ...kernels.launch import REDUCE_BLOCK, FusedStep, bias_correction, f32, row_grad, row_step, tl_dtype
 from ...kernels.tables import RowSet, scalar_table
 from ..orthogonal.batched import newton_schulz_many
 from ..orthogonal.fused import ns_method
@@ -179,6 +179,6 @@ class M3Step(FusedStep):
         target = float(rms) if rms is not None else 0.0
         k = _kernels()
         if rms is not None:
-            self.launch(k.m3_read_kernel, rows, scal, red, eps, lr, decay, target, PASS=0, **consts)
+            self.launch(k.m3_read_kernel, rows, scal, red, eps, lr, decay, target, PASS=0, block=REDUCE_BLOCK, **consts)
         self.launch(k.m3_read_kernel, rows, scal, red, eps, lr, decay, target, PASS=1, **consts)
         rows.finish()
