@@ -34,12 +34,14 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 _VALUE_CHECKS = True
+_INNER = threading.local()  # depth of models, in this thread, whose layers skip checks of inner activations
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -66,7 +68,20 @@ def value_checks(enabled: bool) -> Iterator[None]:
 
 def _run_value_checks() -> bool:
     # is_compiling first: while tracing, the switch is never read (no guard on it, no recompile).
-    return not torch.compiler.is_compiling() and _VALUE_CHECKS
+    return not torch.compiler.is_compiling() and _VALUE_CHECKS and not getattr(_INNER, "depth", 0)
+
+
+@contextmanager
+def inner_activations() -> Iterator[None]:
+    """Inside a model whose inputs were checked (a language model's token ids), its layers skip
+    the value checks of their inputs: those are the model's own activations, and each check would
+    synchronise the host with the GPU once per layer call. Thread-local; shape and type checks
+    still run. Only entered outside torch.compile (the checks never run while compiling)."""
+    _INNER.depth = getattr(_INNER, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _INNER.depth -= 1
 
 
 # Older names of the same switch.

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_choice, check_positive_int, check_tokens
+from ._checks import check_choice, check_positive_int, check_tokens, inner_activations
 from ._modules import SwiGLU
 from .hope import HopeAttentionBlock, HopeBlock
 from .memory.attention import AttentionMemory
@@ -58,12 +58,20 @@ class _LanguageModel(nn.Module):
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state has {len(state)} entries but the model has {len(self.blocks)} blocks")
         x = self.embed(tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long())  # embedding: int32/64 only
+        if torch.compiler.is_compiling():  # no value checks while compiling: no context to enter
+            x, new_state = self._blocks(x, state, return_state)
+        else:
+            with inner_activations():  # the tokens were checked: the blocks' inputs are our activations
+                x, new_state = self._blocks(x, state, return_state)
+        logits = self.head(self.norm(x))
+        return (logits, new_state) if return_state else logits
+
+    def _blocks(self, x: torch.Tensor, state: tuple | None, return_state: bool):
         new_state = []
         for i, block in enumerate(self.blocks):
             x, s = block(x, None if state is None else state[i], need_state=return_state)  # no end states unless returned
             new_state.append(s)
-        logits = self.head(self.norm(x))
-        return (logits, tuple(new_state)) if return_state else logits
+        return x, tuple(new_state)
 
     @torch.no_grad()
     def generate(

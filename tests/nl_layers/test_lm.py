@@ -205,3 +205,55 @@ def test_training_forward_skips_end_states_with_the_same_logits_and_gradients(ki
         assert (a is None) == (b is None) and (a is None or max_diff(a, b) < 1e-12)
     _, state2 = lm(tokens[:, 4:], state, return_state=True)  # a returned state still streams on
     assert all(s is not None for s in state2)
+
+
+def _count_finite_checks(monkeypatch):
+    """Count the value checks of layer inputs (each is one host synchronisation on a GPU)."""
+    import nl_layers._checks as checks
+
+    calls = []
+    real = checks.check_finite
+    def counted(x, name):
+        if checks._run_value_checks():  # the check runs: a reduction and, on a GPU, a synchronisation
+            calls.append(name)
+        return real(x, name)
+
+    monkeypatch.setattr(checks, "check_finite", counted)
+    for mod in ("nl_layers.hope", "nl_layers.self_modifying", "nl_layers.memory.neural", "nl_layers.memory.attention",
+                "nl_layers.memory.linear", "nl_layers.cms_in_context"):
+        m = __import__(mod, fromlist=["_"])
+        if hasattr(m, "check_finite"):
+            monkeypatch.setattr(m, "check_finite", checks.check_finite)
+    return calls, checks
+
+
+@pytest.mark.parametrize("make", [lambda: nl_layers.TitansLM(30, dim=16, depth=2, heads=2),
+                                  lambda: nl_layers.HopeLM(30, dim=16, depth=2, heads=2)])
+def test_lm_layers_skip_value_checks_of_their_inner_activations(monkeypatch, make):
+    """The LM checks its token ids; its layers' inputs are its own activations, so they are not
+    value-checked (on a GPU each check is a host synchronisation per layer call)."""
+    calls, checks = _count_finite_checks(monkeypatch)
+    lm = make()
+    lm(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert calls == [] and nl_layers.value_checks_enabled() and not getattr(checks._INNER, "depth", 0)
+    block = lm.blocks[0]
+    x = torch.randn(1, 3, 16)
+    with pytest.raises(ValueError, match="NaN or Inf"):  # a layer called on its own still checks its input
+        (block.memory if hasattr(block, "memory") else block.mixer)(x.masked_fill(x > 0, float("nan")))
+    assert not getattr(checks._INNER, "depth", 0)
+
+
+def test_inner_activations_is_thread_local_and_restored_after_an_error():
+    import threading
+
+    import nl_layers._checks as checks
+
+    seen = []
+    with pytest.raises(RuntimeError):
+        with checks.inner_activations():
+            worker = threading.Thread(target=lambda: seen.append(checks._run_value_checks()))
+            worker.start()
+            worker.join()
+            seen.append(checks._run_value_checks())
+            raise RuntimeError("boom")
+    assert seen == [True, False] and checks._run_value_checks()
