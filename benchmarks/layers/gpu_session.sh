@@ -66,7 +66,7 @@ lm_compile() {
   say "lm_compile rc=$?"
 }
 kernels() {
-  for bench in ${KERNEL_BENCHES:-read_kernel_bench causal_conv_bench mix_kernel_bench}; do
+  for bench in ${KERNEL_BENCHES:-causal_conv_bench}; do
     say "$bench start"
     CUDA_VISIBLE_DEVICES=${1:-0} timeout "${KERNEL_SECONDS:-120}" python3 -m benchmarks.layers.$bench > "$out/logs/$bench.log" 2>&1
     say "$bench rc=$?"
