@@ -198,7 +198,7 @@ class SelfModifyingTitans(nn.Module):
 
     def _rates(self, lr_out, decay_out):
         """eta and log alpha from the lr and decay memories' outputs."""
-        return self.max_lr * torch.sigmoid(self.lr_head(lr_out)[..., 0]), F.logsigmoid(self.decay_head(decay_out)[..., 0])
+        return self.max_lr * torch.sigmoid(self.lr_head(lr_out).squeeze(-1)), F.logsigmoid(self.decay_head(decay_out).squeeze(-1))
 
     def _gates(self, key_out, value_out, lr_out, decay_out):
         """k, v, eta, log alpha from the four component memories' outputs."""
