@@ -28,7 +28,7 @@ def test_validation_order_differs_from_the_test_order():
 def test_smoke_cli_writes_json_and_table(tmp_path):
     out = tmp_path / "ctv"
     result = ctv.main(["--smoke", "--settings", "finetune", "recipe", "recipe:damping=0,distill=0",
-                       "--seeds", "100", "--out", str(out)])
+                       "--seeds", "100", "--size", "eval_windows=3", "--out", str(out)])
     rows = {r["setting"]: r for r in result["rows"]}
     assert rows["recipe"]["runs"][0]["recipe_knobs"]["damping"] == 3.0
     knobs = rows["recipe:damping=0,distill=0"]["runs"][0]["recipe_knobs"]
@@ -37,7 +37,7 @@ def test_smoke_cli_writes_json_and_table(tmp_path):
     for r in result["rows"]:
         assert len(r["runs"][0]["matrix"]) == 3 and r["learning_bpc"]["mean"] > 0
     saved = json.loads((out / "results.json").read_text())
-    assert saved["genres"] == list(ctv.GENRES)
+    assert saved["genres"] == list(ctv.GENRES) and saved["sizes"]["eval_windows"] == 3
     table = (out / "results.md").read_text()
     assert "| recipe (= defaults) |" in table and "| recipe:damping=0,distill=0 |" in table
 
