@@ -18,7 +18,10 @@ Both models put their feed-forward blocks at ``blocks.<i>.mlp``. Methods (AdamW,
 - ``recipe``: ``deepopt.continual.Recipe(model, lr, weight_decay=...)`` with its defaults
   (``deepopt.continual.DEFAULTS``: the one setting chosen on the validation digit sequences of
   :mod:`benchmarks.continual_recipe`, not tuned on these sequences), ``end_task()`` at each task
-  boundary; its AdamW is the one ``finetune`` uses (same lr, same weight decay).
+  boundary; its AdamW is the one ``finetune`` uses (same lr, same weight decay). A job's
+  ``recipe_setting`` (absent in the presets) overrides some of the defaults
+  (:mod:`benchmarks.continual_text_validation` sweeps them on a CPU text validation sequence), and
+  ``genres`` (absent: comedies, histories, tragedies) orders the text sequence's genres.
 
 A period-C parameter accumulates its gradient over C steps and is stepped every C steps with the
 mean. Metrics (:mod:`benchmarks.metrics`): average final, BWT, FWT; for bits per character both
@@ -102,7 +105,7 @@ def make_sequence(p: dict, device: str):
         return ShakespeareGenres(p["steps_per_task"], context=p["seq_len"], batch=p["batch"],
                                  eval_windows=p["eval_windows"], text="raw", max_chars=p.get("max_chars"),
                                  model=lambda vocab: TransformerLM(vocab, p["dim"], p["depth"], heads=p["heads"]),
-                                 device=device)
+                                 device=device, genres=p.get("genres"))
     if p["sequence"] == "permuted_digits":
         return PermutedDigits(p["n_tasks"], p["steps_per_task"], batch=p["batch"],
                               model=lambda: ResidualMLP(p["width"], p["depth"], p["hidden"]), device=device)
@@ -143,7 +146,8 @@ def build(params: dict, device: str):
         from deepopt.continual import Recipe
 
         # the Recipe's optimizer is torch.optim.AdamW at the same lr and weight decay as finetune's
-        return seq, model, Recipe(model, params["lr"], weight_decay=params["weight_decay"]), None, spec
+        return seq, model, Recipe(model, params["lr"], weight_decay=params["weight_decay"],
+                                  **(params.get("recipe_setting") or {})), None, spec
     opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
     periodic = PeriodicGradients(model.named_parameters(), spec) if spec else None
     return seq, model, opt, periodic, spec
@@ -228,14 +232,15 @@ def run(params: dict, device: str) -> dict:
         "steps": done, "steps_planned": steps * n, "train_seconds": train_seconds,
         "seconds": time.perf_counter() - start, "cut_short": cut_short,
         "params": sum(p.numel() for p in model.parameters()), "level_spec": spec,
-        "recipe_knobs": _recipe_knobs() if method == "recipe" else None,
+        "recipe_knobs": _recipe_knobs(params.get("recipe_setting")) if method == "recipe" else None,
     }
 
 
-def _recipe_knobs() -> dict:
+def _recipe_knobs(setting: dict | None = None) -> dict:
+    """The recipe's knobs of a run: its defaults, with ``setting`` (params' ``recipe_setting``) over them."""
     from deepopt.continual import DEFAULTS
 
-    return dict(DEFAULTS)
+    return {**DEFAULTS, **(setting or {})}
 
 
 # ----------------------------------------------------------------------------- jobs

@@ -15,7 +15,7 @@ MODULES = ["benchmarks.cli", "benchmarks.continual", "benchmarks.continual_tasks
            "benchmarks.suite_runs", "benchmarks.smoke", "benchmarks.rebuild", "benchmarks.experiments",
            "benchmarks.experiments.run", "benchmarks.experiments.lm", "benchmarks.experiments.lm_optimizers",
            "benchmarks.experiments.lm_training", "benchmarks.experiments.recall", "benchmarks.experiments.continual_levels",
-           "benchmarks.experiments.continual_levels_report",
+           "benchmarks.experiments.continual_levels_report", "benchmarks.continual_text_validation",
            "benchmarks.layers", "benchmarks.layers.timing", "benchmarks.layers.mixers", "benchmarks.layers.lm_steps",
            "benchmarks.layers.run", "benchmarks.layers.report", "benchmarks.layers.suite", "benchmarks.layers.lm_compile", "benchmarks.layers.lm_profile",
            "benchmarks.layers.causal_conv_bench", "benchmarks.layers.lm_value_checks", "benchmarks.lm_defaults",

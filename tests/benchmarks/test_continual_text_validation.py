@@ -1,0 +1,50 @@
+"""benchmarks.continual_text_validation: the smoke path runs every kind of setting, the validation
+sequence is another genre order than the test's, the table reads the results it is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import continual_text_validation as ctv
+from benchmarks.continual_tasks import ShakespeareGenres
+
+
+def test_parse_setting():
+    assert ctv.parse_setting("finetune") == ("finetune", {})
+    assert ctv.parse_setting("recipe:damping=1,importance=path") == ("recipe", {"damping": 1.0, "importance": "path"})
+    with pytest.raises(ValueError):
+        ctv.parse_setting("ewc:lam=3")
+    with pytest.raises(ValueError):
+        ctv.parse_setting("adam")
+
+
+def test_validation_order_differs_from_the_test_order():
+    assert tuple(ctv.GENRES) != ShakespeareGenres.genres and sorted(ctv.GENRES) == sorted(ShakespeareGenres.genres)
+    assert not set(ctv.VAL_SEEDS) & {0, 1, 2}  # the GPU test's seeds
+
+
+def test_smoke_cli_writes_json_and_table(tmp_path):
+    out = tmp_path / "ctv"
+    result = ctv.main(["--smoke", "--settings", "finetune", "recipe", "recipe:damping=0,distill=0",
+                       "--seeds", "100", "--size", "eval_windows=3", "--out", str(out)])
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert rows["recipe"]["runs"][0]["recipe_knobs"]["damping"] == 3.0
+    knobs = rows["recipe:damping=0,distill=0"]["runs"][0]["recipe_knobs"]
+    assert knobs["damping"] == 0.0 and knobs["distill"] == 0.0 and knobs["strength"] == 0.03
+    assert rows["finetune"]["runs"][0]["recipe_knobs"] is None
+    for r in result["rows"]:
+        assert len(r["runs"][0]["matrix"]) == 3 and r["learning_bpc"]["mean"] > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["genres"] == list(ctv.GENRES) and saved["sizes"]["eval_windows"] == 3
+    table = (out / "results.md").read_text()
+    assert "| recipe (= defaults) |" in table and "| recipe:damping=0,distill=0 |" in table
+
+
+def test_genres_argument_orders_the_tasks():
+    seq = ShakespeareGenres(2, context=8, batch=2, eval_windows=2, text="raw", max_chars=5_000,
+                            genres=["tragedies", "comedies"])
+    assert seq.genres == ("tragedies", "comedies") and seq.n_tasks == 2 and ShakespeareGenres.genres[0] == "comedies"
+    with pytest.raises(ValueError):
+        ShakespeareGenres(2, text="raw", max_chars=5_000, genres=["poems"])
