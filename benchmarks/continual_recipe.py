@@ -57,7 +57,7 @@ from deepopt.continual import metrics
 
 from .continual_sequences import SEQUENCES, TEST_SEQUENCES, VALIDATION_SEQUENCES, class_groups
 from .continual_tasks import data_generator
-from .outdir import add_arguments as add_out_arguments, announce, run_dir
+from .outdir import add_arguments as add_out_arguments, announce, run_dir, save
 
 LR = 1e-2
 FISHER_SAMPLES = 64
@@ -455,12 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
               "selection": selection, "chosen": chosen, "test": test,
               "targets": targets(test) if {"recipe", "finetune", "EWC", "SI"} <= set(chosen) else None,
               "seconds": time.perf_counter() - t0}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    with open(os.path.join(out_dir, "results.md"), "w") as fh:
-        fh.write(markdown(result))
-    announce(out_dir)
+    save(out_dir, "results", result, markdown(result))
     return result
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import time
@@ -55,7 +54,7 @@ from deepopt.continual import DEFAULTS
 
 from .experiments.continual_levels import _TEXT_COMMON, run
 from .metrics import average_final, backward_transfer
-from .outdir import add_arguments as add_out_arguments, announce, run_dir
+from .outdir import add_arguments as add_out_arguments, run_dir, save
 
 NAME = "continual_text_validation"
 GENRES = ("tragedies", "comedies", "histories")  # the test's order is comedies, histories, tragedies
@@ -219,13 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         rows = digits_check(list(dict.fromkeys(list(args.settings) + (GRID if args.grid else []))), args.seeds,
                             log=lambda s: print(s, flush=True))
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "digits_check.json"), "w") as fh:
-            json.dump({"command": command, "seeds": args.seeds, "rows": rows, "seconds": time.perf_counter() - t0,
-                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, fh, indent=1)
-        with open(os.path.join(out_dir, "digits_check.md"), "w") as fh:
-            fh.write(digits_markdown(rows, command, args.seeds))
-        announce(out_dir)
+        save(out_dir, "digits_check", {"command": command, "seeds": args.seeds, "rows": rows,
+                                       "seconds": time.perf_counter() - t0,
+                                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+             digits_markdown(rows, command, args.seeds))
         return {"digits_check": rows}
     sizes = dict(SMOKE if args.smoke else SIZES)
     if args.steps:
@@ -241,12 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update({"command": command,
                    "torch": torch.__version__, "threads": args.threads, "seconds": time.perf_counter() - t0,
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    with open(os.path.join(out_dir, "results.md"), "w") as fh:
-        fh.write(markdown(result))
-    announce(out_dir)
+    save(out_dir, "results", result, markdown(result))
     return result
 
 

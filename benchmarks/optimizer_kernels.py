@@ -57,18 +57,17 @@ def deep_tiles(shapes, repeats: int) -> None:
     from deepopt.levels.deep import fused
 
     make = speed_optimizers(["DeepMomentum"], "cuda")["DeepMomentum"]
-    saved = dict(fused.TILE)
+    saved = fused.TILE
     print("\n| tile (block, warps) | dtype | deep_inner_kernel ms | deep_read_kernel ms |\n|---|---|---|---|")
     try:
         for tile in DEEP_TILES:
             for dtype in DTYPES:
-                fused.TILE.update({4: tile, 2: tile})
+                fused.TILE = tile
                 t = kernel_ms(make, shapes, dtype, repeats)
                 print(f"| {tile} | {str(dtype).split('.')[-1]} | {t.get('deep_inner_kernel', 0):.3f} "
                       f"| {t.get('deep_read_kernel', 0):.3f} |")
     finally:
-        fused.TILE.clear()
-        fused.TILE.update(saved)
+        fused.TILE = saved
 
 
 def table(rows: dict[str, dict[str, float]]) -> list[str]:

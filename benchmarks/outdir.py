@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -70,3 +71,13 @@ def announce(path: str) -> None:
     """Print where the results went (the last line of every entry point)."""
     rel = os.path.relpath(path)
     print(f"results written to {path if rel.startswith('..') else rel}", flush=True)
+
+
+def save(out_dir: str, stem: str, record: dict, markdown: str) -> None:
+    """Write ``<stem>.json`` (the record) and ``<stem>.md`` into ``out_dir`` (created), then announce it."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as fh:
+        json.dump(record, fh, indent=1)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as fh:
+        fh.write(markdown)
+    announce(out_dir)

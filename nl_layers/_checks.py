@@ -76,12 +76,21 @@ def inner_activations() -> Iterator[None]:
     """Inside a model whose inputs were checked (a language model's token ids), its layers skip
     the value checks of their inputs: those are the model's own activations, and each check would
     synchronise the host with the GPU once per layer call. Thread-local; shape and type checks
-    still run. Only entered outside torch.compile (the checks never run while compiling)."""
+    still run. Entered through :func:`run_inner`."""
     _INNER.depth = getattr(_INNER, "depth", 0) + 1
     try:
         yield
     finally:
         _INNER.depth -= 1
+
+
+def run_inner(fn, *args):
+    """``fn(*args)`` inside :func:`inner_activations`, or directly while compiling (the checks never
+    run there, and the traced code holds no context manager)."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    with inner_activations():
+        return fn(*args)
 
 
 # Older names of the same switch.

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_sequence, inner_activations
+from ._checks import check_sequence, run_inner
 from .cms import CMS
 from .memory.attention import AttentionMemory
 from .self_modifying import SelfModifyingTitans
@@ -49,10 +49,7 @@ class _MixerThenCMS(nn.Module):
         """(y, HopeBlockState); ``need_state=False`` (the state is dropped): the mixer skips its end
         state (the returned state then holds None for it), y is the same."""
         check_sequence(x, self.dim)
-        if torch.compiler.is_compiling():  # no value checks while compiling: no context to enter
-            return self._forward(x, state, need_state)
-        with inner_activations():  # x was checked: the mixer's and the CMS's inputs are our activations
-            return self._forward(x, state, need_state)
+        return run_inner(self._forward, x, state, need_state)  # x was checked: the mixer's and CMS's inputs are ours
 
     def _forward(self, x: torch.Tensor, state: HopeBlockState | None, need_state: bool):
         mixed, mixer_state = self.mixer(self.norm1(x), None if state is None else state.mixer, need_state=need_state)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_choice, check_positive_int, check_tokens, inner_activations
+from ._checks import check_choice, check_positive_int, check_tokens, run_inner
 from ._modules import SwiGLU
 from .hope import HopeAttentionBlock, HopeBlock
 from .memory.attention import AttentionMemory
@@ -58,11 +58,7 @@ class _LanguageModel(nn.Module):
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state has {len(state)} entries but the model has {len(self.blocks)} blocks")
         x = self.embed(tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long())  # embedding: int32/64 only
-        if torch.compiler.is_compiling():  # no value checks while compiling: no context to enter
-            x, new_state = self._blocks(x, state, return_state)
-        else:
-            with inner_activations():  # the tokens were checked: the blocks' inputs are our activations
-                x, new_state = self._blocks(x, state, return_state)
+        x, new_state = run_inner(self._blocks, x, state, return_state)  # the tokens were checked: the rest is ours
         logits = self.head(self.norm(x))
         return (logits, new_state) if return_state else logits
 

@@ -31,17 +31,16 @@ MODES = ("inner skipped", "inner checked", "all off")
 def mode(name: str):
     """The value checks as in ``name`` (see MODES) for the duration of the block."""
     import nl_layers
-    import nl_layers.hope
-    import nl_layers.lm
+    from nl_layers import _checks
 
-    saved = nl_layers.lm.inner_activations, nl_layers.hope.inner_activations
+    saved = _checks.inner_activations
     if name == "inner checked":  # the behaviour before: every layer re-checks its input
-        nl_layers.lm.inner_activations = nl_layers.hope.inner_activations = contextlib.nullcontext
+        _checks.inner_activations = contextlib.nullcontext
     try:
         with nl_layers.value_checks(name != "all off"):
             yield
     finally:
-        nl_layers.lm.inner_activations, nl_layers.hope.inner_activations = saved
+        _checks.inner_activations = saved
 
 
 def table(rows: dict) -> list[str]:

@@ -26,3 +26,18 @@ def assert_grads_close(module, x, out_a, out_b, atol=1e-10, module_b=None):
         assert (a is None) == (b is None), name
         if a is not None:
             assert torch.allclose(a, b, atol=atol, rtol=1e-8), f"gradient of {name} differs by {max_diff(a, b)}"
+
+
+def assert_need_state_false_matches(layer, given: bool):
+    """``layer(x, state, need_state=False)`` returns (y, None) with the same y and gradients (x and
+    every parameter) as the full forward; ``given``: from a state of an earlier call (float64)."""
+    x = torch.randn(2, 14, 16, dtype=torch.float64, requires_grad=True)
+    state = layer(torch.randn(2, 5, 16, dtype=torch.float64))[1] if given else None
+    y, full = layer(x, state)
+    y_skip, none = layer(x, state, need_state=False)
+    assert none is None and full is not None and max_diff(y, y_skip) < 1e-13
+    w = torch.randn_like(y)
+    inputs = [x] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad((y * w).sum(), inputs, allow_unused=True, retain_graph=True),
+                    torch.autograd.grad((y_skip * w).sum(), inputs, allow_unused=True)):
+        assert (a is None) == (b is None) and (a is None or max_diff(a, b) < 1e-12)

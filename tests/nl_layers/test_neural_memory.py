@@ -11,7 +11,7 @@ import nl_layers
 from nl_layers.memory.linear import linear_memory_recurrent
 from nl_layers.ops.fast_weights import step_bound
 
-from .helpers import assert_grads_close, max_diff
+from .helpers import assert_grads_close, assert_need_state_false_matches, max_diff
 
 
 def _memory(chunk=16, memory="mlp", grad_impl="analytic", **kw):
@@ -282,13 +282,4 @@ def test_need_state_false_gives_the_same_output_and_gradients(grad_impl, anchor_
     """need_state=False returns (y, None) with the same y and gradients as the full forward."""
     torch.manual_seed(0)
     mem = nl_layers.NeuralMemory(16, heads=2, chunk_size=4, anchor_size=anchor_size, grad_impl=grad_impl).double()
-    x = torch.randn(2, 14, 16, dtype=torch.float64, requires_grad=True)
-    state = mem(torch.randn(2, 5, 16, dtype=torch.float64))[1] if given else None
-    y, full = mem(x, state)
-    y_skip, none = mem(x, state, need_state=False)
-    assert none is None and full is not None and max_diff(y, y_skip) < 1e-13
-    w = torch.randn_like(y)
-    inputs = [x] + list(mem.parameters())
-    for a, b in zip(torch.autograd.grad((y * w).sum(), inputs, allow_unused=True, retain_graph=True),
-                    torch.autograd.grad((y_skip * w).sum(), inputs, allow_unused=True)):
-        assert (a is None) == (b is None) and (a is None or max_diff(a, b) < 1e-12)
+    assert_need_state_false_matches(mem, given)

@@ -8,7 +8,7 @@ import nl_layers
 from nl_layers.memory.mlp import ResidualMLPMemory
 from nl_layers.ops.fast_weights import step_bound
 
-from .helpers import assert_grads_close, max_diff
+from .helpers import assert_grads_close, assert_need_state_false_matches, max_diff
 
 
 def _layer(chunk=8, anchor=4, grad_impl="analytic", detach_values=True):
@@ -211,13 +211,4 @@ def test_need_state_false_gives_the_same_output_and_gradients(anchor_size, given
     segment's end states and component writes skipped)."""
     torch.manual_seed(0)
     layer = nl_layers.SelfModifyingTitans(16, heads=2, chunk_size=4, anchor_size=anchor_size).double()
-    x = torch.randn(2, 14, 16, dtype=torch.float64, requires_grad=True)
-    state = layer(torch.randn(2, 5, 16, dtype=torch.float64))[1] if given else None
-    y, full = layer(x, state)
-    y_skip, none = layer(x, state, need_state=False)
-    assert none is None and full is not None and max_diff(y, y_skip) < 1e-13
-    w = torch.randn_like(y)
-    inputs = [x] + list(layer.parameters())
-    for a, b in zip(torch.autograd.grad((y * w).sum(), inputs, allow_unused=True, retain_graph=True),
-                    torch.autograd.grad((y_skip * w).sum(), inputs, allow_unused=True)):
-        assert (a is None) == (b is None) and (a is None or max_diff(a, b) < 1e-12)
+    assert_need_state_false_matches(layer, given)

@@ -35,8 +35,9 @@ from .level import DeepMemory
 __all__ = ["DeepStep", "deep", "TILE"]
 
 #: (elements per program, warps) of the inner and read kernels, whose programs hold a (BLOCK, H)
-#: tile of the memory MLP's hidden units, by the parameter's element size in bytes.
-TILE = {4: (512, 4), 2: (512, 4)}  # H200 sweep (benchmarks.optimizer_kernels --deep-tiles)
+#: tile of the memory MLP's hidden units, for fp32 and bf16 alike (H200 sweep:
+#: ``python -m benchmarks.optimizer_kernels --deep-tiles``).
+TILE = (512, 4)
 
 
 def _kernels():
@@ -125,7 +126,7 @@ class DeepStep(FusedStep):
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
             self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
-            block, warps = TILE.get(p.element_size(), TILE[4])
+            block, warps = TILE
             self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
                         LEARN=eta != 0, H=h, HP=hp, WC=wc, block=block, num_warps=warps, **dts)
             t = rows.tables(1024)
