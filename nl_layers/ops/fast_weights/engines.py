@@ -132,8 +132,8 @@ class AnalyticEngine:
         columns; the initial state's part only when one is given; the end states only with ``need_state``
         (None, None otherwise)."""
         given_s = s0 is not None and log_m is not None  # without momentum S_0 does not enter
-        plan = TokenPlan.build(log_m, log_a, initial=given_s, ends=need_state, d0=d0 is not None)
-        mixing = plan.mix * scale[:, None, :]
+        plan = TokenPlan.build(log_m, log_a, initial=given_s, ends=need_state, d0=d0 is not None, scale=scale)
+        mixing = plan.mix
         if need_state:
             weights = mixing[:, -1, :, None] if log_m is None else torch.stack([mixing[:, -1], plan.dm_last * scale], -1)
         y, d_last, s_last = None, {}, {}

@@ -56,7 +56,8 @@ from torch.autograd.function import once_differentiable
 from ..._function import Function
 
 from . import cross
-from .cross import CrossOperator, _above, closed_states, cross_operator, decay_products, grouped_states
+from .cross import CrossOperator, closed_states, cross_operator, decay_products, grouped_states
+from .decay_kernels import decay_rowcol, decay_tiles
 
 
 def bc(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -185,49 +186,55 @@ def rank1_read(plan: ChunkPlan, left, right, starts, x):
 
 
 class _DecayMix(Function):
-    """mix = D^a D^m (N, L, L) from the stacked log prefixes c = (ca, cm) (2, N, L), D^x_ts = exp(cx_t - cx_s)
-    for s <= t (else 0).
+    """mix = D^a (D^m diag(w)) (N, L, L) from the stacked log prefixes c = (ca, cm) (2, N, L) and the
+    column weights w (N, L), D^x_ts = exp(cx_t - cx_s) for s <= t (else 0).
 
-    Hand-written backward (fewer passes over L x L than autograd through the decay products):
-    G^a = (g D^m^T) * D^a and G^m = (D^a^T g) * D^m, then dca = G^a 1 - G^a^T 1 (row sums minus
-    column sums), likewise dcm.
+    Both factors come from one pass (:func:`~.decay_kernels.decay_tiles`, the weights folded into
+    the second's columns); the backward takes X^a = g (D^m diag(w))^T and X^m = D^a^T g from two
+    products and the gradients from one more pass over them (:func:`~.decay_kernels.decay_rowcol`,
+    which recomputes the exponentials from c): dca = rows(X^a E^a) - cols(X^a E^a),
+    dcm = rows(X^m E^m w) - w cols(X^m E^m), dw = cols(X^m E^m).
     """
 
     @staticmethod
-    def forward(c):
-        length = c.shape[-1]
-        d = (c[..., :, None] - c[..., None, :]).add_(_above(length, length, 1, c)).exp_()  # D^a, D^m at once
-        return d[0] @ d[1], d
+    def forward(c, w):
+        ww = torch.stack([torch.ones_like(w), w]).to(c.dtype)
+        d = decay_tiles(c, ww)  # D^a, D^m diag(w) at once
+        return d[0] @ d[1], d, ww
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)  # no zero gradient for the products, which are not differentiable
-        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)  # no zero gradient for the factors, which are not differentiable
+        ctx.save_for_backward(inputs[0], output[1], output[2])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g, _):
+    def backward(ctx, g, _, __):
         if g is None:
-            return None
-        da, dm = ctx.saved_tensors[0]
-        g = g.to(da.dtype)  # the product may have run at a lower precision (autocast)
-        ga = (g @ dm.transpose(-1, -2)).mul_(da)
-        gm = (da.transpose(-1, -2) @ g).mul_(dm)
-        return torch.stack([ga.sum(-1) - ga.sum(-2), gm.sum(-1) - gm.sum(-2)])
+            return None, None
+        c, d, ww = ctx.saved_tensors
+        g = g.to(d.dtype)  # the product may have run at a lower precision (autocast)
+        x = torch.empty_like(d)
+        torch.bmm(g, d[1].transpose(-1, -2), out=x[0])
+        torch.bmm(d[0].transpose(-1, -2), g, out=x[1])
+        row, col = decay_rowcol(x, c, ww)
+        return row - ww * col, col[1] if ctx.needs_input_grad[1] else None
 
 
-def decay_mix(c: torch.Tensor) -> torch.Tensor:
-    """D^a D^m (N, L, L) from the stacked log prefixes c = (cumsum(log a), cumsum(log m)) (2, N, L):
-    mix_tr = sum_{r <= j <= t} prod_{j < i <= t} a_i prod_{r < i <= j} m_i (see :class:`TokenPlan`).
+def decay_mix(c: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """D^a D^m diag(w) (N, L, L) from the stacked log prefixes c = (cumsum(log a), cumsum(log m)) (2, N, L)
+    and column weights w (N, L) (None: ones): mix_tr = w_r sum_{r <= j <= t} prod_{j < i <= t} a_i
+    prod_{r < i <= j} m_i (see :class:`TokenPlan`).
 
     Example:
         >>> la, lm = -torch.rand(2, 6, dtype=torch.float64), -torch.rand(2, 6, dtype=torch.float64)
-        >>> ref = decay_products(la)[0] @ decay_products(lm)[0]
-        >>> bool(torch.allclose(decay_mix(torch.stack([la, lm]).cumsum(-1)), ref))
+        >>> w = torch.rand(2, 6, dtype=torch.float64)
+        >>> ref = decay_products(la)[0] @ decay_products(lm)[0] * w[:, None, :]
+        >>> bool(torch.allclose(decay_mix(torch.stack([la, lm]).cumsum(-1), w), ref))
         True
     """
-    return _DecayMix.apply(c)[0]
+    return _DecayMix.apply(c, torch.ones_like(c[0]) if w is None else w)[0]
 
 
 class TokenPlan(NamedTuple):
@@ -259,26 +266,32 @@ class TokenPlan(NamedTuple):
 
     @staticmethod
     def build(
-        log_m: torch.Tensor | None, log_a: torch.Tensor, initial: bool = False, ends: bool = True, d0: bool = True
+        log_m: torch.Tensor | None, log_a: torch.Tensor, initial: bool = False, ends: bool = True, d0: bool = True,
+        scale: torch.Tensor | None = None,
     ) -> "TokenPlan":
         """Plan for log-momentum (N, L) (None: no momentum) and log-decay (N, L); ``initial``: also fs, pm.
 
         ``ends`` False: the caller wants no end states (D_L, S_L), so no dm_last (exp(cm_L - cm_r));
         with ``d0`` False too (no initial D_0) no pa = exp(ca_t) either. ``initial`` implies both.
+        ``scale`` (N, L): the updates' scalar factors, folded into the columns of mix (mix_tr scale_r;
+        dm_last stays unscaled); in the common case (momentum, no initial state) in the same pass
+        that forms the decay products.
         """
         work = torch.promote_types(log_a.dtype, torch.float32)  # decay products in at least float32
         cast = lambda t: None if t is None else t.to(log_a.dtype)  # noqa: E731
+        scaled = (lambda m: m) if scale is None else (lambda m: m * scale[:, None, :])  # noqa: E731
         need_pa = ends or d0 or initial
         if log_m is None:
             da, la = decay_products(log_a.to(work))
-            return TokenPlan(cast(da), cast(la.exp()) if need_pa else None, None, None, None)
+            return TokenPlan(cast(scaled(da)), cast(la.exp()) if need_pa else None, None, None, None)
         if not initial:  # the common case (a fresh sequence): mix by hand, its backward too
             c = torch.stack([log_a, log_m]).to(work).cumsum(-1)
             pa = cast(c[0].exp()) if need_pa else None
-            return TokenPlan(cast(decay_mix(c)), pa, None, None, cast((c[1, :, -1:] - c[1]).exp()) if ends else None)
+            mix = decay_mix(c, None if scale is None else scale.to(work))
+            return TokenPlan(cast(mix), pa, None, None, cast((c[1, :, -1:] - c[1]).exp()) if ends else None)
         (da, dm), (la, lm) = (t.unbind(0) for t in decay_products(torch.stack([log_a.to(work), log_m.to(work)])))
         pm = lm.exp()
-        return TokenPlan(cast(da @ dm), cast(la.exp()), cast((da @ pm[..., None])[..., 0]), cast(pm), cast(dm[:, -1]))
+        return TokenPlan(cast(scaled(da @ dm)), cast(la.exp()), cast((da @ pm[..., None])[..., 0]), cast(pm), cast(dm[:, -1]))
 
 
 def rank1_read_tokens(mixing: torch.Tensor, left, right, x, out=None) -> torch.Tensor:
