@@ -58,6 +58,8 @@ from ..._function import Function
 from . import cross
 from .cross import CrossOperator, closed_states, cross_operator, decay_products, grouped_states
 from .decay_kernels import decay_rowcol, decay_tiles
+from . import read_kernels
+from .read_kernels import read_grads
 
 
 def bc(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -294,11 +296,43 @@ class TokenPlan(NamedTuple):
         return TokenPlan(cast(scaled(da @ dm)), cast(la.exp()), cast((da @ pm[..., None])[..., 0]), cast(pm), cast(dm[:, -1]))
 
 
+class _Rank1Read(Function):
+    """:func:`rank1_read_tokens` with a hand-written backward whose two L x L products, G * M and
+    G * S for G = dy left^T, come from one pass over the causal part (:func:`~.read_kernels.read_grads`)."""
+
+    @staticmethod
+    def forward(mixing, left, right, x, out):
+        scores = x @ right.transpose(-1, -2)
+        weighted = mixing * scores
+        return (weighted @ left if out is None else torch.baddbmm(out, weighted, left)), scores, weighted
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
+        ctx.has_out = inputs[4] is not None
+        ctx.save_for_backward(*inputs[:4], output[1], output[2])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _, __):
+        if g is None:
+            return None, None, None, None, None
+        mixing, left, right, x, scores, weighted = ctx.saved_tensors
+        d_scores, d_mixing = read_grads(g @ left.transpose(-1, -2), mixing, scores)
+        return (d_mixing, weighted.transpose(-1, -2) @ g, d_scores.transpose(-1, -2) @ x, d_scores @ right,
+                g if ctx.has_out else None)
+
+
 def rank1_read_tokens(mixing: torch.Tensor, left, right, x, out=None) -> torch.Tensor:
     """sum_{r <= t} mixing_tr (right_r . x_t) left_r for every token (plus ``out``, if given): the read
-    of a zero-start scan of u_r = left_r right_r^T through an (N, L, L) matrix such as
+    of a zero-start scan of u_r = left_r right_r^T through a causal (N, L, L) matrix such as
     :attr:`TokenPlan.mix` (with the updates' scalar factors folded into its columns);
-    left (N, L, o), right, x (N, L, i)."""
+    left (N, L, o), right, x (N, L, i). On CUDA (one dtype, no autocast, not compiling) the backward
+    is :class:`_Rank1Read`'s, which takes mixing as zero above the diagonal (no gradient there)."""
+    ts = (mixing, left, right, x) + (() if out is None else (out,))
+    if read_kernels.kernel_ok(*ts) and not torch.is_autocast_enabled(x.device.type):
+        return _Rank1Read.apply(mixing, left, right, x, out)[0]
     weighted = mixing * (x @ right.transpose(-1, -2))
     return weighted @ left if out is None else torch.baddbmm(out, weighted, left)
 
