@@ -28,7 +28,7 @@ def test_tiles_match_torch(length, dtype):
     want = decay_tiles(c, w, impl="torch")
     got = decay_tiles(c, w, impl="triton")
     assert got.shape == (2, 3, length, length) and got.dtype == dtype
-    torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-13, atol=0)  # the GPU's exp
     assert bool((got.triu(1) == 0).all())  # exactly zero above the diagonal
 
 
