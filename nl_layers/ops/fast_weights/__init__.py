@@ -4,6 +4,8 @@
   (:class:`ChunkPlan`, rank-1 dual form and dense updates);
 - ``cross``: the start states of all chunks at once (a small operator, or a grouped scan);
 - ``step``: the bounded inner step size (normalised LMS with a clipped error);
+- ``decay_kernels``, ``read_kernels``: the token form's element-wise L x L passes (the decay-mix
+  matrix and its gradient; the read's backward) as Triton kernels, the torch paths beside them;
 - ``engines``: one gradient-anchor segment, all tokens at once (closed-form rank-1 gradients of
   the built-in memories, or ``vmap(grad)`` for any module).
 """
