@@ -1,5 +1,6 @@
-"""Causal depthwise convolution: the Triton kernels (forced; the interpreter on CPU) and the torch path
-against the old cat + conv1d expression, for y, the new cache and the gradients of x, weight, cache."""
+"""Causal depthwise convolution: the Triton kernels (forced: compiled on a CUDA machine, the interpreter
+on a CPU one) and the torch path against the old cat + conv1d expression (on the CPU), for y, the new
+cache and the gradients of x, weight, cache."""
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torch.nn.functional as F
 from nl_layers._modules import CausalDepthwiseConv1d
 from nl_layers.ops import causal_conv
 from nl_layers.ops.causal_conv import causal_conv1d
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the forced kernels run
 
 
 def reference(x, w, cache):
@@ -38,11 +41,14 @@ def inputs(b, t, c, width, with_cache, dtype):
 
 
 def check(x, w, cache, impl, tol):
-    want = run(reference, x, w, cache)
-    got = run(lambda *a: causal_conv1d(*a, impl=impl), x, w, cache)
+    """``impl`` on DEVICE against the reference on the CPU (same values)."""
+    on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    want = run(reference, cpu(x), cpu(w), cpu(cache))
+    got = run(lambda *a: causal_conv1d(*a, impl=impl), on(x), on(w), on(cache))
     for name, a, b in zip(("y", "cache", "dx", "dw", "dcache"), want, got):
         assert a.shape == b.shape, name
-        torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=name)
+        torch.testing.assert_close(b.cpu(), a, rtol=tol, atol=tol, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -66,11 +72,11 @@ def test_triton_several_programs(monkeypatch, width, with_cache):
 
 def test_triton_strided_input():
     """x a column slice of a wider tensor (as after a fused projection's split): read in place."""
-    wide = torch.randn(2, 9, 20)
+    wide = torch.randn(2, 9, 20, device=DEVICE)
     x = wide[..., 3:15]
     assert not x.is_contiguous()
     check(x, torch.randn(12, 1, 4), torch.randn(2, 3, 12), impl="triton", tol=1e-5)
-    x = torch.randn(2, 12, 9).transpose(1, 2)  # channel stride 9: copied first
+    x = torch.randn(2, 12, 9, device=DEVICE).transpose(1, 2)  # channel stride 9: copied first
     check(x, torch.randn(12, 1, 4), None, impl="triton", tol=1e-5)
 
 
@@ -95,9 +101,9 @@ def test_module_dispatch_and_streaming():
     y2, c2 = conv(x[:, 5:], c1)
     torch.testing.assert_close(torch.cat([y1, y2], 1), y)
     torch.testing.assert_close(c2, cache)
-    conv_k = CausalDepthwiseConv1d(6, 4, impl="triton")
+    conv_k = CausalDepthwiseConv1d(6, 4, impl="triton").to(DEVICE)
     conv_k.load_state_dict(conv.state_dict())
-    torch.testing.assert_close(conv_k(x)[0], y)
+    torch.testing.assert_close(conv_k(x.to(DEVICE))[0].cpu(), y)
     with pytest.raises(ValueError):
         CausalDepthwiseConv1d(6, 4, impl="cuda")
 
@@ -123,8 +129,8 @@ def test_lm_size_gpu(dtype, with_cache):
 
 def test_triton_autocast_dtypes():
     """Under autocast y comes in the autocast dtype and the cache in the input's, as on the torch path."""
-    x, w, cache = inputs(2, 5, 6, 4, True, torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x, w, cache = (t.to(DEVICE) for t in inputs(2, 5, 6, 4, True, torch.float32))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         want = causal_conv1d(x, w, cache, impl="torch")
         got = causal_conv1d(x, w, cache, impl="triton")
     assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.bfloat16, torch.float32]
