@@ -37,13 +37,13 @@ WARMUP, REPEATS = 5, 50
 @contextlib.contextmanager
 def path(kernels: bool):
     """The kernels on or off for decay_mix's auto dispatch."""
-    keep = decay_kernels._kernel_ok
+    keep = decay_kernels.kernel_ok
     if not kernels:
-        decay_kernels._kernel_ok = lambda *ts: False
+        decay_kernels.kernel_ok = lambda *ts: False
     try:
         yield
     finally:
-        decay_kernels._kernel_ok = keep
+        decay_kernels.kernel_ok = keep
 
 
 def inputs(n, length, dtype, device):

@@ -33,13 +33,13 @@ def mode(name: str):
     """The fast-weight kernels on ("kernels") or off ("torch") for the duration of the block."""
     from nl_layers.ops.fast_weights import decay_kernels, read_kernels
 
-    saved = decay_kernels._kernel_ok, read_kernels.kernel_ok
+    saved = decay_kernels.kernel_ok, read_kernels.kernel_ok
     if name == "torch":
-        decay_kernels._kernel_ok = read_kernels.kernel_ok = lambda *ts: False
+        decay_kernels.kernel_ok = read_kernels.kernel_ok = lambda *ts: False
     try:
         yield
     finally:
-        decay_kernels._kernel_ok, read_kernels.kernel_ok = saved
+        decay_kernels.kernel_ok, read_kernels.kernel_ok = saved
 
 
 def table(rows: dict, base: str) -> list[str]:

@@ -69,7 +69,7 @@ def test_decay_mix_values_and_gradients(monkeypatch, kernels, length):
     """decay_mix (the kernels forced on, or the torch path) against autograd, float64: the mix and the
     gradients with respect to the prefixes and the column weights."""
     if kernels:
-        monkeypatch.setattr(decay_kernels, "_kernel_ok", lambda *ts: True)
+        monkeypatch.setattr(decay_kernels, "kernel_ok", lambda *ts: True)
     c, w = prefixes(2, 3, length, torch.float64, seed=1)
     w = w[0]
     probe = torch.randn(3, length, length, dtype=torch.float64, device=DEVICE)

@@ -89,10 +89,10 @@ def test_titans_layer_with_both_kernels(monkeypatch):
         return [y.detach(), *torch.autograd.grad((y * probe).sum(), list(layer.parameters()))]
 
     monkeypatch.setattr(read_kernels, "kernel_ok", lambda *ts: False)
-    monkeypatch.setattr(decay_kernels, "_kernel_ok", lambda *ts: False)
+    monkeypatch.setattr(decay_kernels, "kernel_ok", lambda *ts: False)
     want = run()
     monkeypatch.setattr(read_kernels, "kernel_ok", lambda *ts: True)
-    monkeypatch.setattr(decay_kernels, "_kernel_ok", lambda *ts: True)
+    monkeypatch.setattr(decay_kernels, "kernel_ok", lambda *ts: True)
     got = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

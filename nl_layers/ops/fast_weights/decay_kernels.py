@@ -37,7 +37,7 @@ try:  # triton is optional: without it only the torch path runs
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
-__all__ = ["IMPLS", "decay_rowcol", "decay_rowcol_torch", "decay_tiles", "decay_tiles_torch"]
+__all__ = ["IMPLS", "kernel_ok", "decay_rowcol", "decay_rowcol_torch", "decay_tiles", "decay_tiles_torch"]
 
 IMPLS = ("auto", "triton", "torch")
 #: tile of one ``tiles`` program (rows x columns); rows of one ``rowcol`` program, which walks the
@@ -64,7 +64,8 @@ def decay_rowcol_torch(x: Tensor, c: Tensor, w: Tensor) -> tuple[Tensor, Tensor]
     return (p * w[..., None, :]).sum(-1), p.sum(-2)
 
 
-def _kernel_ok(*ts: Tensor) -> bool:
+def kernel_ok(*ts: Tensor) -> bool:
+    """Whether "auto" takes the kernels for these tensors."""
     return (triton is not None and all(t.is_cuda and t.dtype in _KERNEL_DTYPES[:3] for t in ts)
             and not torch.compiler.is_compiling())
 
@@ -73,7 +74,7 @@ def _impl(impl: str, *ts: Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if _kernel_ok(*ts) else "torch"
+        return "triton" if kernel_ok(*ts) else "torch"
     if impl == "triton" and triton is None:
         raise RuntimeError("impl='triton' needs triton")
     return impl

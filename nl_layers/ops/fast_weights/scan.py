@@ -57,6 +57,7 @@ from ..._function import Function
 
 from . import cross
 from .cross import CrossOperator, closed_states, cross_operator, decay_products, grouped_states
+from . import decay_kernels
 from .decay_kernels import decay_rowcol, decay_tiles
 from . import read_kernels
 from .read_kernels import read_grads
@@ -217,9 +218,12 @@ class _DecayMix(Function):
             return None, None
         c, d, ww = ctx.saved_tensors
         g = g.to(d.dtype)  # the product may have run at a lower precision (autocast)
-        x = torch.empty_like(d)
-        torch.bmm(g, d[1].transpose(-1, -2), out=x[0])
-        torch.bmm(d[0].transpose(-1, -2), g, out=x[1])
+        if decay_kernels.kernel_ok(c, d, g):  # both products straight into one buffer for the kernel
+            x = torch.empty_like(d)
+            torch.bmm(g, d[1].transpose(-1, -2), out=x[0])
+            torch.bmm(d[0].transpose(-1, -2), g, out=x[1])
+        else:  # no out= (torch.compile traces this path)
+            x = torch.stack([g @ d[1].transpose(-1, -2), d[0].transpose(-1, -2) @ g])
         row, col = decay_rowcol(x, c, ww)
         return row - ww * col, col[1] if ctx.needs_input_grad[1] else None
 
