@@ -6,6 +6,8 @@
 #   profile   the LM step's anatomy (benchmarks/layers/lm_profile.py: kernels, GPU busy, CUDA graph)
 #   layers    the whole `layers` suite
 #   compile   eager against compiled LM steps (benchmarks/layers/lm_compile.py)
+#   switch    the eager LM step with the fast-weight Triton kernels on and off, interleaved
+#             (benchmarks/layers/lm_kernel_switch.py: what the kernels cost the host)
 #   defaults  lm_defaults (every LM at its defaults, 1000 steps x 3 seeds)
 #   kernels   the memory layers' Triton kernels against their torch references, checked and timed
 #             (benchmarks/layers/*_bench.py)
@@ -66,7 +68,7 @@ lm_compile() {
   say "lm_compile rc=$?"
 }
 kernels() {
-  for bench in ${KERNEL_BENCHES:-causal_conv_bench}; do
+  for bench in ${KERNEL_BENCHES:-causal_conv_bench decay_mix_bench}; do
     say "$bench start"
     CUDA_VISIBLE_DEVICES=${1:-0} timeout "${KERNEL_SECONDS:-120}" python3 -m benchmarks.layers.$bench > "$out/logs/$bench.log" 2>&1
     say "$bench rc=$?"
@@ -78,6 +80,13 @@ baseline() {
   (cd "$BASELINE" && CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile \
     --out "$out/lm_profile_baseline") > "$out/logs/lm_profile_baseline.log" 2>&1
   say "baseline profile rc=$?"
+}
+switch() {
+  say "lm_kernel_switch start"
+  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${SWITCH_SECONDS:-240}" python3 -m benchmarks.layers.lm_kernel_switch \
+    > "$out/logs/lm_kernel_switch.log" 2>&1
+  say "lm_kernel_switch rc=$?"
+  tail -n 6 "$out/logs/lm_kernel_switch.log" | tee -a "$out/session.log"
 }
 lm_defaults() {
   say "lm_defaults start on GPUs $1"
@@ -94,7 +103,7 @@ if [ "$n" -ge 2 ]; then
   pids=""
   if has layers; then layers $((n - 1)) & pids="$pids $!"; fi
   (has kernels && kernels 0; has tests && tests; has ops && ops 0; has baseline && baseline 0; has profile && profile 0
-    has compile && lm_compile) & pids="$pids $!"
+    has switch && switch 0; has compile && lm_compile) & pids="$pids $!"
   if has defaults; then lm_defaults $workers & pids="$pids $!"; fi
   wait $pids
 else
@@ -103,6 +112,7 @@ else
   has ops && ops 0
   has baseline && baseline 0
   has profile && profile 0
+  has switch && switch 0
   has layers && layers 0
   has compile && lm_compile
   has defaults && lm_defaults 0,0,0
