@@ -268,3 +268,15 @@ def test_token_plan_without_ends_skips_dm_last_and_pa_with_the_same_mix(momentum
     w = torch.randn_like(full.mix)
     got, want = (torch.autograd.grad((p.mix * w).sum(), leaves) for p in (lean, full))
     assert all(max_diff(g, h) < 1e-14 for g, h in zip(got, want))
+
+
+@pytest.mark.parametrize("name", ["scan", "cross", "engines", "step", "grouped_linear", "decay_kernels", "read_kernels"])
+def test_docstring_examples_of_the_ops_run(name):
+    import doctest
+    import importlib
+
+    from ..example_imports import run_examples
+
+    module = importlib.import_module(f"nl_layers.ops.fast_weights.{name}")
+    result = run_examples(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
