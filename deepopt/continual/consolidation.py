@@ -43,6 +43,23 @@ importance sets. The pull sets where a weight settles (under Adam, where the tas
 gradients balance; Adam normalises their sum, so the step size does not shrink with the stiffness);
 the damping slows the move itself, on the weights earlier tasks need.
 
+**Shared pull** (opt-in, ``share`` :math:`c > 0`): the weights the new task also needs are pulled
+less. With :math:`\Omega` the earlier tasks' importance (the slow level's) and
+:math:`\Omega_\text{new}` the current task's so far (the same estimate, normalised to mean 1, that
+the next consolidation will add: :meth:`~deepopt.continual.importance.Importance.current`), both
+couplings of the pull use, per weight,
+
+.. math::
+    \Omega_\text{pull} = \Omega \cdot \frac{\Omega + \epsilon}{\Omega + c\,\Omega_\text{new} + \epsilon}
+    \qquad (\epsilon = 10^{-12})
+
+in place of :math:`\Omega`: a weight only earlier tasks need (:math:`\Omega_\text{new} = 0`) keeps
+the full pull exactly; one with :math:`c\,\Omega_\text{new} = \Omega` half of it; one the new task
+needs far more almost none. With ``share_damping`` the damping uses :math:`\Omega_\text{pull}` too.
+``c = 0`` (the default) is the pull above. Since :math:`\Omega_\text{new}` has mean 1 and
+:math:`\Omega` the number of tasks written (``decay=1``), ``c`` sets how much more the new task must
+need a weight than the old ones did for its pull to halve.
+
 Example:
     >>> import torch
     >>> w = torch.nn.Parameter(torch.tensor([0.0, 0.0]))
@@ -52,6 +69,16 @@ Example:
     >>> with torch.no_grad(): _ = w.add_(1.0)              # fast moves on to [2, 2]
     >>> slow.pull(lr=0.05); w.data
     tensor([1.5000, 2.0000])
+
+The shared pull: equal old importance, the new task needs only the second weight.
+
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    >>> slow = SlowLevel([w], strength=1.0, share=1.0)
+    >>> slow.consolidate([torch.tensor([1.0, 1.0])])      # slow copy [1, 1], Omega [1, 1]
+    >>> with torch.no_grad(): _ = w.add_(1.0)              # fast at [2, 2]
+    >>> w.grad = torch.zeros(2)
+    >>> slow.pull_gradients(new=[torch.tensor([0.0, 1.0])]); w.grad   # Omega_new [0, 1]
+    tensor([1.0000, 0.5000])
 """
 
 from __future__ import annotations
@@ -72,17 +99,26 @@ class SlowLevel:
         strength: :math:`\\lambda`, stiffness of the pull per unit importance (>= 0).
         rate: :math:`\\tau` in (0, 1], how far a consolidation moves the slow copy.
         decay: :math:`\\gamma` in [0, 1], how much earlier importance is kept at a consolidation.
+        share: :math:`c` >= 0, weight of the new task's importance in the shared pull (0 = off:
+            the pull is :math:`\\lambda\\Omega`); the pull's methods take that importance as ``new``.
+        share_damping: the damping uses the shared importance too (needs ``share > 0``).
     """
 
-    def __init__(self, params: Sequence[Tensor], strength: float = 1.0, rate: float = 1.0, decay: float = 1.0) -> None:
+    def __init__(self, params: Sequence[Tensor], strength: float = 1.0, rate: float = 1.0, decay: float = 1.0,
+                 share: float = 0.0, share_damping: bool = False) -> None:
         if not strength >= 0:
             raise ValueError(f"strength must be >= 0 (0 = no pull), got {strength!r}")
         if not 0 < rate <= 1:
             raise ValueError(f"rate must be in (0, 1] (1 = copy the fast weights), got {rate!r}")
         if not 0 <= decay <= 1:
             raise ValueError(f"decay must be in [0, 1] (1 = keep all earlier importance), got {decay!r}")
+        if not share >= 0:
+            raise ValueError(f"share must be >= 0 (0 = the pull ignores the new task's importance), got {share!r}")
+        if share_damping and not share:
+            raise ValueError("share_damping shares the damping by the new task's importance: it needs share > 0")
         self.params = list(params)
         self.strength, self.rate, self.decay = float(strength), float(rate), float(decay)
+        self.share, self.share_damping = float(share), bool(share_damping)
         self.slow = [p.detach().clone() for p in self.params]
         self.importance = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.writes = 0
@@ -101,29 +137,44 @@ class SlowLevel:
         self.writes += 1
 
     @torch.no_grad()
-    def pull(self, lr: float) -> None:
-        """One decoupled elastic step of the fast weights toward the slow copy."""
+    def shared(self, new: Sequence[Tensor] | None = None, eps: float = 1e-12) -> list[Tensor]:
+        """The importance the pull uses: :math:`\\Omega (\\Omega + \\epsilon) / (\\Omega + c\\,\\Omega_\\text{new}
+        + \\epsilon)` per weight, ``new`` the current task's importance (mean 1); ``self.importance``
+        itself when ``share == 0`` or ``new`` is None."""
+        if not self.share or new is None:
+            return self.importance
+        if len(new) != len(self.params):
+            raise ValueError(f"new needs one tensor per parameter ({len(self.params)}), got {len(new)}")
+        return [imp * ((imp + eps) / (imp + self.share * n.to(imp.device, imp.dtype) + eps))
+                for imp, n in zip(self.importance, new)]
+
+    @torch.no_grad()
+    def pull(self, lr: float, new: Sequence[Tensor] | None = None) -> None:
+        """One decoupled elastic step of the fast weights toward the slow copy (``new``: the shared pull's
+        current-task importance)."""
         if not self.writes or self.strength == 0:
             return
-        for p, s, imp in zip(self.params, self.slow, self.importance):
+        for p, s, imp in zip(self.params, self.slow, self.shared(new)):
             k = (imp * (lr * self.strength)).clamp_(max=1.0).to(p.dtype)
             p.sub_(k * (p - s))
 
     @torch.no_grad()
-    def pull_gradients(self) -> None:
-        """Coupled pull: add lambda Omega (theta - slow) to each ``.grad`` (weights without one are skipped)."""
+    def pull_gradients(self, new: Sequence[Tensor] | None = None) -> None:
+        """Coupled pull: add lambda Omega (theta - slow) to each ``.grad`` (weights without one are skipped;
+        ``new``: the shared pull's current-task importance)."""
         if not self.writes or self.strength == 0:
             return
-        for p, s, imp in zip(self.params, self.slow, self.importance):
+        for p, s, imp in zip(self.params, self.slow, self.shared(new)):
             if p.grad is not None:
                 p.grad.add_((imp * self.strength).to(p.dtype) * (p.detach() - s))
 
     @torch.no_grad()
-    def damp(self, before: Sequence[Tensor], damping: float) -> None:
-        """Scale the step just taken from ``before`` by ``1 / (1 + damping * Omega)`` per weight."""
+    def damp(self, before: Sequence[Tensor], damping: float, new: Sequence[Tensor] | None = None) -> None:
+        """Scale the step just taken from ``before`` by ``1 / (1 + damping * Omega)`` per weight (with
+        ``share_damping``, the shared importance of ``new``)."""
         if not self.writes or damping == 0:
             return
-        for p, b, imp in zip(self.params, before, self.importance):
+        for p, b, imp in zip(self.params, before, self.shared(new) if self.share_damping else self.importance):
             p.copy_(b + (p - b) / (1 + damping * imp).to(p.dtype))
 
     def distance(self) -> float:

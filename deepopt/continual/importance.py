@@ -133,6 +133,32 @@ class Importance:
         return sums
 
     @torch.no_grad()
+    def current(self) -> list[Tensor]:
+        """The current task's importance so far, normalised like ``take()`` (mean 1 over all weights;
+        all zero before its first step), without restarting the estimate: :math:`\\Omega_\\text{new}`
+        of the shared pull (:class:`~deepopt.continual.consolidation.SlowLevel`). ``"fisher"`` and
+        ``"path"`` only (the predictive Fisher is computed at the consolidation)."""
+        if self.kind == "predictive":
+            raise ValueError("importance='predictive' has no estimate before the consolidation; the shared pull "
+                             "needs importance='fisher' or 'path'")
+        if not self.count:
+            return [torch.zeros_like(s) for s in self.sums]
+        return self._normalise(self._raw())
+
+    def _raw(self) -> list[Tensor]:
+        if self.kind == "fisher":
+            norm = (1 - self.beta ** self.count) if self.beta else max(self.count, 1)
+            return [s / norm if self.count else s for s in self.sums]
+        return [s / ((p.detach().float() - s0) ** 2 + self.xi) for s, p, s0 in zip(self.sums, self.params, self.start)]
+
+    @staticmethod
+    def _normalise(raw: list[Tensor]) -> list[Tensor]:
+        total = sum(float(r.sum()) for r in raw)
+        numel = sum(r.numel() for r in raw)
+        scale = numel / total if total > 0 else 0.0
+        return [r * scale for r in raw]
+
+    @torch.no_grad()
     def take(self) -> list[Tensor]:
         """The task's importance, mean 1 over all weights (all zero if nothing was learned); restarts."""
         if self.kind == "predictive":
@@ -142,15 +168,9 @@ class Importance:
                     raw = self.predictive_fisher() if self.count else self.sums
             finally:
                 self._busy = False
-        elif self.kind == "fisher":
-            norm = (1 - self.beta ** self.count) if self.beta else max(self.count, 1)
-            raw = [s / norm if self.count else s for s in self.sums]
         else:
-            raw = [s / ((p.detach().float() - s0) ** 2 + self.xi) for s, p, s0 in zip(self.sums, self.params, self.start)]
-        total = sum(float(r.sum()) for r in raw)
-        numel = sum(r.numel() for r in raw)
-        scale = numel / total if total > 0 else 0.0
-        out = [r * scale for r in raw]
+            raw = self._raw()
+        out = self._normalise(raw)
         self.sums = [torch.zeros_like(s) for s in self.sums]
         self.count, self.takes = 0, self.takes + 1
         self.start = [p.detach().float().clone() for p in self.params]

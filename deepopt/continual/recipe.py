@@ -36,6 +36,16 @@ With ``clock="surprise"`` the loss passed to ``step`` was computed at the weight
 when it jumps the slow level is written from those weights (the end of the task that just ended)
 and from the importance without this step's gradient, which counts toward the next task instead.
 
+Shared pull (opt-in, ``share=c``, default 0 = off; :mod:`deepopt.continual.consolidation`): the
+pull of weight :math:`i` uses :math:`\Omega_i (\Omega_i+\epsilon) / (\Omega_i + c\,\Omega_{\text{new},i}
++ \epsilon)` in place of :math:`\Omega_i`, :math:`\Omega_\text{new}` the current task's Fisher (or
+path) importance so far, mean 1 (``Importance.current()``): weights only the earlier tasks need keep the
+full pull, those the new task also needs are pulled less (``share_damping=True``: the damping too).
+
+    >>> recipe = deepopt.continual.Recipe(model, lr=1e-2, strength=0.1, share=30.0)
+    >>> (recipe.engine.slow.share, recipe.engine.slow.share_damping)
+    (30.0, False)
+
 Defaults (``DEFAULTS``): the setting chosen by ``python -m benchmarks.continual_recipe`` among 158 on
 two validation sequences (permuted and split digits with other permutations and class pairs than
 the reported ones; highest mean average accuracy): AdamW, the coupled pull with ``strength=0.03``
@@ -79,7 +89,7 @@ class ContinualEngine:
     def __init__(self, model: nn.Module, lr: float, *, strength: float, rate: float, decay: float, importance: str,
                  distill: float, temperature: float, importance_beta: float = 0.0, coupling: str = "gradient",
                  clock: str | int | None = None, output: Callable[[Any], Tensor] | None = None,
-                 damping: float = 0.0) -> None:
+                 damping: float = 0.0, share: float = 0.0, share_damping: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not lr > 0:
@@ -92,13 +102,17 @@ class ContinualEngine:
             raise ValueError(f"distill must be >= 0 (0 = off), got {distill!r}")
         if not damping >= 0:
             raise ValueError(f"damping must be >= 0 (0 = every weight at the full learning rate), got {damping!r}")
+        if share and importance == "predictive":
+            raise ValueError("share > 0 needs the current task's importance during the task: importance='fisher' "
+                             "or 'path' (the predictive Fisher is computed only at the consolidation)")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameter that requires grad; nothing to learn")
         self.model, self.lr, self.coupling = model, float(lr), coupling
         self.names = [n for n, _ in named]
         params = [p for _, p in named]
-        self.slow = SlowLevel(params, strength=strength, rate=rate, decay=decay)
+        self.slow = SlowLevel(params, strength=strength, rate=rate, decay=decay, share=share,
+                              share_damping=share_damping)
         self.importance = Importance(params, importance, beta=importance_beta, model=model, output=output)
         if clock is None or clock == "task":
             self.clock = TaskClock(None)
@@ -112,34 +126,39 @@ class ContinualEngine:
         self.distillation = SlowDistillation(model, self.names, distill, temperature, output) if distill > 0 else None
         self.damping = float(damping)
         self._before: list[Tensor] = []
+        self._new: list[Tensor] | None = None
         self.consolidations = 0
 
     def before_step(self) -> None:
         self.importance.before_step()
+        # the shared pull's current-task importance: the estimate up to the previous step
+        self._new = self.importance.current() if self.slow.share and self.slow.writes else None
         if self.distillation is not None and self.slow.writes:
             self.distillation.add_gradients(self.slow.slow)
         if self.coupling == "gradient":
-            self.slow.pull_gradients()
+            self.slow.pull_gradients(self._new)
         if (self.damping and self.slow.writes) or isinstance(self.clock, SurpriseClock):
             self._before = [p.detach().clone() for p in self.slow.params]
 
     def after_step(self, loss: float | Tensor | None = None) -> None:
         before, self._before = self._before, []
+        new, self._new = self._new, None
         if before and self.damping:
-            self.slow.damp(before, self.damping)
+            self.slow.damp(before, self.damping, new)
         loss = None if loss is None else float(loss.detach() if isinstance(loss, Tensor) else loss)
         if isinstance(self.clock, SurpriseClock):
             # the loss was taken at the weights before this step: a jump says this batch is the next
             # task's, so the slow level is written from those weights and the importance without it
             if self.clock.tick(loss):
                 self._consolidate(source=before)
+                new = None  # the estimate was the task just written; the next one has none yet
             self.importance.after_step()
             if self.coupling == "decoupled":
-                self.slow.pull(self.lr)
+                self.slow.pull(self.lr, new)
             return
         self.importance.after_step()
         if self.coupling == "decoupled":
-            self.slow.pull(self.lr)
+            self.slow.pull(self.lr, new)
         if self.clock.tick(loss):
             self._consolidate()
 
@@ -182,6 +201,11 @@ class Recipe:
         lr_scales: ``{parameter pattern: scale}`` per-level learning rates (default 1).
         strength, rate, decay: the slow level's pull stiffness, write rate and importance decay.
         damping: each step is divided by ``1 + damping * importance`` per weight (0 = off).
+        share: the shared pull (opt-in, default 0 = off): the pull uses
+            :math:`\\Omega\\,(\\Omega+\\epsilon)/(\\Omega + c\\,\\Omega_\\text{new}+\\epsilon)`, ``c = share``,
+            :math:`\\Omega_\\text{new}` the current task's importance so far (mean 1), so weights the new
+            task also needs are pulled less (:mod:`deepopt.continual.consolidation`); share_damping: the
+            damping uses it too. Needs ``importance="fisher"`` or ``"path"``.
         coupling: ``"gradient"`` (the pull's gradient joins the task gradient before the optimizer
             step) or ``"decoupled"`` (a proximal pull after it, with the base ``lr``).
         importance: ``"fisher"``, ``"path"`` or ``"predictive"``; importance_beta: the Fisher's
@@ -203,10 +227,12 @@ class Recipe:
                  importance_beta: float = DEFAULTS["importance_beta"], coupling: str = DEFAULTS["coupling"],
                  distill: float = DEFAULTS["distill"], temperature: float = DEFAULTS["temperature"],
                  clock: str | int | None = "task", output: Callable[[Any], Tensor] | None = None,
-                 damping: float = DEFAULTS["damping"], **optimizer_kwargs: Any) -> None:
+                 damping: float = DEFAULTS["damping"], share: float = 0.0, share_damping: bool = False,
+                 **optimizer_kwargs: Any) -> None:
         self.engine = ContinualEngine(model, lr, strength=strength, rate=rate, decay=decay, importance=importance,
                                       importance_beta=importance_beta, coupling=coupling, distill=distill, temperature=temperature,
-                                      clock=clock, output=output, damping=damping)
+                                      clock=clock, output=output, damping=damping, share=share,
+                                      share_damping=bool(share_damping))
         self.model = model
         self.optimizer, self.periodic = build_optimizer(model, lr, optimizer, periods, lr_scales,
                                                         weight_decay=weight_decay, **optimizer_kwargs)

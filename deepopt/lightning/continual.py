@@ -42,7 +42,7 @@ class ContinualRecipe(Callback):
         epochs_per_task: end a task every this many epochs (None: only ``end_task()`` calls).
         module: dotted path of the submodule to consolidate (``""`` = the LightningModule).
         strength, rate, decay, importance, importance_beta, coupling, distill, temperature, clock,
-            output, damping: as for :class:`deepopt.continual.Recipe`.
+            output, damping, share, share_damping: as for :class:`deepopt.continual.Recipe`.
     """
 
     def __init__(self, lr: float | None = None, epochs_per_task: int | None = None, module: str = "", *,
@@ -51,7 +51,7 @@ class ContinualRecipe(Callback):
                  importance_beta: float = DEFAULTS["importance_beta"], coupling: str = DEFAULTS["coupling"],
                  distill: float = DEFAULTS["distill"], temperature: float = DEFAULTS["temperature"],
                  clock: str | int | None = "task", output: Callable[[Any], torch.Tensor] | None = None,
-                 damping: float = DEFAULTS["damping"]) -> None:
+                 damping: float = DEFAULTS["damping"], share: float = 0.0, share_damping: bool = False) -> None:
         if lr is not None and not lr > 0:
             raise ValueError(f"lr must be > 0 or None (take the optimizer's), got {lr!r}")
         if epochs_per_task is not None and (isinstance(epochs_per_task, bool) or not isinstance(epochs_per_task, int)
@@ -62,7 +62,8 @@ class ContinualRecipe(Callback):
         self.lr, self.epochs_per_task, self.module = lr, epochs_per_task, module
         self.knobs = dict(strength=strength, rate=rate, decay=decay, importance=importance,
                           importance_beta=importance_beta, coupling=coupling, distill=distill,
-                          temperature=temperature, clock=clock, output=output, damping=damping)
+                          temperature=temperature, clock=clock, output=output, damping=damping, share=share,
+                          share_damping=bool(share_damping))
         self.engine: ContinualEngine | None = None
         self._stepped = False
         self._pending: dict[str, Any] | None = None

@@ -291,6 +291,77 @@ def test_damping_divides_each_weights_step_by_one_plus_damping_importance():
     torch.testing.assert_close(w.detach(), torch.tensor([2.0, 1.0 + 1 / 5, -2.0 + 1 / 3]))
 
 
+# ----------------------------------------------------------------------------- shared pull
+def test_shared_pull_pulls_less_where_the_new_task_needs_the_weight():
+    """Equal old importance: the pull shrinks as the new task's importance grows (Omega / (Omega +
+    c Omega_new) of it), and with Omega_new = 0 (or share = 0) it is the existing pull bit for bit."""
+    old = torch.full((4,), 2.0)
+    new = [torch.tensor([0.0, 1.0, 2.0, 20.0])]
+    grads = {}
+    for share, n in ((0.0, None), (1.0, None), (1.0, [torch.zeros(4)]), (1.0, new), (0.0, new), (2.0, new)):
+        w = torch.nn.Parameter(torch.zeros(4))
+        slow = SlowLevel([w], strength=3.0, share=share)
+        slow.consolidate([old])
+        with torch.no_grad():
+            w.copy_(torch.randn(4, generator=torch.Generator().manual_seed(1)) + 1.0)
+        w.grad = torch.zeros(4)
+        slow.pull_gradients(new=n)
+        grads[share, None if n is None else float(n[0].sum())] = w.grad.clone()
+    plain = grads[0.0, None]
+    assert torch.equal(grads[1.0, None], plain) and torch.equal(grads[1.0, 0.0], plain)  # exactly the pull
+    assert torch.equal(grads[0.0, 23.0], plain)  # share = 0 ignores Omega_new
+    shared = grads[1.0, 23.0]
+    assert shared[0] == plain[0]  # only old tasks need weight 0: the full pull
+    torch.testing.assert_close(shared / plain, torch.tensor([1.0, 2 / 3, 1 / 2, 2 / 22]))
+    torch.testing.assert_close(grads[2.0, 23.0] / plain, torch.tensor([1.0, 2 / 4, 2 / 6, 2 / 42]))
+
+
+def test_shared_decoupled_pull_and_damping():
+    w = torch.nn.Parameter(torch.zeros(2))
+    slow = SlowLevel([w], strength=1.0, share=1.0, share_damping=True)
+    slow.consolidate([torch.tensor([1.0, 1.0])])
+    new = [torch.tensor([0.0, 1.0])]  # the new task needs weight 1 as much as the old ones
+    with torch.no_grad():
+        w.fill_(1.0)
+    slow.pull(lr=0.1, new=new)
+    torch.testing.assert_close(w.detach(), torch.tensor([0.9, 0.95]))  # k = 0.1 and 0.1 * 1/2
+    before = [w.detach().clone()]
+    with torch.no_grad():
+        w.add_(1.0)
+    slow.damp(before, 2.0, new=new)
+    torch.testing.assert_close(w.detach() - before[0], torch.tensor([1 / 3, 1 / 2]))  # 1/(1 + 2*1), 1/(1 + 2*0.5)
+    plain = SlowLevel([w], strength=1.0, share=1.0)  # share_damping off: the damping ignores Omega_new
+    plain.consolidate([torch.tensor([1.0, 1.0])])
+    before = [w.detach().clone()]
+    with torch.no_grad():
+        w.add_(1.0)
+    plain.damp(before, 2.0, new=new)
+    torch.testing.assert_close(w.detach() - before[0], torch.full((2,), 1 / 3))
+    for kw, word in (({"share": -1.0}, "share"), ({"share_damping": True}, "share > 0")):
+        with pytest.raises(ValueError, match=word):
+            SlowLevel([w], **kw)
+    with pytest.raises(ValueError, match="one tensor per parameter"):
+        slow.pull_gradients(new=[])
+
+
+@pytest.mark.parametrize("kind, beta", [("fisher", 0.0), ("fisher", 0.9), ("path", 0.0)])
+def test_current_importance_is_what_take_would_return_without_restarting(kind, beta):
+    w = torch.nn.Parameter(torch.zeros(3))
+    imp = Importance([w], kind, beta=beta)
+    assert torch.equal(imp.current()[0], torch.zeros(3))  # nothing seen yet
+    for g in ([1.0, 0.0, 2.0], [3.0, 0.5, 0.0]):
+        w.grad = torch.tensor(g)
+        imp.before_step()
+        with torch.no_grad():
+            w.sub_(0.1 * w.grad)
+        imp.after_step()
+    now = imp.current()[0]
+    assert imp.count == 2
+    assert torch.equal(now, imp.take()[0]) and math.isclose(float(now.mean()), 1.0, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="predictive"):
+        Importance([w], "predictive", model=torch.nn.Linear(3, 1)).current()
+
+
 def test_predictive_fisher_is_the_models_own_fisher_on_the_last_training_input():
     """Softmax regression: grad of log p(y|x) in W is (e_y - p) x^T; y drawn from p with the
     importance's generator (seed 8191 + number of earlier takes); mean over the input's rows,

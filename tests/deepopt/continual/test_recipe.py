@@ -82,7 +82,9 @@ def test_without_consolidation_the_recipe_is_its_optimizer():
 
 @pytest.mark.parametrize("kw", [{}, {"optimizer": "M3", "periods": {"0.*": 2}},
                                 {"periods": {"0.*": 2}, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"},
-                                {"importance": "predictive", "importance_beta": 0.0, "damping": 0.0}])
+                                {"importance": "predictive", "importance_beta": 0.0, "damping": 0.0},
+                                {"share": 1.0, "share_damping": True},
+                                {"share": 1.0, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"}])
 def test_state_dict_resume_is_exact(kw):
     tasks = _tasks()
     full = _model()
@@ -124,6 +126,36 @@ def test_damping_scales_the_optimizers_step_by_importance():
     for p, q, b, i in zip(model.parameters(), twin.parameters(), before, imp):
         torch.testing.assert_close(p - b, (q - b) / (1 + 2.0 * i))
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_shared_pull_uses_the_current_tasks_importance_so_far():
+    """share > 0: the first task runs as without it; on the next one the pull's gradient is
+    strength * Omega (Omega + eps) / (Omega + share * Omega_new + eps) * (theta - slow), Omega_new the
+    importance estimate up to the previous step (``Importance.current``)."""
+    tasks = _tasks()
+    a, b = _model(), _model()
+    ra = Recipe(a, lr=1e-2, distill=0.0, damping=0.0)
+    rb = Recipe(b, lr=1e-2, distill=0.0, damping=0.0, share=1.0)
+    for m, r in ((a, ra), (b, rb)):
+        _train(m, r.step, r.zero_grad, r.end_task, tasks[:1], steps=20)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)  # nothing consolidated before the first task's end: identical
+    x, y = tasks[1]
+    for i in range(3):
+        rb.zero_grad()
+        F.cross_entropy(b(x[32 * i: 32 * (i + 1)]), y[32 * i: 32 * (i + 1)]).backward()
+        task_grads = [p.grad.clone() for p in b.parameters()]
+        new = rb.engine.importance.current()
+        slow = rb.engine.slow
+        rb.engine.before_step()
+        for p, g, s, o, n in zip(b.parameters(), task_grads, slow.slow, slow.importance, new):
+            expected = g + slow.strength * o * ((o + 1e-12) / (o + n + 1e-12)) * (p.detach() - s)
+            torch.testing.assert_close(p.grad, expected)
+            if i and n.abs().sum() > 0:  # the new task's weights are pulled less than the plain pull would
+                plain = g + slow.strength * o * (p.detach() - s)
+                assert ((p.grad - g).abs() <= (plain - g).abs()).all()
+        rb.optimizer.step()
+        rb.engine.after_step()
 
 
 def test_surprise_clock_consolidates_without_end_task():
@@ -176,6 +208,9 @@ def test_period_clock_consolidates_every_period():
                                            ({"distill": -1.0}, ValueError, "distill"),
                                            ({"coupling": "tight"}, ValueError, "coupling"),
                                            ({"damping": -1.0}, ValueError, "damping"),
+                                           ({"share": 1.0, "importance": "predictive"}, ValueError, "share"),
+                                           ({"share": -1.0}, ValueError, "share"),
+                                           ({"share_damping": True}, ValueError, "share"),
                                            ({"optimizer": "lbfgs"}, ValueError, "optimizer")])
 def test_recipe_bad_input(kw, exc, word):
     kw = {"lr": 1e-2, **kw}
