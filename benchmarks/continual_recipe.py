@@ -26,7 +26,9 @@ seeds on the test sequences. The recipe has one setting for every sequence.
     (``--update-results`` rewrites the committed benchmarks/results/continual_recipe/; ``--smoke``:
     one tiny grid point per method, 3 steps per task, one seed, seconds;
     ``--validation-check 100 101 ... 109``: only ``CHECK_SETTINGS`` on the validation sequences
-    with those seeds, into validation_check.json: more seeds than the selection's, no test data)
+    with those seeds, into validation_check.json: more seeds than the selection's, no test data;
+    ``--test-only results.json [--recipe JSON]``: no selection, the test sequences with the
+    baselines' committed knobs and the recipe's defaults (or the given knobs), into test_only.json)
 
 Example:
     >>> from benchmarks.continual_sequences import SEQUENCES
@@ -415,6 +417,27 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def test_only(args, argv, out_dir) -> dict:
+    """The test sequences with given knobs (``--test-only``): a new recipe setting chosen elsewhere on
+    validation sequences, beside the baselines' committed choices; test_only.json/md."""
+    with open(args.test_only) as fh:
+        chosen = {m: k for m, k in json.load(fh)["chosen"].items() if m in args.methods}
+    if "recipe" in args.methods:
+        chosen["recipe"] = dict(args.recipe) if args.recipe is not None else dict(deepopt.continual.DEFAULTS)
+    t0 = time.perf_counter()
+    test = evaluate(chosen, args.seeds, log=lambda s: print(s, flush=True))
+    shown = [os.path.relpath(a) if a == out_dir and os.path.isabs(a) else a for a in (argv if argv is not None else sys.argv[1:])]
+    result = {"command": f"OMP_NUM_THREADS={args.threads} python -m benchmarks.continual_recipe " + " ".join(shown),
+              "lr": LR, "test_seeds": args.seeds, "torch": torch.__version__, "threads": args.threads,
+              "chosen": chosen, "test": test,
+              "targets": targets(test) if {"recipe", "finetune", "EWC", "SI"} <= set(chosen) else None,
+              "seconds": time.perf_counter() - t0}
+    save(out_dir, "test_only", result, markdown(result).replace(
+        "Knobs chosen on the validation sequences (" + ", ".join(VALIDATION_SEQUENCES) + ").",
+        f"Knobs given (--test-only {args.test_only}): no selection in this run."))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Select on the validation sequences, evaluate on the test ones; results.json, results.md."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -427,9 +450,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--validation-check", type=int, nargs="+", metavar="SEED",
                         help="only run CHECK_SETTINGS on the validation sequences with these seeds "
                              "(validation_check.json; no selection, no test data)")
+    parser.add_argument("--test-only", metavar="RESULTS_JSON",
+                        help="no selection: every method's knobs from this results.json's 'chosen', the recipe's "
+                             "from --recipe (default: deepopt.continual.DEFAULTS, as the Recipe runs without "
+                             "arguments), on the test sequences only; writes test_only.json/md")
+    parser.add_argument("--recipe", type=json.loads, default=None, metavar="JSON",
+                        help="the recipe's knobs for --test-only, e.g. '{\"strength\": 0.1, \"share\": 30}'")
     args = parser.parse_args(argv)
     out_dir = run_dir("continual_recipe", args.out, args.update_results)
     torch.set_num_threads(args.threads)
+    if args.test_only:
+        return test_only(args, argv, out_dir)
     if args.validation_check:
         t0 = time.perf_counter()
         rows = validation_check(args.validation_check, log=lambda s: print(s, flush=True))
