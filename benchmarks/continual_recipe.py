@@ -424,12 +424,13 @@ def test_only(args, argv, out_dir) -> dict:
         chosen = {m: k for m, k in json.load(fh)["chosen"].items() if m in args.methods}
     if "recipe" in args.methods:
         chosen["recipe"] = dict(args.recipe) if args.recipe is not None else dict(deepopt.continual.DEFAULTS)
+    sizes, seeds = ({"steps": 3}, args.seeds[:1]) if args.smoke else ({}, args.seeds)
     t0 = time.perf_counter()
-    test = evaluate(chosen, args.seeds, log=lambda s: print(s, flush=True))
+    test = evaluate(chosen, seeds, log=lambda s: print(s, flush=True), sizes=sizes)
     shown = [os.path.relpath(a) if a == out_dir and os.path.isabs(a) else a for a in (argv if argv is not None else sys.argv[1:])]
     result = {"command": f"OMP_NUM_THREADS={args.threads} python -m benchmarks.continual_recipe " + " ".join(shown),
-              "lr": LR, "test_seeds": args.seeds, "torch": torch.__version__, "threads": args.threads,
-              "chosen": chosen, "test": test,
+              "lr": LR, "test_seeds": seeds, "torch": torch.__version__, "threads": args.threads,
+              "smoke": args.smoke, "chosen": chosen, "test": test,
               "targets": targets(test) if {"recipe", "finetune", "EWC", "SI"} <= set(chosen) else None,
               "seconds": time.perf_counter() - t0}
     save(out_dir, "test_only", result, markdown(result).replace(

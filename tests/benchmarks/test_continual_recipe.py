@@ -100,3 +100,21 @@ def test_validation_check_runs_only_validation_sequences():
         for name, v in r["per_sequence"].items():
             assert len(v["average_per_seed"]) == 1 and v["average"]["mean"] == v["average_per_seed"][0]
             assert v["consolidations_per_seed"] == [cr.VALIDATION_SEQUENCES[name]().n_tasks]  # told: one per task
+
+
+def test_test_only_takes_the_committed_knobs_and_the_given_recipe(tmp_path):
+    """--test-only: no selection; the baselines' knobs from a results.json, the recipe's as given
+    (or DEFAULTS), the test sequences only, into test_only.json."""
+    import json
+
+    committed = tmp_path / "results.json"
+    committed.write_text(json.dumps({"chosen": {"finetune": {}, "EWC": {"lam": 100.0}, "SI": {"c": 0.1}, "LwF": {"alpha": 1.0}}}))
+    out = tmp_path / "out"
+    result = cr.main(["--test-only", str(committed), "--smoke", "--methods", "finetune", "EWC", "SI", "recipe",
+                      "--recipe", '{"strength": 0.1, "share": 30.0}', "--out", str(out)])
+    assert result["chosen"] == {"finetune": {}, "EWC": {"lam": 100.0}, "SI": {"c": 0.1}, "recipe": {"strength": 0.1, "share": 30.0}}
+    assert set(result["test"]) == set(cr.TEST_SEQUENCES) and set(result["targets"]) == set(cr.TEST_SEQUENCES)
+    saved = json.loads((out / "test_only.json").read_text())
+    assert saved["chosen"]["recipe"]["share"] == 30.0 and "no selection" in (out / "test_only.md").read_text()
+    defaults = cr.main(["--test-only", str(committed), "--smoke", "--methods", "recipe", "--out", str(out)])
+    assert defaults["chosen"]["recipe"] == dict(cr.deepopt.continual.DEFAULTS)
