@@ -15,15 +15,9 @@ Example (the table on made-up numbers):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import statistics
 
-import torch
-
-from .lm_profile import _training_step
-from .lm_steps import lm_builders
-from .timing import clock_for, time_calls
+from .lm_value_checks import arguments, interleaved
 
 MODES = ("kernels", "torch")
 
@@ -51,32 +45,9 @@ def table(rows: dict, base: str) -> list[str]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["TransformerLM", "TitansLM", "HopeLM()"])
-    p.add_argument("--repeat", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=3)
-    a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("lm_kernel_switch: needs a CUDA device; nothing to do")
-        return
-    torch.backends.cuda.matmul.allow_tf32 = True
-    builders = lm_builders(256, 384, 6, 4)
-    clock = clock_for("cuda")
-    rows = {}
-    for name in a.models:
-        torch.manual_seed(0)
-        model = builders[name]().cuda()
-        step = _training_step(model, 256, 32, 256, "cuda", capturable=False)
-        times = {m: [] for m in MODES}
-        for _ in range(a.rounds):
-            for m in MODES:
-                with mode(m):
-                    times[m].append(time_calls(step, clock, warmup=2, repeats=a.repeat, target_s=1e9).ms)
-        rows[name] = {m: statistics.median(t) for m, t in times.items()}
-        print(name, {m: round(v, 1) for m, v in rows[name].items()}, flush=True)
-    print(f"\n{torch.cuda.get_device_name()}, eager AdamW step, ms (median of {a.rounds} rounds of {a.repeat})\n")
-    print("\n".join(table(rows, a.models[0])))
-
+    a = arguments(argv, "lm_kernel_switch", __doc__)
+    if a is not None:
+        print("\n".join(table(interleaved(a.models, MODES, mode, a.repeat, a.rounds), a.models[0])))
 
 if __name__ == "__main__":
     main()

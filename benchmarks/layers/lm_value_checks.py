@@ -51,33 +51,45 @@ def table(rows: dict) -> list[str]:
     return lines
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def interleaved(models, modes, mode, repeat: int, rounds: int) -> dict:
+    """{model: {mode: median ms}} of the eager training step (AdamW, 32 x 256 tokens, dim 384,
+    depth 6, TF32) under each ``mode(name)`` context, the modes interleaved in every round (GPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    builders = lm_builders(256, 384, 6, 4)
+    clock = clock_for("cuda")
+    rows = {}
+    for name in models:
+        torch.manual_seed(0)
+        model = builders[name]().cuda()
+        step = _training_step(model, 256, 32, 256, "cuda", capturable=False)
+        times = {m: [] for m in modes}
+        for _ in range(rounds):
+            for m in modes:
+                with mode(m):
+                    times[m].append(time_calls(step, clock, warmup=2, repeats=repeat, target_s=1e9).ms)
+        rows[name] = {m: statistics.median(t) for m, t in times.items()}
+        print(name, {m: round(v, 1) for m, v in rows[name].items()}, flush=True)
+    print(f"\n{torch.cuda.get_device_name()}, eager AdamW step, ms (median of {rounds} rounds of {repeat})\n")
+    return rows
+
+
+def arguments(argv, prog: str, doc: str):
+    """--models, --repeat, --rounds of an interleaved eager comparison; None without CUDA (said)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["TransformerLM", "TitansLM", "HopeLM()"])
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("lm_value_checks: needs a CUDA device; nothing to do")
-        return
-    torch.backends.cuda.matmul.allow_tf32 = True
-    builders = lm_builders(256, 384, 6, 4)
-    clock = clock_for("cuda")
-    rows = {}
-    for name in a.models:
-        torch.manual_seed(0)
-        model = builders[name]().cuda()
-        step = _training_step(model, 256, 32, 256, "cuda", capturable=False)
-        times = {m: [] for m in MODES}
-        for _ in range(a.rounds):
-            for m in MODES:
-                with mode(m):
-                    times[m].append(time_calls(step, clock, warmup=2, repeats=a.repeat, target_s=1e9).ms)
-        rows[name] = {m: statistics.median(t) for m, t in times.items()}
-        print(name, {m: round(v, 1) for m, v in rows[name].items()}, flush=True)
-    print(f"\n{torch.cuda.get_device_name()}, eager AdamW step, ms (median of {a.rounds} rounds of {a.repeat})\n")
-    print("\n".join(table(rows)))
+        print(f"{prog}: needs a CUDA device; nothing to do")
+        return None
+    return a
 
+
+def main(argv=None) -> None:
+    a = arguments(argv, "lm_value_checks", __doc__)
+    if a is not None:
+        print("\n".join(table(interleaved(a.models, MODES, mode, a.repeat, a.rounds))))
 
 if __name__ == "__main__":
     main()
