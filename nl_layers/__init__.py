@@ -11,6 +11,7 @@ Example:
 
 from . import data
 from ._checks import finite_checks, finite_checks_enabled, set_finite_checks, set_value_checks, value_checks, value_checks_enabled
+from ._kernels import set_triton_kernels, triton_kernels, triton_kernels_enabled
 from .cms import CMS, MLPBlock
 from .cms_in_context import CMSState
 from .hope import HopeAttentionBlock, HopeBlock, HopeBlockState
@@ -61,9 +62,12 @@ __all__ = [
     "memory_objective",
     "nest",
     "set_finite_checks",
+    "set_triton_kernels",
     "set_value_checks",
     "softmax_memory",
     "softmax_memory_reference",
+    "triton_kernels",
+    "triton_kernels_enabled",
     "value_checks",
     "value_checks_enabled",
 ]

@@ -1,10 +1,10 @@
-"""Eager LM step time with the fast-weight Triton kernels on (default) or off, rounds interleaved (GPU).
+"""Eager LM step time with the layers' Triton kernels on (default) or off, rounds interleaved (GPU).
 
-The token form's decay-mix passes (``decay_kernels``) and the read's backward pass
-(``read_kernels``) run as Triton kernels on CUDA; "off" forces their torch paths. Eager steps are
-bound by the host's launches, whose cost moves between runs by more than the kernels change, so
-both are timed in one process, rounds interleaved (as ``lm_value_checks``: AdamW, 32 x 256 tokens,
-dim 384, depth 6), beside TransformerLM (which has neither).
+The causal convolution, the token form's decay-mix passes and the read's backward pass run as
+Triton kernels on CUDA; "off" (``nl_layers.triton_kernels(False)``) takes their torch paths. Eager
+steps are bound by the host's launches, whose cost moves between runs by more than the kernels
+change, so both are timed in one process, rounds interleaved (as ``lm_value_checks``: AdamW,
+32 x 256 tokens, dim 384, depth 6), beside TransformerLM (which has none of them).
 
 Usage: ``python -m benchmarks.layers.lm_kernel_switch [--repeat 20] [--rounds 3]``.
 
@@ -15,25 +15,16 @@ Example (the table on made-up numbers):
 
 from __future__ import annotations
 
-import contextlib
-
 from .lm_value_checks import arguments, interleaved
 
 MODES = ("kernels", "torch")
 
 
-@contextlib.contextmanager
 def mode(name: str):
-    """The fast-weight kernels on ("kernels") or off ("torch") for the duration of the block."""
-    from nl_layers.ops.fast_weights import decay_kernels, read_kernels
+    """The layers' Triton kernels on ("kernels") or off ("torch") for the duration of the block."""
+    import nl_layers
 
-    saved = decay_kernels.kernel_ok, read_kernels.kernel_ok
-    if name == "torch":
-        decay_kernels.kernel_ok = read_kernels.kernel_ok = lambda *ts: False
-    try:
-        yield
-    finally:
-        decay_kernels.kernel_ok, read_kernels.kernel_ok = saved
+    return nl_layers.triton_kernels(name == "kernels")
 
 
 def table(rows: dict, base: str) -> list[str]:

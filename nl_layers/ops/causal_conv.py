@@ -13,7 +13,8 @@ inputs, zeros when None):
 :func:`causal_conv1d` runs the Triton kernels (``impl="triton"``: CUDA, or the CPU interpreter
 with ``TRITON_INTERPRET=1``) or the torch path (``impl="torch"``: ``F.conv1d(groups=C)`` on the
 transposed input, the reference); ``"auto"`` (default) takes the kernels for CUDA tensors when
-triton imports and torch.compile is not tracing. The kernels read x in place (any strides with
+triton imports, torch.compile is not tracing and ``nl_layers.set_triton_kernels`` has not turned
+them off. The kernels read x in place (any strides with
 the channel stride 1), accumulate in float32 (float64 for float64 inputs) and write y, dx, dcache
 in the input dtypes; dw is summed without atomics (per-program partial sums, then one torch sum),
 so it is deterministic.
@@ -31,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._kernels import triton_kernels_enabled
 
 try:  # triton is optional: without it only the torch path runs
     import triton
@@ -96,8 +99,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, cache: Tensor | None = None, impl: 
 
 
 def _kernel_ok(x: Tensor) -> bool:
-    return (triton is not None and x.is_cuda and x.dtype in _KERNEL_DTYPES[:3] and _fits(x)
-            and not torch.compiler.is_compiling())
+    return (triton is not None and triton_kernels_enabled() and x.is_cuda and x.dtype in _KERNEL_DTYPES[:3]
+            and _fits(x) and not torch.compiler.is_compiling())
 
 
 def _fits(x: Tensor) -> bool:

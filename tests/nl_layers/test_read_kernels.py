@@ -96,3 +96,26 @@ def test_titans_layer_with_both_kernels(monkeypatch):
     got = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor in the dispatch checks (is_cuda, dtype), on a CPU machine."""
+
+    is_cuda, dtype = True, torch.float32
+
+
+def test_triton_kernels_switch_turns_auto_dispatch_off():
+    """nl_layers.triton_kernels(False): every "auto" dispatch of the layers' own kernels takes the torch path."""
+    import nl_layers
+    from nl_layers.ops import causal_conv
+    from nl_layers.ops.fast_weights import decay_kernels
+
+    t = _CudaLike()
+    if read_kernels.triton is None:
+        pytest.skip("triton is not installed")
+    assert read_kernels.kernel_ok(t, t) and decay_kernels.kernel_ok(t, t)
+    with nl_layers.triton_kernels(False):
+        assert not nl_layers.triton_kernels_enabled()
+        assert not read_kernels.kernel_ok(t, t) and not decay_kernels.kernel_ok(t, t)
+        assert not causal_conv._kernel_ok(t)
+    assert nl_layers.triton_kernels_enabled()

@@ -15,7 +15,8 @@ and a multiplication, each a pass over L x L; then a product with D and two sums
 :func:`decay_tiles` / :func:`decay_rowcol` run the kernels (``impl="triton"``: CUDA, or the CPU
 interpreter with ``TRITON_INTERPRET=1``) or the torch expressions (``impl="torch"``, the
 reference); ``"auto"`` takes the kernels for float32/bfloat16/float16 CUDA tensors when triton
-imports and torch.compile is not tracing (inductor fuses the torch path itself). The column sums
+imports, torch.compile is not tracing (inductor fuses the torch path itself) and
+``nl_layers.set_triton_kernels`` has not turned them off. The column sums
 are added without atomics (per-program partial sums, then one torch sum): deterministic.
 
 Example:
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..._kernels import triton_kernels_enabled
 
 try:  # triton is optional: without it only the torch path runs
     import triton
@@ -66,7 +69,7 @@ def decay_rowcol_torch(x: Tensor, c: Tensor, w: Tensor) -> tuple[Tensor, Tensor]
 
 def kernel_ok(*ts: Tensor) -> bool:
     """Whether "auto" takes the kernels for these tensors."""
-    return (triton is not None and all(t.is_cuda and t.dtype in _KERNEL_DTYPES[:3] for t in ts)
+    return (triton is not None and triton_kernels_enabled() and all(t.is_cuda and t.dtype in _KERNEL_DTYPES[:3] for t in ts)
             and not torch.compiler.is_compiling())
 
 

@@ -12,7 +12,8 @@ in full). Entries of M above the diagonal are taken as zero: neither read nor di
 
 ``impl``: "triton" (CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``), "torch" (the
 reference) or "auto" (the kernel for float32/bfloat16/float16 CUDA tensors of one dtype when
-triton imports and torch.compile is not tracing).
+triton imports, torch.compile is not tracing and ``nl_layers.set_triton_kernels`` has not turned
+it off).
 
 Example:
     >>> g, m, s = torch.ones(1, 2, 2), torch.tensor([[[1.0, 0.0], [2.0, 3.0]]]), torch.full((1, 2, 2), 5.0)
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..._kernels import triton_kernels_enabled
 
 try:  # triton is optional: without it only the torch path runs
     import triton
@@ -49,7 +52,7 @@ def read_grads_torch(g: Tensor, mixing: Tensor, scores: Tensor) -> tuple[Tensor,
 
 def kernel_ok(*ts: Tensor) -> bool:
     """Whether "auto" takes the kernel for these tensors."""
-    return (triton is not None and not torch.compiler.is_compiling() and ts[0].dtype in _KERNEL_DTYPES
+    return (triton is not None and triton_kernels_enabled() and not torch.compiler.is_compiling() and ts[0].dtype in _KERNEL_DTYPES
             and all(t.is_cuda and t.dtype == ts[0].dtype for t in ts))
 
 
