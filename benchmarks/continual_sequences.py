@@ -10,6 +10,10 @@ their validation twins, and permuted MNIST-1D.
 - ``permuted_mnist1d``: MNIST-1D (Greydanus 2020; 4,000 training and 1,000 held-out signals of
   length 40, generated offline by ``mnist1d.data.make_dataset``), 4 tasks, each a fixed permutation
   of the 40 positions (task 0 = identity); an MLP 40-128-128-10; only when ``mnist1d`` is installed.
+- ``val_permuted_mnist1d``: its validation twin, as ``val_permuted_digits`` is permuted digits':
+  the same data and model, other permutations (task 0 the identity, then seed 99 instead of 2024);
+  kept out of ``VALIDATION_SEQUENCES`` (the methods' selection grids stay on the two digits
+  sequences) and run by ``benchmarks.continual_text_validation --mnist1d-check``.
 
 ``class_groups(seq, task)`` gives the groups of logits the tasks before ``task`` are scored on (all
 ten for the permuted sequences, each earlier pair for split), which LwF distils.
@@ -33,7 +37,8 @@ from .continual_tasks import PermutedDigits, SplitDigits
 from .data import digit_permutations, digits_split
 from .tasks.digits import DigitsMLP
 
-__all__ = ["SEQUENCES", "TEST_SEQUENCES", "VALIDATION_SEQUENCES", "class_groups", "mnist1d_available"]
+__all__ = ["SEQUENCES", "TEST_SEQUENCES", "VALIDATION_SEQUENCES", "VAL_MNIST1D_SEQUENCES", "class_groups",
+           "mnist1d_available"]
 
 
 def class_groups(seq, task: int) -> list[torch.Tensor]:
@@ -97,9 +102,11 @@ def mnist1d_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 class PermutedMNIST1D(PermutedDigits):
     name = "permuted_mnist1d"
 
+    permutation_seed = 2024
+
     def __init__(self, n_tasks: int = 4, steps: int = 300):
         self.n_tasks, self.steps, self.batch, self._model = n_tasks, steps, 64, None
-        gen = torch.Generator().manual_seed(2024)
+        gen = torch.Generator().manual_seed(self.permutation_seed)
         x_tr, self.y_tr, x_te, self.y_te = mnist1d_split()
         self.permute(x_tr, x_te, [torch.arange(40)] + [torch.randperm(40, generator=gen) for _ in range(n_tasks - 1)])
 
@@ -108,8 +115,17 @@ class PermutedMNIST1D(PermutedDigits):
         return DigitsMLP(hidden=128, inputs=40)  # 40 -> 128 -> 128 -> 10
 
 
+class ValPermutedMNIST1D(PermutedMNIST1D):
+    """The validation twin of ``permuted_mnist1d``: other permutations (seed 99), the rest the same."""
+
+    name = "val_permuted_mnist1d"
+    permutation_seed = 99
+
+
 VALIDATION_SEQUENCES = {"val_permuted_digits": ValPermutedDigits, "val_split_digits": ValSplitDigits}
 TEST_SEQUENCES = {"permuted_digits": PermutedDigits, "split_digits": SplitDigits}
 if mnist1d_available():
     TEST_SEQUENCES["permuted_mnist1d"] = PermutedMNIST1D
-SEQUENCES = {**VALIDATION_SEQUENCES, **TEST_SEQUENCES}
+#: validation twin of permuted MNIST-1D (not in VALIDATION_SEQUENCES: no selection grid runs on it)
+VAL_MNIST1D_SEQUENCES = {"val_permuted_mnist1d": ValPermutedMNIST1D} if mnist1d_available() else {}
+SEQUENCES = {**VALIDATION_SEQUENCES, **VAL_MNIST1D_SEQUENCES, **TEST_SEQUENCES}

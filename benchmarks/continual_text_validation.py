@@ -24,6 +24,9 @@ mean of R[i][i], each task right after training it: the plasticity). A setting i
 strength {0.01, 0.03}; ``--digits-check`` runs the settings on the digits validation sequences of
 :mod:`benchmarks.continual_recipe` instead. Results and the diagnosis (the importance-weighted pull,
 ``strength``, is what costs plasticity on text): ``benchmarks/results/continual_text_validation``.
+``--mnist1d-check`` runs them on the validation twin of permuted MNIST-1D (``val_permuted_mnist1d``,
+other permutations than the test's); ``si`` (SI at its chosen c 0.1) is a setting of these two checks
+only.
 
     OMP_NUM_THREADS=1 python -m benchmarks.continual_text_validation --settings finetune recipe \\
         recipe:damping=0 --seeds 100 101      # ./runs/continual_text_validation-<time>/
@@ -71,8 +74,8 @@ GRID = [f"recipe:strength={s},distill={d},damping={k}"
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     """``"finetune"``, ``"ewc"``, ``"recipe"`` or ``"recipe:key=value,..."`` -> (method, recipe overrides)."""
     method, _, rest = text.partition(":")
-    if method not in ("finetune", "ewc", "recipe"):
-        raise ValueError(f"a setting is finetune, ewc or recipe[:key=value,...], got {text!r}")
+    if method not in ("finetune", "ewc", "si", "recipe"):
+        raise ValueError(f"a setting is finetune, ewc, si or recipe[:key=value,...], got {text!r}")
     knobs: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -95,6 +98,8 @@ def _spread(values: Sequence[float]) -> dict[str, float | None]:
 def one_run(setting: str, seed: int, sizes: dict[str, Any] | None = None) -> dict:
     """One (setting, seed) through the validation sequence with ``continual_levels.run``."""
     method, knobs = parse_setting(setting)
+    if method == "si":
+        raise ValueError("si runs only in the digits / MNIST-1D checks, not on the text sequence")
     params = {**_TEXT_COMMON, **(sizes or SIZES), "sequence": "shakespeare_genres", "genres": list(GENRES),
               "method": method, "seed": seed, "max_seconds": None, "recipe_setting": knobs or None}
     res = run(params, "cpu")
@@ -123,37 +128,46 @@ def validate(settings: Sequence[str], seeds: Sequence[int] = VAL_SEEDS, sizes: d
     return {"rows": rows, "seeds": list(seeds), "sizes": dict(sizes or SIZES), "genres": list(GENRES)}
 
 
-def digits_check(settings: Sequence[str], seeds: Sequence[int], log: Callable[[str], None] | None = print) -> list[dict]:
+def digits_check(settings: Sequence[str], seeds: Sequence[int], log: Callable[[str], None] | None = print,
+                 sequences: dict | None = None) -> list[dict]:
     """The same settings on the digits validation sequences of :mod:`benchmarks.continual_recipe`
     (``VALIDATION_SEQUENCES``, its ``run`` and ``summarize``: AdamW lr 1e-2, its step counts; ``ewc``
     is its EWC at the chosen lambda 100): per sequence the spread of average accuracy, BWT, learning
-    accuracy over ``seeds`` (validation seeds only; no test sequence runs)."""
+    accuracy over ``seeds`` (validation seeds only; no test sequence runs). ``sequences`` (default
+    ``VALIDATION_SEQUENCES``) may name other validation sequences, e.g. ``VAL_MNIST1D_SEQUENCES``;
+    ``si`` is its SI at the chosen c 0.1."""
     from . import continual_recipe as cr
-    from .continual_sequences import VALIDATION_SEQUENCES
+    from .continual_sequences import TEST_SEQUENCES, VALIDATION_SEQUENCES
+
+    sequences = VALIDATION_SEQUENCES if sequences is None else sequences
+    if set(sequences) & set(TEST_SEQUENCES):
+        raise ValueError(f"validation sequences only, got {sorted(set(sequences) & set(TEST_SEQUENCES))}")
 
     out = []
     for setting in settings:
         method, knobs = parse_setting(setting)
-        name, knobs = {"finetune": ("finetune", {}), "ewc": ("EWC", {"lam": 100.0}), "recipe": ("recipe", knobs)}[method]
+        name, knobs = {"finetune": ("finetune", {}), "ewc": ("EWC", {"lam": 100.0}), "si": ("SI", {"c": 0.1}),
+                       "recipe": ("recipe", knobs)}[method]
         row = {"setting": setting, "method": name, "knobs": knobs, "per_sequence": {}}
-        for seq_name, cls in VALIDATION_SEQUENCES.items():
+        for seq_name, cls in sequences.items():
             runs = [cr.run(cls(), name, knobs, s) for s in seeds]
             summary = cr.summarize(runs)
             row["per_sequence"][seq_name] = {k: summary[k] for k in ("average", "bwt", "learning_accuracy", "errors")}
             row["per_sequence"][seq_name]["average_per_seed"] = [
                 None if r["matrix"] is None else statistics.fmean(r["matrix"][-1]) for r in runs]
         if log:
-            log(f"digits {setting}: " + " ".join(
+            log(f"check {setting}: " + " ".join(
                 f"{k}: acc {v['average']['mean']:.3f} bwt {v['bwt']['mean']:+.3f} la {v['learning_accuracy']['mean']:.3f}"
                 for k, v in row["per_sequence"].items()))
         out.append(row)
     return out
 
 
-def digits_markdown(rows: list[dict], command: str, seeds: Sequence[int]) -> str:
+def digits_markdown(rows: list[dict], command: str, seeds: Sequence[int],
+                    title: str = "the digits validation sequences") -> str:
     """Table of :func:`digits_check` rows (target: avg >= fine-tuning's, |BWT| <= 0.5 x fine-tuning's)."""
     ft = next((r for r in rows if r["setting"] == "finetune"), None)
-    lines = ["# The same settings on the digits validation sequences", "", f"Command: `{command}`", "",
+    lines = [f"# The same settings on {title}", "", f"Command: `{command}`", "",
              f"Seeds {list(seeds)}; mean +- std; avg = average accuracy after the last task, BWT (negative = "
              "forgetting), LA = learning accuracy.", "",
              "| setting | sequence | avg | BWT | LA | target met |", "|---|---|---|---|---|---|"]
@@ -209,20 +223,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--digits-check", action="store_true",
                         help="run the settings on the digits validation sequences of benchmarks.continual_recipe "
                              "instead (digits_check.json / digits_check.md)")
+    parser.add_argument("--mnist1d-check", action="store_true",
+                        help="run the settings on the validation twin of permuted MNIST-1D (val_permuted_mnist1d) "
+                             "instead (mnist1d_check.json / mnist1d_check.md)")
     args = parser.parse_args(argv)
     out_dir = run_dir(NAME, args.out, args.update_results)
     torch.set_num_threads(args.threads)
     shown = argv if argv is not None else sys.argv[1:]
     command = f"OMP_NUM_THREADS={args.threads} python -m benchmarks.{NAME} " + " ".join(shown)
-    if args.digits_check:
+    if args.digits_check or args.mnist1d_check:
+        from .continual_sequences import VAL_MNIST1D_SEQUENCES, VALIDATION_SEQUENCES
+
+        if args.mnist1d_check and not VAL_MNIST1D_SEQUENCES:
+            parser.error("--mnist1d-check needs the mnist1d package")
+        key, seqs, title = (("mnist1d_check", VAL_MNIST1D_SEQUENCES, "the permuted MNIST-1D validation sequence")
+                            if args.mnist1d_check else
+                            ("digits_check", VALIDATION_SEQUENCES, "the digits validation sequences"))
         t0 = time.perf_counter()
         rows = digits_check(list(dict.fromkeys(list(args.settings) + (GRID if args.grid else []))), args.seeds,
-                            log=lambda s: print(s, flush=True))
-        save(out_dir, "digits_check", {"command": command, "seeds": args.seeds, "rows": rows,
-                                       "seconds": time.perf_counter() - t0,
-                                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
-             digits_markdown(rows, command, args.seeds))
-        return {"digits_check": rows}
+                            log=lambda s: print(s, flush=True), sequences=seqs)
+        save(out_dir, key, {"command": command, "seeds": args.seeds, "rows": rows,
+                            "seconds": time.perf_counter() - t0,
+                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+             digits_markdown(rows, command, args.seeds, title))
+        return {key: rows}
     sizes = dict(SMOKE if args.smoke else SIZES)
     if args.steps:
         sizes["steps_per_task"] = args.steps

@@ -48,3 +48,32 @@ def test_genres_argument_orders_the_tasks():
     assert seq.genres == ("tragedies", "comedies") and seq.n_tasks == 2 and ShakespeareGenres.genres[0] == "comedies"
     with pytest.raises(ValueError):
         ShakespeareGenres(2, text="raw", max_chars=5_000, genres=["poems"])
+
+
+def test_mnist1d_validation_twin_builds_differs_and_runs():
+    import functools
+
+    import torch
+
+    from benchmarks.continual_sequences import SEQUENCES, VAL_MNIST1D_SEQUENCES, VALIDATION_SEQUENCES, mnist1d_available
+
+    if not mnist1d_available():
+        pytest.skip("mnist1d not installed")
+    assert "val_permuted_mnist1d" not in VALIDATION_SEQUENCES  # the selection grids stay on the digits
+    val, test = SEQUENCES["val_permuted_mnist1d"](steps=3), SEQUENCES["permuted_mnist1d"](steps=3)
+    assert val.n_tasks == test.n_tasks == 4 and torch.equal(val.perms[0], torch.arange(40))
+    assert all(not torch.equal(val.perms[j], test.perms[j]) for j in range(1, 4))
+    assert torch.equal(val.y_te, test.y_te) and not torch.equal(val.x_te[1], test.x_te[1])
+    assert torch.equal(val.x_tr[1], val.x_tr[0][:, val.perms[1]])
+    seqs = {"val_permuted_mnist1d": functools.partial(VAL_MNIST1D_SEQUENCES["val_permuted_mnist1d"], steps=3)}
+    rows = ctv.digits_check(["finetune", "si", "recipe:strength=0.1,damping=3,share=30"], seeds=[100], log=None,
+                            sequences=seqs)
+    for r in rows:
+        v = r["per_sequence"]["val_permuted_mnist1d"]
+        assert not v["errors"] and 0.0 <= v["average"]["mean"] <= 1.0
+    assert rows[1]["method"] == "SI" and rows[2]["knobs"]["share"] == 30.0
+    assert "permuted MNIST-1D" in ctv.digits_markdown(rows, "cmd", [100], "the permuted MNIST-1D validation sequence")
+    with pytest.raises(ValueError):
+        ctv.digits_check(["finetune"], seeds=[100], log=None, sequences={"permuted_mnist1d": SEQUENCES["permuted_mnist1d"]})
+    with pytest.raises(ValueError):
+        ctv.one_run("si", 100)
