@@ -153,7 +153,8 @@ class Importance:
 
     @staticmethod
     def _normalise(raw: list[Tensor]) -> list[Tensor]:
-        total = sum(float(r.sum()) for r in raw)
+        # one host read for all tensors (the same float32 sums, added in the same order on the host)
+        total = sum(torch.stack([r.sum().to(raw[0].device) for r in raw]).tolist()) if raw else 0.0
         numel = sum(r.numel() for r in raw)
         scale = numel / total if total > 0 else 0.0
         return [r * scale for r in raw]

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..._kernels import triton_kernels_enabled
+from .cross import _above
 
 try:  # triton is optional: without it only the torch path runs
     import triton
@@ -52,8 +53,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def _exponent(c: Tensor) -> Tensor:
     """c_t - c_s (..., L, L), -inf above the diagonal (exp gives exactly 0 there)."""
     length = c.shape[-1]
-    above = torch.full((length, length), float("-inf"), dtype=c.dtype, device=c.device).triu(1)
-    return c[..., :, None] - c[..., None, :] + above
+    return c[..., :, None] - c[..., None, :] + _above(length, length, 1, c)
 
 
 def decay_tiles_torch(c: Tensor, w: Tensor) -> Tensor:
