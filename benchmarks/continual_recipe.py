@@ -97,18 +97,24 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
 
 
 class _Base:
-    """AdamW fine-tuning; subclasses add a penalty (``extra``) and task-end work (``end_task``)."""
+    """AdamW fine-tuning; subclasses add a penalty (``extra``) and task-end work (``end_task``).
 
-    def __init__(self, model, seq, gen, **knobs):
-        self.model, self.seq, self.gen, self.knobs = model, seq, gen, knobs
-        self.opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    ``opt`` (default: AdamW at ``LR``, no weight decay) and ``batch`` (default 64) let another
+    protocol (the ``continual_levels`` suite) train the same learners with its own optimizer and
+    minibatch size."""
+
+    def __init__(self, model, seq, gen, opt=None, batch: int = 64):
+        self.model, self.seq, self.gen, self.batch = model, seq, gen, batch
+        self.opt = opt if opt is not None else torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
     def extra(self, task, x, y):
         return None
 
     def train_step(self, task):
+        """One minibatch of ``task``: its loss plus ``extra``, backward, the optimizer's step; returns
+        the total loss (detached)."""
         self.opt.zero_grad(set_to_none=True)
-        x, y = self.seq.sample(task, self.gen, 64)
+        x, y = self.seq.sample(task, self.gen, self.batch)
         loss = self.seq.loss_on(self.model, task, x, y)
         more = self.extra(task, x, y)
         total = loss if more is None else loss + more
@@ -118,6 +124,7 @@ class _Base:
         self.before_step()
         self.opt.step()
         self.after_step()
+        return total.detach()
 
     def before_step(self):
         pass
@@ -134,8 +141,8 @@ class Finetune(_Base):
 
 
 class EWC(_Base):
-    def __init__(self, model, seq, gen, lam):
-        super().__init__(model, seq, gen)
+    def __init__(self, model, seq, gen, lam, **base):
+        super().__init__(model, seq, gen, **base)
         self.lam, self.fisher, self.anchor = lam, None, None
 
     def extra(self, task, x, y):
@@ -158,8 +165,8 @@ class EWC(_Base):
 
 
 class SI(_Base):
-    def __init__(self, model, seq, gen, c):
-        super().__init__(model, seq, gen)
+    def __init__(self, model, seq, gen, c, **base):
+        super().__init__(model, seq, gen, **base)
         self.c = c
         params = list(model.parameters())
         self.omega = [torch.zeros_like(p) for p in params]
@@ -193,19 +200,21 @@ class SI(_Base):
 
 
 class LwF(_Base):
-    def __init__(self, model, seq, gen, alpha):
-        super().__init__(model, seq, gen)
+    def __init__(self, model, seq, gen, alpha, **base):
+        super().__init__(model, seq, gen, **base)
         self.alpha, self.old = alpha, None
 
     def extra(self, task, x, y):
         if self.old is None:
             return None
+        x = x.to(next(self.model.parameters()).device)
         with torch.no_grad():
             teacher = self.old(x)
         student = self.model(x)
         loss = 0.0
-        for group in class_groups(self.seq, task):
-            t, s = teacher[:, group] / LWF_T, student[:, group] / LWF_T
+        for group in class_groups(self.seq, task):  # the logits' last dimension (a class or a vocabulary)
+            t = teacher[..., group].reshape(-1, teacher[..., group].shape[-1]) / LWF_T
+            s = student[..., group].reshape(t.shape) / LWF_T
             loss = loss + F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
         return self.alpha * LWF_T**2 * loss
 
@@ -216,8 +225,8 @@ class LwF(_Base):
 
 
 class Replay(_Base):
-    def __init__(self, model, seq, gen):
-        super().__init__(model, seq, gen)
+    def __init__(self, model, seq, gen, **base):
+        super().__init__(model, seq, gen, **base)
         self.buffer = []
 
     def extra(self, task, x, y):

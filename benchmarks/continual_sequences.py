@@ -41,10 +41,14 @@ __all__ = ["SEQUENCES", "TEST_SEQUENCES", "VALIDATION_SEQUENCES", "VAL_MNIST1D_S
            "mnist1d_available"]
 
 
-def class_groups(seq, task: int) -> list[torch.Tensor]:
-    """Logit groups of the tasks before ``task``: each earlier class set (split), or all ten."""
+def class_groups(seq, task: int) -> list:
+    """Logit groups of the tasks before ``task`` (indices into the logits' last dimension): each
+    earlier class set (split), all ten classes (permuted), or the whole vocabulary (a character LM,
+    whose metric is bits per character)."""
     if hasattr(seq, "classes"):
         return [seq.classes[j] for j in range(task)]
+    if getattr(seq, "metric", None) == "bpc":
+        return [slice(None)] if task > 0 else []
     return [torch.arange(10)] if task > 0 else []
 
 

@@ -25,8 +25,11 @@ strength {0.01, 0.03}; ``--digits-check`` runs the settings on the digits valida
 :mod:`benchmarks.continual_recipe` instead. Results and the diagnosis (the importance-weighted pull,
 ``strength``, is what costs plasticity on text): ``benchmarks/results/continual_text_validation``.
 ``--mnist1d-check`` runs them on the validation twin of permuted MNIST-1D (``val_permuted_mnist1d``,
-other permutations than the test's); ``si`` (SI at its chosen c 0.1) is a setting of these two checks
-only.
+other permutations than the test's). ``si[:c=v]`` and ``lwf[:alpha=v]`` run SI and LwF (the
+``continual_levels`` suite's ``si`` and ``lwf`` methods; without a value at the digits choices c 0.1
+and alpha 1.0) on the text sequence and in the checks alike; ``--baselines`` adds their text grids
+(SI c {0.01, 0.1, 1, 10}, LwF alpha {0.25, 1, 4}), which chose the ``continual_levels`` suite's text
+knobs.
 
     OMP_NUM_THREADS=1 python -m benchmarks.continual_text_validation --settings finetune recipe \\
         recipe:damping=0 --seeds 100 101      # ./runs/continual_text_validation-<time>/
@@ -69,13 +72,20 @@ SMOKE: dict[str, Any] = {"dim": 16, "depth": 1, "heads": 2, "seq_len": 16, "batc
                          "steps_per_task": 3, "max_chars": 20_000, "curve_points": 1}
 GRID = [f"recipe:strength={s},distill={d},damping={k}"
         for s, d, k in itertools.product((0.01, 0.03), (0.0, 0.1), (0.0, 0.3, 1.0, 3.0))]
+BASELINE_GRID = [f"si:c={c}" for c in (0.01, 0.1, 1.0, 10.0)] + [f"lwf:alpha={a}" for a in (0.25, 1.0, 4.0)]
+
+
+#: the knob each baseline takes in a setting (``si:c=1``, ``lwf:alpha=0.5``) and its value when absent
+#: (the choices of :mod:`benchmarks.continual_recipe` on its digits validation sequences)
+BASELINE_KNOBS = {"si": ("c", 0.1), "lwf": ("alpha", 1.0)}
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
-    """``"finetune"``, ``"ewc"``, ``"recipe"`` or ``"recipe:key=value,..."`` -> (method, recipe overrides)."""
+    """``"finetune"``, ``"ewc"``, ``"si[:c=v]"``, ``"lwf[:alpha=v]"``, ``"recipe"`` or
+    ``"recipe:key=value,..."`` -> (method, overrides)."""
     method, _, rest = text.partition(":")
-    if method not in ("finetune", "ewc", "si", "recipe"):
-        raise ValueError(f"a setting is finetune, ewc, si or recipe[:key=value,...], got {text!r}")
+    if method not in ("finetune", "ewc", "si", "lwf", "recipe"):
+        raise ValueError(f"a setting is finetune, ewc, si[:c=v], lwf[:alpha=v] or recipe[:key=value,...], got {text!r}")
     knobs: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -85,8 +95,13 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
             knobs[key] = float(value)
         except ValueError:
             knobs[key] = value  # e.g. importance=path, coupling=decoupled
+    if method in BASELINE_KNOBS:
+        key, default = BASELINE_KNOBS[method]
+        if set(knobs) - {key}:
+            raise ValueError(f"{method} takes only {key}=value, got {text!r}")
+        return method, {key: float(knobs.get(key, default))}
     if knobs and method != "recipe":
-        raise ValueError(f"only the recipe takes key=value overrides, got {text!r}")
+        raise ValueError(f"only the recipe, si and lwf take key=value overrides, got {text!r}")
     return method, knobs
 
 
@@ -98,10 +113,10 @@ def _spread(values: Sequence[float]) -> dict[str, float | None]:
 def one_run(setting: str, seed: int, sizes: dict[str, Any] | None = None) -> dict:
     """One (setting, seed) through the validation sequence with ``continual_levels.run``."""
     method, knobs = parse_setting(setting)
-    if method == "si":
-        raise ValueError("si runs only in the digits / MNIST-1D checks, not on the text sequence")
+    baseline = {f"{method}_{k}": v for k, v in knobs.items()} if method in BASELINE_KNOBS else {}
     params = {**_TEXT_COMMON, **(sizes or SIZES), "sequence": "shakespeare_genres", "genres": list(GENRES),
-              "method": method, "seed": seed, "max_seconds": None, "recipe_setting": knobs or None}
+              "method": method, "seed": seed, "max_seconds": None,
+              "recipe_setting": (knobs or None) if method == "recipe" else None, **baseline}
     res = run(params, "cpu")
     m = res["matrix"]
     return {"seed": seed, "matrix": m, "untrained": res["untrained"], "average_final": average_final(m),
@@ -146,8 +161,8 @@ def digits_check(settings: Sequence[str], seeds: Sequence[int], log: Callable[[s
     out = []
     for setting in settings:
         method, knobs = parse_setting(setting)
-        name, knobs = {"finetune": ("finetune", {}), "ewc": ("EWC", {"lam": 100.0}), "si": ("SI", {"c": 0.1}),
-                       "recipe": ("recipe", knobs)}[method]
+        name, knobs = {"finetune": ("finetune", {}), "ewc": ("EWC", {"lam": 100.0}), "si": ("SI", knobs),
+                       "lwf": ("LwF", knobs), "recipe": ("recipe", knobs)}[method]
         row = {"setting": setting, "method": name, "knobs": knobs, "per_sequence": {}}
         for seq_name, cls in sequences.items():
             runs = [cr.run(cls(), name, knobs, s) for s in seeds]
@@ -212,8 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_out_arguments(parser, NAME)
     parser.add_argument("--settings", nargs="+", default=["finetune", "recipe"],
-                        help="finetune, ewc, recipe or recipe:key=value,... (default: finetune recipe)")
+                        help="finetune, ewc, si[:c=v], lwf[:alpha=v], recipe or recipe:key=value,... "
+                             "(default: finetune recipe)")
     parser.add_argument("--grid", action="store_true", help="also the grid damping x distill x strength (GRID)")
+    parser.add_argument("--baselines", action="store_true", help="also the SI and LwF grids (BASELINE_GRID)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(VAL_SEEDS))
     parser.add_argument("--steps", type=int, help=f"steps per task (default {SIZES['steps_per_task']})")
     parser.add_argument("--size", nargs="+", default=[], metavar="KEY=INT",
@@ -240,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
                             if args.mnist1d_check else
                             ("digits_check", VALIDATION_SEQUENCES, "the digits validation sequences"))
         t0 = time.perf_counter()
-        rows = digits_check(list(dict.fromkeys(list(args.settings) + (GRID if args.grid else []))), args.seeds,
+        rows = digits_check(list(dict.fromkeys(list(args.settings) + (GRID if args.grid else [])
+                                + (BASELINE_GRID if args.baselines else []))), args.seeds,
                             log=lambda s: print(s, flush=True), sequences=seqs)
         save(out_dir, key, {"command": command, "seeds": args.seeds, "rows": rows,
                             "seconds": time.perf_counter() - t0,
@@ -255,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         if key not in SIZES or not value:
             parser.error(f"--size takes KEY=INT with KEY one of {list(SIZES)}, got {item!r}")
         sizes[key] = int(value)
-    settings = list(dict.fromkeys(list(args.settings) + (GRID if args.grid else [])))
+    settings = list(dict.fromkeys(list(args.settings) + (GRID if args.grid else [])
+                                + (BASELINE_GRID if args.baselines else [])))
     t0 = time.perf_counter()
     result = validate(settings, args.seeds, sizes, log=lambda s: print(s, flush=True))
     result.update({"command": command,

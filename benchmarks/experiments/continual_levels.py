@@ -14,6 +14,10 @@ Both models put their feed-forward blocks at ``blocks.<i>.mlp``. Methods (AdamW,
 - ``nested_cms``: ``nl_layers.nest(model, ffn="blocks.*.mlp", levels=nest_levels)`` turns each MLP
   into a sequential CMS (new zero-output levels at the slower periods); more parameters.
 - ``ewc``: AdamW + online EWC (:class:`benchmarks.continual.EWC`, ``ewc_lambda``).
+- ``si``: AdamW + synaptic intelligence (:class:`benchmarks.continual_recipe.SI`, ``si_c``).
+- ``lwf``: AdamW + learning without forgetting (:class:`benchmarks.continual_recipe.LwF`,
+  ``lwf_alpha``: the KL to the model frozen at the last task end, on the current inputs, over the
+  whole vocabulary for the text sequence).
 - ``replay`` (a reference, it stores data): also the loss on a buffer of earlier tasks' examples.
 - ``recipe``: ``deepopt.continual.Recipe(model, lr, weight_decay=...)`` with its defaults
   (``deepopt.continual.DEFAULTS``: the one setting chosen on the validation digit sequences of
@@ -28,11 +32,12 @@ mean. Metrics (:mod:`benchmarks.metrics`): average final, BWT, FWT; for bits per
 transfers are negated, so **negative BWT = forgetting** everywhere. Learning rates (a CPU sweep of
 ``finetune`` on the first task): text 3e-3 (bpc 3.04 / 2.96 / 3.21 at 1e-3 / 3e-3 / 1e-2), digits
 1e-3. Sizing: 20-steps-per-task runs on an H200 (``calibrate.sh``) gave ``est_step_s`` 0.025 s
-(text) and 0.004 s (digits); the ``gpu`` preset is 2 sequences x 6 methods x 3 seeds, text 3 x 400
-steps, digits 5 x 500, each job capped at 240 s: 1,014 s of jobs by ``est_step_s`` and
-``COST_FACTOR`` (text 738 s, of which the recipe 203 s; digits 276 s). The H200 runs of the first
-five methods at these sizes took 0.5-1.1x of their estimate, 0.71x summed (text fine-tuning 17.5 s
-a run against 30.8 s), so one worker would need about 12 minutes. The runs are launch-bound
+(text) and 0.004 s (digits); the ``gpu`` preset is 2 sequences x 8 methods x 3 seeds, text 3 x 400
+steps, digits 5 x 500, each job capped at 240 s: 1,426 s of jobs by ``est_step_s`` and
+``COST_FACTOR`` (text 1,042 s, of which the recipe 203 s; digits 384 s; the six methods before
+``si`` and ``lwf`` 1,014 s). The H200 runs of the first five methods at these sizes took 0.5-1.1x of
+their estimate, 0.71x summed (text fine-tuning 17.5 s a run against 30.8 s), so one worker would
+need about 17 minutes. The runs are launch-bound
 (1.8 M and 0.2 M parameters), so several workers can share one GPU
 (``--devices cuda:0,cuda:0,cuda:0,cuda:0``); jobs start largest cost first (text, the recipe first)
 and ``--deadline`` stops the rest. Per-sequence entries: ``--set
@@ -63,11 +68,16 @@ from ..pool import Job
 from .continual_levels_report import METHODS, report, summarize  # noqa: F401  (the suite's report)
 
 SEQUENCES = ("shakespeare_genres", "permuted_digits")
+SI_C_TEXT, LWF_ALPHA_TEXT = 0.1, 1.0
 
+# si_c / lwf_alpha: text from the CPU text validation sequence (benchmarks.continual_text_validation),
+# digits the choices of benchmarks.continual_recipe on its digits validation sequences
 _TEXT_COMMON = {"lr": 3e-3, "weight_decay": 0.01, "mts_periods": [1, 4, 16], "nest_levels": [1, 4, 16],
-                "ewc_lambda": 100.0, "replay_per_task": 64, "replay_batch": 8, "curve_points": 6}
+                "ewc_lambda": 100.0, "si_c": SI_C_TEXT, "lwf_alpha": LWF_ALPHA_TEXT, "replay_per_task": 64,
+                "replay_batch": 8, "curve_points": 6}
 _DIGITS_COMMON = {"lr": 1e-3, "weight_decay": 0.01, "mts_periods": [1, 4, 16], "nest_levels": [1, 4, 16],
-                  "ewc_lambda": 100.0, "replay_per_task": 64, "replay_batch": 32, "curve_points": 10}
+                  "ewc_lambda": 100.0, "si_c": 0.1, "lwf_alpha": 1.0, "replay_per_task": 64, "replay_batch": 32,
+                  "curve_points": 10}
 PRESETS = {
     "tiny": {"seeds": [0], "methods": list(METHODS), "sequences": {
         "shakespeare_genres": {**_TEXT_COMMON, "dim": 32, "depth": 2, "heads": 2, "seq_len": 32, "batch": 4,
@@ -87,10 +97,10 @@ PRESETS = {
 # step time of a method relative to finetune (CPU measurements, see the module doc); evaluations
 # (curve points + the matrix rows) cost about one training step each
 COST_FACTOR = {
-    "shakespeare_genres": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.6, "ewc": 1.1, "replay": 1.1,
-                           "recipe": 2.2},
-    "permuted_digits": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.9, "ewc": 1.5, "replay": 1.3,
-                        "recipe": 2.2},
+    "shakespeare_genres": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.6, "ewc": 1.1, "si": 1.3,
+                           "lwf": 2.0, "replay": 1.1, "recipe": 2.2},
+    "permuted_digits": {"finetune": 1.0, "multitimescale": 1.0, "nested_cms": 1.9, "ewc": 1.5, "si": 1.5,
+                        "lwf": 2.0, "replay": 1.3, "recipe": 2.2},
 }
 
 
@@ -153,6 +163,18 @@ def build(params: dict, device: str):
     return seq, model, opt, periodic, spec
 
 
+def learner(params: dict, seq, model: nn.Module, opt, gen: torch.Generator):
+    """The ``si`` / ``lwf`` job's learner of :mod:`benchmarks.continual_recipe` around this job's AdamW
+    and minibatch (its ``train_step(task)`` and ``end_task(task)``); None for the other methods."""
+    from .. import continual_recipe as cr
+
+    if params["method"] == "si":
+        return cr.SI(model, seq, gen, c=params["si_c"], opt=opt, batch=seq.batch)
+    if params["method"] == "lwf":
+        return cr.LwF(model, seq, gen, alpha=params["lwf_alpha"], opt=opt, batch=seq.batch)
+    return None
+
+
 def train_step(seq, model: nn.Module, opt, periodic, task: int, gen: torch.Generator,
                params: dict, ewc: EWC | None = None, buffer: list | None = None) -> torch.Tensor:
     """One AdamW step of the job's method on ``task`` (EWC penalty / replay batch / held slow gradients;
@@ -186,6 +208,7 @@ def run(params: dict, device: str) -> dict:
     seq, model, opt, periodic, spec = build(params, device)
     gen = torch.Generator().manual_seed(10_007 * params["seed"] + 777)
     method, steps, n = params["method"], params["steps_per_task"], seq.n_tasks
+    penalty = learner(params, seq, model, opt, gen)
     ewc, buffer, matrix, curve = EWC(params["ewc_lambda"]), [], [], []
     every = max(1, steps // max(1, params.get("curve_points", 8)))
     model.eval()
@@ -198,7 +221,10 @@ def run(params: dict, device: str) -> dict:
             if max_seconds is not None and time.perf_counter() - start > max_seconds:
                 cut_short = True
                 break
-            train_step(seq, model, opt, periodic, task, gen, params, ewc, buffer)
+            if penalty is not None:
+                penalty.train_step(task)
+            else:
+                train_step(seq, model, opt, periodic, task, gen, params, ewc, buffer)
             done += 1
             if (step + 1) % every == 0:
                 model.eval()
@@ -214,6 +240,8 @@ def run(params: dict, device: str) -> dict:
                 buffer.append((task, *seq.sample(task, gen, params["replay_per_task"])))
             if method == "recipe":
                 opt.end_task()
+            if penalty is not None:
+                penalty.end_task(task)
         model.eval()
         matrix.append([seq.evaluate(model, j) for j in range(n)])
         model.train()

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..metrics import spread
 from ..report import markdown_table, to_jsonable
 
-METHODS = ("finetune", "multitimescale", "nested_cms", "ewc", "replay", "recipe")
+METHODS = ("finetune", "multitimescale", "nested_cms", "ewc", "si", "lwf", "replay", "recipe")
 
 
 # ----------------------------------------------------------------------------- report

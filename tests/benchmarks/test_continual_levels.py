@@ -30,7 +30,7 @@ def test_run_gives_full_finite_matrix(sequence):
     json.dumps(res)  # JSON-able
 
 
-@pytest.mark.parametrize("method", ["multitimescale", "nested_cms", "ewc", "replay", "recipe"])
+@pytest.mark.parametrize("method", ["multitimescale", "nested_cms", "ewc", "si", "lwf", "replay", "recipe"])
 def test_every_method_runs(method):
     res = continual.run(tiny("permuted_digits", method, steps_per_task=3), "cpu")
     assert len(res["matrix"]) == res["n_tasks"] and math.isfinite(res["bwt"])
@@ -97,8 +97,8 @@ def test_jobs_names_overrides_and_gpu_budget():
     assert all(j.params["steps_per_task"] == 5 for j in two)
     assert {j.params["sequence"]: j.params.get("n_tasks") for j in two}["permuted_digits"] == 4
     gpu = continual.jobs("gpu", None)
-    assert len(gpu) == 36 and all(j.params["max_seconds"] <= 240 for j in gpu)
-    assert 300 < sum(j.cost for j in gpu) < 1200  # about 17 GPU-minutes by est_step_s
+    assert len(gpu) == 48 and all(j.params["max_seconds"] <= 240 for j in gpu)
+    assert 300 < sum(j.cost for j in gpu) < 1500  # about 24 GPU-minutes by est_step_s
     # the recipe's jobs are the costliest of each sequence (distillation: one more forward and backward)
     for seq in continual.SEQUENCES:
         costs = {j.params["method"]: j.cost for j in gpu if j.params["sequence"] == seq and j.params["seed"] == 0}
@@ -147,3 +147,40 @@ def test_report_compares_the_recipe_with_ewc_and_names_it_only_when_present(tmp_
                      {"command": "c", "record_files": []})
     md = (tmp_path / "without" / "results.md").read_text()
     assert "recipe" not in md
+
+
+@pytest.mark.parametrize("sequence", continual.SEQUENCES)
+@pytest.mark.parametrize("method,knob", [("si", "si_c"), ("lwf", "lwf_alpha")])
+def test_penalty_learners_train_with_the_jobs_adamw_and_batch(sequence, method, knob):
+    params = tiny(sequence, method, **{knob: 3.0})
+    seq, model, opt, _, _ = continual.build(params, "cpu")
+    learner = continual.learner(params, seq, model, opt, torch.Generator().manual_seed(0))
+    assert learner.opt is opt and learner.batch == seq.batch
+    assert (learner.c if method == "si" else learner.alpha) == 3.0
+    assert continual.learner(tiny(sequence), seq, model, opt, torch.Generator()) is None
+    learner.train_step(0)
+    learner.end_task(0)
+    x, y = seq.sample(1, learner.gen, 2)
+    assert abs(float(learner.extra(1, x, y))) < 1e-6  # at the anchor / the frozen model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    assert float(learner.extra(1, x, y)) > 0.0  # pulled back after moving away
+
+
+def test_lwf_on_text_compares_every_token_over_the_vocabulary():
+    from benchmarks import continual_recipe as cr
+    from benchmarks.continual_sequences import class_groups
+
+    params = tiny("shakespeare_genres", "lwf")
+    seq, model, opt, _, _ = continual.build(params, "cpu")
+    assert class_groups(seq, 0) == [] and class_groups(seq, 1) == [slice(None)]
+    learner = continual.learner(params, seq, model, opt, torch.Generator().manual_seed(0))
+    learner.end_task(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y = seq.sample(1, learner.gen, 2)
+    t, s = learner.old(x) / cr.LWF_T, model(x) / cr.LWF_T  # (batch, context, vocab)
+    kl = (t.log_softmax(-1).exp() * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()  # per token
+    assert float(learner.extra(1, x, y)) == pytest.approx(params["lwf_alpha"] * cr.LWF_T**2 * float(kl), rel=1e-4)

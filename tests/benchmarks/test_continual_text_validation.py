@@ -18,6 +18,16 @@ def test_parse_setting():
         ctv.parse_setting("ewc:lam=3")
     with pytest.raises(ValueError):
         ctv.parse_setting("adam")
+    assert ctv.parse_setting("si") == ("si", {"c": 0.1}) and ctv.parse_setting("si:c=10") == ("si", {"c": 10.0})
+    assert ctv.parse_setting("lwf:alpha=0.25") == ("lwf", {"alpha": 0.25})
+    with pytest.raises(ValueError, match="takes only alpha"):
+        ctv.parse_setting("lwf:c=1")
+
+
+def test_baselines_run_on_the_text_sequence_with_their_knob():
+    rows = ctv.validate(["si:c=1000", "lwf:alpha=4"], seeds=[100], sizes=ctv.SMOKE, log=None)["rows"]
+    assert [r["setting"] for r in rows] == ["si:c=1000", "lwf:alpha=4"]
+    assert all(len(r["runs"][0]["matrix"]) == 3 for r in rows)
 
 
 def test_validation_order_differs_from_the_test_order():
@@ -75,5 +85,4 @@ def test_mnist1d_validation_twin_builds_differs_and_runs():
     assert "permuted MNIST-1D" in ctv.digits_markdown(rows, "cmd", [100], "the permuted MNIST-1D validation sequence")
     with pytest.raises(ValueError):
         ctv.digits_check(["finetune"], seeds=[100], log=None, sequences={"permuted_mnist1d": SEQUENCES["permuted_mnist1d"]})
-    with pytest.raises(ValueError):
-        ctv.one_run("si", 100)
+    assert rows[1]["knobs"] == {"c": 0.1}  # SI at the digits choice
