@@ -68,7 +68,7 @@ from ..pool import Job
 from .continual_levels_report import METHODS, report, summarize  # noqa: F401  (the suite's report)
 
 SEQUENCES = ("shakespeare_genres", "permuted_digits")
-SI_C_TEXT, LWF_ALPHA_TEXT = 0.1, 1.0
+SI_C_TEXT, LWF_ALPHA_TEXT = 0.001, 0.25  # text validation: baselines_text_{a,b} (benchmarks/results/continual_text_validation)
 
 # si_c / lwf_alpha: text from the CPU text validation sequence (benchmarks.continual_text_validation),
 # digits the choices of benchmarks.continual_recipe on its digits validation sequences
