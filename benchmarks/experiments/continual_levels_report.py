@@ -145,8 +145,9 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
              "(benchmarks/metrics.py); for bits per character both are negated, so **negative BWT = "
              "forgetting** everywhere. Mean +- std over seeds. `replay` stores data: a reference, not a "
              "competitor. `nested_cms` has more parameters (column params)."
-             + (" `recipe` is `deepopt.continual.Recipe` with its defaults (the setting chosen on the digits "
-                "validation sequences of `benchmarks.continual_recipe`, not tuned here)." if has_recipe else ""), ""]
+             + (" `recipe` is `deepopt.continual.Recipe` with `deepopt.continual.DEFAULTS` of the run's "
+                "commit, or the job's `recipe_setting` over them (each section names the knobs; not tuned "
+                "here)." if has_recipe else ""), ""]
     for seq_name, seq in summary.items():
         better = "higher" if seq["higher_is_better"] else "lower"
         any_run = next(r["job"]["params"] for r in records if r["job"]["params"]["sequence"] == seq_name)
@@ -161,6 +162,10 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
                              f"{m['params'] / 1e6:.2f} M", f"{m['seconds']['mean']:.0f}{cut}"])
         lines += [markdown_table(["method", f"average final ({seq['metric']})", "BWT", "FWT", "params",
                                   "seconds/run"], rows), ""]
+        knobs = {json.dumps(r["result"]["recipe_knobs"], sort_keys=True) for r in records if "result" in r
+                 and r["result"]["sequence"] == seq_name and r["result"]["method"] == "recipe"
+                 and r["result"].get("recipe_knobs")}
+        lines += [f"`recipe` knobs: `{k}`" for k in sorted(knobs)] + ([""] if knobs else [])
         if "finetune" in seq["methods"] and seq["methods"]["finetune"]["matrix_mean"]:
             mat = seq["methods"]["finetune"]["matrix_mean"]
             lines += ["finetune, mean R[i][j] (row: after task i; column: task j):", "",
