@@ -74,9 +74,9 @@ from .levels import build_optimizer
 __all__ = ["Recipe", "DEFAULTS"]
 
 #: The recipe's knobs as chosen on the validation sequences.
-DEFAULTS: dict[str, Any] = {"strength": 0.03, "rate": 1.0, "decay": 1.0, "importance": "fisher",
+DEFAULTS: dict[str, Any] = {"strength": 0.1, "rate": 1.0, "decay": 1.0, "importance": "fisher",
                             "importance_beta": 0.9, "coupling": "gradient", "distill": 0.1, "temperature": 2.0,
-                            "damping": 3.0}
+                            "damping": 3.0, "share": 10.0}
 
 COUPLINGS = ("gradient", "decoupled")
 
@@ -104,7 +104,9 @@ class ContinualEngine:
             raise ValueError(f"damping must be >= 0 (0 = every weight at the full learning rate), got {damping!r}")
         if share and importance == "predictive":
             raise ValueError("share > 0 needs the current task's importance during the task: importance='fisher' "
-                             "or 'path' (the predictive Fisher is computed only at the consolidation)")
+                             "or 'path' (the predictive Fisher is computed only at the consolidation); with "
+                             "importance='predictive' pass share=0 (the default share is "
+                             f"{DEFAULTS['share']})")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameter that requires grad; nothing to learn")
@@ -227,7 +229,7 @@ class Recipe:
                  importance_beta: float = DEFAULTS["importance_beta"], coupling: str = DEFAULTS["coupling"],
                  distill: float = DEFAULTS["distill"], temperature: float = DEFAULTS["temperature"],
                  clock: str | int | None = "task", output: Callable[[Any], Tensor] | None = None,
-                 damping: float = DEFAULTS["damping"], share: float = 0.0, share_damping: bool = False,
+                 damping: float = DEFAULTS["damping"], share: float = DEFAULTS["share"], share_damping: bool = False,
                  **optimizer_kwargs: Any) -> None:
         self.engine = ContinualEngine(model, lr, strength=strength, rate=rate, decay=decay, importance=importance,
                                       importance_beta=importance_beta, coupling=coupling, distill=distill, temperature=temperature,

@@ -51,7 +51,7 @@ class ContinualRecipe(Callback):
                  importance_beta: float = DEFAULTS["importance_beta"], coupling: str = DEFAULTS["coupling"],
                  distill: float = DEFAULTS["distill"], temperature: float = DEFAULTS["temperature"],
                  clock: str | int | None = "task", output: Callable[[Any], torch.Tensor] | None = None,
-                 damping: float = DEFAULTS["damping"], share: float = 0.0, share_damping: bool = False) -> None:
+                 damping: float = DEFAULTS["damping"], share: float = DEFAULTS["share"], share_damping: bool = False) -> None:
         if lr is not None and not lr > 0:
             raise ValueError(f"lr must be > 0 or None (take the optimizer's), got {lr!r}")
         if epochs_per_task is not None and (isinstance(epochs_per_task, bool) or not isinstance(epochs_per_task, int)

@@ -78,18 +78,24 @@ def test_every_grid_point_runs():
             assert out["error"] is None, (method, knobs, out["error"])
 
 
-def test_the_recipes_chosen_setting_is_its_default_and_every_grid_point_names_its_damping():
-    """The protocol's committed choice is what ``Recipe`` does without arguments; the grid's points
-    all pass ``damping`` (so changing the default cannot change an earlier round's point)."""
+def test_the_defaults_are_the_committed_choices_and_every_grid_point_names_damping_and_share():
+    """``Recipe`` without arguments is the protocol's committed choice (results.json) with the second
+    validation round's winner (strength / damping / share, val17_selection.json) over it; the grid's
+    points all pass ``damping`` and ``share`` (so changing a default cannot change an earlier round's
+    point)."""
     import json
     from pathlib import Path
 
     from deepopt.continual import DEFAULTS
 
-    chosen = json.loads((Path(cr.__file__).parent / "results" / "continual_recipe" / "results.json").read_text())["chosen"]
-    assert all(DEFAULTS[k] == v for k, v in chosen["recipe"].items())
-    assert cr.CHECK_SETTINGS[0] == ("recipe", chosen["recipe"])
-    assert all("damping" in knobs for knobs in cr.GRIDS["recipe"])
+    results = Path(cr.__file__).parent / "results"
+    chosen = json.loads((results / "continual_recipe" / "results.json").read_text())["chosen"]["recipe"]
+    winner = json.loads((results / "continual_text_validation" / "val17_selection.json").read_text())["winner"]
+    strength, damping, share = (float(v) for v in winner.split(" / "))
+    expected = {**chosen, "strength": strength, "damping": damping, "share": share}
+    assert {k: DEFAULTS[k] for k in expected} == expected
+    assert cr.CHECK_SETTINGS[0] == ("recipe", {**chosen, "share": 0.0})
+    assert all("damping" in knobs and "share" in knobs for knobs in cr.GRIDS["recipe"])
 
 
 def test_validation_check_runs_only_validation_sequences():

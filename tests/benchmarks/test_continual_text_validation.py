@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import continual_text_validation as ctv
 from benchmarks.continual_tasks import ShakespeareGenres
+from deepopt.continual import DEFAULTS
 
 
 def test_parse_setting():
@@ -42,7 +43,7 @@ def test_smoke_cli_writes_json_and_table(tmp_path):
     rows = {r["setting"]: r for r in result["rows"]}
     assert rows["recipe"]["runs"][0]["recipe_knobs"]["damping"] == 3.0
     knobs = rows["recipe:damping=0,distill=0"]["runs"][0]["recipe_knobs"]
-    assert knobs["damping"] == 0.0 and knobs["distill"] == 0.0 and knobs["strength"] == 0.03
+    assert knobs["damping"] == 0.0 and knobs["distill"] == 0.0 and knobs["strength"] == DEFAULTS["strength"]
     assert rows["finetune"]["runs"][0]["recipe_knobs"] is None
     for r in result["rows"]:
         assert len(r["runs"][0]["matrix"]) == 3 and r["learning_bpc"]["mean"] > 0

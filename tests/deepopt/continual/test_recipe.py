@@ -82,7 +82,7 @@ def test_without_consolidation_the_recipe_is_its_optimizer():
 
 @pytest.mark.parametrize("kw", [{}, {"optimizer": "M3", "periods": {"0.*": 2}},
                                 {"periods": {"0.*": 2}, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"},
-                                {"importance": "predictive", "importance_beta": 0.0, "damping": 0.0},
+                                {"importance": "predictive", "importance_beta": 0.0, "damping": 0.0, "share": 0.0},
                                 {"share": 1.0, "share_damping": True},
                                 {"share": 1.0, "importance": "path", "importance_beta": 0.0, "coupling": "decoupled"}])
 def test_state_dict_resume_is_exact(kw):
@@ -210,7 +210,8 @@ def test_period_clock_consolidates_every_period():
                                            ({"damping": -1.0}, ValueError, "damping"),
                                            ({"share": 1.0, "importance": "predictive"}, ValueError, "share"),
                                            ({"share": -1.0}, ValueError, "share"),
-                                           ({"share_damping": True}, ValueError, "share"),
+                                           ({"share_damping": True, "share": 0.0}, ValueError, "share"),
+                                           ({"importance": "predictive"}, ValueError, "share=0"),
                                            ({"optimizer": "lbfgs"}, ValueError, "optimizer")])
 def test_recipe_bad_input(kw, exc, word):
     kw = {"lr": 1e-2, **kw}
