@@ -43,7 +43,7 @@ importance sets. The pull sets where a weight settles (under Adam, where the tas
 gradients balance; Adam normalises their sum, so the step size does not shrink with the stiffness);
 the damping slows the move itself, on the weights earlier tasks need.
 
-**Shared pull** (opt-in, ``share`` :math:`c > 0`): the weights the new task also needs are pulled
+**Shared pull** (``share`` :math:`c > 0`; off by default here, on in ``Recipe``'s defaults): the weights the new task also needs are pulled
 less. With :math:`\Omega` the earlier tasks' importance (the slow level's) and
 :math:`\Omega_\text{new}` the current task's so far (the same estimate, normalised to mean 1, that
 the next consolidation will add: :meth:`~deepopt.continual.importance.Importance.current`), both
