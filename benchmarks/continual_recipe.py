@@ -114,8 +114,7 @@ class _Base:
         return None
 
     def train_step(self, task):
-        """One minibatch of ``task``: its loss plus ``extra``, backward, the optimizer's step; returns
-        the total loss (detached)."""
+        """One minibatch of ``task``: its loss plus ``extra``, backward, the optimizer's step."""
         self.opt.zero_grad(set_to_none=True)
         x, y = self.seq.sample(task, self.gen, self.batch)
         loss = self.seq.loss_on(self.model, task, x, y)
@@ -127,7 +126,6 @@ class _Base:
         self.before_step()
         self.opt.step()
         self.after_step()
-        return total.detach()
 
     def before_step(self):
         pass
@@ -216,8 +214,8 @@ class LwF(_Base):
         student = self.model(x)
         loss = 0.0
         for group in class_groups(self.seq, task):  # the logits' last dimension (a class or a vocabulary)
-            t = teacher[..., group].reshape(-1, teacher[..., group].shape[-1]) / LWF_T
-            s = student[..., group].reshape(t.shape) / LWF_T
+            t, s = (z[..., group] for z in (teacher, student))
+            t, s = (z.reshape(-1, z.shape[-1]) / LWF_T for z in (t, s))
             loss = loss + F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
         return self.alpha * LWF_T**2 * loss
 
