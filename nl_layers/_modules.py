@@ -78,53 +78,99 @@ def squared_norm(x: torch.Tensor) -> torch.Tensor:
 
 class _FactoredGradSqNorm(Function):
     """g = sum_i ||l_i||^2 ||r_i||^2 over the last dimension, for rank-one gradients l_i r_i^T
-    (||l r^T||_F^2 = ||l||^2 ||r||^2), taking the factors (l_1, r_1, l_2, r_2, ...) at once.
+    (||l r^T||_F^2 = ||l||^2 ||r||^2), taking the factors (l_1, r_1, l_2, r_2, ...) at once, and
+    optionally rho = sum_{j in R} ||x_j||^2 over the tensors x_j picked by ``res`` (indices into the
+    factors followed by ``extra`` further tensors: a residual that is also a factor costs no norm).
 
-    Forward: the 2F norms stacked as n = (||r_1||, ||l_1||, ||r_2||, ||l_2||, ...), viewed (F, 2, ...),
-    s = n^2 and g = sum_i s_i0 s_i1 (2F + 4 operators, whatever F). Backward, from
-    dg/dl_i = 2 ||r_i||^2 l_i and dg/dr_i = 2 ||l_i||^2 r_i: c = 2 dg s (one tensor for all
-    factors, the swapped order putting ||r_i||^2 next to l_i), dl_i = c_i0 l_i, dr_i = c_i1 r_i
-    (2F + 2 operators). Once differentiable: s is saved, not recomputed from the factors.
+    Forward: the norms stacked as n = (||r_1||, ||l_1||, ||r_2||, ||l_2||, ..., extras), s = n^2, the
+    pairs' rows viewed (F, 2, ...), g = sum_i s_i0 s_i1 and rho a sum of rows of s (2F + E + 4
+    operators, +1 for rho unless it is a single row). Backward, from dg/dl_i = 2 ||r_i||^2 l_i,
+    dg/dr_i = 2 ||l_i||^2 r_i and drho/dx_j = 2 x_j: c = 2 dg s (one tensor for all factors, the
+    swapped order putting ||r_i||^2 next to l_i), c_j += 2 drho for a factor in R, dl_i = c_i0 l_i,
+    dr_i = c_i1 r_i, dx = 2 drho x for an extra. Once differentiable: s is saved, not recomputed.
     """
 
     @staticmethod
-    def forward(*factors):
-        norms = [torch.linalg.vector_norm(x, dim=-1) for pair in zip(factors[1::2], factors[0::2]) for x in pair]
-        s = torch.stack(norms).square()
-        return s.view(-1, 2, *s.shape[1:]).prod(1).sum(0), s
+    def forward(res, extra, *tensors):
+        pairs = len(tensors) - extra
+        swapped = [x for pair in zip(tensors[1:pairs:2], tensors[0:pairs:2]) for x in pair] + list(tensors[pairs:])
+        s = torch.stack([torch.linalg.vector_norm(x, dim=-1) for x in swapped]).square()
+        g = s[:pairs].view(-1, 2, *s.shape[1:]).prod(1).sum(0)
+        rows = [j ^ 1 if j < pairs else j for j in res]  # the row of s holding ||x_j||^2
+        if not rows:
+            rho = None
+        elif len(rows) == 1:
+            rho = s[rows[0]]
+        elif rows == list(range(rows[0], rows[0] + len(rows))):
+            rho = s[rows[0] : rows[-1] + 1].sum(0)
+        else:
+            rho = s[rows[0]]
+            for j in rows[1:]:
+                rho = rho + s[j]
+        return g, rho, s
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, output[1])
-        ctx.mark_non_differentiable(output[1])
+        ctx.res, ctx.extra = inputs[0], inputs[1]
+        ctx.save_for_backward(*inputs[2:], output[2])
+        ctx.mark_non_differentiable(output[2])
         ctx.set_materialize_grads(False)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g, _):
-        if g is None:
-            return (None,) * len(ctx.needs_input_grad)
-        *factors, s = ctx.saved_tensors
-        c = s * (2 * g)  # c[2i] = 2 g ||r_i||^2 (for l_i), c[2i + 1] = 2 g ||l_i||^2 (for r_i)
-        return tuple(x * c[j, ..., None] if ctx.needs_input_grad[j] else None for j, x in enumerate(factors))
+    def backward(ctx, g, grho, _):
+        *tensors, s = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        pairs = len(tensors) - ctx.extra
+        out = [None] * len(tensors)
+        if g is not None:
+            c = s[:pairs] * (2 * g)  # c[2i] = 2 g ||r_i||^2 (for l_i), c[2i + 1] = 2 g ||l_i||^2 (for r_i)
+        if grho is not None:
+            for j in ctx.res:
+                if j >= pairs:
+                    out[j] = tensors[j] * (2 * grho)[..., None] if needs[j] else None
+                elif g is not None:
+                    c[j].add_(grho, alpha=2.0)
+                else:
+                    out[j] = tensors[j] * (2 * grho)[..., None] if needs[j] else None
+        if g is not None:
+            for j in range(pairs):
+                if needs[j]:
+                    out[j] = tensors[j] * c[j, ..., None]
+        return None, None, *out
 
 
-def factored_grad_sq_norm(pairs) -> torch.Tensor:
+def factored_grad_sq_norm(pairs, residuals=None):
     """sum over (l, r) in ``pairs`` of ||l||^2 ||r||^2 (last dimension): the squared Frobenius norm of
     the per-token gradient sum_i l_i r_i^T summed over matrices, i.e. ``sum(squared_norm(l) *
     squared_norm(r) for l, r in pairs)`` in one autograd node (fewer operators forward and
     backward). Factors whose leading shapes differ (broadcast) take that expression.
 
+    ``residuals`` (a list of tensors): also return ``sum(squared_norm(e) for e in residuals)``, from
+    the same node ((g, rho)); a residual that is one of the factors (the same tensor object) reuses
+    its norm.
+
     Example:
         >>> l, r = torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 1.0, 1.0]])
         >>> factored_grad_sq_norm([(l, r), (r, r)])
         tensor([84.])
+        >>> factored_grad_sq_norm([(l, r)], residuals=[l, r])
+        (tensor([75.]), tensor([28.]))
     """
     pairs = list(pairs)
     factors = [x for pair in pairs for x in pair]
-    if len({x.shape[:-1] for x in factors}) != 1:
-        return sum(squared_norm(left) * squared_norm(right) for left, right in pairs)
-    return _FactoredGradSqNorm.apply(*factors)[0]
+    extras, res = [], []
+    for e in residuals or ():
+        j = next((i for i, x in enumerate(factors) if x is e), None)
+        if j is None:
+            j = len(factors) + len(extras)
+            extras.append(e)
+        res.append(j)
+    if len({x.shape[:-1] for x in factors + extras}) != 1:
+        g = sum(squared_norm(left) * squared_norm(right) for left, right in pairs)
+        return g if residuals is None else (g, sum(squared_norm(e) for e in residuals))
+    g, rho, _ = _FactoredGradSqNorm.apply(tuple(res), len(extras), *factors, *extras)
+    return g if residuals is None else (g, rho)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -11,8 +11,9 @@ The two built-in models also expose their structure for the closed-form ("analyt
 - ``factors(params, k, v, dgd)`` writes the per-token gradient of 1/2||M(k) - v||^2 at ``params``
   as rank-1 outer products, grad_W = left (x) right per weight matrix (plus, with ``dgd``, the
   delta-gradient-descent decay (W a) a^T of the output layer, a its input, i.e. the gradient of
-  1/2||W a||^2 at constant a), and returns the squared norm of the residual r = M(k) - v (with
-  ``dgd``, of r stacked with W a), which sets the step size (see nl_layers/ops/fast_weights/step.py);
+  1/2||W a||^2 at constant a), and the residual r = M(k) - v (with ``dgd``, r and W a) as a list
+  of tensors whose squared norms sum to ||r||^2, which sets the step size (see
+  nl_layers/ops/fast_weights/step.py; the engine takes these norms with the gradient's, in one node);
 - ``dgd_layer`` names the layer whose input-direction decay the DGD rule applies, and
   ``layer_inputs(params, k)`` gives the input of every weight matrix for one key.
 """
@@ -27,8 +28,6 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._function import Function
-
-from .._modules import squared_norm
 
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 
@@ -131,7 +130,8 @@ class ResidualMLPMemory(nn.Module):
 
     def factors(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False):
         """Per-token gradients at shared weights (N, ...) for k, v (N, L, d), as (left, right) factors,
-        and the squared residual norms (N, L).
+        and the residual's pieces [e] (with ``dgd``, [e, W_out h]): ||r||^2 is the sum of their
+        squared norms (N, L)
 
         grad_{W_out} = e h^T and grad_{W_in} = ((W_out^T e) * act'(z)) k^T with z = W_in k,
         h = act(z), e = M(k) - v. With ``dgd`` the output layer's left factor gains W_out h
@@ -142,8 +142,7 @@ class ResidualMLPMemory(nn.Module):
         out = _apply(w_out, h)
         err = k + out - v
         back = (err @ w_out) * slope
-        r_sq = squared_norm(err) + (squared_norm(out) if dgd else 0)
-        return {"w_in": (back, k), "w_out": (err + out if dgd else err, h)}, r_sq
+        return {"w_in": (back, k), "w_out": (err + out if dgd else err, h)}, [err, out] if dgd else [err]
 
 
 class LinearMapMemory(nn.Module):
@@ -170,11 +169,11 @@ class LinearMapMemory(nn.Module):
         return {"weight": x}
 
     def factors(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False):
-        """grad_W = (W k - v) k^T; with ``dgd`` the left factor gains W k. Also the squared residual norms."""
+        """grad_W = (W k - v) k^T; with ``dgd`` the left factor gains W k. Also the residual's pieces
+        ([W k - v], with ``dgd`` [W k - v, W k])."""
         out = _apply(params["weight"], k)
         err = out - v
-        r_sq = squared_norm(err) + (squared_norm(out) if dgd else 0)
-        return {"weight": (err + out if dgd else err, k)}, r_sq
+        return {"weight": (err + out if dgd else err, k)}, [err, out] if dgd else [err]
 
 
 def make_memory(kind, dim: int, expansion: float = 2.0) -> nn.Module:

@@ -121,6 +121,10 @@ def test_inner_step_matches_its_reference_values_and_gradients(error_clip):
         assert max_diff(g, gr) <= 1e-12 * (1 + gr.abs().max())
     if error_clip is not None:  # zero residual: zero step, dc/dr^2 = theta (clip inactive), no NaN
         assert (c[:2] == 0).all() and torch.equal(grads[2][:2], (w * inputs[0])[:2].detach())
+    neg = inner_step(*inputs, error_clip, negate=True)  # -c, and the same gradients through it
+    assert torch.equal(neg, -c)
+    for g, gn in zip(grads, torch.autograd.grad((-neg * w).sum(), inputs)):
+        assert torch.equal(g, gn)
 
 
 @pytest.mark.parametrize("error_clip", [1.0, None])

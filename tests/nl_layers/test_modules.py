@@ -97,3 +97,23 @@ def test_silu_and_slope_equals_autograd_values_and_gradients():
     (g_one,) = torch.autograd.grad(slope.sum(), z)  # one output unused
     assert max_diff(g_one, torch.autograd.grad(slope_ref.sum(), z)[0]) < 1e-13
     assert torch.autograd.gradcheck(silu_and_slope, (torch.randn(4, 3, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("pick", ["factor", "extras", "both"])
+def test_factored_grad_sq_norm_residuals_equal_the_sum_of_squared_norms(pick):
+    """With ``residuals`` the node also gives sum ||e||^2 (e a factor, reusing its norm, or an extra
+    tensor): values and gradients as the separate expressions, through either output or both."""
+    torch.manual_seed(1)
+    pairs = [(torch.randn(2, 7, a, dtype=torch.float64), torch.randn(2, 7, b, dtype=torch.float64)) for a, b in [(6, 9), (9, 6)]]
+    extra = [torch.randn(2, 7, 9, dtype=torch.float64), torch.randn(2, 7, 9, dtype=torch.float64)]
+    leaves = [x.requires_grad_() for pair in pairs for x in pair] + [e.requires_grad_() for e in extra]
+    residuals = {"factor": [pairs[1][0]], "extras": extra, "both": [extra[0], pairs[0][1]]}[pick]
+    g, rho = factored_grad_sq_norm(pairs, residuals)
+    g_ref, rho_ref = _reference_grad_sq_norm(pairs), sum(squared_norm(e) for e in residuals)
+    assert max_diff(g, g_ref) < 1e-12 * g_ref.abs().max() and max_diff(rho, rho_ref) < 1e-12 * rho_ref.abs().max()
+    w, u = torch.randn(2, 7, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64)
+    for loss, loss_ref in [((g * w + rho * u).sum(), (g_ref * w + rho_ref * u).sum()), ((rho * u).sum(), (rho_ref * u).sum())]:
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, retain_graph=True)
+        grads_ref = torch.autograd.grad(loss_ref, leaves, allow_unused=True, retain_graph=True)
+        for a, b in zip(grads, grads_ref):
+            assert (a is None and b is None) or max_diff(a, b) < 1e-12 * (1 + b.abs().max())

@@ -106,13 +106,13 @@ class AnalyticEngine:
         False: the caller does not use the end states; the token form then skips them and returns
         None for both (the chunk form has them anyway, as a by-product of its chunk starts).
         """
-        facs, r_sq = self.template.factors(anchor, k, v, dgd)
-        g_sq = factored_grad_sq_norm(facs.values())
-        step = inner_step(lr, g_sq, r_sq, error_clip)
+        facs, residual = self.template.factors(anchor, k, v, dgd)
+        g_sq, r_sq = factored_grad_sq_norm(facs.values(), residual)
+        scale = inner_step(lr, g_sq, r_sq, error_clip, negate=True)  # -c: the updates are u = -c g
         if self.use_tokens(k.shape[1], chunk_size, log_m is not None, [a.shape[-1] * b.shape[-1] for a, b in facs.values()]):
-            return self._segment_tokens(log_m, log_a, facs, -step, d0, s0, base, q, need_state)
+            return self._segment_tokens(log_m, log_a, facs, scale, d0, s0, base, q, need_state)
         plan = ChunkPlan.build(log_m, log_a, chunk_size)
-        blocked = {n: (plan.blocks(-step[..., None] * left), plan.blocks(right)) for n, (left, right) in facs.items()}
+        blocked = {n: (plan.blocks(scale[..., None] * left), plan.blocks(right)) for n, (left, right) in facs.items()}
         starts, d_last, s_last = {}, {}, {}
         for n, (left, right) in blocked.items():
             starts[n], (d_last[n], s_last[n]) = rank1_states(plan, left, right, _get(d0, n), _get(s0, n))
@@ -200,9 +200,9 @@ class FuncEngine:
             decay, wa_sq = self.token_decay(anchor, k)
             g, r_sq = {n: g[n] + decay[n] for n in g}, r_sq + wa_sq
         g_sq = sum(t.flatten(2).square().sum(-1) for t in g.values())
-        step = inner_step(lr, g_sq, r_sq, error_clip)
+        scale = inner_step(lr, g_sq, r_sq, error_clip, negate=True)  # -c
         plan = ChunkPlan.build(log_m, log_a, chunk_size)
-        u = {n: plan.blocks(-bc(step, t) * t) for n, t in g.items()}
+        u = {n: plan.blocks(bc(scale, t) * t) for n, t in g.items()}
         starts, d_last, s_last = {}, {}, {}
         for n, un in u.items():
             starts[n], (d_last[n], s_last[n]) = dense_states(plan, un, _get(d0, n), _get(s0, n))

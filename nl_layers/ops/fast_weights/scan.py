@@ -63,6 +63,11 @@ from . import read_kernels
 from .read_kernels import read_grads
 
 
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """``torch.promote_types(t.dtype, torch.float32)`` for floating t, decided in Python (no operator call)."""
+    return t.dtype if t.dtype in (torch.float64, torch.float32) else torch.float32
+
+
 def bc(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a coefficient against a tensor with extra trailing (parameter) dims."""
     return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
@@ -105,7 +110,7 @@ class ChunkPlan(NamedTuple):
         size = min(chunk_size, length)
         n = -(-length // size)
         rem = length - (n - 1) * size
-        work = torch.promote_types(log_a.dtype, torch.float32)  # decay products in at least float32
+        work = _work_dtype(log_a)  # decay products in at least float32
 
         def blocks(t):
             return F.pad(t.to(work), (0, n * size - length)).reshape(t.shape[0], n, size)
@@ -283,7 +288,7 @@ class TokenPlan(NamedTuple):
         dm_last stays unscaled); in the common case (momentum, no initial state) in the same pass
         that forms the decay products.
         """
-        work = torch.promote_types(log_a.dtype, torch.float32)  # decay products in at least float32
+        work = _work_dtype(log_a)  # decay products in at least float32
         cast = lambda t: None if t is None else t.to(log_a.dtype)  # noqa: E731
         scaled = (lambda m: m) if scale is None else (lambda m: m * scale[:, None, :])  # noqa: E731
         need_pa = ends or d0 or initial

@@ -57,22 +57,30 @@ class _InnerStep(Function):
     c ds/(s dr^2) = -u / 2 there). Where D = 0 (r^2 = theta g^2 = 0) the where() gives D no gradient,
     so dc/dr^2 = theta s and the others are 0, which the formulas give with D = 1, r^2 = 0. About a
     third of the operators of autograd's backward of :func:`inner_step_reference`, same values.
+
+    ``negate``: the output is -c, with f and u negated as well (f = -s / D): the backward is then
+    unchanged (every gradient is a product of the output's gradient with f or u), and -c costs no
+    extra operator forward or backward.
     """
 
     @staticmethod
-    def forward(theta, g_sq, r_sq, error_clip):
+    def forward(theta, g_sq, r_sq, error_clip, negate):
         den = torch.addcmul(r_sq, theta, g_sq)
         den = den.masked_fill_(den <= 0, 1.0)
+        sign = -1.0 if negate else 1.0
         if error_clip is None:
-            f = den.reciprocal()
+            f = den.reciprocal() if not negate else torch.reciprocal(den).neg_()
         else:
-            f = torch.clamp(r_sq, min=error_clip**2).rsqrt_().mul_(error_clip) / den  # s / D (r_sq may broadcast)
+            f = torch.clamp(r_sq, min=error_clip**2).rsqrt_()  # s / tau (r_sq may broadcast)
+            if error_clip * sign != 1.0:
+                f = f.mul_(error_clip * sign)
+            f = f / den  # (-)s / D
         u = theta * f
         return u * r_sq, den, f, u
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        theta, g_sq, r_sq, ctx.clip = inputs
+        theta, g_sq, r_sq, ctx.clip, _ = inputs
         _, den, f, u = output
         ctx.mark_non_differentiable(den, f, u)
         ctx.set_materialize_grads(False)
@@ -83,7 +91,7 @@ class _InnerStep(Function):
     @once_differentiable
     def backward(ctx, gc, *_):
         if gc is None:
-            return None, None, None, None
+            return None, None, None, None, None
         theta, r_sq, den, f, u = ctx.saved_tensors
         a = torch.mul(gc, f).mul_(r_sq / den)  # gc f rho
         b = a * theta  # gc theta f rho
@@ -94,18 +102,21 @@ class _InnerStep(Function):
             g_r = g_r.addcmul_(g_r, r_sq >= ctx.clip**2, value=-0.5)  # halved where the clip is active
         g_r = g_r.sub_(b)
         grads = [g if g.shape == s else g.sum_to_size(s) for g, s in zip((g_theta, g_g, g_r), ctx.shapes)]
-        return *grads, None
+        return *grads, None, None
 
 
-def inner_step(theta: torch.Tensor, g_sq: torch.Tensor, r_sq: torch.Tensor, error_clip: float | None) -> torch.Tensor:
+def inner_step(
+    theta: torch.Tensor, g_sq: torch.Tensor, r_sq: torch.Tensor, error_clip: float | None, negate: bool = False
+) -> torch.Tensor:
     """Per-token step size c_t (same shape as theta) from the squared norms of gradient and residual.
 
     c = theta s r^2 / (r^2 + theta g^2) (s the error clip's factor): a zero residual (and so a zero
     gradient) gets a zero step, with no division by zero and no NaN in the backward pass. One
     autograd node with a hand-written backward (:class:`_InnerStep`); the same values and gradients
-    as :func:`inner_step_reference` in far fewer operators (first derivatives only).
+    as :func:`inner_step_reference` in far fewer operators (first derivatives only). ``negate``: return
+    -c (the update's scale, -c g) at no extra operator.
     """
-    return _InnerStep.apply(theta, g_sq, r_sq, error_clip)[0]
+    return _InnerStep.apply(theta, g_sq, r_sq, error_clip, negate)[0]
 
 
 def step_bound(max_lr: float, error_clip: float | None) -> float:
