@@ -189,12 +189,13 @@ class SelfModifyingTitans(nn.Module):
             return lambda p, k, v: 0.5 * (functional_call(template, p, (k,)) - v).pow(2).sum()
         return lambda p, k, v: 0.5 * (functional_call(template, p, (k,)) - functional_call(template, p, (v,))).pow(2).sum()
 
-    def initial_state(self, batch: int, like: torch.Tensor) -> SelfModifyingState:
-        """The state at the start of a sequence: the learnable initial weights, zero momentum."""
+    def initial_state(self, batch: int, like: torch.Tensor, conv: bool = True) -> SelfModifyingState:
+        """The state at the start of a sequence: the learnable initial weights, zero momentum
+        (``conv=False``: conv None, the convolution then pads by itself, with no zeros tensor)."""
         w = {m: expand_params(t, batch, self.heads) for m, t in self.memories.items()}
         zero = like.new_zeros(())  # one zero, broadcast to every momentum (no memory, no writes)
         s = {m: {n: zero.expand(x.shape) for n, x in d.items()} for m, d in w.items()}
-        return SelfModifyingState(w, w, s, like.new_zeros(batch, self.conv.width - 1, self.dim), 0)
+        return SelfModifyingState(w, w, s, like.new_zeros(batch, self.conv.width - 1, self.dim) if conv else None, 0)
 
     def _rates(self, lr_out, decay_out):
         """eta and log alpha from the lr and decay memories' outputs."""
@@ -211,7 +212,7 @@ class SelfModifyingTitans(nn.Module):
         if state is not None:
             check_state_batch(state.weights["memory"]["w_in"].shape[0], b)
         fresh = state is None  # zero offsets and momenta: the scans skip them
-        state = self.initial_state(b, x) if state is None else state
+        state = self.initial_state(b, x, conv=False) if state is None else state
         x, conv = self.conv(x, state.conv)
         xh = l2_normalize(split_heads(x, self.heads)).reshape(b * self.heads, t, self.head_dim)
         q = l2_normalize(split_heads(self.to_q(x), self.heads)).reshape(b * self.heads, t, self.head_dim)

@@ -189,13 +189,14 @@ class NeuralMemory(nn.Module):
         return 0.5 * (pred - v).pow(2).sum(-1)
 
     # -- shared preparation -------------------------------------------------------------------
-    def initial_state(self, batch: int, like: torch.Tensor) -> NeuralMemoryState:
-        """The state at the start of a sequence: the learnable initial weights, zero momentum."""
+    def initial_state(self, batch: int, like: torch.Tensor, conv: bool = True) -> NeuralMemoryState:
+        """The state at the start of a sequence: the learnable initial weights, zero momentum
+        (``conv=False``: conv None, the convolution then pads by itself, with no zeros tensor)."""
         w = expand_params(self.memory, batch, self.heads)
         zero = like.new_zeros(())  # one zero, broadcast to every momentum (no memory, no writes)
         zeros = {n: zero.expand(t.shape) for n, t in w.items()}
-        conv = like.new_zeros(batch, self.conv.width - 1, self.conv.weight.shape[0])
-        return NeuralMemoryState(w, w, zeros, conv, 0)
+        cache = like.new_zeros(batch, self.conv.width - 1, self.conv.weight.shape[0]) if conv else None
+        return NeuralMemoryState(w, w, zeros, cache, 0)
 
     def _prepare(self, x, state):
         b, t = x.shape[:2]
@@ -222,7 +223,7 @@ class NeuralMemory(nn.Module):
         if state is not None:
             check_state_batch(state.conv.shape[0], b)
         fresh = state is None  # zero offset and momentum: the scan skips them
-        state = self.initial_state(b, x) if state is None else state
+        state = self.initial_state(b, x, conv=False) if state is None else state
         q, k, v, lr, log_m, log_a, conv = self._prepare(x, state)
         w, anchor, s = flatten(state.weights), flatten(state.anchor), flatten(state.momentum)
         base = flatten(expand_params(self.memory, b, self.heads))
