@@ -7,7 +7,9 @@ and head in their state and call the module with :func:`torch.func.functional_ca
 The two built-in models also expose their structure for the closed-form ("analytic") fast path:
 
 - ``compose(x, linear)`` runs the model with every weight product ``W x`` replaced by
-  ``linear(name, x)``, so a caller can apply weights that differ per token without building them;
+  ``linear(name, x)``, so a caller can apply weights that differ per token without building them
+  (a residual is passed along, ``linear(name, x, add)`` = add + W x, so a caller can fuse the sum
+  into its product);
 - ``factors(params, k, v, dgd)`` writes the per-token gradient of 1/2||M(k) - v||^2 at ``params``
   as rank-1 outer products, grad_W = left (x) right per weight matrix (plus, with ``dgd``, the
   delta-gradient-descent decay (W a) a^T of the output layer, a its input, i.e. the gradient of
@@ -28,6 +30,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._function import Function
+from ..ops.fast_weights.grouped_linear import apply_weight as _apply
 
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 
@@ -92,10 +95,6 @@ def activation_and_slope(name: str, z: torch.Tensor):
     return t, 1 - t * t
 
 
-def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x @ w.transpose(-1, -2)
-
-
 class ResidualMLPMemory(nn.Module):
     """M(x) = x + W_out act(W_in x): the Titans memory (residual MLP, no biases).
 
@@ -118,11 +117,11 @@ class ResidualMLPMemory(nn.Module):
         self.w_out = nn.Parameter(torch.randn(dim, hidden) * (out_scale / math.sqrt(hidden)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compose(x, lambda name, inp: _apply(getattr(self, name), inp))
+        return self.compose(x, lambda name, inp, add=None: _apply(getattr(self, name), inp, add))
 
     def compose(self, x: torch.Tensor, linear) -> torch.Tensor:
-        """x + linear("w_out", act(linear("w_in", x)))."""
-        return x + linear("w_out", activation(self.activation, linear("w_in", x)))
+        """x + W_out act(W_in x) = linear("w_out", act(linear("w_in", x)), x)."""
+        return linear("w_out", activation(self.activation, linear("w_in", x)), x)
 
     def layer_inputs(self, params: dict, x: torch.Tensor) -> dict:
         """Input of each weight matrix for key x: {"w_in": x, "w_out": act(W_in x)}."""

@@ -47,3 +47,19 @@ def test_function_base_under_func_grad_and_compile():
     xr = x.clone().requires_grad_()
     torch.compile(lambda z: l2_normalize(z).pow(3).sum(), fullgraph=True, backend="eager")(xr).backward()
     torch.testing.assert_close(xr.grad, ref)
+
+
+def test_an_added_term_joins_the_product_with_its_gradient():
+    """grouped_linear(x, w, add) and apply_weight(w, x, add) (one weight, or one per copy) equal
+    add + x W^T, with the gradients of x, w and add."""
+    torch.manual_seed(0)
+    x, add = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(3, 7, 6, dtype=torch.float64)
+    for f, w in ((gl.grouped_linear, torch.randn(3, 6, 5, dtype=torch.float64)),
+                 (lambda x, w, a: gl.apply_weight(w, x, a), torch.randn(3, 6, 5, dtype=torch.float64)),
+                 (lambda x, w, a: gl.apply_weight(w, x, a), torch.randn(6, 5, dtype=torch.float64))):
+        leaves = [t.clone().requires_grad_() for t in (x, w, add)]
+        y, ref = f(*leaves), leaves[2] + leaves[0] @ leaves[1].transpose(-1, -2)
+        gy = torch.randn_like(ref)
+        torch.testing.assert_close(y, ref)
+        for a, b in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+            torch.testing.assert_close(a, b)

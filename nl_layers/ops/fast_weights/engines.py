@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..._modules import factored_grad_sq_norm
+from .grouped_linear import apply_weight as _apply  # x W^T (+ add in the same operator)
 from .grouped_linear import grouped_linear
 from .scan import (
     ChunkPlan,
@@ -50,8 +51,6 @@ from .scan import (
 from .step import inner_step
 
 
-def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x @ w.transpose(-1, -2)
 
 
 def _get(tree: dict | None, name: str):
@@ -89,14 +88,14 @@ class AnalyticEngine:
 
     def read(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """All tokens x (N, L, d) read with one set of weights per copy (N, ...), or one for all copies (...)."""
-        return self.template.compose(x, lambda n, inp: _apply(w[n], inp))
+        return self.template.compose(x, lambda n, inp, add=None: _apply(w[n], inp, add))
 
     def read_shared(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """x (N, L, d) read by G memories with one set of weights each, w: name -> (G, ...), shared by
         all N copies: (G N, L, d_out), memory-major (as :meth:`read` of the G memories stacked along
         the copies, without repeating x or the weights)."""
         g = next(iter(w.values())).shape[0]
-        y = self.template.compose(x.reshape(1, -1, x.shape[-1]).expand(g, -1, -1), lambda n, inp: grouped_linear(inp, w[n]))
+        y = self.template.compose(x.reshape(1, -1, x.shape[-1]).expand(g, -1, -1), lambda n, inp, add=None: grouped_linear(inp, w[n], add))
         return y.reshape(g * x.shape[0], x.shape[1], -1)
 
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False, need_state=True):
@@ -119,10 +118,10 @@ class AnalyticEngine:
         y = None
         if q is not None:
 
-            def linear(n, x):  # W_t x_t for every token t, without forming W_t
+            def linear(n, x, add=None):  # W_t x_t (+ add) for every token t, without forming W_t
                 left, right = blocked[n]
-                fixed = _apply(base[n], x.flatten(1, 2)).reshape(*x.shape[:3], -1)  # one weight per copy
-                return fixed + rank1_read(plan, left, right, starts[n], x)
+                fixed = _apply(base[n], x.flatten(1, 2), None if add is None else add.flatten(1, 2))  # one weight per copy
+                return fixed.reshape(*x.shape[:3], -1) + rank1_read(plan, left, right, starts[n], x)
 
             y = plan.unblocks(self.template.compose(plan.blocks(q), linear))
         return y, d_last, s_last
@@ -150,9 +149,9 @@ class AnalyticEngine:
                 d_last[n] = d_last[n] + bc(plan.fs[:, -1], s0[n]) * s0[n]
         if q is not None:
 
-            def linear(n, x):  # W_t x_t for every token t, without forming W_t
+            def linear(n, x, add=None):  # W_t x_t (+ add) for every token t, without forming W_t
                 left, right = facs[n]
-                out = _apply(base[n], x)
+                out = _apply(base[n], x, add)
                 if d0 is not None:
                     out = out + plan.pa[..., None] * _apply(d0[n], x)
                 if given_s:

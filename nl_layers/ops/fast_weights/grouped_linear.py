@@ -10,6 +10,8 @@ GEMM one tile row per output tile and no split of the reduction, ~15 TFLOP/s on 
 the M rows into S slices as S x more batches and summing the S partial gradients takes the same
 flops in G S batches. x may be one input shared by all groups (stride 0 along G, as from
 ``expand``); its gradient is then summed over the groups by ``expand``'s backward as usual.
+An ``add`` term (G, M, o) joins the product (baddbmm), as :func:`apply_weight` does for one weight
+matrix or one per copy: a residual sum at no extra operator.
 
 Example:
     >>> x, w = torch.randn(3, 4096, 8, requires_grad=True), torch.randn(3, 5, 8, requires_grad=True)
@@ -47,14 +49,26 @@ def weight_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (gs.transpose(1, 2) @ xs).view(g, s, o, -1).sum(1)
 
 
+def apply_weight(w: torch.Tensor, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ add, in the same operator: addmm for one weight w (o, i), baddbmm for one per copy (N, o, i))."""
+    if add is None:
+        return x @ w.transpose(-1, -2)
+    if w.ndim == 2:
+        flat = torch.addmm(add.reshape(-1, add.shape[-1]), x.reshape(-1, x.shape[-1]), w.t())
+        return flat.view(*x.shape[:-1], w.shape[0])
+    if w.ndim == 3 and x.ndim == 3:
+        return torch.baddbmm(add, x, w.transpose(-1, -2))
+    return add + x @ w.transpose(-1, -2)
+
+
 class _GroupedLinear(Function):
     @staticmethod
-    def forward(x, w):
-        return x @ w.transpose(1, 2)
+    def forward(x, w, add):
+        return x @ w.transpose(1, 2) if add is None else torch.baddbmm(add, x, w.transpose(1, 2))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs[:2])
 
     @staticmethod
     @once_differentiable
@@ -62,9 +76,10 @@ class _GroupedLinear(Function):
         x, w = ctx.saved_tensors
         gx = (gy @ w.to(gy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         gw = weight_grad(gy, x.to(gy.dtype)).to(w.dtype) if ctx.needs_input_grad[1] else None
-        return gx, gw
+        return gx, gw, gy if ctx.needs_input_grad[2] else None
 
 
-def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (G, M, d) @ w (G, o, d)^T -> (G, M, o); the weight gradient split along M (module doc)."""
-    return _GroupedLinear.apply(x, w)
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x (G, M, d) @ w (G, o, d)^T (+ add (G, M, o), in the same product) -> (G, M, o); the weight
+    gradient split along M (module doc)."""
+    return _GroupedLinear.apply(x, w, add)
