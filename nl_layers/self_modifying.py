@@ -54,7 +54,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ._checks import check_choice, check_positive_int, check_sequence, check_state_batch
-from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, split_heads
+from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads
 from .memory.fast_weights import (
     expand_params,
     flatten,
@@ -201,6 +201,15 @@ class SelfModifyingTitans(nn.Module):
         """eta and log alpha from the lr and decay memories' outputs."""
         return self.max_lr * torch.sigmoid(self.lr_head(lr_out).squeeze(-1)), F.logsigmoid(self.decay_head(decay_out).squeeze(-1))
 
+    def _stacked_rates(self, rates):
+        """:meth:`_rates` of the lr and decay outputs stacked (2 N, L, d): both heads in one batched
+        product (their weights and biases stacked), eta and log alpha (N, L)."""
+        heads = (self.lr_head, self.decay_head)
+        w = torch.stack([m.weight for m in heads])  # (2, 1, d)
+        bias = torch.stack([m.bias for m in heads])[..., None]  # (2, 1, 1)
+        logits = torch.baddbmm(bias, rates.reshape(2, -1, rates.shape[-1]), w.transpose(1, 2)).view(2, -1, rates.shape[1])
+        return self.max_lr * torch.sigmoid(logits[0]), F.logsigmoid(logits[1])
+
     def _gates(self, key_out, value_out, lr_out, decay_out):
         """k, v, eta, log alpha from the four component memories' outputs."""
         return (l2_normalize(key_out), l2_normalize(value_out), *self._rates(lr_out, decay_out))
@@ -214,8 +223,9 @@ class SelfModifyingTitans(nn.Module):
         fresh = state is None  # zero offsets and momenta: the scans skip them
         state = self.initial_state(b, x, conv=False) if state is None else state
         x, conv = self.conv(x, state.conv)
-        xh = l2_normalize(split_heads(x, self.heads)).reshape(b * self.heads, t, self.head_dim)
-        q = l2_normalize(split_heads(self.to_q(x), self.heads)).reshape(b * self.heads, t, self.head_dim)
+        # x^ and q of every head normalised at once: (B, T, 2, H, d) -> (2, B*H, T, d), one copy
+        xq = l2_normalize(torch.cat([x, self.to_q(x)], -1).view(b, t, 2, self.heads, self.head_dim))
+        xh, q = xq.permute(2, 0, 3, 1, 4).reshape(2, b * self.heads, t, self.head_dim).unbind(0)
         w = {m: flatten(d) for m, d in state.weights.items()}
         a = {m: flatten(d) for m, d in state.anchor.items()}
         s = {m: flatten(d) for m, d in state.momentum.items()}
@@ -241,7 +251,6 @@ class SelfModifyingTitans(nn.Module):
         # The four component memories share one structure: run them stacked along the copy axis.
         stack = lambda tree: {p: torch.cat([tree[m][p] for m in COMPONENTS]) for p in tree["key"]}  # noqa: E731
         rep = lambda z: z.repeat(len(COMPONENTS), *([1] * (z.ndim - 1)))  # noqa: E731
-        log_bc = log_beta[: len(COMPONENTS)].repeat_interleave(n)[:, None]
         comp, main, ys = self.engines["key"], self.engines["memory"], []
         wm, am, sm, bm = w["memory"], a["memory"], s["memory"], base["memory"]
         # The analytic engines take weights shared by every copy as one matrix (plain products, no per-copy
@@ -256,6 +265,7 @@ class SelfModifyingTitans(nn.Module):
         ac = stack(a) if writes or shared is None else None
         if writes:
             wc, sc, bc = stack(w), stack(s), stack(base)
+            log_bc = log_beta[: len(COMPONENTS)].repeat_interleave(n)[:, None]
 
         def read_components(x):  # the four components' outputs stacked: key, value, lr, decay
             return comp.read_shared(shared, x) if shared is not None else comp.read(ac, rep(x))
@@ -265,7 +275,7 @@ class SelfModifyingTitans(nn.Module):
             sl = slice(start, end)
             key_value, rates = read_components(xh[:, sl]).split(2 * n)
             k, v = l2_normalize(key_value).split(n)  # as _gates, key and value normalised at once
-            lr, log_a = self._rates(*rates.split(n))
+            lr, log_a = self._stacked_rates(rates)
             last = not need_state and end == xh.shape[1]
             if writes and not last:  # the components' writes are read after the next re-anchor
                 target = read_components(v) if self.detach_values else rep(v)
