@@ -211,7 +211,8 @@ class NeuralMemory(nn.Module):
         q, k, v = qkv.view(b, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).reshape(3, b * h, t, self.head_dim).unbind(0)
         logits = (logits + torch.cat([g.bias for g in gates])).view(b, t, len(gates), h)
         logits = iter(logits.permute(2, 0, 3, 1).reshape(len(gates), b * h, t).unbind(0))
-        lr = self.max_lr * torch.sigmoid(next(logits))
+        lr = torch.sigmoid(next(logits))
+        lr = lr if self.max_lr == 1.0 else self.max_lr * lr
         log_m = F.logsigmoid(next(logits)) if self.to_momentum is not None else None
         log_a = F.logsigmoid(-next(logits)) if self.to_forget is not None else torch.zeros_like(lr)  # log(1 - alpha)
         return q, k, v, lr, log_m, log_a, conv

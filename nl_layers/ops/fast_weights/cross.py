@@ -33,22 +33,32 @@ GROUP = 16
 _MASKS: dict = {}
 
 
-def _above(rows: int, cols: int, diagonal: int, like: torch.Tensor) -> torch.Tensor:
-    """(rows, cols): -inf on and above ``diagonal``, 0 below: added before an exponential it masks
-    exactly (exp(-inf) = 0, with a zero gradient) and costs no masked_fill. Eager calls build each
-    mask once per shape, dtype and device (a constant, never written); a compiled graph, or a CUDA
-    graph being captured, builds it."""
+def _constant(rows: int, cols: int, diagonal: int, fill: float, like: torch.Tensor) -> torch.Tensor:
+    """(rows, cols): ``fill`` on and above ``diagonal`` (fill = -inf) or on and below it (fill = 1),
+    0 elsewhere. Eager calls build each such constant once per shape, dtype and device (it is never
+    written); a compiled graph, or a CUDA graph being captured, builds it."""
+
+    def build():
+        full = torch.full((rows, cols), fill, dtype=like.dtype, device=like.device)
+        return full.triu(diagonal) if fill < 0 else full.tril(diagonal)
+
     if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return torch.full((rows, cols), float("-inf"), dtype=like.dtype, device=like.device).triu(diagonal)
-    key = (rows, cols, diagonal, like.dtype, like.device)
+        return build()
+    key = (rows, cols, diagonal, fill, like.dtype, like.device)
     mask = _MASKS.get(key)
     if mask is None:
         with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode the first call ran in
-            mask = torch.full((rows, cols), float("-inf"), dtype=like.dtype, device=like.device).triu(diagonal)
+            mask = build()
         if len(_MASKS) >= 64:
             _MASKS.clear()
         _MASKS[key] = mask
     return mask
+
+
+def _above(rows: int, cols: int, diagonal: int, like: torch.Tensor) -> torch.Tensor:
+    """(rows, cols): -inf on and above ``diagonal``, 0 below: added before an exponential it masks
+    exactly (exp(-inf) = 0, with a zero gradient) and costs no masked_fill (built once, :func:`_constant`)."""
+    return _constant(rows, cols, diagonal, float("-inf"), like)
 
 
 def decay_products(log_x: torch.Tensor):

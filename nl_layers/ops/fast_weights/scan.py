@@ -193,6 +193,36 @@ def rank1_read(plan: ChunkPlan, left, right, starts, x):
     return (plan.mix * (x @ right.transpose(-1, -2))) @ left + read_starts(plan, starts, x)
 
 
+class _PrefixSum(Function):
+    """cumsum along the last dimension, whose backward (the reverse cumulative sum) is one product
+    with the lower-triangular ones (L, L) instead of flip, cumsum, flip."""
+
+    @staticmethod
+    def forward(x):
+        return x.cumsum(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        length = g.shape[-1]
+        return g @ cross._constant(length, length, 0, 1.0, g)  # dx_s = sum_{t >= s} g_t
+
+
+def prefix_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.cumsum(-1)`` with a one-operator backward (for the short segments of :class:`TokenPlan`).
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+        >>> prefix_sum(x).backward(torch.tensor([[1.0, 10.0, 100.0]])); x.grad
+        tensor([[111., 110., 100.]])
+    """
+    return _PrefixSum.apply(x)
+
+
 class _DecayMix(Function):
     """mix = D^a (D^m diag(w)) (N, L, L) from the stacked log prefixes c = (ca, cm) (2, N, L) and the
     column weights w (N, L), D^x_ts = exp(cx_t - cx_s) for s <= t (else 0).
@@ -296,7 +326,7 @@ class TokenPlan(NamedTuple):
             da, la = decay_products(log_a.to(work))
             return TokenPlan(cast(scaled(da)), cast(la.exp()) if need_pa else None, None, None, None)
         if not initial:  # the common case (a fresh sequence): mix by hand, its backward too
-            c = torch.stack([log_a, log_m]).to(work).cumsum(-1)
+            c = prefix_sum(torch.stack([log_a, log_m]).to(work))
             pa = cast(c[0].exp()) if need_pa else None
             mix = decay_mix(c, None if scale is None else scale.to(work))
             return TokenPlan(cast(mix), pa, None, None, cast((c[1, :, -1:] - c[1]).exp()) if ends else None)
