@@ -14,6 +14,7 @@ from ._checks import finite_checks, finite_checks_enabled, set_finite_checks, se
 from ._kernels import set_triton_kernels, triton_kernels, triton_kernels_enabled
 from .cms import CMS, MLPBlock
 from .cms_in_context import CMSState
+from .graphed import graphed_step
 from .hope import HopeAttentionBlock, HopeBlock, HopeBlockState
 from .lm import HopeLM, TitansLM, TransformerLM
 from .memory import (
@@ -57,6 +58,7 @@ __all__ = [
     "data",
     "finite_checks",
     "finite_checks_enabled",
+    "graphed_step",
     "linear_memory_chunked",
     "linear_memory_recurrent",
     "memory_objective",
