@@ -23,7 +23,9 @@ What the graph fixes, and the checks that follow from it:
   synchronisation, as in eager mode; ``check_inputs=False`` skips it).
 
 On the CPU (a batch not on CUDA) the same function returns the eager step, so one training loop
-runs on both.
+runs on both. Optimizers: torch's (AdamW, Adam, SGD, ... with tensor learning rates); deepopt's
+optimizers read their skipped-step flag on the host between steps and take float learning rates,
+so they are refused here and run eagerly.
 
 Example (the CPU gives the eager step; on a GPU the same lines capture and replay):
     >>> import torch, nl_layers
