@@ -23,9 +23,9 @@ What the graph fixes, and the checks that follow from it:
   synchronisation, as in eager mode; ``check_inputs=False`` skips it).
 
 On the CPU (a batch not on CUDA) the same function returns the eager step, so one training loop
-runs on both. Optimizers: torch's (AdamW, Adam, SGD, ... with tensor learning rates); deepopt's
-optimizers read their skipped-step flag on the host between steps and take float learning rates,
-so they are refused here and run eagerly.
+runs on both. Optimizers: torch's (AdamW, Adam, SGD, ... with tensor learning rates). deepopt's
+optimizers read their learning rate and their skipped-step flag on the host at each step, which a
+replayed graph would freeze: they are refused here (train with them eagerly).
 
 Example (the CPU gives the eager step; on a GPU the same lines capture and replay):
     >>> import torch, nl_layers
@@ -54,6 +54,11 @@ def _as_tuple(batch) -> tuple:
 
 def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Raise unless the optimizer's step can be captured and still follows a scheduler."""
+    if type(optimizer).__module__.split(".")[0] == "deepopt":
+        raise ValueError(
+            f"graphed_step: {type(optimizer).__name__} reads its learning rate and skipped-step flag on the host at "
+            "each step, which a CUDA graph would freeze; train with it eagerly, or use a torch optimizer here"
+        )
     for i, group in enumerate(optimizer.param_groups):
         if "capturable" in optimizer.defaults and not group.get("capturable", False):
             raise ValueError(

@@ -76,6 +76,9 @@ def test_bad_arguments_name_the_fix():
     with pytest.raises(ValueError, match="capturable=True"):
         _check_optimizer(torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.1)))
     _check_optimizer(torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.1), capturable=True))
+    import deepopt
+    with pytest.raises(ValueError, match="eagerly"):
+        _check_optimizer(deepopt.AdamMemory(model.parameters(), lr=torch.tensor(0.1)))
     static = (torch.zeros(2, 9, dtype=torch.long),)
     with pytest.raises(ValueError, match=r"shape \(2, 9\).*one step per batch shape"):
         _check_batch((torch.zeros(2, 5, dtype=torch.long),), static)
