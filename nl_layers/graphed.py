@@ -18,6 +18,8 @@ What the graph fixes, and the checks that follow from it:
   (``torch.optim.AdamW(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True)``), which
   torch's schedulers update in place; torch optimizers that have a ``capturable`` flag must be
   built with it on;
+- mixed precision goes inside ``loss_fn`` as ``torch.autocast(..., cache_enabled=False)`` (torch's
+  rule for autocast under graph capture);
 - host synchronisation is not allowed inside a capture, so the layers' value checks are off while
   capturing; the token range of an nl_layers language model is checked on each call instead (one
   synchronisation, as in eager mode; ``check_inputs=False`` skips it).
