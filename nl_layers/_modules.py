@@ -102,11 +102,9 @@ class _FactoredGradSqNorm(Function):
         elif len(rows) == 1:
             rho = s[rows[0]]
         elif rows == list(range(rows[0], rows[0] + len(rows))):
-            rho = s[rows[0] : rows[-1] + 1].sum(0)
+            rho = s[rows[0] : rows[-1] + 1].sum(0)  # adjacent rows: a view, one sum
         else:
-            rho = s[rows[0]]
-            for j in rows[1:]:
-                rho = rho + s[j]
+            rho = s[rows].sum(0)
         return g, rho, s
 
     @staticmethod

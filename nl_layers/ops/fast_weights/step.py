@@ -60,7 +60,8 @@ class _InnerStep(Function):
 
     ``negate``: the output is -c, with f and u negated as well (f = -s / D): the backward is then
     unchanged (every gradient is a product of the output's gradient with f or u), and -c costs no
-    extra operator forward or backward.
+    extra operator backward (forward: none with an error clip, where the sign joins its factor; one
+    negation without).
     """
 
     @staticmethod
@@ -114,7 +115,7 @@ def inner_step(
     gradient) gets a zero step, with no division by zero and no NaN in the backward pass. One
     autograd node with a hand-written backward (:class:`_InnerStep`); the same values and gradients
     as :func:`inner_step_reference` in far fewer operators (first derivatives only). ``negate``: return
-    -c (the update's scale, -c g) at no extra operator.
+    -c (the update's scale, -c g) at no extra operator with an error clip (one negation without).
     """
     return _InnerStep.apply(theta, g_sq, r_sq, error_clip, negate)[0]
 
