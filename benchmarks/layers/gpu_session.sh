@@ -6,6 +6,8 @@
 #   profile   the LM step's anatomy (benchmarks/layers/lm_profile.py: kernels, GPU busy, CUDA graph)
 #   layers    the whole `layers` suite
 #   compile   eager against compiled LM steps (benchmarks/layers/lm_compile.py)
+#   graphed   nl_layers.graphed_step on the GPU: its tests, then eager against graphed LM steps
+#             (benchmarks/layers/lm_graphed.py)
 #   switch    the eager LM step with the fast-weight Triton kernels on and off, interleaved
 #             (benchmarks/layers/lm_kernel_switch.py: what the kernels cost the host)
 #   defaults  lm_defaults (every LM at its defaults, 1000 steps x 3 seeds)
@@ -58,8 +60,18 @@ ops() {
 profile() {
   say "profile start"
   CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile --out "$out/lm_profile" \
-    > "$out/logs/lm_profile.log" 2>&1
+    ${PROFILE_ARGS:-} > "$out/logs/lm_profile.log" 2>&1
   say "profile rc=$?"
+}
+graphed() {
+  say "graphed tests start"
+  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${TESTS_SECONDS:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
+    tests/nl_layers/test_graphed.py > "$out/logs/graphed_tests.log" 2>&1
+  say "graphed tests rc=$? $(tail -n 1 "$out/logs/graphed_tests.log")"
+  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${GRAPHED_SECONDS:-240}" python3 -m benchmarks.layers.lm_graphed --out "$out/lm_graphed" \
+    > "$out/logs/lm_graphed.log" 2>&1
+  say "lm_graphed rc=$?"
+  tail -n 6 "$out/logs/lm_graphed.log" | tee -a "$out/session.log"
 }
 lm_compile() {
   say "lm_compile start"
@@ -103,7 +115,7 @@ if [ "$n" -ge 2 ]; then
   pids=""
   if has layers; then layers $((n - 1)) & pids="$pids $!"; fi
   (has kernels && kernels 0; has tests && tests; has ops && ops 0; has baseline && baseline 0; has profile && profile 0
-    has switch && switch 0; has compile && lm_compile) & pids="$pids $!"
+    has graphed && graphed 0; has switch && switch 0; has compile && lm_compile) & pids="$pids $!"
   if has defaults; then lm_defaults $workers & pids="$pids $!"; fi
   wait $pids
 else
@@ -112,12 +124,13 @@ else
   has ops && ops 0
   has baseline && baseline 0
   has profile && profile 0
+  has graphed && graphed 0
   has switch && switch 0
   has layers && layers 0
   has compile && lm_compile
   has defaults && lm_defaults 0,0,0
 fi
-tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers ops lm_profile lm_profile_baseline lm_defaults lm_compile 2>/dev/null)
+tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers ops lm_graphed lm_profile lm_profile_baseline lm_defaults lm_compile 2>/dev/null)
 say "done"
 for f in "$out/ops/results.md" "$out/lm_profile_baseline/lm_profile.md" "$out/lm_profile/lm_profile.md" "$out/lm_compile/lm_compile.md"; do
   [ -f "$f" ] && head -n 30 "$f"
