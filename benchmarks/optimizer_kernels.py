@@ -4,7 +4,11 @@ One step of each optimizer on the speed suite's GPT-like list (:func:`benchmarks
 ``--layers`` blocks) is profiled after a warm-up; the kernels are grouped by name and their GPU
 times summed (median of ``--repeats`` profiled steps), beside the torch optimizer the step is
 compared with. A kernel whose bf16 time is well above its fp32 time, on half the bytes, is a
-kernel bound by something other than memory traffic.
+kernel bound by something other than memory traffic. A second table puts each step's kernel time
+beside its wall time, timed two ways: one step between CUDA events with a synchronisation after it
+(the speed suite's latency: the host's work before the first launch counts) and ``--chain`` steps
+back to back (throughput: the host runs ahead, as in a training loop that is bound by the GPU).
+The difference between the kernel sum and the one-step time is the GPU's idle time in a step.
 
 Usage: ``python -m benchmarks.optimizer_kernels [--optimizers DeepMomentum AdamMemory] [--layers 8]``.
 
@@ -25,8 +29,7 @@ from .speed import gpt_param_shapes, speed_optimizers
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def kernel_ms(make, shapes, dtype, repeats: int) -> dict[str, float]:
-    """kernel name -> median GPU ms per step of an optimizer from ``make(params)``."""
+def _optimizer(make, shapes, dtype):
     torch.manual_seed(0)
     params = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for _, s in shapes]
     for p in params:
@@ -35,6 +38,31 @@ def kernel_ms(make, shapes, dtype, repeats: int) -> dict[str, float]:
     for _ in range(3):
         opt.step()
     torch.cuda.synchronize()
+    return opt
+
+
+def wall_ms(make, shapes, dtype, repeats: int, chain: int, nonfinite: str | None = None) -> tuple[float, float]:
+    """(median ms of one synchronised step, median ms per step of ``chain`` steps back to back);
+    ``nonfinite``: a deepopt optimizer's policy for the timing (None: its default)."""
+    opt = _optimizer(make, shapes, dtype)
+    if nonfinite is not None:
+        opt.nonfinite = nonfinite
+    one, many = [], []
+    for _ in range(repeats):
+        for n, out in ((1, one), (chain, many)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                opt.step()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / n)
+    return sorted(one)[len(one) // 2], sorted(many)[len(many) // 2]
+
+
+def kernel_ms(make, shapes, dtype, repeats: int) -> dict[str, float]:
+    """kernel name -> median GPU ms per step of an optimizer from ``make(params)``."""
+    opt = _optimizer(make, shapes, dtype)
     runs = []
     for _ in range(repeats):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -84,6 +112,7 @@ def main(argv=None) -> None:
                                                       "DeepMomentum", "DeltaMomentum"])
     p.add_argument("--layers", type=int, default=8, help="blocks of the GPT-like list (dim 2048)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chain", type=int, default=10, help="steps back to back in the throughput timing")
     p.add_argument("--deep-tiles", action="store_true", help="DeepMomentum's inner and read kernels at several tiles")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -95,6 +124,7 @@ def main(argv=None) -> None:
     makers = speed_optimizers(a.optimizers, "cuda")
     print(f"{torch.cuda.get_device_name()}, {sum(s[0] * s[1] for _, s in shapes) / 1e9:.2f} B params, "
           f"median of {a.repeats} profiled steps")
+    walls = ["| optimizer | dtype | kernels ms | one step ms (synchronised) | back to back ms/step |", "|---|---|---|---|---|"]
     for name in a.optimizers:
         rows: dict[str, dict[str, float]] = defaultdict(dict)
         for dtype in DTYPES:
@@ -105,6 +135,15 @@ def main(argv=None) -> None:
         rows["(all kernels)"] = total
         print(f"\n## {name}\n")
         print("\n".join(table(rows)))
+        for dtype in DTYPES:
+            d = str(dtype).split(".")[-1]
+            one, many = wall_ms(makers[name], shapes, dtype, a.repeats * 3, a.chain)
+            walls.append(f"| {name} | {d} | {total[d]:.3f} | {one:.3f} | {many:.3f} |")
+            if hasattr(makers[name]([torch.zeros(1, requires_grad=True)]), "nonfinite"):
+                one, many = wall_ms(makers[name], shapes, dtype, a.repeats * 3, a.chain, "ignore")
+                walls.append(f"| {name} (nonfinite='ignore') | {d} | - | {one:.3f} | {many:.3f} |")
+    print("\n## Kernel time beside wall time\n")
+    print("\n".join(walls))
 
 
 if __name__ == "__main__":
