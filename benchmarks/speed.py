@@ -5,7 +5,10 @@ The list: d = 2048, 24 layers of q, k, v, o (d x d), fc (4d x d), proj (d x 4d),
 plus a 50,304 x d embedding: 145 tensors, 1.31 B parameters (1.21 B in matrices). Gradients are
 random (never zeros). Each optimizer is warmed up, then ``repeats`` steps are timed one by one
 with CUDA events and the median is reported, with fused AdamW, fused SGD and torch Muon in the
-same run, in fp32 and bf16. ``torch.optim.Muon`` gets the 144 matrices; deepopt's MuonMemory and M3
+same run, in fp32 and bf16. That is a step's latency: each step waits for the last, so the host's
+work before the first launch counts. Beside it, on CUDA, ``CHAIN`` steps are timed back to back
+(median of 5 such runs, per step): the throughput of a training loop bound by the GPU, where the
+host has queued the step while the backward pass runs; each gets its own ratio to torch. ``torch.optim.Muon`` gets the 144 matrices; deepopt's MuonMemory and M3
 get all 145 tensors with the embedding in an ``orthogonalize=False`` group (element-wise, as a
 Muon user would hand it to AdamW).
 
@@ -49,6 +52,7 @@ from .optimizers import ORTHOGONALIZING, deepopt_registry, make_deepopt
 from .report import markdown_table, print_table, write_json
 
 NS_STEPS = 5
+CHAIN = 10  # steps between two CUDA events in the back-to-back timing
 
 
 def gpt_param_shapes(dim: int = 2048, layers: int = 24, vocab: int = 50_304) -> list[tuple[str, tuple[int, int]]]:
@@ -107,6 +111,22 @@ def time_cuda(fn: Callable[[], None], warmup: int, repeats: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_cuda_chain(fn: Callable[[], None], repeats: int, chain: int = CHAIN) -> float:
+    """Median milliseconds per call of ``fn`` over ``repeats`` runs of ``chain`` calls back to back
+    (one pair of CUDA events per run, no synchronisation between the calls)."""
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(chain):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / chain)
     return statistics.median(times)
 
 
@@ -202,6 +222,7 @@ def run_speed(device: str = "cuda", dtypes: Sequence[torch.dtype] | None = None,
                     live.append((row, opt, params))
                 else:
                     row["ms"] = time_fn(opt.step, warmup, repeats)
+                    row["ms_chain"] = time_cuda_chain(opt.step, 5)
                     _describe(row, opt, params, ceilings, matrix_shapes)
                 del opt
             except Exception as err:  # e.g. out of memory for a heavy optimizer: reported, not fatal
@@ -215,12 +236,16 @@ def run_speed(device: str = "cuda", dtypes: Sequence[torch.dtype] | None = None,
                 row["ms"] = ms
                 _describe(row, opt, params, ceilings, matrix_shapes if not cpu else None)
     ms = {(r["optimizer"], r["dtype"]): r.get("ms") for r in rows}
+    ms_chain = {(r["optimizer"], r["dtype"]): r.get("ms_chain") for r in rows}
     for r in rows:
         muon, torch_ms = ms.get(("Muon", r["dtype"])), ms.get((counterpart(r["optimizer"], device), r["dtype"]))
         if r.get("ms") and muon:
             r["ratio_to_muon"] = r["ms"] / muon
         if r.get("ms") and torch_ms:
             r["ratio_to_torch"], r["torch_counterpart"] = r["ms"] / torch_ms, counterpart(r["optimizer"], device)
+        chained = ms_chain.get((counterpart(r["optimizer"], device), r["dtype"]))
+        if r.get("ms_chain") and chained:
+            r["ratio_to_torch_chain"] = r["ms_chain"] / chained
     return {"ceilings": ceilings, "rows": rows}
 
 
@@ -260,7 +285,7 @@ def _params(n: int) -> str:
 def speed_table(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the speed table (``-`` where a number does not apply)."""
     header = ["optimizer", "dtype", "params (B)", "ms/step", "floor ms (memory / NS)", "GB/s", "% of copy",
-              "state B/param", "x Muon", "x torch (counterpart)"]
+              "state B/param", "x Muon", "x torch (counterpart)", "ms/step back to back", "x torch back to back"]
 
     def f(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -268,13 +293,14 @@ def speed_table(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["optimizer"], r["dtype"], _params(r["params"]), r["error"][:60]] + [""] * 6)
+            out.append([r["optimizer"], r["dtype"], _params(r["params"]), r["error"][:60]] + [""] * 8)
             continue
         floor = f(r.get("memory_floor_ms"), ".1f") + (f" / {r['ns_floor_ms']:.1f}" if "ns_floor_ms" in r else "")
         out.append([r["optimizer"], r["dtype"], _params(r["params"]), f(r["ms"], ".1f"), floor,
                     f(r.get("GBps"), ",.0f"), f(100 * r["copy_fraction"], ".0f"), f(r["state_bytes_per_param"], ".1f"),
                     f(r.get("ratio_to_muon"), ".2f"),
-                    "-" if "ratio_to_torch" not in r else f"{r['ratio_to_torch']:.2f} ({r['torch_counterpart']})"])
+                    "-" if "ratio_to_torch" not in r else f"{r['ratio_to_torch']:.2f} ({r['torch_counterpart']})",
+                    f(r.get("ms_chain"), ".1f"), f(r.get("ratio_to_torch_chain"), ".2f")])
     return header, out
 
 
@@ -297,6 +323,9 @@ def run_speed_suite(args, out_dir: str) -> dict:
           f"{c['matmul_TFLOPs']:.2f} TFLOP/s",
           f"- load average (1, 5, 15 min) before {_load(result['load_average']['before'])}, after "
           f"{_load(result['load_average']['after'])}; `x torch`: ms over the counterpart's ms in the same run",
+          "- `ms/step`: one step between CUDA events, synchronised (latency: the host's work before the first "
+          f"launch counts); `back to back`: {CHAIN} steps between the events, per step (throughput of a loop "
+          "bound by the GPU; CUDA only)",
           "", markdown_table(header, rows), ""]
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(md))

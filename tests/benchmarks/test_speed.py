@@ -82,3 +82,6 @@ def test_speed_table_formats_rows_and_errors():
     assert out[0][:4] == ["SGD(fused)", "float32", "1.31", "10.4"] and out[0][6] == "85"
     assert out[1][4] == "8.1 / 40.2"
     assert out[2][3].startswith("OutOfMemoryError")
+    assert out[0][10:] == ["-", "-"]  # no back-to-back timing (the CPU's rows)
+    rows[0].update(ms_chain=9.9, ratio_to_torch_chain=1.0)
+    assert speed.speed_table(rows)[1][0][10:] == ["9.9", "1.00"]
