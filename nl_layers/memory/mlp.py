@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from .._function import Function
 from ..ops.fast_weights.grouped_linear import apply_weight as _apply
+from ..ops.fast_weights.grouped_linear import weight_grad
 
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 
@@ -82,6 +83,73 @@ def silu_and_slope(z: torch.Tensor):
     return h, slope
 
 
+class _SharedSiluRead(Function):
+    """y_g = x + h_g W_out,g^T with h_g = silu(z_g), z = x [W_in,1; ...; W_in,G]^T, for G residual MLPs
+    reading one x (M, d): y (G, M, d), with a hand-written backward.
+
+    Forward: z (M, G h) in one product (x is not repeated), h stored memory-major (G, M, h), y by
+    baddbmm (the residual in the product). Backward: dh = dy W_out, dz = silu'(z) dh (stored (M, G h)),
+    dx = sum_g dy_g + dz [W_in,g]_g (one product over K = G h: no per-group input gradients, no
+    accumulation add), dW_in = dz^T x, dW_out,g = dy_g^T h_g (both in row slices, see weight_grad).
+    """
+
+    @staticmethod
+    def forward(x, w_in, w_out):
+        g, hid, d = w_in.shape
+        m = x.shape[0]
+        z = x @ w_in.reshape(g * hid, d).t()
+        if torch.compiler.is_compiling():  # no out= (torch.compile traces this path)
+            h = F.silu(z.view(m, g, hid).transpose(0, 1)).contiguous()
+        else:
+            h = z.new_empty(g, m, hid)
+            torch.ops.aten.silu.out(z.view(m, g, hid), out=h.transpose(0, 1))  # silu and the transpose in one pass
+        return torch.baddbmm(x.expand(g, m, d), h, w_out.transpose(1, 2)), z, h
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs, output[1], output[2])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, _, __):
+        if gy is None:
+            return None, None, None
+        x, w_in, w_out, z, h = ctx.saved_tensors
+        g, hid, d = w_in.shape
+        m = x.shape[0]
+        gh = gy @ w_out.to(gy.dtype)  # (G, M, h)
+        if torch.compiler.is_compiling():
+            gz = torch.ops.aten.silu_backward(gh.transpose(0, 1), z.view(m, g, hid)).reshape(m, g * hid)
+        else:
+            gz = z.new_empty(m, g, hid)
+            torch.ops.aten.silu_backward.grad_input(gh.transpose(0, 1), z.view(m, g, hid), grad_input=gz)
+            gz = gz.view(m, g * hid)
+        gx = gw_in = gw_out = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.addmm(gy.sum(0), gz, w_in.reshape(g * hid, d).to(gz.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gw_in = weight_grad(gz[None], x[None].to(gz.dtype))[0].view(g, hid, d).to(w_in.dtype)
+        if ctx.needs_input_grad[2]:
+            gw_out = weight_grad(gy, h.to(gy.dtype)).to(w_out.dtype)
+        return gx, gw_in, gw_out
+
+
+def shared_silu_read(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """x + W_out,g silu(W_in,g x) for x (M, d) and G memories' weights w_in (G, h, d), w_out (G, d, h):
+    (G, M, d), as ``grouped_linear(h, w_out, x.expand(G, M, d))`` with ``h = silu(grouped_linear(x.expand(G, M, d), w_in))``
+    in fewer passes (:class:`_SharedSiluRead`).
+
+    Example:
+        >>> x, w_in, w_out = torch.randn(5, 4), torch.randn(2, 8, 4), torch.randn(2, 4, 8)
+        >>> ref = x + F.silu(x @ w_in.transpose(1, 2)) @ w_out.transpose(1, 2)
+        >>> bool(torch.allclose(shared_silu_read(x, w_in, w_out), ref, atol=1e-5))
+        True
+    """
+    return _SharedSiluRead.apply(x, w_in, w_out)[0]
+
+
 def activation_and_slope(name: str, z: torch.Tensor):
     """act(z) and act'(z)."""
     if name == "silu":
@@ -122,6 +190,11 @@ class ResidualMLPMemory(nn.Module):
     def compose(self, x: torch.Tensor, linear) -> torch.Tensor:
         """x + W_out act(W_in x) = linear("w_out", act(linear("w_in", x)), x)."""
         return linear("w_out", activation(self.activation, linear("w_in", x)), x)
+
+    def read_shared(self, x: torch.Tensor, params: dict):
+        """x (M, d) read by G memories, params name -> (G, ...): (G, M, d) through :func:`shared_silu_read`
+        for silu; None for another activation (the caller then composes)."""
+        return shared_silu_read(x, params["w_in"], params["w_out"]) if self.activation == "silu" else None
 
     def layer_inputs(self, params: dict, x: torch.Tensor) -> dict:
         """Input of each weight matrix for key x: {"w_in": x, "w_out": act(W_in x)}."""

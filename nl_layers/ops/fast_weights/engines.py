@@ -88,14 +88,21 @@ class AnalyticEngine:
 
     def read(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """All tokens x (N, L, d) read with one set of weights per copy (N, ...), or one for all copies (...)."""
+        if all(t.ndim == 2 for t in w.values()) and hasattr(self.template, "read_shared"):  # one for all: G = 1
+            y = self.template.read_shared(x.reshape(-1, x.shape[-1]), {n: t[None] for n, t in w.items()})
+            if y is not None:
+                return y.view(*x.shape[:-1], -1)
         return self.template.compose(x, lambda n, inp, add=None: _apply(w[n], inp, add))
 
     def read_shared(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """x (N, L, d) read by G memories with one set of weights each, w: name -> (G, ...), shared by
         all N copies: (G N, L, d_out), memory-major (as :meth:`read` of the G memories stacked along
-        the copies, without repeating x or the weights)."""
+        the copies, without repeating x or the weights); the memory's own ``read_shared`` where it has one."""
         g = next(iter(w.values())).shape[0]
-        y = self.template.compose(x.reshape(1, -1, x.shape[-1]).expand(g, -1, -1), lambda n, inp, add=None: grouped_linear(inp, w[n], add))
+        flat = x.reshape(-1, x.shape[-1])
+        y = self.template.read_shared(flat, w) if hasattr(self.template, "read_shared") else None
+        if y is None:
+            y = self.template.compose(flat.expand(g, -1, -1), lambda n, inp, add=None: grouped_linear(inp, w[n], add))
         return y.reshape(g * x.shape[0], x.shape[1], -1)
 
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False, need_state=True):
