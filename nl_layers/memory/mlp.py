@@ -163,6 +163,111 @@ def activation_and_slope(name: str, z: torch.Tensor):
     return t, 1 - t * t
 
 
+def _apply_mixed(w, x, add=None):
+    """x w^T + add at x's precision, w cast to it (autocast leaves mixed dtypes); the sum in the
+    product where add has x's dtype too."""
+    w = w.to(x.dtype)
+    return _apply(w, x, add) if add is None or add.dtype == x.dtype else add + _apply(w, x)
+
+
+def _wgrad(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over tokens of a_t x_t^T (+ add) for a weight w: one for all copies (o, i), summed over
+    every token of a (N, L, o), x (N, L, i), or one per copy (N, o, i)."""
+    x = x.to(a.dtype)
+    if add is not None and add.dtype != a.dtype:  # mixed precisions (autocast): the sum apart
+        return add + _wgrad(a, x, w)
+    if w.ndim == 2:
+        a, x = a.reshape(-1, a.shape[-1]).t(), x.reshape(-1, x.shape[-1])
+        return a @ x if add is None else torch.addmm(add, a, x)
+    return a.transpose(-1, -2) @ x if add is None else torch.baddbmm(add, a.transpose(-1, -2), x)
+
+
+class _SiluFactors(Function):
+    """The residual MLP's per-token gradient factors and squared norms (silu), one node forward and
+    backward. With z = W_in k, h = silu(z), p = silu'(z), o = W_out h, e = k + o - v, q = W_out^T e:
+
+        b = q p,  l = e + o (dgd) or e,  g = ||b||^2 ||k||^2 + ||l||^2 ||h||^2,  rho = ||e||^2 (+ ||o||^2 with dgd)
+
+    (grad_{W_in} = b k^T, grad_{W_out} = l h^T). Backward, for gradients B, L, H, dg, drho of b, l, h, g, rho:
+    B' = B + 2 dg ||k||^2 b, L' = L + 2 dg ||h||^2 l, E = L' + 2 drho e + (B' p) W_out^T,
+    O = E (+ L' + 2 drho o with dgd), H' = H + 2 dg ||l||^2 h + O W_out,
+    dz = H' p + (B' q)(s + (1 - 2 s) p) (s = sigmoid(z)), dk = E + 2 dg ||b||^2 k + dz W_in, dv = -E,
+    dW_out = e^T (B' p) + O^T h, dW_in = dz^T k: each sum in one operator (no accumulation adds).
+    """
+
+    @staticmethod
+    def forward(dgd, k, v, w_in, w_out):
+        z = _apply(w_in, k)
+        s = torch.sigmoid(z)
+        h = z * s
+        p = torch.addcmul(s, h, 1 - s)  # silu'(z) = s + z s (1 - s)
+        o = _apply(w_out, h)
+        e = k + o - v
+        q = _apply(w_out.transpose(-1, -2), e)  # e W_out
+        b = q * p
+        l = e + o if dgd else e
+        pieces = (k, b, l, h) + ((e, o) if dgd else ())
+        n2 = torch.stack([torch.linalg.vector_norm(x, dim=-1) for x in pieces]).square()
+        g = n2[0] * n2[1] + n2[2] * n2[3]
+        rho = n2[4:].sum(0) if dgd else n2[2]
+        return b, l, h, g, rho, s, p, q, o, e if dgd else None, n2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dgd = inputs[0]
+        b, l, h, g, rho, s, p, q, o, e, n2 = output
+        ctx.mark_non_differentiable(s, p, q, o, n2, *((e,) if ctx.dgd else ()))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs[1:], b, l, h, s, p, q, o, e if ctx.dgd else None, n2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gb, gl, gh, gg, grho, *_):
+        k, v, w_in, w_out, b, l, h, s, p, q, o, e, n2 = ctx.saved_tensors
+        dgd = ctx.dgd
+        e = e if dgd else l
+        two_g = None if gg is None else (2 * gg)[..., None]
+        two_r = None if grho is None else (2 * grho)[..., None]
+        if gg is not None:  # the squared norm's terms join the factors' gradients
+            gb = b * (two_g * n2[0, ..., None]) if gb is None else torch.addcmul(gb, b, two_g * n2[0, ..., None])
+            gl = l * (two_g * n2[3, ..., None]) if gl is None else torch.addcmul(gl, l, two_g * n2[3, ..., None])
+        gq = None if gb is None else gb * p
+        ge = gl
+        if two_r is not None:
+            ge = e * two_r if ge is None else torch.addcmul(ge, e, two_r)
+        if gq is not None:
+            ge = _apply_mixed(w_out, gq, ge)  # + (B' p) W_out^T
+        go = ge
+        if dgd and gl is not None:
+            go = gl if go is None else go + gl
+        if dgd and two_r is not None:
+            go = o * two_r if go is None else torch.addcmul(go, o, two_r)
+        if gg is not None:
+            gh = h * (two_g * n2[2, ..., None]) if gh is None else torch.addcmul(gh, h, two_g * n2[2, ..., None])
+        if go is not None:
+            gh = _apply_mixed(w_out.transpose(-1, -2), go, gh)  # + O W_out
+        if gb is not None:
+            gz = torch.addcmul(s, torch.rsub(s, 1, alpha=2), p).mul_(gb * q)  # silu''(z) B' q
+            if gh is not None:
+                gz.addcmul_(gh, p)
+        else:
+            gz = None if gh is None else gh * p
+        gk = ge
+        if gg is not None:
+            gk = k * (two_g * n2[1, ..., None]) if gk is None else torch.addcmul(gk, k, two_g * n2[1, ..., None])
+        if gz is not None:
+            gk = _apply_mixed(w_in.transpose(-1, -2), gz, gk)  # + dz W_in
+        needs = ctx.needs_input_grad
+        gv = None if ge is None or not needs[2] else (-ge).to(v.dtype)
+        gk = None if gk is None or not needs[1] else gk.to(k.dtype)
+        gw_in = None if gz is None or not needs[3] else _wgrad(gz, k, w_in).to(w_in.dtype)
+        gw_out = None
+        if needs[4] and (gq is not None or go is not None):
+            first = None if gq is None else _wgrad(e, gq, w_out)
+            gw_out = (first if go is None else _wgrad(go, h, w_out, first)).to(w_out.dtype)
+        return None, gk, gv, gw_in, gw_out
+
+
 class ResidualMLPMemory(nn.Module):
     """M(x) = x + W_out act(W_in x): the Titans memory (residual MLP, no biases).
 
@@ -195,6 +300,14 @@ class ResidualMLPMemory(nn.Module):
         """x (M, d) read by G memories, params name -> (G, ...): (G, M, d) through :func:`shared_silu_read`
         for silu; None for another activation (the caller then composes)."""
         return shared_silu_read(x, params["w_in"], params["w_out"]) if self.activation == "silu" else None
+
+    def factors_and_norms(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False):
+        """:meth:`factors` and the squared norms ``factored_grad_sq_norm(factors, residual)`` (g, rho)
+        as (factors, g, rho) from one node (:class:`_SiluFactors`) for silu; None for another activation."""
+        if self.activation != "silu":
+            return None
+        b, l, h, g, rho = _SiluFactors.apply(dgd, k, v, params["w_in"], params["w_out"])[:5]
+        return {"w_in": (b, k), "w_out": (l, h)}, g, rho
 
     def layer_inputs(self, params: dict, x: torch.Tensor) -> dict:
         """Input of each weight matrix for key x: {"w_in": x, "w_out": act(W_in x)}."""

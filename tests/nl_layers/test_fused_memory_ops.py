@@ -45,3 +45,72 @@ def test_shared_silu_read_compiled_and_under_autocast():
         y = mlp.shared_silu_read(x, w_in, w_out)
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and x.grad.dtype == w_in.grad.dtype == w_out.grad.dtype == torch.float32
+
+
+def _factors_ref(memory, params, k, v, dgd):
+    """The plain expression: factors, then their squared norms in the generic node."""
+    from nl_layers._modules import factored_grad_sq_norm
+
+    facs, residual = mlp.ResidualMLPMemory.factors(memory, params, k, v, dgd)
+    g, rho = factored_grad_sq_norm(facs.values(), residual)
+    return facs["w_in"][0], facs["w_out"][0], facs["w_out"][1], g, rho
+
+
+@pytest.mark.parametrize("dgd", [False, True])
+@pytest.mark.parametrize("per_copy", [False, True])
+def test_silu_factors_equal_factors_and_their_norms(dgd, per_copy):
+    torch.manual_seed(0)
+    memory = mlp.ResidualMLPMemory(4, 6).double()
+    n = 3
+    k, v = torch.randn(n, 5, 4, **f64, requires_grad=True), torch.randn(n, 5, 4, **f64, requires_grad=True)
+    shape = (n,) if per_copy else ()
+    w_in = torch.randn(*shape, 6, 4, **f64, requires_grad=True)
+    w_out = torch.randn(*shape, 4, 6, **f64, requires_grad=True)
+
+    def ours(k, v, w_in, w_out):
+        facs, g, rho = memory.factors_and_norms({"w_in": w_in, "w_out": w_out}, k, v, dgd)
+        assert facs["w_in"][1] is k
+        return facs["w_in"][0], facs["w_out"][0], facs["w_out"][1], g, rho
+
+    def ref(k, v, w_in, w_out):
+        return _factors_ref(memory, {"w_in": w_in, "w_out": w_out}, k, v, dgd)
+
+    leaves = (k, v, w_in, w_out)
+    for a, b in zip(ours(*leaves), ref(*leaves)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(ours, leaves)
+    for used in ([0, 1, 2, 3, 4], [3, 4], [0, 2], [1], [4]):  # some outputs unused: their gradients are None
+        outs_a, outs_b = ours(*leaves), ref(*leaves)
+        weights = [torch.randn_like(outs_a[i]) for i in used]
+        ga = torch.autograd.grad([outs_a[i] for i in used], leaves, weights, allow_unused=True)
+        gb = torch.autograd.grad([outs_b[i] for i in used], leaves, weights, allow_unused=True)
+        for a, b in zip(ga, gb):
+            if b is None:
+                assert a is None or not a.abs().any()
+            else:
+                torch.testing.assert_close(a, b)
+
+
+def test_silu_factors_compiled_and_under_autocast():
+    torch.manual_seed(0)
+    memory = mlp.ResidualMLPMemory(4, 6).double()
+    leaves = [torch.randn(2, 5, 4, **f64), torch.randn(2, 5, 4, **f64), torch.randn(6, 4, **f64), torch.randn(4, 6, **f64)]
+
+    def loss(fn, k, v, w_in, w_out):
+        b, l, h, g, rho = fn(k, v, w_in, w_out)
+        return b.sum() + l.square().sum() + h.sin().sum() + g.sum() + rho.cos().sum()
+
+    def ours(k, v, w_in, w_out):
+        facs, g, rho = memory.factors_and_norms({"w_in": w_in, "w_out": w_out}, k, v, True)
+        return facs["w_in"][0], facs["w_out"][0], facs["w_out"][1], g, rho
+
+    leaves = [t.requires_grad_() for t in leaves]
+    ref = torch.autograd.grad(loss(lambda *a: _factors_ref(memory, {"w_in": a[2], "w_out": a[3]}, a[0], a[1], True), *leaves), leaves)
+    out = torch.compile(lambda *a: loss(ours, *a), fullgraph=True, backend="eager")(*leaves)
+    for a, b in zip(torch.autograd.grad(out, leaves), ref):
+        torch.testing.assert_close(a, b)
+    leaves = [t.detach().float().requires_grad_() for t in leaves]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b, l, h, g, rho = ours(*leaves)
+    (b.float().sum() + l.float().sum() + h.float().sum() + g.float().sum() + rho.float().sum()).backward()
+    assert all(t.grad.dtype == torch.float32 for t in leaves)

@@ -112,8 +112,13 @@ class AnalyticEngine:
         False: the caller does not use the end states; the token form then skips them and returns
         None for both (the chunk form has them anyway, as a by-product of its chunk starts).
         """
-        facs, residual = self.template.factors(anchor, k, v, dgd)
-        g_sq, r_sq = factored_grad_sq_norm(facs.values(), residual)
+        fused = getattr(self.template, "factors_and_norms", None)  # factors and norms in one node, where it has one
+        fused = None if fused is None else fused(anchor, k, v, dgd)
+        if fused is None:
+            facs, residual = self.template.factors(anchor, k, v, dgd)
+            g_sq, r_sq = factored_grad_sq_norm(facs.values(), residual)
+        else:
+            facs, g_sq, r_sq = fused
         scale = inner_step(lr, g_sq, r_sq, error_clip, negate=True)  # -c: the updates are u = -c g
         if self.use_tokens(k.shape[1], chunk_size, log_m is not None, [a.shape[-1] * b.shape[-1] for a, b in facs.values()]):
             return self._segment_tokens(log_m, log_a, facs, scale, d0, s0, base, q, need_state)
