@@ -54,7 +54,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ._checks import check_choice, check_positive_int, check_sequence, check_state_batch
-from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads
+from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, normalized_heads
 from .memory.fast_weights import (
     expand_params,
     flatten,
@@ -223,9 +223,7 @@ class SelfModifyingTitans(nn.Module):
         fresh = state is None  # zero offsets and momenta: the scans skip them
         state = self.initial_state(b, x, conv=False) if state is None else state
         x, conv = self.conv(x, state.conv)
-        # x^ and q of every head normalised at once: (B, T, 2, H, d) -> (2, B*H, T, d), one copy
-        xq = l2_normalize(torch.cat([x, self.to_q(x)], -1).view(b, t, 2, self.heads, self.head_dim))
-        xh, q = xq.permute(2, 0, 3, 1, 4).reshape(2, b * self.heads, t, self.head_dim).unbind(0)
+        xh, q = normalized_heads(x, self.to_q.weight, self.heads)  # x^ and q of every head, head-major (B*H, T, d)
         w = {m: flatten(d) for m, d in state.weights.items()}
         a = {m: flatten(d) for m, d in state.anchor.items()}
         s = {m: flatten(d) for m, d in state.momentum.items()}

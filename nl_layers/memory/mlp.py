@@ -243,7 +243,8 @@ class _SiluFactors(Function):
         if dgd and two_r is not None:
             go = o * two_r if go is None else torch.addcmul(go, o, two_r)
         if gg is not None:
-            gh = h * (two_g * n2[2, ..., None]) if gh is None else torch.addcmul(gh, h, two_g * n2[2, ..., None])
+            c = two_g * n2[2, ..., None]  # (a read's gradient of h may come transposed: the sum in h's layout)
+            gh = h * c if gh is None else torch.addcmul(gh, h, c, out=torch.empty_like(h))
         if go is not None:
             gh = _apply_mixed(w_out.transpose(-1, -2), go, gh)  # + O W_out
         if gb is not None:

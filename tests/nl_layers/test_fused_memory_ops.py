@@ -114,3 +114,36 @@ def test_silu_factors_compiled_and_under_autocast():
         b, l, h, g, rho = ours(*leaves)
     (b.float().sum() + l.float().sum() + h.float().sum() + g.float().sum() + rho.float().sum()).backward()
     assert all(t.grad.dtype == torch.float32 for t in leaves)
+
+
+def _heads_ref(x, w_q, heads):
+    from nl_layers._modules import l2_normalize
+
+    b, t, dim = x.shape
+    xq = l2_normalize(torch.cat([x, x @ w_q.t()], -1).view(b, t, 2, heads, dim // heads))
+    return xq.permute(2, 0, 3, 1, 4).reshape(2, b * heads, t, dim // heads).unbind(0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_normalized_heads_equal_the_stacked_normalisation(compiled):
+    from nl_layers._modules import normalized_heads
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, **f64).transpose(1, 2)  # (B, T, D) transposed, as from the causal convolution
+    x[0, 1, :4] = 0.0  # a zero head: its norm is clamped (no gradient through the norm)
+    x = x.requires_grad_()
+    w_q = torch.randn(8, 8, **f64, requires_grad=True)
+    fn = (lambda x, w: normalized_heads(x, w, 2))
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True, backend="eager")
+    ours, ref = fn(x, w_q), _heads_ref(x, w_q, 2)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    gy = [torch.randn_like(t) for t in ref]
+    for used in ([0, 1], [0], [1]):
+        ga = torch.autograd.grad([ours[i] for i in used], (x, w_q), [gy[i] for i in used], retain_graph=True, allow_unused=True)
+        gb = torch.autograd.grad([ref[i] for i in used], (x, w_q), [gy[i] for i in used], retain_graph=True, allow_unused=True)
+        for a, b, leaf in zip(ga, gb, (x, w_q)):  # None: a zero gradient
+            torch.testing.assert_close(torch.zeros_like(leaf) if a is None else a, torch.zeros_like(leaf) if b is None else b)
+    if not compiled:
+        assert torch.autograd.gradcheck(lambda x, w: normalized_heads(x, w, 2), (x.detach().clone().requires_grad_(), w_q))
