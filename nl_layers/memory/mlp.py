@@ -167,7 +167,9 @@ def _apply_mixed(w, x, add=None):
     """x w^T + add at x's precision, w cast to it (autocast leaves mixed dtypes); the sum in the
     product where add has x's dtype too."""
     w = w.to(x.dtype)
-    return _apply(w, x, add) if add is None or add.dtype == x.dtype else add + _apply(w, x)
+    if add is None or add.dtype == x.dtype and not torch.compiler.is_compiling():
+        return _apply(w, x, add)
+    return add + _apply(w, x)  # (compiling: add may be an incoming gradient of unknown layout; no reshape)
 
 
 def _wgrad(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,6 +178,9 @@ def _wgrad(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor 
     x = x.to(a.dtype)
     if add is not None and add.dtype != a.dtype:  # mixed precisions (autocast): the sum apart
         return add + _wgrad(a, x, w)
+    if w.ndim == 2 and torch.compiler.is_compiling():  # no reshape of a gradient of unknown layout
+        out = (a.transpose(-1, -2) @ x).flatten(0, -3).sum(0)
+        return out if add is None else add + out
     if w.ndim == 2:
         a, x = a.reshape(-1, a.shape[-1]).t(), x.reshape(-1, x.shape[-1])
         return a @ x if add is None else torch.addmm(add, a, x)
@@ -244,7 +249,10 @@ class _SiluFactors(Function):
             go = o * two_r if go is None else torch.addcmul(go, o, two_r)
         if gg is not None:
             c = two_g * n2[2, ..., None]  # (a read's gradient of h may come transposed: the sum in h's layout)
-            gh = h * c if gh is None else torch.addcmul(gh, h, c, out=torch.empty_like(h))
+            if gh is None:
+                gh = h * c
+            else:
+                gh = torch.addcmul(gh, h, c, **({} if torch.compiler.is_compiling() else {"out": torch.empty_like(h)}))
         if go is not None:
             gh = _apply_mixed(w_out.transpose(-1, -2), go, gh)  # + O W_out
         if gb is not None:
