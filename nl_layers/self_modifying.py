@@ -51,8 +51,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, vmap
 
+from ._function import Function
 from ._checks import check_choice, check_positive_int, check_sequence, check_state_batch
 from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, normalized_heads
 from .memory.fast_weights import (
@@ -98,6 +100,65 @@ def _dgd_decay(template: ResidualMLPMemory):
         return decay, wa.square().sum()
 
     return fn
+
+
+class _StackedGates(Function):
+    """k, v, eta, log alpha from the four component memories' outputs stacked (4 N, L, d) (key, value,
+    lr, decay), one node, the input's gradient written in one buffer (no split's cat):
+
+        k = y_k / n_k, v = y_v / n_v (n = max(||y||, eps)),  eta = max_lr sigmoid(y_lr . w_0 + b_0),  log alpha = logsigmoid(y_a . w_1 + b_1);
+        dy_k = (dk - [||y_k|| > eps] k (k . dk)) / n_k (and v),  dy_lr = dz_0 w_0, dy_a = dz_1 w_1,
+        dz_0 = deta max_lr s_0 (1 - s_0),  dz_1 = dlog_alpha (1 - sigmoid(z_1)),  dw_i = sum dz_i y_i,  db_i = sum dz_i.
+    """
+
+    @staticmethod
+    def forward(y, w, bias, max_lr, eps):
+        n = y.shape[0] // 4
+        norms = torch.linalg.vector_norm(y[: 2 * n], dim=-1, keepdim=True).clamp_min(eps)
+        k, v = y[:n] / norms[:n], y[n : 2 * n] / norms[n:]
+        rates = y[2 * n :]
+        z = torch.baddbmm(bias[:, None, None], rates.reshape(2, -1, rates.shape[-1]), w[..., None]).view(2, n, -1)
+        s0 = torch.sigmoid(z[0])
+        log_a, buffer = torch.ops.aten.log_sigmoid_forward(z[1])  # (F.logsigmoid; the buffer for its backward)
+        return k, v, max_lr * s0, log_a, norms, z, s0, buffer
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.max_lr, ctx.eps = inputs[3], inputs[4]
+        k, v, _, _, *aux = output
+        ctx.mark_non_differentiable(*aux)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inputs[0], inputs[1], k, v, *aux)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gk, gv, g_lr, g_la, *_):
+        y, w, k, v, norms, z, s0, buffer = ctx.saved_tensors
+        n, length, d = k.shape
+        compiling = torch.compiler.is_compiling()  # no out= (torch.compile traces this path): a cat
+        gy = None if compiling else y.new_empty(y.shape)
+        parts = []
+        for i, (g, out) in enumerate(((gk, k), (gv, v))):
+            norm, rows = norms[i * n : (i + 1) * n], slice(i * n, (i + 1) * n)
+            if g is None:
+                parts.append(torch.zeros_like(out) if compiling else gy[rows].zero_())
+                continue
+            dot = (out * g).sum(-1, keepdim=True).masked_fill_(norm <= ctx.eps, 0.0)
+            into = {} if compiling else {"out": gy[rows]}
+            parts.append(torch.addcmul(g, out, dot, value=-1.0, **into).div_(norm))
+        dz = torch.stack([
+            torch.zeros_like(z[0]) if g_lr is None else torch.ops.aten.sigmoid_backward(g_lr * ctx.max_lr, s0),
+            torch.zeros_like(z[1]) if g_la is None else torch.ops.aten.log_sigmoid_backward(g_la, z[1], buffer),
+        ]).view(2, -1, 1)  # (2, N L, 1)
+        rates = y[2 * n :].reshape(2, -1, d)
+        gw = (dz.transpose(1, 2) @ rates.to(dz.dtype))[:, 0].to(w.dtype)
+        gb = dz.sum((1, 2)).to(w.dtype)
+        w = w.to(dz.dtype)[:, None, :]
+        if compiling:
+            gy = torch.cat([*parts, (dz * w).view(2 * n, length, d)])
+        else:
+            torch.mul(dz, w, out=gy[2 * n :].view(2, -1, d))
+        return gy, gw, gb, None, None
 
 
 class SelfModifyingTitans(nn.Module):
@@ -210,6 +271,12 @@ class SelfModifyingTitans(nn.Module):
         logits = torch.baddbmm(bias, rates.reshape(2, -1, rates.shape[-1]), w.transpose(1, 2)).view(2, -1, rates.shape[1])
         return self.max_lr * torch.sigmoid(logits[0]), F.logsigmoid(logits[1])
 
+    def _stacked_gates(self, y):
+        """:meth:`_gates` of the four outputs stacked (4 N, L, d), in one node (:class:`_StackedGates`)."""
+        heads = (self.lr_head, self.decay_head)
+        w, bias = torch.cat([m.weight for m in heads]), torch.cat([m.bias for m in heads])  # (2, d), (2,)
+        return _StackedGates.apply(y, w, bias, self.max_lr, 1e-6)[:4]
+
     def _gates(self, key_out, value_out, lr_out, decay_out):
         """k, v, eta, log alpha from the four component memories' outputs."""
         return (l2_normalize(key_out), l2_normalize(value_out), *self._rates(lr_out, decay_out))
@@ -271,9 +338,7 @@ class SelfModifyingTitans(nn.Module):
         last = False
         for start, end, reanchor in segments(xh.shape[1], self.anchor_size, position):
             sl = slice(start, end)
-            key_value, rates = read_components(xh[:, sl]).split(2 * n)
-            k, v = l2_normalize(key_value).split(n)  # as _gates, key and value normalised at once
-            lr, log_a = self._stacked_rates(rates)
+            k, v, lr, log_a = self._stacked_gates(read_components(xh[:, sl]))
             last = not need_state and end == xh.shape[1]
             if writes and not last:  # the components' writes are read after the next re-anchor
                 target = read_components(v) if self.detach_values else rep(v)

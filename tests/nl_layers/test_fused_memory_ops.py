@@ -147,3 +147,38 @@ def test_normalized_heads_equal_the_stacked_normalisation(compiled):
             torch.testing.assert_close(torch.zeros_like(leaf) if a is None else a, torch.zeros_like(leaf) if b is None else b)
     if not compiled:
         assert torch.autograd.gradcheck(lambda x, w: normalized_heads(x, w, 2), (x.detach().clone().requires_grad_(), w_q))
+
+
+def _gates_ref(y, w, bias, max_lr):
+    from nl_layers._modules import l2_normalize
+
+    n = y.shape[0] // 4
+    key_value, rates = y.split(2 * n)
+    k, v = l2_normalize(key_value).split(n)
+    z = torch.baddbmm(bias[:, None, None], rates.reshape(2, -1, y.shape[-1]), w[..., None]).view(2, n, -1)
+    return k, v, max_lr * torch.sigmoid(z[0]), F.logsigmoid(z[1])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_stacked_gates_equal_normalisation_and_rates(compiled):
+    from nl_layers.self_modifying import _StackedGates
+
+    torch.manual_seed(0)
+    y = torch.randn(8, 5, 3, **f64)
+    y[1, 2] = 0.0  # a zero key: its norm is clamped
+    y = y.requires_grad_()
+    w, bias = torch.randn(2, 3, **f64, requires_grad=True), torch.randn(2, **f64, requires_grad=True)
+    fn = lambda y, w, b: _StackedGates.apply(y, w, b, 0.3, 1e-6)[:4]  # noqa: E731
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True, backend="eager")
+    ours, ref = fn(y, w, bias), _gates_ref(y, w, bias, 0.3)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    for used in ([0, 1, 2, 3], [0], [1, 3], [2]):
+        gys = [torch.randn_like(ref[i]) for i in used]
+        ga = torch.autograd.grad([ours[i] for i in used], (y, w, bias), gys, retain_graph=True, allow_unused=True)
+        gb = torch.autograd.grad([ref[i] for i in used], (y, w, bias), gys, retain_graph=True, allow_unused=True)
+        for a, b, leaf in zip(ga, gb, (y, w, bias)):  # None: a zero gradient
+            torch.testing.assert_close(torch.zeros_like(leaf) if a is None else a, torch.zeros_like(leaf) if b is None else b)
+    if not compiled:
+        assert torch.autograd.gradcheck(fn, (y, w, bias))
