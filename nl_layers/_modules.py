@@ -72,20 +72,20 @@ class _NormalizedHeads(Function):
                 torch.div(u, n, out=y.transpose(1, 2))  # normalised and head-major in one pass
             ys.append(y.view(b * heads, t, dim // heads))
             norms.append(n)
-        return ys[0], ys[1], norms[0], norms[1]
+        return ys[0], ys[1], norms[0], norms[1], flat
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.eps = inputs[3]
-        ctx.mark_non_differentiable(output[2], output[3])
+        ctx.eps, ctx.shape = inputs[3], inputs[0].shape
+        ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(inputs[0], inputs[1], *output)
+        ctx.save_for_backward(output[4], inputs[1], *output[:4])  # x as (B T, D) (the copy forward made, if any)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_x, g_q, _, __):
-        x, w_q, y_x, y_q, n_x, n_q = ctx.saved_tensors
-        b, t, dim = x.shape
+    def backward(ctx, g_x, g_q, *_):
+        flat, w_q, y_x, y_q, n_x, n_q = ctx.saved_tensors
+        b, t, dim = ctx.shape
         heads = n_x.shape[2]
         grads = []
         for g, y, n in ((g_x, y_x, n_x), (g_q, y_q, n_q)):
@@ -97,19 +97,19 @@ class _NormalizedHeads(Function):
             if torch.compiler.is_compiling():
                 du = torch.addcmul(g, y, dot, value=-1.0).div_(n).contiguous()
             else:
-                du = torch.addcmul(g, y, dot, value=-1.0, out=x.new_empty(b, t, heads, dim // heads)).div_(n)
+                du = torch.addcmul(g, y, dot, value=-1.0, out=flat.new_empty(b, t, heads, dim // heads)).div_(n)
             grads.append(du.view(b * t, dim))
         du_x, du_q = grads
         gx = gw = None
         if du_q is not None:
             if ctx.needs_input_grad[1]:
-                gw = du_q.t() @ x.reshape(b * t, dim).to(du_q.dtype)
+                gw = du_q.t() @ flat.to(du_q.dtype)
             if ctx.needs_input_grad[0]:
                 w = w_q.to(du_q.dtype)
                 gx = du_q @ w if du_x is None else torch.addmm(du_x, du_q, w)
         elif du_x is not None:
             gx = du_x
-        return None if gx is None else gx.view(b, t, dim).to(x.dtype), None if gw is None else gw.to(w_q.dtype), None, None
+        return None if gx is None else gx.view(b, t, dim).to(flat.dtype), None if gw is None else gw.to(w_q.dtype), None, None
 
 
 def normalized_heads(x: torch.Tensor, w_q: torch.Tensor, heads: int, eps: float = 1e-6):

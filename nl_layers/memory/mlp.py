@@ -128,7 +128,7 @@ class _SharedSiluRead(Function):
             gz = gz.view(m, g * hid)
         gx = gw_in = gw_out = None
         if ctx.needs_input_grad[0]:
-            gx = torch.addmm(gy.sum(0), gz, w_in.reshape(g * hid, d).to(gz.dtype)).to(x.dtype)
+            gx = torch.addmm(gy[0] if g == 1 else gy.sum(0), gz, w_in.reshape(g * hid, d).to(gz.dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
             gw_in = weight_grad(gz[None], x[None].to(gz.dtype))[0].view(g, hid, d).to(w_in.dtype)
         if ctx.needs_input_grad[2]:
@@ -163,28 +163,36 @@ def activation_and_slope(name: str, z: torch.Tensor):
     return t, 1 - t * t
 
 
-def _apply_mixed(w, x, add=None):
-    """x w^T + add at x's precision, w cast to it (autocast leaves mixed dtypes); the sum in the
-    product where add has x's dtype too."""
+def _apply_mixed(w, x, add=None, beta: int = 1, alpha: int = 1):
+    """beta add + alpha x w^T (beta, alpha = +-1) at x's precision, w cast to it (autocast leaves mixed
+    dtypes); the sum in the product (addmm / baddbmm) where add has x's dtype too."""
     w = w.to(x.dtype)
-    if add is None or add.dtype == x.dtype and not torch.compiler.is_compiling():
-        return _apply(w, x, add)
-    return add + _apply(w, x)  # (compiling: add may be an incoming gradient of unknown layout; no reshape)
+    if add is not None and add.dtype == x.dtype and not torch.compiler.is_compiling():
+        if w.ndim == 2:
+            flat = torch.addmm(add.reshape(-1, add.shape[-1]), x.reshape(-1, x.shape[-1]), w.t(), beta=beta, alpha=alpha)
+            return flat.view(*x.shape[:-1], w.shape[0])
+        if x.ndim == 3:
+            return torch.baddbmm(add, x, w.transpose(-1, -2), beta=beta, alpha=alpha)
+    prod = _apply(w if alpha == 1 else -w, x)  # (compiling: add may be an incoming gradient of unknown layout; no reshape)
+    return prod if add is None else prod + add if beta == 1 else prod - add
 
 
-def _wgrad(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """sum over tokens of a_t x_t^T (+ add) for a weight w: one for all copies (o, i), summed over
+def _wgrad(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None, alpha: int = 1) -> torch.Tensor:
+    """alpha sum over tokens of a_t x_t^T (+ add) for a weight w: one for all copies (o, i), summed over
     every token of a (N, L, o), x (N, L, i), or one per copy (N, o, i)."""
     x = x.to(a.dtype)
-    if add is not None and add.dtype != a.dtype:  # mixed precisions (autocast): the sum apart
-        return add + _wgrad(a, x, w)
-    if w.ndim == 2 and torch.compiler.is_compiling():  # no reshape of a gradient of unknown layout
-        out = (a.transpose(-1, -2) @ x).flatten(0, -3).sum(0)
+    if add is None or add.dtype != a.dtype or torch.compiler.is_compiling():  # the sum apart
+        if w.ndim == 2 and torch.compiler.is_compiling():  # no reshape of a gradient of unknown layout
+            out = (a.transpose(-1, -2) @ x).flatten(0, -3).sum(0)
+        elif w.ndim == 2:
+            out = a.reshape(-1, a.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        else:
+            out = a.transpose(-1, -2) @ x
+        out = out if alpha == 1 else -out
         return out if add is None else add + out
     if w.ndim == 2:
-        a, x = a.reshape(-1, a.shape[-1]).t(), x.reshape(-1, x.shape[-1])
-        return a @ x if add is None else torch.addmm(add, a, x)
-    return a.transpose(-1, -2) @ x if add is None else torch.baddbmm(add, a.transpose(-1, -2), x)
+        return torch.addmm(add, a.reshape(-1, a.shape[-1]).t(), x.reshape(-1, x.shape[-1]), alpha=alpha)
+    return torch.baddbmm(add, a.transpose(-1, -2), x, alpha=alpha)
 
 
 class _SiluFactors(Function):
@@ -197,7 +205,8 @@ class _SiluFactors(Function):
     B' = B + 2 dg ||k||^2 b, L' = L + 2 dg ||h||^2 l, E = L' + 2 drho e + (B' p) W_out^T,
     O = E (+ L' + 2 drho o with dgd), H' = H + 2 dg ||l||^2 h + O W_out,
     dz = H' p + (B' q)(s + (1 - 2 s) p) (s = sigmoid(z)), dk = E + 2 dg ||b||^2 k + dz W_in, dv = -E,
-    dW_out = e^T (B' p) + O^T h, dW_in = dz^T k: each sum in one operator (no accumulation adds).
+    dW_out = e^T (B' p) + O^T h, dW_in = dz^T k: each sum in one operator (no accumulation adds), -E
+    formed directly (dv needs no negation; the signs go into the products' alpha and beta).
     """
 
     @staticmethod
@@ -237,16 +246,21 @@ class _SiluFactors(Function):
             gb = b * (two_g * n2[0, ..., None]) if gb is None else torch.addcmul(gb, b, two_g * n2[0, ..., None])
             gl = l * (two_g * n2[3, ..., None]) if gl is None else torch.addcmul(gl, l, two_g * n2[3, ..., None])
         gq = None if gb is None else gb * p
-        ge = gl
+        base = gl
         if two_r is not None:
-            ge = e * two_r if ge is None else torch.addcmul(ge, e, two_r)
+            base = e * two_r if base is None else torch.addcmul(base, e, two_r)
+        # ne = -E: dv = ne needs no negation; E's other uses take the sign in their products
         if gq is not None:
-            ge = _apply_mixed(w_out, gq, ge)  # + (B' p) W_out^T
-        go = ge
-        if dgd and gl is not None:
-            go = gl if go is None else go + gl
-        if dgd and two_r is not None:
-            go = o * two_r if go is None else torch.addcmul(go, o, two_r)
+            ne = _apply_mixed(w_out, gq, base, beta=-1, alpha=-1)  # -(L' + 2 drho e) - (B' p) W_out^T
+        else:
+            ne = None if base is None else -base
+        go, go_sign = ne, -1  # O = sign * go: without dgd O = E
+        if dgd:
+            t = gl
+            if two_r is not None:
+                t = o * two_r if t is None else torch.addcmul(t, o, two_r)
+            if t is not None:
+                go, go_sign = (t if ne is None else t - ne), 1
         if gg is not None:
             c = two_g * n2[2, ..., None]  # (a read's gradient of h may come transposed: the sum in h's layout)
             if gh is None:
@@ -254,26 +268,29 @@ class _SiluFactors(Function):
             else:
                 gh = torch.addcmul(gh, h, c, **({} if torch.compiler.is_compiling() else {"out": torch.empty_like(h)}))
         if go is not None:
-            gh = _apply_mixed(w_out.transpose(-1, -2), go, gh)  # + O W_out
+            gh = _apply_mixed(w_out.transpose(-1, -2), go, gh, alpha=go_sign)  # + O W_out
         if gb is not None:
             gz = torch.addcmul(s, torch.rsub(s, 1, alpha=2), p).mul_(gb * q)  # silu''(z) B' q
             if gh is not None:
                 gz.addcmul_(gh, p)
         else:
             gz = None if gh is None else gh * p
-        gk = ge
+        gk, k_sign = ne, -1  # dk = k_sign * gk (+ dz W_in)
         if gg is not None:
-            gk = k * (two_g * n2[1, ..., None]) if gk is None else torch.addcmul(gk, k, two_g * n2[1, ..., None])
+            c = two_g * n2[1, ..., None]
+            gk, k_sign = (k * c, 1) if ne is None else (torch.addcmul(ne, k, c, value=-1.0), -1)
         if gz is not None:
-            gk = _apply_mixed(w_in.transpose(-1, -2), gz, gk)  # + dz W_in
+            gk = _apply_mixed(w_in.transpose(-1, -2), gz, gk, beta=k_sign)  # + dz W_in
+        elif gk is not None and k_sign == -1:
+            gk = -gk
         needs = ctx.needs_input_grad
-        gv = None if ge is None or not needs[2] else (-ge).to(v.dtype)
+        gv = None if ne is None or not needs[2] else ne.to(v.dtype)
         gk = None if gk is None or not needs[1] else gk.to(k.dtype)
         gw_in = None if gz is None or not needs[3] else _wgrad(gz, k, w_in).to(w_in.dtype)
         gw_out = None
         if needs[4] and (gq is not None or go is not None):
             first = None if gq is None else _wgrad(e, gq, w_out)
-            gw_out = (first if go is None else _wgrad(go, h, w_out, first)).to(w_out.dtype)
+            gw_out = (first if go is None else _wgrad(go, h, w_out, first, alpha=go_sign)).to(w_out.dtype)
         return None, gk, gv, gw_in, gw_out
 
 

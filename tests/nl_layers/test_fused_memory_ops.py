@@ -125,11 +125,13 @@ def _heads_ref(x, w_q, heads):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_normalized_heads_equal_the_stacked_normalisation(compiled):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_normalized_heads_equal_the_stacked_normalisation(compiled, transposed):
     from nl_layers._modules import normalized_heads
 
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 5, **f64).transpose(1, 2)  # (B, T, D) transposed, as from the causal convolution
+    # (B, T, D), contiguous (as from the Triton convolution) or transposed (as from the torch one)
+    x = torch.randn(2, 8, 5, **f64).transpose(1, 2) if transposed else torch.randn(2, 5, 8, **f64)
     x[0, 1, :4] = 0.0  # a zero head: its norm is clamped (no gradient through the norm)
     x = x.requires_grad_()
     w_q = torch.randn(8, 8, **f64, requires_grad=True)
