@@ -106,7 +106,10 @@ class _NormalizedHeads(Function):
                 gw = du_q.t() @ flat.to(du_q.dtype)
             if ctx.needs_input_grad[0]:
                 w = w_q.to(du_q.dtype)
-                gx = du_q @ w if du_x is None else torch.addmm(du_x, du_q, w)
+                if du_x is None or du_x.dtype != du_q.dtype:  # (autocast may leave x and q' at two precisions)
+                    gx = du_q @ w if du_x is None else du_x + du_q @ w
+                else:
+                    gx = torch.addmm(du_x, du_q, w)
         elif du_x is not None:
             gx = du_x
         return None if gx is None else gx.view(b, t, dim).to(flat.dtype), None if gw is None else gw.to(w_q.dtype), None, None

@@ -184,3 +184,19 @@ def test_stacked_gates_equal_normalisation_and_rates(compiled):
             torch.testing.assert_close(torch.zeros_like(leaf) if a is None else a, torch.zeros_like(leaf) if b is None else b)
     if not compiled:
         assert torch.autograd.gradcheck(fn, (y, w, bias))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_heads_and_gates_under_autocast_keep_input_dtypes(x_dtype):
+    from nl_layers._modules import normalized_heads
+    from nl_layers.self_modifying import _StackedGates
+
+    torch.manual_seed(0)
+    x, w_q = torch.randn(2, 5, 8, dtype=x_dtype, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    y, w, bias = torch.randn(8, 5, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True), torch.randn(2, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xh, q = normalized_heads(x, w_q, 2)
+        outs = _StackedGates.apply(y.to(torch.bfloat16), w, bias, 0.1, 1e-6)[:4]
+    (xh.float().sum() + q.float().square().sum() + sum(o.float().sum() for o in outs)).backward()
+    assert q.dtype == torch.bfloat16 and x.grad.dtype == x_dtype and w_q.grad.dtype == torch.float32
+    assert y.grad.dtype == w.grad.dtype == bias.grad.dtype == torch.float32
