@@ -163,6 +163,8 @@ class AnalyticEngine:
 
             def linear(n, x, add=None):  # W_t x_t (+ add) for every token t, without forming W_t
                 left, right = facs[n]
+                if d0 is None and not given_s:  # the base product inside the read (x's gradient in one sum)
+                    return rank1_read_tokens(mixing, left, right, x, add, weight=base[n])
                 out = _apply(base[n], x, add)
                 if d0 is not None:
                     out = out + plan.pa[..., None] * _apply(d0[n], x)
