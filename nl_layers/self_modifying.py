@@ -102,41 +102,31 @@ def _dgd_decay(template: ResidualMLPMemory):
     return fn
 
 
-class _StackedGates(Function):
-    """k, v, eta, log alpha from the four component memories' outputs stacked (4 N, L, d) (key, value,
-    lr, decay), one node, the input's gradient written in one buffer (no split's cat):
-
-        k = y_k / n_k, v = y_v / n_v (n = max(||y||, eps)),  eta = max_lr sigmoid(y_lr . w_0 + b_0),  log alpha = logsigmoid(y_a . w_1 + b_1);
-        dy_k = (dk - [||y_k|| > eps] k (k . dk)) / n_k (and v),  dy_lr = dz_0 w_0, dy_a = dz_1 w_1,
-        dz_0 = deta max_lr s_0 (1 - s_0),  dz_1 = dlog_alpha (1 - sigmoid(z_1)),  dw_i = sum dz_i y_i,  db_i = sum dz_i.
-    """
+class _PairNormalize(Function):
+    """k = y_k / n_k, v = y_v / n_v (n = max(||y||, eps)) for the key and value outputs stacked
+    (2 N, L, d), one node, their input gradient written in one buffer (no split's cat):
+    dy_k = (dk - [||y_k|| > eps] k (k . dk)) / n_k (and v)."""
 
     @staticmethod
-    def forward(y, w, bias, max_lr, eps):
-        n = y.shape[0] // 4
-        norms = torch.linalg.vector_norm(y[: 2 * n], dim=-1, keepdim=True).clamp_min(eps)
-        k, v = y[:n] / norms[:n], y[n : 2 * n] / norms[n:]
-        rates = y[2 * n :]
-        z = torch.baddbmm(bias[:, None, None], rates.reshape(2, -1, rates.shape[-1]), w[..., None]).view(2, n, -1)
-        s0 = torch.sigmoid(z[0])
-        log_a, buffer = torch.ops.aten.log_sigmoid_forward(z[1])  # (F.logsigmoid; the buffer for its backward)
-        return k, v, max_lr * s0, log_a, norms, z, s0, buffer
+    def forward(y, eps):
+        n = y.shape[0] // 2
+        norms = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(eps)
+        return y[:n] / norms[:n], y[n:] / norms[n:], norms
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.max_lr, ctx.eps = inputs[3], inputs[4]
-        k, v, _, _, *aux = output
-        ctx.mark_non_differentiable(*aux)
+        ctx.eps = inputs[1]
+        ctx.mark_non_differentiable(output[2])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(inputs[0], inputs[1], k, v, *aux)
+        ctx.save_for_backward(*output)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gk, gv, g_lr, g_la, *_):
-        y, w, k, v, norms, z, s0, buffer = ctx.saved_tensors
-        n, length, d = k.shape
+    def backward(ctx, gk, gv, _):
+        k, v, norms = ctx.saved_tensors
+        n = k.shape[0]
         compiling = torch.compiler.is_compiling()  # no out= (torch.compile traces this path): a cat
-        gy = None if compiling else y.new_empty(y.shape)
+        gy = None if compiling else k.new_empty(2 * n, *k.shape[1:])
         parts = []
         for i, (g, out) in enumerate(((gk, k), (gv, v))):
             norm, rows = norms[i * n : (i + 1) * n], slice(i * n, (i + 1) * n)
@@ -146,19 +136,7 @@ class _StackedGates(Function):
             dot = (out * g).sum(-1, keepdim=True).masked_fill_(norm <= ctx.eps, 0.0)
             into = {} if compiling else {"out": gy[rows]}
             parts.append(torch.addcmul(g, out, dot, value=-1.0, **into).div_(norm))
-        dz = torch.stack([
-            torch.zeros_like(z[0]) if g_lr is None else torch.ops.aten.sigmoid_backward(g_lr * ctx.max_lr, s0),
-            torch.zeros_like(z[1]) if g_la is None else torch.ops.aten.log_sigmoid_backward(g_la, z[1], buffer),
-        ]).view(2, -1, 1)  # (2, N L, 1)
-        rates = y[2 * n :].reshape(2, -1, d)
-        gw = (dz.transpose(1, 2) @ rates.to(dz.dtype))[:, 0].to(w.dtype)
-        gb = dz.sum((1, 2)).to(w.dtype)
-        w = w.to(dz.dtype)[:, None, :]
-        if compiling:
-            gy = torch.cat([*parts, (dz * w).view(2 * n, length, d)])
-        else:
-            torch.mul(dz, w, out=gy[2 * n :].view(2, -1, d))
-        return gy, gw, gb, None, None
+        return torch.cat(parts) if compiling else gy, None
 
 
 class SelfModifyingTitans(nn.Module):
@@ -271,11 +249,12 @@ class SelfModifyingTitans(nn.Module):
         logits = torch.baddbmm(bias, rates.reshape(2, -1, rates.shape[-1]), w.transpose(1, 2)).view(2, -1, rates.shape[1])
         return self.max_lr * torch.sigmoid(logits[0]), F.logsigmoid(logits[1])
 
-    def _stacked_gates(self, y):
-        """:meth:`_gates` of the four outputs stacked (4 N, L, d), in one node (:class:`_StackedGates`)."""
-        heads = (self.lr_head, self.decay_head)
-        w, bias = torch.cat([m.weight for m in heads]), torch.cat([m.bias for m in heads])  # (2, d), (2,)
-        return _StackedGates.apply(y, w, bias, self.max_lr, 1e-6)[:4]
+    def _stacked_gates(self, kv, logits):
+        """k, v, eta, log alpha from the key and value outputs stacked (2 N, L, d) (normalised in one
+        node, :class:`_PairNormalize`) and the lr and decay heads' logits (2, N, L)."""
+        k, v, _ = _PairNormalize.apply(kv, 1e-6)
+        z_lr, z_decay = logits.unbind(0)
+        return k, v, self.max_lr * torch.sigmoid(z_lr), F.logsigmoid(z_decay)
 
     def _gates(self, key_out, value_out, lr_out, decay_out):
         """k, v, eta, log alpha from the four component memories' outputs."""
@@ -335,10 +314,22 @@ class SelfModifyingTitans(nn.Module):
         def read_components(x):  # the four components' outputs stacked: key, value, lr, decay
             return comp.read_shared(shared, x) if shared is not None else comp.read(ac, rep(x))
 
+        def gates(x):  # k, v, eta, log alpha; with shared weights the lr and decay outputs only as their heads' logits
+            heads = (self.lr_head, self.decay_head)
+            if shared is None:
+                key_value, rates = read_components(x).split(2 * n)
+                w = torch.stack([m.weight for m in heads])  # (2, 1, d)
+                bias = torch.stack([m.bias for m in heads])[..., None]  # (2, 1, 1)
+                logits = torch.baddbmm(bias, rates.reshape(2, -1, rates.shape[-1]), w.transpose(1, 2)).view(2, n, -1)
+            else:
+                key_value, dots = comp.read_shared(shared, x, heads=torch.cat([m.weight for m in heads]))
+                logits = (dots + torch.cat([m.bias for m in heads])[:, None]).view(2, n, -1)
+            return self._stacked_gates(key_value, logits)
+
         last = False
         for start, end, reanchor in segments(xh.shape[1], self.anchor_size, position):
             sl = slice(start, end)
-            k, v, lr, log_a = self._stacked_gates(read_components(xh[:, sl]))
+            k, v, lr, log_a = gates(xh[:, sl])
             last = not need_state and end == xh.shape[1]
             if writes and not last:  # the components' writes are read after the next re-anchor
                 target = read_components(v) if self.detach_values else rep(v)

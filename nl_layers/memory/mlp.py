@@ -85,16 +85,19 @@ def silu_and_slope(z: torch.Tensor):
 
 class _SharedSiluRead(Function):
     """y_g = x + h_g W_out,g^T with h_g = silu(z_g), z = x [W_in,1; ...; W_in,G]^T, for G residual MLPs
-    reading one x (M, d): y (G, M, d), with a hand-written backward.
+    reading one x (M, d): y (G, M, d), with a hand-written backward; given R head vectors w_r, the
+    last R outputs only as their dot products c_r = y_r . w_r = x . w_r + h_r . u_r, u_r = W_out,r^T w_r
+    (those y_r are never formed).
 
     Forward: z (M, G h) in one product (x is not repeated), h stored memory-major (G, M, h), y by
-    baddbmm (the residual in the product). Backward: dh = dy W_out, dz = silu'(z) dh (stored (M, G h)),
-    dx = sum_g dy_g + dz [W_in,g]_g (one product over K = G h: no per-group input gradients, no
-    accumulation add), dW_in = dz^T x, dW_out,g = dy_g^T h_g (both in row slices, see weight_grad).
+    baddbmm (the residual in the product). Backward: dh_g = dy_g W_out,g (dh_r = dc_r u_r^T), dz = silu'(z) dh
+    (stored (M, G h)), dx = sum_g dy_g (+ dc^T w) + dz [W_in,g]_g (one product over K = G h: no
+    per-group input gradients, no accumulation add), dW_in = dz^T x, dW_out,g = dy_g^T h_g (both in
+    row slices, see weight_grad), dW_out,r = w_r (h_r^T dc_r)^T, dw_r = x^T dc_r + W_out,r (h_r^T dc_r).
     """
 
     @staticmethod
-    def forward(x, w_in, w_out):
+    def forward(x, w_in, w_out, heads):
         g, hid, d = w_in.shape
         m = x.shape[0]
         z = x @ w_in.reshape(g * hid, d).t()
@@ -103,51 +106,93 @@ class _SharedSiluRead(Function):
         else:
             h = z.new_empty(g, m, hid)
             torch.ops.aten.silu.out(z.view(m, g, hid), out=h.transpose(0, 1))  # silu and the transpose in one pass
-        return torch.baddbmm(x.expand(g, m, d), h, w_out.transpose(1, 2)), z, h
+        p = g if heads is None else g - heads.shape[0]
+        y = torch.baddbmm(x.expand(p, m, d), h[:p], w_out[:p].transpose(1, 2))
+        if heads is None:
+            return y, None, z, h, None
+        u = w_out[p:].transpose(1, 2) @ heads[:, :, None]  # (R, h, 1)
+        c = torch.baddbmm((x @ heads.t()).t()[:, :, None], h[p:], u)[..., 0]  # (R, M)
+        return y, c, z, h, u
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1], output[2])
+        _, _, z, h, u = output
+        ctx.mark_non_differentiable(z, h, *(() if u is None else (u,)))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs, output[1], output[2])
+        ctx.save_for_backward(*inputs, z, h, u)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy, _, __):
-        if gy is None:
-            return None, None, None
-        x, w_in, w_out, z, h = ctx.saved_tensors
+    def backward(ctx, gy, gc, *_):
+        x, w_in, w_out, heads, z, h, u = ctx.saved_tensors
         g, hid, d = w_in.shape
         m = x.shape[0]
-        gh = gy @ w_out.to(gy.dtype)  # (G, M, h)
-        if torch.compiler.is_compiling():
+        p = g if heads is None else g - heads.shape[0]
+        gc = None if heads is None else gc
+        if gy is None and gc is None:
+            return None, None, None, None
+        dt = h.dtype if gy is None else gy.dtype
+        compiling = torch.compiler.is_compiling()
+        if heads is None:
+            gh = gy @ w_out.to(dt)  # (G, M, h)
+        else:  # dh of the full outputs and of the dot products, in one buffer
+            gh = h.new_empty(g, m, hid, dtype=dt)
+            if gy is None:
+                gh[:p].zero_()
+            elif compiling:  # (no out= while compiling)
+                gh[:p] = gy @ w_out[:p].to(dt)
+            else:
+                torch.bmm(gy, w_out[:p].to(dt), out=gh[:p])
+            if gc is None:
+                gh[p:].zero_()
+            elif compiling:
+                gh[p:] = gc.to(dt)[:, :, None] * u.to(dt).transpose(1, 2)
+            else:
+                torch.mul(gc.to(dt)[:, :, None], u.to(dt).transpose(1, 2), out=gh[p:])
+        if compiling:
             gz = torch.ops.aten.silu_backward(gh.transpose(0, 1), z.view(m, g, hid)).reshape(m, g * hid)
         else:
             gz = z.new_empty(m, g, hid)
             torch.ops.aten.silu_backward.grad_input(gh.transpose(0, 1), z.view(m, g, hid), grad_input=gz)
             gz = gz.view(m, g * hid)
-        gx = gw_in = gw_out = None
+        gx = gw_in = gw_out = gheads = None
         if ctx.needs_input_grad[0]:
-            gx = torch.addmm(gy[0] if g == 1 else gy.sum(0), gz, w_in.reshape(g * hid, d).to(gz.dtype)).to(x.dtype)
+            base = None if gy is None else gy[0] if p == 1 else gy.sum(0)
+            if gc is not None:  # + dc^T w
+                gct, hx = gc.t().to(gz.dtype), heads.to(gz.dtype)
+                base = gct @ hx if base is None else torch.addmm(base.to(gz.dtype), gct, hx)
+            gx = torch.addmm(base.to(gz.dtype), gz, w_in.reshape(g * hid, d).to(gz.dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
             gw_in = weight_grad(gz[None], x[None].to(gz.dtype))[0].view(g, hid, d).to(w_in.dtype)
+        hc = None if gc is None else gc.to(h.dtype)[:, None, :] @ h[p:]  # (R, 1, h): (h_r^T dc_r)^T
         if ctx.needs_input_grad[2]:
-            gw_out = weight_grad(gy, h.to(gy.dtype)).to(w_out.dtype)
-        return gx, gw_in, gw_out
+            gws = [torch.zeros_like(w_out[:p]) if gy is None else weight_grad(gy, h[:p].to(gy.dtype)).to(w_out.dtype)]
+            if heads is not None:
+                gws.append(torch.zeros_like(w_out[p:]) if gc is None else heads[:, :, None] * hc.to(heads.dtype))
+            gw_out = gws[0] if len(gws) == 1 else torch.cat(gws)
+        if heads is not None and gc is not None and ctx.needs_input_grad[3]:
+            gheads = gc.to(x.dtype) @ x + (hc.to(w_out.dtype) @ w_out[p:].transpose(1, 2))[:, 0].to(x.dtype)
+            gheads = gheads.to(heads.dtype)
+        return gx, gw_in, gw_out, gheads
 
 
-def shared_silu_read(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+def shared_silu_read(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, heads: torch.Tensor | None = None):
     """x + W_out,g silu(W_in,g x) for x (M, d) and G memories' weights w_in (G, h, d), w_out (G, d, h):
     (G, M, d), as ``grouped_linear(h, w_out, x.expand(G, M, d))`` with ``h = silu(grouped_linear(x.expand(G, M, d), w_in))``
-    in fewer passes (:class:`_SharedSiluRead`).
+    in fewer passes (:class:`_SharedSiluRead`). Given ``heads`` (R, d): the first G - R outputs and
+    the last R outputs' dot products with the heads, (R, M), without forming those outputs.
 
     Example:
         >>> x, w_in, w_out = torch.randn(5, 4), torch.randn(2, 8, 4), torch.randn(2, 4, 8)
         >>> ref = x + F.silu(x @ w_in.transpose(1, 2)) @ w_out.transpose(1, 2)
         >>> bool(torch.allclose(shared_silu_read(x, w_in, w_out), ref, atol=1e-5))
         True
+        >>> y, c = shared_silu_read(x, w_in, w_out, heads=torch.ones(1, 4))
+        >>> bool(torch.allclose(y, ref[:1], atol=1e-5)), bool(torch.allclose(c, ref[1:].sum(-1), atol=1e-5))
+        (True, True)
     """
-    return _SharedSiluRead.apply(x, w_in, w_out)[0]
+    y, c = _SharedSiluRead.apply(x, w_in, w_out, heads)[:2]
+    return y if heads is None else (y, c)
 
 
 def activation_and_slope(name: str, z: torch.Tensor):
@@ -322,10 +367,11 @@ class ResidualMLPMemory(nn.Module):
         """x + W_out act(W_in x) = linear("w_out", act(linear("w_in", x)), x)."""
         return linear("w_out", activation(self.activation, linear("w_in", x)), x)
 
-    def read_shared(self, x: torch.Tensor, params: dict):
+    def read_shared(self, x: torch.Tensor, params: dict, heads: torch.Tensor | None = None):
         """x (M, d) read by G memories, params name -> (G, ...): (G, M, d) through :func:`shared_silu_read`
-        for silu; None for another activation (the caller then composes)."""
-        return shared_silu_read(x, params["w_in"], params["w_out"]) if self.activation == "silu" else None
+        for silu (with ``heads`` (R, d): the first G - R outputs and the last R outputs' dot products
+        with them, (R, M)); None for another activation (the caller then composes)."""
+        return shared_silu_read(x, params["w_in"], params["w_out"], heads) if self.activation == "silu" else None
 
     def factors_and_norms(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False):
         """:meth:`factors` and the squared norms ``factored_grad_sq_norm(factors, residual)`` (g, rho)

@@ -151,52 +151,74 @@ def test_normalized_heads_equal_the_stacked_normalisation(compiled, transposed):
         assert torch.autograd.gradcheck(lambda x, w: normalized_heads(x, w, 2), (x.detach().clone().requires_grad_(), w_q))
 
 
-def _gates_ref(y, w, bias, max_lr):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_pair_normalize_equals_normalising_the_stack(compiled):
     from nl_layers._modules import l2_normalize
+    from nl_layers.self_modifying import _PairNormalize
 
-    n = y.shape[0] // 4
-    key_value, rates = y.split(2 * n)
-    k, v = l2_normalize(key_value).split(n)
-    z = torch.baddbmm(bias[:, None, None], rates.reshape(2, -1, y.shape[-1]), w[..., None]).view(2, n, -1)
-    return k, v, max_lr * torch.sigmoid(z[0]), F.logsigmoid(z[1])
+    torch.manual_seed(0)
+    y = torch.randn(6, 5, 3, **f64)
+    y[1, 2] = 0.0  # a zero key: its norm is clamped
+    y = y.requires_grad_()
+    fn = lambda y: _PairNormalize.apply(y, 1e-6)[:2]  # noqa: E731
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True, backend="eager")
+    ours, ref = fn(y), l2_normalize(y).split(3)
+    for used in ([0, 1], [0], [1]):
+        gys = [torch.randn_like(ref[i]) for i in used]
+        ga = torch.autograd.grad([ours[i] for i in used], y, gys, retain_graph=True)[0]
+        gb = torch.autograd.grad([ref[i] for i in used], y, gys, retain_graph=True)[0]
+        torch.testing.assert_close(ga, gb)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    if not compiled:
+        assert torch.autograd.gradcheck(fn, (y,))
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_stacked_gates_equal_normalisation_and_rates(compiled):
-    from nl_layers.self_modifying import _StackedGates
-
+def test_shared_silu_read_with_heads_equals_the_dot_products(monkeypatch, compiled):
+    monkeypatch.setattr(gl, "ROWS_PER_SLICE", 4)
     torch.manual_seed(0)
-    y = torch.randn(8, 5, 3, **f64)
-    y[1, 2] = 0.0  # a zero key: its norm is clamped
-    y = y.requires_grad_()
-    w, bias = torch.randn(2, 3, **f64, requires_grad=True), torch.randn(2, **f64, requires_grad=True)
-    fn = lambda y, w, b: _StackedGates.apply(y, w, b, 0.3, 1e-6)[:4]  # noqa: E731
+    x = torch.randn(12, 5, **f64, requires_grad=True)
+    w_in = torch.randn(4, 7, 5, **f64, requires_grad=True)
+    w_out = torch.randn(4, 5, 7, **f64, requires_grad=True)
+    heads = torch.randn(2, 5, **f64, requires_grad=True)
+    fn = lambda *a: mlp.shared_silu_read(*a)  # noqa: E731
     if compiled:
         fn = torch.compile(fn, fullgraph=True, backend="eager")
-    ours, ref = fn(y, w, bias), _gates_ref(y, w, bias, 0.3)
-    for a, b in zip(ours, ref):
+
+    def ref(x, w_in, w_out, heads):
+        y = _shared_read_ref(x, w_in, w_out)
+        return y[:2], (y[2:] * heads[:, None, :]).sum(-1)
+
+    leaves = (x, w_in, w_out, heads)
+    ours, want = fn(*leaves), ref(*leaves)
+    for a, b in zip(ours, want):
         torch.testing.assert_close(a, b)
-    for used in ([0, 1, 2, 3], [0], [1, 3], [2]):
-        gys = [torch.randn_like(ref[i]) for i in used]
-        ga = torch.autograd.grad([ours[i] for i in used], (y, w, bias), gys, retain_graph=True, allow_unused=True)
-        gb = torch.autograd.grad([ref[i] for i in used], (y, w, bias), gys, retain_graph=True, allow_unused=True)
-        for a, b, leaf in zip(ga, gb, (y, w, bias)):  # None: a zero gradient
+    for used in ([0, 1], [0], [1]):
+        gys = [torch.randn_like(want[i]) for i in used]
+        ga = torch.autograd.grad([ours[i] for i in used], leaves, gys, retain_graph=True, allow_unused=True)
+        gb = torch.autograd.grad([want[i] for i in used], leaves, gys, retain_graph=True, allow_unused=True)
+        for a, b, leaf in zip(ga, gb, leaves):  # None: a zero gradient
             torch.testing.assert_close(torch.zeros_like(leaf) if a is None else a, torch.zeros_like(leaf) if b is None else b)
     if not compiled:
-        assert torch.autograd.gradcheck(fn, (y, w, bias))
+        assert torch.autograd.gradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_heads_and_gates_under_autocast_keep_input_dtypes(x_dtype):
+def test_heads_gates_and_read_under_autocast_keep_input_dtypes(x_dtype):
     from nl_layers._modules import normalized_heads
-    from nl_layers.self_modifying import _StackedGates
+    from nl_layers.self_modifying import _PairNormalize
 
     torch.manual_seed(0)
     x, w_q = torch.randn(2, 5, 8, dtype=x_dtype, requires_grad=True), torch.randn(8, 8, requires_grad=True)
-    y, w, bias = torch.randn(8, 5, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True), torch.randn(2, requires_grad=True)
+    y = torch.randn(8, 5, 4, requires_grad=True)
+    w_in, w_out, heads = torch.randn(4, 6, 4, requires_grad=True), torch.randn(4, 4, 6, requires_grad=True), torch.randn(2, 4, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         xh, q = normalized_heads(x, w_q, 2)
-        outs = _StackedGates.apply(y.to(torch.bfloat16), w, bias, 0.1, 1e-6)[:4]
-    (xh.float().sum() + q.float().square().sum() + sum(o.float().sum() for o in outs)).backward()
+        outs = _PairNormalize.apply(y.to(torch.bfloat16), 1e-6)[:2]
+        kv, dots = mlp.shared_silu_read(y.reshape(-1, 4), w_in, w_out, heads)
+    loss = xh.float().sum() + q.float().square().sum() + sum(o.float().sum() for o in outs)
+    (loss + kv.float().square().sum() + dots.float().sum()).backward()
     assert q.dtype == torch.bfloat16 and x.grad.dtype == x_dtype and w_q.grad.dtype == torch.float32
-    assert y.grad.dtype == w.grad.dtype == bias.grad.dtype == torch.float32
+    assert y.grad.dtype == w_in.grad.dtype == w_out.grad.dtype == heads.grad.dtype == torch.float32

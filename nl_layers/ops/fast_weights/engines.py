@@ -94,16 +94,22 @@ class AnalyticEngine:
                 return y.view(*x.shape[:-1], -1)
         return self.template.compose(x, lambda n, inp, add=None: _apply(w[n], inp, add))
 
-    def read_shared(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+    def read_shared(self, w: dict, x: torch.Tensor, heads: torch.Tensor | None = None):
         """x (N, L, d) read by G memories with one set of weights each, w: name -> (G, ...), shared by
         all N copies: (G N, L, d_out), memory-major (as :meth:`read` of the G memories stacked along
-        the copies, without repeating x or the weights); the memory's own ``read_shared`` where it has one."""
+        the copies, without repeating x or the weights); the memory's own ``read_shared`` where it has one.
+        ``heads`` (R, d_out): the first G - R memories' outputs ((G - R) N, L, d_out) and the last R
+        outputs' dot products with the heads (R, N L), as (outputs, dots)."""
         g = next(iter(w.values())).shape[0]
+        r = 0 if heads is None else heads.shape[0]
         flat = x.reshape(-1, x.shape[-1])
-        y = self.template.read_shared(flat, w) if hasattr(self.template, "read_shared") else None
-        if y is None:
+        out = self.template.read_shared(flat, w, heads) if hasattr(self.template, "read_shared") else None
+        if out is None:
             y = self.template.compose(flat.expand(g, -1, -1), lambda n, inp, add=None: grouped_linear(inp, w[n], add))
-        return y.reshape(g * x.shape[0], x.shape[1], -1)
+            out = y if heads is None else (y[: g - r], (y[g - r :] @ heads[:, :, None])[..., 0])
+        y, dots = (out, None) if heads is None else out
+        y = y.reshape((g - r) * x.shape[0], x.shape[1], -1)
+        return y if heads is None else (y, dots)
 
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False, need_state=True):
         """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero.
