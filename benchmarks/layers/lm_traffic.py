@@ -5,7 +5,8 @@ One training step (forward, backward and an AdamW step; the loss of ``model.loss
 and tallies for each: the number of calls and the bytes it reads and writes (the distinct memory
 span of every tensor input and output: a broadcast (stride-0) input counts once; view operators
 count zero bytes and are not counted as operators, nor are allocations such as ``empty_like``, which
-move no bytes; an ``out=`` argument is written, not read, so it counts once, as an output). Bytes moved is a proxy for the time of a
+move no bytes; an ``out=`` argument is written, not read, so it counts once, as an output, and a
+factory such as ``new_zeros`` or ``ones_like`` reads nothing). Bytes moved is a proxy for the time of a
 memory-bound GPU step, operator count for the host's launch overhead. Operators are grouped by
 name and input shapes, and by call site: the innermost frames of the repository for a forward
 operator and, for a backward operator, the forward call site of the autograd node running it
@@ -79,7 +80,11 @@ _ALLOC = ("empty", "empty_like", "new_empty", "empty_strided", "new_empty_stride
 
 
 def _read_args(func, args, kwargs):
-    """The arguments an operator reads: all but its ``out=`` arguments (keyword-only and written)."""
+    """The arguments an operator reads: all but its ``out=`` arguments (keyword-only and written);
+    none for a factory that takes a tensor only for its dtype and device (``new_zeros``, ``ones_like``)."""
+    name = func.__name__.split(".")[0]
+    if name.startswith("new_") or name.endswith("_like"):
+        return ()
     outs = {a.name for a in func._schema.arguments if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write}
     return args, {k: v for k, v in (kwargs or {}).items() if k not in outs}
 
