@@ -247,14 +247,12 @@ class SelfModifyingTitans(nn.Module):
         w = torch.stack([m.weight for m in heads])  # (2, 1, d)
         bias = torch.stack([m.bias for m in heads])[..., None]  # (2, 1, 1)
         logits = torch.baddbmm(bias, rates.reshape(2, -1, rates.shape[-1]), w.transpose(1, 2)).view(2, -1, rates.shape[1])
-        return self.max_lr * torch.sigmoid(logits[0]), F.logsigmoid(logits[1])
+        return self._logit_rates(logits)
 
-    def _stacked_gates(self, kv, logits):
-        """k, v, eta, log alpha from the key and value outputs stacked (2 N, L, d) (normalised in one
-        node, :class:`_PairNormalize`) and the lr and decay heads' logits (2, N, L)."""
-        k, v, _ = _PairNormalize.apply(kv, 1e-6)
+    def _logit_rates(self, logits):
+        """eta and log alpha (N, L) from the lr and decay heads' logits stacked (2, N, L)."""
         z_lr, z_decay = logits.unbind(0)
-        return k, v, self.max_lr * torch.sigmoid(z_lr), F.logsigmoid(z_decay)
+        return self.max_lr * torch.sigmoid(z_lr), F.logsigmoid(z_decay)
 
     def _gates(self, key_out, value_out, lr_out, decay_out):
         """k, v, eta, log alpha from the four component memories' outputs."""
@@ -315,16 +313,15 @@ class SelfModifyingTitans(nn.Module):
             return comp.read_shared(shared, x) if shared is not None else comp.read(ac, rep(x))
 
         def gates(x):  # k, v, eta, log alpha; with shared weights the lr and decay outputs only as their heads' logits
-            heads = (self.lr_head, self.decay_head)
             if shared is None:
                 key_value, rates = read_components(x).split(2 * n)
-                w = torch.stack([m.weight for m in heads])  # (2, 1, d)
-                bias = torch.stack([m.bias for m in heads])[..., None]  # (2, 1, 1)
-                logits = torch.baddbmm(bias, rates.reshape(2, -1, rates.shape[-1]), w.transpose(1, 2)).view(2, n, -1)
+                lr, log_a = self._stacked_rates(rates)
             else:
+                heads = (self.lr_head, self.decay_head)
                 key_value, dots = comp.read_shared(shared, x, heads=torch.cat([m.weight for m in heads]))
-                logits = (dots + torch.cat([m.bias for m in heads])[:, None]).view(2, n, -1)
-            return self._stacked_gates(key_value, logits)
+                lr, log_a = self._logit_rates((dots + torch.cat([m.bias for m in heads])[:, None]).view(2, n, -1))
+            k, v, _ = _PairNormalize.apply(key_value, 1e-6)  # as _gates, key and value normalised in one node
+            return k, v, lr, log_a
 
         last = False
         for start, end, reanchor in segments(xh.shape[1], self.anchor_size, position):
