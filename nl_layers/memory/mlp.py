@@ -164,14 +164,15 @@ class _SharedSiluRead(Function):
             gx = torch.addmm(base.to(gz.dtype), gz, w_in.reshape(g * hid, d).to(gz.dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
             gw_in = weight_grad(gz[None], x[None].to(gz.dtype))[0].view(g, hid, d).to(w_in.dtype)
-        hc = None if gc is None else gc.to(h.dtype)[:, None, :] @ h[p:]  # (R, 1, h): (h_r^T dc_r)^T
+        # (R, 1, h): (h_r^T dc_r)^T, a reduction over the M rows: in row slices, as the weight gradients
+        hc = None if gc is None else weight_grad(gc.to(h.dtype)[:, :, None], h[p:])
         if ctx.needs_input_grad[2]:
             gws = [torch.zeros_like(w_out[:p]) if gy is None else weight_grad(gy, h[:p].to(gy.dtype)).to(w_out.dtype)]
             if heads is not None:
                 gws.append(torch.zeros_like(w_out[p:]) if gc is None else heads[:, :, None] * hc.to(heads.dtype))
             gw_out = gws[0] if len(gws) == 1 else torch.cat(gws)
         if heads is not None and gc is not None and ctx.needs_input_grad[3]:
-            gheads = gc.to(x.dtype) @ x + (hc.to(w_out.dtype) @ w_out[p:].transpose(1, 2))[:, 0].to(x.dtype)
+            gheads = weight_grad(gc.t().to(x.dtype)[None], x[None])[0] + (hc.to(w_out.dtype) @ w_out[p:].transpose(1, 2))[:, 0].to(x.dtype)
             gheads = gheads.to(heads.dtype)
         return gx, gw_in, gw_out, gheads
 
