@@ -49,6 +49,87 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return _L2Normalize.apply(x, eps)[0]
 
 
+class _NormalizedHeads(Function):
+    """x^ = normalize(x) and q = normalize(x W_q^T) per head (heads of width d), head-major, one node.
+
+    Forward: q' = x W_q^T; per head y = u / n, n = max(||u||, eps), written straight into (B, H, T, d)
+    (no cat, no permuted copy). Backward: du = (dy - [||u|| > eps] y (y . dy)) / n in (B, T, D),
+    dW_q = dq'^T x, dx = dx^ + dq' W_q (the sum in the product: no accumulation add).
+    """
+
+    @staticmethod
+    def forward(x, w_q, heads, eps):
+        b, t, dim = x.shape
+        flat = x.reshape(b * t, dim)
+        ys, norms = [], []
+        for u in (x, (flat @ w_q.t()).view(b, t, dim)):
+            u = u.view(b, t, heads, dim // heads)
+            n = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(eps)
+            if torch.compiler.is_compiling():  # no out= (torch.compile traces this path)
+                y = (u / n).transpose(1, 2).contiguous()
+            else:
+                y = u.new_empty(b, heads, t, dim // heads)
+                torch.div(u, n, out=y.transpose(1, 2))  # normalised and head-major in one pass
+            ys.append(y.view(b * heads, t, dim // heads))
+            norms.append(n)
+        return ys[0], ys[1], norms[0], norms[1], flat
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.eps, ctx.shape = inputs[3], inputs[0].shape
+        ctx.mark_non_differentiable(*output[2:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[4], inputs[1], *output[:4])  # x as (B T, D) (the copy forward made, if any)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_x, g_q, *_):
+        flat, w_q, y_x, y_q, n_x, n_q = ctx.saved_tensors
+        b, t, dim = ctx.shape
+        heads = n_x.shape[2]
+        grads = []
+        for g, y, n in ((g_x, y_x, n_x), (g_q, y_q, n_q)):
+            if g is None:
+                grads.append(None)
+                continue
+            g, y = (z.view(b, heads, t, -1).transpose(1, 2) for z in (g, y))  # (B, T, H, d) views
+            dot = (y * g).sum(-1, keepdim=True).masked_fill_(n <= ctx.eps, 0.0)
+            if torch.compiler.is_compiling():
+                du = torch.addcmul(g, y, dot, value=-1.0).div_(n).contiguous()
+            else:
+                du = torch.addcmul(g, y, dot, value=-1.0, out=flat.new_empty(b, t, heads, dim // heads)).div_(n)
+            grads.append(du.view(b * t, dim))
+        du_x, du_q = grads
+        gx = gw = None
+        if du_q is not None:
+            if ctx.needs_input_grad[1]:
+                gw = du_q.t() @ flat.to(du_q.dtype)
+            if ctx.needs_input_grad[0]:
+                w = w_q.to(du_q.dtype)
+                if du_x is None or du_x.dtype != du_q.dtype:  # (autocast may leave x and q' at two precisions)
+                    gx = du_q @ w if du_x is None else du_x + du_q @ w
+                else:
+                    gx = torch.addmm(du_x, du_q, w)
+        elif du_x is not None:
+            gx = du_x
+        return None if gx is None else gx.view(b, t, dim).to(flat.dtype), None if gw is None else gw.to(w_q.dtype), None, None
+
+
+def normalized_heads(x: torch.Tensor, w_q: torch.Tensor, heads: int, eps: float = 1e-6):
+    """(normalize(x), normalize(x W_q^T)) per head, each head-major (B*H, T, d), for x (B, T, H*d):
+    as ``l2_normalize(torch.cat([x, x @ w_q.T], -1).view(B, T, 2, H, d))`` permuted to (2, B*H, T, d),
+    without the cat or the permuted copy (:class:`_NormalizedHeads`).
+
+    Example:
+        >>> x, w = torch.randn(2, 5, 8), torch.randn(8, 8)
+        >>> xh, q = normalized_heads(x, w, heads=2)
+        >>> ref = F.normalize((x @ w.T).view(2, 5, 2, 4), dim=-1).transpose(1, 2).reshape(4, 5, 4)
+        >>> xh.shape, bool(torch.allclose(q, ref, atol=1e-6))
+        (torch.Size([4, 5, 4]), True)
+    """
+    return _NormalizedHeads.apply(x, w_q, heads, eps)[:2]
+
+
 class _SquaredNorm(Function):
     """||x||^2 over the last dimension: one reduction forward, one pass backward (dx = 2 g x)."""
 

@@ -51,10 +51,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, vmap
 
+from ._function import Function
 from ._checks import check_choice, check_positive_int, check_sequence, check_state_batch
-from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads
+from ._modules import CausalDepthwiseConv1d, l2_normalize, merge_heads, normalized_heads
 from .memory.fast_weights import (
     expand_params,
     flatten,
@@ -98,6 +100,43 @@ def _dgd_decay(template: ResidualMLPMemory):
         return decay, wa.square().sum()
 
     return fn
+
+
+class _PairNormalize(Function):
+    """k = y_k / n_k, v = y_v / n_v (n = max(||y||, eps)) for the key and value outputs stacked
+    (2 N, L, d), one node, their input gradient written in one buffer (no split's cat):
+    dy_k = (dk - [||y_k|| > eps] k (k . dk)) / n_k (and v)."""
+
+    @staticmethod
+    def forward(y, eps):
+        n = y.shape[0] // 2
+        norms = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(eps)
+        return y[:n] / norms[:n], y[n:] / norms[n:], norms
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.eps = inputs[1]
+        ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gk, gv, _):
+        k, v, norms = ctx.saved_tensors
+        n = k.shape[0]
+        compiling = torch.compiler.is_compiling()  # no out= (torch.compile traces this path): a cat
+        gy = None if compiling else k.new_empty(2 * n, *k.shape[1:])
+        parts = []
+        for i, (g, out) in enumerate(((gk, k), (gv, v))):
+            norm, rows = norms[i * n : (i + 1) * n], slice(i * n, (i + 1) * n)
+            if g is None:
+                parts.append(torch.zeros_like(out) if compiling else gy[rows].zero_())
+                continue
+            dot = (out * g).sum(-1, keepdim=True).masked_fill_(norm <= ctx.eps, 0.0)
+            into = {} if compiling else {"out": gy[rows]}
+            parts.append(torch.addcmul(g, out, dot, value=-1.0, **into).div_(norm))
+        return torch.cat(parts) if compiling else gy, None
 
 
 class SelfModifyingTitans(nn.Module):
@@ -208,7 +247,12 @@ class SelfModifyingTitans(nn.Module):
         w = torch.stack([m.weight for m in heads])  # (2, 1, d)
         bias = torch.stack([m.bias for m in heads])[..., None]  # (2, 1, 1)
         logits = torch.baddbmm(bias, rates.reshape(2, -1, rates.shape[-1]), w.transpose(1, 2)).view(2, -1, rates.shape[1])
-        return self.max_lr * torch.sigmoid(logits[0]), F.logsigmoid(logits[1])
+        return self._logit_rates(logits)
+
+    def _logit_rates(self, logits):
+        """eta and log alpha (N, L) from the lr and decay heads' logits stacked (2, N, L)."""
+        z_lr, z_decay = logits.unbind(0)
+        return self.max_lr * torch.sigmoid(z_lr), F.logsigmoid(z_decay)
 
     def _gates(self, key_out, value_out, lr_out, decay_out):
         """k, v, eta, log alpha from the four component memories' outputs."""
@@ -223,9 +267,7 @@ class SelfModifyingTitans(nn.Module):
         fresh = state is None  # zero offsets and momenta: the scans skip them
         state = self.initial_state(b, x, conv=False) if state is None else state
         x, conv = self.conv(x, state.conv)
-        # x^ and q of every head normalised at once: (B, T, 2, H, d) -> (2, B*H, T, d), one copy
-        xq = l2_normalize(torch.cat([x, self.to_q(x)], -1).view(b, t, 2, self.heads, self.head_dim))
-        xh, q = xq.permute(2, 0, 3, 1, 4).reshape(2, b * self.heads, t, self.head_dim).unbind(0)
+        xh, q = normalized_heads(x, self.to_q.weight, self.heads)  # x^ and q of every head, head-major (B*H, T, d)
         w = {m: flatten(d) for m, d in state.weights.items()}
         a = {m: flatten(d) for m, d in state.anchor.items()}
         s = {m: flatten(d) for m, d in state.momentum.items()}
@@ -270,12 +312,21 @@ class SelfModifyingTitans(nn.Module):
         def read_components(x):  # the four components' outputs stacked: key, value, lr, decay
             return comp.read_shared(shared, x) if shared is not None else comp.read(ac, rep(x))
 
+        def gates(x):  # k, v, eta, log alpha; with shared weights the lr and decay outputs only as their heads' logits
+            if shared is None:
+                key_value, rates = read_components(x).split(2 * n)
+                lr, log_a = self._stacked_rates(rates)
+            else:
+                heads = (self.lr_head, self.decay_head)
+                key_value, dots = comp.read_shared(shared, x, heads=torch.cat([m.weight for m in heads]))
+                lr, log_a = self._logit_rates((dots + torch.cat([m.bias for m in heads])[:, None]).view(2, n, -1))
+            k, v, _ = _PairNormalize.apply(key_value, 1e-6)  # as _gates, key and value normalised in one node
+            return k, v, lr, log_a
+
         last = False
         for start, end, reanchor in segments(xh.shape[1], self.anchor_size, position):
             sl = slice(start, end)
-            key_value, rates = read_components(xh[:, sl]).split(2 * n)
-            k, v = l2_normalize(key_value).split(n)  # as _gates, key and value normalised at once
-            lr, log_a = self._stacked_rates(rates)
+            k, v, lr, log_a = gates(xh[:, sl])
             last = not need_state and end == xh.shape[1]
             if writes and not last:  # the components' writes are read after the next re-anchor
                 target = read_components(v) if self.detach_values else rep(v)

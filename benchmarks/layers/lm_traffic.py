@@ -4,7 +4,9 @@ One training step (forward, backward and an AdamW step; the loss of ``model.loss
 ``TorchDispatchMode`` that sees every aten operator after autograd, forward and backward alike,
 and tallies for each: the number of calls and the bytes it reads and writes (the distinct memory
 span of every tensor input and output: a broadcast (stride-0) input counts once; view operators
-count zero bytes and are not counted as operators). Bytes moved is a proxy for the time of a
+count zero bytes and are not counted as operators, nor are allocations such as ``empty_like``, which
+move no bytes; an ``out=`` argument is written, not read, so it counts once, as an output, and a
+factory such as ``new_zeros`` or ``ones_like`` reads nothing). Bytes moved is a proxy for the time of a
 memory-bound GPU step, operator count for the host's launch overhead. Operators are grouped by
 name and input shapes, and by call site: the innermost frames of the repository for a forward
 operator and, for a backward operator, the forward call site of the autograd node running it
@@ -74,6 +76,17 @@ def _site(frames, depth: int) -> str:
 
 
 _FREE = (torch.ops.aten.detach.default, torch.ops.aten.lift_fresh.default, torch.ops.aten._unsafe_view.default)
+_ALLOC = ("empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided")  # allocate, move no bytes
+
+
+def _read_args(func, args, kwargs):
+    """The arguments an operator reads: all but its ``out=`` arguments (keyword-only and written);
+    none for a factory that takes a tensor only for its dtype and device (``new_zeros``, ``ones_like``)."""
+    name = func.__name__.split(".")[0]
+    if name.startswith("new_") or name.endswith("_like"):
+        return ()
+    outs = {a.name for a in func._schema.arguments if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write}
+    return args, {k: v for k, v in (kwargs or {}).items() if k not in outs}
 
 
 class Traffic(TorchDispatchMode):
@@ -91,9 +104,9 @@ class Traffic(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.is_view or func in _FREE:
+        if func.is_view or func in _FREE or func.__name__.split(".")[0] in _ALLOC:
             return out
-        ins = _tensors((args, kwargs))
+        ins = _tensors(_read_args(func, args, kwargs))
         nbytes = sum(_span_bytes(t) for t in ins) + sum(_span_bytes(t) for t in _tensors(out))
         name = func.__name__
         shapes = str([list(t.shape) for t in ins])[:90]

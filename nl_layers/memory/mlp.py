@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from .._function import Function
 from ..ops.fast_weights.grouped_linear import apply_weight as _apply
+from ..ops.fast_weights.grouped_linear import weight_grad
 
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 
@@ -82,6 +83,119 @@ def silu_and_slope(z: torch.Tensor):
     return h, slope
 
 
+class _SharedSiluRead(Function):
+    """y_g = x + h_g W_out,g^T with h_g = silu(z_g), z = x [W_in,1; ...; W_in,G]^T, for G residual MLPs
+    reading one x (M, d): y (G, M, d), with a hand-written backward; given R head vectors w_r, the
+    last R outputs only as their dot products c_r = y_r . w_r = x . w_r + h_r . u_r, u_r = W_out,r^T w_r
+    (those y_r are never formed).
+
+    Forward: z (M, G h) in one product (x is not repeated), h stored memory-major (G, M, h), y by
+    baddbmm (the residual in the product). Backward: dh_g = dy_g W_out,g (dh_r = dc_r u_r^T), dz = silu'(z) dh
+    (stored (M, G h)), dx = sum_g dy_g (+ dc^T w) + dz [W_in,g]_g (one product over K = G h: no
+    per-group input gradients, no accumulation add), dW_in = dz^T x, dW_out,g = dy_g^T h_g (both in
+    row slices, see weight_grad), dW_out,r = w_r (h_r^T dc_r)^T, dw_r = x^T dc_r + W_out,r (h_r^T dc_r).
+    """
+
+    @staticmethod
+    def forward(x, w_in, w_out, heads):
+        g, hid, d = w_in.shape
+        m = x.shape[0]
+        z = x @ w_in.reshape(g * hid, d).t()
+        if torch.compiler.is_compiling():  # no out= (torch.compile traces this path)
+            h = F.silu(z.view(m, g, hid).transpose(0, 1)).contiguous()
+        else:
+            h = z.new_empty(g, m, hid)
+            torch.ops.aten.silu.out(z.view(m, g, hid), out=h.transpose(0, 1))  # silu and the transpose in one pass
+        p = g if heads is None else g - heads.shape[0]
+        y = torch.baddbmm(x.expand(p, m, d), h[:p], w_out[:p].transpose(1, 2))
+        if heads is None:
+            return y, None, z, h, None
+        u = w_out[p:].transpose(1, 2) @ heads[:, :, None]  # (R, h, 1)
+        c = torch.baddbmm((x @ heads.t()).t()[:, :, None], h[p:], u)[..., 0]  # (R, M)
+        return y, c, z, h, u
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, z, h, u = output
+        ctx.mark_non_differentiable(z, h, *(() if u is None else (u,)))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs, z, h, u)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gc, *_):
+        x, w_in, w_out, heads, z, h, u = ctx.saved_tensors
+        g, hid, d = w_in.shape
+        m = x.shape[0]
+        p = g if heads is None else g - heads.shape[0]
+        gc = None if heads is None else gc
+        if gy is None and gc is None:
+            return None, None, None, None
+        dt = h.dtype if gy is None else gy.dtype
+        compiling = torch.compiler.is_compiling()
+        if heads is None:
+            gh = gy @ w_out.to(dt)  # (G, M, h)
+        else:  # dh of the full outputs and of the dot products, in one buffer
+            gh = h.new_empty(g, m, hid, dtype=dt)
+            if gy is None:
+                gh[:p].zero_()
+            elif compiling:  # (no out= while compiling)
+                gh[:p] = gy @ w_out[:p].to(dt)
+            else:
+                torch.bmm(gy, w_out[:p].to(dt), out=gh[:p])
+            if gc is None:
+                gh[p:].zero_()
+            elif compiling:
+                gh[p:] = gc.to(dt)[:, :, None] * u.to(dt).transpose(1, 2)
+            else:
+                torch.mul(gc.to(dt)[:, :, None], u.to(dt).transpose(1, 2), out=gh[p:])
+        if compiling:
+            gz = torch.ops.aten.silu_backward(gh.transpose(0, 1), z.view(m, g, hid)).reshape(m, g * hid)
+        else:
+            gz = z.new_empty(m, g, hid)
+            torch.ops.aten.silu_backward.grad_input(gh.transpose(0, 1), z.view(m, g, hid), grad_input=gz)
+            gz = gz.view(m, g * hid)
+        gx = gw_in = gw_out = gheads = None
+        if ctx.needs_input_grad[0]:
+            base = None if gy is None else gy[0] if p == 1 else gy.sum(0)
+            if gc is not None:  # + dc^T w
+                gct, hx = gc.t().to(gz.dtype), heads.to(gz.dtype)
+                base = gct @ hx if base is None else torch.addmm(base.to(gz.dtype), gct, hx)
+            gx = torch.addmm(base.to(gz.dtype), gz, w_in.reshape(g * hid, d).to(gz.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gw_in = weight_grad(gz[None], x[None].to(gz.dtype))[0].view(g, hid, d).to(w_in.dtype)
+        # (R, 1, h): (h_r^T dc_r)^T, a reduction over the M rows: in row slices, as the weight gradients
+        hc = None if gc is None else weight_grad(gc.to(h.dtype)[:, :, None], h[p:])
+        if ctx.needs_input_grad[2]:
+            gws = [torch.zeros_like(w_out[:p]) if gy is None else weight_grad(gy, h[:p].to(gy.dtype)).to(w_out.dtype)]
+            if heads is not None:
+                gws.append(torch.zeros_like(w_out[p:]) if gc is None else heads[:, :, None] * hc.to(heads.dtype))
+            gw_out = gws[0] if len(gws) == 1 else torch.cat(gws)
+        if heads is not None and gc is not None and ctx.needs_input_grad[3]:
+            gheads = weight_grad(gc.t().to(x.dtype)[None], x[None])[0] + (hc.to(w_out.dtype) @ w_out[p:].transpose(1, 2))[:, 0].to(x.dtype)
+            gheads = gheads.to(heads.dtype)
+        return gx, gw_in, gw_out, gheads
+
+
+def shared_silu_read(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, heads: torch.Tensor | None = None):
+    """x + W_out,g silu(W_in,g x) for x (M, d) and G memories' weights w_in (G, h, d), w_out (G, d, h):
+    (G, M, d), as ``grouped_linear(h, w_out, x.expand(G, M, d))`` with ``h = silu(grouped_linear(x.expand(G, M, d), w_in))``
+    in fewer passes (:class:`_SharedSiluRead`). Given ``heads`` (R, d): the first G - R outputs and
+    the last R outputs' dot products with the heads, (R, M), without forming those outputs.
+
+    Example:
+        >>> x, w_in, w_out = torch.randn(5, 4), torch.randn(2, 8, 4), torch.randn(2, 4, 8)
+        >>> ref = x + F.silu(x @ w_in.transpose(1, 2)) @ w_out.transpose(1, 2)
+        >>> bool(torch.allclose(shared_silu_read(x, w_in, w_out), ref, atol=1e-5))
+        True
+        >>> y, c = shared_silu_read(x, w_in, w_out, heads=torch.ones(1, 4))
+        >>> bool(torch.allclose(y, ref[:1], atol=1e-5)), bool(torch.allclose(c, ref[1:].sum(-1), atol=1e-5))
+        (True, True)
+    """
+    y, c = _SharedSiluRead.apply(x, w_in, w_out, heads)[:2]
+    return y if heads is None else (y, c)
+
+
 def activation_and_slope(name: str, z: torch.Tensor):
     """act(z) and act'(z)."""
     if name == "silu":
@@ -93,6 +207,137 @@ def activation_and_slope(name: str, z: torch.Tensor):
         return F.relu(z), (z > 0).to(z.dtype)
     t = torch.tanh(z)
     return t, 1 - t * t
+
+
+def _apply_mixed(w, x, add=None, beta: int = 1, alpha: int = 1):
+    """beta add + alpha x w^T (beta, alpha = +-1) at x's precision, w cast to it (autocast leaves mixed
+    dtypes); the sum in the product (addmm / baddbmm) where add has x's dtype too."""
+    w = w.to(x.dtype)
+    if add is not None and add.dtype == x.dtype and not torch.compiler.is_compiling():
+        if w.ndim == 2:
+            flat = torch.addmm(add.reshape(-1, add.shape[-1]), x.reshape(-1, x.shape[-1]), w.t(), beta=beta, alpha=alpha)
+            return flat.view(*x.shape[:-1], w.shape[0])
+        if x.ndim == 3:
+            return torch.baddbmm(add, x, w.transpose(-1, -2), beta=beta, alpha=alpha)
+    prod = _apply(w if alpha == 1 else -w, x)  # (compiling: add may be an incoming gradient of unknown layout; no reshape)
+    return prod if add is None else prod + add if beta == 1 else prod - add
+
+
+def _wgrad(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None, alpha: int = 1) -> torch.Tensor:
+    """alpha sum over tokens of a_t x_t^T (+ add) for a weight w: one for all copies (o, i), summed over
+    every token of a (N, L, o), x (N, L, i), or one per copy (N, o, i)."""
+    x = x.to(a.dtype)
+    if add is None or add.dtype != a.dtype or torch.compiler.is_compiling():  # the sum apart
+        if w.ndim == 2 and torch.compiler.is_compiling():  # no reshape of a gradient of unknown layout
+            out = (a.transpose(-1, -2) @ x).flatten(0, -3).sum(0)
+        elif w.ndim == 2:
+            out = a.reshape(-1, a.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        else:
+            out = a.transpose(-1, -2) @ x
+        out = out if alpha == 1 else -out
+        return out if add is None else add + out
+    if w.ndim == 2:
+        return torch.addmm(add, a.reshape(-1, a.shape[-1]).t(), x.reshape(-1, x.shape[-1]), alpha=alpha)
+    return torch.baddbmm(add, a.transpose(-1, -2), x, alpha=alpha)
+
+
+class _SiluFactors(Function):
+    """The residual MLP's per-token gradient factors and squared norms (silu), one node forward and
+    backward. With z = W_in k, h = silu(z), p = silu'(z), o = W_out h, e = k + o - v, q = W_out^T e:
+
+        b = q p,  l = e + o (dgd) or e,  g = ||b||^2 ||k||^2 + ||l||^2 ||h||^2,  rho = ||e||^2 (+ ||o||^2 with dgd)
+
+    (grad_{W_in} = b k^T, grad_{W_out} = l h^T). Backward, for gradients B, L, H, dg, drho of b, l, h, g, rho:
+    B' = B + 2 dg ||k||^2 b, L' = L + 2 dg ||h||^2 l, E = L' + 2 drho e + (B' p) W_out^T,
+    O = E (+ L' + 2 drho o with dgd), H' = H + 2 dg ||l||^2 h + O W_out,
+    dz = H' p + (B' q)(s + (1 - 2 s) p) (s = sigmoid(z)), dk = E + 2 dg ||b||^2 k + dz W_in, dv = -E,
+    dW_out = e^T (B' p) + O^T h, dW_in = dz^T k: each sum in one operator (no accumulation adds), -E
+    formed directly (dv needs no negation; the signs go into the products' alpha and beta).
+    """
+
+    @staticmethod
+    def forward(dgd, k, v, w_in, w_out):
+        z = _apply(w_in, k)
+        s = torch.sigmoid(z)
+        h = z * s
+        p = torch.addcmul(s, h, 1 - s)  # silu'(z) = s + z s (1 - s)
+        o = _apply(w_out, h)
+        e = k + o - v
+        q = _apply(w_out.transpose(-1, -2), e)  # e W_out
+        b = q * p
+        l = e + o if dgd else e
+        pieces = (k, b, l, h) + ((e, o) if dgd else ())
+        n2 = torch.stack([torch.linalg.vector_norm(x, dim=-1) for x in pieces]).square()
+        g = n2[0] * n2[1] + n2[2] * n2[3]
+        rho = n2[4:].sum(0) if dgd else n2[2]
+        return b, l, h, g, rho, s, p, q, o, e if dgd else None, n2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dgd = inputs[0]
+        b, l, h, g, rho, s, p, q, o, e, n2 = output
+        ctx.mark_non_differentiable(s, p, q, o, n2, *((e,) if ctx.dgd else ()))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs[1:], b, l, h, s, p, q, o, e if ctx.dgd else None, n2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gb, gl, gh, gg, grho, *_):
+        k, v, w_in, w_out, b, l, h, s, p, q, o, e, n2 = ctx.saved_tensors
+        dgd = ctx.dgd
+        e = e if dgd else l
+        two_g = None if gg is None else (2 * gg)[..., None]
+        two_r = None if grho is None else (2 * grho)[..., None]
+        if gg is not None:  # the squared norm's terms join the factors' gradients
+            gb = b * (two_g * n2[0, ..., None]) if gb is None else torch.addcmul(gb, b, two_g * n2[0, ..., None])
+            gl = l * (two_g * n2[3, ..., None]) if gl is None else torch.addcmul(gl, l, two_g * n2[3, ..., None])
+        gq = None if gb is None else gb * p
+        base = gl
+        if two_r is not None:
+            base = e * two_r if base is None else torch.addcmul(base, e, two_r)
+        # ne = -E: dv = ne needs no negation; E's other uses take the sign in their products
+        if gq is not None:
+            ne = _apply_mixed(w_out, gq, base, beta=-1, alpha=-1)  # -(L' + 2 drho e) - (B' p) W_out^T
+        else:
+            ne = None if base is None else -base
+        go, go_sign = ne, -1  # O = sign * go: without dgd O = E
+        if dgd:
+            t = gl
+            if two_r is not None:
+                t = o * two_r if t is None else torch.addcmul(t, o, two_r)
+            if t is not None:
+                go, go_sign = (t if ne is None else t - ne), 1
+        if gg is not None:
+            c = two_g * n2[2, ..., None]  # (a read's gradient of h may come transposed: the sum in h's layout)
+            if gh is None:
+                gh = h * c
+            else:
+                gh = torch.addcmul(gh, h, c, **({} if torch.compiler.is_compiling() else {"out": torch.empty_like(h)}))
+        if go is not None:
+            gh = _apply_mixed(w_out.transpose(-1, -2), go, gh, alpha=go_sign)  # + O W_out
+        if gb is not None:
+            gz = torch.addcmul(s, torch.rsub(s, 1, alpha=2), p).mul_(gb * q)  # silu''(z) B' q
+            if gh is not None:
+                gz.addcmul_(gh, p)
+        else:
+            gz = None if gh is None else gh * p
+        gk, k_sign = ne, -1  # dk = k_sign * gk (+ dz W_in)
+        if gg is not None:
+            c = two_g * n2[1, ..., None]
+            gk, k_sign = (k * c, 1) if ne is None else (torch.addcmul(ne, k, c, value=-1.0), -1)
+        if gz is not None:
+            gk = _apply_mixed(w_in.transpose(-1, -2), gz, gk, beta=k_sign)  # + dz W_in
+        elif gk is not None and k_sign == -1:
+            gk = -gk
+        needs = ctx.needs_input_grad
+        gv = None if ne is None or not needs[2] else ne.to(v.dtype)
+        gk = None if gk is None or not needs[1] else gk.to(k.dtype)
+        gw_in = None if gz is None or not needs[3] else _wgrad(gz, k, w_in).to(w_in.dtype)
+        gw_out = None
+        if needs[4] and (gq is not None or go is not None):
+            first = None if gq is None else _wgrad(e, gq, w_out)
+            gw_out = (first if go is None else _wgrad(go, h, w_out, first, alpha=go_sign)).to(w_out.dtype)
+        return None, gk, gv, gw_in, gw_out
 
 
 class ResidualMLPMemory(nn.Module):
@@ -122,6 +367,20 @@ class ResidualMLPMemory(nn.Module):
     def compose(self, x: torch.Tensor, linear) -> torch.Tensor:
         """x + W_out act(W_in x) = linear("w_out", act(linear("w_in", x)), x)."""
         return linear("w_out", activation(self.activation, linear("w_in", x)), x)
+
+    def read_shared(self, x: torch.Tensor, params: dict, heads: torch.Tensor | None = None):
+        """x (M, d) read by G memories, params name -> (G, ...): (G, M, d) through :func:`shared_silu_read`
+        for silu (with ``heads`` (R, d): the first G - R outputs and the last R outputs' dot products
+        with them, (R, M)); None for another activation (the caller then composes)."""
+        return shared_silu_read(x, params["w_in"], params["w_out"], heads) if self.activation == "silu" else None
+
+    def factors_and_norms(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False):
+        """:meth:`factors` and the squared norms ``factored_grad_sq_norm(factors, residual)`` (g, rho)
+        as (factors, g, rho) from one node (:class:`_SiluFactors`) for silu; None for another activation."""
+        if self.activation != "silu":
+            return None
+        b, l, h, g, rho = _SiluFactors.apply(dgd, k, v, params["w_in"], params["w_out"])[:5]
+        return {"w_in": (b, k), "w_out": (l, h)}, g, rho
 
     def layer_inputs(self, params: dict, x: torch.Tensor) -> dict:
         """Input of each weight matrix for key x: {"w_in": x, "w_out": act(W_in x)}."""

@@ -16,6 +16,15 @@ def test_counts_bytes_of_inputs_and_outputs_and_skips_views():
     assert t.total() == (2, 48 + 80 + 60 + 2 * 60)
 
 
+def test_allocations_move_nothing_and_an_out_argument_counts_once():
+    x = torch.ones(4, 8)
+    with lm_traffic.Traffic() as t:
+        y = torch.empty_like(x)
+        torch.mul(x, 2.0, out=y)  # reads x (128 bytes), writes y (128); y is not read
+        x.new_zeros(2)  # writes 8 bytes, reads nothing
+    assert t.total() == (2, 128 + 128 + 8)
+
+
 def test_broadcast_input_counts_once():
     x = torch.ones(4).expand(1000, 4)
     with lm_traffic.Traffic() as t:

@@ -36,31 +36,37 @@ def test_bad_impl():
         read_grads(g, g, g, impl="cuda")
 
 
-def reference_read(mixing, left, right, x, out):
+def reference_read(mixing, left, right, x, out, weight=None):
+    if weight is not None:
+        out = x @ weight.transpose(-1, -2) + (0 if out is None else out)
     weighted = mixing * (x @ right.transpose(-1, -2))
     return weighted @ left if out is None else torch.baddbmm(out, weighted, left)
 
 
+@pytest.mark.parametrize("weight", [None, "shared", "per_copy"])
 @pytest.mark.parametrize("with_out", [False, True])
 @pytest.mark.parametrize("length", [7, 70])
-def test_read_matches_autograd(monkeypatch, length, with_out):
-    """Values and the gradients of all inputs (mixing's on and below the diagonal), float32, kernel forced on."""
+def test_read_matches_autograd(monkeypatch, length, with_out, weight):
+    """Values and the gradients of all inputs (mixing's on and below the diagonal), float32, kernel
+    forced on; with a base weight (one for all copies or one per copy) inside the read too."""
     monkeypatch.setattr(read_kernels, "kernel_ok", lambda *ts: True)
     gen = torch.Generator().manual_seed(1)
     make = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
     inputs = [causal(2, length, torch.float32, seed=2), make(2, length, 6), make(2, length, 5), make(2, length, 5),
-              make(2, length, 6) if with_out else None]
+              make(2, length, 6) if with_out else None, {None: None, "shared": make(6, 5), "per_copy": make(2, 6, 5)}[weight]]
     probe = make(2, length, 6)
     results = []
     for fn in (rank1_read_tokens, reference_read):
         leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
-        y = fn(*leaves)
+        y = fn(*leaves[:5], weight=leaves[5]) if fn is rank1_read_tokens else fn(*leaves)
         grads = torch.autograd.grad((y * probe).sum(), [t for t in leaves if t is not None])
         results.append([y.detach(), *grads])
     got, want = results
     assert bool((got[1].triu(1) == 0).all())  # no gradient above the diagonal, where mixing is taken as zero
     want[1] = want[1].tril()
-    for name, a, b in zip(("y", "mixing", "left", "right", "x", "out"), got, want):
+    names = ("y", "mixing", "left", "right", "x") + (("out",) if with_out else ()) + (("weight",) if weight else ())
+    assert len(got) == len(want) == len(names)
+    for name, a, b in zip(names, got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 

@@ -88,15 +88,28 @@ class AnalyticEngine:
 
     def read(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """All tokens x (N, L, d) read with one set of weights per copy (N, ...), or one for all copies (...)."""
+        if all(t.ndim == 2 for t in w.values()) and hasattr(self.template, "read_shared"):  # one for all: G = 1
+            y = self.template.read_shared(x.reshape(-1, x.shape[-1]), {n: t[None] for n, t in w.items()})
+            if y is not None:
+                return y.view(*x.shape[:-1], -1)
         return self.template.compose(x, lambda n, inp, add=None: _apply(w[n], inp, add))
 
-    def read_shared(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+    def read_shared(self, w: dict, x: torch.Tensor, heads: torch.Tensor | None = None):
         """x (N, L, d) read by G memories with one set of weights each, w: name -> (G, ...), shared by
         all N copies: (G N, L, d_out), memory-major (as :meth:`read` of the G memories stacked along
-        the copies, without repeating x or the weights)."""
+        the copies, without repeating x or the weights); the memory's own ``read_shared`` where it has one.
+        ``heads`` (R, d_out): the first G - R memories' outputs ((G - R) N, L, d_out) and the last R
+        outputs' dot products with the heads (R, N L), as (outputs, dots)."""
         g = next(iter(w.values())).shape[0]
-        y = self.template.compose(x.reshape(1, -1, x.shape[-1]).expand(g, -1, -1), lambda n, inp, add=None: grouped_linear(inp, w[n], add))
-        return y.reshape(g * x.shape[0], x.shape[1], -1)
+        r = 0 if heads is None else heads.shape[0]
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.template.read_shared(flat, w, heads) if hasattr(self.template, "read_shared") else None
+        if out is None:
+            y = self.template.compose(flat.expand(g, -1, -1), lambda n, inp, add=None: grouped_linear(inp, w[n], add))
+            out = y if heads is None else (y[: g - r], (y[g - r :] @ heads[:, :, None])[..., 0])
+        y, dots = (out, None) if heads is None else out
+        y = y.reshape((g - r) * x.shape[0], x.shape[1], -1)
+        return y if heads is None else (y, dots)
 
     def segment(self, anchor, d0, s0, base, k, v, lr, log_m, log_a, chunk_size, error_clip, q=None, dgd=False, need_state=True):
         """Returns (read-out of q (N, L, d) or None, D at the end, S at the end); d0, s0 None: zero.
@@ -105,8 +118,13 @@ class AnalyticEngine:
         False: the caller does not use the end states; the token form then skips them and returns
         None for both (the chunk form has them anyway, as a by-product of its chunk starts).
         """
-        facs, residual = self.template.factors(anchor, k, v, dgd)
-        g_sq, r_sq = factored_grad_sq_norm(facs.values(), residual)
+        fused = getattr(self.template, "factors_and_norms", None)  # factors and norms in one node, where it has one
+        fused = None if fused is None else fused(anchor, k, v, dgd)
+        if fused is None:
+            facs, residual = self.template.factors(anchor, k, v, dgd)
+            g_sq, r_sq = factored_grad_sq_norm(facs.values(), residual)
+        else:
+            facs, g_sq, r_sq = fused
         scale = inner_step(lr, g_sq, r_sq, error_clip, negate=True)  # -c: the updates are u = -c g
         if self.use_tokens(k.shape[1], chunk_size, log_m is not None, [a.shape[-1] * b.shape[-1] for a, b in facs.values()]):
             return self._segment_tokens(log_m, log_a, facs, scale, d0, s0, base, q, need_state)
@@ -151,6 +169,8 @@ class AnalyticEngine:
 
             def linear(n, x, add=None):  # W_t x_t (+ add) for every token t, without forming W_t
                 left, right = facs[n]
+                if d0 is None and not given_s:  # the base product inside the read (x's gradient in one sum)
+                    return rank1_read_tokens(mixing, left, right, x, add, weight=base[n])
                 out = _apply(base[n], x, add)
                 if d0 is not None:
                     out = out + plan.pa[..., None] * _apply(d0[n], x)

@@ -58,6 +58,7 @@ from ..._function import Function
 from . import cross
 from .cross import CrossOperator, closed_states, cross_operator, decay_products, grouped_states
 from . import decay_kernels
+from .grouped_linear import apply_weight
 from .decay_kernels import decay_rowcol, decay_tiles
 from . import read_kernels
 from .read_kernels import read_grads
@@ -337,10 +338,14 @@ class TokenPlan(NamedTuple):
 
 class _Rank1Read(Function):
     """:func:`rank1_read_tokens` with a hand-written backward whose two L x L products, G * M and
-    G * S for G = dy left^T, come from one pass over the causal part (:func:`~.read_kernels.read_grads`)."""
+    G * S for G = dy left^T, come from one pass over the causal part (:func:`~.read_kernels.read_grads`).
+    With a weight W (the base of the read), out + x W^T joins the read and dx = dy W + dS right comes
+    from one product added to another (no separate accumulation of x's two gradients)."""
 
     @staticmethod
-    def forward(mixing, left, right, x, out):
+    def forward(mixing, left, right, x, out, weight):
+        if weight is not None:
+            out = apply_weight(weight, x, out)
         scores = x @ right.transpose(-1, -2)
         weighted = mixing * scores
         return (weighted @ left if out is None else torch.baddbmm(out, weighted, left)), scores, weighted
@@ -350,28 +355,41 @@ class _Rank1Read(Function):
         ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)
         ctx.has_out = inputs[4] is not None
-        ctx.save_for_backward(*inputs[:4], output[1], output[2])
+        ctx.save_for_backward(*inputs[:4], inputs[5], output[1], output[2])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g, _, __):
         if g is None:
-            return None, None, None, None, None
-        mixing, left, right, x, scores, weighted = ctx.saved_tensors
+            return None, None, None, None, None, None
+        mixing, left, right, x, weight, scores, weighted = ctx.saved_tensors
         d_scores, d_mixing = read_grads(g @ left.transpose(-1, -2), mixing, scores)
-        return (d_mixing, weighted.transpose(-1, -2) @ g, d_scores.transpose(-1, -2) @ x, d_scores @ right,
-                g if ctx.has_out else None)
+        if weight is None:
+            dx, dw = d_scores @ right, None
+        else:
+            if weight.ndim == 2:  # one weight for all copies
+                dx = (g.reshape(-1, g.shape[-1]) @ weight).view(x.shape)
+                dw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[5] else None
+            else:
+                dx = g @ weight
+                dw = g.transpose(-1, -2) @ x if ctx.needs_input_grad[5] else None
+            dx = dx.baddbmm_(d_scores, right)
+        return (d_mixing, weighted.transpose(-1, -2) @ g, d_scores.transpose(-1, -2) @ x, dx,
+                g if ctx.has_out else None, dw)
 
 
-def rank1_read_tokens(mixing: torch.Tensor, left, right, x, out=None) -> torch.Tensor:
-    """sum_{r <= t} mixing_tr (right_r . x_t) left_r for every token (plus ``out``, if given): the read
+def rank1_read_tokens(mixing: torch.Tensor, left, right, x, out=None, weight=None) -> torch.Tensor:
+    """sum_{r <= t} mixing_tr (right_r . x_t) left_r for every token (plus ``out``, if given, and
+    x W^T for a ``weight`` W, one for all copies (o, i) or one per copy (N, o, i)): the read
     of a zero-start scan of u_r = left_r right_r^T through a causal (N, L, L) matrix such as
-    :attr:`TokenPlan.mix` (with the updates' scalar factors folded into its columns);
+    :attr:`TokenPlan.mix` (with the updates' scalar factors folded into its columns) from the base W;
     left (N, L, o), right, x (N, L, i). On CUDA (one dtype, no autocast, not compiling) the backward
     is :class:`_Rank1Read`'s, which takes mixing as zero above the diagonal (no gradient there)."""
-    ts = (mixing, left, right, x) + (() if out is None else (out,))
+    ts = (mixing, left, right, x) + (() if out is None else (out,)) + (() if weight is None else (weight,))
     if read_kernels.kernel_ok(*ts) and not torch.is_autocast_enabled(x.device.type):
-        return _Rank1Read.apply(mixing, left, right, x, out)[0]
+        return _Rank1Read.apply(mixing, left, right, x, out, weight)[0]
+    if weight is not None:
+        out = apply_weight(weight, x, out)
     weighted = mixing * (x @ right.transpose(-1, -2))
     return weighted @ left if out is None else torch.baddbmm(out, weighted, left)
 
