@@ -9,6 +9,8 @@ from G = dy Lf^T (N, L, L),
 two products of L x L tensors. :func:`read_grads` forms both in one pass that reads G, M and S on
 and below the diagonal only (torch's path: two multiplications, each reading two L x L tensors
 in full). Entries of M above the diagonal are taken as zero: neither read nor differentiated.
+Given ``acc`` (a gradient of M from another read through the same M), dM = G * S + acc in the
+same pass (no separate accumulation add).
 
 ``impl``: "triton" (CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``), "torch" (the
 reference) or "auto" (the kernel for float32/bfloat16/float16 CUDA tensors of one dtype when
@@ -44,10 +46,11 @@ TILE, WARPS = 64, 4  # one program: a TILE x TILE tile of every (L, L) matrix
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def read_grads_torch(g: Tensor, mixing: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+def read_grads_torch(g: Tensor, mixing: Tensor, scores: Tensor, acc: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The torch path of :func:`read_grads`."""
     causal = torch.ones(g.shape[-2:], dtype=torch.bool, device=g.device).tril()
-    return g * mixing.tril(), (g * scores).masked_fill_(~causal, 0)
+    dm = g * scores if acc is None else torch.addcmul(acc, g, scores)
+    return g * mixing.tril(), dm.masked_fill_(~causal, 0)
 
 
 def kernel_ok(*ts: Tensor) -> bool:
@@ -56,31 +59,37 @@ def kernel_ok(*ts: Tensor) -> bool:
             and all(t.is_cuda and t.dtype == ts[0].dtype for t in ts))
 
 
-def read_grads(g: Tensor, mixing: Tensor, scores: Tensor, impl: str = "auto") -> tuple[Tensor, Tensor]:
-    """(G * M, G * S) on and below the diagonal, zero above, for (N, L, L) G, M, S (see the module doc)."""
+def read_grads(g: Tensor, mixing: Tensor, scores: Tensor, impl: str = "auto", acc: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(G * M, G * S (+ acc)) on and below the diagonal, zero above, for (N, L, L) G, M, S (and acc;
+    see the module doc)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = "triton" if kernel_ok(g, mixing, scores) else "torch"
     if impl == "torch":
-        return read_grads_torch(g, mixing, scores)
+        return read_grads_torch(g, mixing, scores, acc)
     if triton is None:
         raise RuntimeError("read_grads(impl='triton') needs triton")
     b, length, _ = g.shape
     g, mixing, scores = (t.contiguous() for t in (g, mixing, scores))
     d_scores, d_mixing = torch.empty_like(g), torch.empty_like(g)
+    if acc is not None:
+        acc = acc.contiguous()
     if g.numel():
         nt = triton.cdiv(length, TILE)
-        _read_grads_kernel[(b, nt, nt)](g, mixing, scores, d_scores, d_mixing, length, BT=TILE, num_warps=WARPS)
+        _read_grads_kernel[(b, nt, nt)](
+            g, mixing, scores, g if acc is None else acc, d_scores, d_mixing, length,
+            HAS_ACC=acc is not None, BT=TILE, num_warps=WARPS,
+        )
     return d_scores, d_mixing
 
 
 if triton is not None:
 
     @triton.jit
-    def _read_grads_kernel(g, m, s, ds, dm, L, BT: tl.constexpr):
-        """One BT x BT tile: ds = g m and dm = g s on and below the diagonal, zeros above (a tile
-        wholly above it loads nothing)."""
+    def _read_grads_kernel(g, m, s, acc, ds, dm, L, HAS_ACC: tl.constexpr, BT: tl.constexpr):
+        """One BT x BT tile: ds = g m and dm = g s (+ acc) on and below the diagonal, zeros above (a
+        tile wholly above it loads nothing)."""
         base = tl.program_id(0).to(tl.int64) * L * L
         t = tl.program_id(1) * BT + tl.arange(0, BT)
         c = tl.program_id(2) * BT + tl.arange(0, BT)
@@ -91,4 +100,7 @@ if triton is not None:
         mv = tl.load(m + at, mask=keep, other=0.0).to(tl.float32)
         sv = tl.load(s + at, mask=keep, other=0.0).to(tl.float32)
         tl.store(ds + at, (gv * mv).to(ds.dtype.element_ty), mask=inside)
-        tl.store(dm + at, (gv * sv).to(dm.dtype.element_ty), mask=inside)
+        dmv = gv * sv
+        if HAS_ACC:
+            dmv += tl.load(acc + at, mask=keep, other=0.0).to(tl.float32)
+        tl.store(dm + at, dmv.to(dm.dtype.element_ty), mask=inside)
