@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 from .._function import Function
 from ..ops.fast_weights.grouped_linear import apply_weight as _apply
 from ..ops.fast_weights.grouped_linear import weight_grad
+from ..ops.fast_weights import read_kernels
 
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
 
@@ -194,6 +195,102 @@ def shared_silu_read(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, h
     """
     y, c = _SharedSiluRead.apply(x, w_in, w_out, heads)[:2]
     return y if heads is None else (y, c)
+
+
+def _weight_sum(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum over tokens of a_t x_t^T for a (N, L, o), x (N, L, i): (o, i) for a weight shared by all
+    copies (w 2-D), (N, o, i) for one per copy."""
+    if w.ndim == 2:
+        return a.reshape(-1, a.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    return a.transpose(-1, -2) @ x
+
+
+class _SiluTokenRead(Function):
+    """The token-form read of the residual MLP (silu), both layers in one node: for a causal mixing
+    matrix M (N, L, L), the updates' factors (L1, R1) of W_in and (L2, R2) of W_out and base weights
+    W_in, W_out (one for all copies or one per copy),
+
+        z = q W_in^T + (M * (q R1^T)) L1,   h = silu(z),   y = q + h W_out^T + (M * (h R2^T)) L2
+
+    (each layer as :func:`~..ops.fast_weights.scan.rank1_read_tokens`). Backward, for dy = g, with
+    S1 = q R1^T, S2 = h R2^T: G2 = g L2^T, dS2 = G2 * M, dh = g W_out + dS2 R2, dz = silu'(z) dh,
+    G1 = dz L1^T, dS1 = G1 * M, dM = G2 * S2 + G1 * S1 (the second product added in the same pass:
+    no accumulation add across the layers), dq = g + dz W_in + dS1 R1 (one product added to
+    another), dL_i = (M * S_i)^T (g or dz), dR1 = dS1^T q, dR2 = dS2^T h, dW_in = dz^T q, dW_out = g^T h.
+    On CUDA the two element-wise passes are :func:`~..ops.fast_weights.read_kernels.read_grads`
+    (M taken as zero above the diagonal: no gradient there); elsewhere the plain products (dM
+    above the diagonal then equals the plain expression's, G * S).
+    """
+
+    @staticmethod
+    def forward(mixing, l1, r1, l2, r2, q, w_in, w_out):
+        s1 = q @ r1.transpose(-1, -2)
+        m1 = mixing * s1
+        z = torch.baddbmm(_apply(w_in, q), m1, l1)
+        h = F.silu(z)
+        s2 = h @ r2.transpose(-1, -2)
+        m2 = mixing * s2
+        return torch.baddbmm(_apply(w_out, h, q), m2, l2), z, h, s1, m1, s2, m2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs, *output[1:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, *_):
+        if g is None:
+            return (None,) * 8
+        mixing, l1, r1, l2, r2, q, w_in, w_out, z, h, s1, m1, s2, m2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        kernel = read_kernels.kernel_ok(g, mixing, s1)
+        g2 = g @ l2.transpose(-1, -2)
+        if kernel:
+            ds2, dmix = read_kernels.read_grads(g2, mixing, s2, impl="triton")
+        else:
+            ds2, dmix = g2 * mixing, g2 * s2
+        dh = _apply(w_out.transpose(-1, -2), g).baddbmm_(ds2, r2)  # g W_out + dS2 R2
+        dz = torch.ops.aten.silu_backward(dh, z)
+        g1 = dz @ l1.transpose(-1, -2)
+        if kernel:
+            ds1, dmix = read_kernels.read_grads(g1, mixing, s1, impl="triton", acc=dmix)
+        else:
+            ds1 = g1 * mixing
+            dmix.addcmul_(g1, s1)
+        dq = _apply(w_in.transpose(-1, -2), dz, g).baddbmm_(ds1, r1) if needs[5] else None  # g + dz W_in + dS1 R1
+        return (
+            dmix if needs[0] else None,
+            m1.transpose(-1, -2) @ dz if needs[1] else None,
+            ds1.transpose(-1, -2) @ q if needs[2] else None,
+            m2.transpose(-1, -2) @ g if needs[3] else None,
+            ds2.transpose(-1, -2) @ h if needs[4] else None,
+            dq,
+            _weight_sum(dz, q, w_in) if needs[6] else None,
+            _weight_sum(g, h, w_out) if needs[7] else None,
+        )
+
+
+def silu_token_read(mixing, facs: dict, base: dict, q: torch.Tensor) -> torch.Tensor:
+    """The residual MLP's (silu) read of q (N, L, d) with every token's own weights, W_t = W +
+    sum_{r <= t} mixing_tr left_r right_r^T per matrix (factors ``facs`` name -> (left, right),
+    base weights ``base``), both layers in one node (:class:`_SiluTokenRead`): as
+    ``compose(q, linear)`` with ``linear = rank1_read_tokens(mixing, left, right, x, add, weight=base)``.
+
+    Example:
+        >>> from nl_layers.ops.fast_weights.scan import rank1_read_tokens
+        >>> n, length, d, hid = 2, 5, 3, 4
+        >>> mixing = torch.randn(n, length, length).tril()
+        >>> facs = {"w_in": (torch.randn(n, length, hid), torch.randn(n, length, d)),
+        ...         "w_out": (torch.randn(n, length, d), torch.randn(n, length, hid))}
+        >>> base, q = {"w_in": torch.randn(hid, d), "w_out": torch.randn(d, hid)}, torch.randn(n, length, d)
+        >>> lin = lambda nm, x, add=None: rank1_read_tokens(mixing, *facs[nm], x, add, weight=base[nm])
+        >>> ref = ResidualMLPMemory(d, hid).compose(q, lin)
+        >>> bool(torch.allclose(silu_token_read(mixing, facs, base, q), ref, atol=1e-5))
+        True
+    """
+    return _SiluTokenRead.apply(mixing, *facs["w_in"], *facs["w_out"], q, base["w_in"], base["w_out"])[0]
 
 
 def activation_and_slope(name: str, z: torch.Tensor):
@@ -373,6 +470,16 @@ class ResidualMLPMemory(nn.Module):
         for silu (with ``heads`` (R, d): the first G - R outputs and the last R outputs' dot products
         with them, (R, M)); None for another activation (the caller then composes)."""
         return shared_silu_read(x, params["w_in"], params["w_out"], heads) if self.activation == "silu" else None
+
+    def read_tokens(self, mixing: torch.Tensor, facs: dict, base: dict, q: torch.Tensor):
+        """The token-form read of q with zero start state (see the engine's ``_segment_tokens``)
+        through :func:`silu_token_read` for silu (both layers in one node); None for another
+        activation, under autocast or for mixed dtypes (the caller then composes layer by layer)."""
+        ts = (mixing, q, *base.values(), *(t for pair in facs.values() for t in pair))
+        autocast = q.device.type != "meta" and torch.is_autocast_enabled(q.device.type)  # (meta: no autocast)
+        if self.activation != "silu" or autocast or any(t.dtype != q.dtype for t in ts):
+            return None
+        return silu_token_read(mixing, facs, base, q)
 
     def factors_and_norms(self, params: dict, k: torch.Tensor, v: torch.Tensor, dgd: bool = False):
         """:meth:`factors` and the squared norms ``factored_grad_sq_norm(factors, residual)`` (g, rho)

@@ -222,3 +222,98 @@ def test_heads_gates_and_read_under_autocast_keep_input_dtypes(x_dtype):
     (loss + kv.float().square().sum() + dots.float().sum()).backward()
     assert q.dtype == torch.bfloat16 and x.grad.dtype == x_dtype and w_q.grad.dtype == torch.float32
     assert y.grad.dtype == w_in.grad.dtype == w_out.grad.dtype == heads.grad.dtype == torch.float32
+
+
+def _token_read_inputs(per_copy, dtype=torch.float64, n=2, length=6, d=3, hid=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
+    shape = (n,) if per_copy else ()
+    return [make(n, length, length).tril(), make(n, length, hid), make(n, length, d), make(n, length, d),
+            make(n, length, hid), make(n, length, d), make(*shape, hid, d), make(*shape, d, hid)]
+
+
+def _token_read_ref(mixing, l1, r1, l2, r2, q, w_in, w_out):
+    """The plain expression: each layer as rank1_read_tokens' torch path, composed."""
+    z = q @ w_in.transpose(-1, -2) + (mixing * (q @ r1.transpose(-1, -2))) @ l1
+    h = F.silu(z)
+    return q + h @ w_out.transpose(-1, -2) + (mixing * (h @ r2.transpose(-1, -2))) @ l2
+
+
+def _token_read(mixing, l1, r1, l2, r2, q, w_in, w_out):
+    return mlp.silu_token_read(mixing, {"w_in": (l1, r1), "w_out": (l2, r2)}, {"w_in": w_in, "w_out": w_out}, q)
+
+
+@pytest.mark.parametrize("per_copy", [False, True])
+def test_silu_token_read_equals_the_composed_layers(per_copy):
+    leaves = [t.requires_grad_() for t in _token_read_inputs(per_copy)]
+    torch.testing.assert_close(_token_read(*leaves), _token_read_ref(*leaves))
+    assert torch.autograd.gradcheck(_token_read, leaves)
+    gy = torch.randn_like(leaves[5])
+    for a, b in zip(torch.autograd.grad(_token_read(*leaves), leaves, gy), torch.autograd.grad(_token_read_ref(*leaves), leaves, gy)):
+        torch.testing.assert_close(a, b)
+    ours = torch.autograd.grad(_token_read(*leaves), leaves[5:6], gy)  # only q's gradient asked for
+    torch.testing.assert_close(ours[0], torch.autograd.grad(_token_read_ref(*leaves), leaves[5:6], gy)[0])
+
+
+@pytest.mark.parametrize("per_copy", [False, True])
+def test_silu_token_read_with_the_read_kernel(monkeypatch, per_copy):
+    """The read kernel forced on (compiled on CUDA, the interpreter on CPU), float32: values and every
+    gradient equal the plain expression's; mixing's gradient on and below the diagonal, zero above."""
+    from nl_layers.ops.fast_weights import read_kernels
+
+    monkeypatch.setattr(read_kernels, "kernel_ok", lambda *ts: True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = [t.to(device) for t in _token_read_inputs(per_copy, torch.float32, length=70, d=5, hid=7)]
+    gy = torch.randn_like(inputs[5])
+    results = []
+    for fn in (_token_read, _token_read_ref):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = fn(*leaves)
+        results.append([y.detach(), *torch.autograd.grad(y, leaves, gy)])
+    got, want = results
+    assert bool((got[1].triu(1) == 0).all())
+    want[1] = want[1].tril()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_silu_token_read_compiled_and_under_autocast():
+    """Compiled (fullgraph) it equals the plain expression; under autocast the memory declines the
+    fused node (read_tokens None: the engine composes the layers) and the engine's read still runs."""
+    leaves = [t.requires_grad_() for t in _token_read_inputs(False)]
+    ref = torch.autograd.grad(_token_read_ref(*leaves).square().sum(), leaves)
+    out = torch.compile(lambda *a: _token_read(*a).square().sum(), fullgraph=True, backend="eager")(*leaves)
+    for a, b in zip(torch.autograd.grad(out, leaves), ref):
+        torch.testing.assert_close(a, b)
+    memory = mlp.ResidualMLPMemory(3, 4)
+    mixing, l1, r1, l2, r2, q, w_in, w_out = (t.detach().float() for t in leaves)
+    args = (mixing, {"w_in": (l1, r1), "w_out": (l2, r2)}, {"w_in": w_in, "w_out": w_out}, q)
+    assert memory.read_tokens(*args) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert memory.read_tokens(*args) is None
+
+
+def test_neural_memory_same_with_and_without_the_fused_read(monkeypatch):
+    """NeuralMemory (token form, fresh and streamed) with the fused read equals the layer-by-layer
+    compose, float64: outputs and every gradient."""
+    import nl_layers
+
+    torch.manual_seed(0)
+    layer = nl_layers.NeuralMemory(8, heads=2, chunk_size=4).double()
+    x = torch.randn(2, 11, 8, **f64)
+    calls = []
+
+    def run():
+        xs = x.clone().requires_grad_()
+        y, st = layer(xs[:, :5])
+        y2, _ = layer(xs[:, 5:], st)
+        out = torch.cat([y, y2], 1)
+        return [out.detach(), *torch.autograd.grad(out.sin().sum(), [xs, *layer.parameters()])]
+
+    fused = mlp.ResidualMLPMemory.read_tokens
+    monkeypatch.setattr(mlp.ResidualMLPMemory, "read_tokens", lambda *a: calls.append(1) or fused(*a))
+    got = run()
+    assert calls
+    monkeypatch.setattr(mlp.ResidualMLPMemory, "read_tokens", lambda *a: None)
+    for a, b in zip(got, run()):
+        torch.testing.assert_close(a, b)

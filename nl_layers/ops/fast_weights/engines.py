@@ -165,7 +165,10 @@ class AnalyticEngine:
                 d_last[n] = d_last[n] + bc(plan.pa[:, -1], d0[n]) * d0[n]
             if given_s:
                 d_last[n] = d_last[n] + bc(plan.fs[:, -1], s0[n]) * s0[n]
-        if q is not None:
+        fused = getattr(self.template, "read_tokens", None)  # the whole read in one node, where the memory has one
+        if q is not None and fused is not None and d0 is None and not given_s:
+            y = fused(mixing, facs, base, q)
+        if q is not None and y is None:
 
             def linear(n, x, add=None):  # W_t x_t (+ add) for every token t, without forming W_t
                 left, right = facs[n]
