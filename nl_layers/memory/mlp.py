@@ -84,36 +84,45 @@ def silu_and_slope(z: torch.Tensor):
     return h, slope
 
 
+def _first_weights(w_in: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
+    """The first product's weights (G h, d), with the R head vectors as R more rows (G h + R, d)."""
+    flat = w_in.reshape(-1, w_in.shape[-1])
+    return flat if heads is None else torch.cat([flat, heads.to(flat.dtype)])
+
+
 class _SharedSiluRead(Function):
     """y_g = x + h_g W_out,g^T with h_g = silu(z_g), z = x [W_in,1; ...; W_in,G]^T, for G residual MLPs
     reading one x (M, d): y (G, M, d), with a hand-written backward; given R head vectors w_r, the
     last R outputs only as their dot products c_r = y_r . w_r = x . w_r + h_r . u_r, u_r = W_out,r^T w_r
     (those y_r are never formed).
 
-    Forward: z (M, G h) in one product (x is not repeated), h stored memory-major (G, M, h), y by
-    baddbmm (the residual in the product). Backward: dh_g = dy_g W_out,g (dh_r = dc_r u_r^T), dz = silu'(z) dh
-    (stored (M, G h)), dx = sum_g dy_g (+ dc^T w) + dz [W_in,g]_g (one product over K = G h: no
-    per-group input gradients, no accumulation add), dW_in = dz^T x, dW_out,g = dy_g^T h_g (both in
-    row slices, see weight_grad), dW_out,r = w_r (h_r^T dc_r)^T, dw_r = x^T dc_r + W_out,r (h_r^T dc_r).
+    Forward: z (M, G h) in one product (x is not repeated; with heads the dot products x . w_r come
+    from the same product, as R more rows of its weights [W_in,g; w_r]), h stored memory-major (G, M, h),
+    y by baddbmm (the residual in the product). Backward: dh_g = dy_g W_out,g (dh_r = dc_r u_r^T),
+    dz = silu'(z) dh (stored (M, G h), with dc^T as R more columns), dx = sum_g dy_g + [dz, dc^T] [W_in,g; w_r]
+    (one product over K = G h + R: no per-group input gradients, no accumulation add),
+    [dW_in; (x^T dc)^T] = [dz, dc^T]^T x and dW_out,g = dy_g^T h_g (in row slices, see weight_grad),
+    dW_out,r = w_r (h_r^T dc_r)^T, dw_r = x^T dc_r + W_out,r (h_r^T dc_r).
     """
 
     @staticmethod
     def forward(x, w_in, w_out, heads):
         g, hid, d = w_in.shape
         m = x.shape[0]
-        z = x @ w_in.reshape(g * hid, d).t()
+        zx = x @ _first_weights(w_in, heads).t()  # (M, G h [+ R]): z and, with heads, x . w_r in its last R columns
+        z = zx[:, : g * hid].view(m, g, hid)
         if torch.compiler.is_compiling():  # no out= (torch.compile traces this path)
-            h = F.silu(z.view(m, g, hid).transpose(0, 1)).contiguous()
+            h = F.silu(z.transpose(0, 1)).contiguous()
         else:
             h = z.new_empty(g, m, hid)
-            torch.ops.aten.silu.out(z.view(m, g, hid), out=h.transpose(0, 1))  # silu and the transpose in one pass
+            torch.ops.aten.silu.out(z, out=h.transpose(0, 1))  # silu and the transpose in one pass
         p = g if heads is None else g - heads.shape[0]
         y = torch.baddbmm(x.expand(p, m, d), h[:p], w_out[:p].transpose(1, 2))
         if heads is None:
-            return y, None, z, h, None
+            return y, None, zx, h, None
         u = w_out[p:].transpose(1, 2) @ heads[:, :, None]  # (R, h, 1)
-        c = torch.baddbmm((x @ heads.t()).t()[:, :, None], h[p:], u)[..., 0]  # (R, M)
-        return y, c, z, h, u
+        c = torch.baddbmm(zx[:, g * hid :].t()[:, :, None], h[p:], u)[..., 0]  # (R, M)
+        return y, c, zx, h, u
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -150,21 +159,28 @@ class _SharedSiluRead(Function):
                 gh[p:] = gc.to(dt)[:, :, None] * u.to(dt).transpose(1, 2)
             else:
                 torch.mul(gc.to(dt)[:, :, None], u.to(dt).transpose(1, 2), out=gh[p:])
+        z = z[:, : g * hid].view(m, g, hid)
+        r = 0 if gc is None else heads.shape[0]  # dz gains dc^T as R more columns (the heads' rows of the first product)
         if compiling:
-            gz = torch.ops.aten.silu_backward(gh.transpose(0, 1), z.view(m, g, hid)).reshape(m, g * hid)
+            gz = torch.ops.aten.silu_backward(gh.transpose(0, 1), z).reshape(m, g * hid)
+            if r:
+                gz = torch.cat([gz, gc.t().to(gz.dtype)], 1)
         else:
-            gz = z.new_empty(m, g, hid)
-            torch.ops.aten.silu_backward.grad_input(gh.transpose(0, 1), z.view(m, g, hid), grad_input=gz)
-            gz = gz.view(m, g * hid)
+            gz = z.new_empty(m, g * hid + r)
+            torch.ops.aten.silu_backward.grad_input(gh.transpose(0, 1), z, grad_input=gz[:, : g * hid].view(m, g, hid))
+            if r:
+                gz[:, g * hid :] = gc.t()
         gx = gw_in = gw_out = gheads = None
+        first = _first_weights(w_in, heads if r else None)
         if ctx.needs_input_grad[0]:
             base = None if gy is None else gy[0] if p == 1 else gy.sum(0)
-            if gc is not None:  # + dc^T w
-                gct, hx = gc.t().to(gz.dtype), heads.to(gz.dtype)
-                base = gct @ hx if base is None else torch.addmm(base.to(gz.dtype), gct, hx)
-            gx = torch.addmm(base.to(gz.dtype), gz, w_in.reshape(g * hid, d).to(gz.dtype)).to(x.dtype)
+            prod = (torch.mm, (gz, first.to(gz.dtype))) if base is None else (torch.addmm, (base.to(gz.dtype), gz, first.to(gz.dtype)))
+            gx = prod[0](*prod[1]).to(x.dtype)  # (sum_g dy_g) + dz [W_in; w]
+        gw_first = None
+        if ctx.needs_input_grad[1] or (r and ctx.needs_input_grad[3]):  # [dW_in; x^T dc] in one product
+            gw_first = weight_grad(gz[None], x[None].to(gz.dtype))[0]
         if ctx.needs_input_grad[1]:
-            gw_in = weight_grad(gz[None], x[None].to(gz.dtype))[0].view(g, hid, d).to(w_in.dtype)
+            gw_in = gw_first[: g * hid].view(g, hid, d).to(w_in.dtype)
         # (R, 1, h): (h_r^T dc_r)^T, a reduction over the M rows: in row slices, as the weight gradients
         hc = None if gc is None else weight_grad(gc.to(h.dtype)[:, :, None], h[p:])
         if ctx.needs_input_grad[2]:
@@ -172,8 +188,8 @@ class _SharedSiluRead(Function):
             if heads is not None:
                 gws.append(torch.zeros_like(w_out[p:]) if gc is None else heads[:, :, None] * hc.to(heads.dtype))
             gw_out = gws[0] if len(gws) == 1 else torch.cat(gws)
-        if heads is not None and gc is not None and ctx.needs_input_grad[3]:
-            gheads = weight_grad(gc.t().to(x.dtype)[None], x[None])[0] + (hc.to(w_out.dtype) @ w_out[p:].transpose(1, 2))[:, 0].to(x.dtype)
+        if r and ctx.needs_input_grad[3]:
+            gheads = gw_first[g * hid :].to(x.dtype) + (hc.to(w_out.dtype) @ w_out[p:].transpose(1, 2))[:, 0].to(x.dtype)
             gheads = gheads.to(heads.dtype)
         return gx, gw_in, gw_out, gheads
 

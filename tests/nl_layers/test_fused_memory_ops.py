@@ -201,6 +201,9 @@ def test_shared_silu_read_with_heads_equals_the_dot_products(monkeypatch, compil
         gb = torch.autograd.grad([want[i] for i in used], leaves, gys, retain_graph=True, allow_unused=True)
         for a, b, leaf in zip(ga, gb, leaves):  # None: a zero gradient
             torch.testing.assert_close(torch.zeros_like(leaf) if a is None else a, torch.zeros_like(leaf) if b is None else b)
+    gys = [torch.randn_like(t) for t in want]  # only the heads' gradient asked for (x^T dc without dW_in)
+    ga = torch.autograd.grad(ours, heads, gys, retain_graph=True)
+    torch.testing.assert_close(ga[0], torch.autograd.grad(want, heads, gys, retain_graph=True)[0])
     if not compiled:
         assert torch.autograd.gradcheck(fn, leaves)
 
