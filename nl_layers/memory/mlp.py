@@ -16,6 +16,8 @@ The two built-in models also expose their structure for the closed-form ("analyt
   1/2||W a||^2 at constant a), and the residual r = M(k) - v (with ``dgd``, r and W a) as a list
   of tensors whose squared norms sum to ||r||^2, which sets the step size (see
   nl_layers/ops/fast_weights/step.py; the engine takes these norms with the gradient's, in one node);
+- ``read_tokens(mixing, factors, base, q)`` (the residual MLP, silu): the token-form read of q
+  with every token's own weights, both layers in one node (:func:`silu_token_read`);
 - ``dgd_layer`` names the layer whose input-direction decay the DGD rule applies, and
   ``layer_inputs(params, k)`` gives the input of every weight matrix for one key.
 """
