@@ -176,8 +176,8 @@ class _SharedSiluRead(Function):
         first = _first_weights(w_in, heads if r else None)
         if ctx.needs_input_grad[0]:
             base = None if gy is None else gy[0] if p == 1 else gy.sum(0)
-            prod = (torch.mm, (gz, first.to(gz.dtype))) if base is None else (torch.addmm, (base.to(gz.dtype), gz, first.to(gz.dtype)))
-            gx = prod[0](*prod[1]).to(x.dtype)  # (sum_g dy_g) + dz [W_in; w]
+            w = first.to(gz.dtype)  # (sum_g dy_g) + dz [W_in; w]
+            gx = (gz @ w if base is None else torch.addmm(base.to(gz.dtype), gz, w)).to(x.dtype)
         gw_first = None
         if ctx.needs_input_grad[1] or (r and ctx.needs_input_grad[3]):  # [dW_in; x^T dc] in one product
             gw_first = weight_grad(gz[None], x[None].to(gz.dtype))[0]
@@ -213,14 +213,6 @@ def shared_silu_read(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, h
     """
     y, c = _SharedSiluRead.apply(x, w_in, w_out, heads)[:2]
     return y if heads is None else (y, c)
-
-
-def _weight_sum(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum over tokens of a_t x_t^T for a (N, L, o), x (N, L, i): (o, i) for a weight shared by all
-    copies (w 2-D), (N, o, i) for one per copy."""
-    if w.ndim == 2:
-        return a.reshape(-1, a.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-    return a.transpose(-1, -2) @ x
 
 
 class _SiluTokenRead(Function):
@@ -285,8 +277,8 @@ class _SiluTokenRead(Function):
             m2.transpose(-1, -2) @ g if needs[3] else None,
             ds2.transpose(-1, -2) @ h if needs[4] else None,
             dq,
-            _weight_sum(dz, q, w_in) if needs[6] else None,
-            _weight_sum(g, h, w_out) if needs[7] else None,
+            _wgrad(dz, q, w_in) if needs[6] else None,
+            _wgrad(g, h, w_out) if needs[7] else None,
         )
 
 
