@@ -32,11 +32,14 @@ class DeltaMomentum(LevelOptimizer):
         delta: :math:`\lambda \in [0, 1]`, how strongly the memory forgets along the gradient.
         maximize: ascend (step along ``+g``), as torch optimizers.
         forget_dtype: the dtype of the forget term's matmuls ``M G^T G`` for float32 (and
-            narrower) parameters, accumulated in float32: ``torch.bfloat16`` (default; about 5x
-            cheaper than float32 on a CPU with AVX512-BF16, 2x on GPUs) or None (the parameter's
-            dtype). The term is scaled by ``lam / ||G||^2``, so bf16 rounding (relative 2^-8) moves
-            the buffer by at most about ``lam 2^-8 ||m||`` per step; a test bounds the drift
-            from the float32 step. float64 parameters always use float64.
+            narrower) parameters, accumulated in float32: ``"auto"`` (default) takes
+            ``torch.bfloat16`` where bf16 matmuls are native (CUDA GPUs of compute capability
+            8.0+, CPUs with AVX512-BF16 or AMX: about 2x cheaper than float32 on GPUs, 5x on such
+            a CPU) and the parameter's dtype elsewhere (on an AVX2 CPU a bf16 matmul is emulated,
+            80x slower than float32); ``torch.bfloat16`` forces it, None keeps the parameter's
+            dtype everywhere. The term is scaled by ``lam / ||G||^2``, so bf16 rounding (relative
+            2^-8) moves the buffer by at most about ``lam 2^-8 ||m||`` per step; a test bounds the
+            drift from the float32 step. float64 parameters always use float64.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:
@@ -52,16 +55,17 @@ class DeltaMomentum(LevelOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, delta: float = 0.5,
                  nesterov: bool = False, weight_decay: float = 0.0, *, impl: str = "auto",
                  nonfinite: str = "skip", maximize: bool = False,
-                 forget_dtype: torch.dtype | None = torch.bfloat16) -> None:
+                 forget_dtype: torch.dtype | str | None = "auto") -> None:
         rule = self._rule(lr, momentum, delta, nesterov, weight_decay, forget_dtype)
         super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
                          maximize=maximize)
 
     @classmethod
     def _rule(cls, lr: float, momentum: float, delta: float, nesterov: bool, weight_decay: float,
-              forget_dtype: torch.dtype | None = torch.bfloat16) -> Rule:
-        if forget_dtype is not None and not (isinstance(forget_dtype, torch.dtype) and forget_dtype.is_floating_point):
-            raise ValueError(f"invalid forget_dtype: {forget_dtype!r}; use a floating torch dtype or None")
+              forget_dtype: torch.dtype | str | None = "auto") -> Rule:
+        if not (forget_dtype is None or forget_dtype == "auto"
+                or (isinstance(forget_dtype, torch.dtype) and forget_dtype.is_floating_point)):
+            raise ValueError(f"invalid forget_dtype: {forget_dtype!r}; use 'auto', a floating torch dtype or None")
         chain = Chain(DeltaMomentumLevel(momentum, delta, nesterov, forget_dtype=forget_dtype))
         defaults = dict(lr=lr, momentum=momentum, delta=delta, nesterov=nesterov, weight_decay=weight_decay)
         return Rule([chain], defaults, cls.weight_decay_mode)

@@ -111,6 +111,38 @@ def test_docstring_examples_run(module):
     assert result.failed == 0
 
 
+def _delta_run(forget_dtype=..., steps=3):
+    torch.manual_seed(1)
+    ps = [torch.nn.Parameter(torch.randn(16, 48)), torch.nn.Parameter(torch.randn(30))]
+    kw = {} if forget_dtype is ... else dict(forget_dtype=forget_dtype)
+    opt = deepopt.DeltaMomentum(ps, lr=0.01, momentum=0.9, delta=1.0, **kw)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return [p.detach().clone() for p in ps]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_delta_momentum_auto_forget_dtype_takes_bf16_only_where_it_is_native(monkeypatch, native):
+    """The default ``forget_dtype="auto"``: bf16 matmuls on a CPU with AVX512-BF16/AMX, the
+    parameter's dtype on one without (where bf16 is emulated, ~80x slower than float32)."""
+    from deepopt.levels.momentum import level
+
+    monkeypatch.setattr(level, "_cpu_capabilities", lambda: {"avx512_bf16": native, "amx_bf16": False})
+    assert level.native_bf16_matmul(torch.device("cpu")) is native
+    auto = _delta_run()
+    ref = _delta_run(torch.bfloat16 if native else None)
+    other = _delta_run(None if native else torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(auto, ref))
+    assert not torch.equal(auto[0], other[0])
+
+
+def test_delta_momentum_rejects_an_unknown_forget_dtype():
+    with pytest.raises(ValueError, match="forget_dtype"):
+        deepopt.DeltaMomentum([torch.nn.Parameter(torch.ones(2, 2))], forget_dtype="fast")
+
+
 def test_delta_momentum_bf16_forget_term_stays_within_its_stated_tolerance_of_float32():
     """The forget term in bf16 (float32 accumulation, DeltaMomentum's default) moves the buffer
     by at most about lam 2^-8 ||m|| per step, damped by the decay a: over many steps the drift
