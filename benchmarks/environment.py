@@ -30,8 +30,13 @@ def cpu_model() -> str:
 
 
 def machine(device: str = "cpu") -> dict:
-    """CPU model and core count, torch threads, and the GPU name when ``device`` is CUDA."""
+    """CPU model, core count, vector capability (and whether bf16 matmuls are native on it), torch
+    threads, and the GPU name when ``device`` is CUDA."""
+    from deepopt.levels.precision import native_bf16_matmul
+
     info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16_matmul": native_bf16_matmul(torch.device("cpu")),
             "platform": platform.platform(), "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

@@ -316,7 +316,10 @@ def run_speed_suite(args, out_dir: str) -> dict:
     write_json(result, os.path.join(out_dir, "results.json"))
     header, rows = speed_table(result["rows"])
     c = result["ceilings"]
-    machine = result["machine"].get("gpu") if args.device != "cpu" else result["machine"].get("cpu")
+    m = result["machine"]
+    machine = m.get("gpu") if args.device != "cpu" else (
+        f"{m.get('cpu')} ({m.get('cpu_capability')}; bf16 matmuls "
+        f"{'native' if m.get('cpu_native_bf16_matmul') else 'emulated by torch'})")
     md = [f"# `speed` suite results", "", f"- command: `{result['command']}`", f"- date: {result['date']}; "
           f"machine: {machine}; torch {result['versions']['torch']}; torch threads {torch.get_num_threads()}",
           f"- copy bandwidth {c['copy_GBps']:,.0f} GB/s (read + write); {c['matmul_dtype']} matmul "

@@ -56,7 +56,8 @@ class M3(LevelOptimizer):
         eps, form, target_rms, ns_steps, ns_coefficients, ns_dtype: see above.
         ns_method: the Newton-Schulz form (a group key), as in :class:`~deepopt.MuonMemory`:
             ``"auto"`` (default; the Gram form on CUDA for matrices with ``n >= 2m``, torch's
-            iteration elsewhere), ``"standard"`` (torch's iteration) or ``"gram"``.
+            iteration elsewhere, in float32 on a CPU without native bf16 matmuls), ``"standard"``
+            (torch's iteration) or ``"gram"``.
         maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 

@@ -41,8 +41,9 @@ class MuonMemory(LevelOptimizer):
             arithmetic as torch's iteration with 0.67x its flops at ``n = 4m`` and 5-10x less
             rounding error than torch's bf16 iteration (float16 products, restarted; see
             :mod:`deepopt.levels.orthogonal.batched`); other matrices, and every matrix on the CPU,
-            take torch's iteration. ``"standard"``: torch's iteration everywhere (bit-equal to
-            ``torch.optim.Muon``). ``"gram"``: the Gram form everywhere.
+            take torch's iteration, in float32 on a CPU without native bf16 matmuls (AVX2: there
+            torch emulates bf16, 80x slower; :func:`deepopt.levels.precision.ns_compute_dtype`).
+            ``"standard"``: torch's iteration everywhere (bit-equal to ``torch.optim.Muon``). ``"gram"``: the Gram form everywhere.
         maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 

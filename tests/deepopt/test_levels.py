@@ -127,10 +127,10 @@ def _delta_run(forget_dtype=..., steps=3):
 def test_delta_momentum_auto_forget_dtype_takes_bf16_only_where_it_is_native(monkeypatch, native):
     """The default ``forget_dtype="auto"``: bf16 matmuls on a CPU with AVX512-BF16/AMX, the
     parameter's dtype on one without (where bf16 is emulated, ~80x slower than float32)."""
-    from deepopt.levels.momentum import level
+    from deepopt.levels import precision
 
-    monkeypatch.setattr(level, "_cpu_capabilities", lambda: {"avx512_bf16": native, "amx_bf16": False})
-    assert level.native_bf16_matmul(torch.device("cpu")) is native
+    monkeypatch.setattr(precision, "_cpu_capabilities", lambda: {"avx512_bf16": native, "amx_bf16": False})
+    assert precision.native_bf16_matmul(torch.device("cpu")) is native
     auto = _delta_run()
     ref = _delta_run(torch.bfloat16 if native else None)
     other = _delta_run(None if native else torch.bfloat16)

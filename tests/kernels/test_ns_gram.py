@@ -55,32 +55,46 @@ def test_flops():
     assert ns_flops(m, m, method="auto") == ns_flops(m, m)  # square: the standard form
 
 
-def test_auto_takes_the_gram_form_on_cuda_wide_matrices_only():
+@pytest.fixture(params=[True, False], ids=["native_bf16", "avx2"])
+def native_bf16(request, monkeypatch):
+    """Both kinds of CPU: with native bf16 matmuls (AVX512-BF16/AMX) and without (AVX2)."""
+    from deepopt.levels import precision
+
+    monkeypatch.setattr(precision, "_cpu_capabilities", lambda: {"avx512_bf16": request.param})
+    return request.param
+
+
+def test_auto_takes_the_gram_form_on_cuda_wide_matrices_only(native_bf16):
     assert _use_gram(64, 128, "auto", "cuda") and not _use_gram(64, 127, "auto", "cuda")
     assert not _use_gram(64, 256, "auto", "cpu") and _use_gram(64, 64, "gram", "cpu")
     assert not _use_gram(64, 256, "standard", "cuda")
-    x = torch.randn(16, 64)  # on the CPU auto is torch's iteration exactly
-    assert torch.equal(orthogonalize_one(x, method="auto"), torch_ns(x))
+    x = torch.randn(16, 64)
+    # on the CPU auto is torch's iteration, in bf16 exactly where bf16 is native, in float32 elsewhere
+    ref = torch_ns(x) if native_bf16 else orthogonalize_one(x, dtype=torch.float32, method="standard")
+    assert torch.equal(orthogonalize_one(x, method="auto"), ref)
+    assert torch.equal(newton_schulz_many([x], method="auto")[0], ref)
+    assert torch.equal(orthogonalize_one(x, method="standard"), torch_ns(x))  # standard: torch's on every CPU
     assert not torch.equal(orthogonalize_one(x, method="gram"), torch_ns(x))
 
 
 @pytest.mark.parametrize("name", ["MuonMemory", "M3"])
 @pytest.mark.parametrize("impl", ["foreach", "reference"])
-def test_optimizers_default_to_auto_and_gram_is_selectable(name, impl):
+def test_optimizers_default_to_auto_and_gram_is_selectable(name, impl, native_bf16):
     torch.manual_seed(0)
     w = torch.randn(16, 64)
     g = torch.randn(16, 64)
     g = g.sign() * (1 + g.abs())  # |g| >= 1: M3's division by sqrt(V) amplifies no entry
     outs = {}
-    for method in (None, "standard", "gram"):
+    for method in (None, "standard", "gram", "float32"):
         p = torch.nn.Parameter(w.clone())
-        kw = {} if method is None else {"ns_method": method}
+        kw = {} if method is None else {"ns_dtype": torch.float32} if method == "float32" else {"ns_method": method}
         opt = deepopt.OPTIMIZERS[name]([p], lr=0.1, impl=impl, **kw)
-        assert opt.param_groups[0]["ns_method"] == (method or "auto")
+        assert opt.param_groups[0]["ns_method"] == {None: "auto", "float32": "auto"}.get(method, method)
         p.grad = g.clone()
         opt.step()
         outs[method] = p.detach().clone()
-    assert torch.equal(outs[None], outs["standard"])  # CPU: auto is the standard form
+    # CPU: auto is the standard form, in bf16 where it is native, else in float32
+    assert torch.equal(outs[None], outs["standard" if native_bf16 else "float32"])
     step_std, step_gram = outs["standard"] - w, outs["gram"] - w
     rel = (step_gram - step_std).norm() / step_std.norm()
     assert 0 < rel < 0.05  # the same step up to rounding (bf16's ~1.5%)

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from ..base import Direction, Level, State, axpy, check_nonnegative, check_unit_interval, zeros_like
+from ..precision import native_bf16_matmul
 
-__all__ = ["Momentum", "DeltaMomentumLevel", "as_matrix", "forget_terms", "native_bf16_matmul", "resolve_forget_dtype"]
+__all__ = ["Momentum", "DeltaMomentumLevel", "as_matrix", "forget_terms", "resolve_forget_dtype"]
 
 _FORMS = ("sgd", "ema")
 
@@ -126,33 +127,6 @@ def as_matrix(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def native_bf16_matmul(device: torch.device) -> bool:
-    """Whether bf16 matmuls (float32 accumulation) run natively on ``device``: CUDA GPUs of compute
-    capability 8.0 or newer, and CPUs with AVX512-BF16 or AMX-BF16. Elsewhere (an AVX2 CPU, an
-    older GPU) they are emulated: on a 2-core AVX2 EPYC a (8, 256, 1024) x (8, 1024, 256) bf16
-    ``bmm`` takes 80x the float32 one (1.06 s against 13 ms).
-
-    Example:
-        >>> import torch
-        >>> isinstance(native_bf16_matmul(torch.device("cpu")), bool)
-        True
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type == "cpu":
-        caps = _cpu_capabilities()
-        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-    return False
-
-
-def _cpu_capabilities() -> dict:
-    try:
-        return dict(torch._C._cpu._get_cpu_capability())
-    except (AttributeError, RuntimeError, TypeError):  # an older torch: take the float32 path
-        return {}
-
-
 def resolve_forget_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
     """``"auto"``: ``torch.bfloat16`` where :func:`native_bf16_matmul` holds on ``device``, else None
     (the buffer's dtype); a dtype or None is returned unchanged."""
@@ -224,7 +198,7 @@ class DeltaMomentumLevel(Level):
         nesterov: read ``g + a m``.
         forget_dtype: the dtype of the forget term's matmuls for float32 and narrower parameters
             (not a group key; None: the parameter's; ``"auto"``, what DeltaMomentum uses: bf16
-            where bf16 matmuls are native, see :func:`native_bf16_matmul`). ``torch.bfloat16``
+            where bf16 matmuls are native, see :func:`~deepopt.levels.precision.native_bf16_matmul`). ``torch.bfloat16``
             halves their cost with float32 accumulation; the term is scaled by
             ``lam / ||G||^2``, so its bf16 rounding (relative 2^-8) moves the buffer by at most
             about ``lam 2^-8 ||m||`` per step.

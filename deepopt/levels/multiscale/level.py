@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
+from ..precision import ns_compute_dtype
 from ..orthogonal.level import NS_COEFFICIENTS, check_ns_method, owner_batched
 
 __all__ = ["MultiScaleMomentum", "M3_FORMS"]
@@ -116,8 +117,9 @@ class MultiScaleMomentum(Level):
 
         coeffs, steps = tuple(self.hp(group, "ns_coefficients")), self.hp(group, "ns_steps")
         method = check_ns_method(group)
-        outs = orthogonalize_many(ms, lambda x: orthogonalize_one(x, coeffs, steps, 1e-7, self.ns_dtype, method),
-                                  self.ns_dtype, owner_batched(ms, coeffs, steps, 1e-7, self.ns_dtype, group))
+        dt = ns_compute_dtype(self.ns_dtype, method, ms[0].device) if ms and self.ns_dtype else self.ns_dtype
+        outs = orthogonalize_many(ms, lambda x: orthogonalize_one(x, coeffs, steps, 1e-7, dt, method),
+                                  dt, owner_batched(ms, coeffs, steps, 1e-7, dt, group))
         return [o.to(m.dtype) for o, m in zip(outs, ms)]
 
     def _write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> tuple[State, list[int]]:

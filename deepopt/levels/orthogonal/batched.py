@@ -44,7 +44,10 @@ Flops on ``m x n`` (``m <= n``, five steps): standard ``5 (4 m^2 n + 2 m^3)``; G
 ``8 m^2 n + 28 m^3`` (a segment of ``L`` steps costs ``4L - 3`` products of ``2 m^3`` and two of
 ``2 m^2 n``): 0.67x for ``n = 4m``, break-even at ``n = 1.5 m`` (:func:`ns_flops` counts both).
 ``method="auto"`` takes the Gram form for ``n >= 2m`` on CUDA; on the CPU (slow float16 matmuls)
-and for squarer matrices it is the standard form, which is torch's iteration exactly.
+and for squarer matrices it is the standard form, which is torch's iteration exactly, except that
+on a CPU without native bf16 matmuls (AVX2) it computes a 16-bit request in float32
+(:func:`~deepopt.levels.precision.ns_compute_dtype`: torch's bf16 iteration is emulated there,
+80x slower than float32).
 
 Example:
     >>> import torch
@@ -69,6 +72,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..precision import ns_compute_dtype
 from .level import NS_COEFFICIENTS
 
 __all__ = ["newton_schulz_batched", "gram_newton_schulz", "newton_schulz_many", "orthogonalize_one", "NSBatches",
@@ -214,7 +218,7 @@ def newton_schulz_many(ms: Sequence[Tensor], coefficients: Sequence[float] = NS_
     and each input's shape."""
     if not ms:
         return []
-    dt = dtype or ms[0].dtype
+    dt = ns_compute_dtype(dtype or ms[0].dtype, method, ms[0].device)
     shapes = [(m.shape[0], m[0].numel()) for m in ms]
     batches = NSBatches(shapes, dt, ms[0].device)
     for i, m in enumerate(ms):
@@ -230,6 +234,7 @@ def orthogonalize_one(m: Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS
     from .level import newton_schulz
 
     r, c = m.shape[0], m[0].numel()
+    dtype = ns_compute_dtype(dtype or m.dtype, method, m.device)
     if steps > 0 and _use_gram(min(r, c), max(r, c), method, m.device):
         return newton_schulz_many([m], coefficients, steps, eps, dtype, method)[0]
     return newton_schulz(m, tuple(coefficients), steps, eps, dtype)

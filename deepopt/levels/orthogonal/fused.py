@@ -28,6 +28,7 @@ from ...kernels.tables import RowSet, scalar_table
 from ..momentum.fused import momentum, momentum_terms
 from ..momentum.level import Momentum
 from .batched import NSBatches
+from ..precision import ns_compute_dtype
 from .level import NewtonSchulz, adjust_lr_ratio, check_ns_method
 
 __all__ = ["MuonStep", "ns_method"]
@@ -54,8 +55,8 @@ class MuonStep(FusedStep):
         decay, coupled = self.decay_terms(lr, wd, decoupled)
         key = f"{mom.name}.momentum_buffer"
         p0 = params[idx[0]]
-        batches = NSBatches([(params[i].shape[0], params[i][0].numel()) for i in idx], ns.ns_dtype or p0.dtype,
-                            p0.device)
+        batches = NSBatches([(params[i].shape[0], params[i][0].numel()) for i in idx],
+                            ns_compute_dtype(ns.ns_dtype or p0.dtype, ns_method(group), p0.device), p0.device)
         slots = [batches.slot(j).view(params[i].shape) for j, i in enumerate(idx)]
         if kernel:
             from ..momentum import triton_kernels

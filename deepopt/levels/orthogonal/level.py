@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..base import Direction, Level, State, check_nonnegative
+from ..precision import ns_compute_dtype
 
 __all__ = ["NewtonSchulz", "newton_schulz", "owner_batched", "check_ns_method", "adjust_lr_ratio", "NS_COEFFICIENTS", "ADJUST_LR_FNS"]
 
@@ -161,8 +162,9 @@ class NewtonSchulz(Level):
 
         coeffs, steps, eps = tuple(self.hp(group, "ns_coefficients")), self.hp(group, "ns_steps"), self.hp(group, "eps")
         method = check_ns_method(group)
-        return orthogonalize_many(xs, lambda m: orthogonalize_one(m, coeffs, steps, eps, self.ns_dtype, method),
-                                  self.ns_dtype, owner_batched(xs, coeffs, steps, eps, self.ns_dtype, group))
+        dt = ns_compute_dtype(self.ns_dtype, method, xs[0].device) if xs and self.ns_dtype else self.ns_dtype
+        return orthogonalize_many(xs, lambda m: orthogonalize_one(m, coeffs, steps, eps, dt, method),
+                                  dt, owner_batched(xs, coeffs, steps, eps, dt, group))
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         return Direction(self.orthogonalize(x, group), mul=adjust_lr_ratio(p.shape, self.hp(group, "adjust_lr_fn")))
