@@ -265,16 +265,24 @@ class SelfModifyingTitans(nn.Module):
         if state is not None:
             check_state_batch(state.weights["memory"]["w_in"].shape[0], b)
         fresh = state is None  # zero offsets and momenta: the scans skip them
-        state = self.initial_state(b, x, conv=False) if state is None else state
-        x, conv = self.conv(x, state.conv)
+        # A fresh call whose state is dropped, with no re-anchoring, on the analytic engines reads
+        # nothing of a state (the shared initial weights serve every copy): none is built.
+        stateless = fresh and not need_state and mode == "chunked" and self.anchor_size is None and isinstance(
+            self.engines["memory"], AnalyticEngine)
+        if not stateless:
+            state = self.initial_state(b, x, conv=False) if state is None else state
+        x, conv = self.conv(x, None if stateless else state.conv)
         xh, q = normalized_heads(x, self.to_q.weight, self.heads)  # x^ and q of every head, head-major (B*H, T, d)
-        w = {m: flatten(d) for m, d in state.weights.items()}
-        a = {m: flatten(d) for m, d in state.anchor.items()}
-        s = {m: flatten(d) for m, d in state.momentum.items()}
         log_beta = F.logsigmoid(self.momentum_logit)
-        base = {m: flatten(expand_params(tpl, b, self.heads)) for m, tpl in self.memories.items()}
+        if stateless:
+            w = a = s = base = None
+        else:
+            w = {m: flatten(d) for m, d in state.weights.items()}
+            a = {m: flatten(d) for m, d in state.anchor.items()}
+            s = {m: flatten(d) for m, d in state.momentum.items()}
+            base = {m: flatten(expand_params(tpl, b, self.heads)) for m, tpl in self.memories.items()}
         if mode == "chunked":
-            y = self._parallel(xh, q, w, a, s, base, log_beta, state.position, fresh, need_state)
+            y = self._parallel(xh, q, w, a, s, base, log_beta, 0 if stateless else state.position, fresh, need_state)
         else:
             y = self._recurrent(xh, q, w, a, s, base, log_beta, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))
@@ -294,7 +302,8 @@ class SelfModifyingTitans(nn.Module):
         stack = lambda tree: {p: torch.cat([tree[m][p] for m in COMPONENTS]) for p in tree["key"]}  # noqa: E731
         rep = lambda z: z.repeat(len(COMPONENTS), *([1] * (z.ndim - 1)))  # noqa: E731
         comp, main, ys = self.engines["key"], self.engines["memory"], []
-        wm, am, sm, bm = w["memory"], a["memory"], s["memory"], base["memory"]
+        # (w, a, s, base None: a fresh call that keeps no state on the analytic engines, see forward)
+        wm, am, sm, bm = (None,) * 4 if w is None else (w["memory"], a["memory"], s["memory"], base["memory"])
         # The analytic engines take weights shared by every copy as one matrix (plain products, no per-copy
         # gradients): the initial weights W_0, and the anchors of a fresh sequence until they are first refreshed.
         shared, work = None, am
