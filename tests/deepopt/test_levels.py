@@ -9,6 +9,7 @@ import torch
 
 import deepopt
 from deepopt.levels import DeltaMomentumLevel, Momentum, newton_schulz
+from deepopt.levels.orthogonal import adjust_lr_ratio
 from deepopt.levels.deep import DeepMemory
 
 from ..example_imports import skip_if_examples_need_missing
@@ -136,6 +137,26 @@ def test_delta_momentum_auto_forget_dtype_takes_bf16_only_where_it_is_native(mon
     other = _delta_run(None if native else torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(auto, ref))
     assert not torch.equal(auto[0], other[0])
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("impl", ["foreach", "reference"])
+def test_deep_momentum_ns_read_out_computes_in_float32_only_where_bf16_is_emulated(monkeypatch, native, impl):
+    """sigma="ns": Newton-Schulz in bf16 where bf16 matmuls are native, in float32 on an AVX2 CPU."""
+    from deepopt.levels import precision
+
+    monkeypatch.setattr(precision, "_cpu_capabilities", lambda: {"avx512_bf16": native})
+    torch.manual_seed(0)
+    g = torch.randn(8, 24)
+    p = torch.nn.Parameter(torch.zeros(8, 24))
+    opt = deepopt.DeepMomentum([p], lr=1.0, inner_lr=0.0, momentum=0.0, sigma="ns", impl=impl)
+    p.grad = g.clone()
+    opt.step()  # momentum 0 and a silent MLP: the read-out is g, the step -lr adjust NS(g)
+    mul = adjust_lr_ratio(p.shape, None)
+    ns = {dt: newton_schulz(g, dtype=dt).float() for dt in (torch.bfloat16, torch.float32)}
+    want, other = (ns[torch.bfloat16], ns[torch.float32]) if native else (ns[torch.float32], ns[torch.bfloat16])
+    torch.testing.assert_close(p.detach(), -mul * want, rtol=1e-6, atol=1e-7)
+    assert (p.detach() + mul * other).abs().max() > 1e-3  # the two dtypes are told apart
 
 
 def test_delta_momentum_rejects_an_unknown_forget_dtype():

@@ -29,6 +29,7 @@ from ...kernels.launch import REDUCE_BLOCK, FusedStep, apply_rows, f32, row_grad
 from ...kernels.tables import RowSet
 from ..orthogonal.batched import NSBatches
 from ..orthogonal.fused import ns_method
+from ..precision import ns_compute_dtype
 from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio
 from .level import DeepMemory
 
@@ -91,7 +92,8 @@ class DeepStep(FusedStep):
         decay, coupled = self.decay_terms(lr, wd, decoupled)
         ns_rows = [i for i in idx if sigma == "ns" and params[i].ndim >= 2]
         p0 = params[idx[0]]
-        batches = NSBatches([(params[i].shape[0], params[i][0].numel()) for i in ns_rows], torch.bfloat16, p0.device)
+        batches = NSBatches([(params[i].shape[0], params[i][0].numel()) for i in ns_rows],
+                            ns_compute_dtype(torch.bfloat16, "auto", p0.device), p0.device)
         slot = {i: batches.slot(j).view(params[i].shape) for j, i in enumerate(ns_rows)}
         keys = [f"{n}.bias", f"{n}.w1", f"{n}.b1", f"{n}.w2"]
         if not kernel:

@@ -54,6 +54,7 @@ from torch.func import grad
 
 from ..base import Direction, Level, State, axpy, check_nonnegative, zeros_like
 from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio, newton_schulz
+from ..precision import ns_compute_dtype
 
 __all__ = ["DeepMemory", "default_memory_init", "inner_sums", "mlp_out", "SIGMAS"]
 
@@ -192,7 +193,8 @@ class DeepMemory(Level):
         if sigma == "sign":
             return Direction(out.sign())
         if sigma == "ns" and p.ndim >= 2:
-            o = newton_schulz(out.reshape(out.shape[0], -1), NS_COEFFICIENTS, 5, 1e-7).reshape(out.shape)
+            dt = ns_compute_dtype(torch.bfloat16, "auto", out.device)  # bf16, or float32 where bf16 is emulated
+            o = newton_schulz(out.reshape(out.shape[0], -1), NS_COEFFICIENTS, 5, 1e-7, dt).reshape(out.shape)
             return Direction(o, mul=adjust_lr_ratio(p.shape, None))
         return Direction(out)
 
