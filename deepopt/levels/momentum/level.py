@@ -139,7 +139,9 @@ def forget_terms(bufs: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.d
                  cast: bool = True) -> list[Tensor]:
     """Delta momentum's forget terms ``M G^T G`` (``M``, ``G`` the buffer and gradient as matrices),
     each in its buffer's shape and dtype. Associated the cheaper way round (``(M G^T) G`` when
-    ``rows <= cols``, else ``M (G^T G)``) and batched: one ``bmm`` pair per group of equal shapes.
+    ``rows <= cols``, else ``M (G^T G)``) and, off the CPU, batched: one ``bmm`` pair per group of
+    equal shapes (on the CPU a batch saves no launch and costs its stacking copies: one ``mm`` pair
+    per matrix).
     ``dtype``: the matmuls' dtype (e.g. ``torch.bfloat16``: inputs rounded to it, accumulation in
     float32 as every bf16 matmul of torch does), applied to float32 and narrower matrices only
     (a vector's term is a dot product: no matmul to save); None computes in the buffer's dtype;
