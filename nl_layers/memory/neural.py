@@ -198,14 +198,14 @@ class NeuralMemory(nn.Module):
         cache = like.new_zeros(batch, self.conv.width - 1, self.conv.weight.shape[0]) if conv else None
         return NeuralMemoryState(w, w, zeros, cache, 0)
 
-    def _prepare(self, x, state):
+    def _prepare(self, x, conv_cache):
         b, t = x.shape[:2]
         h, inner = self.heads, self.heads * self.head_dim
         gates = [m for m in (self.to_lr, self.to_momentum, self.to_forget) if m is not None]
         # q, k, v and the gates' logits in one product: the projections' weights side by side
         weight = torch.cat([self.to_qkv.weight] + [g.weight for g in gates])
         qkv, logits = F.linear(x, weight).split([3 * inner, h * len(gates)], -1)
-        qkv, conv = self.conv(qkv, state.conv)
+        qkv, conv = self.conv(qkv, conv_cache)
         qkv = l2_normalize(qkv.view(b, t, 3 * h, self.head_dim))  # q, k, v of every head at once
         # (B, T, 3, H, d) -> (3, B*H, T, d) and (B, T, G, H) -> (G, B*H, T): one copy each
         q, k, v = qkv.view(b, t, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).reshape(3, b * h, t, self.head_dim).unbind(0)
@@ -224,12 +224,20 @@ class NeuralMemory(nn.Module):
         if state is not None:
             check_state_batch(state.conv.shape[0], b)
         fresh = state is None  # zero offset and momentum: the scan skips them
-        state = self.initial_state(b, x, conv=False) if state is None else state
-        q, k, v, lr, log_m, log_a, conv = self._prepare(x, state)
-        w, anchor, s = flatten(state.weights), flatten(state.anchor), flatten(state.momentum)
-        base = flatten(expand_params(self.memory, b, self.heads))
+        # A fresh call whose state is dropped, on the analytic engine, reads nothing of a state (the
+        # shared initial weights W_0 serve every copy, later segments start from their own results).
+        stateless = fresh and not need_state and mode == "chunked" and isinstance(self.engine, AnalyticEngine)
+        if not stateless:
+            state = self.initial_state(b, x, conv=False) if state is None else state
+        q, k, v, lr, log_m, log_a, conv = self._prepare(x, None if stateless else state.conv)
+        if stateless:
+            w = anchor = s = base = None
+        else:
+            w, anchor, s = flatten(state.weights), flatten(state.anchor), flatten(state.momentum)
+            base = flatten(expand_params(self.memory, b, self.heads))
         if mode == "chunked":
-            y, w, anchor, s = self._parallel(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position, fresh, need_state)
+            y, w, anchor, s = self._parallel(q, k, v, lr, log_m, log_a, w, anchor, s, base,
+                                             0 if stateless else state.position, fresh, need_state)
         else:
             y, w, anchor, s = self._recurrent(q, k, v, lr, log_m, log_a, w, anchor, s, base, state.position)
         y = merge_heads(y.reshape(b, self.heads, t, self.head_dim))

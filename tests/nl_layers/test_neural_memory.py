@@ -159,7 +159,7 @@ def test_linear_memory_without_momentum_is_longhorns_delta_rule(forget, w0_std):
         mem.out.weight.copy_(torch.eye(12))  # read the heads' outputs directly
     x = torch.randn(2, 20, 12, dtype=torch.float64)
     y, state = mem(x)
-    q, k, v, lr, log_m, log_a, _ = mem._prepare(x, mem.initial_state(2, x))
+    q, k, v, lr, log_m, log_a, _ = mem._prepare(x, mem.initial_state(2, x).conv)
     heads = lambda t: t.reshape(2, 2, 20, *t.shape[2:])  # noqa: E731  (B*H, T, ...) -> (B, H, T, ...)
     a = heads(log_a).exp() if forget else torch.ones_like(heads(lr))
     c = heads(lr) / (1 + heads(lr) * heads(k).square().sum(-1))
