@@ -29,8 +29,8 @@ from ...kernels.launch import REDUCE_BLOCK, FusedStep, apply_rows, f32, row_grad
 from ...kernels.tables import RowSet
 from ..orthogonal.batched import NSBatches
 from ..orthogonal.fused import ns_method
-from ..precision import ns_compute_dtype
 from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio
+from ..precision import ns_compute_dtype
 from .level import DeepMemory
 
 __all__ = ["DeepStep", "deep", "TILE"]

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from ..base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
-from ..precision import ns_compute_dtype
 from ..orthogonal.level import NS_COEFFICIENTS, check_ns_method, owner_batched
+from ..precision import ns_compute_dtype
 
 __all__ = ["MultiScaleMomentum", "M3_FORMS"]
 

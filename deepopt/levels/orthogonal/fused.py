@@ -27,8 +27,8 @@ from ...kernels.launch import FusedStep, apply_rows, first_write, tl_dtype
 from ...kernels.tables import RowSet, scalar_table
 from ..momentum.fused import momentum, momentum_terms
 from ..momentum.level import Momentum
-from .batched import NSBatches
 from ..precision import ns_compute_dtype
+from .batched import NSBatches
 from .level import NewtonSchulz, adjust_lr_ratio, check_ns_method
 
 __all__ = ["MuonStep", "ns_method"]
