@@ -171,3 +171,29 @@ class DiagonalPreconditioner(Level):
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         bc2_sqrt = (1 - self.hp(group, "beta2") ** t) ** 0.5
         return Direction(x, state["exp_avg_sq"].sqrt() / bc2_sqrt + self.hp(group, "eps"))
+
+    def _plain(self, group: Mapping[str, Any]) -> bool:
+        """Whether the foreach path applies: float hyperparameters (tensors go through the reference)."""
+        return not any(isinstance(self.hp(group, k), Tensor) for k in ("beta2", "eps"))
+
+    def write_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+               group: Mapping[str, Any], ts: list[int]) -> None:
+        """The write in place over the list (``xs`` are the squared inputs): the reference's
+        operations, foreach."""
+        if not self._plain(group):
+            return super().write_(states, xs, ps, group, ts)
+        b2 = self.hp(group, "beta2")
+        vs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_add_(vs, xs, alpha=1 - b2)
+
+    def read_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
+              group: Mapping[str, Any], ts: list[int]) -> list[Direction]:
+        """The read over the list: denominators by foreach, as the reference computes them."""
+        if not self._plain(group):
+            return super().read_(states, xs, ps, group, ts)
+        b2, eps = self.hp(group, "beta2"), self.hp(group, "eps")
+        dens = torch._foreach_sqrt([s["exp_avg_sq"] for s in states])
+        torch._foreach_div_(dens, [(1 - b2**t) ** 0.5 for t in ts])
+        torch._foreach_add_(dens, eps)
+        return [Direction(x, d) for x, d in zip(xs, dens)]
