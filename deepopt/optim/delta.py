@@ -63,9 +63,6 @@ class DeltaMomentum(LevelOptimizer):
     @classmethod
     def _rule(cls, lr: float, momentum: float, delta: float, nesterov: bool, weight_decay: float,
               forget_dtype: torch.dtype | str | None = "auto") -> Rule:
-        if not (forget_dtype is None or forget_dtype == "auto"
-                or (isinstance(forget_dtype, torch.dtype) and forget_dtype.is_floating_point)):
-            raise ValueError(f"invalid forget_dtype: {forget_dtype!r}; use 'auto', a floating torch dtype or None")
         chain = Chain(DeltaMomentumLevel(momentum, delta, nesterov, forget_dtype=forget_dtype))
         defaults = dict(lr=lr, momentum=momentum, delta=delta, nesterov=nesterov, weight_decay=weight_decay)
         return Rule([chain], defaults, cls.weight_decay_mode)

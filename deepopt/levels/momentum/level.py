@@ -130,7 +130,7 @@ def as_matrix(x: Tensor) -> Tensor:
 def resolve_forget_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
     """``"auto"``: ``torch.bfloat16`` where :func:`native_bf16_matmul` holds on ``device``, else None
     (the buffer's dtype); a dtype or None is returned unchanged."""
-    if isinstance(dtype, str):
+    if dtype == "auto":
         return torch.bfloat16 if native_bf16_matmul(device) else None
     return dtype
 
@@ -212,6 +212,9 @@ class DeltaMomentumLevel(Level):
                  period: int = 1, keys: Mapping[str, str] | None = None,
                  forget_dtype: torch.dtype | str | None = None) -> None:
         super().__init__(period=period, keys=keys, momentum=momentum, delta=delta, nesterov=nesterov)
+        if not (forget_dtype is None or forget_dtype == "auto"
+                or (isinstance(forget_dtype, torch.dtype) and forget_dtype.is_floating_point)):
+            raise ValueError(f"invalid forget_dtype: {forget_dtype!r}; use 'auto', a floating torch dtype or None")
         self.forget_dtype = forget_dtype
 
     def validate(self, group: Mapping[str, Any]) -> None:
