@@ -9,16 +9,17 @@ from torch.autograd.function import once_differentiable
 
 from ._function import Function
 from .ops.causal_conv import IMPLS as CONV_IMPLS, causal_conv1d
+from .ops.normalize_kernels import normalize_rows, normalize_rows_backward
 
 
 class _L2Normalize(Function):
     """y = x / d, d = max(||x||, eps) over the last dimension; hand-written backward (fewer passes
-    over x than autograd's): dx = (dy - [||x|| > eps] y (y . dy)) / d."""
+    over x than autograd's): dx = (dy - [||x|| > eps] y (y . dy)) / d. Each direction is one pass
+    on CUDA (:mod:`~nl_layers.ops.normalize_kernels`)."""
 
     @staticmethod
     def forward(x, eps):
-        d = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
-        return x / d, d
+        return normalize_rows(x, eps)  # (y, d) in one pass on CUDA
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -34,8 +35,7 @@ class _L2Normalize(Function):
         if gy is None:
             return None, None
         y, d = ctx.saved_tensors
-        dot = (y * gy).sum(-1, keepdim=True).masked_fill_(d <= ctx.eps, 0.0)  # clamped norm: d is a constant
-        return torch.addcmul(gy, y, dot, value=-1.0).div_(d), None
+        return normalize_rows_backward(gy, y, d, ctx.eps), None  # a clamped norm d is a constant
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -54,7 +54,8 @@ class _NormalizedHeads(Function):
 
     Forward: q' = x W_q^T; per head y = u / n, n = max(||u||, eps), written straight into (B, H, T, d)
     (no cat, no permuted copy). Backward: du = (dy - [||u|| > eps] y (y . dy)) / n in (B, T, D),
-    dW_q = dq'^T x, dx = dx^ + dq' W_q (the sum in the product: no accumulation add).
+    dW_q = dq'^T x, dx = dx^ + dq' W_q (the sum in the product: no accumulation add). Both
+    normalisations are one pass each way on CUDA (:mod:`~nl_layers.ops.normalize_kernels`).
     """
 
     @staticmethod
@@ -64,12 +65,12 @@ class _NormalizedHeads(Function):
         ys, norms = [], []
         for u in (x, (flat @ w_q.t()).view(b, t, dim)):
             u = u.view(b, t, heads, dim // heads)
-            n = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(eps)
             if torch.compiler.is_compiling():  # no out= (torch.compile traces this path)
-                y = (u / n).transpose(1, 2).contiguous()
+                y, n = normalize_rows(u, eps)
+                y = y.transpose(1, 2).contiguous()
             else:
                 y = u.new_empty(b, heads, t, dim // heads)
-                torch.div(u, n, out=y.transpose(1, 2))  # normalised and head-major in one pass
+                n = normalize_rows(u, eps, out=y.transpose(1, 2))[1]  # normalised and head-major in one pass
             ys.append(y.view(b * heads, t, dim // heads))
             norms.append(n)
         return ys[0], ys[1], norms[0], norms[1], flat
@@ -93,11 +94,10 @@ class _NormalizedHeads(Function):
                 grads.append(None)
                 continue
             g, y = (z.view(b, heads, t, -1).transpose(1, 2) for z in (g, y))  # (B, T, H, d) views
-            dot = (y * g).sum(-1, keepdim=True).masked_fill_(n <= ctx.eps, 0.0)
             if torch.compiler.is_compiling():
-                du = torch.addcmul(g, y, dot, value=-1.0).div_(n).contiguous()
+                du = normalize_rows_backward(g, y, n, ctx.eps).contiguous()
             else:
-                du = torch.addcmul(g, y, dot, value=-1.0, out=flat.new_empty(b, t, heads, dim // heads)).div_(n)
+                du = normalize_rows_backward(g, y, n, ctx.eps, out=flat.new_empty(b, t, heads, dim // heads))
             grads.append(du.view(b * t, dim))
         du_x, du_q = grads
         gx = gw = None

@@ -68,6 +68,7 @@ from .memory.fast_weights import (
 )
 from .memory.mlp import ResidualMLPMemory
 from .ops.fast_weights import AnalyticEngine, make_engine
+from .ops.normalize_kernels import normalize_rows, normalize_rows_backward
 
 COMPONENTS = ("key", "value", "lr", "decay")
 MEMORIES = COMPONENTS + ("memory",)
@@ -105,37 +106,36 @@ def _dgd_decay(template: ResidualMLPMemory):
 class _PairNormalize(Function):
     """k = y_k / n_k, v = y_v / n_v (n = max(||y||, eps)) for the key and value outputs stacked
     (2 N, L, d), one node, their input gradient written in one buffer (no split's cat):
-    dy_k = (dk - [||y_k|| > eps] k (k . dk)) / n_k (and v)."""
+    dy_k = (dk - [||y_k|| > eps] k (k . dk)) / n_k (and v); each half one pass each way on CUDA
+    (:mod:`~nl_layers.ops.normalize_kernels`)."""
 
     @staticmethod
     def forward(y, eps):
         n = y.shape[0] // 2
-        norms = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(eps)
-        return y[:n] / norms[:n], y[n:] / norms[n:], norms
+        (k, n_k), (v, n_v) = normalize_rows(y[:n], eps), normalize_rows(y[n:], eps)
+        return k, v, n_k, n_v
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.eps = inputs[1]
-        ctx.mark_non_differentiable(output[2])
+        ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*output)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gk, gv, _):
-        k, v, norms = ctx.saved_tensors
+    def backward(ctx, gk, gv, *_):
+        k, v, n_k, n_v = ctx.saved_tensors
         n = k.shape[0]
         compiling = torch.compiler.is_compiling()  # no out= (torch.compile traces this path): a cat
         gy = None if compiling else k.new_empty(2 * n, *k.shape[1:])
         parts = []
-        for i, (g, out) in enumerate(((gk, k), (gv, v))):
-            norm, rows = norms[i * n : (i + 1) * n], slice(i * n, (i + 1) * n)
+        for i, (g, out, norm) in enumerate(((gk, k, n_k), (gv, v, n_v))):
+            rows = slice(i * n, (i + 1) * n)
             if g is None:
                 parts.append(torch.zeros_like(out) if compiling else gy[rows].zero_())
                 continue
-            dot = (out * g).sum(-1, keepdim=True).masked_fill_(norm <= ctx.eps, 0.0)
-            into = {} if compiling else {"out": gy[rows]}
-            parts.append(torch.addcmul(g, out, dot, value=-1.0, **into).div_(norm))
+            parts.append(normalize_rows_backward(g, out, norm, ctx.eps, out=None if compiling else gy[rows]))
         return torch.cat(parts) if compiling else gy, None
 
 
@@ -329,7 +329,7 @@ class SelfModifyingTitans(nn.Module):
                 heads = (self.lr_head, self.decay_head)
                 key_value, dots = comp.read_shared(shared, x, heads=torch.cat([m.weight for m in heads]))
                 lr, log_a = self._logit_rates((dots + torch.cat([m.bias for m in heads])[:, None]).view(2, n, -1))
-            k, v, _ = _PairNormalize.apply(key_value, 1e-6)  # as _gates, key and value normalised in one node
+            k, v = _PairNormalize.apply(key_value, 1e-6)[:2]  # as _gates, key and value normalised in one node
             return k, v, lr, log_a
 
         last = False
