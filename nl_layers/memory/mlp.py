@@ -32,6 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._function import Function
+from ..ops.fast_weights.factor_kernels import hidden_grads, output_grads, residual_parts, silu_parts, slope_product
 from ..ops.fast_weights.grouped_linear import apply_weight as _apply
 from ..ops.fast_weights.grouped_linear import weight_grad
 from ..ops.fast_weights import read_kernels
@@ -359,22 +360,21 @@ class _SiluFactors(Function):
     O = E (+ L' + 2 drho o with dgd), H' = H + 2 dg ||l||^2 h + O W_out,
     dz = H' p + (B' q)(s + (1 - 2 s) p) (s = sigmoid(z)), dk = E + 2 dg ||b||^2 k + dz W_in, dv = -E,
     dW_out = e^T (B' p) + O^T h, dW_in = dz^T k: each sum in one operator (no accumulation adds), -E
-    formed directly (dv needs no negation; the signs go into the products' alpha and beta).
+    formed directly (dv needs no negation; the signs go into the products' alpha and beta). The
+    element-wise stages between the products are one pass each on CUDA
+    (:mod:`~nl_layers.ops.fast_weights.factor_kernels`).
     """
 
     @staticmethod
     def forward(dgd, k, v, w_in, w_out):
         z = _apply(w_in, k)
-        s = torch.sigmoid(z)
-        h = z * s
-        p = torch.addcmul(s, h, 1 - s)  # silu'(z) = s + z s (1 - s)
+        # squared norms of k, b, l, h (and e, o with dgd), at the widest dtype of them (autocast: z may be narrower)
+        n2 = z.new_empty(6 if dgd else 4, *k.shape[:-1], dtype=torch.promote_types(torch.promote_types(z.dtype, k.dtype), v.dtype))
+        s, h, p = silu_parts(z, n2[3])  # sigmoid(z), silu(z), silu'(z)
         o = _apply(w_out, h)
-        e = k + o - v
+        e, l = residual_parts(k, o, v, dgd, n2)  # e = k + o - v, l = e + o (dgd) or e
         q = _apply(w_out.transpose(-1, -2), e)  # e W_out
-        b = q * p
-        l = e + o if dgd else e
-        pieces = (k, b, l, h) + ((e, o) if dgd else ())
-        n2 = torch.stack([torch.linalg.vector_norm(x, dim=-1) for x in pieces]).square()
+        b = slope_product(q, p, n2[1])
         g = n2[0] * n2[1] + n2[2] * n2[3]
         rho = n2[4:].sum(0) if dgd else n2[2]
         return b, l, h, g, rho, s, p, q, o, e if dgd else None, n2
@@ -395,25 +395,20 @@ class _SiluFactors(Function):
         e = e if dgd else l
         two_g = None if gg is None else (2 * gg)[..., None]
         two_r = None if grho is None else (2 * grho)[..., None]
-        if gg is not None:  # the squared norm's terms join the factors' gradients
-            gb = b * (two_g * n2[0, ..., None]) if gb is None else torch.addcmul(gb, b, two_g * n2[0, ..., None])
-            gl = l * (two_g * n2[3, ..., None]) if gl is None else torch.addcmul(gl, l, two_g * n2[3, ..., None])
-        gq = None if gb is None else gb * p
-        base = gl
-        if two_r is not None:
-            base = e * two_r if base is None else torch.addcmul(base, e, two_r)
+        # the squared norm's terms join the factors' gradients: B' = B + 2 dg ||k||^2 b, L' = L + 2 dg ||h||^2 l
+        gq = gz = None
+        if gb is not None or gg is not None:  # B' p and silu''(z) B' q
+            gq, gz = hidden_grads(gb, b, p, q, s, None if gg is None else two_g * n2[0, ..., None])
+        # L' + 2 drho e and, with dgd, L' + 2 drho o
+        base, t = output_grads(gl, l, e, o if dgd else None, None if gg is None else two_g * n2[3, ..., None], two_r)
         # ne = -E: dv = ne needs no negation; E's other uses take the sign in their products
         if gq is not None:
             ne = _apply_mixed(w_out, gq, base, beta=-1, alpha=-1)  # -(L' + 2 drho e) - (B' p) W_out^T
         else:
             ne = None if base is None else -base
         go, go_sign = ne, -1  # O = sign * go: without dgd O = E
-        if dgd:
-            t = gl
-            if two_r is not None:
-                t = o * two_r if t is None else torch.addcmul(t, o, two_r)
-            if t is not None:
-                go, go_sign = (t if ne is None else t - ne), 1
+        if t is not None:
+            go, go_sign = (t if ne is None else t - ne), 1
         if gg is not None:
             c = two_g * n2[2, ..., None]  # (a read's gradient of h may come transposed: the sum in h's layout)
             if gh is None:
@@ -422,8 +417,7 @@ class _SiluFactors(Function):
                 gh = torch.addcmul(gh, h, c, **({} if torch.compiler.is_compiling() else {"out": torch.empty_like(h)}))
         if go is not None:
             gh = _apply_mixed(w_out.transpose(-1, -2), go, gh, alpha=go_sign)  # + O W_out
-        if gb is not None:
-            gz = torch.addcmul(s, torch.rsub(s, 1, alpha=2), p).mul_(gb * q)  # silu''(z) B' q
+        if gz is not None:  # silu''(z) B' q + H' p
             if gh is not None:
                 gz.addcmul_(gh, p)
         else:

@@ -56,9 +56,16 @@ def _factors_ref(memory, params, k, v, dgd):
     return facs["w_in"][0], facs["w_out"][0], facs["w_out"][1], g, rho
 
 
+@pytest.mark.parametrize("kernels", [False, True])
 @pytest.mark.parametrize("dgd", [False, True])
 @pytest.mark.parametrize("per_copy", [False, True])
-def test_silu_factors_equal_factors_and_their_norms(dgd, per_copy):
+def test_silu_factors_equal_factors_and_their_norms(monkeypatch, dgd, per_copy, kernels):
+    """Values and gradients (gradcheck, and with some outputs unused), on the torch paths and with the
+    element-wise kernels forced (compiled on a CUDA machine, the interpreter on a CPU one)."""
+    if kernels:
+        from nl_layers.ops.fast_weights import factor_kernels
+
+        monkeypatch.setattr(factor_kernels, "kernel_ok", lambda *ts: True)
     torch.manual_seed(0)
     memory = mlp.ResidualMLPMemory(4, 6).double()
     n = 3
