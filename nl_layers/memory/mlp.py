@@ -35,6 +35,7 @@ from .._function import Function
 from ..ops.fast_weights.factor_kernels import hidden_grads, output_grads, residual_parts, silu_parts, slope_product
 from ..ops.fast_weights.grouped_linear import apply_weight as _apply
 from ..ops.fast_weights.grouped_linear import weight_grad
+from ..ops.fast_weights.shared_read_kernels import silu_backward_token_major, silu_memory_major
 from ..ops.fast_weights import read_kernels
 
 _ACTIVATIONS = ("silu", "gelu", "relu", "tanh")
@@ -93,6 +94,13 @@ def _first_weights(w_in: torch.Tensor, heads: torch.Tensor | None) -> torch.Tens
     return flat if heads is None else torch.cat([flat, heads.to(flat.dtype)])
 
 
+def _aligned_rows(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised (rows, cols) matrix whose rows start on 16-byte boundaries (the row stride
+    rounded up), so that the products reading or writing it take cuBLAS's aligned kernels."""
+    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    return torch.empty(rows, -(-cols // step) * step, dtype=dtype, device=device)[:, :cols]
+
+
 class _SharedSiluRead(Function):
     """y_g = x + h_g W_out,g^T with h_g = silu(z_g), z = x [W_in,1; ...; W_in,G]^T, for G residual MLPs
     reading one x (M, d): y (G, M, d), with a hand-written backward; given R head vectors w_r, the
@@ -105,20 +113,29 @@ class _SharedSiluRead(Function):
     dz = silu'(z) dh (stored (M, G h), with dc^T as R more columns), dx = sum_g dy_g + [dz, dc^T] [W_in,g; w_r]
     (one product over K = G h + R: no per-group input gradients, no accumulation add),
     [dW_in; (x^T dc)^T] = [dz, dc^T]^T x and dW_out,g = dy_g^T h_g (in row slices, see weight_grad),
-    dW_out,r = w_r (h_r^T dc_r)^T, dw_r = x^T dc_r + W_out,r (h_r^T dc_r).
+    dW_out,r = w_r (h_r^T dc_r)^T, dw_r = x^T dc_r + W_out,r (h_r^T dc_r). The (M, G h + R) matrices have
+    16-byte aligned rows (cuBLAS's aligned kernels); the activation's passes between the two layouts are
+    Triton kernels on CUDA (:mod:`~nl_layers.ops.fast_weights.shared_read_kernels`).
     """
 
     @staticmethod
     def forward(x, w_in, w_out, heads):
         g, hid, d = w_in.shape
         m = x.shape[0]
-        zx = x @ _first_weights(w_in, heads).t()  # (M, G h [+ R]): z and, with heads, x . w_r in its last R columns
+        first = _first_weights(w_in, heads)
+        # (M, G h [+ R]): z and, with heads, x . w_r in its last R columns; its rows 16-byte aligned (G h + R
+        # columns, e.g. 770, would put cuBLAS on its slow unaligned kernels), except where out= cannot
+        # go: under torch.compile, under autocast (the product's dtype is autocast's) or for mixed dtypes
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        if torch.compiler.is_compiling() or autocast or x.dtype != first.dtype:
+            zx = x @ first.t()
+        else:
+            zx = torch.mm(x, first.t(), out=_aligned_rows(m, first.shape[0], x.dtype, x.device))
         z = zx[:, : g * hid].view(m, g, hid)
         if torch.compiler.is_compiling():  # no out= (torch.compile traces this path)
             h = F.silu(z.transpose(0, 1)).contiguous()
         else:
-            h = z.new_empty(g, m, hid)
-            torch.ops.aten.silu.out(z, out=h.transpose(0, 1))  # silu and the transpose in one pass
+            h = silu_memory_major(z)  # silu and the transpose in one pass
         p = g if heads is None else g - heads.shape[0]
         y = torch.baddbmm(x.expand(p, m, d), h[:p], w_out[:p].transpose(1, 2))
         if heads is None:
@@ -169,8 +186,8 @@ class _SharedSiluRead(Function):
             if r:
                 gz = torch.cat([gz, gc.t().to(gz.dtype)], 1)
         else:
-            gz = z.new_empty(m, g * hid + r)
-            torch.ops.aten.silu_backward.grad_input(gh.transpose(0, 1), z, grad_input=gz[:, : g * hid].view(m, g, hid))
+            gz = _aligned_rows(m, g * hid + r, z.dtype, z.device)
+            silu_backward_token_major(gh, z, out=gz[:, : g * hid].view(m, g, hid))
             if r:
                 gz[:, g * hid :] = gc.t()
         gx = gw_in = gw_out = gheads = None

@@ -66,13 +66,14 @@ def test_silu_factors_equal_factors_and_their_norms(monkeypatch, dgd, per_copy, 
         from nl_layers.ops.fast_weights import factor_kernels
 
         monkeypatch.setattr(factor_kernels, "kernel_ok", lambda *ts: True)
+    dev = dict(f64, device="cuda" if kernels and torch.cuda.is_available() else "cpu")  # compiled kernels need CUDA tensors
     torch.manual_seed(0)
     memory = mlp.ResidualMLPMemory(4, 6).double()
     n = 3
-    k, v = torch.randn(n, 5, 4, **f64, requires_grad=True), torch.randn(n, 5, 4, **f64, requires_grad=True)
+    k, v = torch.randn(n, 5, 4, **dev, requires_grad=True), torch.randn(n, 5, 4, **dev, requires_grad=True)
     shape = (n,) if per_copy else ()
-    w_in = torch.randn(*shape, 6, 4, **f64, requires_grad=True)
-    w_out = torch.randn(*shape, 4, 6, **f64, requires_grad=True)
+    w_in = torch.randn(*shape, 6, 4, **dev, requires_grad=True)
+    w_out = torch.randn(*shape, 4, 6, **dev, requires_grad=True)
 
     def ours(k, v, w_in, w_out):
         facs, g, rho = memory.factors_and_norms({"w_in": w_in, "w_out": w_out}, k, v, dgd)
@@ -187,8 +188,8 @@ def test_shared_silu_read_with_heads_equals_the_dot_products(monkeypatch, compil
     monkeypatch.setattr(gl, "ROWS_PER_SLICE", 4)
     torch.manual_seed(0)
     x = torch.randn(12, 5, **f64, requires_grad=True)
-    w_in = torch.randn(4, 7, 5, **f64, requires_grad=True)
-    w_out = torch.randn(4, 5, 7, **f64, requires_grad=True)
+    w_in = torch.randn(3, 7, 5, **f64, requires_grad=True)  # G h + R = 23 columns: the first product's rows padded
+    w_out = torch.randn(3, 5, 7, **f64, requires_grad=True)
     heads = torch.randn(2, 5, **f64, requires_grad=True)
     fn = lambda *a: mlp.shared_silu_read(*a)  # noqa: E731
     if compiled:
@@ -196,7 +197,7 @@ def test_shared_silu_read_with_heads_equals_the_dot_products(monkeypatch, compil
 
     def ref(x, w_in, w_out, heads):
         y = _shared_read_ref(x, w_in, w_out)
-        return y[:2], (y[2:] * heads[:, None, :]).sum(-1)
+        return y[:1], (y[1:] * heads[:, None, :]).sum(-1)
 
     leaves = (x, w_in, w_out, heads)
     ours, want = fn(*leaves), ref(*leaves)
@@ -327,3 +328,26 @@ def test_neural_memory_same_with_and_without_the_fused_read(monkeypatch):
     monkeypatch.setattr(mlp.ResidualMLPMemory, "read_tokens", lambda *a: None)
     for a, b in zip(got, run()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("with_heads", [False, True])
+def test_shared_silu_read_with_the_activation_kernels(monkeypatch, with_heads):
+    """The read with its activation passes forced onto the kernels (compiled on a CUDA machine, the
+    interpreter on a CPU one): values and gradcheck against the plain expression (padded rows)."""
+    from nl_layers.ops.fast_weights import shared_read_kernels
+
+    monkeypatch.setattr(shared_read_kernels, "kernel_ok", lambda *ts: True)
+    dev = dict(f64, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    x = torch.randn(9, 5, **dev, requires_grad=True)
+    w_in = torch.randn(3, 7, 5, **dev, requires_grad=True)
+    w_out = torch.randn(3, 5, 7, **dev, requires_grad=True)
+    leaves = (x, w_in, w_out) + ((torch.randn(2, 5, **dev, requires_grad=True),) if with_heads else ())
+    y = _shared_read_ref(x, w_in, w_out)
+    ours = mlp.shared_silu_read(*leaves)
+    if with_heads:
+        torch.testing.assert_close(ours[0], y[:1])
+        torch.testing.assert_close(ours[1], (y[1:] * leaves[3][:, None, :]).sum(-1))
+    else:
+        torch.testing.assert_close(ours, y)
+    assert torch.autograd.gradcheck(lambda *a: mlp.shared_silu_read(*a), leaves)
