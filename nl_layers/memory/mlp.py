@@ -95,10 +95,10 @@ def _first_weights(w_in: torch.Tensor, heads: torch.Tensor | None) -> torch.Tens
 
 
 def _aligned_rows(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised (rows, cols) matrix whose rows start on 16-byte boundaries (the row stride
-    rounded up), so that the products reading or writing it take cuBLAS's aligned kernels."""
-    step = max(1, 16 // torch.empty((), dtype=dtype).element_size())
-    return torch.empty(rows, -(-cols // step) * step, dtype=dtype, device=device)[:, :cols]
+    """An uninitialised (rows, cols) matrix whose row stride is rounded up to a multiple of 16
+    elements: Triton proves such strides divisible and loads the rows as whole vectors (a stride
+    like 770 makes every element its own load)."""
+    return torch.empty(rows, -(-cols // 16) * 16, dtype=dtype, device=device)[:, :cols]
 
 
 class _SharedSiluRead(Function):
@@ -114,7 +114,7 @@ class _SharedSiluRead(Function):
     (one product over K = G h + R: no per-group input gradients, no accumulation add),
     [dW_in; (x^T dc)^T] = [dz, dc^T]^T x and dW_out,g = dy_g^T h_g (in row slices, see weight_grad),
     dW_out,r = w_r (h_r^T dc_r)^T, dw_r = x^T dc_r + W_out,r (h_r^T dc_r). The (M, G h + R) matrices have
-    16-byte aligned rows (cuBLAS's aligned kernels); the activation's passes between the two layouts are
+    row strides a multiple of 16 elements (vector loads); the activation's passes between the two layouts are
     Triton kernels on CUDA (:mod:`~nl_layers.ops.fast_weights.shared_read_kernels`).
     """
 
@@ -123,9 +123,9 @@ class _SharedSiluRead(Function):
         g, hid, d = w_in.shape
         m = x.shape[0]
         first = _first_weights(w_in, heads)
-        # (M, G h [+ R]): z and, with heads, x . w_r in its last R columns; its rows 16-byte aligned (G h + R
-        # columns, e.g. 770, would put cuBLAS on its slow unaligned kernels), except where out= cannot
-        # go: under torch.compile, under autocast (the product's dtype is autocast's) or for mixed dtypes
+        # (M, G h [+ R]): z and, with heads, x . w_r in its last R columns; its row stride a multiple of 16
+        # (see _aligned_rows), except where out= cannot go: under torch.compile, under autocast (the
+        # product's dtype is autocast's) or for mixed dtypes
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         if torch.compiler.is_compiling() or autocast or x.dtype != first.dtype:
             zx = x @ first.t()
