@@ -109,7 +109,7 @@ class _NormalizedHeads(Function):
                 if du_x is None or du_x.dtype != du_q.dtype:  # (autocast may leave x and q' at two precisions)
                     gx = du_q @ w if du_x is None else du_x + du_q @ w
                 else:
-                    gx = torch.addmm(du_x, du_q, w)
+                    gx = torch.addmm(du_x, du_q, w) if torch.compiler.is_compiling() else du_x.addmm_(du_q, w)  # du_x is ours
         elif du_x is not None:
             gx = du_x
         return None if gx is None else gx.view(b, t, dim).to(flat.dtype), None if gw is None else gw.to(w_q.dtype), None, None

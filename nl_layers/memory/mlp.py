@@ -195,7 +195,13 @@ class _SharedSiluRead(Function):
         if ctx.needs_input_grad[0]:
             base = None if gy is None else gy[0] if p == 1 else gy.sum(0)
             w = first.to(gz.dtype)  # (sum_g dy_g) + dz [W_in; w]
-            gx = (gz @ w if base is None else torch.addmm(base.to(gz.dtype), gz, w)).to(x.dtype)
+            if base is None:
+                gx = gz @ w
+            elif p > 1 and base.dtype == gz.dtype and not compiling:  # the sum is ours: the product into it
+                gx = base.addmm_(gz, w)
+            else:
+                gx = torch.addmm(base.to(gz.dtype), gz, w)
+            gx = gx.to(x.dtype)
         gw_first = None
         if ctx.needs_input_grad[1] or (r and ctx.needs_input_grad[3]):  # [dW_in; x^T dc] in one product
             gw_first = weight_grad(gz[None], x[None].to(gz.dtype))[0]
@@ -254,11 +260,11 @@ class _SiluTokenRead(Function):
     def forward(mixing, l1, r1, l2, r2, q, w_in, w_out):
         s1 = q @ r1.transpose(-1, -2)
         m1 = mixing * s1
-        z = torch.baddbmm(_apply(w_in, q), m1, l1)
+        z = _apply(w_in, q).baddbmm_(m1, l1)  # (in place: the product is ours; out of place copies it first)
         h = F.silu(z)
         s2 = h @ r2.transpose(-1, -2)
         m2 = mixing * s2
-        return torch.baddbmm(_apply(w_out, h, q), m2, l2), z, h, s1, m1, s2, m2
+        return _apply(w_out, h, q).baddbmm_(m2, l2), z, h, s1, m1, s2, m2
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -334,23 +340,32 @@ def activation_and_slope(name: str, z: torch.Tensor):
     return t, 1 - t * t
 
 
-def _apply_mixed(w, x, add=None, beta: int = 1, alpha: int = 1):
+def _apply_mixed(w, x, add=None, beta: int = 1, alpha: int = 1, owned: bool = False):
     """beta add + alpha x w^T (beta, alpha = +-1) at x's precision, w cast to it (autocast leaves mixed
-    dtypes); the sum in the product (addmm / baddbmm) where add has x's dtype too."""
+    dtypes); the sum in the product (addmm / baddbmm) where add has x's dtype too, into add itself when
+    ``owned`` (a temporary of the caller's, contiguous: the out-of-place product first copies add)."""
     w = w.to(x.dtype)
     if add is not None and add.dtype == x.dtype and not torch.compiler.is_compiling():
+        owned = owned and add.is_contiguous()
         if w.ndim == 2:
+            if owned:
+                add.view(-1, add.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w.t(), beta=beta, alpha=alpha)
+                return add
             flat = torch.addmm(add.reshape(-1, add.shape[-1]), x.reshape(-1, x.shape[-1]), w.t(), beta=beta, alpha=alpha)
             return flat.view(*x.shape[:-1], w.shape[0])
         if x.ndim == 3:
+            if owned:
+                return add.baddbmm_(x, w.transpose(-1, -2), beta=beta, alpha=alpha)
             return torch.baddbmm(add, x, w.transpose(-1, -2), beta=beta, alpha=alpha)
     prod = _apply(w if alpha == 1 else -w, x)  # (compiling: add may be an incoming gradient of unknown layout; no reshape)
     return prod if add is None else prod + add if beta == 1 else prod - add
 
 
-def _wgrad(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None, alpha: int = 1) -> torch.Tensor:
+def _wgrad(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None, alpha: int = 1,
+           owned: bool = False) -> torch.Tensor:
     """alpha sum over tokens of a_t x_t^T (+ add) for a weight w: one for all copies (o, i), summed over
-    every token of a (N, L, o), x (N, L, i), or one per copy (N, o, i)."""
+    every token of a (N, L, o), x (N, L, i), or one per copy (N, o, i); into add itself when ``owned``
+    (a contiguous temporary of the caller's)."""
     x = x.to(a.dtype)
     if add is None or add.dtype != a.dtype or torch.compiler.is_compiling():  # the sum apart
         if w.ndim == 2 and torch.compiler.is_compiling():  # no reshape of a gradient of unknown layout
@@ -361,9 +376,12 @@ def _wgrad(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor 
             out = a.transpose(-1, -2) @ x
         out = out if alpha == 1 else -out
         return out if add is None else add + out
+    owned = owned and add.is_contiguous()
     if w.ndim == 2:
-        return torch.addmm(add, a.reshape(-1, a.shape[-1]).t(), x.reshape(-1, x.shape[-1]), alpha=alpha)
-    return torch.baddbmm(add, a.transpose(-1, -2), x, alpha=alpha)
+        args = (a.reshape(-1, a.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+        return add.addmm_(*args, alpha=alpha) if owned else torch.addmm(add, *args, alpha=alpha)
+    args = (a.transpose(-1, -2), x)
+    return add.baddbmm_(*args, alpha=alpha) if owned else torch.baddbmm(add, *args, alpha=alpha)
 
 
 class _SiluFactors(Function):
@@ -420,7 +438,8 @@ class _SiluFactors(Function):
         base, t = output_grads(gl, l, e, o if dgd else None, None if gg is None else two_g * n2[3, ..., None], two_r)
         # ne = -E: dv = ne needs no negation; E's other uses take the sign in their products
         if gq is not None:
-            ne = _apply_mixed(w_out, gq, base, beta=-1, alpha=-1)  # -(L' + 2 drho e) - (B' p) W_out^T
+            # -(L' + 2 drho e) - (B' p) W_out^T, into base where it is a temporary of its own (not gl, not t)
+            ne = _apply_mixed(w_out, gq, base, beta=-1, alpha=-1, owned=base is not gl and base is not t)
         else:
             ne = None if base is None else -base
         go, go_sign = ne, -1  # O = sign * go: without dgd O = E
@@ -433,7 +452,7 @@ class _SiluFactors(Function):
             else:
                 gh = torch.addcmul(gh, h, c, **({} if torch.compiler.is_compiling() else {"out": torch.empty_like(h)}))
         if go is not None:
-            gh = _apply_mixed(w_out.transpose(-1, -2), go, gh, alpha=go_sign)  # + O W_out
+            gh = _apply_mixed(w_out.transpose(-1, -2), go, gh, alpha=go_sign, owned=gg is not None)  # + O W_out
         if gz is not None:  # silu''(z) B' q + H' p
             if gh is not None:
                 gz.addcmul_(gh, p)
@@ -444,7 +463,7 @@ class _SiluFactors(Function):
             c = two_g * n2[1, ..., None]
             gk, k_sign = (k * c, 1) if ne is None else (torch.addcmul(ne, k, c, value=-1.0), -1)
         if gz is not None:
-            gk = _apply_mixed(w_in.transpose(-1, -2), gz, gk, beta=k_sign)  # + dz W_in
+            gk = _apply_mixed(w_in.transpose(-1, -2), gz, gk, beta=k_sign, owned=gg is not None)  # + dz W_in
         elif gk is not None and k_sign == -1:
             gk = -gk
         needs = ctx.needs_input_grad
@@ -454,7 +473,7 @@ class _SiluFactors(Function):
         gw_out = None
         if needs[4] and (gq is not None or go is not None):
             first = None if gq is None else _wgrad(e, gq, w_out)
-            gw_out = (first if go is None else _wgrad(go, h, w_out, first, alpha=go_sign)).to(w_out.dtype)
+            gw_out = (first if go is None else _wgrad(go, h, w_out, first, alpha=go_sign, owned=True)).to(w_out.dtype)
         return None, gk, gv, gw_in, gw_out
 
 
