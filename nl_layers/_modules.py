@@ -63,7 +63,7 @@ class _NormalizedHeads(Function):
         b, t, dim = x.shape
         flat = x.reshape(b * t, dim)
         ys, norms = [], []
-        for u in (x, (flat @ w_q.t()).view(b, t, dim)):
+        for u in (flat.view(b, t, dim), (flat @ w_q.t()).view(b, t, dim)):  # x as the (B T, D) copy, if one was made
             u = u.view(b, t, heads, dim // heads)
             if torch.compiler.is_compiling():  # no out= (torch.compile traces this path)
                 y, n = normalize_rows(u, eps)
