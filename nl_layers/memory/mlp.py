@@ -403,13 +403,14 @@ class _SiluFactors(Function):
     @staticmethod
     def forward(dgd, k, v, w_in, w_out):
         z = _apply(w_in, k)
-        # squared norms of k, b, l, h (and e, o with dgd), at the widest dtype of them (autocast: z may be narrower)
+        # norms of k, b, l, h (and e, o with dgd), squared below, at the widest dtype of them (autocast: z may be narrower)
         n2 = z.new_empty(6 if dgd else 4, *k.shape[:-1], dtype=torch.promote_types(torch.promote_types(z.dtype, k.dtype), v.dtype))
         s, h, p = silu_parts(z, n2[3])  # sigmoid(z), silu(z), silu'(z)
         o = _apply(w_out, h)
         e, l = residual_parts(k, o, v, dgd, n2)  # e = k + o - v, l = e + o (dgd) or e
         q = _apply(w_out.transpose(-1, -2), e)  # e W_out
         b = slope_product(q, p, n2[1])
+        n2.square_()
         g = n2[0] * n2[1] + n2[2] * n2[3]
         rho = n2[4:].sum(0) if dgd else n2[2]
         return b, l, h, g, rho, s, p, q, o, e if dgd else None, n2

@@ -8,14 +8,14 @@ q = W_out^T e,
     forward:   s = sigmoid(z),  h = z s,  p = silu'(z) = s + h (1 - s)              (silu_parts)
                e = k + o - v,   l = e + o (dgd) or e                                (residual_parts)
                b = q p                                                              (slope_product)
-               with the squared row norms ||h||^2, ||k||^2, ||l||^2, ||b||^2 (and ||e||^2, ||o||^2 with dgd)
+               with the row norms ||h||, ||k||, ||l||, ||b|| (and ||e||, ||o|| with dgd)
     backward:  B' = B + c_b b,  dq = B' p,  dz0 = silu''(z) B' q = (s + (1 - 2 s) p) B' q   (hidden_grads)
                L' = L + c_l l,  L' + r e,  L' + r o (dgd)                           (output_grads)
 
 for the incoming gradients B, L of b, l and the per-row scalars c_b, c_l, r (of the squared norms'
 gradients). torch runs each stage as 4 to 9 passes over the rows (one per operator, the norms
-apart); each kernel reads every input once and writes every output once. The squared norms are
-written into planes of one buffer (the node's stacked norms: no stack).
+apart); each kernel reads every input once and writes every output once. The norms are written
+into planes of one buffer (the node's stacked norms: no stack; the node squares them at once).
 
 ``impl``: "triton" (CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``), "torch" (the
 reference) or "auto" (the kernel for contiguous float32/bfloat16/float16 CUDA tensors of one dtype
@@ -27,7 +27,7 @@ Example:
     >>> hh = torch.empty(1)
     >>> s, h, p = silu_parts(z, hh, impl="torch")
     >>> h, p, hh
-    (tensor([[0.0000, 0.7311]]), tensor([[0.5000, 0.9277]]), tensor([0.5344]))
+    (tensor([[0.0000, 0.7311]]), tensor([[0.5000, 0.9277]]), tensor([0.7311]))
 """
 
 from __future__ import annotations
@@ -67,8 +67,12 @@ def _impl(impl: str, *ts: Tensor | None) -> str:
     return impl
 
 
-def _sq_norm(x: Tensor, out: Tensor) -> None:
-    out.copy_(torch.linalg.vector_norm(x, dim=-1).square())
+def _norm(x: Tensor, out: Tensor) -> None:
+    """||x|| over the last dimension into out (one operator; a copy while compiling: no out= there)."""
+    if torch.compiler.is_compiling() or out.dtype != x.dtype:
+        out.copy_(torch.linalg.vector_norm(x, dim=-1))
+    else:
+        torch.linalg.vector_norm(x, dim=-1, out=out)
 
 
 def _grid(x: Tensor) -> tuple[int, int, int, int, tuple[int]]:
@@ -85,12 +89,12 @@ def _acc(t: Tensor):
 
 
 def silu_parts(z: Tensor, hh: Tensor, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    """(s, h, p) = (sigmoid(z), z s, silu'(z)); ||h||^2 over the last dimension written into hh (z.shape[:-1])."""
+    """(s, h, p) = (sigmoid(z), z s, silu'(z)); ||h|| over the last dimension written into hh (z.shape[:-1])."""
     if _impl(impl, z, hh) == "torch":
         s = torch.sigmoid(z)
         h = z * s
         p = torch.addcmul(s, h, 1 - s)  # silu'(z) = s + z s (1 - s)
-        _sq_norm(h, hh)
+        _norm(h, hh)
         return s, h, p
     z = z.contiguous()
     s, h, p = (torch.empty_like(z) for _ in range(3))
@@ -103,13 +107,13 @@ def silu_parts(z: Tensor, hh: Tensor, impl: str = "auto") -> tuple[Tensor, Tenso
 
 
 def residual_parts(k: Tensor, o: Tensor, v: Tensor, dgd: bool, n2: Tensor, impl: str = "auto") -> tuple[Tensor, Tensor]:
-    """(e, l) = (k + o - v, e + o with ``dgd`` else e); squared row norms into the planes of n2:
-    n2[0] = ||k||^2, n2[2] = ||l||^2 and with ``dgd`` n2[4] = ||e||^2, n2[5] = ||o||^2."""
+    """(e, l) = (k + o - v, e + o with ``dgd`` else e); row norms into the planes of n2:
+    n2[0] = ||k||, n2[2] = ||l|| and with ``dgd`` n2[4] = ||e||, n2[5] = ||o||."""
     if _impl(impl, k, o, v, n2) == "torch":
         e = k + o - v
         l = e + o if dgd else e
         for i, x in ((0, k), (2, l)) + (((4, e), (5, o)) if dgd else ()):
-            _sq_norm(x, n2[i])
+            _norm(x, n2[i])
         return e, l
     k, o, v = k.contiguous(), o.contiguous(), v.contiguous()
     e = torch.empty_like(k)
@@ -124,10 +128,10 @@ def residual_parts(k: Tensor, o: Tensor, v: Tensor, dgd: bool, n2: Tensor, impl:
 
 
 def slope_product(q: Tensor, p: Tensor, bb: Tensor, impl: str = "auto") -> Tensor:
-    """b = q p; ||b||^2 over the last dimension written into bb."""
+    """b = q p; ||b|| over the last dimension written into bb."""
     if _impl(impl, q, p, bb) == "torch":
         b = q * p
-        _sq_norm(b, bb)
+        _norm(b, bb)
         return b
     q, p = q.contiguous(), p.contiguous()
     b = torch.empty_like(q)
@@ -206,7 +210,7 @@ if triton is not None:
         tl.store(s + at, sv.to(s.dtype.element_ty), mask=mask)
         tl.store(h + at, hv.to(h.dtype.element_ty), mask=mask)
         tl.store(p + at, (sv + hv * (1.0 - sv)).to(p.dtype.element_ty), mask=mask)
-        tl.store(hh + r, tl.sum(hv * hv, axis=1).to(hh.dtype.element_ty), mask=mr)
+        tl.store(hh + r, tl.sqrt(tl.sum(hv * hv, axis=1)).to(hh.dtype.element_ty), mask=mr)
 
     @triton.jit
     def _residual_parts_kernel(k, o, v, e, l, n2, R, D, plane, DGD: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
@@ -217,22 +221,22 @@ if triton is not None:
         ev = kv + ov - tl.load(v + at, mask=mask, other=0.0).to(ACC)
         tl.store(e + at, ev.to(e.dtype.element_ty), mask=mask)
         ty = n2.dtype.element_ty
-        tl.store(n2 + r, tl.sum(kv * kv, axis=1).to(ty), mask=mr)
+        tl.store(n2 + r, tl.sqrt(tl.sum(kv * kv, axis=1)).to(ty), mask=mr)
         if DGD:
             lv = ev + ov
             tl.store(l + at, lv.to(l.dtype.element_ty), mask=mask)
-            tl.store(n2 + 2 * plane + r, tl.sum(lv * lv, axis=1).to(ty), mask=mr)
-            tl.store(n2 + 4 * plane + r, tl.sum(ev * ev, axis=1).to(ty), mask=mr)
-            tl.store(n2 + 5 * plane + r, tl.sum(ov * ov, axis=1).to(ty), mask=mr)
+            tl.store(n2 + 2 * plane + r, tl.sqrt(tl.sum(lv * lv, axis=1)).to(ty), mask=mr)
+            tl.store(n2 + 4 * plane + r, tl.sqrt(tl.sum(ev * ev, axis=1)).to(ty), mask=mr)
+            tl.store(n2 + 5 * plane + r, tl.sqrt(tl.sum(ov * ov, axis=1)).to(ty), mask=mr)
         else:
-            tl.store(n2 + 2 * plane + r, tl.sum(ev * ev, axis=1).to(ty), mask=mr)
+            tl.store(n2 + 2 * plane + r, tl.sqrt(tl.sum(ev * ev, axis=1)).to(ty), mask=mr)
 
     @triton.jit
     def _slope_product_kernel(q, p, b, bb, R, D, BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
         r, at, mask, mr = _tile(R, D, BR, BD)
         bv = tl.load(q + at, mask=mask, other=0.0).to(ACC) * tl.load(p + at, mask=mask, other=0.0).to(ACC)
         tl.store(b + at, bv.to(b.dtype.element_ty), mask=mask)
-        tl.store(bb + r, tl.sum(bv * bv, axis=1).to(bb.dtype.element_ty), mask=mr)
+        tl.store(bb + r, tl.sqrt(tl.sum(bv * bv, axis=1)).to(bb.dtype.element_ty), mask=mr)
 
     @triton.jit
     def _hidden_grads_kernel(gb, b, p, q, s, cb, gq, gz, R, D, HAS_G: tl.constexpr, HAS_C: tl.constexpr,
