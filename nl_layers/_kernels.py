@@ -18,10 +18,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _ENABLED = True
+IMPLS = ("auto", "triton", "torch")
 
 
 def set_triton_kernels(enabled: bool) -> None:
@@ -44,3 +45,20 @@ def triton_kernels(enabled: bool) -> Iterator[None]:
         yield
     finally:
         set_triton_kernels(previous)
+
+
+def resolve_impl(impl: str, kernel_ok: Callable[[], bool], has_triton: bool) -> str:
+    """The path an op's ``impl`` argument takes: "auto" -> "triton" where ``kernel_ok()`` else "torch";
+    an explicit "triton" needs triton; any other name raises.
+
+    Example:
+        >>> resolve_impl("auto", lambda: False, True)
+        'torch'
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if kernel_ok() else "torch"
+    if impl == "triton" and not has_triton:
+        raise RuntimeError("impl='triton' needs triton")
+    return impl

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._kernels import triton_kernels_enabled
+from .._kernels import IMPLS, resolve_impl, triton_kernels_enabled
 
 try:  # triton is optional: without it only the torch path runs
     import triton
@@ -44,7 +44,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 __all__ = ["IMPLS", "kernel_ok", "normalize_rows", "normalize_rows_backward", "normalize_rows_torch",
            "normalize_rows_backward_torch"]
 
-IMPLS = ("auto", "triton", "torch")
 ROW_ELEMENTS, MAX_WIDTH = 4096, 4096  # elements one program covers (rows x padded width); widest row the kernels take
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -69,13 +68,7 @@ def kernel_ok(*ts: Tensor) -> bool:
 
 
 def _impl(impl: str, *ts: Tensor) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if kernel_ok(*ts) and _fits(*ts) else "torch"
-    if triton is None:
-        raise RuntimeError("impl='triton' needs triton")
-    return impl
+    return resolve_impl(impl, lambda: kernel_ok(*ts) and _fits(*ts), triton is not None)
 
 
 def _fits(*ts: Tensor) -> bool:

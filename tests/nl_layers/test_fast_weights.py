@@ -274,7 +274,8 @@ def test_token_plan_without_ends_skips_dm_last_and_pa_with_the_same_mix(momentum
     assert all(max_diff(g, h) < 1e-14 for g, h in zip(got, want))
 
 
-@pytest.mark.parametrize("name", ["scan", "cross", "engines", "step", "grouped_linear", "decay_kernels", "read_kernels"])
+@pytest.mark.parametrize("name", ["scan", "cross", "engines", "step", "grouped_linear", "decay_kernels", "read_kernels",
+                                  "factor_kernels", "shared_read_kernels"])
 def test_docstring_examples_of_the_ops_run(name):
     import doctest
     import importlib

@@ -172,7 +172,8 @@ def test_bfloat16_autocast(build):
     assert (torch.cat([part1, part2], 1).float() - logits.float()).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("name", ["nl_layers._checks", "nl_layers._modules", "nl_layers._kernels", "nl_layers.graphed"])
+@pytest.mark.parametrize("name", ["nl_layers._checks", "nl_layers._modules", "nl_layers._kernels", "nl_layers.graphed",
+                                  "nl_layers.ops.normalize_kernels"])
 def test_docstring_examples_of_the_helpers_run(name):
     import doctest
     import importlib

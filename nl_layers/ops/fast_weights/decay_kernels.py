@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._kernels import triton_kernels_enabled
+from ..._kernels import IMPLS, resolve_impl, triton_kernels_enabled
 from .cross import _above
 
 try:  # triton is optional: without it only the torch path runs
@@ -43,7 +43,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = ["IMPLS", "kernel_ok", "decay_rowcol", "decay_rowcol_torch", "decay_tiles", "decay_tiles_torch"]
 
-IMPLS = ("auto", "triton", "torch")
 #: tile of one ``tiles`` program (rows x columns); rows of one ``rowcol`` program, which walks the
 #: columns up to the diagonal in COL_BLOCK steps
 TILE, ROW_BLOCK, COL_BLOCK, WARPS = 64, 32, 64, 4
@@ -74,13 +73,7 @@ def kernel_ok(*ts: Tensor) -> bool:
 
 
 def _impl(impl: str, *ts: Tensor) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if kernel_ok(*ts) else "torch"
-    if impl == "triton" and triton is None:
-        raise RuntimeError("impl='triton' needs triton")
-    return impl
+    return resolve_impl(impl, lambda: kernel_ok(*ts), triton is not None)
 
 
 def decay_tiles(c: Tensor, w: Tensor, impl: str = "auto") -> Tensor:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._kernels import triton_kernels_enabled
+from ..._kernels import IMPLS, resolve_impl, triton_kernels_enabled
 
 try:  # triton is optional: without it only the torch path runs
     import triton
@@ -40,7 +40,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = ["IMPLS", "kernel_ok", "silu_memory_major", "silu_backward_token_major"]
 
-IMPLS = ("auto", "triton", "torch")
 ROW_ELEMENTS, MAX_WIDTH = 4096, 4096  # elements one program covers (rows x padded width); widest row the kernels take
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,13 +51,7 @@ def kernel_ok(*ts: Tensor) -> bool:
 
 
 def _impl(impl: str, *ts: Tensor) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if kernel_ok(*ts) else "torch"
-    if triton is None:
-        raise RuntimeError("impl='triton' needs triton")
-    return impl
+    return resolve_impl(impl, lambda: kernel_ok(*ts), triton is not None)
 
 
 def _unit_last(t: Tensor) -> Tensor:
