@@ -1,7 +1,8 @@
 """One switch for the layers' own Triton kernels (``impl="auto"`` paths), like torch's SDPA backend flags.
 
 The layers dispatch to Triton kernels on CUDA where one computes their op (the causal
-convolution, the fast-weight token form's decay-mix and read passes) and to the torch paths
+convolution, the fast-weight token form's decay-mix and read passes, row-wise L2 normalisation,
+the residual MLP memory's factor stages and its shared read's activation) and to the torch paths
 elsewhere. The kernels cut the GPU's work; each launch costs the host more than a torch op, so an
 eager step that waits on the host can be faster on the torch paths, while a step replayed as a
 CUDA graph gains the kernels' GPU time in full. The switch changes only ``"auto"`` dispatch (an

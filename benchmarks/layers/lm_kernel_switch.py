@@ -1,9 +1,10 @@
 """Eager LM step time with the layers' Triton kernels on (default) or off, rounds interleaved (GPU).
 
-The causal convolution, the token form's decay-mix passes and the read's backward pass run as
-Triton kernels on CUDA; "off" (``nl_layers.triton_kernels(False)``) takes their torch paths. Eager
-steps are bound by the host's launches, whose cost moves between runs by more than the kernels
-change, so both are timed in one process, rounds interleaved (as ``lm_value_checks``: AdamW,
+The causal convolution, the token form's decay-mix passes, the read's backward pass, the L2
+normalisations and the residual MLP memory's element-wise stages run as Triton kernels on CUDA;
+"off" (``nl_layers.triton_kernels(False)``) takes their torch paths. Eager steps are bound by the
+host's launches, whose cost moves between runs by more than the kernels change, so both are
+timed in one process, rounds interleaved (as ``lm_value_checks``: AdamW,
 32 x 256 tokens, dim 384, depth 6), beside TransformerLM (which has none of them).
 
 Usage: ``python -m benchmarks.layers.lm_kernel_switch [--repeat 20] [--rounds 3]``.
