@@ -82,7 +82,9 @@ def op_profile(step, top: int) -> str:
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True, record_shapes=True) as prof:
+    verbose = torch._C._profiler._ExperimentalConfig(verbose=True)  # python stacks on the operators (else none)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True, record_shapes=True,
+                 experimental_config=verbose) as prof:
         step()
         torch.cuda.synchronize()
     stacks = prof.key_averages(group_by_stack_n=5).table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)
