@@ -80,7 +80,7 @@ lm_compile() {
   say "lm_compile rc=$?"
 }
 kernels() {
-  for bench in ${KERNEL_BENCHES:-causal_conv_bench decay_mix_bench}; do
+  for bench in ${KERNEL_BENCHES:-causal_conv_bench decay_mix_bench row_kernels_bench}; do
     say "$bench start"
     CUDA_VISIBLE_DEVICES=${1:-0} timeout "${KERNEL_SECONDS:-120}" python3 -m benchmarks.layers.$bench > "$out/logs/$bench.log" 2>&1
     say "$bench rc=$?"
