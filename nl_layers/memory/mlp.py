@@ -94,6 +94,11 @@ def _first_weights(w_in: torch.Tensor, heads: torch.Tensor | None) -> torch.Tens
     return flat if heads is None else torch.cat([flat, heads.to(flat.dtype)])
 
 
+def _autocast_on(t: torch.Tensor) -> bool:
+    """Whether autocast is enabled for t's device (a meta tensor has none)."""
+    return t.device.type != "meta" and torch.is_autocast_enabled(t.device.type)
+
+
 def _aligned_rows(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialised (rows, cols) matrix whose row stride is rounded up to a multiple of 16
     elements: Triton proves such strides divisible and loads the rows as whole vectors (a stride
@@ -126,8 +131,7 @@ class _SharedSiluRead(Function):
         # (M, G h [+ R]): z and, with heads, x . w_r in its last R columns; its row stride a multiple of 16
         # (see _aligned_rows), except where out= cannot go: under torch.compile, under autocast (the
         # product's dtype is autocast's) or for mixed dtypes
-        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
-        if torch.compiler.is_compiling() or autocast or x.dtype != first.dtype:
+        if torch.compiler.is_compiling() or _autocast_on(x) or x.dtype != first.dtype:
             zx = x @ first.t()
         else:
             zx = torch.mm(x, first.t(), out=_aligned_rows(m, first.shape[0], x.dtype, x.device))
@@ -517,8 +521,7 @@ class ResidualMLPMemory(nn.Module):
         through :func:`silu_token_read` for silu (both layers in one node); None for another
         activation, under autocast or for mixed dtypes (the caller then composes layer by layer)."""
         ts = (mixing, q, *base.values(), *(t for pair in facs.values() for t in pair))
-        autocast = q.device.type != "meta" and torch.is_autocast_enabled(q.device.type)  # (meta: no autocast)
-        if self.activation != "silu" or autocast or any(t.dtype != q.dtype for t in ts):
+        if self.activation != "silu" or _autocast_on(q) or any(t.dtype != q.dtype for t in ts):
             return None
         return silu_token_read(mixing, facs, base, q)
 

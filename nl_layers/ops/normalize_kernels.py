@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._kernels import IMPLS, resolve_impl, triton_kernels_enabled
+from .._kernels import IMPLS, resolve_impl
+from .row_kernels import acc_type, row_blocks, takes
 
 try:  # triton is optional: without it only the torch path runs
     import triton
@@ -44,8 +45,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 __all__ = ["IMPLS", "kernel_ok", "normalize_rows", "normalize_rows_backward", "normalize_rows_torch",
            "normalize_rows_backward_torch"]
 
-ROW_ELEMENTS, MAX_WIDTH = 4096, 4096  # elements one program covers (rows x padded width); widest row the kernels take
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def normalize_rows_torch(u: Tensor, eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -62,9 +61,8 @@ def normalize_rows_backward_torch(g: Tensor, y: Tensor, n: Tensor, eps: float, o
 
 
 def kernel_ok(*ts: Tensor) -> bool:
-    """Whether "auto" takes the kernels for these tensors."""
-    return (triton is not None and triton_kernels_enabled() and not torch.compiler.is_compiling() and ts[0].dtype in _KERNEL_DTYPES
-            and all(t.is_cuda and t.dtype == ts[0].dtype for t in ts))
+    """Whether "auto" takes the kernels for these tensors (see :func:`~nl_layers.ops.row_kernels.takes`)."""
+    return takes(ts)
 
 
 def _impl(impl: str, *ts: Tensor) -> str:
@@ -72,9 +70,8 @@ def _impl(impl: str, *ts: Tensor) -> str:
 
 
 def _fits(*ts: Tensor) -> bool:
-    """Whether the kernels take these tensors as they are: at most three leading dimensions, rows
-    no wider than MAX_WIDTH."""
-    return all(t.dim() <= 4 for t in ts) and ts[0].shape[-1] <= MAX_WIDTH
+    """Whether the kernels take these tensors as they are: at most three leading dimensions."""
+    return all(t.dim() <= 4 for t in ts)
 
 
 def _rows(t: Tensor) -> tuple[Tensor, list[int], list[int], bool]:
@@ -85,15 +82,6 @@ def _rows(t: Tensor) -> tuple[Tensor, list[int], list[int], bool]:
         t = t.contiguous().view(-1, *t.shape[-3:]) if t.dim() > 4 else t.contiguous()
     pad = 4 - t.dim()
     return t, [1] * pad + list(t.shape[:-1]), [0] * pad + list(t.stride()[:-1]), copied
-
-
-def _blocks(width: int) -> tuple[int, int]:
-    bd = triton.next_power_of_2(max(width, 1))
-    return max(1, ROW_ELEMENTS // bd), bd
-
-
-def _acc(t: Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
 def normalize_rows(u: Tensor, eps: float, out: Tensor | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
@@ -110,9 +98,9 @@ def normalize_rows(u: Tensor, eps: float, out: Tensor | None = None, impl: str =
     y4, _, sy, y_copied = _rows(y)
     rows, width = n.numel(), u.shape[-1]
     if rows and width:
-        br, bd = _blocks(width)
+        br, bd = row_blocks(width)
         _normalize_kernel[(triton.cdiv(rows, br),)](
-            u4, y4, n, rows, width, size[1], size[2], *su, *sy, eps, BR=br, BD=bd, ACC=_acc(u))
+            u4, y4, n, rows, width, size[1], size[2], *su, *sy, eps, BR=br, BD=bd, ACC=acc_type(u))
     elif rows:
         n.fill_(eps)
     if y_copied:  # out had no unit last stride (or over three leading dims): written to a copy
@@ -134,15 +122,16 @@ def normalize_rows_backward(g: Tensor, y: Tensor, n: Tensor, eps: float, out: Te
     d4, _, sd, du_copied = _rows(du)
     rows, width = n.numel(), g.shape[-1]
     if rows and width:
-        br, bd = _blocks(width)
+        br, bd = row_blocks(width)
         _normalize_backward_kernel[(triton.cdiv(rows, br),)](
-            g4, y4, n.contiguous(), d4, rows, width, size[1], size[2], *sg, *sy, *sd, eps, BR=br, BD=bd, ACC=_acc(g))
+            g4, y4, n.contiguous(), d4, rows, width, size[1], size[2], *sg, *sy, *sd, eps, BR=br, BD=bd, ACC=acc_type(g))
     if du_copied:
         du.copy_(d4.view(du.shape))
     return du
 
 
 if triton is not None:
+    from .row_kernels import row_tile
 
     @triton.jit
     def _offsets(r, s1, s2, st0, st1, st2):
@@ -156,10 +145,7 @@ if triton is not None:
     def _normalize_kernel(u, y, n, R, D, s1, s2, su0, su1, su2, sy0, sy1, sy2, eps,
                           BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
         """BR rows: n = max(||u||, eps), y = u / n."""
-        r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-        c = tl.arange(0, BD)
-        mr = r < R
-        mask = mr[:, None] & (c < D)[None, :]
+        r, c, mr, mask = row_tile(R, D, BR, BD)
         uv = tl.load(u + _offsets(r, s1, s2, su0, su1, su2)[:, None] + c[None, :], mask=mask, other=0.0).to(ACC)
         nv = tl.maximum(tl.sqrt(tl.sum(uv * uv, axis=1)), eps)
         tl.store(n + r, nv.to(n.dtype.element_ty), mask=mr)
@@ -170,10 +156,7 @@ if triton is not None:
     def _normalize_backward_kernel(g, y, n, du, R, D, s1, s2, sg0, sg1, sg2, sy0, sy1, sy2, sd0, sd1, sd2, eps,
                                    BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
         """BR rows: du = (g - [n > eps] y (y . g)) / n."""
-        r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-        c = tl.arange(0, BD)
-        mr = r < R
-        mask = mr[:, None] & (c < D)[None, :]
+        r, c, mr, mask = row_tile(R, D, BR, BD)
         gv = tl.load(g + _offsets(r, s1, s2, sg0, sg1, sg2)[:, None] + c[None, :], mask=mask, other=0.0).to(ACC)
         yv = tl.load(y + _offsets(r, s1, s2, sy0, sy1, sy2)[:, None] + c[None, :], mask=mask, other=0.0).to(ACC)
         nv = tl.load(n + r, mask=mr, other=1.0).to(ACC)

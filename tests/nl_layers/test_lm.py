@@ -173,7 +173,7 @@ def test_bfloat16_autocast(build):
 
 
 @pytest.mark.parametrize("name", ["nl_layers._checks", "nl_layers._modules", "nl_layers._kernels", "nl_layers.graphed",
-                                  "nl_layers.ops.normalize_kernels"])
+                                  "nl_layers.ops.normalize_kernels", "nl_layers.ops.row_kernels"])
 def test_docstring_examples_of_the_helpers_run(name):
     import doctest
     import importlib

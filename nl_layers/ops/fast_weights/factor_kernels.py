@@ -35,7 +35,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._kernels import IMPLS, resolve_impl, triton_kernels_enabled
+from ..._kernels import IMPLS, resolve_impl
+from ..row_kernels import acc_type, row_blocks, takes
 
 try:  # triton is optional: without it only the torch path runs
     import triton
@@ -45,15 +46,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = ["IMPLS", "kernel_ok", "hidden_grads", "output_grads", "residual_parts", "silu_parts", "slope_product"]
 
-ROW_ELEMENTS, MAX_WIDTH = 4096, 4096  # elements one program covers (rows x padded width); widest row the kernels take
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_ok(*ts: Tensor | None) -> bool:
-    """Whether "auto" takes the kernels for these tensors (None entries ignored)."""
-    ts = [t for t in ts if t is not None]
-    return (triton is not None and triton_kernels_enabled() and not torch.compiler.is_compiling() and ts[0].dtype in _KERNEL_DTYPES
-            and all(t.is_cuda and t.dtype == ts[0].dtype and t.is_contiguous() for t in ts) and ts[0].shape[-1] <= MAX_WIDTH)
+    """Whether "auto" takes the kernels for these tensors (None entries ignored; see
+    :func:`~nl_layers.ops.row_kernels.takes`; every one contiguous)."""
+    return takes(ts) and all(t is None or t.is_contiguous() for t in ts)
 
 
 def _impl(impl: str, *ts: Tensor | None) -> str:
@@ -71,14 +69,9 @@ def _norm(x: Tensor, out: Tensor) -> None:
 def _grid(x: Tensor) -> tuple[int, int, int, int, tuple[int]]:
     """(rows, width, rows per program, padded width, grid) of a kernel over x's rows."""
     width = x.shape[-1]
-    bd = triton.next_power_of_2(max(width, 1))
-    br = max(1, ROW_ELEMENTS // bd)
+    br, bd = row_blocks(width)
     rows = x.numel() // max(width, 1)
     return rows, width, br, bd, (triton.cdiv(rows, br),)
-
-
-def _acc(t: Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
 def silu_parts(z: Tensor, hh: Tensor, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
@@ -93,7 +86,7 @@ def silu_parts(z: Tensor, hh: Tensor, impl: str = "auto") -> tuple[Tensor, Tenso
     s, h, p = (torch.empty_like(z) for _ in range(3))
     rows, width, br, bd, grid = _grid(z)
     if rows and width:
-        _silu_parts_kernel[grid](z, s, h, p, hh, rows, width, BR=br, BD=bd, ACC=_acc(z))
+        _silu_parts_kernel[grid](z, s, h, p, hh, rows, width, BR=br, BD=bd, ACC=acc_type(z))
     elif rows:
         hh.zero_()
     return s, h, p
@@ -114,7 +107,7 @@ def residual_parts(k: Tensor, o: Tensor, v: Tensor, dgd: bool, n2: Tensor, impl:
     rows, width, br, bd, grid = _grid(k)
     if rows and width:
         _residual_parts_kernel[grid](k, o, v, e, l, n2, rows, width, n2.stride(0), DGD=dgd, BR=br, BD=bd,
-                                     ACC=_acc(k))
+                                     ACC=acc_type(k))
     elif rows:
         n2.zero_()
     return e, l
@@ -130,7 +123,7 @@ def slope_product(q: Tensor, p: Tensor, bb: Tensor, impl: str = "auto") -> Tenso
     b = torch.empty_like(q)
     rows, width, br, bd, grid = _grid(q)
     if rows and width:
-        _slope_product_kernel[grid](q, p, b, bb, rows, width, BR=br, BD=bd, ACC=_acc(q))
+        _slope_product_kernel[grid](q, p, b, bb, rows, width, BR=br, BD=bd, ACC=acc_type(q))
     elif rows:
         bb.zero_()
     return b
@@ -150,7 +143,7 @@ def hidden_grads(gb: Tensor | None, b: Tensor, p: Tensor, q: Tensor, s: Tensor, 
     if rows and width:
         _hidden_grads_kernel[grid](b if gb is None else gb.contiguous(), b, p, q, s, b if cb is None else cb.contiguous(),
                                    gq, gz, rows, width, HAS_G=gb is not None, HAS_C=cb is not None, BR=br, BD=bd,
-                                   ACC=_acc(b))
+                                   ACC=acc_type(b))
     return gq, gz
 
 
@@ -180,19 +173,29 @@ def output_grads(gl: Tensor | None, l: Tensor, e: Tensor, o: Tensor | None, cl: 
                                    l if cl is None else cl.contiguous(), l if r is None else r.contiguous(),
                                    base, base if t is None else t, rows, width, HAS_G=gl is not None,
                                    HAS_C=cl is not None, HAS_R=r is not None, HAS_O=o is not None, BR=br, BD=bd,
-                                   ACC=_acc(l))
+                                   ACC=acc_type(l))
     return base, t
 
 
 if triton is not None:
+    from ..row_kernels import row_tile
 
     @triton.jit
     def _tile(R, D, BR: tl.constexpr, BD: tl.constexpr):
-        """(row indices, element offsets, element mask, row mask) of this program's rows."""
-        r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-        c = tl.arange(0, BD)
-        mr = r < R
-        return r, r[:, None] * D + c[None, :], mr[:, None] & (c < D)[None, :], mr
+        """(row indices, element offsets, element mask, row mask) of this program's rows (contiguous rows)."""
+        r, c, mr, mask = row_tile(R, D, BR, BD)
+        return r, r[:, None] * D + c[None, :], mask, mr
+
+    @triton.jit
+    def _plus_scaled(g, x, c, r, at, mask, mr, HAS_G: tl.constexpr, HAS_C: tl.constexpr, BR: tl.constexpr,
+                     BD: tl.constexpr, ACC: tl.constexpr):
+        """The tile of g + c x (c one scalar a row), either term absent (zero) without its flag."""
+        out = tl.zeros((BR, BD), dtype=ACC)
+        if HAS_G:
+            out += tl.load(g + at, mask=mask, other=0.0).to(ACC)
+        if HAS_C:
+            out += tl.load(x + at, mask=mask, other=0.0).to(ACC) * tl.load(c + r, mask=mr, other=0.0).to(ACC)[:, None]
+        return out
 
     @triton.jit
     def _silu_parts_kernel(z, s, h, p, hh, R, D, BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
@@ -235,11 +238,7 @@ if triton is not None:
     def _hidden_grads_kernel(gb, b, p, q, s, cb, gq, gz, R, D, HAS_G: tl.constexpr, HAS_C: tl.constexpr,
                              BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
         r, at, mask, mr = _tile(R, D, BR, BD)
-        g = tl.zeros((BR, BD), dtype=ACC)
-        if HAS_G:
-            g += tl.load(gb + at, mask=mask, other=0.0).to(ACC)
-        if HAS_C:
-            g += tl.load(b + at, mask=mask, other=0.0).to(ACC) * tl.load(cb + r, mask=mr, other=0.0).to(ACC)[:, None]
+        g = _plus_scaled(gb, b, cb, r, at, mask, mr, HAS_G, HAS_C, BR, BD, ACC)  # B' = B + c_b b
         pv = tl.load(p + at, mask=mask, other=0.0).to(ACC)
         sv = tl.load(s + at, mask=mask, other=0.0).to(ACC)
         qv = tl.load(q + at, mask=mask, other=0.0).to(ACC)
@@ -250,11 +249,7 @@ if triton is not None:
     def _output_grads_kernel(gl, l, e, o, cl, rr, base, t, R, D, HAS_G: tl.constexpr, HAS_C: tl.constexpr,
                              HAS_R: tl.constexpr, HAS_O: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
         r, at, mask, mr = _tile(R, D, BR, BD)
-        g = tl.zeros((BR, BD), dtype=ACC)
-        if HAS_G:
-            g += tl.load(gl + at, mask=mask, other=0.0).to(ACC)
-        if HAS_C:
-            g += tl.load(l + at, mask=mask, other=0.0).to(ACC) * tl.load(cl + r, mask=mr, other=0.0).to(ACC)[:, None]
+        g = _plus_scaled(gl, l, cl, r, at, mask, mr, HAS_G, HAS_C, BR, BD, ACC)  # L' = L + c_l l
         bv = g
         tv = g
         if HAS_R:

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._kernels import IMPLS, resolve_impl, triton_kernels_enabled
+from ..._kernels import IMPLS, resolve_impl
+from ..row_kernels import acc_type, row_blocks, takes
 
 try:  # triton is optional: without it only the torch path runs
     import triton
@@ -40,14 +41,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = ["IMPLS", "kernel_ok", "silu_memory_major", "silu_backward_token_major"]
 
-ROW_ELEMENTS, MAX_WIDTH = 4096, 4096  # elements one program covers (rows x padded width); widest row the kernels take
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_ok(*ts: Tensor) -> bool:
-    """Whether "auto" takes the kernels for these tensors."""
-    return (triton is not None and triton_kernels_enabled() and not torch.compiler.is_compiling() and ts[0].dtype in _KERNEL_DTYPES
-            and all(t.is_cuda and t.dtype == ts[0].dtype and t.stride(-1) == 1 for t in ts) and ts[0].shape[-1] <= MAX_WIDTH)
+    """Whether "auto" takes the kernels for these tensors (see :func:`~nl_layers.ops.row_kernels.takes`;
+    every last stride 1)."""
+    return takes(ts) and all(t.stride(-1) == 1 for t in ts)
 
 
 def _impl(impl: str, *ts: Tensor) -> str:
@@ -56,15 +55,6 @@ def _impl(impl: str, *ts: Tensor) -> str:
 
 def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def _blocks(width: int) -> tuple[int, int]:
-    bd = triton.next_power_of_2(max(width, 1))
-    return max(1, ROW_ELEMENTS // bd), bd
-
-
-def _acc(t: Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
 def silu_memory_major(z: Tensor, out: Tensor | None = None, impl: str = "auto") -> Tensor:
@@ -76,9 +66,9 @@ def silu_memory_major(z: Tensor, out: Tensor | None = None, impl: str = "auto") 
         return torch.ops.aten.silu.out(z, out=h.transpose(0, 1)).transpose(0, 1)
     z = _unit_last(z)
     if h.numel():
-        br, bd = _blocks(hid)
+        br, bd = row_blocks(hid)
         _silu_kernel[(triton.cdiv(m, br), g)](z, h, m, hid, z.stride(0), z.stride(1), h.stride(0), h.stride(1),
-                                              BR=br, BD=bd, ACC=_acc(z))
+                                              BR=br, BD=bd, ACC=acc_type(z))
     return h
 
 
@@ -91,10 +81,10 @@ def silu_backward_token_major(dh: Tensor, z: Tensor, out: Tensor | None = None, 
         return torch.ops.aten.silu_backward.grad_input(dh.transpose(0, 1), z, grad_input=dz)
     dh, z = _unit_last(dh), _unit_last(z)
     if dz.numel():
-        br, bd = _blocks(hid)
+        br, bd = row_blocks(hid)
         _silu_backward_kernel[(triton.cdiv(m, br), g)](
             dh, z, dz, m, hid, dh.stride(0), dh.stride(1), z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
-            BR=br, BD=bd, ACC=_acc(z))
+            BR=br, BD=bd, ACC=acc_type(z))
     return dz
 
 
