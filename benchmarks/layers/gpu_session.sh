@@ -13,6 +13,8 @@
 #   defaults  lm_defaults (every LM at its defaults, 1000 steps x 3 seeds)
 #   kernels   the memory layers' Triton kernels against their torch references, checked and timed
 #             (benchmarks/layers/*_bench.py)
+#   matmuls   every matrix product of HopeLM's step, timed alone in its own and in other layouts
+#             (benchmarks/layers/matmul_layouts.py: which call sites leave cuBLAS on a slow kernel)
 #   baseline  the LM step's anatomy for the tree in $BASELINE (e.g. an earlier commit unpacked by
 #             `git archive`), in the same call as `profile`: a before/after pair on one machine
 # On 2 or more GPUs the jobs start at once: the last GPU runs the layers suite alone (its timings
@@ -87,6 +89,12 @@ kernels() {
     tail -n 12 "$out/logs/$bench.log" | tee -a "$out/session.log"
   done
 }
+matmuls() {
+  say "matmul_layouts start"
+  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${MATMUL_SECONDS:-150}" python3 -m benchmarks.layers.matmul_layouts --out "$out/matmul_layouts" \
+    ${MATMUL_ARGS:-} > "$out/logs/matmul_layouts.log" 2>&1
+  say "matmul_layouts rc=$?"
+}
 baseline() {
   say "baseline profile start ($BASELINE)"
   (cd "$BASELINE" && CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile \
@@ -115,7 +123,7 @@ if [ "$n" -ge 2 ]; then
   pids=""
   if has layers; then layers $((n - 1)) & pids="$pids $!"; fi
   (has kernels && kernels 0; has tests && tests; has ops && ops 0; has baseline && baseline 0; has profile && profile 0
-    has graphed && graphed 0; has switch && switch 0; has compile && lm_compile) & pids="$pids $!"
+    has matmuls && matmuls 0; has graphed && graphed 0; has switch && switch 0; has compile && lm_compile) & pids="$pids $!"
   if has defaults; then lm_defaults $workers & pids="$pids $!"; fi
   wait $pids
 else
@@ -124,15 +132,16 @@ else
   has ops && ops 0
   has baseline && baseline 0
   has profile && profile 0
+  has matmuls && matmuls 0
   has graphed && graphed 0
   has switch && switch 0
   has layers && layers 0
   has compile && lm_compile
   has defaults && lm_defaults 0,0,0
 fi
-tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers ops lm_graphed lm_profile lm_profile_baseline lm_defaults lm_compile 2>/dev/null)
+tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers ops matmul_layouts lm_graphed lm_profile lm_profile_baseline lm_defaults lm_compile 2>/dev/null)
 say "done"
-for f in "$out/ops/results.md" "$out/lm_profile_baseline/lm_profile.md" "$out/lm_profile/lm_profile.md" "$out/lm_compile/lm_compile.md"; do
+for f in "$out/matmul_layouts/matmul_layouts.md" "$out/lm_profile_baseline/lm_profile.md" "$out/lm_profile/lm_profile.md" "$out/lm_compile/lm_compile.md"; do
   [ -f "$f" ] && head -n 30 "$f"
 done
 tail -n 25 "$out/logs/layers.log" 2>/dev/null
