@@ -15,7 +15,7 @@
 #             (benchmarks/layers/*_bench.py)
 #   matmuls   every matrix product of HopeLM's step, timed alone in its own and in other layouts
 #             (benchmarks/layers/matmul_layouts.py: which call sites leave cuBLAS on a slow kernel)
-#   baseline  the LM step's anatomy for the tree in $BASELINE (e.g. an earlier commit unpacked by
+#   baseline  the LM step's anatomy for the tree in $BASELINE, timed by this tree's lm_profile.py (e.g. an earlier commit unpacked by
 #             `git archive`), in the same call as `profile`: a before/after pair on one machine
 # On 2 or more GPUs the jobs start at once: the last GPU runs the layers suite alone (its timings
 # are not disturbed); GPU 0 runs the tests, then the compiled-step measurement, beside the
@@ -97,7 +97,7 @@ matmuls() {
 }
 baseline() {
   say "baseline profile start ($BASELINE)"
-  (cd "$BASELINE" && CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile \
+  (cp benchmarks/layers/lm_profile.py "$BASELINE/benchmarks/layers/lm_profile.py" && cd "$BASELINE" && CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile \
     --out "$out/lm_profile_baseline") > "$out/logs/lm_profile_baseline.log" 2>&1
   say "baseline profile rc=$?"
 }

@@ -5,7 +5,9 @@ one profiled step the number of GPU kernels, the time the GPU is busy with them 
 kernel times) and the biggest kernels; and the step replayed as one CUDA graph (forward,
 backward and a capturable AdamW step captured together), which removes the launch overhead:
 eager >> graph means the step is bound by the host, graph ~ busy means by the GPU. Every time is
-also given over TransformerLM's eager step from the same run.
+also given over TransformerLM's eager step from the same run. Gradients are reset as torch's
+default ``zero_grad()`` does (``--zero-grad zeros``: kept and zeroed, which adds one accumulation
+kernel per parameter to every backward).
 
 Usage: ``python -m benchmarks.layers.lm_profile [--out DIR] [--chunks 64 256] [--ops 40]``;
 ``--device cpu --dim 16 --depth 1 --batch 2 --seq 8`` is a smoke run (no graph, no kernels).
@@ -29,13 +31,13 @@ from .mixers import construct
 from .timing import clock_for, time_calls
 
 
-def _training_step(model, vocab: int, batch: int, seq: int, device: str, capturable: bool):
+def _training_step(model, vocab: int, batch: int, seq: int, device: str, capturable: bool, set_to_none: bool = True):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=capturable,
                             fused=device.startswith("cuda") and not capturable)
     tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
 
     def step():
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=set_to_none)
         model.loss(tokens).backward()
         opt.step()
 
@@ -99,14 +101,15 @@ def measure(name: str, build, a, chunk) -> dict:
     cuda = a.device.startswith("cuda")
     try:
         model = build().to(a.device)
-        row["eager_ms"] = time_calls(_training_step(model, 256, a.batch, a.seq, a.device, False), clock).ms
+        none = a.zero_grad == "none"
+        row["eager_ms"] = time_calls(_training_step(model, 256, a.batch, a.seq, a.device, False, none), clock).ms
         if cuda:
-            row.update(kernel_profile(_training_step(model, 256, a.batch, a.seq, a.device, False), a.top))
+            row.update(kernel_profile(_training_step(model, 256, a.batch, a.seq, a.device, False, none), a.top))
             if a.ops:
-                text = op_profile(_training_step(model, 256, a.batch, a.seq, a.device, False), a.ops)
+                text = op_profile(_training_step(model, 256, a.batch, a.seq, a.device, False, none), a.ops)
                 Path(a.out).mkdir(parents=True, exist_ok=True)
                 (Path(a.out) / f"ops_{row['model'].replace(' ', '_').replace('()', '')}.txt").write_text(text)
-            replay = graphed(_training_step(model, 256, a.batch, a.seq, a.device, True))
+            replay = graphed(_training_step(model, 256, a.batch, a.seq, a.device, True, none))
             row["graph_ms"] = time_calls(replay, clock).ms
     except Exception as err:  # noqa: BLE001 - recorded in the table
         row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
@@ -140,6 +143,10 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--ops", type=int, default=0, help="also write ops_<model>.txt: the N operators with the most "
                    "GPU time, by call site and by input shape (a second profiled step)")
+    p.add_argument("--zero-grad", choices=("none", "zeros"), default="none",
+                   help="gradients between steps: none (torch's default zero_grad(), each backward writes fresh "
+                   "gradients) or zeros (zero_grad(set_to_none=False): each backward adds into zeroed ones, one "
+                   "add per parameter)")
     a = p.parse_args(argv)
     a.out = run_dir("lm_profile", a.out)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -157,7 +164,7 @@ def main(argv=None) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_profile.json").write_text(json.dumps(rows, indent=1))
-    lines = table(rows)
+    lines = [f"gradients reset between steps: {a.zero_grad} (--zero-grad)", ""] + table(rows)
     for r in rows:
         if r.get("top"):
             lines += ["", f"{r['model']}: largest kernels", ""] + [f"- {t['ms']:.2f} ms, {t['calls']} calls: {t['name']}" for t in r["top"]]
