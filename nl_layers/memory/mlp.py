@@ -88,10 +88,15 @@ def silu_and_slope(z: torch.Tensor):
     return h, slope
 
 
-def _first_weights(w_in: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
-    """The first product's weights (G h, d), with the R head vectors as R more rows (G h + R, d)."""
+def _first_weights(w_in: torch.Tensor, heads: torch.Tensor | None, rows: int | None = None) -> torch.Tensor:
+    """The first product's weights (G h, d), with the R head vectors as R more rows (G h + R, d)
+    and, given ``rows``, zero rows up to that many (in the same ``cat``)."""
     flat = w_in.reshape(-1, w_in.shape[-1])
-    return flat if heads is None else torch.cat([flat, heads.to(flat.dtype)])
+    parts = [flat] if heads is None else [flat, heads.to(flat.dtype)]
+    used = sum(t.shape[0] for t in parts)
+    if rows is not None and rows > used:
+        parts.append(flat.new_zeros(rows - used, flat.shape[1]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _autocast_on(t: torch.Tensor) -> bool:
@@ -99,11 +104,12 @@ def _autocast_on(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and torch.is_autocast_enabled(t.device.type)
 
 
-def _aligned_rows(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised (rows, cols) matrix whose row stride is rounded up to a multiple of 16
-    elements: Triton proves such strides divisible and loads the rows as whole vectors (a stride
-    like 770 makes every element its own load)."""
-    return torch.empty(rows, -(-cols // 16) * 16, dtype=dtype, device=device)[:, :cols]
+def _padded_width(cols: int) -> int:
+    """``cols`` rounded up to a multiple of 16: the width of the shared read's (M, G h + R) matrices.
+    Triton proves such row strides divisible and loads whole vectors (a stride like 770 makes every
+    element its own load), and cuBLAS keeps its narrow-alignment kernels for any extent that is not
+    a multiple of 4 (770 columns: whatever the row stride), so the extra columns are real, and zero."""
+    return -(-cols // 16) * 16
 
 
 class _SharedSiluRead(Function):
@@ -118,23 +124,24 @@ class _SharedSiluRead(Function):
     dz = silu'(z) dh (stored (M, G h), with dc^T as R more columns), dx = sum_g dy_g + [dz, dc^T] [W_in,g; w_r]
     (one product over K = G h + R: no per-group input gradients, no accumulation add),
     [dW_in; (x^T dc)^T] = [dz, dc^T]^T x and dW_out,g = dy_g^T h_g (in row slices, see weight_grad),
-    dW_out,r = w_r (h_r^T dc_r)^T, dw_r = x^T dc_r + W_out,r (h_r^T dc_r). The (M, G h + R) matrices have
-    row strides a multiple of 16 elements (vector loads); the activation's passes between the two layouts are
-    Triton kernels on CUDA (:mod:`~nl_layers.ops.fast_weights.shared_read_kernels`).
+    dW_out,r = w_r (h_r^T dc_r)^T, dw_r = x^T dc_r + W_out,r (h_r^T dc_r). In eager mode the (M, G h + R)
+    matrices carry zero columns up to a multiple of 16 (and the first weights as many zero rows: the
+    products are unchanged, and no extent such as 770 holds cuBLAS to its narrow-alignment kernels);
+    the activation's passes between the two layouts are Triton kernels on CUDA
+    (:mod:`~nl_layers.ops.fast_weights.shared_read_kernels`).
     """
 
     @staticmethod
     def forward(x, w_in, w_out, heads):
         g, hid, d = w_in.shape
         m = x.shape[0]
-        first = _first_weights(w_in, heads)
-        # (M, G h [+ R]): z and, with heads, x . w_r in its last R columns; its row stride a multiple of 16
-        # (see _aligned_rows), except where out= cannot go: under torch.compile, under autocast (the
-        # product's dtype is autocast's) or for mixed dtypes
-        if torch.compiler.is_compiling() or _autocast_on(x) or x.dtype != first.dtype:
-            zx = x @ first.t()
-        else:
-            zx = torch.mm(x, first.t(), out=_aligned_rows(m, first.shape[0], x.dtype, x.device))
+        r = 0 if heads is None else heads.shape[0]
+        # (M, G h [+ R] [+ zero columns]): z and, with heads, x . w_r in the R columns after it; in eager
+        # mode padded with zero columns to a multiple of 16 (see _padded_width; the first weights gain
+        # zero rows); under torch.compile (no custom kernels there) just (M, G h + R)
+        eager = not torch.compiler.is_compiling()
+        first = _first_weights(w_in, heads, _padded_width(g * hid + r) if eager else None)
+        zx = x @ first.t()
         z = zx[:, : g * hid].view(m, g, hid)
         if torch.compiler.is_compiling():  # no out= (torch.compile traces this path)
             h = F.silu(z.transpose(0, 1)).contiguous()
@@ -145,7 +152,7 @@ class _SharedSiluRead(Function):
         if heads is None:
             return y, None, zx, h, None
         u = w_out[p:].transpose(1, 2) @ heads[:, :, None]  # (R, h, 1)
-        c = torch.baddbmm(zx[:, g * hid :].t()[:, :, None], h[p:], u)[..., 0]  # (R, M)
+        c = torch.baddbmm(zx[:, g * hid : g * hid + r].t()[:, :, None], h[p:], u)[..., 0]  # (R, M)
         return y, c, zx, h, u
 
     @staticmethod
@@ -189,13 +196,14 @@ class _SharedSiluRead(Function):
             gz = torch.ops.aten.silu_backward(gh.transpose(0, 1), z).reshape(m, g * hid)
             if r:
                 gz = torch.cat([gz, gc.t().to(gz.dtype)], 1)
-        else:
-            gz = _aligned_rows(m, g * hid + r, z.dtype, z.device)
+        else:  # as the forward's z: zero columns to a multiple of 16 (zero rows of the weights below)
+            gz = z.new_empty(m, _padded_width(g * hid + r))
             silu_backward_token_major(gh, z, out=gz[:, : g * hid].view(m, g, hid))
             if r:
-                gz[:, g * hid :] = gc.t()
+                gz[:, g * hid : g * hid + r] = gc.t()
+            gz[:, g * hid + r :].zero_()
         gx = gw_in = gw_out = gheads = None
-        first = _first_weights(w_in, heads if r else None)
+        first = _first_weights(w_in, heads if r else None, gz.shape[1])
         if ctx.needs_input_grad[0]:
             base = None if gy is None else gy[0] if p == 1 else gy.sum(0)
             w = first.to(gz.dtype)  # (sum_g dy_g) + dz [W_in; w]
@@ -219,7 +227,7 @@ class _SharedSiluRead(Function):
                 gws.append(torch.zeros_like(w_out[p:]) if gc is None else heads[:, :, None] * hc.to(heads.dtype))
             gw_out = gws[0] if len(gws) == 1 else torch.cat(gws)
         if r and ctx.needs_input_grad[3]:
-            gheads = gw_first[g * hid :].to(x.dtype) + (hc.to(w_out.dtype) @ w_out[p:].transpose(1, 2))[:, 0].to(x.dtype)
+            gheads = gw_first[g * hid : g * hid + r].to(x.dtype) + (hc.to(w_out.dtype) @ w_out[p:].transpose(1, 2))[:, 0].to(x.dtype)
             gheads = gheads.to(heads.dtype)
         return gx, gw_in, gw_out, gheads
 
