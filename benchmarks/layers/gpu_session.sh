@@ -15,8 +15,9 @@
 #             (benchmarks/layers/*_bench.py)
 #   matmuls   every matrix product of HopeLM's step, timed alone in its own and in other layouts
 #             (benchmarks/layers/matmul_layouts.py: which call sites leave cuBLAS on a slow kernel)
-#   baseline  the LM step's anatomy for the tree in $BASELINE, timed by this tree's lm_profile.py (e.g. an earlier commit unpacked by
-#             `git archive`), in the same call as `profile`: a before/after pair on one machine
+#   baseline  the LM step's anatomy for each tree in $BASELINE (space-separated folders, e.g. earlier
+#             commits unpacked by `git archive`), timed by this tree's lm_profile.py, in the same call as
+#             `profile`: before/after pairs on one machine
 # On 2 or more GPUs the jobs start at once: the last GPU runs the layers suite alone (its timings
 # are not disturbed); GPU 0 runs the tests, then the compiled-step measurement, beside the
 # lm_defaults workers. On one GPU the steps run in turn (lm_defaults with 3 processes sharing the
@@ -63,7 +64,7 @@ profile() {
   say "profile start"
   CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile --out "$out/lm_profile" \
     ${PROFILE_ARGS:-} > "$out/logs/lm_profile.log" 2>&1
-  say "profile rc=$?"
+  say "profile rc=$? $(grep -E '^\| (TransformerLM|TitansLM|HopeLM)' "$out/lm_profile/lm_profile.md" 2>/dev/null | tr '\n' ' ')"
 }
 graphed() {
   say "graphed tests start"
@@ -96,10 +97,13 @@ matmuls() {
   say "matmul_layouts rc=$?"
 }
 baseline() {
-  say "baseline profile start ($BASELINE)"
-  (cp benchmarks/layers/lm_profile.py "$BASELINE/benchmarks/layers/lm_profile.py" && cd "$BASELINE" && CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile \
-    --out "$out/lm_profile_baseline") > "$out/logs/lm_profile_baseline.log" 2>&1
-  say "baseline profile rc=$?"
+  for tree in $BASELINE; do  # one or more trees; output lm_profile_baseline_<folder name>
+    name=$(basename "$tree")
+    say "baseline profile start ($tree)"
+    (cp benchmarks/layers/lm_profile.py "$tree/benchmarks/layers/lm_profile.py" && cd "$tree" && CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile \
+      --out "$out/lm_profile_baseline_$name") > "$out/logs/lm_profile_baseline_$name.log" 2>&1
+    say "baseline profile rc=$? $(grep -E '^\| (TransformerLM|TitansLM|HopeLM)' "$out/lm_profile_baseline_$name/lm_profile.md" 2>/dev/null | tr '\n' ' ')"
+  done
 }
 switch() {
   say "lm_kernel_switch start"
@@ -139,9 +143,9 @@ else
   has compile && lm_compile
   has defaults && lm_defaults 0,0,0
 fi
-tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers ops matmul_layouts lm_graphed lm_profile lm_profile_baseline lm_defaults lm_compile 2>/dev/null)
+tar czf "$out/results.tgz" -C "$out" $(cd "$out" && ls -d logs layers ops matmul_layouts lm_graphed lm_profile lm_profile_baseline* lm_defaults lm_compile 2>/dev/null)
 say "done"
-for f in "$out/matmul_layouts/matmul_layouts.md" "$out/lm_profile_baseline/lm_profile.md" "$out/lm_profile/lm_profile.md" "$out/lm_compile/lm_compile.md"; do
+for f in "$out/matmul_layouts/matmul_layouts.md" "$out"/lm_profile_baseline*/lm_profile.md "$out/lm_profile/lm_profile.md" "$out/lm_compile/lm_compile.md"; do
   [ -f "$f" ] && head -n 30 "$f"
 done
 tail -n 25 "$out/logs/layers.log" 2>/dev/null
