@@ -174,34 +174,22 @@ class _SharedSiluRead(Function):
             return None, None, None, None
         dt = h.dtype if gy is None else gy.dtype
         compiling = torch.compiler.is_compiling()
-        if heads is None:
-            gh = gy @ w_out.to(dt)  # (G, M, h)
-        else:  # dh of the full outputs and of the dot products, in one buffer
-            gh = h.new_empty(g, m, hid, dtype=dt)
-            if gy is None:
-                gh[:p].zero_()
-            elif compiling:  # (no out= while compiling)
-                gh[:p] = gy @ w_out[:p].to(dt)
-            else:
-                torch.bmm(gy, w_out[:p].to(dt), out=gh[:p])
-            if gc is None:
-                gh[p:].zero_()
-            elif compiling:
-                gh[p:] = gc.to(dt)[:, :, None] * u.to(dt).transpose(1, 2)
-            else:
-                torch.mul(gc.to(dt)[:, :, None], u.to(dt).transpose(1, 2), out=gh[p:])
         z = z[:, : g * hid].view(m, g, hid)
         r = 0 if gc is None else heads.shape[0]  # dz gains dc^T as R more columns (the heads' rows of the first product)
+        # dh of the full outputs (G - R, M, h); the heads' dh_r = dc_r u_r^T are outer products
+        gh = gy @ w_out[:p].to(dt) if gy is not None else h.new_zeros(p, m, hid, dtype=dt)
+        outer = None if heads is None else (
+            gc.to(dt) if r else h.new_zeros(heads.shape[0], m, dtype=dt), u.to(dt)[:, :, 0])
         if compiling:
+            if outer is not None:
+                gh = torch.cat([gh, outer[0][:, :, None] * outer[1][:, None, :]])
             gz = torch.ops.aten.silu_backward(gh.transpose(0, 1), z).reshape(m, g * hid)
             if r:
                 gz = torch.cat([gz, gc.t().to(gz.dtype)], 1)
-        else:  # as the forward's z: zero columns to a multiple of 16 (zero rows of the weights below)
+        else:  # as the forward's z: dc^T, then zero columns to a multiple of 16 (zero rows of the weights below)
             gz = z.new_empty(m, _padded_width(g * hid + r))
-            silu_backward_token_major(gh, z, out=gz[:, : g * hid].view(m, g, hid))
-            if r:
-                gz[:, g * hid : g * hid + r] = gc.t()
-            gz[:, g * hid + r :].zero_()
+            tail = (gz[:, g * hid :], gc.to(gz.dtype) if r else None) if gz.shape[1] > g * hid else None
+            silu_backward_token_major(gh, z, out=gz[:, : g * hid].view(m, g, hid), outer=outer, tail=tail)
         gx = gw_in = gw_out = gheads = None
         first = _first_weights(w_in, heads if r else None, gz.shape[1])
         if ctx.needs_input_grad[0]:

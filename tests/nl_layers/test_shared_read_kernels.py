@@ -36,6 +36,34 @@ def test_kernels_match_torch(m, g, hid, dtype):
         torch.testing.assert_close(outs[0].view(m, g, hid), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("m, g, r, hid, width", [(37, 3, 2, 5, 7), (8, 2, 1, 4, 1), (5, 1, 1, 3, 0), (0, 2, 1, 4, 3)])
+def test_outer_heads_and_tail_columns(m, g, r, hid, width, dtype):
+    """The last r memories' dh as outer products a_r b_r^T, and the tail columns (dc^T, then zeros)
+    of the read's padded buffer, in the same launch: against the torch path and the full dh."""
+    gen = torch.Generator().manual_seed(1)
+    zx = torch.randn(m, g * hid + width, generator=gen, dtype=dtype).to(DEVICE)
+    z = zx[:, : g * hid].view(m, g, hid)
+    dh = torch.randn(g - r, m, hid, generator=gen, dtype=dtype).to(DEVICE)
+    a = torch.randn(r, m, generator=gen, dtype=dtype).to(DEVICE)
+    b = torch.randn(r, hid, 1, generator=gen, dtype=dtype).to(DEVICE)[..., 0]  # as the read's u[..., 0]
+    c = None if width < r else a  # the tail takes dc^T when it has room (the read's own case: c = a)
+    outs = []
+    for impl in ("triton", "torch"):
+        buf = torch.full((m, g * hid + width), float("nan"), dtype=dtype, device=DEVICE)
+        tail = (buf[:, g * hid :], c) if width else None
+        sk.silu_backward_token_major(dh, z, out=buf[:, : g * hid].view(m, g, hid), impl=impl, outer=(a, b), tail=tail)
+        outs.append(buf)
+    torch.testing.assert_close(*outs, rtol=TOL[dtype], atol=TOL[dtype])
+    full = torch.cat([dh, a[:, :, None] * b[:, None, :]])
+    want = sk.silu_backward_token_major(full, z, impl="torch").reshape(m, g * hid)
+    torch.testing.assert_close(outs[0][:, : g * hid], want, rtol=TOL[dtype], atol=TOL[dtype])
+    tail_want = torch.zeros(m, width, dtype=dtype, device=DEVICE)
+    if c is not None:
+        tail_want[:, :r] = c.t()
+    torch.testing.assert_close(outs[0][:, g * hid :], tail_want, rtol=0, atol=0)
+
+
 def test_bad_impl():
     with pytest.raises(ValueError, match="impl"):
         sk.silu_memory_major(torch.zeros(2, 1, 3), impl="cuda")

@@ -9,6 +9,12 @@ products; backward, dz = silu'(z) dh from dh memory-major into a token-major buf
     forward:   h[g, m] = silu(z[m, g])
     backward:  dz[m, g] = dh[g, m] sigmoid(z) (1 + z (1 - sigmoid(z)))      (z[m, g]: the row slice g h : (g + 1) h)
 
+The read's last R memories may be read only through head vectors (dot products c_r = y_r . w_r):
+their dh is then the outer product a_r b_r^T (a = dc (R, M), b = W_out,r^T w_r (R, h)), which the
+backward kernel forms in registers (``outer``) instead of reading an (R, M, h) tensor, and the
+columns after dz in the caller's buffer (dc^T, then zero padding) come from the same launch
+(``tail``).
+
 torch does each as one element-wise operator over permuted views, which runs its generic strided
 loop (an index computation per element, ~2 TB/s on an H100); the kernels move (BM, h) tiles of
 rows, every row a contiguous run of h elements on both sides.
@@ -46,7 +52,7 @@ __all__ = ["IMPLS", "kernel_ok", "silu_memory_major", "silu_backward_token_major
 def kernel_ok(*ts: Tensor) -> bool:
     """Whether "auto" takes the kernels for these tensors (see :func:`~nl_layers.ops.row_kernels.takes`;
     every last stride 1)."""
-    return takes(ts) and all(t.stride(-1) == 1 for t in ts)
+    return takes(ts) and all(t.stride(-1) == 1 for t in ts if t is not None)
 
 
 def _impl(impl: str, *ts: Tensor) -> str:
@@ -72,19 +78,55 @@ def silu_memory_major(z: Tensor, out: Tensor | None = None, impl: str = "auto") 
     return h
 
 
-def silu_backward_token_major(dh: Tensor, z: Tensor, out: Tensor | None = None, impl: str = "auto") -> Tensor:
+def silu_backward_token_major(dh: Tensor, z: Tensor, out: Tensor | None = None, impl: str = "auto",
+                              outer: tuple[Tensor, Tensor] | None = None,
+                              tail: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
     """dz = silu'(z) dh for dh (G, M, h) and z (M, G, h) (any strides), as (M, G, h): into ``out``
-    (that shape, any strides with a unit last one) or a new contiguous tensor."""
+    (that shape, any strides with a unit last one) or a new contiguous tensor.
+
+    ``outer = (a, b)``, a (R, M), b (R, h): the last R memories' dh is a_r b_r^T (dh then holds only
+    the first G - R). ``tail = (t, c)``: also write t (M, T) (the columns after dz in the caller's
+    buffer) with c^T (c (R', M), R' <= T; None: none) and zeros after it.
+
+    Example (the outer form equals the full dh):
+        >>> z, dh = torch.randn(3, 2, 4), torch.randn(1, 3, 4)
+        >>> a, b = torch.randn(1, 3), torch.randn(1, 4)
+        >>> full = torch.cat([dh, a[:, :, None] * b[:, None, :]])
+        >>> bool(torch.allclose(silu_backward_token_major(dh, z, outer=(a, b), impl="torch"),
+        ...                     silu_backward_token_major(full, z, impl="torch")))
+        True
+    """
     m, g, hid = z.shape
     dz = z.new_empty(m, g, hid) if out is None else out
-    if _impl(impl, dh, z, dz) == "torch":
-        return torch.ops.aten.silu_backward.grad_input(dh.transpose(0, 1), z, grad_input=dz)
+    a, b = outer if outer is not None else (None, None)
+    t, c = tail if tail is not None else (None, None)
+    if _impl(impl, dh, z, dz, a, b, t, c) == "torch":
+        if a is not None:
+            dh = torch.cat([dh, (a[:, :, None] * b[:, None, :]).to(dh.dtype)])
+        torch.ops.aten.silu_backward.grad_input(dh.transpose(0, 1), z, grad_input=dz)
+        if t is not None:
+            r = 0 if c is None else c.shape[0]
+            if r:
+                t[:, :r] = c.t()
+            t[:, r:].zero_()
+        return dz
     dh, z = _unit_last(dh), _unit_last(z)
-    if dz.numel():
+    b = None if b is None else _unit_last(b)
+    p = dh.shape[0]
+    width = 0 if t is None else t.shape[1]
+    rc = 0 if c is None else c.shape[0]
+    a = a if a is not None else dh  # (pointers the kernel never reads without OUTER / TAIL)
+    b = b if b is not None else dh
+    t = t if t is not None else dz
+    c = c if c is not None else dz
+    if m:
         br, bd = row_blocks(hid)
-        _silu_backward_kernel[(triton.cdiv(m, br), g)](
-            dh, z, dz, m, hid, dh.stride(0), dh.stride(1), z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
-            BR=br, BD=bd, ACC=acc_type(z))
+        bt = 1 << max(0, max(width, 1) - 1).bit_length()
+        _silu_backward_kernel[(triton.cdiv(m, br), g + (width > 0))](
+            dh, z, dz, a, b, t, c, m, hid, p, g, width, rc,
+            dh.stride(0), dh.stride(1), z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
+            a.stride(0), a.stride(-1), b.stride(0), t.stride(0), t.stride(-1), c.stride(0), c.stride(-1),
+            BR=br, BD=bd, BT=bt, ACC=acc_type(z))
     return dz
 
 
@@ -101,15 +143,29 @@ if triton is not None:
         tl.store(h + g * shg + m[:, None] * shm + c[None, :], (zv * tl.sigmoid(zv)).to(h.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_backward_kernel(dh, z, dz, M, H, sdg, sdm, szm, szg, som, sog, BR: tl.constexpr, BD: tl.constexpr,
+    def _silu_backward_kernel(dh, z, dz, a, b, t, cc, M, H, P, G, T, RC, sdg, sdm, szm, szg, som, sog, sar, sam, sbr,
+                              stm, stc, scr, scm, BR: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
                               ACC: tl.constexpr):
-        """Rows m of one BR block, memory program_id(1): dz[m, g] = dh[g, m] silu'(z[m, g])."""
+        """Rows m of one BR block, memory g = program_id(1): dz[m, g] = dh[g, m] silu'(z[m, g]), with
+        dh[g, m] = a[g - P, m] b[g - P] for g >= P (the outer form); program g = G (a tail):
+        t[m] = (c[0, m], ..., c[RC - 1, m], 0, ...)."""
         m = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         g = tl.program_id(1).to(tl.int64)
-        c = tl.arange(0, BD)
-        mask = (m < M)[:, None] & (c < H)[None, :]
-        zv = tl.load(z + m[:, None] * szm + g * szg + c[None, :], mask=mask, other=0.0).to(ACC)
-        gv = tl.load(dh + g * sdg + m[:, None] * sdm + c[None, :], mask=mask, other=0.0).to(ACC)
-        s = tl.sigmoid(zv)
-        tl.store(dz + m[:, None] * som + g * sog + c[None, :], (gv * s * (1.0 + zv * (1.0 - s))).to(dz.dtype.element_ty),
-                 mask=mask)
+        if g == G:  # (a program G exists only with a tail)
+            ct = tl.arange(0, BT)
+            mask = (m < M)[:, None] & (ct < T)[None, :]
+            v = tl.load(cc + ct[None, :] * scr + m[:, None] * scm, mask=mask & (ct < RC)[None, :], other=0.0)
+            tl.store(t + m[:, None] * stm + ct[None, :] * stc, v.to(t.dtype.element_ty), mask=mask)
+        else:
+            c = tl.arange(0, BD)
+            mask = (m < M)[:, None] & (c < H)[None, :]
+            zv = tl.load(z + m[:, None] * szm + g * szg + c[None, :], mask=mask, other=0.0).to(ACC)
+            if g >= P:  # (P = G without the outer form)
+                av = tl.load(a + (g - P) * sar + m * sam, mask=m < M, other=0.0).to(ACC)
+                bv = tl.load(b + (g - P) * sbr + c, mask=c < H, other=0.0).to(ACC)
+                gv = av[:, None] * bv[None, :]
+            else:
+                gv = tl.load(dh + g * sdg + m[:, None] * sdm + c[None, :], mask=mask, other=0.0).to(ACC)
+            s = tl.sigmoid(zv)
+            tl.store(dz + m[:, None] * som + g * sog + c[None, :],
+                     (gv * s * (1.0 + zv * (1.0 - s))).to(dz.dtype.element_ty), mask=mask)
