@@ -3,7 +3,8 @@
 For each LM (and each ``chunk_size`` of the fast-weight mixers given): the eager step time; from
 one profiled step the number of GPU kernels, the time the GPU is busy with them (the sum of
 kernel times) and the biggest kernels; and the step replayed as one CUDA graph (forward,
-backward and a capturable AdamW step captured together), which removes the launch overhead:
+backward and a capturable AdamW step captured together; fused, as the eager step's, so both run the
+same optimizer kernels), which removes the launch overhead:
 eager >> graph means the step is bound by the host, graph ~ busy means by the GPU. Every time is
 also given over TransformerLM's eager step from the same run. Gradients are reset as torch's
 default ``zero_grad()`` does (``--zero-grad zeros``: kept and zeroed, which adds one accumulation
@@ -32,8 +33,7 @@ from .timing import clock_for, time_calls
 
 
 def _training_step(model, vocab: int, batch: int, seq: int, device: str, capturable: bool, set_to_none: bool = True):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=capturable,
-                            fused=device.startswith("cuda") and not capturable)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=capturable, fused=device.startswith("cuda"))
     tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
 
     def step():

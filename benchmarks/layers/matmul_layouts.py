@@ -4,7 +4,8 @@ One training step (forward, backward, AdamW) runs under a ``TorchDispatchMode`` 
 matrix product (``mm``, ``bmm``, ``addmm``, ``baddbmm``, in place and ``out=`` forms): its operand
 sizes, strides and storage offsets, and its call site (the forward call site of the autograd node
 for a backward product, as :mod:`.lm_traffic`). Each distinct product is then replayed alone on
-operands with exactly those strides and timed (CUDA events, median of ``--repeat``), beside:
+operands with exactly those strides and timed (``--repeat`` calls back to back between CUDA events,
+the median of three such runs), beside:
 
 - ``contiguous``: the same product on contiguous copies of its operands (the copies not timed);
 - ``swapped``: the transposed problem, C^T = B^T A^T (cuBLAS sees the other transposition flags);
@@ -162,24 +163,28 @@ def _runner(p: Product, variant: str, device, dtype):
 
 
 def _time(fn, device, repeat: int) -> float:
-    """Median ms of one call (CUDA events on a GPU, the wall clock elsewhere)."""
+    """ms of one call: ``repeat`` calls back to back between two CUDA events (the launches overlap
+    the previous kernel, as in a step), the median of three such runs; the wall clock elsewhere."""
     import time
 
     fn()
-    times = []
-    for _ in range(repeat):
-        if str(device).startswith("cuda"):
+    cuda = str(device).startswith("cuda")
+    runs = []
+    for _ in range(3):
+        if cuda:
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            fn()
+            for _ in range(repeat):
+                fn()
             e.record()
             e.synchronize()
-            times.append(s.elapsed_time(e))
+            runs.append(s.elapsed_time(e) / repeat)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+            for _ in range(repeat):
+                fn()
+            runs.append(1e3 * (time.perf_counter() - t0) / repeat)
+    return statistics.median(runs)
 
 
 def record(build, vocab: int, batch: int, seq: int, device: str) -> dict:
