@@ -143,16 +143,21 @@ class _SharedSiluRead(Function):
         first = _first_weights(w_in, heads, _padded_width(g * hid + r) if eager else None)
         zx = x @ first.t()
         z = zx[:, : g * hid].view(m, g, hid)
-        if torch.compiler.is_compiling():  # no out= (torch.compile traces this path)
+        p = g - r
+        u = None if heads is None else w_out[p:].transpose(1, 2) @ heads[:, :, None]  # (R, h, 1)
+        base = None if heads is None else zx[:, g * hid : g * hid + r].t()  # x . w_r (R, M)
+        c = None
+        if not eager:  # no out= (torch.compile traces this path)
             h = F.silu(z.transpose(0, 1)).contiguous()
-        else:
+        elif heads is None:
             h = silu_memory_major(z)  # silu and the transpose in one pass
-        p = g if heads is None else g - heads.shape[0]
+        else:  # and the heads' dot products c_r = x . w_r + h_r . u_r in the same pass
+            h, c = silu_memory_major(z, dots=(u[:, :, 0], base))
         y = torch.baddbmm(x.expand(p, m, d), h[:p], w_out[:p].transpose(1, 2))
         if heads is None:
             return y, None, zx, h, None
-        u = w_out[p:].transpose(1, 2) @ heads[:, :, None]  # (R, h, 1)
-        c = torch.baddbmm(zx[:, g * hid : g * hid + r].t()[:, :, None], h[p:], u)[..., 0]  # (R, M)
+        if c is None:
+            c = torch.baddbmm(base[:, :, None], h[p:], u)[..., 0]  # (R, M)
         return y, c, zx, h, u
 
     @staticmethod

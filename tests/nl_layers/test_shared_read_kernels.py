@@ -64,6 +64,23 @@ def test_outer_heads_and_tail_columns(m, g, r, hid, width, dtype):
     torch.testing.assert_close(outs[0][:, g * hid :], tail_want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("m, g, r, hid", [(37, 3, 2, 5), (8, 1, 1, 4), (0, 2, 1, 3)])
+def test_forward_dot_products_of_the_head_memories(m, g, r, hid, dtype):
+    """c_r = base_r + h_r . u_r from the forward kernel's pass, base a strided view of the read's
+    buffer (its columns after z, transposed): against the torch path and the plain expression."""
+    gen = torch.Generator().manual_seed(2)
+    zx = torch.randn(m, g * hid + r + 3, generator=gen, dtype=dtype).to(DEVICE)
+    z, base = zx[:, : g * hid].view(m, g, hid), zx[:, g * hid : g * hid + r].t()
+    u = torch.randn(r, hid, 1, generator=gen, dtype=dtype).to(DEVICE)[..., 0]
+    (h, c), (h_ref, c_ref) = (sk.silu_memory_major(z, impl=impl, dots=(u, base)) for impl in ("triton", "torch"))
+    assert c.shape == (r, m)
+    torch.testing.assert_close(h, h_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(c, c_ref, rtol=TOL[dtype], atol=TOL[dtype] * hid)
+    want = base + (h_ref[g - r:].double() @ u[:, :, None].double())[..., 0].to(dtype)
+    torch.testing.assert_close(c, want, rtol=TOL[dtype], atol=TOL[dtype] * hid)
+
+
 def test_bad_impl():
     with pytest.raises(ValueError, match="impl"):
         sk.silu_memory_major(torch.zeros(2, 1, 3), impl="cuda")

@@ -9,8 +9,9 @@ products; backward, dz = silu'(z) dh from dh memory-major into a token-major buf
     forward:   h[g, m] = silu(z[m, g])
     backward:  dz[m, g] = dh[g, m] sigmoid(z) (1 + z (1 - sigmoid(z)))      (z[m, g]: the row slice g h : (g + 1) h)
 
-The read's last R memories may be read only through head vectors (dot products c_r = y_r . w_r):
-their dh is then the outer product a_r b_r^T (a = dc (R, M), b = W_out,r^T w_r (R, h)), which the
+The read's last R memories may be read only through head vectors (dot products c_r = y_r . w_r,
+whose h_r . u_r part the forward kernel sums from the h it stores, ``dots``): their dh is then the
+outer product a_r b_r^T (a = dc (R, M), b = W_out,r^T w_r (R, h)), which the
 backward kernel forms in registers (``outer``) instead of reading an (R, M, h) tensor, and the
 columns after dz in the caller's buffer (dc^T, then zero padding) come from the same launch
 (``tail``).
@@ -63,19 +64,39 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def silu_memory_major(z: Tensor, out: Tensor | None = None, impl: str = "auto") -> Tensor:
+def silu_memory_major(z: Tensor, out: Tensor | None = None, impl: str = "auto",
+                      dots: tuple[Tensor, Tensor] | None = None):
     """silu(z) for z (M, G, h) (any strides), as (G, M, h): into ``out`` (that shape, any strides
-    with a unit last one) or a new contiguous tensor."""
+    with a unit last one) or a new contiguous tensor.
+
+    ``dots = (u, base)``, u (R, h), base (R, M) (any strides): also the last R memories' dot products
+    c_r = base_r + h_r u_r (R, M), from the same pass; then returns (h, c).
+
+    Example:
+        >>> z, u, base = torch.randn(3, 2, 4), torch.randn(1, 4), torch.randn(1, 3)
+        >>> h, c = silu_memory_major(z, dots=(u, base), impl="torch")
+        >>> bool(torch.allclose(c, base + (h[1:] @ u[:, :, None])[..., 0]))
+        True
+    """
     m, g, hid = z.shape
     h = z.new_empty(g, m, hid) if out is None else out
-    if _impl(impl, z, h) == "torch":
-        return torch.ops.aten.silu.out(z, out=h.transpose(0, 1)).transpose(0, 1)
+    u, base = dots if dots is not None else (None, None)
+    if _impl(impl, z, h, u) == "torch" or (base is not None and (base.dtype, base.device) != (z.dtype, z.device)):
+        h = torch.ops.aten.silu.out(z, out=h.transpose(0, 1)).transpose(0, 1)
+        if dots is None:
+            return h
+        return h, torch.baddbmm(base[:, :, None], h[g - u.shape[0]:], u[:, :, None])[..., 0]
     z = _unit_last(z)
+    r = 0 if dots is None else u.shape[0]
+    c = z.new_empty(r, m)
+    u = _unit_last(u) if dots is not None else h
+    base = base if dots is not None else h
     if h.numel():
         br, bd = row_blocks(hid)
-        _silu_kernel[(triton.cdiv(m, br), g)](z, h, m, hid, z.stride(0), z.stride(1), h.stride(0), h.stride(1),
+        _silu_kernel[(triton.cdiv(m, br), g)](z, h, u, base, c, m, hid, g - r, z.stride(0), z.stride(1), h.stride(0),
+                                              h.stride(1), u.stride(0), base.stride(0), base.stride(-1),
                                               BR=br, BD=bd, ACC=acc_type(z))
-    return h
+    return h if dots is None else (h, c)
 
 
 def silu_backward_token_major(dh: Tensor, z: Tensor, out: Tensor | None = None, impl: str = "auto",
@@ -133,14 +154,22 @@ def silu_backward_token_major(dh: Tensor, z: Tensor, out: Tensor | None = None, 
 if triton is not None:
 
     @triton.jit
-    def _silu_kernel(z, h, M, H, szm, szg, shg, shm, BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
-        """Rows m of one BR block, memory program_id(1): h[g, m] = silu(z[m, g])."""
+    def _silu_kernel(z, h, u, base, cout, M, H, P, szm, szg, shg, shm, sur, sbr, sbm, BR: tl.constexpr,
+                     BD: tl.constexpr, ACC: tl.constexpr):
+        """Rows m of one BR block, memory g = program_id(1): h[g, m] = silu(z[m, g]); for g >= P (the
+        heads' memories; P = G without them) also c[g - P, m] = base[g - P, m] + h[g, m] . u[g - P]."""
         m = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         g = tl.program_id(1).to(tl.int64)
         c = tl.arange(0, BD)
         mask = (m < M)[:, None] & (c < H)[None, :]
         zv = tl.load(z + m[:, None] * szm + g * szg + c[None, :], mask=mask, other=0.0).to(ACC)
-        tl.store(h + g * shg + m[:, None] * shm + c[None, :], (zv * tl.sigmoid(zv)).to(h.dtype.element_ty), mask=mask)
+        hv = (zv * tl.sigmoid(zv)).to(h.dtype.element_ty)
+        tl.store(h + g * shg + m[:, None] * shm + c[None, :], hv, mask=mask)
+        if g >= P:
+            uv = tl.load(u + (g - P) * sur + c, mask=c < H, other=0.0).to(ACC)
+            bv = tl.load(base + (g - P) * sbr + m * sbm, mask=m < M, other=0.0).to(ACC)
+            dot = bv + tl.sum(hv.to(ACC) * uv[None, :], 1)  # h as stored (its dtype's rounding), as the torch path
+            tl.store(cout + (g - P) * M + m, dot.to(cout.dtype.element_ty), mask=m < M)
 
     @triton.jit
     def _silu_backward_kernel(dh, z, dz, a, b, t, cc, M, H, P, G, T, RC, sdg, sdm, szm, szg, som, sog, sar, sam, sbr,
