@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..outdir import announce, run_dir
-from .lm_steps import lm_builders
+from .lm_steps import add_size_arguments, lm_builders
 from .mixers import construct
 from .timing import clock_for, time_calls
 
@@ -134,12 +134,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="output folder (default: a fresh ./runs/lm_profile-<time>/)")
     p.add_argument("--models", nargs="+", default=["TransformerLM", "TitansLM", "HopeLM()"])
     p.add_argument("--chunks", nargs="*", type=int, default=[], help="extra chunk sizes of the fast-weight LMs")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=256)
+    add_size_arguments(p)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--ops", type=int, default=0, help="also write ops_<model>.txt: the N operators with the most "
                    "GPU time, by call site and by input shape (a second profiled step)")

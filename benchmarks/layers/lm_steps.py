@@ -27,6 +27,17 @@ from .mixers import Case, construct, module_config
 PRECISIONS = ("fp32", "bf16")
 
 
+def add_size_arguments(parser, device: str = "cuda") -> None:
+    """The LM measurement tools' shared options: ``--device`` and the model and batch sizes (dim
+    384, depth 6, 4 heads, batch 32 x 256 tokens: the size the README's LM step figures use)."""
+    parser.add_argument("--device", default=device)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=256)
+
+
 def lm_builders(vocab: int, dim: int, depth: int, heads: int) -> dict[str, Callable[[], torch.nn.Module]]:
     """name -> constructor of each language model at the given sizes (defaults otherwise)."""
     import nl_layers

@@ -191,23 +191,18 @@ def report(name: str, t: Traffic, ms, top: int) -> list[str]:
 
 
 def main(argv=None) -> list[dict]:
+    from .lm_steps import add_size_arguments, lm_builders
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="output folder (default: a fresh ./runs/lm_traffic-<time>/)")
     p.add_argument("--models", nargs="+", default=["TransformerLM", "TitansLM", "HopeLM()"])
-    p.add_argument("--device", default="meta")
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=256)
+    add_size_arguments(p, device="meta")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--repeat", type=int, default=3, help="timed steps (the median is reported; not on meta)")
     p.add_argument("--no-sites", action="store_true", help="skip the call-site table (faster)")
     a = p.parse_args(argv)
     a.out = run_dir("lm_traffic", a.out)
     import nl_layers
-
-    from .lm_steps import lm_builders
 
     builders = lm_builders(256, a.dim, a.depth, a.heads)
     rows, lines = [], []

@@ -228,22 +228,17 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> list[dict]:
+    from .lm_steps import add_size_arguments, lm_builders
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="output folder (default: a fresh ./runs/matmul_layouts-<time>/)")
     p.add_argument("--model", default="HopeLM()")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=256)
+    add_size_arguments(p)
     p.add_argument("--repeat", type=int, default=20)
     a = p.parse_args(argv)
     a.out = run_dir("matmul_layouts", a.out)
     torch.backends.cuda.matmul.allow_tf32 = True  # as the LM benchmarks
     import nl_layers
-
-    from .lm_steps import lm_builders
 
     with nl_layers.value_checks(False):
         seen = record(lm_builders(256, a.dim, a.depth, a.heads)[a.model], 256, a.batch, a.seq, a.device)
