@@ -70,8 +70,10 @@ def _tensors(tree):
 
 
 def _site(frames, depth: int) -> str:
-    """The ``depth`` innermost frames inside the repository, as file:line function."""
-    mine = [f for f in frames if f.filename.startswith(ROOT) and "lm_traffic" not in f.filename]
+    """The ``depth`` innermost frames inside the repository, as file:line function (not those of
+    installed packages, even from a virtual environment inside the repository)."""
+    mine = [f for f in frames if f.filename.startswith(ROOT) and "lm_traffic" not in f.filename
+            and "site-packages" not in f.filename]
     return " < ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.name}" for f in reversed(mine[-depth:]))
 
 
