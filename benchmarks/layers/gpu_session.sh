@@ -100,7 +100,7 @@ baseline() {
   for tree in $BASELINE; do  # one or more trees; output lm_profile_baseline_<folder name>
     name=$(basename "$tree")
     say "baseline profile start ($tree)"
-    (cp benchmarks/layers/lm_profile.py "$tree/benchmarks/layers/lm_profile.py" && cd "$tree" && CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile \
+    (cp benchmarks/layers/lm_profile.py benchmarks/layers/lm_steps.py "$tree/benchmarks/layers/" && cd "$tree" && CUDA_VISIBLE_DEVICES=${1:-0} timeout "${PROFILE_SECONDS:-200}" python3 -m benchmarks.layers.lm_profile \
       --out "$out/lm_profile_baseline_$name") > "$out/logs/lm_profile_baseline_$name.log" 2>&1
     say "baseline profile rc=$? $(grep -E '^\| (TransformerLM|TitansLM|HopeLM)' "$out/lm_profile_baseline_$name/lm_profile.md" 2>/dev/null | tr '\n' ' ')"
   done

@@ -180,11 +180,11 @@ if triton is not None:
         t[m] = (c[0, m], ..., c[RC - 1, m], 0, ...)."""
         m = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         g = tl.program_id(1).to(tl.int64)
-        if g == G:  # (a program G exists only with a tail)
+        if g == G:  # (a program G exists only with a tail; names of its own: a compiled if joins those of both sides)
             ct = tl.arange(0, BT)
-            mask = (m < M)[:, None] & (ct < T)[None, :]
-            v = tl.load(cc + ct[None, :] * scr + m[:, None] * scm, mask=mask & (ct < RC)[None, :], other=0.0)
-            tl.store(t + m[:, None] * stm + ct[None, :] * stc, v.to(t.dtype.element_ty), mask=mask)
+            tmask = (m < M)[:, None] & (ct < T)[None, :]
+            tv = tl.load(cc + ct[None, :] * scr + m[:, None] * scm, mask=tmask & (ct < RC)[None, :], other=0.0)
+            tl.store(t + m[:, None] * stm + ct[None, :] * stc, tv.to(t.dtype.element_ty), mask=tmask)
         else:
             c = tl.arange(0, BD)
             mask = (m < M)[:, None] & (c < H)[None, :]
