@@ -15,9 +15,10 @@ What the graph fixes, and the checks that follow from it:
   step per shape, e.g. one for a shorter last batch, or drop it);
 - every Python-side decision of the step, so a float learning rate would be baked in and a
   scheduler's later changes ignored: each param group's ``lr`` must be a tensor
-  (``torch.optim.AdamW(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True)``), which
-  torch's schedulers update in place; torch optimizers that have a ``capturable`` flag must be
-  built with it on;
+  (``torch.optim.AdamW(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True, fused=True)``;
+  fused: one kernel group for the optimizer step, where the foreach one replays many small
+  kernels), which torch's schedulers update in place; torch optimizers that have a ``capturable``
+  flag must be built with it on;
 - mixed precision goes inside ``loss_fn`` as ``torch.autocast(..., cache_enabled=False)`` (torch's
   rule for autocast under graph capture);
 - host synchronisation is not allowed inside a capture, so the layers' value checks are off while
