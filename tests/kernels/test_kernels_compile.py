@@ -1,0 +1,26 @@
+"""Every fused optimizer step's Triton kernels compile for an sm90 GPU, checked on a CPU: each case
+of test_fused_steps.py runs with ``impl="triton"`` (float32, and bfloat16 parameters with float32
+state) in Triton's interpreter, each distinct launch then compiled for sm90 (tests/triton_compile.py)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (the 'dev' extra brings it)")
+
+from ..triton_compile import compile_failures, record  # noqa: E402
+from .test_fused_steps import CASES, MODE_OK, run  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not MODE_OK, reason="records launches through Triton's interpreter (a CPU run)")
+
+
+def test_every_fused_step_kernel_compiles_for_sm90(monkeypatch):
+    def steps():
+        for name in CASES:
+            run(name, "triton", monkeypatch=monkeypatch)
+            run(name, "triton", dtype=torch.bfloat16, state_dtype=torch.float32, monkeypatch=monkeypatch)
+
+    launches = record(monkeypatch, steps)
+    modules = {k["module"] for k in launches}
+    assert {"deepopt.levels.momentum.triton_kernels", "deepopt.levels.adaptive.triton_kernels"} <= modules, modules
+    failed = compile_failures(launches)
+    assert not failed, "\n".join(failed)
