@@ -168,22 +168,16 @@ def _time(fn, device, repeat: int) -> float:
     import time
 
     fn()
-    cuda = str(device).startswith("cuda")
+    if str(device).startswith("cuda"):
+        from ..speed import time_cuda_chain
+
+        return time_cuda_chain(fn, repeats=3, chain=repeat)
     runs = []
     for _ in range(3):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(repeat):
-                fn()
-            e.record()
-            e.synchronize()
-            runs.append(s.elapsed_time(e) / repeat)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(repeat):
-                fn()
-            runs.append(1e3 * (time.perf_counter() - t0) / repeat)
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        runs.append(1e3 * (time.perf_counter() - t0) / repeat)
     return statistics.median(runs)
 
 
