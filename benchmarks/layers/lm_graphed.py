@@ -2,7 +2,7 @@
 
 For each LM (dim 384, depth 6, 4 heads, batch 32 x 256, fp32 with TF32 matmuls): the eager step
 as users write it (fused AdamW, float lr, the model's token check) and the same step through
-``nl_layers.graphed_step`` (AdamW with ``capturable=True`` and a tensor lr, the token check on each
+``nl_layers.graphed_step`` (AdamW fused with ``capturable=True`` and a tensor lr, the token check on each
 call: one synchronisation, as eager), rounds interleaved in one process; every ratio is to
 TransformerLM's eager step from the same run. A fresh batch is copied in before every replay.
 
@@ -56,7 +56,8 @@ def steps(build, vocab: int, batch: int, seq: int):
     torch.manual_seed(0)
     graph_model = build().cuda()
     opt = torch.optim.AdamW(eager_model.parameters(), lr=1e-3, fused=True)
-    gopt = torch.optim.AdamW(graph_model.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    gopt = torch.optim.AdamW(graph_model.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True,
+                             fused=True)
 
     def eager():
         opt.zero_grad(set_to_none=True)
