@@ -139,18 +139,12 @@ def _runner(p: Product, variant: str, device, dtype):
             c = F.pad(c, (0, up(c.shape[-1]) - c.shape[-1])) if c.dim() == 1 else pad(c)
     batched = p.a.size.__len__() == 3
     mm = torch.bmm if batched else torch.mm
-    if variant == "swapped":
-        # C^T = B^T A^T: the same result as a transposed view
-        def fn():
-            out = mm(b.mT, a.mT).mT
-            return out if c is None else out.mul_(alpha).add_(c, alpha=beta)
-        if c is not None:
-            add = torch.baddbmm if batched else torch.addmm
-            ct = c.mT if c.dim() >= 2 else c.unsqueeze(-1)  # a bias (N,) adds along the other side
-
-            def fn():  # noqa: F811 (with an addend: the fused form on the transposed problem)
-                return add(ct, b.mT, a.mT, beta=beta, alpha=alpha).mT
-        return fn
+    if variant == "swapped":  # C^T = B^T A^T: the same result as a transposed view
+        if c is None:
+            return lambda: mm(b.mT, a.mT).mT
+        add = torch.baddbmm if batched else torch.addmm
+        ct = c.mT if c.dim() >= 2 else c.unsqueeze(-1)  # a bias (N,) adds along the other side
+        return lambda: add(ct, b.mT, a.mT, beta=beta, alpha=alpha).mT
     if c is None:
         return lambda: mm(a, b)
     if variant == "split":

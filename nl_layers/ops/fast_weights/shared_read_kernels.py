@@ -88,7 +88,7 @@ def silu_memory_major(z: Tensor, out: Tensor | None = None, impl: str = "auto",
         return h, torch.baddbmm(base[:, :, None], h[g - u.shape[0]:], u[:, :, None])[..., 0]
     z = _unit_last(z)
     r = 0 if dots is None else u.shape[0]
-    c = z.new_empty(r, m)
+    c = z.new_empty(r, m) if dots is not None else h  # (without dots: a pointer the kernel never writes)
     u = _unit_last(u) if dots is not None else h
     base = base if dots is not None else h
     if h.numel():
