@@ -263,13 +263,16 @@ class _SiluTokenRead(Function):
 
     @staticmethod
     def forward(mixing, l1, r1, l2, r2, q, w_in, w_out):
+        # eager: in place (the product is ours; out of place copies it first); compiling: out of place
+        # (torch 2.11's dynamo loses the gradient of an output written in place in a Function's forward)
+        add = torch.baddbmm if torch.compiler.is_compiling() else torch.Tensor.baddbmm_
         s1 = q @ r1.transpose(-1, -2)
         m1 = mixing * s1
-        z = _apply(w_in, q).baddbmm_(m1, l1)  # (in place: the product is ours; out of place copies it first)
+        z = add(_apply(w_in, q), m1, l1)
         h = F.silu(z)
         s2 = h @ r2.transpose(-1, -2)
         m2 = mixing * s2
-        return _apply(w_out, h, q).baddbmm_(m2, l2), z, h, s1, m1, s2, m2
+        return add(_apply(w_out, h, q), m2, l2), z, h, s1, m1, s2, m2
 
     @staticmethod
     def setup_context(ctx, inputs, output):
