@@ -47,7 +47,7 @@ from ..kernels.launch import apply_directions
 from ..levels import fused as fused_steps
 from ..levels.base import Direction, State, axpy
 from .conventions import (CONVENTIONS, check_conventions, check_real, device_flag, flag_set, flag_to_host, host_ints,
-                          outside_graphs, state_dtype_for, tensor_step)
+                          outside_graphs, run_eagerly, state_dtype_for, tensor_step)
 
 __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direction", "chain_for", "coupled_decay",
            "group_defaults"]
@@ -309,12 +309,17 @@ class LevelOptimizer(torch.optim.Optimizer):
             if params:
                 self._step_group(group, params, grads, found, advanced)
         if reader is not None:
-            self._pending = (reader, advanced)
+            run_eagerly(self._set_pending, (reader, advanced))
             if not found.is_cuda:  # reading it costs nothing here: count and warn at once
                 self._settle()
         return loss
 
+    def _set_pending(self, pending: tuple[Any, list[Tensor]]) -> None:
+        self._pending = pending
+
     def _count_skip(self) -> None:
+        if torch.compiler.is_compiling():  # the attribute and the warning outside the graph (run_eagerly)
+            return run_eagerly(self._count_skip)
         self._skipped_steps += 1
         warnings.warn(f"{type(self).__name__}: skipped a step because a gradient holds NaN or Inf "
                       f"(parameters and state unchanged; {self._skipped_steps} skipped so far)",
@@ -323,6 +328,10 @@ class LevelOptimizer(torch.optim.Optimizer):
     def _settle(self) -> None:
         """Read the flag the kernels of the last step took: if it was set, they stored nothing, and
         the step counters they advanced go back."""
+        if self._pending is None:
+            return
+        if torch.compiler.is_compiling():
+            return run_eagerly(self._settle)
         pending, self._pending = self._pending, None
         if pending is not None and pending[0].read():
             if pending[1]:

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..levels.base import _HOST, host_ints
 
 __all__ = ["CONVENTIONS", "check_conventions", "check_real", "state_dtype_for", "host_ints", "all_finite",
-           "device_flag", "flag_set", "flag_to_host", "nonfinite_flag", "tensor_step", "outside_graphs"]
+           "device_flag", "flag_set", "flag_to_host", "nonfinite_flag", "tensor_step", "outside_graphs", "run_eagerly"]
 
 #: group keys of torch's optimizers, with their defaults (filled into older checkpoints' groups).
 CONVENTIONS: dict[str, Any] = {"maximize": False, "foreach": None, "capturable": False, "differentiable": False,
@@ -199,8 +199,21 @@ def _flag_to_host(flag: Tensor) -> tuple[Tensor, Any]:
     return host, event
 
 
+def run_eagerly(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` outside compiled graphs: for the shell's bookkeeping on its own attributes (a
+    pending flag, the skipped-step count), which some torch versions' dynamo cannot trace (2.11:
+    "setattr on a user-defined object" of an optimizer). Eager callers pay nothing."""
+    if not torch.compiler.is_compiling():
+        return fn(*args)
+    return _HOST.get("call", _call)(fn, *args)
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
 def outside_graphs() -> None:
     """Wrap the shell's host reads for ``torch.compile`` (see :func:`deepopt.levels.base.outside_graphs`)."""
     from ..levels.base import outside_graphs as wrap
 
-    wrap(finite=_all_finite, flag=_flag_set, nonfinite=nonfinite_flag, to_host=_flag_to_host)
+    wrap(finite=_all_finite, flag=_flag_set, nonfinite=nonfinite_flag, to_host=_flag_to_host, call=_call)
