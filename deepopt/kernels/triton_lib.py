@@ -28,10 +28,11 @@ def _row(blk_row, blk_start, numel, found, BLOCK: tl.constexpr, ALIGNED: tl.cons
     pid = tl.program_id(0)
     row = tl.load(blk_row + pid).to(tl.int64)
     start = tl.load(blk_start + pid)
-    n = _upto(tl.load(numel + row), found, CHECK)
-    if ALIGNED:
+    n = tl.load(numel + row)
+    if ALIGNED:  # the hints on the loads themselves: Triton 3.6 drops a hint put on a jit call's result
         start = tl.multiple_of(start, 16)
         n = tl.multiple_of(n, 16)
+    n = _upto(n, found, CHECK)  # n or 0: still a multiple of 16
     offs = start + tl.arange(0, BLOCK)
     return row, offs, offs < n
 
