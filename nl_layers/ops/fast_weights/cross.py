@@ -27,7 +27,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-GROUP = 16
+#: chunks whose start states come from one closed-form product (a language model's 256 tokens in
+#: chunks of 64 is 4; 4K tokens 64). Beyond it the grouped recursion runs, which took ~1.6x the
+#: closed form's time per token on an H100 (Titans memories, dim 512, 8 heads, bf16: 1.5 M against
+#: 2.4 M tok/s at T = 4K with 16 and 64; the same at 1K and 16K whatever the value:
+#: ``python -m benchmarks.layers.cross_group``).
+GROUP = 64
 
 
 _MASKS: dict = {}
