@@ -47,6 +47,24 @@ def test_chunked_equals_recurrent_outputs_state_and_every_gradient(rule, t, chun
         assert a is not None and max_diff(a, b) < 1e-10, name
 
 
+@pytest.mark.parametrize("group", [4, 64])  # 63 chunks: grouped in two levels, and in one closed form
+def test_hebbian_chunk_states_grouped_or_closed(group, monkeypatch):
+    """The hebbian rule's chunk-start states (a scalar decay per chunk) through the cross-chunk scan,
+    whichever form it takes: outputs, state and every gradient equal the recurrence's."""
+    from nl_layers.ops.fast_weights import cross
+
+    monkeypatch.setattr(cross, "GROUP", group)
+    inputs = _inputs(63, requires_grad=True)
+    q, k, v, lr, log_decay, m0 = inputs
+    kw = dict(rule="hebbian", lr=lr, log_decay=log_decay, initial_state=m0)
+    y_ref, m_ref = linear_memory_recurrent(q, k, v, **kw)
+    y, m = linear_memory_chunked(q, k, v, chunk_size=1, impl="torch", **kw)
+    assert max_diff(y, y_ref) < 1e-12 and max_diff(m, m_ref) < 1e-12
+    out, out_ref = torch.cat([y.flatten(), m.flatten()]), torch.cat([y_ref.flatten(), m_ref.flatten()])
+    for name, a, b in zip(NAMES, grads_of(out, inputs), grads_of(out_ref, inputs)):
+        assert a is not None and max_diff(a, b) < 1e-10, name
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_chunked_equals_recurrent_constant_lr_no_decay(rule):
     q, k, v, *_ = _inputs()

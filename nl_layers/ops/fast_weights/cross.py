@@ -10,8 +10,11 @@ the exclusive products E^x_cj = prod_{j<r<c} x_r (j < c) and e^x_c = prod_{r<c} 
 and c = n (one step past the last chunk) is the end state. So for up to :data:`GROUP` chunks
 all start states are one batched product of a small (n K) x (n K) operator with the stacked
 summaries (K = 2 with momentum: D and S; K = 1 without), built once per scan and shared by
-every weight matrix (:func:`cross_operator`). Beyond, :func:`scan_maps` composes the maps in
-groups of GROUP chunks, recursively (log_G n levels), so the cost stays linear in n.
+every weight matrix (:func:`cross_operator`). Beyond, :func:`grouped_states` takes groups of
+GROUP chunks each in closed form from a zero start, the groups' own start states by the same
+function over the groups' maps (recursively: log_G n levels), and adds each group start's part to
+its chunks in one product, so the cost stays linear in n. (:func:`scan_maps`, the prefix maps
+themselves, composes them in groups the same way.)
 
 Example:
     >>> la, f, lm = -torch.rand(2, 5), torch.rand(2, 5), -torch.rand(2, 5)
@@ -202,26 +205,47 @@ def scan_maps(la, f, lm, bd, bs, group: int | None = None):
     return ungroup(cla), ungroup(fl), ungroup(clm), ungroup(d), ungroup(s)
 
 
-def grouped_states(end_la, end_f, end_lm, summaries: torch.Tensor, d0, s0):
-    """:func:`closed_states` for many chunks, through :func:`scan_maps` (same inputs and outputs)."""
+def grouped_states(end_la, end_f, end_lm, summaries: torch.Tensor, d0, s0, group: int | None = None):
+    """:func:`closed_states` for many chunks (same inputs and outputs), in groups of ``group`` (default
+    :data:`GROUP`) chunks: each group's start states from zero and its end state by its own closed
+    form (two products), the groups' start states by this function over the groups' maps (their
+    end states as summaries, the initial state there), then every chunk's start state gets its group
+    start's part through the group operator's coefficients (one product added in place):
+
+        X_c = X^loc_c + C_c X_g,   C_c = [[e^a_c, (E^a (F e^m))_c], [0, e^m_c]]   (K = 2; K = 1: e^a_c)
+
+    for chunk c of group g with start state X_g = (D, S)."""
+    group = GROUP if group is None else group
     b, n, k = summaries.shape[:3]
     shape = summaries.shape[3:]
-    bc = lambda c, like: c.reshape(c.shape + (1,) * (like.ndim - c.ndim))  # noqa: E731
-    delta_d = summaries[:, :, 0]
-    delta_s = summaries[:, :, 1] if k == 2 else None
-    d0 = torch.zeros_like(delta_d[:, 0]) if d0 is None else d0
-    # Fold the initial state into chunk 0's summary, so the scan from zero gives the states themselves.
-    first_d = bc(end_la[:, 0].exp(), d0) * d0
-    if delta_s is not None:
-        s0 = torch.zeros_like(delta_s[:, 0]) if s0 is None else s0
-        first_d = first_d + bc(end_f[:, 0], s0) * s0
-        delta_s = torch.cat([delta_s[:, :1] + (bc(end_lm[:, 0].exp(), s0) * s0)[:, None], delta_s[:, 1:]], 1)
-    delta_d = torch.cat([delta_d[:, :1] + first_d[:, None], delta_d[:, 1:]], 1)
-    flat = lambda t: None if t is None else t.reshape(b, n, -1)  # noqa: E731
-    _, _, _, d_end, s_end = scan_maps(end_la, end_f, end_lm, flat(delta_d), flat(delta_s))
-    states = [torch.cat([d0[:, None], d_end.reshape(b, n, *shape)[:, :-1]], 1)]
-    ends = [d_end[:, -1].reshape(b, *shape)]
-    if s_end is not None:
-        states.append(torch.cat([s0[:, None], s_end.reshape(b, n, *shape)[:, :-1]], 1))
-        ends.append(s_end[:, -1].reshape(b, *shape))
-    return torch.stack(states, 2), torch.stack(ends, 1)
+    if n <= group:
+        op = cross_operator(end_la, end_f, end_lm)
+        return closed_states(CrossOperator(*(None if t is None else t.to(summaries.dtype) for t in op)), summaries, d0, s0)
+    ng = -(-n // group)
+    pad = ng * group - n  # identity maps (log A = log M = 0, F = 0) with zero summaries
+
+    def grouped(t):
+        if t is None:
+            return None
+        if pad:
+            t = F.pad(t, (0, pad)) if t.ndim == 2 else torch.cat([t, t.new_zeros(b, pad, *t.shape[2:])], 1)
+        return t.reshape(b * ng, group, *t.shape[2:])
+
+    la, f, lm = grouped(end_la), grouped(end_f), grouped(end_lm)
+    op = cross_operator(la, f, lm)
+    flat = grouped(summaries).reshape(b * ng, group * k, -1)
+    cast = lambda t: t.to(flat.dtype)  # noqa: E731
+    local = cast(op.starts) @ flat  # every chunk's start state from a zero group start
+    ends = (cast(op.final) @ flat).reshape(b, ng, k, *shape)
+    # the groups' maps: A = e^a, M = e^m at one past the group's last chunk; F: S_0's coefficient in D there
+    g_la, g_lm = la.sum(-1).reshape(b, ng), None if lm is None else lm.sum(-1).reshape(b, ng)
+    g_f = None if f is None else (op.ea[:, group] * (f * op.pm[:, :group])).sum(-1).reshape(b, ng)
+    starts_g, final = grouped_states(g_la, g_f, g_lm, ends, d0, s0, group)
+    if k == 1:
+        coeff = op.pa[:, :group, None]  # (B ng, group, 1)
+    else:
+        via_s = op.ea[:, :group] @ (f * op.pm[:, :group])[..., None]  # (B ng, group, 1)
+        coeff = torch.cat([op.pa[:, :group, None], via_s, torch.zeros_like(via_s), op.pm[:, :group, None]], -1)
+        coeff = coeff.reshape(b * ng, group * 2, 2)  # rows c K + k', columns D_g, S_g
+    local = local.baddbmm_(cast(coeff), starts_g.reshape(b * ng, k, -1))
+    return local.reshape(b, ng * group, k, *shape)[:, :n], final
