@@ -15,6 +15,8 @@
 #             (benchmarks/layers/*_bench.py)
 #   matmuls   every matrix product of HopeLM's step, timed alone in its own and in other layouts
 #             (benchmarks/layers/matmul_layouts.py: which call sites leave cuBLAS on a slow kernel)
+#   cross     the Titans memories' tokens/s for several cross-chunk GROUP values, 1K-64K
+#             (benchmarks/layers/cross_group.py; CROSS_ARGS replaces its arguments)
 #   baseline  the LM step's anatomy for each tree in $BASELINE (space-separated folders, e.g. earlier
 #             commits unpacked by `git archive`), timed by this tree's lm_profile.py, in the same call as
 #             `profile`: before/after pairs on one machine
@@ -90,6 +92,12 @@ kernels() {
     tail -n 12 "$out/logs/$bench.log" | tee -a "$out/session.log"
   done
 }
+cross() {
+  say "cross_group start"
+  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${CROSS_SECONDS:-200}" python3 -m benchmarks.layers.cross_group \
+    ${CROSS_ARGS:---groups 16 64 256 --lengths 1024 4096 16384 65536} > "$out/logs/cross_group.log" 2>&1
+  say "cross_group rc=$? $(grep -c 'tok/s' "$out/logs/cross_group.log") rows"
+}
 matmuls() {
   say "matmul_layouts start"
   CUDA_VISIBLE_DEVICES=${1:-0} timeout "${MATMUL_SECONDS:-150}" python3 -m benchmarks.layers.matmul_layouts --out "$out/matmul_layouts" \
@@ -127,7 +135,7 @@ if [ "$n" -ge 2 ]; then
   pids=""
   if has layers; then layers $((n - 1)) & pids="$pids $!"; fi
   (has kernels && kernels 0; has tests && tests; has ops && ops 0; has baseline && baseline 0; has profile && profile 0
-    has matmuls && matmuls 0; has graphed && graphed 0; has switch && switch 0; has compile && lm_compile) & pids="$pids $!"
+    has matmuls && matmuls 0; has cross && cross 0; has graphed && graphed 0; has switch && switch 0; has compile && lm_compile) & pids="$pids $!"
   if has defaults; then lm_defaults $workers & pids="$pids $!"; fi
   wait $pids
 else
@@ -137,6 +145,7 @@ else
   has baseline && baseline 0
   has profile && profile 0
   has matmuls && matmuls 0
+  has cross && cross 0
   has graphed && graphed 0
   has switch && switch 0
   has layers && layers 0
@@ -149,4 +158,5 @@ for f in "$out/matmul_layouts/matmul_layouts.md" "$out"/lm_profile_baseline*/lm_
   [ -f "$f" ] && head -n 30 "$f"
 done
 tail -n 25 "$out/logs/layers.log" 2>/dev/null
+tail -n 16 "$out/logs/cross_group.log" 2>/dev/null
 tail -n 12 "$out/logs/lm_defaults.log" 2>/dev/null
