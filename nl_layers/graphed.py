@@ -25,6 +25,15 @@ What the graph fixes, and the checks that follow from it:
   capturing; the token range of an nl_layers language model is checked on each call instead (one
   synchronisation, as in eager mode; ``check_inputs=False`` skips it).
 
+Slow levels (``periods``: parameter name -> update period C, e.g. ``model.level_spec()``): a
+parameter of period C accumulates its gradient and is stepped only at steps t with t % C == 0,
+with the chunk's mean (``reduce="sum"``: its sum), as ``deepopt.lightning.PeriodicGradients`` does in an
+eager loop (on held steps its ``.grad`` is None, so the optimizer leaves it and its state alone).
+Which levels step is a Python decision, so there is one graph per distinct set of stepping levels
+(periods 1, 4, 16: three), each in its own memory pool; a set's first occurrence runs eagerly (it
+creates the optimizer state of the levels it steps), its second is captured, later ones replay.
+Every slow parameter must get a gradient at every step.
+
 On the CPU (a batch not on CUDA) the same function returns the eager step, so one training loop
 runs on both. Optimizers: torch's (AdamW, Adam, SGD, ... with tensor learning rates). deepopt's
 optimizers read their learning rate and their skipped-step flag on the host at each step, which a
@@ -43,7 +52,7 @@ Example (the CPU gives the eager step; on a GPU the same lines capture and repla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -90,6 +99,26 @@ def _check_batch(batch: tuple, static: tuple) -> None:
             )
 
 
+def _slow_levels(model: nn.Module, periods, reduce: str) -> list[tuple[str, torch.Tensor, int, torch.Tensor]]:
+    """(name, parameter, period, accumulator) of every parameter with a period > 1."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"graphed_step: reduce must be 'mean' or 'sum', got {reduce!r}")
+    if not periods:
+        return []
+    params = dict(model.named_parameters())
+    unknown = [n for n in periods if n not in params]
+    if unknown:
+        raise ValueError(f"graphed_step: periods names parameters the model does not have: {unknown[:3]} (use the "
+                         "names of model.named_parameters(), e.g. periods=model.level_spec())")
+    slow = []
+    for name, period in periods.items():
+        check_positive_int(period, f"periods[{name!r}]")
+        if period > 1:
+            p = params[name]
+            slow.append((name, p, period, torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))))
+    return slow
+
+
 def graphed_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -99,6 +128,8 @@ def graphed_step(
     max_norm: float | None = None,
     warmup: int = 3,
     check_inputs: bool = True,
+    periods: Mapping[str, int] | None = None,
+    reduce: str = "mean",
 ) -> Callable[..., torch.Tensor]:
     """The training step of ``model`` with ``optimizer``, as one CUDA graph (module doc).
 
@@ -112,6 +143,9 @@ def graphed_step(
         max_norm: clip the gradients' total norm to this before the step (inside the graph).
         warmup: eager steps before the capture (torch's notes use 3; more under DDP).
         check_inputs: check token ids against ``model.vocab_size`` on each call (one synchronisation).
+        periods: parameter name -> update period (slow levels, module doc); None or all 1: every
+            parameter every step.
+        reduce: "mean" (the CMS rule) or "sum" of a slow level's accumulated gradients.
 
     Returns:
         ``step(*batch)`` -> the loss of that batch (a new tensor, detached).
@@ -120,20 +154,37 @@ def graphed_step(
     example = _as_tuple(example)
     loss_fn = loss_fn if loss_fn is not None else (lambda m, *b: m.loss(*b))
     vocab = getattr(model, "vocab_size", None) if check_inputs else None
+    slow = _slow_levels(model, periods, reduce)
+    level_periods = sorted({c for _, _, c, _ in slow})
+    count = [0]  # optimizer steps taken through this function
 
-    def body(*batch):
+    def stepping() -> frozenset:  # the slow periods that the next step updates
+        count[0] += 1
+        return frozenset(c for c in level_periods if count[0] % c == 0)
+
+    def body(steps: frozenset, *batch):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model, *batch)
         loss.backward()
         if max_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+        for name, p, period, acc in slow:  # held: .grad None; at the boundary: the chunk's mean (or sum)
+            if p.grad is None:
+                raise ValueError(f"graphed_step: the slow parameter {name!r} got no gradient; every parameter "
+                                 "with a period > 1 must get one at every step")
+            acc.add_(p.grad)
+            if period in steps:
+                p.grad = (acc / period if reduce == "mean" else acc.clone()).to(p.dtype)
+                acc.zero_()
+            else:
+                p.grad = None
         optimizer.step()
         return loss.detach()
 
     if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in example):  # the CPU: the eager step
 
         def eager(*batch):
-            return body(*(_as_tuple(batch[0]) if len(batch) == 1 else batch))
+            return body(stepping(), *(_as_tuple(batch[0]) if len(batch) == 1 else batch))
 
         return eager
 
@@ -141,28 +192,46 @@ def graphed_step(
     static = tuple(t.detach().clone() for t in example)
     if vocab is not None and static[0].dtype in (torch.int64, torch.int32):
         check_tokens(static[0], vocab, "example")
-    with value_checks(False):  # no host synchronisation in warm-up or capture
-        side = torch.cuda.Stream()
+    graphs: dict[frozenset, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+    seen: set[frozenset] = set()  # step kinds run eagerly at least once (their optimizer state exists)
+    side = torch.cuda.Stream()
+
+    def run_eagerly(steps: frozenset, batch: tuple) -> torch.Tensor:
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                body(*static)
+        with torch.cuda.stream(side), value_checks(False):
+            loss = body(steps, *batch)
         torch.cuda.current_stream().wait_stream(side)
+        seen.add(steps)
+        return loss
+
+    def capture(steps: frozenset) -> None:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_loss = body(*static)
+        with value_checks(False), torch.cuda.graph(graph):  # no host synchronisation in a capture
+            graphs[steps] = (graph, body(steps, *static))
+
+    for _ in range(warmup):
+        run_eagerly(stepping(), static)
+    for steps in sorted(seen, key=len):
+        capture(steps)
 
     def replay(*batch):
         batch = _as_tuple(batch[0]) if len(batch) == 1 else batch
         _check_batch(batch, static)
         if vocab is not None and batch[0].dtype in (torch.int64, torch.int32):
             check_tokens(batch[0], vocab)
+        steps = stepping()
+        if steps not in graphs and steps not in seen:
+            return run_eagerly(steps, batch).clone()
+        if steps not in graphs:
+            capture(steps)
         for s, x in zip(static, batch):
             s.copy_(x, non_blocking=True)
+        graph, static_loss = graphs[steps]
         graph.replay()
         return static_loss.clone()
 
-    replay.graph = graph  # for users who want to inspect or reset it
+    replay.graphs = graphs  # one per set of stepping levels (for users who want to inspect or reset them)
+    replay.graph = graphs.get(frozenset(), (None,))[0]  # the every-step graph
     return replay
 
 

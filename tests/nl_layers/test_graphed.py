@@ -49,6 +49,59 @@ def test_cpu_step_is_the_eager_loop(max_norm):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def _hope(device="cpu"):
+    torch.manual_seed(0)
+    return nl_layers.HopeLM(vocab_size=16, dim=16, depth=1, heads=2, cms_periods=(1, 2, 4)).to(device)
+
+
+def _manual_levels(model, opt, batches, levels, reduce="mean", max_norm=None):
+    """The eager loop with deepopt's PeriodicGradients (the reference of graphed_step's periods)."""
+    from deepopt.lightning import PeriodicGradients
+
+    periodic, losses = PeriodicGradients(model.named_parameters(), levels, reduce), []
+    for b in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model.loss(b)
+        loss.backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+        periodic.before_step()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
+@pytest.mark.parametrize("reduce, max_norm", [("mean", None), ("sum", 0.05)])
+def test_cpu_step_with_slow_levels_is_the_periodic_loop(reduce, max_norm):
+    """periods (HOPE's CMS levels of periods 1, 2, 4): the step equals the eager loop with
+    PeriodicGradients, bit for bit, across several boundaries."""
+    a, b = _hope(), _hope()
+    levels = a.level_spec()
+    assert sorted(set(levels.values())) == [1, 2, 4]
+    opt_a, opt_b = torch.optim.AdamW(a.parameters(), lr=1e-2), torch.optim.AdamW(b.parameters(), lr=1e-2)
+    batches = _batches(9)
+    step = nl_layers.graphed_step(a, opt_a, batches[0], periods=levels, reduce=reduce, max_norm=max_norm)
+    got = [step(x) for x in batches]
+    want = _manual_levels(b, opt_b, batches, levels, reduce, max_norm)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    slow = [n for n, c in levels.items() if c == 4]
+    assert all(len(opt_a.state[dict(a.named_parameters())[n]]) for n in slow)  # stepped at 4 and 8
+
+
+def test_bad_periods_name_the_fix():
+    model = _hope()
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="named_parameters"):
+        nl_layers.graphed_step(model, opt, _batches(1)[0], periods={"no.such.weight": 2})
+    with pytest.raises(ValueError, match="periods"):
+        nl_layers.graphed_step(model, opt, _batches(1)[0], periods={next(iter(model.level_spec())): 0})
+    with pytest.raises(ValueError, match="reduce"):
+        nl_layers.graphed_step(model, opt, _batches(1)[0], reduce="max")
+
+
 def test_loss_fn_and_tuple_batches():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -127,3 +180,24 @@ def test_cuda_graph_follows_the_lr_tensor_and_checks_batches():
         step(batches[0][:, :5])
     with pytest.raises(ValueError, match="tokens must lie"):
         step(torch.full_like(batches[0], 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_graphs_with_slow_levels_equal_the_periodic_loop():
+    """One graph per set of stepping levels (periods 1, 2, 4: three), each set's first occurrence
+    eager: the replayed steps equal the eager loop with PeriodicGradients."""
+    a, b = _hope("cuda"), _hope("cuda")
+    levels = a.level_spec()
+    lr = lambda: torch.tensor(1e-2, device="cuda")  # noqa: E731
+    opt_a = torch.optim.AdamW(a.parameters(), lr=lr(), capturable=True, fused=True)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=lr(), capturable=True, fused=True)
+    batches = _batches(12, "cuda")
+    step = nl_layers.graphed_step(a, opt_a, batches[0], periods=levels, warmup=3)
+    got = [step(x) for x in batches]
+    want = _manual_levels(b, opt_b, [batches[0]] * 3 + batches, levels)[3:]  # the warm-up trains on the example
+    assert len(step.graphs) == 3
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
