@@ -148,7 +148,8 @@ def graphed_step(
         reduce: "mean" (the CMS rule) or "sum" of a slow level's accumulated gradients.
 
     Returns:
-        ``step(*batch)`` -> the loss of that batch (a new tensor, detached).
+        ``step(*batch)`` -> the loss of that batch (a new tensor, detached). On CUDA its attribute
+        ``warmup_losses`` holds the warm-up steps' losses and ``graphs`` the captured graphs.
     """
     check_positive_int(warmup, "warmup")
     example = _as_tuple(example)
@@ -209,8 +210,7 @@ def graphed_step(
         with value_checks(False), torch.cuda.graph(graph):  # no host synchronisation in a capture
             graphs[steps] = (graph, body(steps, *static))
 
-    for _ in range(warmup):
-        run_eagerly(stepping(), static)
+    warmup_losses = [run_eagerly(stepping(), static) for _ in range(warmup)]
     for steps in sorted(seen, key=len):
         capture(steps)
 
@@ -230,6 +230,7 @@ def graphed_step(
         graph.replay()
         return static_loss.clone()
 
+    replay.warmup_losses = warmup_losses  # the warm-up steps' losses (real steps on the example)
     replay.graphs = graphs  # one per set of stepping levels (for users who want to inspect or reset them)
     replay.graph = graphs.get(frozenset(), (None,))[0]  # the every-step graph
     return replay

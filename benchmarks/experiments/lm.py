@@ -22,6 +22,8 @@ longer need), every model over all three rates, ``compile="blocks"`` (regional c
 by compile + 2,000 steps on one worker, see ``COMPILE_CHOICE``; evaluation stays eager). Phase
 ``extend`` adds, per model whose best seed-0 rate is at an edge of the tried ones
 (:func:`edge_rates`), one rate x3 beyond it; repeat it until it makes no jobs, then run ``seeds``.
+``--set compile=graphed`` replays each step as a CUDA graph instead (AdamW runs only; ~2x faster than
+"blocks" for the memory LMs by the H100 step times; not yet run in this suite on a GPU).
 ``--set size=large`` (about 57 M parameters, dim 768, depth 8) names its jobs ``model@large`` so
 that they are chosen and reported apart from the small ones. The one-H200 command lines and
 their estimated wall times are in benchmarks/README.md ("lm at ten times the tokens").
@@ -65,12 +67,17 @@ EXTEND_FACTOR = 3.0  # phase extend: one more rate x3 beyond the edge of the tri
 # and the transformer's "blocks" are not measured: estimates (the 2026-11 eager 22.9 ms; compiled
 # from the transformer's ratio). Job costs (largest job first) and the docs' wall times use them.
 GPU_SECONDS_PER_STEP = {"transformer": 0.019, "hope_attention": 0.023, "titans": 0.057, "hope": 0.082}
+# "graphed" (nl_layers.graphed_step, AdamW only): TransformerLM, TitansLM and HopeLM() at their
+# defaults measured on an H100 (2026-12-05, lm_graphed: 10.0, 16.8, 20.0 ms); the suite's HOPE (CMS
+# 1/4/16) and hope_attention estimated from them; the "compile" seconds are the captures (estimates)
 GPU_SECONDS_PER_STEP_COMPILED = {
     "full": {"transformer": 0.0103, "hope_attention": 0.015, "titans": 0.0215, "hope": 0.0333},
     "blocks": {"transformer": 0.013, "hope_attention": 0.018, "titans": 0.033, "hope": 0.0407},
+    "graphed": {"transformer": 0.010, "hope_attention": 0.013, "titans": 0.017, "hope": 0.022},
 }
 GPU_COMPILE_SECONDS = {"full": {"transformer": 19, "hope_attention": 25, "titans": 43, "hope": 52},
-                       "blocks": {"transformer": 10, "hope_attention": 12, "titans": 17, "hope": 17}}
+                       "blocks": {"transformer": 10, "hope_attention": 12, "titans": 17, "hope": 17},
+                       "graphed": {"transformer": 3, "hope_attention": 5, "titans": 5, "hope": 10}}
 # step-time factor of a size relative to dim 384 / depth 6 (large: an estimate, ~5.6x the weights
 # but the small models are partly launch-bound); measure with a short run before sizing a deadline
 SIZE_STEP_FACTOR = {"large": 3.0}
@@ -95,7 +102,7 @@ def job_seconds(model: str, cfg: dict) -> float:
 
 # assumed throughput of 4 workers on one H200 relative to one worker (an estimate, not measured for
 # these runs): eager steps are host-bound and overlap well, compiled ones much less
-POOL_SPEEDUP = {"none": 2.5, "blocks": 1.3, "full": 1.3}
+POOL_SPEEDUP = {"none": 2.5, "blocks": 1.3, "full": 1.3, "graphed": 1.1}
 
 
 def pool_wall_seconds(jobs: Sequence[Job], workers_per_gpu: int = 4) -> float:

@@ -24,7 +24,11 @@ the sizes ``small`` and ``large``, used by the lm suite's ``gpu10x`` preset, lea
 
 Compilation: ``cfg["compile"]`` is ``"none"`` (default), ``"blocks"`` (``model.compile_blocks()``)
 or ``"full"`` (``model.compile(fullgraph=True)``), or a dict model -> mode; applied after the model
-is built, with backend ``cfg.get("compile_backend", "inductor")``. Evaluation runs eager (see
+is built, with backend ``cfg.get("compile_backend", "inductor")``. ``"graphed"`` compiles nothing
+but replays each training step as a CUDA graph (:func:`nl_layers.graphed_step`, the CMS periods
+passed as its ``periods``), with torch's AdamW only (capturable and fused on CUDA, its rate a
+tensor that the schedule fills in place): step 0 is the graph's one warm-up step on the first
+batch, so the run is the eager one step for step (on a CPU it is the eager step). Evaluation runs eager (see
 :func:`evaluate`). Timing: the first ``WARM_STEPS`` = 2 steps (compilation, warm-up) are reported as
 ``compile_seconds``; ``ms_per_step`` and ``tokens_per_second`` time the steps after them (without
 evaluations).
@@ -69,7 +73,7 @@ SIZES = {
     "large": dict(dim=768, depth=8, heads=12, chunk_size=None, max_lr=None, cms_hidden=1024, batch=32, seq_len=256,
                   val_windows=128),
 }
-COMPILE_MODES = ("none", "blocks", "full")
+COMPILE_MODES = ("none", "blocks", "full", "graphed")
 CMS_PERIODS = (1, 4, 16)
 WARMUP_FRACTION, FINAL_LR_FRACTION, CLIP_NORM = 0.05, 0.1, 1.0
 WARM_STEPS = 2  # untimed first steps (reported as compile_seconds); ms_per_step times the rest
@@ -113,9 +117,28 @@ def compile_model(model: torch.nn.Module, mode: str, backend: str = "inductor") 
         model.compile(fullgraph=True, backend=backend)
     elif mode == "blocks":
         model.compile_blocks(backend=backend)
-    elif mode != "none":
+    elif mode not in ("none", "graphed"):  # graphed: the training step is captured, not the model compiled
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     return model
+
+
+def graphed_adamw(model: torch.nn.Module, optimizer: str, lrs: dict, device: str) -> torch.optim.Optimizer:
+    """The AdamW of ``compile="graphed"`` (the spec's: no weight decay), capturable and fused on
+    CUDA with a tensor rate; other optimizers are refused."""
+    if optimizer != "AdamW":
+        raise ValueError(f'compile="graphed" trains with torch\'s AdamW only (a CUDA graph replays it), got '
+                         f"{optimizer!r}: use compile 'none', 'blocks' or 'full' for it")
+    cuda = device.startswith("cuda")
+    lr = torch.tensor(lrs["adam"], device=device) if cuda else lrs["adam"]
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, capturable=cuda, fused=cuda or None)
+
+
+def set_lr(group: dict, value: float) -> None:
+    """A param group's rate: filled in place when it is a tensor (a captured step reads it there)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(value)
+    else:
+        group["lr"] = value
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -171,10 +194,12 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
     spec = select_optimizers([optimizer])[optimizer]
     lrs = {family: lr if family == spec.family else LR_CENTRES[family] * lr / LR_CENTRES[spec.family]
            for family in LR_CENTRES}
-    opt = build_optimizer(spec, model, lrs)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    graphed = mode == "graphed"
+    opt = graphed_adamw(model, optimizer, lrs, device) if graphed else build_optimizer(spec, model, lrs)
+    base_lrs = [float(g["lr"]) for g in opt.param_groups]
     levels = model.level_spec() if hasattr(model, "level_spec") else {}
-    periodic = PeriodicGradients(model.named_parameters(), levels) if levels else None
+    periodic = PeriodicGradients(model.named_parameters(), levels) if levels and not graphed else None
+    graphed_steps = None
     gen = torch.Generator().manual_seed(10_000 + seed)
     val_gen = torch.Generator().manual_seed(12345)  # the same validation windows for every run
     seq, steps = cfg["seq_len"], cfg["steps"]
@@ -190,16 +215,26 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
     for step in range(steps):
         offsets = torch.randint(0, len(train_ids) - seq - 1, (cfg["batch"],), generator=gen)
         batch = windows(train_ids, offsets.to(device), seq + 1)
-        loss = model.loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
-        if periodic is not None:
-            periodic.before_step()
         factor = lr_factor(step, steps)
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * factor
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if graphed:  # the same step: loss, backward, clipping, the periods, AdamW (see the module doc)
+            for group, base in zip(opt.param_groups, base_lrs):
+                set_lr(group, base * factor)
+            if graphed_steps is None:  # its one warm-up step is this step
+                graphed_steps = nl_layers.graphed_step(model, opt, batch, max_norm=CLIP_NORM, warmup=1,
+                                                       periods=levels or None, check_inputs=False)
+                loss = graphed_steps.warmup_losses[-1] if device.startswith("cuda") else graphed_steps(batch)
+            else:
+                loss = graphed_steps(batch)
+        else:
+            loss = model.loss(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+            if periodic is not None:
+                periodic.before_step()
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * factor
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if step == WARM_STEPS - 1:  # the first steps (compilation, allocator and autotuning warm-up) apart
             _sync(device)
             now = time.perf_counter()

@@ -1,0 +1,22 @@
+"""The lm suite's compile="graphed" (each training step replayed as a CUDA graph by
+nl_layers.graphed_step): on a CPU it is the eager step, so the run equals compile="none" bit for
+bit, the CMS periods included (HOPE's 1/4/16 levels across step 16); other optimizers are refused."""
+
+import pytest
+
+from benchmarks.experiments.lm_training import SIZES, train
+
+
+@pytest.mark.parametrize("model", ["hope", "transformer"])
+def test_graphed_run_equals_the_eager_run(model):
+    cfg = dict(SIZES["tiny"], model=model, steps=17, eval_every=4, val_windows=2)
+    eager = train(dict(cfg, compile="none"), "AdamW", 3e-3, 0, "cpu")
+    graphed = train(dict(cfg, compile="graphed"), "AdamW", 3e-3, 0, "cpu")
+    assert graphed["compile"] == "graphed" and graphed["steps_done"] == 17
+    assert graphed["val_loss"] == eager["val_loss"] and graphed["train_loss"] == eager["train_loss"]
+
+
+def test_graphed_refuses_other_optimizers():
+    cfg = dict(SIZES["tiny"], model="transformer", steps=2, eval_every=2, val_windows=2, compile="graphed")
+    with pytest.raises(ValueError, match="AdamW only"):
+        train(cfg, "SGD", 0.1, 0, "cpu")
