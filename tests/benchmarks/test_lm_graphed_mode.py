@@ -20,3 +20,18 @@ def test_graphed_refuses_other_optimizers():
     cfg = dict(SIZES["tiny"], model="transformer", steps=2, eval_every=2, val_windows=2, compile="graphed")
     with pytest.raises(ValueError, match="AdamW only"):
         train(cfg, "SGD", 0.1, 0, "cpu")
+
+
+@pytest.mark.gpu
+def test_graphed_run_follows_the_eager_run_on_cuda():
+    """On CUDA the replayed run (AdamW capturable, a tensor rate) tracks the eager one (fused AdamW,
+    a float rate) step for step: the same losses up to float32 rounding."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cfg = dict(SIZES["tiny"], model="hope", steps=17, eval_every=4, val_windows=2)
+    eager = train(dict(cfg, compile="none"), "AdamW", 3e-3, 0, "cuda")
+    graphed = train(dict(cfg, compile="graphed"), "AdamW", 3e-3, 0, "cuda")
+    assert graphed["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+    assert graphed["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)

@@ -184,7 +184,8 @@ def test_cuda_graph_follows_the_lr_tensor_and_checks_batches():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_graphs_with_slow_levels_equal_the_periodic_loop():
+@pytest.mark.parametrize("warmup", [1, 3])
+def test_cuda_graphs_with_slow_levels_equal_the_periodic_loop(warmup):
     """One graph per set of stepping levels (periods 1, 2, 4: three), each set's first occurrence
     eager: the replayed steps equal the eager loop with PeriodicGradients."""
     a, b = _hope("cuda"), _hope("cuda")
@@ -193,9 +194,11 @@ def test_cuda_graphs_with_slow_levels_equal_the_periodic_loop():
     opt_a = torch.optim.AdamW(a.parameters(), lr=lr(), capturable=True, fused=True)
     opt_b = torch.optim.AdamW(b.parameters(), lr=lr(), capturable=True, fused=True)
     batches = _batches(12, "cuda")
-    step = nl_layers.graphed_step(a, opt_a, batches[0], periods=levels, warmup=3)
+    step = nl_layers.graphed_step(a, opt_a, batches[0], periods=levels, warmup=warmup)
     got = [step(x) for x in batches]
-    want = _manual_levels(b, opt_b, [batches[0]] * 3 + batches, levels)[3:]  # the warm-up trains on the example
+    want = _manual_levels(b, opt_b, [batches[0]] * warmup + batches, levels)  # the warm-up trains on the example
+    torch.testing.assert_close(torch.stack(step.warmup_losses), torch.stack(want[:warmup]), rtol=1e-5, atol=1e-6)
+    want = want[warmup:]
     assert len(step.graphs) == 3
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
