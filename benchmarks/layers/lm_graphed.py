@@ -5,6 +5,9 @@ as users write it (fused AdamW, float lr, the model's token check) and the same 
 ``nl_layers.graphed_step`` (AdamW fused with ``capturable=True`` and a tensor lr, the token check on each
 call: one synchronisation, as eager), rounds interleaved in one process; every ratio is to
 TransformerLM's eager step from the same run. A fresh batch is copied in before every replay.
+A model with slow levels (``--models "HopeLM(cms_periods=(1, 4, 16))"``: HOPE's CMS at periods 1,
+4 and 16) steps them by ``deepopt.lightning.PeriodicGradients`` eagerly and by ``graphed_step``'s
+``periods`` (one graph per set of levels stepping together) in the graphed step.
 
 Usage: ``python -m benchmarks.layers.lm_graphed [--repeat 20] [--rounds 3] [--out DIR]``.
 
@@ -58,13 +61,22 @@ def steps(build, vocab: int, batch: int, seq: int):
     opt = torch.optim.AdamW(eager_model.parameters(), lr=1e-3, fused=True)
     gopt = torch.optim.AdamW(graph_model.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True,
                              fused=True)
+    levels = graph_model.level_spec() if hasattr(graph_model, "level_spec") else {}
+    periods = levels if any(c > 1 for c in levels.values()) else None
+    periodic = None
+    if periods:
+        from deepopt.lightning import PeriodicGradients
+
+        periodic = PeriodicGradients(eager_model.named_parameters(), levels)
 
     def eager():
         opt.zero_grad(set_to_none=True)
         eager_model.loss(next_batch()).backward()
+        if periodic is not None:
+            periodic.before_step()
         opt.step()
 
-    replay = nl_layers.graphed_step(graph_model, gopt, pool[0])
+    replay = nl_layers.graphed_step(graph_model, gopt, pool[0], periods=periods)
     return eager, lambda: replay(next_batch())
 
 
@@ -77,6 +89,9 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     builders = lm_builders(256, 384, 6, 4)
+    import nl_layers
+
+    builders["HopeLM(cms_periods=(1, 4, 16))"] = lambda: nl_layers.HopeLM(256, 384, 6, heads=4, cms_periods=(1, 4, 16))
     clock = clock_for("cuda")
     rows = {}
     for name in a.models:
