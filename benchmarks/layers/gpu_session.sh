@@ -6,8 +6,9 @@
 #   profile   the LM step's anatomy (benchmarks/layers/lm_profile.py: kernels, GPU busy, CUDA graph)
 #   layers    the whole `layers` suite
 #   compile   eager against compiled LM steps (benchmarks/layers/lm_compile.py)
-#   graphed   nl_layers.graphed_step on the GPU: its tests, then eager against graphed LM steps
-#             (benchmarks/layers/lm_graphed.py)
+#   graphed   nl_layers.graphed_step on the GPU: its tests and the lm suite's graphed mode's, then
+#             eager against graphed LM steps (benchmarks/layers/lm_graphed.py; GRAPHED_ARGS, e.g.
+#             --models TransformerLM "HopeLM(cms_periods=(1, 4, 16))")
 #   switch    the eager LM step with the fast-weight Triton kernels on and off, interleaved
 #             (benchmarks/layers/lm_kernel_switch.py: what the kernels cost the host)
 #   defaults  lm_defaults (every LM at its defaults, 1000 steps x 3 seeds)
@@ -71,10 +72,11 @@ profile() {
 graphed() {
   say "graphed tests start"
   CUDA_VISIBLE_DEVICES=${1:-0} timeout "${TESTS_SECONDS:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
-    tests/nl_layers/test_graphed.py > "$out/logs/graphed_tests.log" 2>&1
+    tests/nl_layers/test_graphed.py tests/benchmarks/test_lm_graphed_mode.py > "$out/logs/graphed_tests.log" 2>&1
   say "graphed tests rc=$? $(tail -n 1 "$out/logs/graphed_tests.log")"
+  eval "local args=(${GRAPHED_ARGS:-})"  # shell words: quoted model names keep their spaces
   CUDA_VISIBLE_DEVICES=${1:-0} timeout "${GRAPHED_SECONDS:-240}" python3 -m benchmarks.layers.lm_graphed --out "$out/lm_graphed" \
-    > "$out/logs/lm_graphed.log" 2>&1
+    "${args[@]}" > "$out/logs/lm_graphed.log" 2>&1
   say "lm_graphed rc=$?"
   tail -n 6 "$out/logs/lm_graphed.log" | tee -a "$out/session.log"
 }
