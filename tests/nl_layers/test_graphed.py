@@ -22,7 +22,12 @@ def _batches(n, device="cpu"):
     return [torch.randint(0, 16, (2, 9), generator=g).to(device) for _ in range(n)]
 
 
-def _manual(model, opt, batches, max_norm=None):
+def _manual(model, opt, batches, max_norm=None, levels=None, reduce="mean"):
+    """The eager loop; with ``levels``, deepopt's PeriodicGradients before each step (the
+    reference of graphed_step's periods)."""
+    from deepopt.lightning import PeriodicGradients
+
+    periodic = PeriodicGradients(model.named_parameters(), levels, reduce) if levels else None
     losses = []
     for b in batches:
         opt.zero_grad(set_to_none=True)
@@ -30,6 +35,8 @@ def _manual(model, opt, batches, max_norm=None):
         loss.backward()
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+        if periodic is not None:
+            periodic.before_step()
         opt.step()
         losses.append(loss.detach())
     return losses
@@ -54,23 +61,6 @@ def _hope(device="cpu"):
     return nl_layers.HopeLM(vocab_size=16, dim=16, depth=1, heads=2, cms_periods=(1, 2, 4)).to(device)
 
 
-def _manual_levels(model, opt, batches, levels, reduce="mean", max_norm=None):
-    """The eager loop with deepopt's PeriodicGradients (the reference of graphed_step's periods)."""
-    from deepopt.lightning import PeriodicGradients
-
-    periodic, losses = PeriodicGradients(model.named_parameters(), levels, reduce), []
-    for b in batches:
-        opt.zero_grad(set_to_none=True)
-        loss = model.loss(b)
-        loss.backward()
-        if max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-        periodic.before_step()
-        opt.step()
-        losses.append(loss.detach())
-    return losses
-
-
 @pytest.mark.parametrize("reduce, max_norm", [("mean", None), ("sum", 0.05)])
 def test_cpu_step_with_slow_levels_is_the_periodic_loop(reduce, max_norm):
     """periods (HOPE's CMS levels of periods 1, 2, 4): the step equals the eager loop with
@@ -82,7 +72,7 @@ def test_cpu_step_with_slow_levels_is_the_periodic_loop(reduce, max_norm):
     batches = _batches(9)
     step = nl_layers.graphed_step(a, opt_a, batches[0], periods=levels, reduce=reduce, max_norm=max_norm)
     got = [step(x) for x in batches]
-    want = _manual_levels(b, opt_b, batches, levels, reduce, max_norm)
+    want = _manual(b, opt_b, batches, max_norm, levels, reduce)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
@@ -196,7 +186,7 @@ def test_cuda_graphs_with_slow_levels_equal_the_periodic_loop(warmup):
     batches = _batches(12, "cuda")
     step = nl_layers.graphed_step(a, opt_a, batches[0], periods=levels, warmup=warmup)
     got = [step(x) for x in batches]
-    want = _manual_levels(b, opt_b, [batches[0]] * warmup + batches, levels)  # the warm-up trains on the example
+    want = _manual(b, opt_b, [batches[0]] * warmup + batches, levels=levels)  # the warm-up trains on the example
     torch.testing.assert_close(torch.stack(step.warmup_losses), torch.stack(want[:warmup]), rtol=1e-5, atol=1e-6)
     want = want[warmup:]
     assert len(step.graphs) == 3
