@@ -19,6 +19,43 @@ torch.set_num_threads(1)
 from .optional import missing_optional, skip_reason  # noqa: E402
 
 
+def _interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels here, or None. Triton 3.6's (torch 2.11's)
+    fails under NumPy 2.4 on any loop whose bound is computed in the kernel ("only 0-dimensional
+    arrays can be converted to Python scalars"); probed once with such a loop."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _loop(out, n):
+        acc = 0
+        for _ in range(tl.program_id(0) + n):
+            acc += 1
+        tl.store(out, acc)
+
+    try:
+        _loop[(1,)](torch.zeros(1, dtype=torch.int32), 2)
+    except Exception as err:  # noqa: BLE001 - reported in the header
+        return (f"Triton {triton.__version__}'s interpreter fails here with NumPy {numpy.__version__} "
+                f"({str(err).splitlines()[-1][:100]}): the kernel tests with loops fail for that reason; install "
+                "numpy<2.4 or a newer triton (.ci/compat pins it)")
+    return None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A run whose kernel tests failed says why when the interpreter itself is the cause."""
+    problem = _interpreter_problem() if exitstatus != 0 else None
+    if problem is not None:
+        terminalreporter.section("Triton interpreter", yellow=True)
+        terminalreporter.write_line(problem)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
