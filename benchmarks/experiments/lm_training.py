@@ -216,9 +216,9 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
         offsets = torch.randint(0, len(train_ids) - seq - 1, (cfg["batch"],), generator=gen)
         batch = windows(train_ids, offsets.to(device), seq + 1)
         factor = lr_factor(step, steps)
+        for group, base in zip(opt.param_groups, base_lrs):
+            set_lr(group, base * factor)
         if graphed:  # the same step: loss, backward, clipping, the periods, AdamW (see the module doc)
-            for group, base in zip(opt.param_groups, base_lrs):
-                set_lr(group, base * factor)
             if graphed_steps is None:  # its one warm-up step is this step
                 graphed_steps = nl_layers.graphed_step(model, opt, batch, max_norm=CLIP_NORM, warmup=1,
                                                        periods=levels or None, check_inputs=False)
@@ -231,8 +231,6 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
             if periodic is not None:
                 periodic.before_step()
-            for group, base in zip(opt.param_groups, base_lrs):
-                group["lr"] = base * factor
             opt.step()
             opt.zero_grad(set_to_none=True)
         if step == WARM_STEPS - 1:  # the first steps (compilation, allocator and autotuning warm-up) apart

@@ -333,7 +333,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             return run_eagerly(self._settle)
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0].read():
+        if pending[0].read():
             if pending[1]:
                 torch._foreach_sub_(pending[1], 1.0)
             self._count_skip()
