@@ -71,7 +71,7 @@ profile() {
 }
 graphed() {
   say "graphed tests start"
-  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${TESTS_SECONDS:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
+  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${TESTS_SECONDS:-240}" python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
     tests/nl_layers/test_graphed.py tests/benchmarks/test_lm_graphed_mode.py > "$out/logs/graphed_tests.log" 2>&1
   say "graphed tests rc=$? $(tail -n 1 "$out/logs/graphed_tests.log")"
   eval "local args=(${GRAPHED_ARGS:-})"  # shell words: quoted model names keep their spaces

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 #: chunks whose start states come from one closed-form product (a language model's 256 tokens in
-#: chunks of 64 is 4; 4K tokens 64). Beyond it the grouped recursion runs, which took ~1.6x the
-#: closed form's time per token on an H100 (Titans memories, dim 512, 8 heads, bf16: 1.5 M against
-#: 2.4 M tok/s at T = 4K with 16 and 64; the same at 1K and 16K whatever the value:
-#: ``python -m benchmarks.layers.cross_group``).
-GROUP = 64
+#: chunks of 64 is 4; 16K tokens 256). Beyond it the two-level grouped form runs. On an H100 (Titans
+#: memories, dim 512, 8 heads, bf16, 64K tokens per call, ``python -m benchmarks.layers.cross_group``)
+#: 256 was the fastest or level with 16 and 64 at every length from 1K to 64K: at 16K the closed
+#: form (2.44 M tok/s, NeuralMemory) beat the grouped one (2.24 M with 16 or 64), at 64K all three
+#: were within 3%; the operator is (2n)^2 per memory copy, 1 MiB in fp32 at n = 256.
+GROUP = 256
 
 
 _MASKS: dict = {}
