@@ -18,12 +18,13 @@ steps (1.6 M characters, a third of an epoch) to fit the lent GPU time. Data, mo
 Preset ``gpu10x`` (issue 16: ten times the tokens; ``--preset gpu10x``): 2,000 steps, 3 seeds,
 size ``small`` (dim 384, depth 6: the fast-weight memories at their layer defaults, chunk 64 and
 the layers' ``max_lr``, instead of the gpu preset's chunk 16 / max_lr 1e-3, which the defaults no
-longer need), every model over all three rates, ``compile="blocks"`` (regional compilation, picked
-by compile + 2,000 steps on one worker, see ``COMPILE_CHOICE``; evaluation stays eager). Phase
+longer need), every model over all three rates, ``compile="graphed"`` (each AdamW step replayed as
+a CUDA graph, ``nl_layers.graphed_step``; picked by compile + 2,000 steps on one worker, see
+``COMPILE_CHOICE``; evaluation stays eager). Phase
 ``extend`` adds, per model whose best seed-0 rate is at an edge of the tried ones
 (:func:`edge_rates`), one rate x3 beyond it; repeat it until it makes no jobs, then run ``seeds``.
-``--set compile=graphed`` replays each step as a CUDA graph instead (AdamW runs only; ~2x faster than
-"blocks" for the memory LMs by the H100 step times; not yet run in this suite on a GPU).
+``--set compile=blocks`` (regional compilation) or ``full`` compile instead; graphed runs AdamW only.
+The committed run (benchmarks/results/lm10x/, one H100, 2026-12-05) is this preset.
 ``--set size=large`` (about 57 M parameters, dim 768, depth 8) names its jobs ``model@large`` so
 that they are chosen and reported apart from the small ones. The one-H200 command lines and
 their estimated wall times are in benchmarks/README.md ("lm at ten times the tokens").
@@ -49,10 +50,10 @@ PRESETS = {
     "gpu": dict(SIZES["gpu"], steps=200, eval_every=20, val_windows=64, seeds=3, target_seconds=None, max_seconds=480),
     # issue 16: ten times the tokens (2,000 x 32 x 256 = 16.4 M characters, about 3.3 epochs of the
     # training text), the fast-weight memories at their layer defaults (size "small"), every model
-    # over all three rates, regional compilation (see COMPILE_CHOICE); ``--set size=large`` for the
+    # over all three rates, CUDA-graphed steps (see COMPILE_CHOICE); ``--set size=large`` for the
     # 40-60 M-parameter runs
     "gpu10x": dict(SIZES["small"], size="small", steps=2000, eval_every=100, seeds=3, target_seconds=None,
-                   max_seconds=1500, compile="blocks"),
+                   max_seconds=1500, compile="graphed"),
 }
 FACTORS = (1 / 3, 1.0, 3.0)
 # The two slow models are swept over the lower two rates only (1e-3, 3e-3), to fit the GPU budget:
@@ -67,23 +68,25 @@ EXTEND_FACTOR = 3.0  # phase extend: one more rate x3 beyond the edge of the tri
 # and the transformer's "blocks" are not measured: estimates (the 2026-11 eager 22.9 ms; compiled
 # from the transformer's ratio). Job costs (largest job first) and the docs' wall times use them.
 GPU_SECONDS_PER_STEP = {"transformer": 0.019, "hope_attention": 0.023, "titans": 0.057, "hope": 0.082}
-# "graphed" (nl_layers.graphed_step, AdamW only): TransformerLM, TitansLM and HopeLM() at their
-# defaults measured on an H100 (2026-12-05, lm_graphed: 10.0, 16.8, 20.0 ms); the suite's HOPE (CMS
-# 1/4/16) and hope_attention estimated from them; the "compile" seconds are the captures (estimates)
+# "graphed" (nl_layers.graphed_step, AdamW only), one H100 alone (2026-12-05): the transformer's from
+# its lone gpu10x run (9.8 ms), titans and the suite's HOPE (CMS 1/4/16) from lm_graphed (16.7, 25.8
+# ms), hope_attention from its runs sharing the GPU (22 ms with two, 33.6 with three); the "compile"
+# seconds are the first two steps of those runs (the captures: 0.1-3.3 s)
 GPU_SECONDS_PER_STEP_COMPILED = {
     "full": {"transformer": 0.0103, "hope_attention": 0.015, "titans": 0.0215, "hope": 0.0333},
     "blocks": {"transformer": 0.013, "hope_attention": 0.018, "titans": 0.033, "hope": 0.0407},
-    "graphed": {"transformer": 0.010, "hope_attention": 0.013, "titans": 0.017, "hope": 0.022},
+    "graphed": {"transformer": 0.0099, "hope_attention": 0.011, "titans": 0.0167, "hope": 0.0258},
 }
 GPU_COMPILE_SECONDS = {"full": {"transformer": 19, "hope_attention": 25, "titans": 43, "hope": 52},
                        "blocks": {"transformer": 10, "hope_attention": 12, "titans": 17, "hope": 17},
-                       "graphed": {"transformer": 3, "hope_attention": 5, "titans": 5, "hope": 10}}
+                       "graphed": {"transformer": 1, "hope_attention": 1, "titans": 1, "hope": 3}}
 # step-time factor of a size relative to dim 384 / depth 6 (large: an estimate, ~5.6x the weights
 # but the small models are partly launch-bound); measure with a short run before sizing a deadline
 SIZE_STEP_FACTOR = {"large": 3.0}
 # COMPILE_CHOICE: total seconds for 2,000 steps = compile + 2000 x step. Titans: full 43 + 43.0 = 86,
 # blocks 17 + 66 = 83, eager 114; HOPE: full 52 + 66.6 = 119, blocks 17 + 81.4 = 98, eager 164;
-# Transformer: full 19 + 20.6 = 40, eager 38. So gpu10x compiles "blocks" (for every model: one rule).
+# Transformer: full 19 + 20.6 = 40, eager 38. Graphed (H100): Transformer 1 + 19.8 = 21, Titans 1 +
+# 33.4 = 34, HOPE 3 + 51.6 = 55: gpu10x replays graphs (for every model: one rule); it ran so.
 
 
 def step_seconds(model: str, cfg: dict) -> float:
@@ -100,9 +103,10 @@ def job_seconds(model: str, cfg: dict) -> float:
     return compile_s + cfg["steps"] * step_seconds(model, cfg)
 
 
-# assumed throughput of 4 workers on one H200 relative to one worker (an estimate, not measured for
-# these runs): eager steps are host-bound and overlap well, compiled ones much less
-POOL_SPEEDUP = {"none": 2.5, "blocks": 1.3, "full": 1.3, "graphed": 1.1}
+# assumed throughput of 4 workers on one H200 relative to one worker: eager steps are host-bound and
+# overlap well, compiled ones much less (estimates); graphed ones not at all (measured on the H100:
+# two transformer runs sharing it took 20.5-21.3 ms a step each against 9.8 alone)
+POOL_SPEEDUP = {"none": 2.5, "blocks": 1.3, "full": 1.3, "graphed": 1.0}
 
 
 def pool_wall_seconds(jobs: Sequence[Job], workers_per_gpu: int = 4) -> float:

@@ -22,7 +22,7 @@ def test_gpu10x_preset_is_ten_times_the_tokens_at_layer_defaults():
     old = lm.config("gpu")
     assert cfg["steps"] == 10 * old["steps"] == 2000 and cfg["seeds"] == 3
     assert (cfg["dim"], cfg["depth"], cfg["batch"], cfg["seq_len"]) == (384, 6, 32, 256)
-    assert cfg["chunk_size"] is None and cfg["max_lr"] is None and cfg["compile"] in ("blocks", "full")
+    assert cfg["chunk_size"] is None and cfg["max_lr"] is None and cfg["compile"] == "graphed"
     assert old.get("compile", "none") == "none" and old["chunk_size"] == 16  # the committed preset is unchanged
     # every model over all three rates in gpu10x; the old preset keeps its two-rate Titans/HOPE sweep
     names = [j.name for j in lm.jobs("gpu10x", None)]
@@ -57,7 +57,7 @@ def test_size_large_override_names_and_sizes_the_jobs():
     jobs = lm.jobs("gpu10x", None, size="large", models=["transformer", "hope"])
     assert [j.name for j in jobs][:1] == ["lm/transformer@large/lr0.001/s0"]
     assert all(j.params["dim"] == 768 and j.params["depth"] == 8 and j.params["size"] == "large" for j in jobs)
-    assert jobs[0].params["steps"] == 2000 and jobs[0].params["compile"] == "blocks"
+    assert jobs[0].params["steps"] == 2000 and jobs[0].params["compile"] == "graphed"
     with pytest.raises(ValueError, match="size must be"):
         lm.config("gpu10x", size="huge")
 
@@ -126,8 +126,10 @@ def test_step_time_table_and_job_seconds():
         blocks = lm.job_seconds(model, dict(cfg, compile="blocks"))
         assert blocks < lm.job_seconds(model, dict(cfg, compile="full"))
         assert blocks < lm.job_seconds(model, dict(cfg, compile="none"))
+        assert lm.job_seconds(model, dict(cfg, compile="graphed")) < blocks  # the preset's choice
     assert lm.job_seconds("titans", dict(cfg, compile="full")) == pytest.approx(43 + 2000 * 0.0215)
-    assert lm.step_seconds("hope", dict(cfg, size="large")) == pytest.approx(3 * 0.0407)
+    assert lm.step_seconds("hope", dict(cfg, size="large")) == pytest.approx(3 * 0.0258)  # graphed
+    assert lm.step_seconds("hope", dict(cfg, size="large", compile="blocks")) == pytest.approx(3 * 0.0407)
 
 
 def test_full_compile_traces_the_training_step_once_and_evaluates_eager():
@@ -140,3 +142,10 @@ def test_full_compile_traces_the_training_step_once_and_evaluates_eager():
     out = lm_training.train(cfg, "AdamW", 3e-3, 0, "cpu")
     assert out["steps_done"] == 4 and math.isfinite(out["final_bpc"])
     assert counter.frame_count == 1  # the training forward only: evaluation (another grad mode, shapes) stays eager
+
+
+def test_lm_optimizers_gpu10x_compiles_blocks_since_graphs_replay_adamw_only():
+    from benchmarks.experiments import lm_optimizers
+
+    assert lm.config("gpu10x")["compile"] == "graphed"
+    assert lm_optimizers.PRESETS["gpu10x"]["compile"] == "blocks"  # graphed refuses others: test_lm_graphed_mode.py
