@@ -15,6 +15,7 @@ from ._kernels import set_triton_kernels, triton_kernels, triton_kernels_enabled
 from .cms import CMS, MLPBlock
 from .cms_in_context import CMSState
 from .graphed import graphed_step
+from .graphed_loss import graphed_loss
 from .hope import HopeAttentionBlock, HopeBlock, HopeBlockState
 from .lm import HopeLM, TitansLM, TransformerLM
 from .memory import (
@@ -58,6 +59,7 @@ __all__ = [
     "data",
     "finite_checks",
     "finite_checks_enabled",
+    "graphed_loss",
     "graphed_step",
     "linear_memory_chunked",
     "linear_memory_recurrent",

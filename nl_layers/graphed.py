@@ -86,15 +86,15 @@ def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             )
 
 
-def _check_batch(batch: tuple, static: tuple) -> None:
+def _check_batch(batch: tuple, static: tuple, who: str = "graphed_step") -> None:
     if len(batch) != len(static):
-        raise ValueError(f"graphed_step: the step was captured for {len(static)} input tensor(s), got {len(batch)}")
+        raise ValueError(f"{who}: captured for {len(static)} input tensor(s), got {len(batch)}")
     for i, (x, s) in enumerate(zip(batch, static)):
         if not isinstance(x, torch.Tensor) or x.shape != s.shape or x.dtype != s.dtype:
             got = (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
-                f"graphed_step: input {i} must match the captured example, shape {tuple(s.shape)} and dtype {s.dtype}; "
-                f"got {got}. A CUDA graph replays fixed shapes: capture one step per batch shape (or drop a short "
+                f"{who}: input {i} must match the captured example, shape {tuple(s.shape)} and dtype {s.dtype}; "
+                f"got {got}. A CUDA graph replays fixed shapes: capture once per batch shape (or drop a short "
                 "last batch)"
             )
 

@@ -6,8 +6,8 @@
 #   profile   the LM step's anatomy (benchmarks/layers/lm_profile.py: kernels, GPU busy, CUDA graph)
 #   layers    the whole `layers` suite
 #   compile   eager against compiled LM steps (benchmarks/layers/lm_compile.py)
-#   graphed   nl_layers.graphed_step on the GPU: its tests and the lm suite's graphed mode's, then
-#             eager against graphed LM steps (benchmarks/layers/lm_graphed.py; GRAPHED_ARGS, e.g.
+#   graphed   nl_layers.graphed_step and graphed_loss on the GPU: their tests and the lm suite's graphed
+#             mode's, then eager against graphed LM steps (benchmarks/layers/lm_graphed.py; GRAPHED_ARGS, e.g.
 #             --models TransformerLM "HopeLM(cms_periods=(1, 4, 16))")
 #   switch    the eager LM step with the fast-weight Triton kernels on and off, interleaved
 #             (benchmarks/layers/lm_kernel_switch.py: what the kernels cost the host)
@@ -72,7 +72,8 @@ profile() {
 graphed() {
   say "graphed tests start"
   CUDA_VISIBLE_DEVICES=${1:-0} timeout "${TESTS_SECONDS:-240}" python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
-    tests/nl_layers/test_graphed.py tests/benchmarks/test_lm_graphed_mode.py > "$out/logs/graphed_tests.log" 2>&1
+    tests/nl_layers/test_graphed.py tests/nl_layers/test_graphed_loss.py tests/benchmarks/test_lm_graphed_mode.py \
+    > "$out/logs/graphed_tests.log" 2>&1
   say "graphed tests rc=$? $(tail -n 1 "$out/logs/graphed_tests.log")"
   eval "local args=(${GRAPHED_ARGS:-})"  # shell words: quoted model names keep their spaces
   CUDA_VISIBLE_DEVICES=${1:-0} timeout "${GRAPHED_SECONDS:-240}" python3 -m benchmarks.layers.lm_graphed --out "$out/lm_graphed" \

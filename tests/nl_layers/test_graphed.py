@@ -123,7 +123,7 @@ def test_bad_arguments_name_the_fix():
     with pytest.raises(ValueError, match="eagerly"):
         _check_optimizer(deepopt.AdamMemory(model.parameters(), lr=torch.tensor(0.1)))
     static = (torch.zeros(2, 9, dtype=torch.long),)
-    with pytest.raises(ValueError, match=r"shape \(2, 9\).*one step per batch shape"):
+    with pytest.raises(ValueError, match=r"shape \(2, 9\).*capture once per batch shape"):
         _check_batch((torch.zeros(2, 5, dtype=torch.long),), static)
     with pytest.raises(ValueError, match="1 input tensor"):
         _check_batch((static[0], static[0]), static)
