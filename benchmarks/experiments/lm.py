@@ -76,10 +76,14 @@ GPU_SECONDS_PER_STEP_COMPILED = {
     "full": {"transformer": 0.0103, "hope_attention": 0.015, "titans": 0.0215, "hope": 0.0333},
     "blocks": {"transformer": 0.013, "hope_attention": 0.018, "titans": 0.033, "hope": 0.0407},
     "graphed": {"transformer": 0.0099, "hope_attention": 0.011, "titans": 0.0167, "hope": 0.0258},
+    # forward and backward graphed, the optimizer eager (nl_layers.graphed_loss): not yet measured,
+    # estimated as the graphed step plus an eager fused AdamW step's host time (~1 ms)
+    "graphed_loss": {"transformer": 0.011, "hope_attention": 0.012, "titans": 0.018, "hope": 0.027},
 }
 GPU_COMPILE_SECONDS = {"full": {"transformer": 19, "hope_attention": 25, "titans": 43, "hope": 52},
                        "blocks": {"transformer": 10, "hope_attention": 12, "titans": 17, "hope": 17},
-                       "graphed": {"transformer": 1, "hope_attention": 1, "titans": 1, "hope": 3}}
+                       "graphed": {"transformer": 1, "hope_attention": 1, "titans": 1, "hope": 3},
+                       "graphed_loss": {"transformer": 1, "hope_attention": 1, "titans": 1, "hope": 2}}
 # step-time factor of a size relative to dim 384 / depth 6 (large: an estimate, ~5.6x the weights
 # but the small models are partly launch-bound); measure with a short run before sizing a deadline
 SIZE_STEP_FACTOR = {"large": 3.0}
@@ -106,7 +110,7 @@ def job_seconds(model: str, cfg: dict) -> float:
 # assumed throughput of 4 workers on one H200 relative to one worker: eager steps are host-bound and
 # overlap well, compiled ones much less (estimates); graphed ones not at all (measured on the H100:
 # two transformer runs sharing it took 20.5-21.3 ms a step each against 9.8 alone)
-POOL_SPEEDUP = {"none": 2.5, "blocks": 1.3, "full": 1.3, "graphed": 1.0}
+POOL_SPEEDUP = {"none": 2.5, "blocks": 1.3, "full": 1.3, "graphed": 1.0, "graphed_loss": 1.0}
 
 
 def pool_wall_seconds(jobs: Sequence[Job], workers_per_gpu: int = 4) -> float:

@@ -37,7 +37,8 @@ OPTIMIZERS = ("AdamW", "Muon", "MuonMemory", "M3", "DeltaMomentum", "DeepMomentu
 FACTORS = (1 / 3, 1.0, 3.0)
 PRESETS = {name: dict(cfg, seeds=1) for name, cfg in LM_PRESETS.items()}
 PRESETS["gpu"]["eval_every"] = 10  # finer steps-to-target
-PRESETS["gpu10x"]["compile"] = "blocks"  # a CUDA-graphed step ("graphed", lm's choice) replays AdamW only
+# a CUDA-graphed step ("graphed", lm's choice) replays AdamW only; graphed forward and backward take any optimizer
+PRESETS["gpu10x"]["compile"] = "graphed_loss"
 
 
 def best_model(records: Sequence[dict], candidates: Sequence[str] | None = None) -> str:

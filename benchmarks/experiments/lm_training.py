@@ -28,7 +28,10 @@ is built, with backend ``cfg.get("compile_backend", "inductor")``. ``"graphed"``
 but replays each training step as a CUDA graph (:func:`nl_layers.graphed_step`, the CMS periods
 passed as its ``periods``), with torch's AdamW only (capturable and fused on CUDA, its rate a
 tensor that the schedule fills in place): step 0 is the graph's one warm-up step on the first
-batch, so the run is the eager one step for step (on a CPU it is the eager step). Evaluation runs eager (see
+batch, so the run is the eager one step for step (on a CPU it is the eager step). ``"graphed_loss"``
+replays only the forward and backward (:func:`nl_layers.graphed_loss`, built on the first batch:
+its warm-up passes change nothing) with any optimizer; clipping, the periods and the step stay
+eager, so the run is again the eager one. Evaluation runs eager (see
 :func:`evaluate`). Timing: the first ``WARM_STEPS`` = 2 steps (compilation, warm-up) are reported as
 ``compile_seconds``; ``ms_per_step`` and ``tokens_per_second`` time the steps after them (without
 evaluations).
@@ -73,7 +76,7 @@ SIZES = {
     "large": dict(dim=768, depth=8, heads=12, chunk_size=None, max_lr=None, cms_hidden=1024, batch=32, seq_len=256,
                   val_windows=128),
 }
-COMPILE_MODES = ("none", "blocks", "full", "graphed")
+COMPILE_MODES = ("none", "blocks", "full", "graphed", "graphed_loss")
 CMS_PERIODS = (1, 4, 16)
 WARMUP_FRACTION, FINAL_LR_FRACTION, CLIP_NORM = 0.05, 0.1, 1.0
 WARM_STEPS = 2  # untimed first steps (reported as compile_seconds); ms_per_step times the rest
@@ -117,7 +120,7 @@ def compile_model(model: torch.nn.Module, mode: str, backend: str = "inductor") 
         model.compile(fullgraph=True, backend=backend)
     elif mode == "blocks":
         model.compile_blocks(backend=backend)
-    elif mode not in ("none", "graphed"):  # graphed: the training step is captured, not the model compiled
+    elif mode not in ("none", "graphed", "graphed_loss"):  # graphed: the step (or its loss) captured, nothing compiled
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     return model
 
@@ -199,7 +202,7 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
     base_lrs = [float(g["lr"]) for g in opt.param_groups]
     levels = model.level_spec() if hasattr(model, "level_spec") else {}
     periodic = PeriodicGradients(model.named_parameters(), levels) if levels and not graphed else None
-    graphed_steps = None
+    graphed_steps = loss_of = None
     gen = torch.Generator().manual_seed(10_000 + seed)
     val_gen = torch.Generator().manual_seed(12345)  # the same validation windows for every run
     seq, steps = cfg["seq_len"], cfg["steps"]
@@ -226,7 +229,9 @@ def _train(cfg: dict, optimizer: str, lr: float, seed: int, device: str, max_sec
             else:
                 loss = graphed_steps(batch)
         else:
-            loss = model.loss(batch)
+            if mode == "graphed_loss" and loss_of is None:  # forward and backward as CUDA graphs (CPU: eager)
+                loss_of = nl_layers.graphed_loss(model, batch, check_inputs=False)
+            loss = (loss_of or model.loss)(batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
             if periodic is not None:

@@ -144,8 +144,8 @@ def test_full_compile_traces_the_training_step_once_and_evaluates_eager():
     assert counter.frame_count == 1  # the training forward only: evaluation (another grad mode, shapes) stays eager
 
 
-def test_lm_optimizers_gpu10x_compiles_blocks_since_graphs_replay_adamw_only():
+def test_lm_optimizers_gpu10x_graphs_the_loss_since_graphed_steps_replay_adamw_only():
     from benchmarks.experiments import lm_optimizers
 
     assert lm.config("gpu10x")["compile"] == "graphed"
-    assert lm_optimizers.PRESETS["gpu10x"]["compile"] == "blocks"  # graphed refuses others: test_lm_graphed_mode.py
+    assert lm_optimizers.PRESETS["gpu10x"]["compile"] == "graphed_loss"  # graphed refuses others: test_lm_graphed_mode.py
