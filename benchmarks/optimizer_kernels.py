@@ -78,14 +78,17 @@ def kernel_ms(make, shapes, dtype, repeats: int) -> dict[str, float]:
 
 
 DEEP_TILES = [(1024, 8), (1024, 4), (512, 4), (512, 8), (256, 4), (256, 2), (2048, 8)]
+#: the inner kernel's (elements per program, elements per slice), at the TILE's warps
+DEEP_SLICES = [(2048, 256), (4096, 256), (8192, 256), (2048, 512), (4096, 512), (8192, 512), (2048, 128)]
 
 
 def deep_tiles(shapes, repeats: int) -> None:
-    """DeepMomentum's inner and read kernel ms per step at each (elements per program, warps)."""
+    """DeepMomentum's inner and read kernel ms per step at each (elements per program, warps), then
+    the inner kernel at each (elements per program, slice)."""
     from deepopt.levels.deep import fused
 
     make = speed_optimizers(["DeepMomentum"], "cuda")["DeepMomentum"]
-    saved = fused.TILE
+    saved, saved_slice = fused.TILE, fused.INNER_SLICE
     print("\n| tile (block, warps) | dtype | deep_inner_kernel ms | deep_read_kernel ms |\n|---|---|---|---|")
     try:
         for tile in DEEP_TILES:
@@ -94,8 +97,15 @@ def deep_tiles(shapes, repeats: int) -> None:
                 t = kernel_ms(make, shapes, dtype, repeats)
                 print(f"| {tile} | {str(dtype).split('.')[-1]} | {t.get('deep_inner_kernel', 0):.3f} "
                       f"| {t.get('deep_read_kernel', 0):.3f} |")
-    finally:
         fused.TILE = saved
+        print(f"\n| inner (block, slice), {saved[1]} warps | dtype | deep_inner_kernel ms |\n|---|---|---|")
+        for inner in DEEP_SLICES:
+            for dtype in DTYPES:
+                fused.INNER_SLICE = inner
+                t = kernel_ms(make, shapes, dtype, repeats)
+                print(f"| {inner} | {str(dtype).split('.')[-1]} | {t.get('deep_inner_kernel', 0):.3f} |")
+    finally:
+        fused.TILE, fused.INNER_SLICE = saved, saved_slice
 
 
 def table(rows: dict[str, dict[str, float]]) -> list[str]:

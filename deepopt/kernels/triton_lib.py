@@ -25,6 +25,14 @@ def _row(blk_row, blk_start, numel, found, BLOCK: tl.constexpr, ALIGNED: tl.cons
     """This program's row, element offsets and mask. ALIGNED (every address 16-byte aligned and
     every numel a multiple of 16, checked on the host) lets the compiler vectorize masked loads.
     CHECK: the mask is empty when the non-finite flag ``found`` is set."""
+    row, offs, n = _row_limit(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
+    return row, offs, offs < n
+
+
+@triton.jit
+def _row_limit(blk_row, blk_start, numel, found, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, CHECK: tl.constexpr):
+    """:func:`_row` with the row's element count ``n`` (0 when CHECK and the flag is set) instead of
+    the mask, for kernels that walk their block in slices (``offs + c < n``)."""
     pid = tl.program_id(0)
     row = tl.load(blk_row + pid).to(tl.int64)
     start = tl.load(blk_start + pid)
@@ -33,8 +41,7 @@ def _row(blk_row, blk_start, numel, found, BLOCK: tl.constexpr, ALIGNED: tl.cons
         start = tl.multiple_of(start, 16)
         n = tl.multiple_of(n, 16)
     n = _upto(n, found, CHECK)  # n or 0: still a multiple of 16
-    offs = start + tl.arange(0, BLOCK)
-    return row, offs, offs < n
+    return row, start + tl.arange(0, BLOCK), n
 
 
 @triton.jit

@@ -33,12 +33,16 @@ from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio
 from ..precision import ns_compute_dtype
 from .level import DeepMemory
 
-__all__ = ["DeepStep", "deep", "TILE"]
+__all__ = ["DeepStep", "deep", "TILE", "INNER_SLICE"]
 
 #: (elements per program, warps) of the inner and read kernels, whose programs hold a (BLOCK, H)
 #: tile of the memory MLP's hidden units, for fp32 and bf16 alike (H200 sweep:
 #: ``python -m benchmarks.optimizer_kernels --deep-tiles``).
 TILE = (512, 4)
+#: (elements per program, elements per slice) of the inner kernel, which walks its block in
+#: (hidden, slice) tiles and reduces over the block once (deepopt/levels/deep/triton_kernels.py);
+#: not yet swept on a GPU (``python -m benchmarks.optimizer_kernels --deep-tiles``)
+INNER_SLICE = (2048, 256)
 
 
 def _kernels():
@@ -130,7 +134,8 @@ class DeepStep(FusedStep):
             self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
             block, warps = TILE
             self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
-                        LEARN=eta != 0, H=h, HP=hp, WC=wc, block=block, num_warps=warps, **dts)
+                        LEARN=eta != 0, H=h, HP=hp, WC=wc, SUB=INNER_SLICE[1], block=INNER_SLICE[0],
+                        num_warps=warps, **dts)
             t = rows.tables(1024)
             flag = self.found if self.found is not None else red  # any pointer when CHECK is off
             k.deep_phi_kernel[(len(out_rows),)](t.ptrs, t.numel, flag, sums, a, eta, NCOL=len(rows.rows[0]), S_DT=sdt,

@@ -1,5 +1,11 @@
 """Triton kernels of deep momentum: the gradient's scale, the memory's write and inner gradient, the read.
 
+The memory MLP's tiles are (hidden, BLOCK), elements along the fast axis: Triton then spreads the
+elements over a warp's lanes and keeps every hidden unit of an element in one thread, so the read's
+sum over hidden units needs no shuffles and the 1-D gradient needs no layout conversion. (The
+(BLOCK, hidden) orientation put the 8 hidden units on 8 lanes: 96 shuffles and 8 layout
+conversions per thread and tile in the read, all of it compute in a kernel that is compute-bound.)
+
 Conventions (tables, dtypes, ``COUPLED``, the non-finite flag ``found``) in
 :mod:`deepopt.kernels.triton_lib`; each kernel's tensor-by-tensor reference and its math are in
 :mod:`deepopt.levels.deep.fused`.
@@ -10,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...kernels.triton_lib import _cast, _col, _grad, _ld, _row, _tanh, _upto
+from ...kernels.triton_lib import _cast, _col, _grad, _ld, _row, _row_limit, _tanh, _upto
 
 
 # ----------------------------------------------------------------------------- deep momentum
@@ -45,23 +51,43 @@ def _features(ptrs, row, offs, mask, wd, red, numel, NCOL: tl.constexpr, P_DT: t
 def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd,
                       NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                       COUPLED: tl.constexpr, LEARN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                      WC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+                      WC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr = False,
                       CHECK: tl.constexpr = False):
     """Columns p, g, bias, then w1, b1, w2 at WC: bias = a bias + u, and (LEARN) the inner gradient's sums
-    sums[row] += (sum u h_j, sum u (1 - h_j^2), sum u (1 - h_j^2) k), h_j = tanh(w1_j k + b1_j)."""
-    row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
-    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, NCOL, P_DT, G_DT, S_DT,
-                                        COUPLED, H, HP, WC, ALIGNED)
+    sums[row] += (sum u h_j, sum u (1 - h_j^2), sum u (1 - h_j^2) k), h_j = tanh(w1_j k + b1_j).
+
+    The block is walked in slices of SUB elements whose (HP, SUB) products add up in registers; the
+    sums over elements cross the lanes once per block (a block of BLOCK = 8 SUB pays one reduction
+    for eight slices)."""
+    row, offs0, n = _row_limit(blk_row, blk_start, numel, found, SUB, ALIGNED, CHECK)
+    pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
     bp = _col(ptrs, row, 2, NCOL, S_DT, ALIGNED)
-    tl.store(bp + offs, _cast(a * _ld(bp, offs, mask) + u, S_DT), mask=mask)
+    rms = tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32))
+    j = tl.arange(0, HP)
+    jm = j < H
+    w1 = tl.load(_col(ptrs, row, WC, NCOL, S_DT, ALIGNED) + j, mask=jm, other=0.0).to(tl.float32)
+    b1 = tl.load(_col(ptrs, row, WC + 1, NCOL, S_DT, ALIGNED) + j, mask=jm, other=0.0).to(tl.float32)
+    acc_h = tl.zeros([HP, SUB], dtype=tl.float32)
+    acc_d = tl.zeros([HP, SUB], dtype=tl.float32)
+    acc_dk = tl.zeros([HP, SUB], dtype=tl.float32)
+    for c in range(0, BLOCK, SUB):
+        offs = offs0 + c
+        mask = offs < n
+        u = _grad(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED)
+        tl.store(bp + offs, _cast(a * _ld(bp, offs, mask) + u, S_DT), mask=mask)
+        if LEARN:
+            k = u / (rms + 1e-30)
+            h = _tanh(w1[:, None] * k[None, :] + b1[:, None])
+            uu = tl.where(mask, u, 0.0)[None, :]
+            acc_h += uu * h
+            dh = uu * (1.0 - h * h)
+            acc_d += dh
+            acc_dk += dh * k[None, :]
     if LEARN:
-        h = _tanh(k[:, None] * w1[None, :] + b1[None, :])
-        uu = tl.where(mask, u, 0.0)[:, None]
         s = sums + row * 3 * HP + j
-        tl.atomic_add(s, tl.sum(uu * h, 0), mask=jm)
-        dh = uu * (1.0 - h * h)
-        tl.atomic_add(s + HP, tl.sum(dh, 0), mask=jm)
-        tl.atomic_add(s + 2 * HP, tl.sum(dh * k[:, None], 0), mask=jm)
+        tl.atomic_add(s, tl.sum(acc_h, 1), mask=jm)
+        tl.atomic_add(s + HP, tl.sum(acc_d, 1), mask=jm)
+        tl.atomic_add(s + 2 * HP, tl.sum(acc_dk, 1), mask=jm)
 
 
 @triton.jit
@@ -99,8 +125,8 @@ def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, lr, decay, wd,
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, NCOL, P_DT, G_DT, S_DT,
                                         COUPLED, H, HP, WC, ALIGNED)
-    h = _tanh(k[:, None] * w1[None, :] + b1[None, :])
-    d = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask) + tl.sum(h * w2[None, :], 1)
+    h = _tanh(w1[:, None] * k[None, :] + b1[:, None])  # (HP, BLOCK): the sum over hidden units stays in a thread
+    d = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask) + tl.sum(h * w2[:, None], 0)
     if SIGN:
         d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     if TO_OUT:
