@@ -37,7 +37,8 @@ Every slow parameter must get a gradient at every step.
 On the CPU (a batch not on CUDA) the same function returns the eager step, so one training loop
 runs on both. Optimizers: torch's (AdamW, Adam, SGD, ... with tensor learning rates). deepopt's
 optimizers read their learning rate and their skipped-step flag on the host at each step, which a
-replayed graph would freeze: they are refused here (train with them eagerly).
+replayed graph would freeze: they are refused here (:func:`~nl_layers.graphed_loss` graphs only the
+forward and backward and leaves the step to them).
 
 Example (the CPU gives the eager step; on a GPU the same lines capture and replay):
     >>> import torch, nl_layers
@@ -69,7 +70,8 @@ def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     if type(optimizer).__module__.split(".")[0] == "deepopt":
         raise ValueError(
             f"graphed_step: {type(optimizer).__name__} reads its learning rate and skipped-step flag on the host at "
-            "each step, which a CUDA graph would freeze; train with it eagerly, or use a torch optimizer here"
+            "each step, which a CUDA graph would freeze; graph only the model's forward and backward with "
+            "nl_layers.graphed_loss(model, example) and step it eagerly, or use a torch optimizer here"
         )
     for i, group in enumerate(optimizer.param_groups):
         if "capturable" in optimizer.defaults and not group.get("capturable", False):

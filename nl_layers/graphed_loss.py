@@ -8,7 +8,8 @@ everything after ``loss.backward()`` eager: any optimizer (deepopt's included), 
 bound by the host's launches of its many small kernels (module doc of ``nl_layers.graphed``); with
 its forward and backward replayed, the host launches two graphs and the optimizer.
 
-    loss = graphed(batch)    # copies the batch into the captured input, replays the forward graph
+    loss_of = nl_layers.graphed_loss(model, first_batch)
+    loss = loss_of(batch)    # copies the batch into the captured input, replays the forward graph
     loss.backward()          # replays the backward graph; the gradients reach .grad as usual
 
 How (torch's recipe for part of a network, as ``torch.cuda.make_graphed_callables``): ``warmup``
@@ -23,11 +24,13 @@ a copy as well, so a kept loss is never overwritten by a later replay.
 
 Falls back to the eager ``loss_fn(model, *batch)`` where a graph cannot stand in for it: on the
 CPU (the returned function is the eager loss, so one loop runs on both), with gradients disabled,
-and when ``model.training`` differs from its value at the capture (evaluation in ``model.eval()``
-runs eagerly), and for a call made while the previous replay's backward has not run yet (the
-graph holds one set of activations: ``loss_of(a) + loss_of(b)`` replays ``a`` and computes ``b``
-eagerly; a loss dropped without backward frees its turn). What the graphs fix, as for :func:`graphed_step`: the batch's shapes and dtypes (a
-different batch raises a ValueError), every Python-side decision in the forward, and the
+when ``model.training`` differs from its value at the capture (evaluation in ``model.eval()`` runs
+eagerly), and for a call made while the previous replay's backward has not run yet (the graph
+holds one set of activations: ``loss_of(a) + loss_of(b)`` replays ``a`` and computes ``b``
+eagerly; a loss dropped without backward frees its turn; a backward after a later replay raises).
+
+What the graphs fix, as for :func:`graphed_step`: the batch's shapes and dtypes (a different
+batch raises a ValueError), every Python-side decision in the forward, and the
 parameters' storage (optimizers update them in place, as torch's and deepopt's do; ``model.to``
 or reassigning a parameter afterwards needs a new capture). The layers' value checks (host
 synchronisations) are off in the graphs; an nl_layers language model's token range is checked on
