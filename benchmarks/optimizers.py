@@ -10,7 +10,9 @@ Baselines: ``AdamW`` (torch, fused where the device supports it),
 on everything else: vectors, convolutions, embeddings and heads). Optional columns when the
 packages are installed: heavyball's AdamW and schedulefree's AdamWScheduleFree.
 deepopt's optimizers come from ``deepopt.OPTIMIZERS`` at call time, so the suite includes
-whatever the registry holds when it runs.
+whatever the registry holds when it runs. A deepopt name may carry constructor knobs as a call,
+``"M3(frequency=25, alpha=0.25)"`` (literal values only): the same optimizer with those arguments,
+reported under that name.
 
 Example:
     >>> from benchmarks.optimizers import available_optimizers
@@ -150,8 +152,9 @@ def deepopt_kwargs(name: str, lrs: dict[str, float]) -> dict:
     return {}
 
 
-def _deepopt_spec(name: str, cls: type) -> OptimizerSpec:
+def _deepopt_spec(name: str, cls: type, knobs: dict | None = None, label: str | None = None) -> OptimizerSpec:
     family = DEEPOPT_FAMILIES.get(name, "adam")
+    knobs = dict(knobs or {})
 
     def build(model: nn.Module, params, lrs: dict[str, float], exclude: tuple[str, ...]) -> torch.optim.Optimizer:
         groups: list = [p for _, p in params]
@@ -161,9 +164,46 @@ def _deepopt_spec(name: str, cls: type) -> OptimizerSpec:
                 (excluded if p.ndim >= 2 and any(e in n for e in exclude) else kept).append(p)
             groups = [{"params": kept}] + ([{"params": excluded, "orthogonalize": False}] if excluded else [])
             groups = [g for g in groups if g["params"]]
-        return make_deepopt(cls, groups, model, lrs[family], **deepopt_kwargs(name, lrs))
+        return make_deepopt(cls, groups, model, lrs[family], **deepopt_kwargs(name, lrs), **knobs)
 
-    return OptimizerSpec(name, family, "deepopt", build)
+    return OptimizerSpec(label or name, family, "deepopt", build)
+
+
+def parse_name(name: str) -> tuple[str, dict]:
+    """``"M3(frequency=25, alpha=0.25)"`` -> ``("M3", {"frequency": 25, "alpha": 0.25})``; a plain
+    name -> ``(name, {})``. Keyword arguments with literal values only.
+
+    Example:
+        >>> parse_name("M3(betas=(0.9, 0.999, 0.9))")
+        ('M3', {'betas': (0.9, 0.999, 0.9)})
+    """
+    if "(" not in name:
+        return name, {}
+    import ast
+
+    try:
+        call = ast.parse(name.strip(), mode="eval").body
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+            raise ValueError
+        return call.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as err:
+        raise ValueError(f"optimizer name {name!r}: use NAME or NAME(knob=value, ...) with literal values, "
+                         "e.g. 'M3(frequency=25, alpha=0.25)'") from err
+
+
+def _with_knobs(name: str, specs: dict[str, OptimizerSpec]) -> OptimizerSpec | None:
+    """The spec of a knob name (``M3(frequency=25)``), or None when its base is unknown."""
+    base, knobs = parse_name(name)
+    cls = deepopt_registry().get(base)
+    if cls is None:
+        if base in specs:
+            raise ValueError(f"optimizer {name!r}: knobs are for deepopt's optimizers, {base!r} takes none here")
+        return None
+    unknown = [k for k in knobs if k not in inspect.signature(cls).parameters or k in ("params", "lr")]
+    if unknown:
+        raise ValueError(f"optimizer {name!r}: {base} has no knob {unknown[0]!r} (its arguments: "
+                         f"{[k for k in inspect.signature(cls).parameters if k not in ('self', 'params', 'lr')]})")
+    return _deepopt_spec(base, cls, knobs, label=name)
 
 
 def make_deepopt(cls: type, params, model: nn.Module | None, lr: float, **kwargs) -> torch.optim.Optimizer:
@@ -217,6 +257,11 @@ def select_optimizers(names: Iterable[str] | None) -> dict[str, OptimizerSpec]:
     if names is None:
         return specs
     names = list(names)
+    for n in names:
+        if n not in specs and "(" in n:
+            spec = _with_knobs(n, specs)
+            if spec is not None:
+                specs[n] = spec
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise ValueError(f"unknown optimizers {unknown}; available now: {sorted(specs)}")

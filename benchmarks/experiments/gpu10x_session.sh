@@ -8,6 +8,8 @@
 #   bash benchmarks/experiments/gpu10x_session.sh large_seeds  # seeds 1-2 at the large models' best rates
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers   # lm_optimizers on Transformer++ (seed 0, six
 #                                                             # optimizers at three rates each; repeat to finish)
+#   bash benchmarks/experiments/gpu10x_session.sh optimizers_knobs  # M3's knobs at its best rate, then extend
+#   bash benchmarks/experiments/gpu10x_session.sh optimizers_seeds  # seeds 0-2 at every best rate
 #
 # Copy $OUT/records.jsonl back into the committed folder after each stage. Three workers share the
 # GPU (graphed steps keep it busy: no speed-up, but evaluation and start-up overlap). The plays
@@ -32,9 +34,16 @@ case "${1:-}" in
     cp benchmarks/results/lm10x/large/records.jsonl "$OUT/records.jsonl"
     run python3 -m benchmarks run --suite lm --preset gpu10x --set size=large "$LARGE" --set phase=seeds \
       --set "sweep_records=$OUT/records.jsonl" $W --deadline 540 --out "$OUT" ;;
-  optimizers)  # AdamW runs here too, so that every optimizer's step time comes from one machine
+  optimizers | optimizers_knobs | optimizers_seeds)  # on Transformer++; AdamW runs here too (one machine's step times)
     [ -f benchmarks/results/lm10x/optimizers/records.jsonl ] && cp benchmarks/results/lm10x/optimizers/records.jsonl "$OUT/"
-    run python3 -m benchmarks run --suite lm_optimizers --preset gpu10x --set model=transformer \
-      $W --deadline 540 --out "$OUT" ;;
-  *) echo "usage: $0 large | large_seeds | optimizers"; exit 2 ;;
+    O="--suite lm_optimizers --preset gpu10x --set model=transformer"
+    R="--set sweep_records=$OUT/records.jsonl"
+    case "$1" in
+      optimizers) run python3 -m benchmarks run $O --set phase=sweep $W --deadline 540 --out "$OUT" ;;
+      optimizers_knobs)
+        run python3 -m benchmarks run $O --set phase=knobs $R $W --deadline 250 --out "$OUT"
+        run python3 -m benchmarks run $O --set phase=extend $R $W --deadline 250 --out "$OUT" ;;
+      optimizers_seeds) run python3 -m benchmarks run $O --set phase=seeds $R $W --deadline 540 --out "$OUT" ;;
+    esac ;;
+  *) echo "usage: $0 large | large_seeds | optimizers | optimizers_knobs | optimizers_seeds"; exit 2 ;;
 esac

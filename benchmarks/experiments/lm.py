@@ -198,14 +198,21 @@ def edge_rates(records: Sequence[dict], factor: float = EXTEND_FACTOR) -> dict[s
         >>> {m: [round(x, 6) for x in v] for m, v in edge_rates(recs).items()}
         {'b': [0.009]}
     """
+    return edges(_seed0_losses(records), factor)
+
+
+def edges(losses: dict[str, dict[float, float]], factor: float = EXTEND_FACTOR) -> dict[str, list[float]]:
+    """key -> the rates ``factor`` beyond the tried ones where the best (lowest loss; ties: the
+    smaller rate) is the smallest or the largest tried (the largest only if it is finite); keys whose
+    best rate is interior are left out (see :func:`edge_rates`)."""
     out = {}
-    for m, losses in _seed0_losses(records).items():
-        tried = sorted(losses)
-        best = min(tried, key=lambda lr: (losses[lr], lr))
+    for m, by_rate in losses.items():
+        tried = sorted(by_rate)
+        best = min(tried, key=lambda lr: (by_rate[lr], lr))
         nxt = []
         if best == tried[0]:
             nxt.append(tried[0] / factor)
-        if best == tried[-1] and math.isfinite(losses[best]):
+        if best == tried[-1] and math.isfinite(by_rate[best]):
             nxt.append(tried[-1] * factor)
         if nxt:
             out[m] = nxt
