@@ -193,12 +193,15 @@ def test_delta_momentum_bf16_forget_term_stays_within_its_stated_tolerance_of_fl
 
 @pytest.mark.parametrize("sigma", ["identity", "sign", "ns"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-def test_deep_memory_analytic_foreach_equals_the_autograd_reference(sigma, dtype, tol, monkeypatch):
+@pytest.mark.parametrize("chunk", [7, 40])
+def test_deep_memory_analytic_foreach_equals_the_autograd_reference(sigma, dtype, tol, chunk, monkeypatch):
     """The one-pass analytic write/read (chunks smaller than the tensors, sigmoid form of tanh)
-    equals the reference's torch.func.grad, with a memory that has learned (w2 != 0)."""
+    equals the reference's torch.func.grad, with a memory that has learned (w2 != 0): every tensor
+    walked alone in several chunks (chunk 7), and the small ones of equal size stacked (chunk 40)."""
     import deepopt.levels.deep.level as deep_level
 
-    monkeypatch.setattr(deep_level, "CHUNK", 7)
+    monkeypatch.setattr(deep_level, "CHUNK", chunk)
+    assert len(deep_level._batches([torch.zeros(6, 5)] * 2)) == (2 if chunk == 7 else 1)
     torch.manual_seed(0)
     shapes = [(6, 5), (6, 5), (4, 3, 2), (11,), ()]
     init = [torch.randn(s, dtype=dtype) for s in shapes]

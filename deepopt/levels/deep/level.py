@@ -60,8 +60,12 @@ __all__ = ["DeepMemory", "default_memory_init", "inner_sums", "mlp_out", "SIGMAS
 
 SIGMAS = ("identity", "sign", "ns")
 _MLP_KEYS = ("w1", "b1", "w2")
-#: elements per chunk of the foreach path (chunk x hidden floats stay in cache)
-CHUNK = 1 << 15
+#: elements per chunk of the foreach path (chunk x hidden floats stay in cache); tensors of at
+#: least this many elements are walked one by one, smaller ones of equal size stacked (one chunk
+#: loop for all of them). One CPU thread, 8 x 256 x 1024: 38.6 ms a step against 44.6 ms with every
+#: equal-sized tensor stacked in chunks of 32K elements (the stacking copies and a chunk too big for
+#: the cache)
+CHUNK = 1 << 14
 
 
 def default_memory_init(hidden: int = 8) -> dict[str, Tensor]:
@@ -156,7 +160,7 @@ class DeepMemory(Level):
         biases = [s["bias"] for s in states]
         w2s = [s["w2"] for s in states]
         if eta != 0:  # the sums read the old w1, b1 (and the MLP's step the old w2)
-            for idx in _equal_sizes(xs):
+            for idx in _batches(xs):
                 u = [xs[i] for i in idx]
                 dt = _compute_dtype(u[0])
                 w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(dt) for k in _MLP_KEYS)
@@ -179,7 +183,7 @@ class DeepMemory(Level):
         if not self._fast(group, xs):
             return super().read_(states, xs, ps, group, ts)
         outs: list[Tensor] = [xs[0]] * len(xs)
-        for idx in _equal_sizes(xs):
+        for idx in _batches(xs):
             u = [xs[i] for i in idx]
             dt = _compute_dtype(u[0])
             w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(dt) for k in _MLP_KEYS)
@@ -211,10 +215,13 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _equal_sizes(xs: list[Tensor]) -> list[list[int]]:
+def _batches(xs: list[Tensor]) -> list[list[int]]:
+    """Index groups walked together: each tensor of at least ``CHUNK`` elements alone, smaller ones
+    by equal size, dtype and device (stacked into one chunk loop)."""
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(xs):
-        groups.setdefault((x.numel(), x.dtype, x.device), []).append(i)
+        key = (i,) if x.numel() >= CHUNK else (x.numel(), x.dtype, x.device)
+        groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 
