@@ -1,6 +1,7 @@
 """Every fused optimizer step's Triton kernels compile for an sm90 GPU, checked on a CPU: each case
 of test_fused_steps.py runs with ``impl="triton"`` (float32, and bfloat16 parameters with float32
-state) in Triton's interpreter, each distinct launch then compiled for sm90 (tests/triton_compile.py)."""
+state; deep momentum also with bfloat16 state, its hardware-tanh form) in Triton's interpreter, each
+distinct launch then compiled for sm90 (tests/triton_compile.py)."""
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ def test_every_fused_step_kernel_compiles_for_sm90(monkeypatch):
         for name in CASES:
             run(name, "triton", monkeypatch=monkeypatch)
             run(name, "triton", dtype=torch.bfloat16, state_dtype=torch.float32, monkeypatch=monkeypatch)
+            if name.startswith("deep"):  # bf16 state: the hardware tanh (inline PTX) of deep momentum's kernels
+                run(name, "triton", dtype=torch.bfloat16, monkeypatch=monkeypatch)
 
     launches = record(monkeypatch, steps)
     modules = {k["module"] for k in launches}

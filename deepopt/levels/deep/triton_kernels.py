@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...kernels.triton_lib import _cast, _col, _grad, _ld, _row, _row_limit, _tanh, _upto
+from ...kernels.triton_lib import _cast, _col, _grad, _ld, _row, _row_limit, _tanh_for, _upto
 
 
 # ----------------------------------------------------------------------------- deep momentum
@@ -77,7 +77,7 @@ def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd,
         tl.store(bp + offs, _cast(a * _ld(bp, offs, mask) + u, S_DT), mask=mask)
         if LEARN:
             k = u / (rms + 1e-30)
-            h = _tanh(w1[:, None] * k[None, :] + b1[:, None])
+            h = _tanh_for(w1[:, None] * k[None, :] + b1[:, None], S_DT)
             uu = tl.where(mask, u, 0.0)[None, :]
             acc_h += uu * h
             dh = uu * (1.0 - h * h)
@@ -125,7 +125,7 @@ def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, lr, decay, wd,
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, NCOL, P_DT, G_DT, S_DT,
                                         COUPLED, H, HP, WC, ALIGNED)
-    h = _tanh(w1[:, None] * k[None, :] + b1[:, None])  # (HP, BLOCK): the sum over hidden units stays in a thread
+    h = _tanh_for(w1[:, None] * k[None, :] + b1[:, None], S_DT)  # (HP, BLOCK): the hidden units' sum stays in a thread
     d = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask) + tl.sum(h * w2[:, None], 0)
     if SIGN:
         d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
