@@ -134,7 +134,11 @@ class DeltaStep(FusedStep):
         key = f"{lvl.name}.momentum_buffer"
         mats = [i for i in idx if params[i].ndim >= 2 and ts[i] > 1 and lam != 0]
         fs = forget_terms([states[i][key] for i in mats],
-                          [(grads[i].add(params[i], alpha=wd) if coupled else grads[i]) for i in mats], lvl.forget_dtype)
+                          [(grads[i].add(params[i], alpha=wd) if coupled else grads[i]) for i in mats], lvl.forget_dtype,
+                          cast=not kernel)
+        if kernel and fs and fs[0].element_size() > states[mats[0]][key].element_size():
+            fs = [f.to(states[i][key].dtype) for i, f in zip(mats, fs)]  # the kernel reads F where a buffer fits
+        # (the kernels read the terms in the matmuls' dtype: no widening pass, half the bytes for bf16)
         forget: dict[int, Tensor] = dict(zip(mats, fs))
         hp = dict(a=a, lam=lam, lr=lr, decay=decay, wd=wd, nesterov=nesterov, coupled=coupled)
         if not kernel:
@@ -151,6 +155,7 @@ class DeltaStep(FusedStep):
         if lam != 0:
             self.launch(k.delta_reduce_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
         scal = scalar_table([[float(ts[i] == 1), float(params[i].ndim < 2)] for i in idx], p.device)
-        self.launch(k.delta_update_kernel, rows, scal, red, a, lam, lr, decay, wd, NSCAL=2, F_DT=dts["S_DT"],
+        f_dt = tl_dtype(fs[0].dtype) if fs else dts["S_DT"]  # rows without a term point at their buffer (unread)
+        self.launch(k.delta_update_kernel, rows, scal, red, a, lam, lr, decay, wd, NSCAL=2, F_DT=f_dt,
                     NESTEROV=nesterov, COUPLED=coupled, **dts)
         rows.finish()
