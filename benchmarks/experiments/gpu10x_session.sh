@@ -6,6 +6,9 @@
 #   bash benchmarks/experiments/gpu10x_session.sh large        # ~9 min: the large sweep's unfinished runs
 #                                                             # (Transformer++), then extend (edge rates)
 #   bash benchmarks/experiments/gpu10x_session.sh large_seeds  # seeds 1-2 at the large models' best rates
+#   bash benchmarks/experiments/gpu10x_session.sh ablation     # ~9 min: HOPE and HOPE-attention with every CMS
+#                                                             # level at period 1 (sweep, then 3 seeds; if a best
+#                                                             # rate is at an edge, extend as for the others)
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers   # lm_optimizers on Transformer++ (seed 0, six
 #                                                             # optimizers at three rates each; repeat to finish)
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers_knobs  # M3's knobs at its best rate, then extend
@@ -34,6 +37,12 @@ case "${1:-}" in
     cp benchmarks/results/lm10x/large/records.jsonl "$OUT/records.jsonl"
     run python3 -m benchmarks run --suite lm --preset gpu10x --set size=large "$LARGE" --set phase=seeds \
       --set "sweep_records=$OUT/records.jsonl" $W --deadline 540 --out "$OUT" ;;
+  ablation)  # HOPE and HOPE-attention with every CMS level at period 1 (same weights): what the slow levels do
+    cp benchmarks/results/lm10x/records.jsonl "$OUT/records.jsonl"
+    A='--set=lm.models=["hope_p1","hope_attention_p1"]'
+    run python3 -m benchmarks run --suite lm --preset gpu10x "$A" --set phase=sweep $W --deadline 250 --out "$OUT"
+    run python3 -m benchmarks run --suite lm --preset gpu10x "$A" --set phase=seeds \
+      --set "sweep_records=$OUT/records.jsonl" $W --deadline 280 --out "$OUT" ;;
   optimizers | optimizers_knobs | optimizers_seeds)  # on Transformer++; AdamW runs here too (one machine's step times)
     [ -f benchmarks/results/lm10x/optimizers/records.jsonl ] && cp benchmarks/results/lm10x/optimizers/records.jsonl "$OUT/"
     O="--suite lm_optimizers --preset gpu10x --set model=transformer"
@@ -45,5 +54,5 @@ case "${1:-}" in
         run python3 -m benchmarks run $O --set phase=extend $R $W --deadline 250 --out "$OUT" ;;
       optimizers_seeds) run python3 -m benchmarks run $O --set phase=seeds $R $W --deadline 540 --out "$OUT" ;;
     esac ;;
-  *) echo "usage: $0 large | large_seeds | optimizers | optimizers_knobs | optimizers_seeds"; exit 2 ;;
+  *) echo "usage: $0 large | large_seeds | ablation | optimizers | optimizers_knobs | optimizers_seeds"; exit 2 ;;
 esac

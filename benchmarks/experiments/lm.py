@@ -75,7 +75,8 @@ GPU_SECONDS_PER_STEP = {"transformer": 0.019, "hope_attention": 0.023, "titans":
 GPU_SECONDS_PER_STEP_COMPILED = {
     "full": {"transformer": 0.0103, "hope_attention": 0.015, "titans": 0.0215, "hope": 0.0333},
     "blocks": {"transformer": 0.013, "hope_attention": 0.018, "titans": 0.033, "hope": 0.0407},
-    "graphed": {"transformer": 0.0099, "hope_attention": 0.011, "titans": 0.0167, "hope": 0.0258},
+    "graphed": {"transformer": 0.0099, "hope_attention": 0.011, "titans": 0.0167, "hope": 0.0258,
+                "hope_p1": 0.0196, "hope_attention_p1": 0.011},  # (p1: HopeLM() 19.6 ms, one graph; estimates)
     # forward and backward graphed, the optimizer eager (nl_layers.graphed_loss): not yet measured,
     # estimated as the graphed step plus an eager fused AdamW step's host time (~1 ms)
     "graphed_loss": {"transformer": 0.011, "hope_attention": 0.012, "titans": 0.018, "hope": 0.027},

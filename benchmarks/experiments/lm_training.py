@@ -64,6 +64,9 @@ from ..data import corpus, windows
 from ..optimizers import build_optimizer, select_optimizers
 
 MODELS = ("transformer", "titans", "hope", "hope_attention")
+#: the same two HOPE models with every CMS level stepping every step (periods 1/1/1: the same
+#: weights, no slow levels), for ``--set lm.models=[...]``: what the levels' timescales contribute
+ABLATIONS = ("hope_p1", "hope_attention_p1")
 SIZES = {
     "tiny": dict(dim=32, depth=2, heads=2, chunk_size=8, max_lr=1e-3, cms_hidden=32, batch=4, seq_len=32, val_windows=4),
     "gpu": dict(dim=384, depth=6, heads=6, chunk_size=16, max_lr=1e-3, cms_hidden=512, batch=32, seq_len=256,
@@ -85,7 +88,7 @@ LR_CENTRES = {"adam": 3e-3, "muon": 2e-2, "sgd": 0.1}
 
 
 def build_model(cfg: dict, vocab: int) -> torch.nn.Module:
-    """One of ``MODELS`` at the sizes in ``cfg`` (dim, depth, heads, chunk_size, max_lr, cms_hidden);
+    """One of ``MODELS`` or ``ABLATIONS`` at the sizes in ``cfg`` (dim, depth, heads, chunk_size, max_lr, cms_hidden);
     ``chunk_size`` / ``max_lr`` absent or None: the layer's default."""
     name, dim, depth, heads = cfg["model"], cfg["dim"], cfg["depth"], cfg["heads"]
     memory = {k: cfg[k] for k in ("chunk_size", "max_lr") if cfg.get(k) is not None}
@@ -93,13 +96,14 @@ def build_model(cfg: dict, vocab: int) -> torch.nn.Module:
         return nl_layers.TransformerLM(vocab, dim, depth, heads=heads)
     if name == "titans":
         return nl_layers.TitansLM(vocab, dim, depth, heads=heads, **memory)
-    if name == "hope":
-        return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="hope", cms_periods=CMS_PERIODS,
+    periods = (1,) * len(CMS_PERIODS) if name.endswith("_p1") else CMS_PERIODS
+    if name in ("hope", "hope_p1"):
+        return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="hope", cms_periods=periods,
                                 cms_hidden=cfg["cms_hidden"], **memory)
-    if name == "hope_attention":
-        return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="attention", cms_periods=CMS_PERIODS,
+    if name in ("hope_attention", "hope_attention_p1"):
+        return nl_layers.HopeLM(vocab, dim, depth, heads=heads, block="attention", cms_periods=periods,
                                 cms_hidden=cfg["cms_hidden"])
-    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    raise ValueError(f"model must be one of {MODELS + ABLATIONS}, got {name!r}")
 
 
 def compile_mode(cfg: dict) -> str:

@@ -149,3 +149,14 @@ def test_lm_optimizers_gpu10x_graphs_the_loss_since_graphed_steps_replay_adamw_o
 
     assert lm.config("gpu10x")["compile"] == "graphed"
     assert lm_optimizers.PRESETS["gpu10x"]["compile"] == "graphed_loss"  # graphed refuses others: test_lm_graphed_mode.py
+
+
+def test_hope_ablations_have_the_same_weights_and_no_slow_levels():
+    from benchmarks.experiments.lm_training import ABLATIONS
+
+    for model in ABLATIONS:
+        base = build_model(dict(SIZES["tiny"], model=model.removesuffix("_p1")), 84)
+        flat = build_model(dict(SIZES["tiny"], model=model), 84)
+        assert sum(p.numel() for p in flat.parameters()) == sum(p.numel() for p in base.parameters())
+        assert set(flat.level_spec().values()) == {1} and set(base.level_spec().values()) == {1, 4, 16}
+    assert [j.name for j in lm.jobs("gpu10x", None, models=["hope_p1"])][0] == "lm/hope_p1/lr0.001/s0"
