@@ -37,6 +37,10 @@ CASES = {
     "precond": (deepopt.PreconditionedMomentum, dict(lr=0.01, weight_decay=0.1)),
     "precond_slow": (deepopt.PreconditionedMomentum, dict(lr=0.01, precond_period=3, nesterov=True)),
     "delta": (deepopt.DeltaMomentum, dict(lr=0.05, delta=0.5, weight_decay=0.01)),
+    # matmuls in bf16 whatever the CPU (terms narrower than float32 buffers, wider than bf16 ones' never)
+    "delta_bf16_terms": (deepopt.DeltaMomentum, dict(lr=0.05, delta=0.5, forget_dtype=torch.bfloat16, nesterov=True)),
+    # float32 matmuls: with bf16 parameters and state the terms are wider than the buffers
+    "delta_f32_terms": (deepopt.DeltaMomentum, dict(lr=0.05, delta=0.5, forget_dtype=torch.float32)),
     "m3": (deepopt.M3, dict(lr=0.01, frequency=2, weight_decay=0.1)),
     "m3_literal": (deepopt.M3, dict(lr=0.001, frequency=3, form="literal")),
     "deep": (deepopt.DeepMomentum, dict(lr=0.05, inner_lr=0.5, weight_decay=0.01)),
@@ -106,7 +110,7 @@ def test_kernel_equals_reference_and_foreach_fp32(name, monkeypatch):
     compare(pk, ok, pf, of, 2e-3 if "muon" in name or "m3" in name or "ns" in name else 1e-4)
 
 
-@pytest.mark.parametrize("name", ["momentum", "adam", "precond_slow", "m3", "deep"])
+@pytest.mark.parametrize("name", ["momentum", "adam", "precond_slow", "m3", "deep", "delta", "delta_f32_terms"])
 @pytest.mark.parametrize("state_dtype", [None, torch.float32])
 def test_kernel_equals_reference_bf16(name, state_dtype, monkeypatch):
     pk, ok = run(name, "triton", torch.bfloat16, state_dtype, monkeypatch)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ...kernels.launch import REDUCE_BLOCK, FusedStep, f32, first_write, row_grad, row_step, tl_dtype
 from ...kernels.tables import RowSet, scalar_table, step_scalars
-from .level import DeltaMomentumLevel, Momentum, forget_terms
+from .level import DeltaMomentumLevel, ForgetStacks, Momentum, as_matrix, forget_terms
 
 __all__ = ["MomentumStep", "DeltaStep", "momentum", "momentum_terms", "delta"]
 
@@ -133,29 +133,42 @@ class DeltaStep(FusedStep):
         decay, coupled = self.decay_terms(lr, wd, decoupled)
         key = f"{lvl.name}.momentum_buffer"
         mats = [i for i in idx if params[i].ndim >= 2 and ts[i] > 1 and lam != 0]
-        fs = forget_terms([states[i][key] for i in mats],
-                          [(grads[i].add(params[i], alpha=wd) if coupled else grads[i]) for i in mats], lvl.forget_dtype,
-                          cast=not kernel)
-        if kernel and fs and fs[0].element_size() > states[mats[0]][key].element_size():
-            fs = [f.to(states[i][key].dtype) for i, f in zip(mats, fs)]  # the kernel reads F where a buffer fits
-        # (the kernels read the terms in the matmuls' dtype: no widening pass, half the bytes for bf16)
-        forget: dict[int, Tensor] = dict(zip(mats, fs))
         hp = dict(a=a, lam=lam, lr=lr, decay=decay, wd=wd, nesterov=nesterov, coupled=coupled)
-        if not kernel:
-            for i in idx:
-                f = forget.get(i, torch.zeros_like(params[i]) if params[i].ndim >= 2 else None)
-                delta(params[i], grads[i], states[i][key], f, first=ts[i] == 1, **hp)
-            return
-        cols = [[params[i], grads[i], states[i][key], forget.get(i, states[i][key])] for i in idx]
-        rows = RowSet(cols, mutable=(0, 2))
+        if kernel:
+            return self._kernels(idx, params, grads, states, key, mats, lvl.forget_dtype, ts, hp)
+        fs = forget_terms([states[i][key] for i in mats],
+                          [(grads[i].add(params[i], alpha=wd) if coupled else grads[i]) for i in mats], lvl.forget_dtype)
+        forget: dict[int, Tensor] = dict(zip(mats, fs))
+        for i in idx:
+            f = forget.get(i, torch.zeros_like(params[i]) if params[i].ndim >= 2 else None)
+            delta(params[i], grads[i], states[i][key], f, first=ts[i] == 1, **hp)
+
+    def _kernels(self, idx, params, grads, states, key, mats, forget_dtype, ts, hp) -> None:
+        """The reduction launch (which also writes the matrices' buffers and gradients, in the
+        matmuls' dtype, into one stack per shape), the forget terms from batched matmuls on those
+        stacks (:func:`~deepopt.levels.momentum.level.forget_matmul`), then the update launch."""
         p, g, s = params[idx[0]], grads[idx[0]], states[idx[0]][key]
         dts = dict(P_DT=tl_dtype(p.dtype), G_DT=tl_dtype(g.dtype), S_DT=tl_dtype(s.dtype))
         red = torch.zeros(len(idx), 2, dtype=torch.float32, device=p.device)
         k = _kernels()
-        if lam != 0:
-            self.launch(k.delta_reduce_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
+        stacks = ForgetStacks([as_matrix(params[i]).shape for i in mats], forget_dtype, s.dtype, p.device)
+        slot = {i: stacks.slots(j) for j, i in enumerate(mats)}
+        if hp["lam"] != 0:
+            lo = [[params[i], grads[i], states[i][key]] + [t.view(params[i].shape) for t in slot.get(i, ())] for i in idx]
+            if mats:  # rows without a term: their buffer twice, never written (flag 0)
+                lo = [row if len(row) == 5 else row + [row[2], row[2]] for row in lo]
+            rows = RowSet(lo, mutable=(3, 4) if mats else ())
+            scal = scalar_table([[float(i in slot)] for i in idx], p.device)
+            self.launch(k.delta_reduce_kernel, rows, scal, red, hp["wd"], NSCAL=1, LO_DT=tl_dtype(stacks.dtype),
+                        COUPLED=hp["coupled"], LO=bool(mats), block=REDUCE_BLOCK, **dts)
+            rows.finish()
+        forget = dict(zip(mats, stacks.forget_terms()))
+        f_dt = tl_dtype(stacks.dtype) if mats else dts["S_DT"]  # rows without a term point at their buffer (unread)
+        if mats and stacks.dtype.itemsize > s.dtype.itemsize:  # a term wider than the buffers: read in theirs
+            forget, f_dt = {i: f.to(s.dtype) for i, f in forget.items()}, dts["S_DT"]
+        rows = RowSet([[params[i], grads[i], states[i][key], forget[i].view(params[i].shape) if i in forget else
+                        states[i][key]] for i in idx], mutable=(0, 2))
         scal = scalar_table([[float(ts[i] == 1), float(params[i].ndim < 2)] for i in idx], p.device)
-        f_dt = tl_dtype(fs[0].dtype) if fs else dts["S_DT"]  # rows without a term point at their buffer (unread)
-        self.launch(k.delta_update_kernel, rows, scal, red, a, lam, lr, decay, wd, NSCAL=2, F_DT=f_dt,
-                    NESTEROV=nesterov, COUPLED=coupled, **dts)
+        self.launch(k.delta_update_kernel, rows, scal, red, hp["a"], hp["lam"], hp["lr"], hp["decay"], hp["wd"],
+                    NSCAL=2, F_DT=f_dt, NESTEROV=hp["nesterov"], COUPLED=hp["coupled"], **dts)
         rows.finish()

@@ -180,6 +180,47 @@ def forget_terms(bufs: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.d
     return out  # type: ignore[return-value]
 
 
+class ForgetStacks:
+    """Delta momentum's forget-term inputs for a list of matrix shapes, stacked per shape in the
+    matmuls' dtype (``forget_dtype`` resolved as :func:`forget_terms` does), for a kernel to write
+    the buffers and gradients into (:meth:`slots`, no stacking copies); :meth:`forget_terms` then
+    runs one batched matmul pair per shape on them. Every slot must be written first.
+
+    Example:
+        >>> st = ForgetStacks([(2, 3), (2, 3), (4, 1)], None, torch.float32, torch.device("cpu"))
+        >>> m, g = st.slots(0); _ = m.copy_(torch.ones(2, 3)), g.copy_(torch.ones(2, 3))
+        >>> for j in (1, 2):
+        ...     _ = [t.zero_() for t in st.slots(j)]
+        >>> st.forget_terms()[0]
+        tensor([[6., 6., 6.],
+                [6., 6., 6.]])
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, int]], forget_dtype: torch.dtype | str | None,
+                 buffer_dtype: torch.dtype, device: torch.device) -> None:
+        dt = resolve_forget_dtype(forget_dtype, device)
+        self.dtype = dt if dt is not None and torch.finfo(buffer_dtype).bits <= 32 else buffer_dtype
+        groups: dict[tuple, list[int]] = {}
+        for j, shape in enumerate(shapes):
+            groups.setdefault(tuple(shape), []).append(j)
+        self._where = {j: (shape, pos) for shape, js in groups.items() for pos, j in enumerate(js)}
+        self.m = {shape: torch.empty((len(js), *shape), dtype=self.dtype, device=device) for shape, js in groups.items()}
+        self.g = {shape: torch.empty_like(m) for shape, m in self.m.items()}
+
+    def slots(self, j: int) -> tuple[Tensor, Tensor]:
+        """Matrix ``j``'s (buffer, gradient) input slots: contiguous ``(rows, cols)`` views."""
+        shape, pos = self._where[j]
+        return self.m[shape][pos], self.g[shape][pos]
+
+    def forget_terms(self) -> list[Tensor]:
+        """``M G^T G`` of every matrix, in input order, in the matmuls' dtype."""
+        out: list[Tensor | None] = [None] * len(self._where)
+        terms = {shape: _forget(self.m[shape], self.g[shape], self.dtype) for shape in self.m}
+        for j, (shape, pos) in self._where.items():
+            out[j] = terms[shape][pos]
+        return out  # type: ignore[return-value]
+
+
 def _forget(m: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
     """``m g^T g`` (matrices or stacks of them), associated the cheaper way round, in ``dtype``."""
     gt = g.mT
