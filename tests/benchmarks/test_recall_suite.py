@@ -74,6 +74,10 @@ def test_jobs_are_unique_and_overridable():
     assert {j.params["mixer"] for j in only} == {"attention"} and {j.params["steps"] for j in only} == {100}
     with pytest.raises(ValueError, match="override"):
         recall.jobs("tiny", None, stepz=3)
+    ten = recall.jobs("gpu10x", None)  # every mixer at 64 and 128 pairs, the memories at their defaults
+    assert {j.params["mixer"] for j in ten} == set(recall.MIXERS) and len(ten) == len(recall.MIXERS) * 2 * 2
+    assert {(j.params["seq_len"], j.params["pairs"]) for j in ten} == {(256, 64), (512, 128)}
+    assert all("memory_max_lr" not in j.params and "lr" not in j.params for j in ten)
 
 
 def test_report_writes_results_from_pool_records(tmp_path):
