@@ -103,6 +103,11 @@ def test_jobs_names_overrides_and_gpu_budget():
     for seq in continual.SEQUENCES:
         costs = {j.params["method"]: j.cost for j in gpu if j.params["sequence"] == seq and j.params["seed"] == 0}
         assert max(costs, key=costs.get) == "recipe"
+    ten = continual.jobs("gpu10x", None)  # the genres 5x longer, the digits as in gpu
+    steps = {j.params["sequence"]: j.params["steps_per_task"] for j in ten}
+    assert len(ten) == 48 and steps == {"shakespeare_genres": 2000, "permuted_digits": 500}
+    text = lambda js: sum(j.cost for j in js if j.params["sequence"] == "shakespeare_genres")  # noqa: E731
+    assert text(ten) == pytest.approx(5 * text(gpu), rel=0.05)
     with pytest.raises(ValueError, match="methods"):
         continual.jobs("tiny", None, methods=["sgd"])
     with pytest.raises(ValueError, match="preset"):
