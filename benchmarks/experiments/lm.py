@@ -264,7 +264,8 @@ def run(params: dict, device: str) -> dict:
     return train(params, "AdamW", params["lr"], params["seed"], device, params.get("max_seconds"))
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample spread of the finite values (inf, nan when none; spread 0 for one)."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return math.inf, math.nan
@@ -280,7 +281,7 @@ def summarize(records: Sequence[dict]) -> dict:
     for model, lr in rates.items():
         runs = [r["result"] for r in ok if _label(r["result"]) == model and math.isclose(r["result"]["lr"], lr)]
         bpc = [x["final_bpc"] if not x["diverged"] else math.inf for x in runs]
-        mean, std = _mean_std(bpc)
+        mean, std = mean_std(bpc)
         sweep = {f"{r['result']['lr']:.3g}": (math.inf if r["result"]["diverged"] else r["result"]["final_bpc"]) for r in ok
                  if _label(r["result"]) == model and r["result"]["seed"] == 0}
         other = [x for x in (r["result"] for r in ok) if _label(x) == model and not math.isclose(x["lr"], lr) and x["seed"] > 0]

@@ -41,7 +41,7 @@ from typing import Sequence
 from ..optimizers import select_optimizers
 from ..pool import Job, latest_records, load_records
 from ..report import markdown_table, write_json
-from .lm import EXTEND_FACTOR, edges
+from .lm import EXTEND_FACTOR, edges, mean_std
 from .lm import PRESETS as LM_PRESETS
 from .lm import GPU_SECONDS_PER_STEP
 from .lm_training import LR_CENTRES, train
@@ -103,8 +103,8 @@ def jobs(preset: str, seeds: Sequence[int] | None = None, model: str | None = No
         raise ValueError(f"phase={phase} needs sweep_records=<the records.jsonl of this experiment's runs so far>")
     cfg = dict(PRESETS[preset])
     cfg.update(overrides)
-    n_seeds = len(seeds) if seeds is not None else cfg.pop("seeds", 1)
-    cfg.pop("seeds", None)
+    preset_seeds = cfg.pop("seeds", 1)
+    n_seeds = len(seeds) if seeds is not None else preset_seeds
     cfg.pop("target_seconds", None)
 
     def job(name: str, lr: float, seed: int) -> Job:
@@ -189,13 +189,6 @@ def _loss(res: dict) -> float:
     return loss if not res["diverged"] and loss is not None and math.isfinite(loss) else math.inf
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.inf, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarize(records: Sequence[dict], other_records: Sequence[dict] = ()) -> dict:
     """Per optimizer: its best seed-0 rate; at that rate every seed's final loss (mean, spread) and
     the steps to AdamW's final loss of the same seed (seed 0's target where AdamW lacks that seed),
@@ -227,8 +220,8 @@ def summarize(records: Sequence[dict], other_records: Sequence[dict] = ()) -> di
             t = targets.get(r["seed"], target)
             hit = steps_to_reach(r, t) if math.isfinite(t) else None
             ratios.append(None if hit is None else hit / steps)
-        bpc, bpc_std = _mean_std([_loss(r) / math.log(2) for r in rs])
-        ratio, ratio_std = _mean_std([x for x in ratios if x is not None])
+        bpc, bpc_std = mean_std([_loss(r) / math.log(2) for r in rs])
+        ratio, ratio_std = mean_std([x for x in ratios if x is not None])
         lrs = sorted(float(k) for k in sweep)
         out["optimizers"][name] = {
             "lr": best[name], "final_bpc": bpc, "final_bpc_std": bpc_std, "seeds": [r["seed"] for r in rs],

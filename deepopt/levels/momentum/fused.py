@@ -146,20 +146,21 @@ class DeltaStep(FusedStep):
     def _kernels(self, idx, params, grads, states, key, mats, forget_dtype, ts, hp) -> None:
         """The reduction launch (which also writes the matrices' buffers and gradients, in the
         matmuls' dtype, into one stack per shape), the forget terms from batched matmuls on those
-        stacks (:func:`~deepopt.levels.momentum.level.forget_matmul`), then the update launch."""
+        stacks (:class:`~deepopt.levels.momentum.level.ForgetStacks`), then the update launch. One
+        per-row scalar table serves both: (first write, vector, has a forget term)."""
         p, g, s = params[idx[0]], grads[idx[0]], states[idx[0]][key]
         dts = dict(P_DT=tl_dtype(p.dtype), G_DT=tl_dtype(g.dtype), S_DT=tl_dtype(s.dtype))
         red = torch.zeros(len(idx), 2, dtype=torch.float32, device=p.device)
         k = _kernels()
         stacks = ForgetStacks([as_matrix(params[i]).shape for i in mats], forget_dtype, s.dtype, p.device)
         slot = {i: stacks.slots(j) for j, i in enumerate(mats)}
+        scal = scalar_table([[float(ts[i] == 1), float(params[i].ndim < 2), float(i in slot)] for i in idx], p.device)
         if hp["lam"] != 0:
             lo = [[params[i], grads[i], states[i][key]] + [t.view(params[i].shape) for t in slot.get(i, ())] for i in idx]
             if mats:  # rows without a term: their buffer twice, never written (flag 0)
                 lo = [row if len(row) == 5 else row + [row[2], row[2]] for row in lo]
             rows = RowSet(lo, mutable=(3, 4) if mats else ())
-            scal = scalar_table([[float(i in slot)] for i in idx], p.device)
-            self.launch(k.delta_reduce_kernel, rows, scal, red, hp["wd"], NSCAL=1, LO_DT=tl_dtype(stacks.dtype),
+            self.launch(k.delta_reduce_kernel, rows, scal, red, hp["wd"], NSCAL=3, LO_DT=tl_dtype(stacks.dtype),
                         COUPLED=hp["coupled"], LO=bool(mats), block=REDUCE_BLOCK, **dts)
             rows.finish()
         forget = dict(zip(mats, stacks.forget_terms()))
@@ -168,7 +169,6 @@ class DeltaStep(FusedStep):
             forget, f_dt = {i: f.to(s.dtype) for i, f in forget.items()}, dts["S_DT"]
         rows = RowSet([[params[i], grads[i], states[i][key], forget[i].view(params[i].shape) if i in forget else
                         states[i][key]] for i in idx], mutable=(0, 2))
-        scal = scalar_table([[float(ts[i] == 1), float(params[i].ndim < 2)] for i in idx], p.device)
         self.launch(k.delta_update_kernel, rows, scal, red, hp["a"], hp["lam"], hp["lr"], hp["decay"], hp["wd"],
-                    NSCAL=2, F_DT=f_dt, NESTEROV=hp["nesterov"], COUPLED=hp["coupled"], **dts)
+                    NSCAL=3, F_DT=f_dt, NESTEROV=hp["nesterov"], COUPLED=hp["coupled"], **dts)
         rows.finish()

@@ -51,7 +51,7 @@ def delta_reduce_kernel(ptrs, numel, blk_row, blk_start, found, scal, red, wd,
                         S_DT: tl.constexpr, LO_DT: tl.constexpr, COUPLED: tl.constexpr, LO: tl.constexpr,
                         BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False, CHECK: tl.constexpr = False):
     """Columns p, g, buf[, buf_lo, g_lo]: red[row] += (<buf, g>, ||g||^2) (float32 atomics). With LO,
-    rows whose scal flag is set also store buf and g (the decayed gradient with COUPLED) in LO_DT
+    rows whose flag (scal's last column) is set also store buf and g (the decayed gradient with COUPLED) in LO_DT
     into columns 3 and 4: the forget term's matmul inputs, written by the pass that reads them anyway."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
@@ -60,7 +60,7 @@ def delta_reduce_kernel(ptrs, numel, blk_row, blk_start, found, scal, red, wd,
     tl.atomic_add(red + row * 2, tl.sum(buf * g, 0))
     tl.atomic_add(red + row * 2 + 1, tl.sum(g * g, 0))
     if LO:
-        lo = mask & ((offs * 0 + tl.load(scal + row * NSCAL)) != 0)  # (a tensor condition: the interpreter's `&`)
+        lo = mask & ((offs * 0 + tl.load(scal + row * NSCAL + NSCAL - 1)) != 0)  # (a tensor condition: the interpreter's `&`)
         tl.store(_col(ptrs, row, 3, NCOL, LO_DT, ALIGNED) + offs, _cast(buf, LO_DT), mask=lo)
         tl.store(_col(ptrs, row, 4, NCOL, LO_DT, ALIGNED) + offs, _cast(g, LO_DT), mask=lo)
 
