@@ -195,7 +195,7 @@ def test_delta_momentum_bf16_forget_term_stays_within_its_stated_tolerance_of_fl
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("chunk", [7, 40])
 def test_deep_memory_analytic_foreach_equals_the_autograd_reference(sigma, dtype, tol, chunk, monkeypatch):
-    """The one-pass analytic write/read (chunks smaller than the tensors, sigmoid form of tanh)
+    """The one-pass analytic write/read (chunks smaller than the tensors)
     equals the reference's torch.func.grad, with a memory that has learned (w2 != 0): every tensor
     walked alone in several chunks (chunk 7), and the small ones of equal size stacked (chunk 40)."""
     import deepopt.levels.deep.level as deep_level
