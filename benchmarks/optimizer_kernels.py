@@ -78,7 +78,7 @@ def kernel_ms(make, shapes, dtype, repeats: int) -> dict[str, float]:
 
 
 DEEP_TILES = [(1024, 8), (1024, 4), (512, 4), (512, 8), (256, 4), (256, 2), (2048, 8)]
-#: the inner kernel's (elements per program, elements per slice), at the TILE's warps
+#: the inner kernel's (elements per program, elements per slice), at its INNER_WARPS
 DEEP_SLICES = [(2048, 256), (4096, 256), (8192, 256), (2048, 512), (4096, 512), (8192, 512), (2048, 128)]
 
 
@@ -98,7 +98,7 @@ def deep_tiles(shapes, repeats: int) -> None:
                 print(f"| {tile} | {str(dtype).split('.')[-1]} | {t.get('deep_inner_kernel', 0):.3f} "
                       f"| {t.get('deep_read_kernel', 0):.3f} |")
         fused.TILE = saved
-        print(f"\n| inner (block, slice), {saved[1]} warps | dtype | deep_inner_kernel ms |\n|---|---|---|")
+        print(f"\n| inner (block, slice), {fused.INNER_WARPS} warps | dtype | deep_inner_kernel ms |\n|---|---|---|")
         for inner in DEEP_SLICES:
             for dtype in DTYPES:
                 fused.INNER_SLICE = inner

@@ -33,16 +33,19 @@ from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio
 from ..precision import ns_compute_dtype
 from .level import DeepMemory
 
-__all__ = ["DeepStep", "deep", "TILE", "INNER_SLICE"]
+__all__ = ["DeepStep", "deep", "READ_TILES", "TILE", "INNER_SLICE", "INNER_WARPS"]
 
-#: (elements per program, warps) of the inner and read kernels, whose programs hold a (BLOCK, H)
-#: tile of the memory MLP's hidden units, for fp32 and bf16 alike (H200 sweep:
-#: ``python -m benchmarks.optimizer_kernels --deep-tiles``).
-TILE = (512, 4)
-#: (elements per program, elements per slice) of the inner kernel, which walks its block in
-#: (hidden, slice) tiles and reduces over the block once (deepopt/levels/deep/triton_kernels.py);
-#: not yet swept on a GPU (``python -m benchmarks.optimizer_kernels --deep-tiles``)
-INNER_SLICE = (2048, 256)
+#: (elements per program, warps) of the read kernel, whose programs hold a (hidden, BLOCK) tile of
+#: the memory MLP, by the state's bytes per element (one H100, 0.51 B parameters,
+#: ``python -m benchmarks.optimizer_kernels --deep-tiles``: float32 3.62 ms at (256, 4) against
+#: 4.05 at (512, 4); bfloat16 1.41 ms at (1024, 4) against 1.55). ``TILE`` overrides it (the sweep).
+READ_TILES = {2: (1024, 4), 4: (256, 4), 8: (256, 4)}
+TILE: tuple[int, int] | None = None
+#: (elements per program, elements per slice) and warps of the inner kernel, which walks its block
+#: in (hidden, slice) tiles and reduces over the block once (same sweep: (8192, 256) 4.38 ms float32,
+#: 3.88 bfloat16, against 5.35 / 4.85 at (2048, 256): fewer partial sums to reduce)
+INNER_SLICE = (8192, 256)
+INNER_WARPS = 4
 
 
 def _kernels():
@@ -132,10 +135,10 @@ class DeepStep(FusedStep):
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
             self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
-            block, warps = TILE
+            block, warps = TILE or READ_TILES[b.element_size()]
             self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
                         LEARN=eta != 0, H=h, HP=hp, WC=wc, SUB=INNER_SLICE[1], block=INNER_SLICE[0],
-                        num_warps=warps, **dts)
+                        num_warps=INNER_WARPS, **dts)
             t = rows.tables(1024)
             flag = self.found if self.found is not None else red  # any pointer when CHECK is off
             k.deep_phi_kernel[(len(out_rows),)](t.ptrs, t.numel, flag, sums, a, eta, NCOL=len(rows.rows[0]), S_DT=sdt,
