@@ -1,14 +1,17 @@
 """``python -m benchmarks report DIR``: redo a results folder's Markdown and plots from its records.
 
 What DIR holds decides what is rebuilt: ``results.json`` of quick / quality / continual (tables
-and plots), of ``layers`` or ``lr_transfer``, or of ``lm_defaults`` (its header and records); or a
-pool suites' ``records.jsonl`` (each experiment's ``DIR/<experiment>/`` report, e.g. the committed
-``benchmarks/results/evidence/``). ``--out`` writes elsewhere; a committed folder under
+and plots), of ``layers`` or ``lr_transfer``, or of ``lm_defaults`` (its header and records); one
+pool experiment's report beside its ``records.jsonl`` (rebuilt in place, e.g. the committed
+``benchmarks/results/lm10x/``); or a pool suites' ``records.jsonl`` alone (each experiment's
+``DIR/<experiment>/`` report, e.g. the committed ``benchmarks/results/evidence/``). ``--out`` writes elsewhere; a committed folder under
 ``benchmarks/results/`` is rewritten only with ``--update-results``.
 
 Example:
     >>> kind_of({"suite": "quality"}), kind_of({"rules": {}}), kind_of({"header": {}, "records": []})
     ('quality', 'lr_transfer', 'lm_defaults')
+    >>> kind_of({"header": {"record_files": []}, "records": []})
+    'experiment'
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def kind_of(result: dict) -> str:
     if "rules" in result:
         return "lr_transfer"
     if "header" in result and "records" in result:
-        return "lm_defaults"
+        return "experiment" if "record_files" in result["header"] else "lm_defaults"
     return "unknown"
 
 
@@ -68,10 +71,12 @@ def rewrite_report(folder: str, update: bool = False, out: str | None = None, co
         from .lm_defaults.report import write_report
 
         write_report(result["records"], out, result["header"])
-    elif kind == "pool":
+    elif kind in ("pool", "experiment"):
         from .experiments.run import write_reports
 
-        write_reports(Path(out), [records], command)
+        if kind == "experiment" and not records.exists():
+            raise SystemExit(f"{path} is one experiment's report: its records.jsonl must lie beside it")
+        write_reports(Path(out), [records], command, flat=kind == "experiment")
     else:
         raise SystemExit(f"`report` cannot rebuild {path} (suite {result.get('suite')!r}: its tables are "
                          "written only by the run)")

@@ -111,11 +111,14 @@ def run_pool_suites(suites: Sequence[str], args, out_dir: str) -> list[dict]:
 
 
 def write_reports(out_dir: Path, record_files: Sequence[Path], command: str,
-                  experiments: Sequence[str] | None = None) -> list[str]:
+                  experiments: Sequence[str] | None = None, flat: bool = False) -> list[str]:
     """Each experiment's ``out_dir/<experiment>/`` report from the records (one per job: the last
-    full run, see :func:`benchmarks.pool.latest_records`); returns the experiments reported."""
+    full run, see :func:`benchmarks.pool.latest_records`), or with ``flat`` the one experiment's
+    report in ``out_dir`` itself; returns the experiments reported."""
     records = latest_records([r for path in record_files for r in load_records(Path(path))])
     names = experiments or sorted({r["job"]["experiment"] for r in records if "." not in r["job"]["experiment"]})
+    if flat and len(names) != 1:
+        raise ValueError(f"a flat report takes the records of one experiment, got {names}")
     done = []
     for name in names:
         mine = [r for r in records if r["job"]["experiment"] == name]
@@ -127,7 +130,8 @@ def write_reports(out_dir: Path, record_files: Sequence[Path], command: str,
         kwargs = {}
         if "other_records" in inspect.signature(module.report).parameters:  # lm_optimizers reads lm's AdamW runs
             kwargs["other_records"] = [r for r in records if r["job"]["experiment"] != name]
-        module.report(mine, Path(out_dir) / name, header, **kwargs)
-        print(f"{name}: {len(mine)} records -> {Path(out_dir) / name}")
+        where = Path(out_dir) if flat else Path(out_dir) / name
+        module.report(mine, where, header, **kwargs)
+        print(f"{name}: {len(mine)} records -> {where}")
         done.append(name)
     return done

@@ -37,3 +37,16 @@ def test_committed_pool_records_rebuild_their_reports(tmp_path):
         changed = [b for a, b in zip(committed, rebuilt) if a != b]
         assert len(rebuilt) == len(committed) and len(changed) <= 4, (name, changed)  # command, files, date, path
         assert all(re.search(r"command|record files|date|written|benchmarks/experiments", line) for line in changed), changed
+
+
+def test_one_experiments_report_rebuilds_beside_its_records(tmp_path):
+    """benchmarks/results/lm10x/ holds one experiment's report beside its records.jsonl (not in a
+    <experiment>/ folder, not an lm_defaults results.json): `report` rebuilds it in place."""
+    folder = ROOT / "benchmarks" / "results" / "lm10x"
+    main(["report", str(folder), "--out", str(tmp_path)])
+    rebuilt = (tmp_path / "results.md").read_text().splitlines()
+    committed = (folder / "results.md").read_text().splitlines()
+    changed = [b for a, b in zip(committed, rebuilt) if a != b]
+    assert len(rebuilt) == len(committed) and all(re.search(r"command|record files|date|written", line)
+                                                   for line in changed), changed
+    assert not (tmp_path / "lm").exists()
