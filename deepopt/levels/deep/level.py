@@ -315,14 +315,12 @@ def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: 
     rows, w1, b1, w2 = _rows(x, w1, b1, w2)
     biases = _flat([bias] if single else bias, w1.dtype)
     wb, w2 = torch.stack((w1, b1), -1), w2.unsqueeze(1)  # B x hidden x 2, B x 1 x hidden
-    b, n = len(rows), rows[0].numel()
-    width = min(max(1, chunk // b), n)
     out = torch.stack(biases).unsqueeze(1)  # B x 1 x n: the bias, then + w2 . tanh(w1 k + b1) per chunk
-    outs = out.split(width, 2)
     bufs: dict[int, Tensor] = {}
-    for j, (_, uc, k1) in enumerate(_chunks(rows, chunk)):
-        if uc.shape[2] not in bufs:  # a contiguous buffer, reused by every chunk of this width
-            bufs[uc.shape[2]] = torch.empty(b, w1.shape[1], uc.shape[2], dtype=w1.dtype, device=w1.device)
-        outs[j].baddbmm_(w2, torch.bmm(wb, k1, out=bufs[uc.shape[2]]).tanh_())
+    for start, uc, k1 in _chunks(rows, chunk):
+        width = uc.shape[2]
+        if width not in bufs:  # a contiguous buffer, reused by every chunk of this width
+            bufs[width] = torch.empty(len(rows), w1.shape[1], width, dtype=w1.dtype, device=w1.device)
+        out[..., start:start + width].baddbmm_(w2, torch.bmm(wb, k1, out=bufs[width]).tanh_())
     out = out.squeeze(1)
     return out[0].to(bias.dtype).reshape(bias.shape) if single else out
