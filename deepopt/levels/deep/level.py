@@ -315,12 +315,15 @@ def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: 
     rows, w1, b1, w2 = _rows(x, w1, b1, w2)
     biases = _flat([bias] if single else bias, w1.dtype)
     wb, w2 = torch.stack((w1, b1), -1), w2.unsqueeze(1)  # B x hidden x 2, B x 1 x hidden
-    out = torch.stack(biases).unsqueeze(1)  # B x 1 x n: the bias, then + w2 . tanh(w1 k + b1) per chunk
+    b, n = len(rows), rows[0].numel()
+    rows_b = biases[0].view(1, 1, n) if b == 1 else torch.stack(biases).unsqueeze(1)  # B x 1 x n
+    out = torch.empty(b, 1, n, dtype=w1.dtype, device=w1.device)
     bufs: dict[int, Tensor] = {}
     for start, uc, k1 in _chunks(rows, chunk):
         width = uc.shape[2]
         if width not in bufs:  # a contiguous buffer, reused by every chunk of this width
-            bufs[width] = torch.empty(len(rows), w1.shape[1], width, dtype=w1.dtype, device=w1.device)
-        out[..., start:start + width].baddbmm_(w2, torch.bmm(wb, k1, out=bufs[width]).tanh_())
+            bufs[width] = torch.empty(b, w1.shape[1], width, dtype=w1.dtype, device=w1.device)
+        z = torch.bmm(wb, k1, out=bufs[width]).tanh_()
+        torch.baddbmm(rows_b[..., start:start + width], w2, z, out=out[..., start:start + width])  # bias + w2 . h
     out = out.squeeze(1)
     return out[0].to(bias.dtype).reshape(bias.shape) if single else out
