@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/experiments/gpu10x_session.sh large        # ~9 min: the large sweep's unfinished runs
 #                                                             # (Transformer++), then extend (edge rates)
-#   bash benchmarks/experiments/gpu10x_session.sh large_seeds  # seeds 1-2 at the large models' best rates
+#   SEEDS=2 bash benchmarks/experiments/gpu10x_session.sh large_seeds  # ~5 min: seed 1 at the large models'
+#                                                             # best rates (then SEEDS=3: seed 2)
 #   bash benchmarks/experiments/gpu10x_session.sh ablation     # ~9 min: HOPE and HOPE-attention with every CMS
 #                                                             # level at period 1 (sweep, then 3 seeds; if a best
 #                                                             # rate is at an edge, extend as for the others)
@@ -35,8 +36,11 @@ case "${1:-}" in
       --set "sweep_records=$OUT/records.jsonl" $W --deadline 290 --out "$OUT" ;;
   large_seeds)
     cp benchmarks/results/lm10x/large/records.jsonl "$OUT/records.jsonl"
+    # one seed per call (SEEDS=2: seed 1, then SEEDS=3: seed 2), one worker: the two runs take ~300 s in turn
+    # (graphed steps gain nothing from sharing the GPU, and four shared runs would all be cut at the deadline)
     run python3 -m benchmarks run --suite lm --preset gpu10x --set size=large "$LARGE" --set phase=seeds \
-      --set "sweep_records=$OUT/records.jsonl" $W --deadline 540 --out "$OUT" ;;
+      --seeds "${SEEDS:-2}" --set "sweep_records=$OUT/records.jsonl" --devices cuda:0 --threads 2 \
+      --deadline 540 --out "$OUT" ;;
   ablation)  # HOPE and HOPE-attention with every CMS level at period 1 (same weights): what the slow levels do
     cp benchmarks/results/lm10x/records.jsonl "$OUT/records.jsonl"
     A='--set=lm.models=["hope_p1","hope_attention_p1"]'
