@@ -91,6 +91,8 @@ class FusedStep(abc.ABC):
     """
 
     found: Tensor | None = None
+    #: this call's first pass writes ``found`` (see :meth:`makes_flag`)
+    make_flag: bool = False
 
     def __init__(self, chain: Any, impl: str = "auto") -> None:
         if impl not in IMPLS:
@@ -115,13 +117,29 @@ class FusedStep(abc.ABC):
             raise RuntimeError("deepopt fused steps: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
         return on_cuda or interpreting()
 
+    def makes_flag(self, group: Mapping[str, Any]) -> bool:
+        """Whether this step's kernels can compute the non-finite flag themselves: a first pass
+        that reads every gradient and stores nothing but scratch, before any kernel that stores
+        (then the shell passes a zeroed ``found`` with ``make_flag=True`` instead of checking the
+        gradients in a pass of its own). Default: no."""
+        return False
+
+    def flag_covered(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict],
+                     group: Mapping[str, Any]) -> bool:
+        """Whether a call on these rows would make the flag in its first pass: kernels that make
+        it (:meth:`makes_flag`) and one launch family (one dtype combination), so that the pass
+        reads every gradient before any store."""
+        return (self.impl != "foreach" and self.makes_flag(group) and self.use_kernel(params)
+                and len(self.signatures(params, grads, states)) == 1)
+
     def __call__(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: Mapping[str, Any], *,
                  lr: float, weight_decay: float, decoupled: bool, grads_decayed: bool = True,
-                 found: Tensor | None = None) -> None:
+                 found: Tensor | None = None, make_flag: bool = False) -> None:
         """One step. ``grads_decayed``: with coupled decay (``decoupled=False``), the gradients
         already hold ``wd p``; False (what the shell passes) makes the kernels add it in registers.
         ``found``: the non-finite flag; when it is set nothing but ``state["step"]`` changes (the
-        shell takes the count back when it reads the flag)."""
+        shell takes the count back when it reads the flag). ``make_flag``: ``found`` is zero and
+        this call's first pass computes it (only where :meth:`flag_covered`)."""
         if not params:
             return
         if not decoupled and grads_decayed:
@@ -135,12 +153,13 @@ class FusedStep(abc.ABC):
             return self._foreach(params, grads, states, group, lr, weight_decay, decoupled)
         ts = advance_steps(states)
         self.found = found if kernel else None
+        self.make_flag = make_flag
         try:
             for idx in self.signatures(params, grads, states):
                 self.run(idx, params, grads, states, group, ts, lr * self.lr_scale(group), float(weight_decay),
                          decoupled, kernel)
         finally:
-            self.found = None
+            self.found, self.make_flag = None, False
 
     @staticmethod
     def signatures(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict]) -> list[list[int]]:
@@ -213,10 +232,13 @@ _NO_FLAG: dict[torch.device, Tensor] = {}
 
 
 def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, block: int | None = None,
-           num_warps: int | None = None, found: Tensor | None = None, **consts: Any) -> None:
+           num_warps: int | None = None, found: Tensor | None = None, check: bool | None = None,
+           **consts: Any) -> None:
     """Launch ``kernel_fn`` over ``rows`` (grid = their blocks); ``scal`` may be None. Every kernel
     takes the flag pointer ``found`` after the tables and skips its stores when ``CHECK`` and the
-    flag is set. ``block`` / ``num_warps`` default to :func:`launch_config`'s."""
+    flag is set (``CHECK`` is ``found is not None`` unless ``check`` says otherwise: a kernel that
+    writes the flag takes it with CHECK off). ``block`` / ``num_warps`` default to
+    :func:`launch_config`'s."""
     if block is None:
         block, auto_warps = launch_config(rows)
         num_warps = auto_warps if num_warps is None else num_warps
@@ -233,7 +255,8 @@ def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, b
             flag = _NO_FLAG[device] = torch.zeros(1, device=device)
     extra = () if scal is None else (scal,)
     kernel_fn[t.grid](t.ptrs, t.numel, t.blk_row, t.blk_start, flag, *extra, *args, NCOL=len(rows.rows[0]),
-                      BLOCK=block, ALIGNED=t.aligned, CHECK=found is not None, num_warps=num_warps, **consts)
+                      BLOCK=block, ALIGNED=t.aligned, CHECK=found is not None if check is None else check,
+                      num_warps=num_warps, **consts)
 
 
 def apply_directions(params: list[Tensor], directions: list[Direction], lr: float) -> None:

@@ -288,8 +288,12 @@ class LevelOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._settle()
         grads_by_group = [self._collect(group) for group in self.param_groups]
-        found = None
-        if self.nonfinite != "ignore":
+        found, make = None, False
+        if self.nonfinite == "skip" and self._kernels_make_flag(grads_by_group):
+            # the step's one fused call checks the gradients in its first pass (FusedStep.makes_flag)
+            device = next(gs[0].device for _, gs in grads_by_group if gs)
+            found, make = torch.zeros(1, dtype=torch.float32, device=device), True
+        elif self.nonfinite != "ignore":
             found = device_flag([g for ps, gs in grads_by_group for g in gs])
             if found is not None and (self.nonfinite == "raise" or not self._kernels_take_flag(grads_by_group)):
                 if flag_set(found):  # on the CPU a read of host memory; on CUDA a sync (foreach paths only)
@@ -300,14 +304,17 @@ class LevelOptimizer(torch.optim.Optimizer):
                     return loss
                 found = None
         advanced: list[Tensor] = []
-        reader = None if found is None else FlagReader(found)  # on CUDA: an asynchronous copy to the host
+        # on CUDA an asynchronous copy to the host, queued before the step's kernels (after them where they make the flag)
+        reader = None if found is None or make else FlagReader(found)
         for group, (params, grads) in zip(self.param_groups, grads_by_group):
             if group["maximize"] and grads:  # ascend: the gradient of -f (new tensors, grads untouched)
                 grads = torch._foreach_neg(grads)
             if group["period"] > 1:
                 params, grads = self._slow(group, params, grads)
             if params:
-                self._step_group(group, params, grads, found, advanced)
+                self._step_group(group, params, grads, found, advanced, make)
+        if make:
+            reader = FlagReader(found)
         if reader is not None:
             run_eagerly(self._set_pending, (reader, advanced))
             if not found.is_cuda:  # reading it costs nothing here: count and warn at once
@@ -337,6 +344,23 @@ class LevelOptimizer(torch.optim.Optimizer):
             if pending[1]:
                 torch._foreach_sub_(pending[1], 1.0)
             self._count_skip()
+
+    def _kernels_make_flag(self, grads_by_group) -> bool:
+        """Whether this step is one fused call whose kernels compute the non-finite flag in their
+        first pass (:meth:`deepopt.kernels.launch.FusedStep.makes_flag`): one param group with
+        gradients, period 1, one chain for all its parameters, plain tensors on one device. The
+        call itself confirms that the pass covers every gradient (one dtype combination), else it
+        checks them first (``_run_chain``)."""
+        live = [(group, params, grads) for group, (params, grads) in zip(self.param_groups, grads_by_group) if params]
+        if len(live) != 1:
+            return False
+        group, params, grads = live[0]
+        if group["period"] > 1:
+            return False
+        plan = self._plan(group, params)
+        return (len(plan) == 1 and plan[0].whole and not plan[0].full and plan[0].fused is not None
+                and plan[0].fused.makes_flag(group) and plan[0].fused.use_kernel(params)
+                and set(map(type, grads)) <= _PLAIN_TENSORS)
 
     def _kernels_take_flag(self, grads_by_group) -> bool:
         """Whether every parameter of this step goes through a fused kernel that reads the device
@@ -416,7 +440,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         return due_p, due_g
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    found: Tensor | None = None, advanced: list[Tensor] | None = None) -> None:
+                    found: Tensor | None = None, advanced: list[Tensor] | None = None, make_flag: bool = False) -> None:
         self._prepare_group(group)
         lr = float(group["lr"])
         wd = float(group["weight_decay"])
@@ -430,7 +454,7 @@ class LevelOptimizer(torch.optim.Optimizer):
             if part.full:  # a matrix level on DTensor shards: see deepopt.distributed
                 on_full_tensors(lambda fp, fg, fs: self._run_chain(chain, group, fp, fg, fs, lr, wd), ps, gs, states)
             else:
-                self._run_chain(chain, group, ps, gs, states, lr, wd, found, part.fused)
+                self._run_chain(chain, group, ps, gs, states, lr, wd, found, part.fused, make_flag)
             if found is not None and advanced is not None:
                 advanced.extend(s["step"] for s in states)
 
@@ -444,7 +468,7 @@ class LevelOptimizer(torch.optim.Optimizer):
 
     def _run_chain(self, chain: Chain, group: Mapping[str, Any], ps: list[Tensor], gs: list[Tensor],
                    states: list[State], lr: float, wd: float, found: Tensor | None = None,
-                   fused: Any = _UNSET) -> None:
+                   fused: Any = _UNSET, make_flag: bool = False) -> None:
         """One chain's step on a list of parameters: the fused kernel, the reference or foreach.
 
         Outside the kernels, a parameter whose state dtype is wider (``state_dtype``; float32 for
@@ -455,8 +479,11 @@ class LevelOptimizer(torch.optim.Optimizer):
         if fused is not None:  # one kernel: state update, decay and parameter step together
             # coupled decay g + wd p in the kernels' registers (float32, as torch's fused SGD), not
             # as a decayed copy of every gradient first (a read of g and p and a write more)
+            if make_flag and not fused.flag_covered(ps, gs, states, group):
+                found.copy_(device_flag(gs))  # several launch families: the check first, as usual
+                make_flag = False
             fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled, grads_decayed=False,
-                  found=found)
+                  found=found, make_flag=make_flag)
             return
         work, gs = _in_state_dtype(ps, gs, states, group)
         if coupled:
@@ -613,6 +640,8 @@ class FlagReader:
 
 #: group values that enter a plan's key (floats such as lr never do)
 _STRUCTURAL = (bool, int, str, type(None), torch.dtype)
+#: gradients the kernels may check themselves (a DTensor's flag must be reduced over its shards)
+_PLAIN_TENSORS = {Tensor, torch.nn.Parameter}
 #: attributes that are caches, not optimizer state (dropped by copy and pickle)
 _UNPICKLED = ("_zero_grad_profile_name", "_plans")
 

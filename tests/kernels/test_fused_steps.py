@@ -125,11 +125,14 @@ def test_kernel_equals_reference_bf16(name, state_dtype, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kernels_read_the_nonfinite_flag_and_store_nothing(name, monkeypatch):
-    """A NaN gradient: the kernels get the device flag (no host read before the step), store
+    """A NaN gradient: the kernels get the device flag (no host read before the step), or make it
+    in their first pass (deep momentum's sum of squares, delta momentum's reduction), store
     nothing, and the shell counts the skip and takes the step counters back."""
     params, opt = run(name, "triton", monkeypatch=monkeypatch)
     taken, real = [], opt._kernels_take_flag
+    made, real_made = [], opt._kernels_make_flag
     monkeypatch.setattr(opt, "_kernels_take_flag", lambda gbg: taken.append(real(gbg)) or taken[-1])
+    monkeypatch.setattr(opt, "_kernels_make_flag", lambda gbg: made.append(real_made(gbg)) or made[-1])
     before = [p.detach().clone() for p in params]
     state = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)}
     for p, g in zip(params, grads_for(params, STEPS)):
@@ -137,7 +140,9 @@ def test_kernels_read_the_nonfinite_flag_and_store_nothing(name, monkeypatch):
     params[0].grad[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         opt.step()
-    assert taken == [True] and opt.skipped_steps == 1  # the kernels, not a host check, skipped it
+    makes = (name.startswith("deep") and "ns" not in name) or name.startswith("delta")
+    assert made == [makes] and taken == ([] if makes else [True])  # the kernels, not a host check, skip it
+    assert opt.skipped_steps == 1
     for p, q in zip(params, before):
         assert torch.equal(p, q)
     for i, p in enumerate(params):
@@ -146,6 +151,42 @@ def test_kernels_read_the_nonfinite_flag_and_store_nothing(name, monkeypatch):
     params[0].grad[0, 0] = 0.0
     opt.step()  # and the next finite step runs
     assert opt.skipped_steps == 1 and not all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("name", ["deep", "delta"])
+def test_first_pass_checks_the_gradients(name, bad, mixed, monkeypatch):
+    """DeepMomentum's sum-of-squares kernel and DeltaMomentum's reduction are the step's
+    non-finite check: a NaN or +-Inf in the last entry of the last tensor skips the step with
+    nothing stored (coupled weight decay: the raw gradient is checked); with two launch families
+    (float32 and bfloat16 parameters in one group) the pass cannot see every gradient before the
+    first store, so the usual check runs first."""
+    from deepopt.kernels.launch import FusedStep
+
+    monkeypatch.setattr(K, "fused_step_for", lambda chain, group: REAL(chain, group, impl="triton"))
+    params = make_params(torch.float32)
+    if mixed:
+        params[1] = torch.nn.Parameter(params[1].detach().to(torch.bfloat16))
+    cls, kw = CASES[name]
+    opt = cls(params, impl="triton", **kw)
+    covered = []
+    real = FusedStep.flag_covered
+    monkeypatch.setattr(FusedStep, "flag_covered", lambda self, *a: covered.append(real(self, *a)) or covered[-1])
+    for p, g in zip(params, grads_for(params, 0)):
+        p.grad = g
+    opt.step()
+    assert covered == [not mixed]
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    for p, g in zip(params, grads_for(params, 1)):
+        p.grad = g
+    params[-1].grad.view(-1)[-1] = bad
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    for p, q, st in zip(params, before, state):
+        assert torch.equal(p, q) and all(torch.equal(v, st[k]) for k, v in opt.state[p].items())
 
 
 def test_bf16_stores_round_to_nearest_even(monkeypatch):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.launch import REDUCE_BLOCK, FusedStep, apply_rows, f32, row_grad, row_step, tanh, tl_dtype
+from ...kernels.launch import REDUCE_BLOCK, FusedStep, apply_rows, f32, launch, row_grad, row_step, tanh, tl_dtype
 from ...kernels.tables import RowSet
 from ..orthogonal.batched import NSBatches
 from ..orthogonal.fused import ns_method
@@ -91,6 +91,11 @@ class DeepStep(FusedStep):
     def covers(cls, chain) -> bool:
         return len(chain.levels) == 1 and isinstance(chain.levels[0], DeepMemory)
 
+    def makes_flag(self, group) -> bool:
+        """The sum-of-squares pass reads every gradient before the inner kernel's first store; with
+        ``sigma="ns"`` the matrices are a second launch family, so not there."""
+        return self.chain.levels[0].hp(group, "sigma") != "ns"
+
     def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
         lvl = self.chain.levels[0]
         n = lvl.name
@@ -134,7 +139,11 @@ class DeepStep(FusedStep):
             sdt = tl_dtype(b.dtype)
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
-            self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
+            if self.make_flag:  # this pass is the step's non-finite check (FusedStep.makes_flag)
+                launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK,
+                       found=self.found, check=False, FLAG_OUT=True, **dts)
+            else:
+                self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
             block, warps = TILE or READ_TILES[b.element_size()]
             self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
                         LEARN=eta != 0, H=h, HP=hp, WC=wc, SUB=INNER_SLICE[1], block=INNER_SLICE[0],

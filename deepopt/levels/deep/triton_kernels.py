@@ -24,11 +24,22 @@ from ...kernels.triton_lib import _cast, _col, _grad, _ld, _row, _row_limit, _ta
 def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd,
                       NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, COUPLED: tl.constexpr,
                       BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
-                      CHECK: tl.constexpr = False):
-    """Columns p, g: red[row] += sum u^2 (u the decayed gradient), for k = u / rms(u)."""
+                      CHECK: tl.constexpr = False, FLAG_OUT: tl.constexpr = False):
+    """Columns p, g: red[row] += sum u^2 (u the decayed gradient), for k = u / rms(u). FLAG_OUT (with
+    CHECK off): also set the non-finite flag ``found`` to 1 where a gradient entry is NaN or +-Inf,
+    so this pass, which reads every gradient anyway, is the step's check (the kernels after it read
+    the flag)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
-    u = _grad(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), NCOL, G_DT, COUPLED, ALIGNED)
+    pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
+    g = _ld(_col(ptrs, row, 1, NCOL, G_DT, ALIGNED), offs, mask)
+    u = g
+    if COUPLED:
+        u += wd * _ld(pp, offs, mask)
     tl.atomic_add(red + row, tl.sum(u * u, 0))
+    if FLAG_OUT:
+        bad = tl.sum(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), 0)
+        if bad > 0:
+            tl.store(found, 1.0)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.launch import REDUCE_BLOCK, FusedStep, f32, first_write, row_grad, row_step, tl_dtype
+from ...kernels.launch import REDUCE_BLOCK, FusedStep, f32, first_write, launch, row_grad, row_step, tl_dtype
 from ...kernels.tables import RowSet, scalar_table, step_scalars
 from .level import DeltaMomentumLevel, ForgetStacks, Momentum, as_matrix, forget_terms
 
@@ -126,6 +126,11 @@ class DeltaStep(FusedStep):
         lv = chain.levels
         return len(lv) == 1 and isinstance(lv[0], DeltaMomentumLevel) and lv[0].period == 1
 
+    def makes_flag(self, group) -> bool:
+        """The reduction pass reads every gradient and stores only the matmuls' scratch stacks,
+        before the update's first store (with ``delta=0`` there is no reduction pass)."""
+        return float(self.chain.levels[0].hp(group, "delta")) != 0
+
     def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
         lvl = self.chain.levels[0]
         a, lam = float(lvl.hp(group, "momentum")), float(lvl.hp(group, "delta"))
@@ -160,8 +165,9 @@ class DeltaStep(FusedStep):
             if mats:  # rows without a term: their buffer twice, never written (flag 0)
                 lo = [row if len(row) == 5 else row + [row[2], row[2]] for row in lo]
             rows = RowSet(lo, mutable=(3, 4) if mats else ())
-            self.launch(k.delta_reduce_kernel, rows, scal, red, hp["wd"], NSCAL=3, LO_DT=tl_dtype(stacks.dtype),
-                        COUPLED=hp["coupled"], LO=bool(mats), block=REDUCE_BLOCK, **dts)
+            flag = dict(found=self.found, check=False, FLAG_OUT=True) if self.make_flag else dict(found=self.found)
+            launch(k.delta_reduce_kernel, rows, scal, red, hp["wd"], NSCAL=3, LO_DT=tl_dtype(stacks.dtype),
+                   COUPLED=hp["coupled"], LO=bool(mats), block=REDUCE_BLOCK, **flag, **dts)
             rows.finish()
         forget = dict(zip(mats, stacks.forget_terms()))
         f_dt = tl_dtype(stacks.dtype) if mats else dts["S_DT"]  # rows without a term point at their buffer (unread)

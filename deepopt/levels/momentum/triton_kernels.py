@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...kernels.triton_lib import _cast, _col, _grad, _grad_p, _ld, _row
+from ...kernels.triton_lib import _cast, _col, _grad_p, _ld, _row
 
 
 # ----------------------------------------------------------------------------- momentum
@@ -49,13 +49,23 @@ def momentum_kernel(ptrs, numel, blk_row, blk_start, found, scal, a, c_g, lr, de
 def delta_reduce_kernel(ptrs, numel, blk_row, blk_start, found, scal, red, wd,
                         NCOL: tl.constexpr, NSCAL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr,
                         S_DT: tl.constexpr, LO_DT: tl.constexpr, COUPLED: tl.constexpr, LO: tl.constexpr,
-                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False, CHECK: tl.constexpr = False):
+                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False, CHECK: tl.constexpr = False,
+                        FLAG_OUT: tl.constexpr = False):
     """Columns p, g, buf[, buf_lo, g_lo]: red[row] += (<buf, g>, ||g||^2) (float32 atomics). With LO,
     rows whose flag (scal's last column) is set also store buf and g (the decayed gradient with COUPLED) in LO_DT
-    into columns 3 and 4: the forget term's matmul inputs, written by the pass that reads them anyway."""
+    into columns 3 and 4: the forget term's matmul inputs, written by the pass that reads them anyway.
+    FLAG_OUT (with CHECK off): also set the non-finite flag ``found`` where a gradient entry is NaN or
+    +-Inf: this pass, which reads every gradient and stores only scratch, is the step's check."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
-    g = _grad(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED)
+    graw = _ld(_col(ptrs, row, 1, NCOL, G_DT, ALIGNED), offs, mask)
+    g = graw
+    if COUPLED:
+        g += wd * _ld(pp, offs, mask)
+    if FLAG_OUT:
+        bad = tl.sum(((graw != graw) | (tl.abs(graw) == float("inf"))).to(tl.int32), 0)
+        if bad > 0:
+            tl.store(found, 1.0)
     buf = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask)
     tl.atomic_add(red + row * 2, tl.sum(buf * g, 0))
     tl.atomic_add(red + row * 2 + 1, tl.sum(g * g, 0))
