@@ -56,6 +56,7 @@ IMPLS = ("auto", "foreach", "reference", "triton")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _SLOW_SUM, _SLOW_CALLS = "slow.grad_sum", "slow.calls"
 _GRAD, _SPARSE, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("is_sparse"), operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
 _UNSET = object()  # _run_chain's "no fused step given": look it up
 #: constructor arguments that configure the shell, not the update rule
 _SHELL_ARGS = ("self", "params", "impl", "nonfinite", "model")
@@ -360,7 +361,7 @@ class LevelOptimizer(torch.optim.Optimizer):
         plan = self._plan(group, params)
         return (len(plan) == 1 and plan[0].whole and not plan[0].full and plan[0].fused is not None
                 and plan[0].fused.makes_flag(group) and plan[0].fused.use_kernel(params)
-                and set(map(type, grads)) <= _PLAIN_TENSORS)
+                and set(map(type, grads)) <= _PLAIN_TENSORS and len(set(map(_DEVICE, grads))) == 1)
 
     def _kernels_take_flag(self, grads_by_group) -> bool:
         """Whether every parameter of this step goes through a fused kernel that reads the device
