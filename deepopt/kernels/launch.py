@@ -192,6 +192,14 @@ class FusedStep(abc.ABC):
         """:func:`launch` with this call's non-finite flag."""
         launch(kernel_fn, rows, scal, *args, found=self.found, **kw)
 
+    def launch_first_pass(self, kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, **kw: Any) -> None:
+        """:meth:`launch` for the pass that reads every gradient first (:meth:`makes_flag`): where this
+        call makes the flag, the kernel writes it (``FLAG_OUT``, CHECK off)."""
+        if self.make_flag:
+            launch(kernel_fn, rows, scal, *args, found=self.found, check=False, FLAG_OUT=True, **kw)
+        else:
+            self.launch(kernel_fn, rows, scal, *args, **kw)
+
     @staticmethod
     def decay_terms(lr: float, wd: float, decoupled: bool) -> tuple[float, bool]:
         """``(decay, coupled)``: the factor on p and whether wd p joins the gradient."""

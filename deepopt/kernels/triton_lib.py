@@ -85,6 +85,22 @@ RNE_BY_BITS = tl.constexpr(_interpreted())
 
 
 @triton.jit
+def _grad_checked(ptrs, row, offs, mask, wd, pp, found, NCOL: tl.constexpr, G_DT: tl.constexpr,
+                  COUPLED: tl.constexpr, ALIGNED: tl.constexpr, FLAG_OUT: tl.constexpr):
+    """:func:`_grad`; with FLAG_OUT also the non-finite flag ``found`` set to 1 where the gradient
+    itself (before any decay) holds NaN or +-Inf: a first pass that reads every gradient and stores
+    only scratch is then the step's check (its launch has CHECK off)."""
+    g = _ld(_col(ptrs, row, 1, NCOL, G_DT, ALIGNED), offs, mask)
+    if FLAG_OUT:
+        bad = tl.sum(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), 0)
+        if bad > 0:
+            tl.store(found, 1.0)
+    if COUPLED:
+        g += wd * _ld(pp, offs, mask)
+    return g
+
+
+@triton.jit
 def _grad_p(ptrs, row, offs, mask, wd, pp, NCOL: tl.constexpr, G_DT: tl.constexpr, COUPLED: tl.constexpr,
             ALIGNED: tl.constexpr, LOAD_P: tl.constexpr):
     """``(g, p)``: the gradient (``g + wd p`` with COUPLED) and the parameter, read once for both

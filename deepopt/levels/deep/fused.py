@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.launch import REDUCE_BLOCK, FusedStep, apply_rows, f32, launch, row_grad, row_step, tanh, tl_dtype
+from ...kernels.launch import REDUCE_BLOCK, FusedStep, apply_rows, f32, row_grad, row_step, tanh, tl_dtype
 from ...kernels.tables import RowSet
 from ..orthogonal.batched import NSBatches
 from ..orthogonal.fused import ns_method
@@ -139,11 +139,8 @@ class DeepStep(FusedStep):
             sdt = tl_dtype(b.dtype)
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
-            if self.make_flag:  # this pass is the step's non-finite check (FusedStep.makes_flag)
-                launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK,
-                       found=self.found, check=False, FLAG_OUT=True, **dts)
-            else:
-                self.launch(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK, **dts)
+            self.launch_first_pass(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK,
+                                   **dts)
             block, warps = TILE or READ_TILES[b.element_size()]
             self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
                         LEARN=eta != 0, H=h, HP=hp, WC=wc, SUB=INNER_SLICE[1], block=INNER_SLICE[0],

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...kernels.triton_lib import _cast, _col, _grad, _ld, _row, _row_limit, _tanh_for, _upto
+from ...kernels.triton_lib import _cast, _col, _grad, _grad_checked, _ld, _row, _row_limit, _tanh_for, _upto
 
 
 # ----------------------------------------------------------------------------- deep momentum
@@ -30,16 +30,9 @@ def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd,
     so this pass, which reads every gradient anyway, is the step's check (the kernels after it read
     the flag)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
-    pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
-    g = _ld(_col(ptrs, row, 1, NCOL, G_DT, ALIGNED), offs, mask)
-    u = g
-    if COUPLED:
-        u += wd * _ld(pp, offs, mask)
+    u = _grad_checked(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), found, NCOL, G_DT,
+                      COUPLED, ALIGNED, FLAG_OUT)
     tl.atomic_add(red + row, tl.sum(u * u, 0))
-    if FLAG_OUT:
-        bad = tl.sum(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), 0)
-        if bad > 0:
-            tl.store(found, 1.0)
 
 
 @triton.jit

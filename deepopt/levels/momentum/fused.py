@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.launch import REDUCE_BLOCK, FusedStep, f32, first_write, launch, row_grad, row_step, tl_dtype
+from ...kernels.launch import REDUCE_BLOCK, FusedStep, f32, first_write, row_grad, row_step, tl_dtype
 from ...kernels.tables import RowSet, scalar_table, step_scalars
 from .level import DeltaMomentumLevel, ForgetStacks, Momentum, as_matrix, forget_terms
 
@@ -165,9 +165,9 @@ class DeltaStep(FusedStep):
             if mats:  # rows without a term: their buffer twice, never written (flag 0)
                 lo = [row if len(row) == 5 else row + [row[2], row[2]] for row in lo]
             rows = RowSet(lo, mutable=(3, 4) if mats else ())
-            flag = dict(found=self.found, check=False, FLAG_OUT=True) if self.make_flag else dict(found=self.found)
-            launch(k.delta_reduce_kernel, rows, scal, red, hp["wd"], NSCAL=3, LO_DT=tl_dtype(stacks.dtype),
-                   COUPLED=hp["coupled"], LO=bool(mats), block=REDUCE_BLOCK, **flag, **dts)
+            self.launch_first_pass(k.delta_reduce_kernel, rows, scal, red, hp["wd"], NSCAL=3,
+                                   LO_DT=tl_dtype(stacks.dtype), COUPLED=hp["coupled"], LO=bool(mats),
+                                   block=REDUCE_BLOCK, **dts)
             rows.finish()
         forget = dict(zip(mats, stacks.forget_terms()))
         f_dt = tl_dtype(stacks.dtype) if mats else dts["S_DT"]  # rows without a term point at their buffer (unread)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...kernels.triton_lib import _cast, _col, _grad_p, _ld, _row
+from ...kernels.triton_lib import _cast, _col, _grad_checked, _grad_p, _ld, _row
 
 
 # ----------------------------------------------------------------------------- momentum
@@ -58,14 +58,7 @@ def delta_reduce_kernel(ptrs, numel, blk_row, blk_start, found, scal, red, wd,
     +-Inf: this pass, which reads every gradient and stores only scratch, is the step's check."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
-    graw = _ld(_col(ptrs, row, 1, NCOL, G_DT, ALIGNED), offs, mask)
-    g = graw
-    if COUPLED:
-        g += wd * _ld(pp, offs, mask)
-    if FLAG_OUT:
-        bad = tl.sum(((graw != graw) | (tl.abs(graw) == float("inf"))).to(tl.int32), 0)
-        if bad > 0:
-            tl.store(found, 1.0)
+    g = _grad_checked(ptrs, row, offs, mask, wd, pp, found, NCOL, G_DT, COUPLED, ALIGNED, FLAG_OUT)
     buf = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask)
     tl.atomic_add(red + row * 2, tl.sum(buf * g, 0))
     tl.atomic_add(red + row * 2 + 1, tl.sum(g * g, 0))
