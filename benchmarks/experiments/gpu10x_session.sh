@@ -11,7 +11,8 @@
 #                                                             # level at period 1 (sweep, then 3 seeds; if a best
 #                                                             # rate is at an edge, extend as for the others)
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers   # lm_optimizers on Transformer++ (seed 0, six
-#                                                             # optimizers at three rates each; repeat to finish)
+#                                                             # optimizers at three rates each; repeat to finish;
+#                                                             # MODEL=hope for HOPE, records in lm10x/optimizers_hope/)
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers_knobs  # M3's knobs at its best rate, then extend
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers_seeds  # seeds 0-2 at every best rate
 #   bash benchmarks/experiments/gpu10x_session.sh continual   # continual_levels (graphed losses), six workers;
@@ -51,9 +52,11 @@ case "${1:-}" in
     run python3 -m benchmarks run --suite lm --preset gpu10x "$A" --set phase=sweep $W --deadline 250 --out "$OUT"
     run python3 -m benchmarks run --suite lm --preset gpu10x "$A" --set phase=seeds \
       --set "sweep_records=$OUT/records.jsonl" $W --deadline 280 --out "$OUT" ;;
-  optimizers | optimizers_knobs | optimizers_seeds)  # on Transformer++; AdamW runs here too (one machine's step times)
-    [ -f benchmarks/results/lm10x/optimizers/records.jsonl ] && cp benchmarks/results/lm10x/optimizers/records.jsonl "$OUT/"
-    O="--suite lm_optimizers --preset gpu10x --set model=transformer"
+  optimizers | optimizers_knobs | optimizers_seeds)  # on Transformer++ (MODEL=hope: on HOPE); AdamW runs here too
+    model=${MODEL:-transformer}
+    dir=benchmarks/results/lm10x/optimizers$([ "$model" = transformer ] || echo "_$model")
+    [ -f "$dir/records.jsonl" ] && cp "$dir/records.jsonl" "$OUT/"
+    O="--suite lm_optimizers --preset gpu10x --set model=$model"
     R="--set sweep_records=$OUT/records.jsonl"
     case "$1" in
       optimizers) run python3 -m benchmarks run $O --set phase=sweep $W --deadline 540 --out "$OUT" ;;
