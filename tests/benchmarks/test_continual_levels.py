@@ -211,11 +211,12 @@ def test_compile_mode_is_checked_and_gpu10x_graphs_its_losses():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("sequence", continual.SEQUENCES)
-def test_graphed_loss_run_follows_the_eager_run_on_cuda(sequence):
-    """On CUDA the replayed losses track the eager ones (float32 rounding apart) through every task,
-    an EWC penalty and its consolidation included."""
+@pytest.mark.parametrize("method", ["ewc", "nested_cms", "replay"])
+def test_graphed_loss_run_follows_the_eager_run_on_cuda(sequence, method):
+    """On CUDA the replayed losses track the eager ones (float32 rounding apart) through every task:
+    an EWC penalty and its consolidation, nested CMS levels with held slow gradients, a replay loss."""
     over = dict(steps_per_task=6)
-    eager = continual.run(tiny(sequence, "ewc", **over), "cuda")
-    graphed = continual.run(tiny(sequence, "ewc", compile="graphed_loss", **over), "cuda")
+    eager = continual.run(tiny(sequence, method, **over), "cuda")
+    graphed = continual.run(tiny(sequence, method, compile="graphed_loss", **over), "cuda")
     assert graphed["compile"] == "graphed_loss" and eager["compile"] == "none"
     torch.testing.assert_close(torch.tensor(graphed["matrix"]), torch.tensor(eager["matrix"]), rtol=2e-3, atol=2e-3)
