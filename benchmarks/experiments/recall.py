@@ -6,6 +6,11 @@ Model: :class:`benchmarks.tasks.recall.RecallModel` (2 blocks of mixer + SwiGLU)
 ``MIXERS``. Training: AdamW (betas 0.9/0.98, weight decay 0.1), per-mixer rate (``LR``, or ``lr``
 for all), linear warm-up over 10% of the steps then cosine to 10%, clipping at 1, fresh batches
 every step, fp32 (TF32 matmuls on CUDA). Accuracy on ``eval_sequences`` fixed held-out sequences.
+``compile="graphed_loss"`` (the gpu10x preset's) replays the training loss, forward and backward, as
+CUDA graphs (``nl_layers.graphed_loss``; AdamW and the clipping stay eager), reading the query rows
+at their positions (:func:`benchmarks.tasks.recall.query_positions`) instead of through the mask,
+whose data-dependent shape no graph can hold; the same rows, so on the CPU (eager) the run equals
+the default one bit for bit.
 
 Sizing: a job's ``cost`` (expected GPU seconds, to order the queue) comes from ``GPU_STEP`` (20-step
 runs on an H200, ``calibrate.sh``) or ``CPU_STEP`` / ``SPEEDUP``. Titans and self-modifying Titans
@@ -33,7 +38,8 @@ import torch.nn.functional as F
 from ..data import mqar_batch, split_vocab
 from ..pool import Job
 from ..report import markdown_table, write_json
-from ..tasks.recall import MIXERS, RecallModel
+from ..tasks.recall import MIXERS, RecallModel, query_positions
+
 LR = {"attention": 1e-3, "hebbian": 3e-3, "delta": 3e-3, "dgd": 3e-3, "titans": 3e-3, "self_modifying": 3e-3}
 GPU_STEP = {"attention": 0.015, "hebbian": 0.03, "delta": 0.03, "dgd": 0.03, "titans": 0.25, "self_modifying": 0.3}
 SPEEDUP = {"attention": 60.0, "hebbian": 40.0, "delta": 40.0, "dgd": 40.0, "titans": 35.0, "self_modifying": 35.0}
@@ -52,6 +58,7 @@ CPU_STEP = {
     ("attention", 128, 1024): 7.85, ("delta", 128, 1024): 11.0,
 }
 
+COMPILE = ("none", "graphed_loss")
 PRESETS = {
     "tiny": dict(mixers=["attention", "delta"], widths=[32], settings=[[32, 4]], seeds=[0], steps=30, batch=16,
                  vocab=64, eval_sequences=64, evals=3),
@@ -64,7 +71,8 @@ PRESETS = {
     # 3,000 steps of 128 sequences (more sequences than the gpu preset's 1,200 x 256). Not sized on a
     # GPU yet: calibrate with --set steps=20 first; max_seconds caps every run (reported as cut short).
     "gpu10x": dict(mixers=list(MIXERS), widths=[128], settings=[[256, 64], [512, 128]], seeds=[0, 1],
-                   steps=3000, batch=128, vocab=512, eval_sequences=512, evals=10, max_seconds=420),
+                   steps=3000, batch=128, vocab=512, eval_sequences=512, evals=10, max_seconds=420,
+                   compile="graphed_loss"),
 }
 
 
@@ -124,6 +132,11 @@ def _run(params: dict, device: str) -> dict:
     held_gen = torch.Generator().manual_seed(987_654 + seq_len * 1000 + pairs)
     held_out = tuple(t.to(dev) for t in mqar_batch(int(params["eval_sequences"]), seq_len, pairs, keys, values, held_gen))
     every = max(1, steps // max(1, int(params.get("evals", 10))))
+    loss_of, graph_error = None, None
+    if params.get("compile", "none") == "graphed_loss":
+        loss_of, graph_error = _graphed_loss(model, seq_len, pairs, keys, values, batch, seed, dev)
+    elif params.get("compile", "none") != "none":
+        raise ValueError(f"compile must be one of {COMPILE}, got {params['compile']!r}")
     curve, train_losses, step, cut_short, diverged = [], [], 0, False, False
     while step < steps:
         if max_seconds is not None and time.perf_counter() - start > float(max_seconds):
@@ -131,8 +144,12 @@ def _run(params: dict, device: str) -> dict:
             break
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr)
-        tokens, targets, mask = (t.to(dev, non_blocking=True) for t in mqar_batch(batch, seq_len, pairs, keys, values, gen))
-        loss = F.cross_entropy(model(tokens, mask), targets[mask])
+        tokens, targets, mask = mqar_batch(batch, seq_len, pairs, keys, values, gen)
+        if loss_of is not None:  # the same rows through positions: static shapes, replayed as graphs on CUDA
+            loss = loss_of(*(t.to(dev, non_blocking=True) for t in (tokens, targets, query_positions(mask, pairs))))
+        else:
+            tokens, targets, mask = (t.to(dev, non_blocking=True) for t in (tokens, targets, mask))
+            loss = F.cross_entropy(model(tokens, mask), targets[mask])
         if step % 50 == 0 and not math.isfinite(float(loss.detach())):
             diverged = True
             break
@@ -152,7 +169,31 @@ def _run(params: dict, device: str) -> dict:
     return {"accuracy": curve[-1][2], "eval_loss": curve[-1][1], "curve": curve, "train_loss": train_losses,
             "steps_done": step, "steps": steps, "cut_short": cut_short, "diverged": diverged, "seconds": seconds,
             "seconds_per_step": seconds / max(1, step), "parameters": n_params, "lr": lr,
-            "chance": 1.0 / values, "chance_in_sequence": 1.0 / pairs, "finite": math.isfinite(curve[-1][1])}
+            "chance": 1.0 / values, "chance_in_sequence": 1.0 / pairs, "finite": math.isfinite(curve[-1][1]),
+            "compile": "graphed_loss" if loss_of is not None and dev.type == "cuda" else "none",
+            "graph_error": graph_error}
+
+
+def _query_loss(model, tokens: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at the query ``positions`` (:func:`benchmarks.tasks.recall.query_positions`)."""
+    return F.cross_entropy(model(tokens, positions), targets.gather(1, positions).reshape(-1))
+
+
+def _graphed_loss(model, seq_len: int, pairs: int, keys: int, values: int, batch: int, seed: int, dev):
+    """(``loss_of(tokens, targets, positions)``, None): the training loss with its forward and
+    backward replayed as CUDA graphs (``nl_layers.graphed_loss``; the eager loss on the CPU),
+    captured on a batch from a generator of its own (the run's batch stream is untouched). A mixer
+    that cannot be captured gives (the eager positions loss, the error's text)."""
+    import nl_layers
+
+    example = mqar_batch(batch, seq_len, pairs, keys, values, torch.Generator().manual_seed(seed + 4_242))
+    example = tuple(t.to(dev) for t in (example[0], example[1], query_positions(example[2], pairs)))
+    try:
+        return nl_layers.graphed_loss(model, example, _query_loss, check_inputs=False), None
+    except RuntimeError as err:  # e.g. an op that synchronises with the host inside the capture
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (lambda *b: _query_loss(model, *b)), f"{type(err).__name__}: {err}"[:500]
 
 
 def _grid_jobs(cfg: dict, seeds: Sequence[int]) -> list[Job]:
@@ -163,7 +204,7 @@ def _grid_jobs(cfg: dict, seeds: Sequence[int]) -> list[Job]:
                 for seed in seeds:
                     params = {k: cfg[k] for k in ("steps", "batch", "vocab", "eval_sequences", "evals")}
                     params.update(mixer=mixer, width=width, seq_len=seq_len, pairs=pairs, seed=seed)
-                    for key in ("max_seconds", "lr", "memory_max_lr"):
+                    for key in ("max_seconds", "lr", "memory_max_lr", "compile"):
                         if key in cfg:
                             params[key] = cfg[key]
                     per_step = estimated_gpu_step(mixer, width, seq_len, cfg["batch"])
@@ -192,9 +233,10 @@ def jobs(preset: str, seeds: Sequence[int] | None = None, **overrides) -> list[J
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     cfg = {k: v for k, v in PRESETS[preset].items()}
-    unknown = set(overrides) - set(cfg) - {"lr", "max_seconds", "memory_max_lr"}
+    unknown = set(overrides) - set(cfg) - {"lr", "max_seconds", "memory_max_lr", "compile"}
     if unknown:
-        raise ValueError(f"unknown recall override(s) {sorted(unknown)}; known: {sorted(cfg)} and lr, max_seconds")
+        raise ValueError(f"unknown recall override(s) {sorted(unknown)}; known: {sorted(cfg)} and lr, max_seconds, "
+                         "memory_max_lr, compile")
     cfg.update(overrides)
     bad = set(cfg["mixers"]) - set(MIXERS)
     if bad:

@@ -100,10 +100,35 @@ class RecallModel(nn.Module):
         self.norm, self.head = nn.RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits at the query positions: ``mask`` a boolean (batch, seq) mask (the rows of
+        ``x[mask]``), or a (batch, queries) tensor of positions in increasing order per sequence
+        (:func:`query_positions`: the same rows, in the same order, from static shapes, which a CUDA
+        graph can capture)."""
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x[mask]))
+        if mask.dtype == torch.bool:
+            return self.head(self.norm(x[mask]))
+        picked = x.gather(1, mask.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.head(self.norm(picked.reshape(-1, x.shape[-1])))
+
+
+def query_positions(mask: torch.Tensor, queries: int) -> torch.Tensor:
+    """The positions of ``mask``'s True entries as a (batch, ``queries``) tensor, increasing along
+    each row (every MQAR sequence has ``queries`` of them): ``x.gather`` at them gives the rows of
+    ``x[mask]`` in their order, from shapes that do not depend on the data.
+
+    Example:
+        >>> m = torch.tensor([[False, True, True], [True, False, True]])
+        >>> query_positions(m, 2)
+        tensor([[1, 2],
+                [0, 2]])
+    """
+    counts = mask.sum(1)
+    if not bool((counts == queries).all()):
+        raise ValueError(f"queries={queries} must equal every row's number of True entries in mask, got "
+                         f"{sorted(set(counts.tolist()))}")
+    return mask.nonzero()[:, 1].reshape(mask.shape[0], queries)
 
 
 class RecallProblem:

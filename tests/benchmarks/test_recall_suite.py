@@ -10,6 +10,7 @@ import torch
 from benchmarks.data import mqar_batch
 from benchmarks.experiments import recall
 from benchmarks.pool import run_jobs
+from benchmarks.tasks.recall import RecallModel, query_positions
 
 from ..example_imports import run_examples
 
@@ -64,6 +65,44 @@ def test_every_mixer_trains(mixer):
     assert res["steps_done"] == 2 and math.isfinite(res["eval_loss"])
 
 
+def test_query_positions_pick_the_masked_rows_in_their_order():
+    tokens, targets, mask = mqar_batch(6, 40, 5, 20, 20, torch.Generator().manual_seed(1))
+    pos = query_positions(mask, 5)
+    assert pos.shape == (6, 5) and bool((pos.diff(dim=1) > 0).all())
+    assert torch.equal(targets.gather(1, pos).reshape(-1), targets[mask])
+    torch.manual_seed(0)
+    model = RecallModel("delta", 16, 41)
+    by_mask, by_pos = model(tokens, mask), model(tokens, pos)
+    assert torch.equal(by_mask, by_pos)
+    g_mask = torch.autograd.grad(by_mask.square().sum(), list(model.parameters()))
+    g_pos = torch.autograd.grad(by_pos.square().sum(), list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(g_mask, g_pos))
+    with pytest.raises(ValueError, match="queries=4"):
+        query_positions(mask, 4)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "titans"])
+def test_graphed_loss_mode_is_the_eager_run_on_cpu(mixer):
+    """On the CPU the graphed loss is the eager one through query positions: the same run bit for bit."""
+    eager = recall.run(dict(TINY, mixer=mixer, steps=4), "cpu")
+    graphed = recall.run(dict(TINY, mixer=mixer, steps=4, compile="graphed_loss"), "cpu")
+    assert graphed["curve"] == eager["curve"] and graphed["train_loss"] == eager["train_loss"]
+    assert graphed["compile"] == eager["compile"] == "none" and graphed["graph_error"] is None
+    with pytest.raises(ValueError, match="compile must be one of"):
+        recall.run(dict(TINY, compile="graphed"), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixer", ["attention", "hebbian", "delta", "titans"])
+def test_graphed_loss_run_follows_the_eager_run_on_cuda(mixer):
+    """On CUDA every mixer's loss is captured (no fallback) and the replayed run tracks the eager one."""
+    eager = recall.run(dict(TINY, mixer=mixer, steps=6), "cuda")
+    graphed = recall.run(dict(TINY, mixer=mixer, steps=6, compile="graphed_loss"), "cuda")
+    assert graphed["compile"] == "graphed_loss" and graphed["graph_error"] is None, graphed["graph_error"]
+    got, want = torch.tensor(graphed["curve"]), torch.tensor(eager["curve"])
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
 def test_jobs_are_unique_and_overridable():
     tiny = recall.jobs("tiny", None)
     assert len({j.name for j in tiny}) == len(tiny) and all(j.experiment == "recall" for j in tiny)
@@ -78,6 +117,8 @@ def test_jobs_are_unique_and_overridable():
     assert {j.params["mixer"] for j in ten} == set(recall.MIXERS) and len(ten) == len(recall.MIXERS) * 2 * 2
     assert {(j.params["seq_len"], j.params["pairs"]) for j in ten} == {(256, 64), (512, 128)}
     assert all("memory_max_lr" not in j.params and "lr" not in j.params for j in ten)
+    assert {j.params["compile"] for j in ten} == {"graphed_loss"} and "compile" not in gpu[0].params
+    assert {j.params["compile"] for j in recall.jobs("gpu10x", [0], compile="none")} == {"none"}
 
 
 def test_report_writes_results_from_pool_records(tmp_path):
