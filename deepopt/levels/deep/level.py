@@ -305,8 +305,9 @@ def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[T
 
 def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: int = CHUNK) -> Tensor:
     """``bias + sum_j w2_j tanh(w1_j k + b1_j)`` (``k = x / rms(x)``), one pass in chunks (two
-    matmuls and a sigmoid each, ``tanh(z) = 2 sigmoid(2 z) - 1``): one tensor (in ``bias``'s shape and dtype) or ``B`` rows
-    as in :func:`inner_sums` (``bias`` rows alike; the result ``(B, n)``).
+    matmuls and a sigmoid each, ``tanh(z) = 2 sigmoid(2 z) - 1``): one tensor (in ``bias``'s
+    shape and dtype) or ``B`` rows as in :func:`inner_sums` (``bias`` rows alike; the result
+    ``(B, n)``).
 
     Example:
         >>> import torch
