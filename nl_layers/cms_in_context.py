@@ -23,7 +23,9 @@ plain step unchanged where it is small enough. s is a step size: it is not diffe
 
 Because the weights are constant inside a chunk, the chunk's outputs and its loss are one batched
 ``functional_call`` (vmapped over the sequences' weights) and its gradient one ``torch.func.grad``:
-no Python loop per token (except C_l = 1).
+no Python loop per token (except C_l = 1). For the CMS's own MLP blocks (``nn.Linear`` layers, a
+known activation) the same gradient and ``J g`` come in closed form, a few batched matrix products
+per chunk (:mod:`nl_layers.cms_in_context_mlp`); other blocks take the transforms.
 
 Nested variant: the levels are deltas, f(x; theta_1 + ... + theta_k); the chunk sizes must not
 increase along the levels (level 1 slowest). When level l steps, every faster level m > l is
@@ -40,6 +42,7 @@ from typing import NamedTuple
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+from . import cms_in_context_mlp as mlp
 from ._checks import check_choice, check_finite, check_state_batch
 from .memory.fast_weights import pieces, reference_grads
 
@@ -83,8 +86,11 @@ def _chunk_step(block, w: dict, prev, seg: torch.Tensor):
     f(u_t) and the predictions u_{t-1} + f(u_{t-1}); the gradient w.r.t. the per-row weights is
     ``torch.func.grad`` of that forward (it traces under ``torch.compile`` and stays differentiable
     w.r.t. the block's parameters and the inputs). Returns (outputs, grads, the pairs' inputs
-    u_{t-1} (B, pairs, d)).
+    u_{t-1} (B, pairs, d)). A plain MLP block takes the closed form of :mod:`nl_layers.cms_in_context_mlp`.
     """
+    act_grad = mlp.derivative(block)
+    if act_grad is not None:
+        return mlp.chunk_step(block, act_grad, w, prev, seg)
     first = prev if prev is not None else seg[:, 0]
     seq = torch.cat([first[:, None], seg], dim=1)
     skip = 1 if prev is None else 0  # the first token of a sequence has no predecessor
@@ -245,8 +251,13 @@ def _step(block, st: LevelState, lr: float, at: dict | None = None) -> LevelStat
     (default: the level's own); no step without pairs. The accumulators restart."""
     w, g = st.weights, st.grad_sum
     if st.count > 0:
-        cut = lambda d: {n: _own_memory(t.detach()) for n, t in d.items()}  # noqa: E731
-        _, jg = jvp(lambda p: _read(block, p, st.keys.detach()), (cut(w if at is None else at),), (cut(g),))
+        act_grad = mlp.derivative(block)
+        if act_grad is not None:  # closed form (cms_in_context_mlp)
+            cut = lambda d: {n: t.detach() for n, t in d.items()}  # noqa: E731
+            jg = mlp.directional(block, act_grad, cut(w if at is None else at), cut(g), st.keys.detach())
+        else:
+            cut = lambda d: {n: _own_memory(t.detach()) for n, t in d.items()}  # noqa: E731
+            _, jg = jvp(lambda p: _read(block, p, st.keys.detach()), (cut(w if at is None else at),), (cut(g),))
         gg = sum(t.detach().pow(2).flatten(1).sum(1) for t in g.values())
         jj = jg.pow(2).flatten(1).sum(1)
         s = torch.clamp(gg / jj.clamp_min(torch.finfo(jj.dtype).tiny), max=lr / st.count)  # (B,)

@@ -52,7 +52,7 @@ def test_unigram_entropy_and_batches():
 MODULES = [
     "nl_layers", "nl_layers.data", "nl_layers.cms", "nl_layers.lm", "nl_layers.hope", "nl_layers.nest",
     "nl_layers.self_modifying", "nl_layers.memory.linear", "nl_layers.memory.neural",
-    "nl_layers.memory.attention", "nl_layers.memory.mlp",
+    "nl_layers.memory.attention", "nl_layers.memory.mlp", "nl_layers.cms_in_context_mlp",
 ]
 
 
