@@ -25,7 +25,7 @@ import argparse
 import torch
 
 from .mixers import module_case
-from .timing import clock_for, time_calls, tokens_per_second
+from .timing import add_mixer_arguments, clock_for, time_calls, tokens_per_second
 
 MIXERS = ("NeuralMemory", "SelfModifyingTitans", "HopeBlock")
 
@@ -70,12 +70,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--groups", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch = tokens // T)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cap-seconds", type=float, default=10.0)
-    p.add_argument("--quiet", action="store_true")
+    add_mixer_arguments(p)
     args = p.parse_args(argv)
     from nl_layers.ops.fast_weights import cross
 

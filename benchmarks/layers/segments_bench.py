@@ -26,7 +26,7 @@ import contextlib
 import torch
 
 from .mixers import module_case
-from .timing import clock_for, time_calls, tokens_per_second
+from .timing import add_mixer_arguments, clock_for, time_calls, tokens_per_second
 
 RULES = ("hebbian", "delta", "dgd")
 
@@ -80,13 +80,8 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 65536])
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch = tokens // T)")
+    add_mixer_arguments(p)
     p.add_argument("--check-length", type=int, default=16384, help="one sequence this long for the check")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cap-seconds", type=float, default=10.0)
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))  # noqa: E731

@@ -105,6 +105,17 @@ def time_calls(fn: Callable[[], object], clock, warmup: int = 2, repeats: int = 
     return Timing(statistics.median(timed), len(timed), calls, first, note)
 
 
+def add_mixer_arguments(parser) -> None:
+    """The arguments every mixer-timing tool shares: ``--dim``, ``--heads``, ``--tokens`` (per call,
+    batch = tokens // T), ``--device``, ``--cap-seconds`` (per measurement) and ``--quiet``."""
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch = tokens // T)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cap-seconds", type=float, default=10.0)
+    parser.add_argument("--quiet", action="store_true")
+
+
 def tokens_per_second(tokens: int, ms: float) -> float:
     return tokens / (ms * 1e-3)
 
