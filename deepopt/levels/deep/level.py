@@ -20,8 +20,8 @@ Its read-out at the current gradient drives the step: ``W <- W - lr sigma(m_phi(
 The foreach path (``write_``/``read_``, what the shell runs on the CPU) computes the inner
 gradient analytically in one pass over each tensor, in chunks that stay in cache (``h_ej =
 tanh(w1_j k_e + b1_j) = 2 s_ej - 1`` with ``s_ej = sigmoid(2 w1_j k_e + 2 b1_j)``, one sigmoid
-per element and hidden unit: torch's CPU sigmoid costs the same on every CPU measured, its tanh
-from 0.7x to 6x a sigmoid):
+per element and hidden unit: torch's CPU tanh has cost from 0.7x (a Xeon) to 6x (an AVX512
+EPYC) a sigmoid, so the sigmoid form has no slow case):
 
     S_0 = sum_e u_e h_ej,  S_1 = sum_e u_e (1 - h_ej^2),  S_2 = sum_e u_e k_e (1 - h_ej^2),
     w2 <- a w2 + eta S_0 / n,  w1 <- w1 + eta w2_old S_2 / n,  b1 <- b1 + eta w2_old S_1 / n,
