@@ -74,3 +74,27 @@ def test_which_blocks_take_the_closed_form():
             return 2 * super().forward(x)
 
     assert derivative(MLPBlock(Scaled(4, 8), nn.Linear(8, 4))) is None
+
+
+def test_the_engine_takes_the_closed_form_for_its_own_blocks_only(monkeypatch):
+    from nl_layers import cms_in_context_mlp as mlp
+
+    calls = {"chunk": 0, "directional": 0}
+    chunk, directional = mlp.chunk_step, mlp.directional
+
+    def counted_chunk(*a, **k):
+        calls["chunk"] += 1
+        return chunk(*a, **k)
+
+    def counted_directional(*a, **k):
+        calls["directional"] += 1
+        return directional(*a, **k)
+
+    monkeypatch.setattr(mlp, "chunk_step", counted_chunk)
+    monkeypatch.setattr(mlp, "directional", counted_directional)
+    cms, twin = _pair("sequential", "gelu", True)
+    x = torch.randn(2, 23, 6, dtype=torch.float64)
+    twin(x)
+    assert calls == {"chunk": 0, "directional": 0}
+    cms(x)
+    assert calls["chunk"] > 0 and calls["directional"] > 0
