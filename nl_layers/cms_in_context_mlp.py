@@ -67,10 +67,16 @@ def derivative(block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | Non
     return _DERIVATIVES.get(block.act)
 
 
+def _hidden(w: dict, u: torch.Tensor) -> torch.Tensor:
+    """``z = W1 u + b1`` for per-sequence weights ``w`` (B, ...) and inputs ``u`` (B, L, d)."""
+    b1 = w.get("fc1.bias")
+    return u @ w["fc1.weight"].mT if b1 is None else torch.baddbmm(b1.unsqueeze(1), u, w["fc1.weight"].mT)
+
+
 def _forward(block, w: dict, u: torch.Tensor):
     """(z, a, f(u)) for per-sequence weights ``w`` (B, ...) and inputs ``u`` (B, L, d)."""
-    b1, b2 = w.get("fc1.bias"), w.get("fc2.bias")
-    z = u @ w["fc1.weight"].mT if b1 is None else torch.baddbmm(b1.unsqueeze(1), u, w["fc1.weight"].mT)
+    b2 = w.get("fc2.bias")
+    z = _hidden(w, u)
     a = block.act(z)
     out = a @ w["fc2.weight"].mT if b2 is None else torch.baddbmm(b2.unsqueeze(1), a, w["fc2.weight"].mT)
     return z, a, out
@@ -97,8 +103,7 @@ def chunk_step(block, act_grad, w: dict, prev, seg: torch.Tensor):
 
 def directional(block, act_grad, w: dict, g: dict, keys: torch.Tensor) -> torch.Tensor:
     """``J g``: the derivative of ``f(keys)`` (B, n, d) along the weight direction ``g`` at ``w``."""
-    b1 = w.get("fc1.bias")
-    z = keys @ w["fc1.weight"].mT if b1 is None else torch.baddbmm(b1.unsqueeze(1), keys, w["fc1.weight"].mT)
+    z = _hidden(w, keys)
     dz = keys @ g["fc1.weight"].mT
     if "fc1.bias" in g:
         dz = dz + g["fc1.bias"].unsqueeze(1)

@@ -46,8 +46,8 @@ from ..distributed import distributed_ns, is_dtensor, needs_full_tensors, on_ful
 from ..kernels.launch import apply_directions
 from ..levels import fused as fused_steps
 from ..levels.base import Direction, State, axpy
-from .conventions import (CONVENTIONS, check_conventions, check_real, device_flag, flag_set, flag_to_host, host_ints,
-                          outside_graphs, run_eagerly, state_dtype_for, tensor_step)
+from .conventions import (_PLAIN, CONVENTIONS, check_conventions, check_real, device_flag, flag_set, flag_to_host,
+                          host_ints, outside_graphs, run_eagerly, state_dtype_for, tensor_step)
 
 __all__ = ["LevelOptimizer", "Rule", "IMPLS", "NONFINITE_POLICIES", "apply_direction", "chain_for", "coupled_decay",
            "group_defaults"]
@@ -359,9 +359,10 @@ class LevelOptimizer(torch.optim.Optimizer):
         if group["period"] > 1:
             return False
         plan = self._plan(group, params)
+        # plain tensors only: a DTensor's flag must be reduced over its shards
         return (len(plan) == 1 and plan[0].whole and not plan[0].full and plan[0].fused is not None
                 and plan[0].fused.makes_flag(group) and plan[0].fused.use_kernel(params)
-                and set(map(type, grads)) <= _PLAIN_TENSORS and len(set(map(_DEVICE, grads))) == 1)
+                and set(map(type, grads)) <= _PLAIN and len(set(map(_DEVICE, grads))) == 1)
 
     def _kernels_take_flag(self, grads_by_group) -> bool:
         """Whether every parameter of this step goes through a fused kernel that reads the device
@@ -641,8 +642,6 @@ class FlagReader:
 
 #: group values that enter a plan's key (floats such as lr never do)
 _STRUCTURAL = (bool, int, str, type(None), torch.dtype)
-#: gradients the kernels may check themselves (a DTensor's flag must be reduced over its shards)
-_PLAIN_TENSORS = {Tensor, torch.nn.Parameter}
 #: attributes that are caches, not optimizer state (dropped by copy and pickle)
 _UNPICKLED = ("_zero_grad_profile_name", "_plans")
 
