@@ -10,8 +10,9 @@ loss after K inner steps is differentiable with respect to them. :class:`MetaTra
     for each outer step:  sample a task; run ``unroll`` inner steps in segments of ``truncation``;
         after each segment: meta-loss = mean inner loss of the segment, backward, then detach the
         inner parameters and optimizer state (truncation: memory does not grow with ``unroll``
-        and is the same at every outer step); clip the meta-gradient's norm; one Adam step
-        (skipped, and counted, if the meta-gradient is not finite: an inner run that diverged).
+        and is the same at every outer step); optionally ``sync`` the meta-gradient (e.g. its mean
+        over processes, each with its own tasks); clip its norm; one Adam step (skipped, and
+        counted, if the meta-gradient is not finite: an inner run that diverged).
 
 A task is any object with ``params`` (the initial ``{name: tensor}``) and
 ``loss(params, step) -> scalar`` (pure; the mini-batch may depend on ``step``).
@@ -231,11 +232,15 @@ class MetaTrainer:
         unroll: inner steps per task; truncation: steps per backward segment (divides ``unroll``).
         meta_lr: Adam's learning rate on the learner's parameters; clip: max meta-gradient norm.
         tasks_per_step: tasks averaged per outer step; seed: the task generator's seed.
+        sync: called with the list of meta-gradients (the learner's parameters' ``.grad``) before
+            clipping, to change them in place: with several processes, each with its own ``seed``,
+            an all-reduce to their mean (``benchmarks.pretrained.meta_train``) makes every
+            process take the same step.
     """
 
     def __init__(self, learner: MetaLearner, sample_task: Callable[[torch.Generator], Task], *, unroll: int = 50,
                  truncation: int = 10, meta_lr: float = 1e-2, clip: float = 1.0, tasks_per_step: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, sync: Callable[[list[Tensor]], None] | None = None) -> None:
         if not (isinstance(unroll, int) and isinstance(truncation, int) and 1 <= truncation <= unroll):
             raise ValueError(f"invalid unroll/truncation: {unroll!r}/{truncation!r}; use ints with "
                              "1 <= truncation <= unroll")
@@ -245,7 +250,7 @@ class MetaTrainer:
             raise ValueError(f"invalid clip: {clip!r}; the meta-gradient's max norm must be > 0")
         if not (isinstance(tasks_per_step, int) and tasks_per_step >= 1):
             raise ValueError(f"invalid tasks_per_step: {tasks_per_step!r}; use an int >= 1")
-        self.learner, self.sample_task = learner, sample_task
+        self.learner, self.sample_task, self.sync = learner, sample_task, sync
         self.unroll, self.truncation, self.clip, self.tasks_per_step = unroll, truncation, clip, tasks_per_step
         self.meta_opt = torch.optim.Adam(learner.parameters(), lr=meta_lr)
         self.generator = torch.Generator().manual_seed(seed)
@@ -269,6 +274,13 @@ class MetaTrainer:
                 (loss * scale).backward()
                 total += float(loss.detach()) * scale
                 params, state = _detach(params), _detach(state)  # truncate: the graph ends here
+        if self.sync is not None:
+            grads = []
+            for p in self.learner.parameters():
+                if p.grad is None:  # a value the tasks never reached: a zero meta-gradient to share
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+            self.sync(grads)
         norm = torch.nn.utils.clip_grad_norm_(self.learner.parameters(), self.clip)
         skipped = not bool(torch.isfinite(norm))
         if skipped:

@@ -177,3 +177,36 @@ def test_non_finite_meta_gradient_skips_the_outer_step():
     assert trainer.step()["skipped"] == 1.0 and trainer.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, learner.parameters()))
     assert trainer.step()["skipped"] == 1.0 and trainer.skipped_steps == 2
+
+
+def test_sync_sees_every_meta_gradient_before_the_step():
+    """``sync`` gets the learner's gradients (in its parameter order) and its changes are what the step
+    uses: the mean of two processes' gradients, here two trainers on different task seeds."""
+    def trainer(seed, sync=None):
+        return MetaTrainer(MetaLearner("DeepMomentum", lr=0.05, hidden=4), Quadratic, unroll=4, truncation=2,
+                           meta_lr=0.1, seed=seed, sync=sync, clip=1e9)  # no clipping: grads compare as is
+
+    other = trainer(1)
+    other.meta_opt.step = lambda: None  # only its meta-gradients are wanted
+    other.step()
+    theirs = [p.grad.clone() for p in other.learner.parameters()]
+    seen = []
+
+    def mean_with_other(grads):
+        seen.append([g.clone() for g in grads])
+        for g, h in zip(grads, theirs):
+            g.add_(h).mul_(0.5)
+
+    synced = trainer(0, mean_with_other)
+    synced.step()
+    mine = seen[0]
+    assert [g.shape for g in mine] == [p.shape for p in synced.learner.parameters()]
+    # the same step, taken by a trainer that is handed the mean directly
+    direct = trainer(0)
+    direct.meta_opt.step = lambda: None
+    direct.step()
+    for g, h in zip(direct.learner.parameters(), theirs):
+        g.grad.add_(h).mul_(0.5)
+    torch.optim.Adam.step(direct.meta_opt)
+    for a, b in zip(synced.learner.parameters(), direct.learner.parameters()):
+        assert torch.equal(a, b)
