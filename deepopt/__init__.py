@@ -6,7 +6,7 @@ Example:
     >>> opt = deepopt.OPTIMIZERS["M3"](model.parameters(), lr=1e-3)
 """
 
-from . import continual, distributed, functional, levels, meta
+from . import continual, distributed, functional, levels, meta, pretrained
 from .chain import Chain
 from .optim import (
     DGD,
@@ -45,4 +45,5 @@ __all__ = [
     "levels",
     "meta",
     "match_periods",
+    "pretrained",
 ]

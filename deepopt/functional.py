@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -45,6 +46,7 @@ from .optim.base import LevelOptimizer, Rule, apply_direction, chain_for, couple
 from .optim.conventions import check_conventions
 from .optim.nested import NestedOptimizer
 from .optim.registry import OPTIMIZERS
+from .pretrained import load as _load_memory
 
 __all__ = [
     "Transformation",
@@ -52,6 +54,7 @@ __all__ = [
     "apply_updates",
     "as_torchopt",
     "deep_momentum",
+    "deep_momentum_pretrained",
     "delta_momentum",
     "dgd",
     "from_levels",
@@ -216,6 +219,12 @@ def deep_momentum(**hyperparameters: Any) -> Transformation:
     """Functional :class:`deepopt.DeepMomentum`; ``memory_init``, ``momentum`` and ``inner_lr`` may
     be tensors that require grad (meta-learning, :mod:`deepopt.meta`)."""
     return make("DeepMomentum", **hyperparameters)
+
+
+def deep_momentum_pretrained(name: str | os.PathLike = "default", **overrides: Any) -> Transformation:
+    """Functional :meth:`deepopt.DeepMomentum.pretrained`: the shipped memory ``name`` (or a ``.json``
+    path; :mod:`deepopt.pretrained`) with its recommended ``lr``; ``overrides`` win."""
+    return make("DeepMomentum", **_load_memory(name).kwargs(**overrides))
 
 
 def m3(**hyperparameters: Any) -> Transformation:

@@ -8,7 +8,8 @@ picks the mixer: ``attention`` (softmax attention, fast on CPU; the default) or 
 enforced in training by ``deepopt.lightning.MultiTimescale`` (slow levels accumulate their gradients
 and step every C optimizer steps) and logged by ``LevelMonitor``.
 
-Optimizer by name: ``AdamW`` (torch) or any ``deepopt.OPTIMIZERS`` name (M3, AdamMemory, MuonMemory...).
+Optimizer by name: ``AdamW`` (torch), any ``deepopt.OPTIMIZERS`` name (M3, AdamMemory, MuonMemory...)
+or ``DeepMomentum.pretrained`` (the shipped meta-learned memory at its recommended learning rate).
 Validation reports bits per character and prints a sample.
 
     python -m lightning_examples.char_lm fit --config lightning_examples/configs/char_lm.yaml
@@ -81,8 +82,25 @@ class ShakespeareChars(pl.LightningDataModule):
                           batch_size=self.batch_size)
 
 
+def check_optimizer(name: str) -> str:
+    """``name`` if it is ``AdamW``, a ``deepopt.OPTIMIZERS`` name or ``DeepMomentum.pretrained``."""
+    if name.endswith(".pretrained"):
+        if name != "DeepMomentum.pretrained":
+            raise ValueError(f"only DeepMomentum has pretrained memories: use 'DeepMomentum.pretrained', got {name!r}")
+    elif name != "AdamW" and name not in deepopt.OPTIMIZERS:
+        raise ValueError(f"optimizer must be 'AdamW', 'DeepMomentum.pretrained' or one of {sorted(deepopt.OPTIMIZERS)}, "
+                         f"got {name!r}")
+    return name
+
+
 class CharLM(pl.LightningModule):
-    """Next-character prediction with ``nl_layers.TransformerLM`` or ``nl_layers.HopeLM``."""
+    """Next-character prediction with ``nl_layers.TransformerLM`` or ``nl_layers.HopeLM``.
+
+    Args:
+        optimizer: ``AdamW``, a ``deepopt.OPTIMIZERS`` name or ``DeepMomentum.pretrained`` (the
+            shipped memory, with its own recommended learning rate).
+        lr: the peak learning rate (not used by ``DeepMomentum.pretrained``: the memory's applies).
+    """
 
     def __init__(self, arch: str = "transformer", dim: int = 64, depth: int = 2, heads: int = 4,
                  hope_block: str = "attention", cms_periods: list[int] = [1, 4], optimizer: str = "AdamW",
@@ -91,8 +109,7 @@ class CharLM(pl.LightningModule):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-        if optimizer != "AdamW" and optimizer not in deepopt.OPTIMIZERS:
-            raise ValueError(f"optimizer must be 'AdamW' or one of {sorted(deepopt.OPTIMIZERS)}, got {optimizer!r}")
+        check_optimizer(optimizer)
         self.save_hyperparameters()
         if arch == "transformer":
             self.lm = nl_layers.TransformerLM(vocab_size, dim, depth, heads)
@@ -120,8 +137,11 @@ class CharLM(pl.LightningModule):
     def configure_optimizers(self):
         hp = dict(lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         name = self.hparams.optimizer
-        cls = torch.optim.AdamW if name == "AdamW" else deepopt.OPTIMIZERS[name]
-        opt = cls(self.parameters(), **hp)
+        if name == "DeepMomentum.pretrained":  # the memory's recommended lr, not hparams.lr
+            opt = deepopt.DeepMomentum.pretrained(self.parameters(), weight_decay=self.hparams.weight_decay)
+        else:
+            cls = torch.optim.AdamW if name == "AdamW" else deepopt.OPTIMIZERS[name]
+            opt = cls(self.parameters(), **hp)
         warmup = max(1, self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -6,7 +6,8 @@ Scenarios (scikit-learn's 8x8 digits, no download):
 
 Methods (same MLP, same learning rate): ``adamw``; ``adamw+multitimescale`` (the same AdamW with
 ``deepopt.lightning.MultiTimescale(slow_levels)``); ``deepopt`` (a deepopt optimizer, M3 by default,
-whose param groups carry the same periods: a slow momentum level plus slow parameter levels);
+whose param groups carry the same periods: a slow momentum level plus slow parameter levels; or
+``DeepMomentum.pretrained``, the shipped memory at its own learning rate);
 ``adamw+recipe`` (the same AdamW with ``deepopt.lightning.ContinualRecipe``: the continual recipe's
 slow level over ``net``, consolidated at every task end, knobs ``recipe`` over the recipe's defaults).
 
@@ -83,7 +84,13 @@ class ContinualDigits(pl.LightningDataModule):
 
 class ContinualClassifier(pl.LightningModule):
     """An MLP trained by one of ``METHODS``; ``slow_levels`` are the periods of its slow parameters;
-    ``recipe``: knobs of ``ContinualRecipe`` (``adamw+recipe``) over ``deepopt.continual.DEFAULTS``."""
+    ``recipe``: knobs of ``ContinualRecipe`` (``adamw+recipe``) over ``deepopt.continual.DEFAULTS``.
+
+    Args:
+        lr: every method's learning rate (not ``DeepMomentum.pretrained``'s: its memory's applies).
+        deepopt_optimizer: the ``deepopt`` method's optimizer: a ``deepopt.OPTIMIZERS`` name or
+            ``DeepMomentum.pretrained`` (the shipped meta-learned memory).
+    """
 
     def __init__(self, method: str = "adamw", hidden: int = 256, lr: float = 1e-3, weight_decay: float = 0.0,
                  slow_levels: dict[str, int] | None = None, deepopt_optimizer: str = "M3",
@@ -91,8 +98,9 @@ class ContinualClassifier(pl.LightningModule):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if deepopt_optimizer not in deepopt.OPTIMIZERS:
-            raise ValueError(f"deepopt_optimizer must be one of {sorted(deepopt.OPTIMIZERS)}")
+        if deepopt_optimizer not in deepopt.OPTIMIZERS and deepopt_optimizer != "DeepMomentum.pretrained":
+            raise ValueError(f"deepopt_optimizer must be one of {sorted(deepopt.OPTIMIZERS)} or 'DeepMomentum.pretrained' "
+                             f"(only DeepMomentum has pretrained memories), got {deepopt_optimizer!r}")
         self.method, self.lr, self.weight_decay, self.deepopt_optimizer = method, lr, weight_decay, deepopt_optimizer
         self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, num_classes))
@@ -113,6 +121,8 @@ class ContinualClassifier(pl.LightningModule):
         if self.method != "deepopt":
             return torch.optim.AdamW(self.parameters(), **hp)
         groups = deepopt.group_by_period(self, self.slow_levels)
+        if self.deepopt_optimizer == "DeepMomentum.pretrained":  # the memory's recommended lr, not self.lr
+            return deepopt.DeepMomentum.pretrained(groups, weight_decay=self.weight_decay)
         return deepopt.OPTIMIZERS[self.deepopt_optimizer](groups, **hp)
 
     def configure_callbacks(self):

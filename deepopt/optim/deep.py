@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Mapping
 
 from torch import Tensor
@@ -59,6 +60,34 @@ class DeepMomentum(LevelOptimizer):
         self.memory: DeepMemory = rule.chains[0].levels[0]
         super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
                          maximize=maximize)
+
+    @classmethod
+    def pretrained(cls, params: Iterable[Any], name: str | os.PathLike = "default", **overrides: Any) -> DeepMomentum:
+        r"""DeepMomentum with a pretrained memory: ``W <- W - lr sigma(m_phi(g_t))`` from ``phi_0 =
+        memory_init``, with ``momentum``, ``inner_lr``, ``sigma`` and the recommended ``lr`` of the memory.
+
+        ``name``: a shipped memory (``deepopt.pretrained.available()``) or the path of a ``.json``
+        memory file (:mod:`deepopt.pretrained`); ``overrides``: any constructor argument (``lr``,
+        ``weight_decay``, ``impl``...), which wins over the memory's.
+
+        Example:
+            >>> import os, tempfile, torch, deepopt
+            >>> learned = {"lr": 0.05, "momentum": 0.9, "inner_lr": 0.1,
+            ...            "memory_init": {"w1": torch.linspace(0.5, 2, 8), "b1": torch.zeros(8),
+            ...                            "w2": torch.full((8,), 0.01)}}
+            >>> card = dict.fromkeys(deepopt.pretrained.CARD_KEYS, "a doctest")
+            >>> path = deepopt.pretrained.save(os.path.join(tempfile.mkdtemp(), "mine.json"), learned,
+            ...                                name="mine", card=card)
+            >>> model = torch.nn.Linear(4, 2)
+            >>> opt = deepopt.DeepMomentum.pretrained(model.parameters(), name=path, weight_decay=1e-4)
+            >>> opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
+            (0.05, 0.0001)
+            >>> model(torch.randn(8, 4)).square().mean().backward()
+            >>> opt.step()
+        """
+        from ..pretrained import load  # above the optimizers (it reads the registry)
+
+        return cls(params, **load(name).kwargs(**overrides))
 
     @classmethod
     def _rule(cls, lr: float, momentum: float, inner_lr: float, sigma: str, hidden: int, weight_decay: float,
