@@ -9,6 +9,7 @@
 | lm_defaults | every LM at its default arguments (a pool suite of its own) | results/lm_defaults |
 | lr_transfer | each optimizer's best rate relative to AdamW's | results/lr_transfer |
 | continual_recipe | deepopt.continual.Recipe against fine-tuning, EWC, SI, LwF, replay | results/continual_recipe |
+| pretrained | a shipped DeepMomentum memory, untuned, against AdamW and Muon on held-out task families | results/pretrained |
 
 ``memory`` is the old name of ``layers``. Every suite writes to a fresh ``./runs/<suite>-<time>/``
 unless ``--out`` or ``--update-results`` (the committed folder above) and prints the folder at the
@@ -71,8 +72,10 @@ SUITES = {s.name: s for s in (
           "lr_transfer", seeds=2),
     Suite("continual_recipe", "deepopt.continual.Recipe vs fine-tuning, EWC, SI, LwF, replay on digit sequences "
           "(knobs chosen on validation sequences), 5 seeds", "continual_recipe", seeds=5),
+    Suite("pretrained", "a shipped DeepMomentum memory, untuned, against AdamW and Muon (default and tuned rates) "
+          "on 5 held-out task families, 3 seeds, and at 10x their horizon", "pretrained", seeds=3),
 )}
-DELEGATED = ("lm_defaults", "lr_transfer", "continual_recipe")  # suites run by their own module's command line
+DELEGATED = ("lm_defaults", "lr_transfer", "continual_recipe", "pretrained")  # suites run by their own module's command line
 ALIASES = {"memory": "layers"}  # old name -> suite, kept for one release
 SMOKE_OPTIMIZERS = ["AdamW", "SGD", "MuonMemory"]
 
@@ -166,6 +169,14 @@ def run_named_suite(args) -> dict | None:
         argv = ["--out", out_dir, "--threads", str(args.threads)] + (["--update-results"] if args.update_results else [])
         argv += (["--smoke"] if args.smoke else []) + (["--seeds", *map(str, range(args.seeds))] if args.seeds else [])
         continual_recipe_main(argv + list(args.extra))
+        return None
+    if suite.kind == "pretrained":
+        from .pretrained.evaluate import main as pretrained_main
+
+        argv = ["--out", out_dir, "--threads", str(args.threads), "--device", args.device or "cpu"]
+        argv += (["--update-results"] if args.update_results else []) + (["--smoke"] if args.smoke else []) + (["--seeds", str(args.seeds)] if args.seeds else [])
+        argv += (["--steps", str(args.steps)] if args.steps else []) + (["--families", *args.tasks] if args.tasks else [])
+        pretrained_main(argv + list(args.extra))
         return None
     os.makedirs(out_dir, exist_ok=True)
     if suite.kind == "quality":

@@ -1,0 +1,264 @@
+"""Meta-train DeepMomentum's memory over the meta-training task families, and write it as a memory file.
+
+For each read-out ``sigma`` in ``--sigmas`` (``identity``, ``ns``: the differentiable ones; ``sign``
+passes no meta-gradient to the memory):
+
+1. the starting learning rate: the hand-set DeepMomentum (momentum 0.9, inner_lr 0.1) at each rate of
+   ``--lr-grid`` on ``--validation-tasks`` fresh meta-family tasks; the best (lowest validation loss);
+2. meta-learning of the memory's initial MLP (``memory_init``), ``inner_lr``, ``momentum`` and ``lr``
+   by truncated unrolls (:class:`deepopt.meta.MetaTrainer`: ``--unroll`` inner steps in segments of
+   ``--truncation``, ``--tasks-per-step`` tasks per outer step), each task's loss divided by its
+   initial loss, so that every family weighs the same whatever its loss scale:
+
+       meta-loss = mean over tasks and steps t of  L_task(W_t) / L_task(W_0);
+
+3. validation of the learned values on the same validation tasks (the same normalized loss over the
+   run, no gradient).
+
+The read-out with the lowest validation loss is the memory: ``OUT/memory.json`` (the format of
+:mod:`deepopt.pretrained`; ``--ship NAME`` also writes ``deepopt/pretrained/NAME.json``), beside
+``OUT/summary.json`` (every read-out's starting rate, learned values, validation loss, history).
+
+Resumable: each read-out checkpoints into ``OUT/<sigma>/checkpoint.pt`` every ``--checkpoint-every``
+outer steps and when ``--max-seconds`` runs out (then the process exits with code 3: run the same
+command again to continue); a finished read-out is not run again. Several processes (``torchrun
+--nproc-per-node N python -m benchmarks.pretrained.meta_train ...``, one GPU each with ``--device
+cuda``): each samples its own tasks (task seed + rank) and the meta-gradients are averaged by an
+all-reduce before every step, so all processes hold the same memory; rank 0 writes.
+
+Example (CPU, seconds; a check, not a result):
+    python -m benchmarks.pretrained.meta_train --out /tmp/meta --meta-steps 2 --unroll 4 --truncation 2 \\
+        --validation-tasks 2 --lr-grid 0.01 0.1 --families digits_mlp --sigmas identity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from deepopt import functional as F
+from deepopt.meta import MetaLearner, MetaTrainer, unroll
+
+from .families import FAMILIES, META_FAMILIES
+
+#: what the meta-training learns of DeepMomentum
+LEARN = ("memory_init", "inner_lr", "momentum", "lr")
+HAND_SET = dict(momentum=0.9, inner_lr=0.1)
+EXIT_UNFINISHED = 3
+
+
+class Normalized:
+    """A task whose loss is divided by its loss at the initial parameters (step 0's batch)."""
+
+    def __init__(self, task: Any) -> None:
+        self.task, self.params = task, task.params
+        with torch.no_grad():
+            self.scale = 1.0 / max(float(task.loss(task.params, 0)), 1e-8)
+
+    def loss(self, params, step: int) -> torch.Tensor:
+        return self.task.loss(params, step) * self.scale
+
+
+def sampler(families: Sequence[str], steps: int, device: str) -> Callable[[torch.Generator], Normalized]:
+    """``sample(generator)``: a family drawn uniformly, then one of its tasks at ``steps`` inner steps."""
+    def sample(g: torch.Generator) -> Normalized:
+        family = FAMILIES[families[int(torch.randint(len(families), (1,), generator=g))]]
+        return Normalized(family.sample(g, steps=steps, device=device))
+    return sample
+
+
+def validation_loss(hyperparameters: dict, tasks: Sequence[Normalized], steps: int) -> float:
+    """Mean normalized loss over ``steps`` inner steps of DeepMomentum with ``hyperparameters``, over
+    ``tasks`` (inf if any run leaves the finite numbers)."""
+    total = 0.0
+    for task in tasks:
+        with torch.no_grad():  # torch.func.grad inside still differentiates the inner loss
+            loss = float(unroll(F.make("DeepMomentum", **hyperparameters), task, steps)[0])
+        if not math.isfinite(loss):
+            return math.inf
+        total += loss / len(tasks)
+    return total
+
+
+def all_reduce_mean(grads: list[torch.Tensor]) -> None:
+    """Average ``grads`` in place over the default process group (one flat all-reduce)."""
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))
+
+
+def _plain(hp: dict) -> dict:
+    return {k: ({n: t.tolist() for n, t in v.items()} if isinstance(v, dict) else v) for k, v in hp.items()}
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, deadline: float) -> dict | None:
+    """One read-out's lr choice, meta-training and validation; ``None`` if ``deadline`` came first
+    (the checkpoint holds the progress)."""
+    folder = args.out / sigma
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    vg = torch.Generator().manual_seed(args.seed + 1000)
+    sample = sampler(args.families, args.unroll, args.device)
+    val_tasks = [sample(vg) for _ in range(args.validation_tasks)]
+    fixed = dict(HAND_SET, sigma=sigma, hidden=args.hidden)
+    ckpt_path = folder / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True) if ckpt_path.exists() else None
+    if ckpt is None:
+        grid = {lr: validation_loss(dict(fixed, lr=lr), val_tasks, args.unroll) for lr in args.lr_grid}
+        start_lr = min(grid, key=grid.get)
+        history, used = [], 0.0
+    else:
+        grid, start_lr, history, used = ckpt["grid"], ckpt["start_lr"], ckpt["history"], ckpt["seconds"]
+    learner = MetaLearner("DeepMomentum", learn=LEARN, lr=start_lr, **fixed).to(args.device)
+    trainer = MetaTrainer(learner, sample, unroll=args.unroll, truncation=args.truncation, meta_lr=args.meta_lr,
+                          clip=1.0, tasks_per_step=args.tasks_per_step, seed=args.seed + rank,
+                          sync=all_reduce_mean if world > 1 else None)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt["trainer"])  # rank 0's generator: its task stream continues exactly
+        if rank > 0:  # the others' streams were not saved: fresh ones, distinct per rank and resumption
+            trainer.generator.manual_seed(args.seed + rank + 7919 * len(history))
+    t0 = time.perf_counter()
+
+    def checkpoint() -> None:
+        if rank == 0:
+            _save_atomic({"trainer": trainer.state_dict(), "grid": grid, "start_lr": start_lr, "history": history,
+                          "seconds": used + time.perf_counter() - t0}, ckpt_path)
+
+    while len(history) < args.meta_steps:
+        if time.time() > deadline:
+            checkpoint()
+            return None
+        stats = trainer.step()
+        history.append({k: float(v) for k, v in stats.items()})
+        i = len(history)
+        if rank == 0 and (i % 10 == 1 or i == args.meta_steps):
+            print(f"[{sigma}] outer step {i}/{args.meta_steps}  meta-loss {stats['meta_loss']:.4f}  "
+                  f"|grad| {stats['grad_norm']:.3f}", flush=True)
+        if i % args.checkpoint_every == 0:
+            checkpoint()
+    learned = learner.learned()
+    result = {"sigma": sigma, "lr_grid": {str(k): v for k, v in grid.items()}, "start_lr": start_lr,
+              "validation_loss_hand_set": grid[start_lr],
+              "validation_loss": validation_loss(learned, val_tasks, args.unroll),
+              "learned": _plain(learned), "history": history,
+              "skipped_steps": sum(h["skipped"] for h in history),
+              "seconds": round(used + time.perf_counter() - t0, 1)}
+    if rank == 0:
+        done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _card(args: argparse.Namespace, best: dict, results: list[dict], world: int, command: str) -> dict:
+    families = "; ".join(f"{n}: {FAMILIES[n].description}" for n in args.families)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"
+    return {
+        "summary": f"DeepMomentum memory (read-out {best['sigma']}) meta-learned over {len(args.families)} task "
+                   f"families; validation loss {best['validation_loss']:.4f} of the initial loss against "
+                   f"{best['validation_loss_hand_set']:.4f} for the hand-set memory at its best grid rate",
+        "training_distribution": families,
+        "meta_objective": "mean over the run of each task's training loss divided by its initial loss, "
+                          f"truncated unrolls of {args.truncation} steps, {args.tasks_per_step} tasks per outer "
+                          f"step per process, Adam (meta lr {args.meta_lr}), meta-gradient norm clipped at 1",
+        "horizon": f"{args.unroll} inner steps per task",
+        "compute": f"{world} process(es) on {device}, torch {torch.__version__}, "
+                   f"{sum(r['seconds'] for r in results):.0f} s over read-outs "
+                   f"{', '.join(r['sigma'] for r in results)}; {args.meta_steps} outer steps each",
+        "command": command,
+        "evaluation": args.evaluation,
+    }
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="output (and checkpoint) folder; rerun to resume")
+    ap.add_argument("--families", nargs="+", default=[f.name for f in META_FAMILIES], choices=sorted(FAMILIES))
+    ap.add_argument("--sigmas", nargs="+", default=["identity", "ns"], choices=["identity", "ns"])
+    ap.add_argument("--meta-steps", type=int, default=200)
+    ap.add_argument("--tasks-per-step", type=int, default=2)
+    ap.add_argument("--unroll", type=int, default=40)
+    ap.add_argument("--truncation", type=int, default=10)
+    ap.add_argument("--meta-lr", type=float, default=0.03)
+    ap.add_argument("--hidden", type=int, default=8)
+    ap.add_argument("--lr-grid", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3])
+    ap.add_argument("--validation-tasks", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint-every", type=int, default=10)
+    ap.add_argument("--max-seconds", type=float, default=None, help="checkpoint and exit (code 3) after this")
+    ap.add_argument("--ship", metavar="NAME", help="also write deepopt/pretrained/NAME.json")
+    ap.add_argument("--evaluation", default="not evaluated yet: python -m benchmarks run --suite pretrained",
+                    help="the card's evaluation line")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(args.device)
+    deadline = math.inf if args.max_seconds is None else time.time() + args.max_seconds
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.pretrained.meta_train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    results = []
+    for sigma in args.sigmas:
+        result = train_sigma(sigma, args, rank, world, deadline)
+        if result is None:
+            if rank == 0:
+                print(f"[{sigma}] out of time: checkpointed in {args.out / sigma}; run again to continue", flush=True)
+            return EXIT_UNFINISHED
+        results.append(result)
+        if rank == 0:
+            print(f"[{sigma}] validation loss {result['validation_loss']:.4f} (hand-set at lr {result['start_lr']}: "
+                  f"{result['validation_loss_hand_set']:.4f})", flush=True)
+    if rank == 0:
+        from deepopt import pretrained
+
+        best = min(results, key=lambda r: r["validation_loss"])
+        learned = dict(best["learned"])
+        learned["memory_init"] = {k: torch.tensor(v) for k, v in learned["memory_init"].items()}
+        card = _card(args, best, results, world, command)
+        meta = {"platform": platform.platform(), "torch": torch.__version__, "world": world,
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
+                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        (args.out / "summary.json").write_text(json.dumps({"meta": meta, "chosen": best["sigma"],
+                                                           "results": results}, indent=1))
+        pretrained.save(args.out / "memory.json", learned, name=args.ship or "memory", card=card)
+        if args.ship:
+            path = Path(pretrained.__file__).parent / f"{args.ship}.json"
+            pretrained.save(path, learned, name=args.ship, card=card)
+            print(f"shipped: {path}")
+        print(f"chosen read-out {best['sigma']}: {json.dumps(best['learned'])}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""benchmarks.pretrained: meta-training writes a loadable memory and resumes exactly; the evaluation's report."""
+
+import json
+import math
+import types
+
+import pytest
+import torch
+
+import deepopt
+from benchmarks.pretrained import evaluate, meta_train
+
+TINY = ["--meta-steps", "3", "--unroll", "4", "--truncation", "2", "--validation-tasks", "2", "--lr-grid", "0.01",
+        "0.1", "--families", "digits_mlp", "--sigmas", "identity", "--checkpoint-every", "1"]
+
+
+def test_meta_training_writes_a_memory_the_optimizer_loads(tmp_path):
+    assert meta_train.main(["--out", str(tmp_path), *TINY]) == 0
+    memory = deepopt.pretrained.load(tmp_path / "memory.json")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    learned = summary["results"][0]["learned"]
+    assert summary["chosen"] == "identity" and memory.hyperparameters["lr"] == learned["lr"]
+    assert memory.hyperparameters["lr"] != 0.01 or learned["momentum"] != 0.9  # something was learned
+    assert "digits_mlp" in memory.card["training_distribution"] and "meta_train" in memory.card["command"]
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    deepopt.DeepMomentum.pretrained([p], name=tmp_path / "memory.json").step()
+    assert torch.isfinite(p).all()
+
+
+def test_cut_short_meta_training_resumes_to_the_same_memory(tmp_path, monkeypatch):
+    assert meta_train.main(["--out", str(tmp_path / "whole"), *TINY]) == 0
+    clock = iter(range(1000))  # each read of the clock one second later: the deadline passes after two steps
+    monkeypatch.setattr(meta_train, "time", types.SimpleNamespace(time=lambda: next(clock),
+                                                                   perf_counter=meta_train.time.perf_counter))
+    cut = tmp_path / "cut"
+    assert meta_train.main(["--out", str(cut), *TINY, "--max-seconds", "2.5"]) == meta_train.EXIT_UNFINISHED
+    assert len(torch.load(cut / "identity" / "checkpoint.pt", weights_only=True)["history"]) == 2
+    monkeypatch.undo()
+    assert meta_train.main(["--out", str(cut), *TINY]) == 0
+    whole, resumed = (json.loads((d / "summary.json").read_text())["results"][0] for d in (tmp_path / "whole", cut))
+    assert resumed["learned"] == whole["learned"]
+    assert [h["meta_loss"] for h in resumed["history"]] == [h["meta_loss"] for h in whole["history"]]
+
+
+def test_evaluation_scores_and_report(tmp_path):
+    meta_train.main(["--out", str(tmp_path / "meta"), *TINY])
+    families = evaluate.main(["--memory", str(tmp_path / "meta" / "memory.json"), "--out", str(tmp_path / "eval"),
+                              "--families", "digits_autoencoder", "--seeds", "2", "--steps", "3", "--long", "2",
+                              "--lr-grid", "1e-3", "1e-2", "1e-1"])
+    (f,) = families
+    assert f["grids"]["adamw"]["best"] in (1e-3, 1e-2, 1e-1) and len(f["runs"]["pretrained"]) == 2
+    assert f["grids"]["adamw"]["0.001"] == f["summary"]["adamw_default"]["mean"]  # the grid's 1e-3 runs
+    assert math.isfinite(f["summary"]["pretrained"]["mean"]) and f["long"]["steps"] == 6
+    text = (tmp_path / "eval" / "results.md").read_text()
+    assert "| digits_autoencoder | 3 |" in text and "Both (target: >= 4 of 5)" in text
+
+
+def test_a_diverging_run_scores_inf():
+    class Exploding:
+        params = {"w": torch.ones(2)}
+        steps = 3
+
+        def loss(self, params, step):
+            return (params["w"] * 1e30).square().sum() * 1e30
+
+        def eval_loss(self, params):
+            return float(params["w"].sum())
+
+    run = evaluate.train(Exploding(), lambda p: torch.optim.SGD(p, lr=1.0))
+    assert run["final"] == math.inf and run["initial"] == 2.0
+
+
+@pytest.mark.parametrize("bad", [["--sigmas", "sign"], ["--families", "no_such_family"]])
+def test_meta_training_refuses_bad_arguments(bad, tmp_path):
+    with pytest.raises(SystemExit):
+        meta_train.main(["--out", str(tmp_path), *bad])
