@@ -97,7 +97,8 @@ def all_reduce_mean(grads: list[torch.Tensor]) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))
+    parts = flat.split([g.numel() for g in grads])
+    torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(parts, grads)])
 
 
 def _plain(hp: dict) -> dict:

@@ -75,3 +75,25 @@ def test_a_diverging_run_scores_inf():
 def test_meta_training_refuses_bad_arguments(bad, tmp_path):
     with pytest.raises(SystemExit):
         meta_train.main(["--out", str(tmp_path), *bad])
+
+
+def test_two_processes_average_their_meta_gradients(tmp_path):
+    """Two gloo processes (the torchrun environment), each on its own tasks: both finish, rank 0 writes,
+    and the memory differs from one process's (the other rank's tasks count)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "benchmarks.pretrained.meta_train", "--out", str(tmp_path / "two"), *TINY]
+    procs = [subprocess.Popen(argv, env={**os.environ, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
+                                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert meta_train.main(["--out", str(tmp_path / "one"), *TINY]) == 0
+    two, one = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("two", "one"))
+    assert two["meta"]["world"] == 2 and two["results"][0]["learned"] != one["results"][0]["learned"]
