@@ -10,9 +10,10 @@ import torch
 from benchmarks.data import mqar_batch
 from benchmarks.experiments import recall
 from benchmarks.pool import run_jobs
-from benchmarks.tasks.recall import RecallModel, query_positions
+from benchmarks.tasks.recall import MIXERS, RecallModel, query_positions
 
 from ..example_imports import run_examples
+from ..nl_layers.helpers import HostData
 
 TINY = dict(mixer="attention", width=32, seq_len=32, pairs=4, steps=6, batch=8, vocab=33, eval_sequences=16,
             evals=2, seed=0)
@@ -90,6 +91,23 @@ def test_graphed_loss_mode_is_the_eager_run_on_cpu(mixer):
     assert graphed["compile"] == eager["compile"] == "none" and graphed["graph_error"] is None
     with pytest.raises(ValueError, match="compile must be one of"):
         recall.run(dict(TINY, compile="graphed"), "cpu")
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_the_captured_loss_builds_no_tensor_from_host_data(mixer):
+    """graphed_loss captures the query loss's forward and backward; a tensor built there from Python
+    data (torch.tensor(...)) is a host-to-device copy on a GPU, which the capture refuses (the run
+    then falls back to eager with graph_error set): on the CPU the same calls show any such tensor."""
+    import nl_layers
+
+    torch.manual_seed(0)
+    model = RecallModel(mixer, 32, 33)
+    tokens, targets, mask = mqar_batch(8, 32, 4, 16, 16, torch.Generator().manual_seed(0))
+    batch = (tokens, targets, query_positions(mask, 4))
+    with nl_layers.finite_checks(False), HostData() as made:
+        loss = recall._query_loss(model, *batch)
+        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    assert made == []
 
 
 @pytest.mark.gpu

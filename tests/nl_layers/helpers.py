@@ -41,3 +41,41 @@ def assert_need_state_false_matches(layer, given: bool):
     for a, b in zip(torch.autograd.grad((y * w).sum(), inputs, allow_unused=True, retain_graph=True),
                     torch.autograd.grad((y_skip * w).sum(), inputs, allow_unused=True)):
         assert (a is None) == (b is None) and (a is None or max_diff(a, b) < 1e-12)
+
+
+class HostData:
+    """``with HostData() as made: ...``: ``made`` lists ``"file:line code"`` for every tensor built
+    from Python data (``torch.tensor`` / ``torch.as_tensor`` of numbers or lists: ``aten.lift_fresh``)
+    inside the block, forward and backward.
+
+    On a GPU such a tensor is filled on the host and copied to the device, and a CUDA graph capture
+    refuses that copy ("Cannot copy between CPU and CUDA tensors during CUDA graph capture unless
+    the CPU tensor is pinned"), so code that ``nl_layers.graphed_loss`` / ``graphed_step`` captures
+    must build none; the same call on the CPU shows them (the other host-to-device pattern, ``.to``
+    of a tensor made on the CPU, is invisible on a CPU and not checked here)."""
+
+    def __init__(self):
+        self.made: list[str] = []
+        self._mode = None
+
+    def __enter__(self) -> list[str]:
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        made = self.made
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten.lift_fresh.default:
+                    frames = [f for f in traceback.extract_stack()[:-1]
+                              if "/torch/" not in f.filename and not f.filename.endswith("helpers.py")]
+                    made.append(f"{frames[-1].filename}:{frames[-1].lineno} {frames[-1].line}" if frames else "?")
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return made
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import nl_layers
 from nl_layers.memory.linear import RULES, linear_memory_chunked, linear_memory_recurrent
 
-from .helpers import assert_grads_close, grads_of, max_diff
+from .helpers import HostData, assert_grads_close, grads_of, max_diff
 
 from ..example_imports import run_examples
 
@@ -154,6 +154,26 @@ def test_layer_streamed_equals_whole_and_recurrent(rule):
     assert max_diff(torch.cat(parts, 1), y) < 1e-12 and max_diff(s.memory, state.memory) < 1e-12
     assert_grads_close(layer, x, y, y_rec)
     assert_grads_close(layer, x, torch.cat(parts, 1), y)
+
+
+def test_host_data_sees_a_tensor_built_from_a_python_number():
+    with HostData() as made:
+        torch.where(torch.ones(3, dtype=torch.bool), torch.zeros(3), torch.tensor(float("-inf")))
+    assert len(made) == 1 and "torch.tensor" in made[0]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("chunk, t, gated", [(64, 32, True), (8, 300, True), (8, 20, False)])
+def test_layer_builds_no_tensor_from_host_data_forward_or_backward(rule, chunk, t, gated):
+    """What a CUDA graph captures (the recall suite's graphed loss) must not copy from the host: a
+    torch.tensor(-inf, device=...) in the chunked form made hebbian/delta/dgd fall back to eager on GPUs."""
+    layer = nl_layers.LinearMemory(32, heads=2, rule=rule, chunk_size=chunk, data_dependent_lr=gated, decay=gated)
+    x = torch.randn(2, t, 32, requires_grad=True)
+    state = layer(torch.randn(2, 5, 32))[1]
+    with HostData() as made:
+        y, s = layer(x, state)
+        torch.autograd.grad((y.square().sum() + s.memory.sum()), [x, *layer.parameters()])
+    assert made == []
 
 
 def test_layer_under_autocast_runs_in_bfloat16_close_to_float32():

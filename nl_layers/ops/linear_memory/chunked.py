@@ -83,8 +83,8 @@ def _chunked(q, k, v, b, log_a, m0, delta, c):
 
     cum = log_a.cumsum(-1)  # log g_t
     ones = torch.ones(c, c, dtype=torch.bool, device=q.device)
-    neg_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
-    decay = torch.where(ones.tril(), cum[..., :, None] - cum[..., None, :], neg_inf).exp()  # D (bh,n,c,c)
+    # -inf as a Python scalar: torch.tensor(-inf, device=cuda) copies from the host (refused in a CUDA graph capture)
+    decay = torch.where(ones.tril(), cum[..., :, None] - cum[..., None, :], float("-inf")).exp()  # D (bh,n,c,c)
     g = cum.exp()[..., None]  # (bh,n,c,1)
     kr = (cum[..., -1:] - cum).exp()[..., None] * k  # diag(r) K
     bv = b[..., None] * v
