@@ -18,8 +18,8 @@
 #             (benchmarks/layers/matmul_layouts.py: which call sites leave cuBLAS on a slow kernel)
 #   cross     the Titans memories' tokens/s for several cross-chunk GROUP values, 1K-64K
 #             (benchmarks/layers/cross_group.py; CROSS_ARGS replaces its arguments)
-#   segments  the linear rules at 1K and 64K, hebbian with and without its segments, after a check that
-#             both give the same result (benchmarks/layers/segments_bench.py; SEGMENTS_ARGS replaces its arguments)
+#   long      the linear rules' tokens/s at 1K and 64K and their ratio, each on fla's kernel over the whole
+#             sequence (benchmarks/layers/long_context_bench.py; LONG_ARGS replaces its arguments)
 #   baseline  the LM step's anatomy for each tree in $BASELINE (space-separated folders, e.g. earlier
 #             commits unpacked by `git archive`), timed by this tree's lm_profile.py, in the same call as
 #             `profile`: before/after pairs on one machine
@@ -103,12 +103,12 @@ cross() {
     ${CROSS_ARGS:---groups 16 64 256 --lengths 1024 4096 16384 65536} > "$out/logs/cross_group.log" 2>&1
   say "cross_group rc=$? $(grep -c 'tok/s' "$out/logs/cross_group.log") rows"
 }
-segments() {
-  say "segments_bench start"
-  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${SEGMENTS_SECONDS:-200}" python3 -m benchmarks.layers.segments_bench \
-    ${SEGMENTS_ARGS:-} > "$out/logs/segments_bench.log" 2>&1
-  say "segments_bench rc=$?"
-  tail -n 7 "$out/logs/segments_bench.log" | tee -a "$out/session.log"
+long_context() {
+  say "long_context_bench start"
+  CUDA_VISIBLE_DEVICES=${1:-0} timeout "${LONG_SECONDS:-200}" python3 -m benchmarks.layers.long_context_bench \
+    ${LONG_ARGS:-} > "$out/logs/long_context_bench.log" 2>&1
+  say "long_context_bench rc=$?"
+  tail -n 5 "$out/logs/long_context_bench.log" | tee -a "$out/session.log"
 }
 matmuls() {
   say "matmul_layouts start"
@@ -147,7 +147,7 @@ if [ "$n" -ge 2 ]; then
   pids=""
   if has layers; then layers $((n - 1)) & pids="$pids $!"; fi
   (has kernels && kernels 0; has tests && tests; has ops && ops 0; has baseline && baseline 0; has profile && profile 0
-    has matmuls && matmuls 0; has cross && cross 0; has segments && segments 0; has graphed && graphed 0; has switch && switch 0; has compile && lm_compile) & pids="$pids $!"
+    has matmuls && matmuls 0; has cross && cross 0; has long && long_context 0; has graphed && graphed 0; has switch && switch 0; has compile && lm_compile) & pids="$pids $!"
   if has defaults; then lm_defaults $workers & pids="$pids $!"; fi
   wait $pids
 else
@@ -158,7 +158,7 @@ else
   has profile && profile 0
   has matmuls && matmuls 0
   has cross && cross 0
-  has segments && segments 0
+  has long && long_context 0
   has graphed && graphed 0
   has switch && switch 0
   has layers && layers 0

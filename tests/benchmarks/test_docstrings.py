@@ -20,7 +20,7 @@ MODULES = ["benchmarks.cli", "benchmarks.continual", "benchmarks.continual_tasks
            "benchmarks.layers.run", "benchmarks.layers.report", "benchmarks.layers.suite", "benchmarks.layers.lm_compile", "benchmarks.layers.lm_profile",
            "benchmarks.layers.causal_conv_bench", "benchmarks.layers.lm_value_checks", "benchmarks.layers.decay_mix_bench",
            "benchmarks.layers.lm_kernel_switch", "benchmarks.layers.lm_graphed", "benchmarks.layers.row_kernels_bench", "benchmarks.layers.matmul_layouts",
-           "benchmarks.layers.segments_bench", "benchmarks.layers.cms_in_context_bench", "benchmarks.lm_defaults",
+           "benchmarks.layers.long_context_bench", "benchmarks.layers.cms_in_context_bench", "benchmarks.lm_defaults",
            "benchmarks.lm_defaults.train", "benchmarks.lm_defaults.report", "benchmarks.lm_defaults.cli",
            "benchmarks.lr_transfer", "benchmarks.lr_transfer.tasks", "benchmarks.lr_transfer.sweep",
            "benchmarks.lr_transfer.report", "benchmarks.lr_transfer.cli"]

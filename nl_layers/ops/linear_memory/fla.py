@@ -28,9 +28,11 @@ all with ``output_final_state=True``; the gated ones with ``initial_state=M_0, s
   (another version: the torch path, with the reason). The rules without decay have no gate and
   keep fla's public ops.
 
-A long sequence at a small batch (fewer (sequence, head) pairs than two per SM, segments of at
-least 2K tokens) runs the hebbian rule as segments side by side (``segments``: exact, one
-correction product; fla's state recurrence walks one program per sequence and head).
+Every rule runs fla's kernel on the whole sequence, at any T and batch. A split of a long hebbian
+sequence into segments side by side (more programs for fla's state recurrence, one correction
+product) was measured slower and removed: 9.0 against 5.0 ms forward + backward at 1 x 64K on an
+H100, where the direct call at 64K is within 1.28x of its tokens/s at 1K
+(``benchmarks/results/layers/long_context_h100.md``).
 
 fla returns gradients for q, k, v, g, beta and M_0 (the initial state gets one); gradients of lr,
 of k through c_t (dgd) and of v through b*v (hebbian) follow by autograd.
@@ -46,7 +48,7 @@ import importlib.util
 
 import torch
 
-from . import fla_gated, segments
+from . import fla_gated
 
 __all__ = ["FIX", "MAX_DELTA_HEAD_DIM", "available", "chunked", "gated_backward_miscompiled", "unsupported"]
 
@@ -137,23 +139,12 @@ def chunked(q, k, v, b, log_decay, initial_state, *, delta: bool):
             )
     else:
         bv = (b.float()[..., None] * v.float()).to(v.dtype)
-        cuts = segments.segment_count(k.shape[0], k.shape[1], k.shape[2], k.device)
-        if cuts > 1:  # a long sequence at a small batch: its segments side by side (exact, see segments)
-            y, m = segments.segmented(_gla_op(own), q, k, bv, g, m0, segments=cuts)
-        else:
-            y, m = _gla_op(own)(q, k, bv, g, m0)
-    return y.to(q.dtype), m.to(q.dtype)
-
-
-def _gla_op(own: bool):
-    """``op(q, k, bv, g, m0) -> (y, M_T)``: fla's hebbian memory (``chunk_simple_gla``), or
-    fla_gated's Function where fla's gated backward is miscompiled (``own``, with a gate)."""
-
-    def op(q, k, bv, g, m0):
         if own and g is not None:
-            return fla_gated.simple_gla(q, k, bv, g, m0)
-        from fla.ops.simple_gla import chunk_simple_gla
+            y, m = fla_gated.simple_gla(q, k, bv, g, m0)
+        else:
+            from fla.ops.simple_gla import chunk_simple_gla
 
-        return chunk_simple_gla(q, k, bv, g=g, scale=1.0, initial_state=m0, output_final_state=True, state_v_first=True)
-
-    return op
+            y, m = chunk_simple_gla(
+                q, k, bv, g=g, scale=1.0, initial_state=m0, output_final_state=True, state_v_first=True
+            )
+    return y.to(q.dtype), m.to(q.dtype)
