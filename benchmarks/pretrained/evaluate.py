@@ -12,8 +12,10 @@ task (network initialization, data order, sizes from the seed) is trained at the
   (1e-3) and tuned the same way.
 
 The score of a run is its final held-out loss (``task.eval_loss``; a run that leaves the finite
-numbers scores ``inf``). Then the pretrained memory runs each family at ``--long`` times its horizon
-(same seeds): it diverges if a loss is not finite or the final held-out loss exceeds the initial one.
+numbers scores ``inf``). Then the pretrained memory, and AdamW at its default rate for reference, run
+each family at ``--long`` times its horizon (same seeds): a run diverges if a training loss is not
+finite or the mean training loss over its last tenth is above its first; the report also counts
+runs whose final held-out loss ends above its start (overfitting as well as instability).
 
 Targets (the pretrained-memories issue): on at least 4 of the 5 families the pretrained memory's
 mean final loss is below AdamW's at its default rate and within 10% of AdamW's at its tuned rate;
@@ -76,7 +78,16 @@ def train(task: Any, make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
         curve.append(float(loss.detach()))
     final = float(task.eval_loss(dict(zip(names, [p.detach() for p in params])))) if finite else math.inf
     final = final if math.isfinite(final) else math.inf
-    return {"initial": initial, "final": final, "curve": curve[:: max(1, len(curve) // 50)]}
+    tail = curve[-max(1, len(curve) // 10):]
+    final_train = sum(tail) / len(tail) if finite and curve else math.inf
+    return {"initial": initial, "final": final, "initial_train": curve[0] if curve else math.inf,
+            "final_train": final_train if math.isfinite(final_train) else math.inf,
+            "curve": curve[:: max(1, len(curve) // 50)]}
+
+
+def diverged(run: dict) -> bool:
+    """Training left the finite numbers, or its loss over the last tenth of the run is above its first."""
+    return not (math.isfinite(run["final_train"]) and run["final_train"] <= run["initial_train"])
 
 
 def makers(memory: str) -> dict[str, Callable[[float | None], Callable]]:
@@ -119,14 +130,20 @@ def evaluate_family(family: str, args: argparse.Namespace) -> dict:
         grids[name]["best"] = best
         grids[name]["interior"] = args.lr_grid.index(best) not in (0, len(args.lr_grid) - 1)
     long_steps = args.long * tasks[0].steps
-    long_runs = [train(task_for(family, s, long_steps, args.device), build["pretrained"](None)) for s in seeds]
+    long_tasks = [task_for(family, s, long_steps, args.device) for s in seeds]
+    long_runs = {"pretrained": [train(t, build["pretrained"](None)) for t in long_tasks],
+                 "adamw_default": [train(t, build["adamw"](DEFAULT_LR)) for t in long_tasks]}
     summary = {k: {"mean": _mean([r["final"] for r in rs]), "sd": _spread([r["final"] for r in rs])}
                for k, rs in runs.items()}
-    diverged = [not (math.isfinite(r["final"]) and r["final"] <= r["initial"]) for r in long_runs]
+    long = {"steps": long_steps, "runs": long_runs}
+    for name, rs in long_runs.items():
+        long[name] = {"diverged": sum(map(diverged, rs)), "held_out_above_start": sum(
+            not (math.isfinite(r["final"]) and r["final"] <= r["initial"]) for r in rs),
+            "final": _mean([r["final"] for r in rs])}
     p, a_def, a_tuned = (summary[k]["mean"] for k in ("pretrained", "adamw_default", "adamw_tuned"))
     return {"family": family, "description": FAMILIES[family].description, "steps": tasks[0].steps,
             "summary": summary, "grids": grids, "runs": runs,
-            "long": {"steps": long_steps, "runs": long_runs, "diverged": sum(diverged)},
+            "long": long,
             "beats_adamw_default": p < a_def,
             "within_10pct_of_adamw_tuned": p <= 1.10 * a_tuned,
             "ratio_to_adamw_tuned": p / a_tuned if a_tuned > 0 else math.nan}
@@ -140,8 +157,8 @@ def write_report(out: Path, meta: dict, families: list[dict]) -> str:
              f"Command: `{meta['command']}`  ",
              f"Seeds: {meta['seeds']}; final held-out loss, mean ± sd over seeds (lower is better); tuned = best of "
              f"{list(meta['lr_grid'])} by that mean (rate in brackets, * at the grid's edge).", "",
-             "| family | steps | " + " | ".join(cols) + " | pretrained / AdamW tuned | long run diverged |",
-             "|---|---|" + "---|" * len(cols) + "---|---|"]
+             "| family | steps | " + " | ".join(cols) + " | pretrained / AdamW tuned |",
+             "|---|---|" + "---|" * len(cols) + "---|"]
     for f in families:
         cells = []
         for c in cols:
@@ -151,17 +168,29 @@ def write_report(out: Path, meta: dict, families: list[dict]) -> str:
                 g = f["grids"][c.split("_")[0]]
                 cell += f" ({g['best']:g}{'' if g['interior'] else '*'})"
             cells.append(cell)
-        lines.append(f"| {f['family']} | {f['steps']} | " + " | ".join(cells)
-                     + f" | {f['ratio_to_adamw_tuned']:.3f} | {f['long']['diverged']}/{len(f['long']['runs'])}"
-                       f" at {f['long']['steps']} steps |")
+        lines.append(f"| {f['family']} | {f['steps']} | " + " | ".join(cells) + f" | {f['ratio_to_adamw_tuned']:.3f} |")
+    lines += ["", f"Long runs ({meta['long']}x each family's horizon, same seeds): runs that diverged (training loss "
+              "not finite, or its mean over the last tenth above its first value), runs whose final held-out loss "
+              "is above its start (overfitting counts here), and the mean final held-out loss.", "",
+              "| family | steps | pretrained: diverged | held-out above start | final | AdamW default: diverged | "
+              "held-out above start | final |", "|---|---|---|---|---|---|---|---|"]
+    for f in families:
+        lo = f["long"]
+        k = len(lo["runs"]["pretrained"])
+        lines.append(f"| {f['family']} | {lo['steps']} | " + " | ".join(
+            f"{lo[c]['diverged']}/{k} | {lo[c]['held_out_above_start']}/{k} | {lo[c]['final']:.4f}"
+            for c in ("pretrained", "adamw_default")) + " |")
     n = len(families)
     both = sum(f["beats_adamw_default"] and f["within_10pct_of_adamw_tuned"] for f in families)
     lines += ["", f"- Below AdamW at its default rate: {sum(f['beats_adamw_default'] for f in families)}/{n} "
               "families.",
               f"- Within 10% of AdamW at its tuned rate: {sum(f['within_10pct_of_adamw_tuned'] for f in families)}/{n}.",
               f"- Both (target: >= 4 of 5): {both}/{n}.",
-              f"- Long runs ({meta['long']}x the horizon) that diverged: "
-              f"{sum(f['long']['diverged'] for f in families)} of {sum(len(f['long']['runs']) for f in families)}.",
+              f"- Long runs ({meta['long']}x the horizon) of the pretrained memory that diverged (target: none): "
+              f"{sum(f['long']['pretrained']['diverged'] for f in families)} of "
+              f"{sum(len(f['long']['runs']['pretrained']) for f in families)}; whose held-out loss ended above its "
+              f"start: {sum(f['long']['pretrained']['held_out_above_start'] for f in families)} (AdamW at its default "
+              f"rate: {sum(f['long']['adamw_default']['held_out_above_start'] for f in families)}).",
               "", "Families: " + "; ".join(f"{f['family']}: {f['description']}" for f in families) + ".", ""]
     text = "\n".join(lines)
     (out / "results.md").write_text(text)

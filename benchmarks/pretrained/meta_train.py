@@ -7,8 +7,9 @@ passes no meta-gradient to the memory):
    ``--lr-grid`` on ``--validation-tasks`` fresh meta-family tasks; the best (lowest validation loss);
 2. meta-learning of the memory's initial MLP (``memory_init``), ``inner_lr``, ``momentum`` and ``lr``
    by truncated unrolls (:class:`deepopt.meta.MetaTrainer`: ``--unroll`` inner steps in segments of
-   ``--truncation``, ``--tasks-per-step`` tasks per outer step), each task's loss divided by its
-   initial loss, so that every family weighs the same whatever its loss scale:
+   ``--truncation``, ``--tasks-per-step`` tasks per outer step; with ``--unroll-max`` each outer
+   step's horizon is drawn from [unroll, unroll_max]), each task's loss divided by its initial loss,
+   so that every family weighs the same whatever its loss scale:
 
        meta-loss = mean over tasks and steps t of  L_task(W_t) / L_task(W_0);
 
@@ -71,12 +72,27 @@ class Normalized:
         return self.task.loss(params, step) * self.scale
 
 
-def sampler(families: Sequence[str], steps: int, device: str) -> Callable[[torch.Generator], Normalized]:
-    """``sample(generator)``: a family drawn uniformly, then one of its tasks at ``steps`` inner steps."""
-    def sample(g: torch.Generator) -> Normalized:
-        family = FAMILIES[families[int(torch.randint(len(families), (1,), generator=g))]]
-        return Normalized(family.sample(g, steps=steps, device=device))
-    return sample
+class Sampler:
+    """``sampler(generator)``: a family drawn uniformly, then one of its tasks at ``steps`` inner steps
+    (an attribute: the driver sets it before each outer step when horizons are random)."""
+
+    def __init__(self, families: Sequence[str], steps: int, device: str) -> None:
+        self.families, self.steps, self.device = list(families), steps, device
+
+    def __call__(self, g: torch.Generator) -> Normalized:
+        family = FAMILIES[self.families[int(torch.randint(len(self.families), (1,), generator=g))]]
+        return Normalized(family.sample(g, steps=self.steps, device=self.device))
+
+
+def horizon(args: argparse.Namespace, step: int) -> int:
+    """The inner steps of outer step ``step``: ``--unroll``, or with ``--unroll-max`` a multiple of
+    ``--truncation`` drawn uniformly from [unroll, unroll_max] (a function of the seed and the step, so
+    a resumed run draws the same ones)."""
+    if not args.unroll_max or args.unroll_max <= args.unroll:
+        return args.unroll
+    choices = range(args.unroll, args.unroll_max + 1, args.truncation)
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    return choices[int(torch.randint(len(choices), (1,), generator=g))]
 
 
 def validation_loss(hyperparameters: dict, tasks: Sequence[Normalized], steps: int) -> float:
@@ -120,13 +136,14 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
     if done.exists():
         return json.loads(done.read_text())
     vg = torch.Generator().manual_seed(args.seed + 1000)
-    sample = sampler(args.families, args.unroll, args.device)
+    val_steps = max(args.unroll, args.unroll_max or 0)
+    sample = Sampler(args.families, val_steps, args.device)
     val_tasks = [sample(vg) for _ in range(args.validation_tasks)]
     fixed = dict(HAND_SET, sigma=sigma, hidden=args.hidden)
     ckpt_path = folder / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True) if ckpt_path.exists() else None
     if ckpt is None:
-        grid = {lr: validation_loss(dict(fixed, lr=lr), val_tasks, args.unroll) for lr in args.lr_grid}
+        grid = {lr: validation_loss(dict(fixed, lr=lr), val_tasks, val_steps) for lr in args.lr_grid}
         start_lr = min(grid, key=grid.get)
         history, used = [], 0.0
     else:
@@ -150,8 +167,9 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
         if time.time() > deadline:
             checkpoint()
             return None
+        sample.steps = trainer.unroll = horizon(args, len(history))
         stats = trainer.step()
-        history.append({k: float(v) for k, v in stats.items()})
+        history.append({k: float(v) for k, v in stats.items()} | {"unroll": trainer.unroll})
         i = len(history)
         if rank == 0 and (i % 10 == 1 or i == args.meta_steps):
             print(f"[{sigma}] outer step {i}/{args.meta_steps}  meta-loss {stats['meta_loss']:.4f}  "
@@ -161,7 +179,7 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
     learned = learner.learned()
     result = {"sigma": sigma, "lr_grid": {str(k): v for k, v in grid.items()}, "start_lr": start_lr,
               "validation_loss_hand_set": grid[start_lr],
-              "validation_loss": validation_loss(learned, val_tasks, args.unroll),
+              "validation_loss": validation_loss(learned, val_tasks, val_steps), "validation_steps": val_steps,
               "learned": _plain(learned), "history": history,
               "skipped_steps": sum(h["skipped"] for h in history),
               "seconds": round(used + time.perf_counter() - t0, 1)}
@@ -181,7 +199,9 @@ def _card(args: argparse.Namespace, best: dict, results: list[dict], world: int,
         "meta_objective": "mean over the run of each task's training loss divided by its initial loss, "
                           f"truncated unrolls of {args.truncation} steps, {args.tasks_per_step} tasks per outer "
                           f"step per process, Adam (meta lr {args.meta_lr}), meta-gradient norm clipped at 1",
-        "horizon": f"{args.unroll} inner steps per task",
+        "horizon": f"{args.unroll} inner steps per task" if not args.unroll_max or args.unroll_max <= args.unroll else
+                   f"{args.unroll}-{args.unroll_max} inner steps per task (uniform, multiples of {args.truncation}); "
+                   f"validation at {args.unroll_max}",
         "compute": f"{world} process(es) on {device}, torch {torch.__version__}, "
                    f"{sum(r['seconds'] for r in results):.0f} s over read-outs "
                    f"{', '.join(r['sigma'] for r in results)}; {args.meta_steps} outer steps each",
@@ -198,6 +218,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--meta-steps", type=int, default=200)
     ap.add_argument("--tasks-per-step", type=int, default=2)
     ap.add_argument("--unroll", type=int, default=40)
+    ap.add_argument("--unroll-max", type=int, default=None,
+                    help="random horizons: each outer step's unroll drawn from [--unroll, this] (validation at this)")
     ap.add_argument("--truncation", type=int, default=10)
     ap.add_argument("--meta-lr", type=float, default=0.03)
     ap.add_argument("--hidden", type=int, default=8)

