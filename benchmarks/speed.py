@@ -183,6 +183,10 @@ def speed_optimizers(names: Sequence[str] | None = None, device: str = "cuda") -
         if getattr(cls, "requires_model", False):
             continue  # DGD needs layer inputs (a model), not a bare parameter list
         makers[name] = (lambda c: lambda ps: make_deepopt(c, ps, None, 1e-4))(cls)
+    import deepopt
+
+    if "default" in deepopt.pretrained.available():  # the shipped memory: its read-out's step cost
+        makers["DeepMomentum.pretrained"] = lambda ps: deepopt.DeepMomentum.pretrained(ps, lr=1e-4)
     if names is not None:
         unknown = [n for n in names if n not in makers]
         if unknown:
