@@ -70,6 +70,12 @@ class DeepMomentum(LevelOptimizer):
         memory file (:mod:`deepopt.pretrained`); ``overrides``: any constructor argument (``lr``,
         ``weight_decay``, ``impl``...), which wins over the memory's.
 
+        The recommended ``lr`` is a constant rate learned for runs of tens to hundreds of steps
+        (each memory's card says which); for much longer runs decay it with a scheduler (it lives
+        in ``group["lr"]``): at 10x its evaluation horizon with a constant rate, the ``default``
+        memory (Newton-Schulz read-out) kept training but overfit or oscillated in 5 of 15 runs,
+        ``elementwise`` in none (``benchmarks/results/pretrained``).
+
         Example:
             >>> import os, tempfile, torch, deepopt
             >>> learned = {"lr": 0.05, "momentum": 0.9, "inner_lr": 0.1,
