@@ -104,3 +104,15 @@ def test_two_processes_average_their_meta_gradients(tmp_path):
     assert meta_train.main(["--out", str(tmp_path / "one"), *TINY]) == 0
     two, one = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("two", "one"))
     assert two["meta"]["world"] == 2 and two["results"][0]["learned"] != one["results"][0]["learned"]
+
+
+@pytest.mark.gpu
+def test_meta_training_and_evaluation_run_on_cuda(tmp_path):
+    """The GPU paths: tasks, the learner and the functional optimizer on CUDA; the evaluation's runs there too."""
+    assert meta_train.main(["--out", str(tmp_path / "meta"), *TINY, "--device", "cuda"]) == 0
+    families = evaluate.main(["--memory", str(tmp_path / "meta" / "memory.json"), "--out", str(tmp_path / "eval"),
+                              "--families", "digits_autoencoder", "shakespeare_gru", "--seeds", "1", "--steps", "3",
+                              "--long", "2", "--lr-grid", "1e-3", "1e-2", "--device", "cuda"])
+    assert all(math.isfinite(f["summary"]["pretrained"]["mean"]) for f in families)
+    machine = json.loads((tmp_path / "eval" / "results.json").read_text())["meta"]["machine"]
+    assert machine == torch.cuda.get_device_name()  # the card the record names
