@@ -50,7 +50,6 @@ from .families import FAMILIES, HELD_OUT_FAMILIES
 
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 DEFAULT_LR = 1e-3  # torch.optim.AdamW's and MuonMemory's default
-INDEPENDENT = ("pretrained", "deep_default", "adamw_default", "muon_default")
 
 
 def task_for(family: str, seed: int, steps: int | None, device: str):
@@ -61,14 +60,14 @@ def task_for(family: str, seed: int, steps: int | None, device: str):
 
 
 def train(task: Any, make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> dict:
-    """Train ``task``'s parameters (fresh ``nn.Parameter`` copies) with the optimizer ``make`` builds."""
-    names = list(task.params)
-    params = [nn.Parameter(task.params[k].detach().clone()) for k in names]
+    """Train ``task``'s parameters (``task.parameters()``: fresh ``nn.Parameter`` copies) with the
+    optimizer ``make`` builds."""
+    params = task.parameters()
     opt = make(params)
-    initial = float(task.eval_loss(dict(zip(names, [p.detach() for p in params]))))
+    initial = task.eval_loss(task.named(params))
     curve, finite = [], True
     for t in range(task.steps):
-        loss = task.loss(dict(zip(names, params)), t)
+        loss = task.loss(task.named(params), t)
         if not torch.isfinite(loss):
             finite = False
             break
@@ -76,7 +75,7 @@ def train(task: Any, make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
         loss.backward()
         opt.step()
         curve.append(float(loss.detach()))
-    final = float(task.eval_loss(dict(zip(names, [p.detach() for p in params])))) if finite else math.inf
+    final = task.eval_loss(task.named(params)) if finite else math.inf
     final = final if math.isfinite(final) else math.inf
     tail = curve[-max(1, len(curve) // 10):]
     final_train = sum(tail) / len(tail) if finite and curve else math.inf

@@ -68,6 +68,12 @@ def test_a_diverging_run_scores_inf():
         def eval_loss(self, params):
             return float(params["w"].sum())
 
+        def parameters(self):
+            return [torch.nn.Parameter(self.params["w"].clone())]
+
+        def named(self, tensors):
+            return {"w": tensors[0]}
+
     run = evaluate.train(Exploding(), lambda p: torch.optim.SGD(p, lr=1.0))
     assert run["final"] == math.inf and run["initial"] == 2.0 and evaluate.diverged(run)
 
