@@ -117,6 +117,17 @@ def all_reduce_mean(grads: list[torch.Tensor]) -> None:
     torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(parts, grads)])
 
 
+def out_of_time(deadline: float, world: int, device: str) -> bool:
+    """Whether ``deadline`` has passed, by rank 0's clock on every rank (ranks that decided apart
+    would leave the others waiting in the next all-reduce)."""
+    late = time.time() > deadline
+    if world == 1:
+        return late
+    flag = torch.tensor([float(late)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def _plain(hp: dict) -> dict:
     return {k: ({n: t.tolist() for n, t in v.items()} if isinstance(v, dict) else v) for k, v in hp.items()}
 
@@ -164,7 +175,7 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
                           "seconds": used + time.perf_counter() - t0}, ckpt_path)
 
     while len(history) < args.meta_steps:
-        if time.time() > deadline:
+        if out_of_time(deadline, world, args.device):
             checkpoint()
             return None
         sample.steps = trainer.unroll = horizon(args, len(history))
