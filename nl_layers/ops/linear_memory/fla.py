@@ -28,11 +28,13 @@ all with ``output_final_state=True``; the gated ones with ``initial_state=M_0, s
   (another version: the torch path, with the reason). The rules without decay have no gate and
   keep fla's public ops.
 
-Every rule runs fla's kernel on the whole sequence, at any T and batch. A split of a long hebbian
-sequence into segments side by side (more programs for fla's state recurrence, one correction
-product) was measured slower and removed: 9.0 against 5.0 ms forward + backward at 1 x 64K on an
-H100, where the direct call at 64K is within 1.28x of its tokens/s at 1K
-(``benchmarks/results/layers/long_context_h100.md``).
+Long sequences at small batch: the delta rules (delta, dgd) cut each sequence into segments that
+run side by side (``fla_split``: fla's context-parallel summaries and merge on one card, exact),
+where ``fla_split.segment_count`` says the (sequence, head) programs would not fill the GPU (64K
+tokens at batch 1). The hebbian rule always runs fla's kernel on the whole sequence: a segment
+split of it was measured slower and removed (9.0 against 5.0 ms forward + backward at 1 x 64K on
+an H100, where the direct call at 64K is within 1.28x of its tokens/s at 1K;
+``benchmarks/results/layers/long_context_h100.md``). :func:`segments` overrides the count.
 
 fla returns gradients for q, k, v, g, beta and M_0 (the initial state gets one); gradients of lr,
 of k through c_t (dgd) and of v through b*v (hebbian) follow by autograd.
@@ -44,19 +46,54 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
 
-from . import fla_gated
+from . import fla_gated, fla_split
 
-__all__ = ["FIX", "MAX_DELTA_HEAD_DIM", "available", "chunked", "gated_backward_miscompiled", "unsupported"]
+__all__ = [
+    "FIX", "MAX_DELTA_HEAD_DIM", "available", "chunked", "gated_backward_miscompiled", "segments", "unsupported",
+]
 
 FIX = 'pip install -e ".[kernels]"'
 MAX_DELTA_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16)
 # Tests only: take fla_gated's Functions for every gated op, on any GPU (not only where needed).
 _FORCE_OWN_GATED_BACKWARD = False
+
+
+# None: fla_split.segment_count's choice; an int: that many segments for the delta rules (1: unsplit)
+_SEGMENTS: int | None = None
+
+
+@contextlib.contextmanager
+def segments(count: int | None):
+    """Within the block, cut every delta-rule sequence on fla into ``count`` segments (1: never;
+    None: ``fla_split.segment_count``'s choice, the default). For benchmarks and tests.
+
+    Example:
+        >>> with segments(1):
+        ...     pass   # the delta rules run unsplit here
+    """
+    global _SEGMENTS
+    if count is not None and (not isinstance(count, int) or count < 1):
+        raise ValueError(f"segments takes a count >= 1 or None, got {count!r}")
+    before, _SEGMENTS = _SEGMENTS, count
+    try:
+        yield
+    finally:
+        _SEGMENTS = before
+
+
+def _segment_count(k: torch.Tensor) -> int:
+    """Segments for a delta-rule call on k (B, T, H, dk): 1 where the split cannot run."""
+    if fla_split.unavailable() is not None or not fla_split.device_ok(k.device):
+        return 1
+    if _SEGMENTS is not None:
+        return _SEGMENTS
+    return fla_split.segment_count(k.shape[0], k.shape[1], k.shape[2], k.device)
 
 
 # looked up once: torch.compile cannot trace importlib's find_spec inside a layer's forward
@@ -123,6 +160,11 @@ def chunked(q, k, v, b, log_decay, initial_state, *, delta: bool):
     m0 = initial_state.float() if initial_state is not None else None
     own = _FORCE_OWN_GATED_BACKWARD or gated_backward_miscompiled(k.device)
     if delta:
+        count = _segment_count(k)
+        if count > 1:
+            gates = g if g is not None else torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+            y, m = fla_split.gated_delta_rule(q, k, v, gates, b.float(), m0, segments=count)
+            return y.to(q.dtype), m.to(q.dtype)
         if g is None:
             from fla.ops.delta_rule import chunk_delta_rule
 
