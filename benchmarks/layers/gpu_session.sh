@@ -18,8 +18,8 @@
 #             (benchmarks/layers/matmul_layouts.py: which call sites leave cuBLAS on a slow kernel)
 #   cross     the Titans memories' tokens/s for several cross-chunk GROUP values, 1K-64K
 #             (benchmarks/layers/cross_group.py; CROSS_ARGS replaces its arguments)
-#   long      the linear rules' tokens/s at 1K and 64K and their ratio, each on fla's kernel over the whole
-#             sequence (benchmarks/layers/long_context_bench.py; LONG_ARGS replaces its arguments)
+#   long      the linear rules' tokens/s at 1K and 64K and their ratio, the delta rules at each segment count
+#             of --segments (benchmarks/layers/long_context_bench.py; LONG_ARGS replaces its arguments)
 #   baseline  the LM step's anatomy for each tree in $BASELINE (space-separated folders, e.g. earlier
 #             commits unpacked by `git archive`), timed by this tree's lm_profile.py, in the same call as
 #             `profile`: before/after pairs on one machine
@@ -108,7 +108,7 @@ long_context() {
   CUDA_VISIBLE_DEVICES=${1:-0} timeout "${LONG_SECONDS:-200}" python3 -m benchmarks.layers.long_context_bench \
     ${LONG_ARGS:-} > "$out/logs/long_context_bench.log" 2>&1
   say "long_context_bench rc=$?"
-  tail -n 5 "$out/logs/long_context_bench.log" | tee -a "$out/session.log"
+  grep -E "^(check|\|)" "$out/logs/long_context_bench.log" | tee -a "$out/session.log"
 }
 matmuls() {
   say "matmul_layouts start"
