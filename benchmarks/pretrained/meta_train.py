@@ -1,7 +1,7 @@
 """Meta-train DeepMomentum's memory over the meta-training task families, and write it as a memory file.
 
-For each read-out ``sigma`` in ``--sigmas`` (``identity``, ``ns``: the differentiable ones; ``sign``
-passes no meta-gradient to the memory):
+For each read-out ``sigma`` in ``--sigmas`` (``identity``, ``ns``; ``sign``, whose own gradient is zero,
+meta-trains through the straight-through estimator, ``deepopt.levels.deep.straight_through_sign``):
 
 1. the starting learning rate: the hand-set DeepMomentum (momentum 0.9, inner_lr 0.1) at each rate of
    ``--lr-grid`` on ``--validation-tasks`` fresh meta-family tasks; the best (lowest validation loss);
@@ -35,6 +35,7 @@ Example (CPU, seconds; a check, not a result):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -50,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from deepopt import functional as F
+from deepopt.levels.deep import straight_through_sign
 from deepopt.meta import MetaLearner, MetaTrainer, unroll
 
 from .families import FAMILIES, META_FAMILIES
@@ -179,7 +181,8 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
             checkpoint()
             return None
         sample.steps = trainer.unroll = horizon(args, len(history))
-        stats = trainer.step()
+        with straight_through_sign() if sigma == "sign" else contextlib.nullcontext():
+            stats = trainer.step()
         history.append({k: float(v) for k, v in stats.items()} | {"unroll": trainer.unroll})
         i = len(history)
         if rank == 0 and (i % 10 == 1 or i == args.meta_steps):
@@ -225,7 +228,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="output (and checkpoint) folder; rerun to resume")
     ap.add_argument("--families", nargs="+", default=[f.name for f in META_FAMILIES], choices=sorted(FAMILIES))
-    ap.add_argument("--sigmas", nargs="+", default=["identity", "ns"], choices=["identity", "ns"])
+    ap.add_argument("--sigmas", nargs="+", default=["identity", "ns"], choices=["identity", "sign", "ns"])
     ap.add_argument("--meta-steps", type=int, default=200)
     ap.add_argument("--tasks-per-step", type=int, default=2)
     ap.add_argument("--unroll", type=int, default=40)

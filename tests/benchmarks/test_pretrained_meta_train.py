@@ -84,7 +84,18 @@ def test_divergence_reads_the_training_loss_not_the_held_out_one():
     assert evaluate.diverged({**run, "final_train": 2.5}) and evaluate.diverged({**run, "final_train": math.inf})
 
 
-@pytest.mark.parametrize("bad", [["--sigmas", "sign"], ["--families", "no_such_family"]])
+def test_a_sign_read_out_meta_trains_its_memory_through_the_straight_through_estimator(tmp_path):
+    args = [a if a != "identity" else "sign" for a in TINY]
+    assert meta_train.main(["--out", str(tmp_path), *args]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    learned = summary["results"][0]["learned"]
+    start = deepopt.levels.deep.default_memory_init(8)
+    assert summary["chosen"] == "sign" and learned["sigma"] == "sign"
+    assert learned["memory_init"]["w1"] != start["w1"].tolist()  # a meta-gradient reached the memory
+    assert learned["momentum"] != 0.9 and learned["inner_lr"] != 0.1
+
+
+@pytest.mark.parametrize("bad", [["--sigmas", "adam"], ["--families", "no_such_family"]])
 def test_meta_training_refuses_bad_arguments(bad, tmp_path):
     with pytest.raises(SystemExit):
         meta_train.main(["--out", str(tmp_path), *bad])

@@ -87,6 +87,26 @@ def test_deep_momentum_sigmas(sigma):
         assert orthogonality_error(step / step.norm() * 2) < 1.0
 
 
+def test_straight_through_sign_keeps_the_step_and_passes_the_gradient():
+    from deepopt.levels.deep import straight_through_sign
+
+    lvl = DeepMemory(hidden=4)
+    group = dict(lvl.defaults, sigma="sign")
+    x = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(20, dtype=torch.float64)
+    plain = lvl._sigma(x, x, group).num
+    assert torch.autograd.grad((plain * weights).sum(), x, allow_unused=True)[0].abs().sum() == 0  # sign's own
+    with straight_through_sign():
+        with straight_through_sign():  # nested: restored to the outer block's setting, not off
+            pass
+        through = lvl._sigma(x, x, group).num
+    assert torch.equal(through, plain)  # the same step, bit for bit
+    assert torch.equal(torch.autograd.grad((through * weights).sum(), x)[0], weights)  # the identity's gradient
+    assert torch.equal(lvl._sigma(x, x, group).num, plain)  # off again after the block
+    assert lvl._sigma(x, x, group).num.grad_fn is not None and "SignBackward" in type(
+        lvl._sigma(x, x, group).num.grad_fn).__name__
+
+
 def test_momentum_level_rejects_unknown_form():
     with pytest.raises(ValueError, match="form"):
         Momentum(form="adam")

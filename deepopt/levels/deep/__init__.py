@@ -3,6 +3,6 @@
 (:mod:`.triton_kernels`)."""
 
 from .fused import DeepStep
-from .level import SIGMAS, DeepMemory, default_memory_init
+from .level import SIGMAS, DeepMemory, default_memory_init, straight_through_sign
 
-__all__ = ["DeepMemory", "DeepStep", "SIGMAS", "default_memory_init"]
+__all__ = ["DeepMemory", "DeepStep", "SIGMAS", "default_memory_init", "straight_through_sign"]

@@ -58,9 +58,53 @@ from ..base import Direction, Level, State, axpy, check_nonnegative, zeros_like
 from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio, newton_schulz
 from ..precision import ns_compute_dtype
 
-__all__ = ["DeepMemory", "default_memory_init", "inner_sums", "mlp_out", "SIGMAS"]
+__all__ = ["DeepMemory", "default_memory_init", "inner_sums", "mlp_out", "SIGMAS", "straight_through_sign"]
 
 SIGMAS = ("identity", "sign", "ns")
+
+_STRAIGHT_THROUGH = [False]
+
+
+class _SignStraightThrough(torch.autograd.Function):
+    """sign(x) forward, the identity backward (the straight-through estimator)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.sign()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tensor:
+        return grad_out
+
+
+class straight_through_sign:
+    """Within the block, the ``"sign"`` read-out passes gradients straight through (Bengio et al.,
+    2013): the step is still ``-lr sign(m)``, but a gradient of the step reaches ``m`` as if the
+    read-out were the identity, where the true gradient of ``sign`` is zero. Meta-training uses it
+    so that a sign read-out's memory learns; outside the block nothing changes.
+
+    Example:
+        >>> x = torch.tensor([0.3, -2.0], requires_grad=True)
+        >>> lvl = DeepMemory(hidden=2); group = dict(lvl.defaults, sigma="sign")
+        >>> with straight_through_sign():
+        ...     d = lvl._sigma(x, x, group).num
+        >>> d.tolist(), torch.autograd.grad(d.sum(), x)[0].tolist()
+        ([1.0, -1.0], [1.0, 1.0])
+    """
+
+    def __enter__(self):
+        self._before = _STRAIGHT_THROUGH[0]
+        _STRAIGHT_THROUGH[0] = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _STRAIGHT_THROUGH[0] = self._before
 _MLP_KEYS = ("w1", "b1", "w2")
 #: elements per chunk of the foreach path (chunk x hidden floats stay in cache); tensors of at
 #: least this many elements are walked one by one, smaller ones of equal size stacked (one chunk
@@ -197,6 +241,8 @@ class DeepMemory(Level):
     def _sigma(self, out: Tensor, p: Tensor, group: Mapping[str, Any]) -> Direction:
         sigma = self.hp(group, "sigma")
         if sigma == "sign":
+            if _STRAIGHT_THROUGH[0] and out.requires_grad:
+                return Direction(_SignStraightThrough.apply(out))
             return Direction(out.sign())
         if sigma == "ns" and p.ndim >= 2:
             dt = ns_compute_dtype(torch.bfloat16, "auto", out.device)  # bf16, or float32 where bf16 is emulated
