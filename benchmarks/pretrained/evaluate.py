@@ -207,8 +207,20 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr-grid", type=float, nargs="+", default=list(LR_GRID))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="families evaluated side by side in this many processes (on a GPU the small tasks are "
+                         "launch-bound, so several processes share it well)")
     ap.add_argument("--smoke", action="store_true", help="two families, one seed, 3 steps: a check, not a result")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.workers < 1:
+        ap.error(f"--workers must be >= 1, got {args.workers}")
+    return args
+
+
+def _evaluate_in_worker(job: tuple[str, argparse.Namespace]) -> dict:
+    name, args = job
+    torch.set_num_threads(args.threads)
+    return evaluate_family(name, args)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -220,10 +232,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     out = Path(run_dir("pretrained", args.out, args.update_results))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    families = []
-    for name in args.families:
-        families.append(evaluate_family(name, args))
-        s = families[-1]["summary"]
+    if args.workers > 1:
+        with torch.multiprocessing.get_context("spawn").Pool(min(args.workers, len(args.families))) as pool:
+            families = pool.map(_evaluate_in_worker, [(name, args) for name in args.families], chunksize=1)
+    else:
+        families = [evaluate_family(name, args) for name in args.families]
+    for name, family in zip(args.families, families):
+        s = family["summary"]
         print(f"{name}: pretrained {s['pretrained']['mean']:.4f}  AdamW default {s['adamw_default']['mean']:.4f}  "
               f"tuned {s['adamw_tuned']['mean']:.4f}  Muon tuned {s['muon_tuned']['mean']:.4f}", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \

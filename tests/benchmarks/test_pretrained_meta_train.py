@@ -57,6 +57,18 @@ def test_evaluation_scores_and_report(tmp_path):
     assert "| digits_autoencoder | 3 |" in text and "Both (target: >= 4 of 5)" in text
 
 
+def test_families_in_worker_processes_give_the_same_results(tmp_path):
+    args = ["--families", "digits_autoencoder", "mnist1d_mlp", "--seeds", "1", "--steps", "3", "--long", "2",
+            "--lr-grid", "1e-3", "1e-2"]
+    one = evaluate.main([*args, "--out", str(tmp_path / "one")])
+    two = evaluate.main([*args, "--out", str(tmp_path / "two"), "--workers", "2"])
+    assert [f["family"] for f in two] == ["digits_autoencoder", "mnist1d_mlp"]
+    means = [{k: s["mean"] for k, s in f["summary"].items()} for f in one]
+    assert [{k: s["mean"] for k, s in f["summary"].items()} for f in two] == means
+    with pytest.raises(SystemExit):
+        evaluate.main([*args, "--out", str(tmp_path / "bad"), "--workers", "0"])
+
+
 def test_a_diverging_run_scores_inf():
     class Exploding:
         params = {"w": torch.ones(2)}
