@@ -23,9 +23,11 @@ The read-out with the lowest validation loss is the memory: ``OUT/memory.json`` 
 Resumable: each read-out checkpoints into ``OUT/<sigma>/checkpoint.pt`` every ``--checkpoint-every``
 outer steps and when ``--max-seconds`` runs out (then the process exits with code 3: run the same
 command again to continue); a finished read-out is not run again. Several processes (``torchrun
---nproc-per-node N python -m benchmarks.pretrained.meta_train ...``, one GPU each with ``--device
-cuda``): each samples its own tasks (task seed + rank) and the meta-gradients are averaged by an
-all-reduce before every step, so all processes hold the same memory; rank 0 writes.
+--nproc-per-node N -m benchmarks.pretrained.meta_train ...``, with ``--device cuda`` one GPU each, or
+shared when N exceeds the GPUs: the small tasks are launch-bound, so several processes fill one GPU;
+they then all-reduce through gloo): each samples its own tasks (task seed + rank) and the
+meta-gradients are averaged by an all-reduce before every step, so all processes hold the same
+memory; rank 0 writes.
 
 Example (CPU, seconds; a check, not a result):
     python -m benchmarks.pretrained.meta_train --out /tmp/meta --meta-steps 2 --unroll 4 --truncation 2 \\
@@ -111,9 +113,13 @@ def validation_loss(hyperparameters: dict, tasks: Sequence[Normalized], steps: i
 
 
 def all_reduce_mean(grads: list[torch.Tensor]) -> None:
-    """Average ``grads`` in place over the default process group (one flat all-reduce)."""
+    """Average ``grads`` in place over the default process group (one flat all-reduce; through the
+    host under gloo, the backend of processes that share a GPU)."""
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    host = flat.is_cuda and dist.get_backend() == "gloo"
+    summed = flat.cpu() if host else flat
+    dist.all_reduce(summed)
+    flat = summed.to(flat.device) if host else summed
     flat /= dist.get_world_size()
     parts = flat.split([g.numel() for g in grads])
     torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(parts, grads)])
@@ -125,7 +131,7 @@ def out_of_time(deadline: float, world: int, device: str) -> bool:
     late = time.time() > deadline
     if world == 1:
         return late
-    flag = torch.tensor([float(late)], device=device)
+    flag = torch.tensor([float(late)], device="cpu" if dist.get_backend() == "gloo" else device)
     dist.broadcast(flag, src=0)
     return bool(flag.item())
 
@@ -256,9 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        cuda = args.device.startswith("cuda")
+        # more processes than GPUs: they share the GPUs (small tasks are launch-bound), and NCCL takes one
+        # process per GPU, so they talk through gloo
+        shared = cuda and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        dist.init_process_group("nccl" if cuda and not shared else "gloo")
         if args.device == "cuda":
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
             torch.cuda.set_device(args.device)
     deadline = math.inf if args.max_seconds is None else time.time() + args.max_seconds
     args.out.mkdir(parents=True, exist_ok=True)
