@@ -17,8 +17,9 @@ Three implementations that agree to rounding, outputs and every gradient:
 ``linear_memory_recurrent`` (token by token, the reference), and ``linear_memory_chunked`` with
 ``impl="torch"`` (pure torch, chunks in parallel, one matmul per chunk in the sequential loop) or
 ``impl="fla"`` (flash-linear-attention's Triton kernels: CUDA, float16/bfloat16; on Hopper GPUs
-with Triton < 3.7.1 one step of the gated backward in torch, see ``fla_gated``); ``impl="auto"``
-takes fla where it applies and torch elsewhere.
+with Triton < 3.7.1 one step of the gated backward in torch, see ``fla_gated``; the delta rules on
+long sequences at small batch cut into segments side by side, exactly, see ``fla_split``);
+``impl="auto"`` takes fla where it applies and torch elsewhere.
 
 References: Katharopoulos et al. 2020 (linear attention); Yang et al. 2024 (DeltaNet, Gated
 DeltaNet); Liu et al. 2024 (Longhorn); Behrouz et al. 2025 (Nested Learning, section 5).
