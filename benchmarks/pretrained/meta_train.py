@@ -160,7 +160,7 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
     val_tasks = [sample(vg) for _ in range(args.validation_tasks)]
     fixed = dict(HAND_SET, sigma=sigma, hidden=args.hidden)
     ckpt_path = folder / "checkpoint.pt"
-    ckpt = torch.load(ckpt_path, weights_only=True) if ckpt_path.exists() else None
+    ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu") if ckpt_path.exists() else None
     if ckpt is None:
         grid = {lr: validation_loss(dict(fixed, lr=lr), val_tasks, val_steps) for lr in args.lr_grid}
         start_lr = min(grid, key=grid.get)

@@ -21,10 +21,10 @@ from nl_layers.ops.linear_memory import fla_gated, fla_split
 
 
 @pytest.mark.parametrize("batch, length, heads, expected", [
-    (64, 1024, 8, 1), (16, 4096, 8, 1), (4, 16384, 8, 4), (1, 65536, 8, 16), (1, 65536, 2, 32), (1, 4095, 8, 1),
-    (1, 8192, 8, 4), (2, 65536, 16, 4),
+    (64, 1024, 8, 1), (16, 4096, 8, 1), (4, 16384, 8, 1), (1, 65536, 8, 16), (1, 65536, 2, 32), (1, 4095, 8, 1),
+    (1, 8192, 8, 4), (2, 65536, 16, 1), (2, 65536, 8, 8), (1, 65536, 16, 8), (1, 65536, 32, 1),
 ])
-def test_segment_count_fills_half_the_sms_with_segments_of_at_least_2k(monkeypatch, batch, length, heads, expected):
+def test_segment_count_splits_few_pairs_to_half_the_sms_with_segments_of_at_least_2k(monkeypatch, batch, length, heads, expected):
     monkeypatch.setattr(fla_split, "sm_count", lambda device: 132)
     assert fla_split.segment_count(batch, length, heads, torch.device("cuda")) == expected
 

@@ -2,8 +2,8 @@
 
 fla's chunked delta-rule kernels run the state recurrence across chunks of 64 tokens with one
 program per (sequence, head, value block). At batch 1, T = 64K and 8 heads that is a handful of
-programs, each walking 1,024 chunks in turn, while a GPU has 132 SMs: the 64K call runs at about
-half the tokens/s of the same tokens as 64 sequences of 1K. Here each sequence is cut into S
+programs, each walking 1,024 chunks in turn, while a GPU has 132 SMs: the 64K call runs at 0.5-0.6x
+the tokens/s of the same tokens as 64 sequences of 1K (H100). Here each sequence is cut into S
 segments that run as S sequences, and only S - 1 small products are left in sequence.
 
 Within a segment the memory is affine in the memory it starts from (value-first, V x K):
@@ -48,13 +48,15 @@ import torch.nn.functional as F
 
 from . import fla_gated
 
-__all__ = ["MIN_SEGMENT", "PAIRS_PER_SM", "device_ok", "gated_delta_rule", "segment_count", "unavailable"]
+__all__ = ["MIN_SEGMENT", "PAIRS_PER_SM", "SPLIT_BELOW", "device_ok", "gated_delta_rule", "segment_count", "unavailable"]
 
 CHUNK = fla_gated.CHUNK
 #: shortest segment worth a sequence of its own (32 of fla's chunks)
 MIN_SEGMENT = 2048
 #: (sequence, head) pairs per SM the split aims for (each pair is two or more programs: value blocks)
 PAIRS_PER_SM = 0.5
+#: the split runs only where batch * heads * SPLIT_BELOW <= the SMs (fewer pairs than an eighth of them)
+SPLIT_BELOW = 8
 
 
 @functools.cache
@@ -98,14 +100,18 @@ def device_ok(device: torch.device) -> bool:
 def segment_count(batch: int, length: int, heads: int, device: torch.device) -> int:
     """How many segments each sequence is cut into (1: none).
 
-    A power of two, the fewest that give ``PAIRS_PER_SM`` (sequence, head) pairs per SM, with
-    segments of at least ``MIN_SEGMENT`` tokens; 1 off CUDA and wherever ``batch * heads`` already
-    gives that many (at 64K tokens per call with 8 heads on an H100's 132 SMs: T = 1K and 4K are
-    not cut, 16K is cut in 4 and 64K in 16, segments of 4K).
+    Only where ``batch * heads`` is at most an eighth of the SMs (at 64K tokens per call on an H100,
+    132 SMs, 8 heads: T = 64K, batch 1): there the unsplit call keeps 0.61x of its 1K tokens/s and
+    the split 0.71x; at T = 16K (batch 4, 32 pairs) the unsplit call keeps 0.92x and a split into 4
+    ran slower (0.75x). Then a power of two, the fewest that give ``PAIRS_PER_SM`` (sequence, head)
+    pairs per SM, with segments of at least ``MIN_SEGMENT`` tokens (16 at T = 64K; 8 timed the
+    same). 1 off CUDA. Measured: ``benchmarks/results/layers/long_context_h100.md``.
     """
     if device.type != "cuda" or length < 2 * MIN_SEGMENT:
         return 1
     sms = sm_count(device)
+    if batch * heads * SPLIT_BELOW > sms:
+        return 1
     count = 1
     while batch * heads * count < PAIRS_PER_SM * sms and length // (2 * count) >= MIN_SEGMENT:
         count *= 2
