@@ -343,7 +343,7 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
         log = Path(f).parent / "commands.txt"  # written by ``python -m benchmarks run`` (a pool suite)
         if log.exists():
             run_commands += [line.strip() for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-    parts = ["# Multi-query associative recall by memory rule and width (issue 9)", ""]
+    parts = ["# Multi-query associative recall by memory rule and width", ""]
     parts += [f"- run command: `{c}`" for c in run_commands]
     parts += [f"- report command: `{header.get('command', '?')}`",
              f"- record files: {', '.join(f'`{p}`' for p in header.get('record_files', [])) or '-'}",
