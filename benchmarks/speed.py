@@ -185,8 +185,9 @@ def speed_optimizers(names: Sequence[str] | None = None, device: str = "cuda") -
         makers[name] = (lambda c: lambda ps: make_deepopt(c, ps, None, 1e-4))(cls)
     import deepopt
 
-    if "default" in deepopt.pretrained.available():  # the shipped memory: its read-out's step cost
-        makers["DeepMomentum.pretrained"] = lambda ps: deepopt.DeepMomentum.pretrained(ps, lr=1e-4)
+    for memory in deepopt.pretrained.available():  # the shipped memories: their read-outs' step costs
+        key = "DeepMomentum.pretrained" if memory == "default" else f"DeepMomentum.pretrained({memory})"
+        makers[key] = (lambda m: lambda ps: deepopt.DeepMomentum.pretrained(ps, name=m, lr=1e-4))(memory)
     if names is not None:
         unknown = [n for n in names if n not in makers]
         if unknown:

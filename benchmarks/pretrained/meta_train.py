@@ -1,11 +1,13 @@
 """Meta-train DeepMomentum's memory over the meta-training task families, and write it as a memory file.
 
-For each read-out ``sigma`` in ``--sigmas`` (``identity``, ``ns``; ``sign``, whose own gradient is zero,
-meta-trains through the straight-through estimator, ``deepopt.levels.deep.straight_through_sign``):
+For each read-out ``sigma`` in ``--sigmas`` (``identity``, ``rms``, ``ns``; ``sign``, whose own gradient is
+zero, meta-trains through the straight-through estimator, ``deepopt.levels.deep.straight_through_sign``):
 
 1. the starting learning rate: the hand-set DeepMomentum (momentum 0.9, inner_lr 0.1) at each rate of
-   ``--lr-grid`` on ``--validation-tasks`` fresh meta-family tasks; the best (lowest validation loss);
+   ``--lr-grid`` on ``--validation-tasks`` fresh meta-family tasks (``--validation-steps`` inner steps,
+   by default the longest unroll); the best (lowest validation loss);
 2. meta-learning of the memory's initial MLP (``memory_init``), ``inner_lr``, ``momentum`` and ``lr``
+   (``--fixed-lr``: the rate stays at the grid's best)
    by truncated unrolls (:class:`deepopt.meta.MetaTrainer`: ``--unroll`` inner steps in segments of
    ``--truncation``, ``--tasks-per-step`` tasks per outer step; with ``--unroll-max`` each outer
    step's horizon is drawn from [unroll, unroll_max]), each task's loss divided by its initial loss,
@@ -53,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from deepopt import functional as F
-from deepopt.levels.deep import straight_through_sign
+from deepopt.levels.deep import SIGMAS, straight_through_sign
 from deepopt.meta import MetaLearner, MetaTrainer, unroll
 
 from .families import FAMILIES, META_FAMILIES
@@ -155,7 +157,7 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
     if done.exists():
         return json.loads(done.read_text())
     vg = torch.Generator().manual_seed(args.seed + 1000)
-    val_steps = max(args.unroll, args.unroll_max or 0)
+    val_steps = args.validation_steps or max(args.unroll, args.unroll_max or 0)
     sample = Sampler(args.families, val_steps, args.device)
     val_tasks = [sample(vg) for _ in range(args.validation_tasks)]
     fixed = dict(HAND_SET, sigma=sigma, hidden=args.hidden)
@@ -167,7 +169,8 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
         history, used = [], 0.0
     else:
         grid, start_lr, history, used = ckpt["grid"], ckpt["start_lr"], ckpt["history"], ckpt["seconds"]
-    learner = MetaLearner("DeepMomentum", learn=LEARN, lr=start_lr, **fixed).to(args.device)
+    learn = tuple(k for k in LEARN if not (args.fixed_lr and k == "lr"))
+    learner = MetaLearner("DeepMomentum", learn=learn, lr=start_lr, **fixed).to(args.device)
     trainer = MetaTrainer(learner, sample, unroll=args.unroll, truncation=args.truncation, meta_lr=args.meta_lr,
                           clip=1.0, tasks_per_step=args.tasks_per_step, seed=args.seed + rank,
                           sync=all_reduce_mean if world > 1 else None)
@@ -219,9 +222,10 @@ def _card(args: argparse.Namespace, best: dict, results: list[dict], world: int,
         "meta_objective": "mean over the run of each task's training loss divided by its initial loss, "
                           f"truncated unrolls of {args.truncation} steps, {args.tasks_per_step} tasks per outer "
                           f"step per process, Adam (meta lr {args.meta_lr}), meta-gradient norm clipped at 1",
-        "horizon": f"{args.unroll} inner steps per task" if not args.unroll_max or args.unroll_max <= args.unroll else
-                   f"{args.unroll}-{args.unroll_max} inner steps per task (uniform, multiples of {args.truncation}); "
-                   f"validation at {args.unroll_max}",
+        "horizon": (f"{args.unroll} inner steps per task" if not args.unroll_max or args.unroll_max <= args.unroll else
+                    f"{args.unroll}-{args.unroll_max} inner steps per task (uniform, multiples of {args.truncation})")
+                   + f"; rate grid and validation at {best['validation_steps']}"
+                   + ("; the rate fixed at the grid's best" if args.fixed_lr else ""),
         "compute": f"{world} process(es) on {device}, torch {torch.__version__}, "
                    f"{sum(r['seconds'] for r in results):.0f} s over read-outs "
                    f"{', '.join(r['sigma'] for r in results)}; {args.meta_steps} outer steps each",
@@ -234,7 +238,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="output (and checkpoint) folder; rerun to resume")
     ap.add_argument("--families", nargs="+", default=[f.name for f in META_FAMILIES], choices=sorted(FAMILIES))
-    ap.add_argument("--sigmas", nargs="+", default=["identity", "ns"], choices=["identity", "sign", "ns"])
+    ap.add_argument("--sigmas", nargs="+", default=["identity", "ns"], choices=list(SIGMAS))
     ap.add_argument("--meta-steps", type=int, default=200)
     ap.add_argument("--tasks-per-step", type=int, default=2)
     ap.add_argument("--unroll", type=int, default=40)
@@ -245,6 +249,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=8)
     ap.add_argument("--lr-grid", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3])
     ap.add_argument("--validation-tasks", type=int, default=8)
+    ap.add_argument("--validation-steps", type=int, default=None,
+                    help="inner steps of the rate grid and the validation (default: the longest unroll)")
+    ap.add_argument("--fixed-lr", action="store_true",
+                    help="keep the grid's best rate: learn the memory, momentum and inner rate only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)

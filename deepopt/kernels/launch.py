@@ -320,9 +320,10 @@ def tanh(x: Tensor) -> Tensor:
 
 
 def apply_rows(step: FusedStep, idx: Sequence[int], params: Sequence[Tensor], outs: Sequence[Tensor],
-               alphas: Sequence[float], decay: float, kernel: bool) -> None:
+               alphas: Sequence[float] | Tensor, decay: float, kernel: bool) -> None:
     """``p <- decay p - alpha o`` for every row (``o`` in any dtype, ``p``'s shape): the step after
-    an orthogonalized read-out (Muon, DeepMomentum with ``sigma="ns"``)."""
+    an orthogonalized or rescaled read-out (Muon, DeepMomentum with ``sigma="ns"`` or ``"rms"``).
+    ``alphas``: floats, or a float32 device tensor of one per row (no host read)."""
     if not kernel:
         for i, o, al in zip(idx, outs, alphas):
             params[i].copy_(f32(params[i]) * decay - al * f32(o))
@@ -331,6 +332,8 @@ def apply_rows(step: FusedStep, idx: Sequence[int], params: Sequence[Tensor], ou
 
     rows = RowSet([[params[i], o] for i, o in zip(idx, outs)], mutable=(0,))
     p = params[idx[0]]
-    step.launch(triton_lib.apply_kernel, rows, scalar_table([[al] for al in alphas], p.device), decay, NSCAL=1,
+    scal = (alphas.reshape(-1, 1).to(torch.float32).contiguous() if isinstance(alphas, Tensor)
+            else scalar_table([[al] for al in alphas], p.device))
+    step.launch(triton_lib.apply_kernel, rows, scal, decay, NSCAL=1,
                 P_DT=tl_dtype(p.dtype), O_DT=tl_dtype(outs[0].dtype))
     rows.finish()

@@ -23,8 +23,9 @@ class DeepMomentum(LevelOptimizer):
     :math:`\mu` on momentum's inner objective :math:`-\langle m_\phi(u), u\rangle`, computed with
     ``torch.func.grad`` (:mod:`deepopt.levels.deep`). Nested Learning reading: momentum is a
     linear memory of gradients trained by one gradient step per token of the gradient stream;
-    DMGD gives that memory depth (an MLP), so it can compress the stream non-linearly. ``sigma`` is ``"identity"``, ``"sign"`` or
-    ``"ns"`` (Newton-Schulz on matrices, identity on the rest; in bf16 as torch's Muon, or in
+    DMGD gives that memory depth (an MLP), so it can compress the stream non-linearly. ``sigma`` is ``"identity"``, ``"sign"``,
+    ``"rms"`` (the read-out divided by its root mean square over the tensor: a step of RMS ``lr``)
+    or ``"ns"`` (Newton-Schulz on matrices, identity on the rest; in bf16 as torch's Muon, or in
     float32 on a CPU where bf16 matmuls are emulated: :mod:`deepopt.levels.precision`).
 
     Reduction: ``inner_lr=0`` (with the default silent MLP init) is exactly

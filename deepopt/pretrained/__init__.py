@@ -9,7 +9,7 @@ initial weights ``memory_init`` and a model card. The package ships some as
 
     {"format": 1, "name": "default", "optimizer": "DeepMomentum",
      "hyperparameters": {"lr": float, "momentum": float, "inner_lr": float,
-                         "sigma": "identity" | "sign" | "ns", "hidden": int, "weight_decay": float},
+                         "sigma": "identity" | "sign" | "rms" | "ns", "hidden": int, "weight_decay": float},
      "memory_init": {"w1": [hidden floats], "b1": [hidden floats], "w2": [hidden floats]},
      "card": {"summary": str, "training_distribution": str, "meta_objective": str, "horizon": str,
               "compute": str, "command": str, "evaluation": str}}

@@ -85,3 +85,16 @@ def test_speed_table_formats_rows_and_errors():
     assert out[0][10:] == ["-", "-"]  # no back-to-back timing (the CPU's rows)
     rows[0].update(ms_chain=9.9, ratio_to_torch_chain=1.0)
     assert speed.speed_table(rows)[1][0][10:] == ["9.9", "1.00"]
+
+
+def test_speed_times_every_shipped_memory_by_name():
+    import deepopt
+
+    makers = speed.speed_optimizers(device="cpu")
+    names = deepopt.pretrained.available()
+    expected = {"DeepMomentum.pretrained" if n == "default" else f"DeepMomentum.pretrained({n})" for n in names}
+    assert expected <= set(makers) and len(expected) == len(names) >= 2
+    p = torch.nn.Parameter(torch.ones(3, 4))
+    for n in names:
+        opt = makers[f"DeepMomentum.pretrained({n})" if n != "default" else "DeepMomentum.pretrained"]([p])
+        assert opt.param_groups[0]["sigma"] == deepopt.pretrained.load(n).hyperparameters["sigma"]

@@ -73,7 +73,7 @@ def test_deep_memory_is_a_real_network_that_learns():
     assert not torch.allclose(read, state["bias"])  # and it changes the read-out
 
 
-@pytest.mark.parametrize("sigma", ["identity", "sign", "ns"])
+@pytest.mark.parametrize("sigma", ["identity", "sign", "rms", "ns"])
 def test_deep_momentum_sigmas(sigma):
     model = torch.nn.Linear(6, 4)
     opt = deepopt.DeepMomentum(model.parameters(), lr=0.01, sigma=sigma)
@@ -85,6 +85,8 @@ def test_deep_momentum_sigmas(sigma):
         assert set(step.abs().round(decimals=4).unique().tolist()) <= {0.0, 1.0}
     if sigma == "ns":
         assert orthogonality_error(step / step.norm() * 2) < 1.0
+    if sigma == "rms":  # a step of RMS lr per tensor
+        torch.testing.assert_close(step.square().mean().sqrt(), torch.tensor(1.0), rtol=1e-4, atol=0)
 
 
 def test_straight_through_sign_keeps_the_step_and_passes_the_gradient():
@@ -211,7 +213,7 @@ def test_delta_momentum_bf16_forget_term_stays_within_its_stated_tolerance_of_fl
         assert float((a - b).norm()) < bound * 0.01 * 30 * float(mf[0].norm())
 
 
-@pytest.mark.parametrize("sigma", ["identity", "sign", "ns"])
+@pytest.mark.parametrize("sigma", ["identity", "sign", "rms", "ns"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("chunk", [7, 40])
 def test_deep_memory_analytic_foreach_equals_the_autograd_reference(sigma, dtype, tol, chunk, monkeypatch):

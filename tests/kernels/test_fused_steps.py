@@ -46,6 +46,7 @@ CASES = {
     "deep": (deepopt.DeepMomentum, dict(lr=0.05, inner_lr=0.5, weight_decay=0.01)),
     "deep_sign": (deepopt.DeepMomentum, dict(lr=0.05, sigma="sign")),
     "deep_ns": (deepopt.DeepMomentum, dict(lr=0.05, sigma="ns", inner_lr=0.2)),
+    "deep_rms": (deepopt.DeepMomentum, dict(lr=0.05, sigma="rms", inner_lr=0.5, weight_decay=0.01)),
 }
 STEPS = 4
 REAL = K.fused_step_for

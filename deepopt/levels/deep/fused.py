@@ -1,6 +1,6 @@
 """DeepMomentum's fused step, with the tensor-by-tensor reference of its kernels.
 
-:class:`DeepStep` (``Chain(DeepMemory)``, sigma identity, sign or ns), per list of rows:
+:class:`DeepStep` (``Chain(DeepMemory)``, sigma identity, sign, rms or ns), per list of rows:
 
     sum u^2                                  (deep_sumsq_kernel: k = u / rms(u))
     bias = a bias + u;  S = (sum u h_j, sum u (1 - h_j^2), sum u (1 - h_j^2) k),  h_j = tanh(w1_j k + b1_j)
@@ -9,7 +9,9 @@
     m = bias + sum_j w2_j tanh(w1_j k + b1_j) (new memory);  p = decay p - lr sigma(m)  (deep_read_kernel)
 
 with ``sigma="ns"`` the read-out goes to stacked buffers, a batched Newton-Schulz and the apply
-kernel. :func:`deep` does to one tensor what these kernels (:mod:`deepopt.levels.deep.triton_kernels`)
+kernel; with ``sigma="rms"`` every row's read-out goes to a buffer while the read kernel sums its
+squares, then the apply kernel steps ``p = decay p - lr m / (sqrt(sum m^2 / n) + eps)`` (scales
+computed on the device: no host read). :func:`deep` does to one tensor what these kernels (:mod:`deepopt.levels.deep.triton_kernels`)
 do to each row (float32 math).
 
 Example:
@@ -31,7 +33,7 @@ from ..orthogonal.batched import NSBatches
 from ..orthogonal.fused import ns_method
 from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio
 from ..precision import ns_compute_dtype
-from .level import DeepMemory
+from .level import RMS_EPS, DeepMemory
 
 __all__ = ["DeepStep", "deep", "READ_TILES", "TILE", "INNER_SLICE", "INNER_WARPS"]
 
@@ -85,7 +87,7 @@ def deep(p: Tensor, g: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
 
 
 class DeepStep(FusedStep):
-    """``Chain(DeepMemory)``: DeepMomentum, sigma identity, sign or ns (Newton-Schulz on matrices)."""
+    """``Chain(DeepMemory)``: DeepMomentum, sigma identity, sign, rms or ns (Newton-Schulz on matrices)."""
 
     @classmethod
     def covers(cls, chain) -> bool:
@@ -108,20 +110,32 @@ class DeepStep(FusedStep):
                             ns_compute_dtype(torch.bfloat16, "auto", p0.device), p0.device)
         slot = {i: batches.slot(j).view(params[i].shape) for j, i in enumerate(ns_rows)}
         keys = [f"{n}.bias", f"{n}.w1", f"{n}.b1", f"{n}.w2"]
+        sq = None
+        if sigma == "rms":  # every row's read-out to one flat buffer in the memory's dtype
+            bias = states[idx[0]][keys[0]]
+            flat = torch.empty(sum(params[i].numel() for i in idx), dtype=bias.dtype, device=bias.device)
+            slot = {i: v.view(params[i].shape) for i, v in zip(idx, flat.split([params[i].numel() for i in idx]))}
+            sq = torch.zeros(len(idx), dtype=torch.float32, device=bias.device)
         if not kernel:
             for i in idx:
                 s = states[i]
                 deep(params[i], grads[i], *(s[k] for k in keys), slot.get(i), a=a, eta=eta, lr=lr, decay=decay,
                      wd=wd, sign=sigma == "sign", coupled=coupled)
+            if sq is not None:
+                sq = torch.stack([f32(slot[i]).square().sum() for i in idx])
         else:
-            self._kernels(idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma)
+            self._kernels(idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq)
+        if sq is not None:
+            n_el = torch.tensor([float(params[i].numel()) for i in idx]).to(sq.device, non_blocking=True)
+            alphas = lr / ((sq / n_el).sqrt() + RMS_EPS)
+            apply_rows(self, idx, params, [slot[i] for i in idx], alphas, decay, kernel)
         if ns_rows:
             outs = batches.run(NS_COEFFICIENTS, 5, 1e-7, ns_method(group))
             alphas = [lr * adjust_lr_ratio(params[i].shape, None) for i in ns_rows]
             apply_rows(self, ns_rows, params, [o.view(params[i].shape) for i, o in zip(ns_rows, outs)], alphas,
                        decay, kernel)
 
-    def _kernels(self, idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma) -> None:
+    def _kernels(self, idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq) -> None:
         lvl = self.chain.levels[0]
         h = lvl.hidden
         hp = 1 << max(0, (h - 1).bit_length())
@@ -149,7 +163,8 @@ class DeepStep(FusedStep):
             flag = self.found if self.found is not None else red  # any pointer when CHECK is off
             k.deep_phi_kernel[(len(out_rows),)](t.ptrs, t.numel, flag, sums, a, eta, NCOL=len(rows.rows[0]), S_DT=sdt,
                                                 H=h, HP=hp, WC=wc, ALIGNED=t.aligned, CHECK=self.found is not None)
-            self.launch(k.deep_read_kernel, rows, None, red, lr, decay, wd, S_DT=sdt,
+            self.launch(k.deep_read_kernel, rows, None, red, red if sq is None else sq, lr, decay, wd, S_DT=sdt,
                         O_DT=tl_dtype(slot[out_rows[0]].dtype) if to_out else sdt, COUPLED=coupled,
-                        SIGN=sigma == "sign", TO_OUT=to_out, H=h, HP=hp, WC=wc, block=block, num_warps=warps, **dts)
+                        SIGN=sigma == "sign", TO_OUT=to_out, SUMSQ=sq is not None, H=h, HP=hp, WC=wc, block=block,
+                        num_warps=warps, **dts)
             rows.finish()

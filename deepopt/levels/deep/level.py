@@ -15,7 +15,10 @@ with ``eta = inner_lr``: the decay ``a`` forgets the memory's content (``b`` and
 the MLP within ~1/(1-a) steps).
 
 Its read-out at the current gradient drives the step: ``W <- W - lr sigma(m_phi(u_t))`` with
-``sigma`` in {"identity", "sign", "ns"} (Newton-Schulz on matrices, identity elsewhere).
+``sigma`` in {"identity", "sign", "rms", "ns"}: ``"rms"`` divides the read-out by its root mean
+square over the tensor, ``sigma(m) = m / (sqrt(mean(m^2)) + 1e-30)`` (a step of RMS ``lr`` whatever
+the gradients' scale, element-wise but for one sum per tensor); ``"ns"`` is Newton-Schulz on
+matrices, identity elsewhere.
 
 The foreach path (``write_``/``read_``, what the shell runs on the CPU) computes the inner
 gradient analytically in one pass over each tensor, in chunks that stay in cache (``h_ej =
@@ -58,9 +61,12 @@ from ..base import Direction, Level, State, axpy, check_nonnegative, zeros_like
 from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio, newton_schulz
 from ..precision import ns_compute_dtype
 
-__all__ = ["DeepMemory", "default_memory_init", "inner_sums", "mlp_out", "SIGMAS", "straight_through_sign"]
+__all__ = ["DeepMemory", "default_memory_init", "inner_sums", "mlp_out", "rms_readout", "SIGMAS", "RMS_EPS",
+           "straight_through_sign"]
 
-SIGMAS = ("identity", "sign", "ns")
+SIGMAS = ("identity", "sign", "rms", "ns")
+#: ``sigma="rms"``: ``m / (rms(m) + RMS_EPS)``
+RMS_EPS = 1e-30
 
 _STRAIGHT_THROUGH = [False]
 
@@ -118,6 +124,19 @@ def default_memory_init(hidden: int = 8) -> dict[str, Tensor]:
     """Deterministic initial MLP weights: spread slopes and offsets, silent output (``w2 = 0``)."""
     return {"w1": torch.linspace(0.5, 2.0, hidden), "b1": torch.linspace(-1.0, 1.0, hidden),
             "w2": torch.zeros(hidden)}
+
+
+def rms_readout(m: Tensor) -> Tensor:
+    """``m / (sqrt(mean(m^2)) + RMS_EPS)`` over the whole tensor, the mean in float32 at least
+    (``sigma="rms"``; the result in ``m``'s dtype).
+
+    Example:
+        >>> rms_readout(torch.tensor([3.0, -4.0])).tolist()  # rms 5 / sqrt(2)
+        [0.8485281467437744, -1.1313709020614624]
+    """
+    dt = _compute_dtype(m)
+    rms = m.to(dt).square().mean().sqrt()
+    return (m.to(dt) / (rms + RMS_EPS)).to(m.dtype)
 
 
 def _normalize(u: Tensor) -> Tensor:
@@ -244,6 +263,8 @@ class DeepMemory(Level):
             if _STRAIGHT_THROUGH[0] and out.requires_grad:
                 return Direction(_SignStraightThrough.apply(out))
             return Direction(out.sign())
+        if sigma == "rms":
+            return Direction(rms_readout(out))
         if sigma == "ns" and p.ndim >= 2:
             dt = ns_compute_dtype(torch.bfloat16, "auto", out.device)  # bf16, or float32 where bf16 is emulated
             o = newton_schulz(out.reshape(out.shape[0], -1), NS_COEFFICIENTS, 5, 1e-7, dt).reshape(out.shape)

@@ -119,13 +119,14 @@ def deep_phi_kernel(ptrs, numel, found, sums, a, eta, NCOL: tl.constexpr, S_DT: 
 
 
 @triton.jit
-def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, lr, decay, wd,
+def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, sq, lr, decay, wd,
                      NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                      O_DT: tl.constexpr, COUPLED: tl.constexpr, SIGN: tl.constexpr, TO_OUT: tl.constexpr,
                      H: tl.constexpr, HP: tl.constexpr, WC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
-                     CHECK: tl.constexpr = False):
+                     CHECK: tl.constexpr = False, SUMSQ: tl.constexpr = False):
     """Columns p, g, bias[, out], then w1, b1, w2 at WC: read m(u) = bias + sum_j w2_j tanh(w1_j k + b1_j)
-    (new memory), sigma = sign or identity; p = decay p - lr sigma(m), or (TO_OUT) out = m."""
+    (new memory), sigma = sign or identity; p = decay p - lr sigma(m), or (TO_OUT) out = m, and with
+    SUMSQ sq[row] += sum m^2 (the "rms" read-out's scale)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, NCOL, P_DT, G_DT, S_DT,
                                         COUPLED, H, HP, WC, ALIGNED)
@@ -135,6 +136,8 @@ def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, lr, decay, wd,
         d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     if TO_OUT:
         tl.store(_col(ptrs, row, 3, NCOL, O_DT, ALIGNED) + offs, _cast(d, O_DT), mask=mask)
+        if SUMSQ:
+            tl.atomic_add(sq + row, tl.sum(tl.where(mask, d * d, 0.0), 0))
     else:
         pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
         tl.store(pp + offs, _cast(_ld(pp, offs, mask) * decay - lr * d, P_DT), mask=mask)
