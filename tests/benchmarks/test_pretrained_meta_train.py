@@ -28,6 +28,18 @@ def test_meta_training_writes_a_memory_the_optimizer_loads(tmp_path):
     assert torch.isfinite(p).all()
 
 
+def test_fixed_lr_keeps_the_grid_rate_and_validation_steps_set_the_grid_horizon(tmp_path):
+    args = [a if a != "identity" else "rms" for a in TINY]
+    assert meta_train.main(["--out", str(tmp_path), *args, "--fixed-lr", "--validation-steps", "6"]) == 0
+    (result,) = json.loads((tmp_path / "summary.json").read_text())["results"]
+    assert result["validation_steps"] == 6 and result["sigma"] == "rms"
+    best = min(result["lr_grid"], key=result["lr_grid"].get)
+    assert result["learned"]["lr"] == result["start_lr"] == float(best)
+    assert result["learned"]["momentum"] != 0.9  # the memory's own values were learned
+    card = deepopt.pretrained.load(tmp_path / "memory.json").card
+    assert "validation at 6" in card["horizon"] and "rate fixed" in card["horizon"]
+
+
 def test_cut_short_meta_training_resumes_to_the_same_memory(tmp_path, monkeypatch):
     assert meta_train.main(["--out", str(tmp_path / "whole"), *TINY]) == 0
     clock = iter(range(1000))  # each read of the clock one second later: the deadline passes after two steps
