@@ -11,8 +11,8 @@
 with ``sigma="ns"`` the read-out goes to stacked buffers, a batched Newton-Schulz and the apply
 kernel; with ``sigma="rms"`` every row's read-out goes to a buffer while the read kernel sums its
 squares, then the apply kernel steps ``p = decay p - lr m / (sqrt(sum m^2 / n) + eps)`` (scales
-computed on the device: no host read). :func:`deep` does to one tensor what these kernels (:mod:`deepopt.levels.deep.triton_kernels`)
-do to each row (float32 math).
+computed on the device: no host read). :func:`deep` does to one tensor what these kernels
+(:mod:`deepopt.levels.deep.triton_kernels`) do to each row (float32 math).
 
 Example:
     >>> import torch, deepopt
