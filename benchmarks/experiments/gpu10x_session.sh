@@ -18,6 +18,7 @@
 #   bash benchmarks/experiments/gpu10x_session.sh continual   # continual_levels (graphed losses), six workers;
 #                                                             # repeat until every job is done
 #   bash benchmarks/experiments/gpu10x_session.sh recall      # recall's 24 jobs, four workers; repeat until done
+#                                                             # (WORKERS=N: N workers, either stage)
 #   bash benchmarks/experiments/gpu10x_session.sh continual_recall  # both at once (ten workers on one GPU:
 #                                                             # both are launch-bound), in $OUT/continual, $OUT/recall
 #
@@ -74,7 +75,8 @@ case "${1:-}" in
     dir=benchmarks/results/${1}10x
     [ -f "$dir/records.jsonl" ] && cp "$dir/records.jsonl" "$OUT/"
     suite=$([ "$1" = continual ] && echo continual_levels || echo recall)
-    devices=$([ "$1" = continual ] && echo cuda:0,cuda:0,cuda:0,cuda:0,cuda:0,cuda:0 || echo cuda:0,cuda:0,cuda:0,cuda:0)
+    workers=${WORKERS:-$([ "$1" = continual ] && echo 6 || echo 4)}
+    devices=$(printf 'cuda:0,%.0s' $(seq "$workers")); devices=${devices%,}
     run python3 -m benchmarks run --suite "$suite" --preset gpu10x --devices "$devices" --threads "${THREADS:-2}" \
       --deadline "${DEADLINE:-540}" --out "$OUT"
     # the device tool returns only a few files from $OUT: the report folder travels as one archive

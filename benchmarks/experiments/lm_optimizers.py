@@ -248,13 +248,19 @@ def plot(records: Sequence[dict], summary: dict, path: Path, other_records: Sequ
         bpc = [math.nan if v is None else v / math.log(2) for v in res["val_loss"]]
         ax.plot(res["eval_steps"], bpc, color=f"C{i}", label=f"{name} (lr {s['lr']:.2g})")
         bx.plot([t * res["ms_per_step"] / 1000 for t in res["eval_steps"]], bpc, color=f"C{i}")
-    target = summary["target_val_loss"] / math.log(2)
+    target = summary["target_val_loss"] / math.log(2)  # inf until AdamW has run
+    finals = [x["final_bpc"] for x in summary["optimizers"].values()
+              if x["final_bpc"] is not None and math.isfinite(x["final_bpc"])]
+    # AdamW's final loss sets the window; without an AdamW run yet (a sweep in pieces), the best final does
+    low = min(finals + ([target] if math.isfinite(target) else []), default=math.inf)
+    top = target if math.isfinite(target) else low
     for a, label in ((ax, "optimizer steps"), (bx, "training seconds (eval excluded)")):
-        a.axhline(target, color="k", ls=":", lw=1)
+        if math.isfinite(target):
+            a.axhline(target, color="k", ls=":", lw=1)
         a.set_xlabel(label)
         a.set_ylabel("validation bpc")
-        finals = [x["final_bpc"] for x in summary["optimizers"].values() if math.isfinite(x["final_bpc"])]
-        a.set_ylim(min(finals + [target]) - 0.05, target + 1.0)
+        if math.isfinite(low):
+            a.set_ylim(low - 0.05, top + 1.0)
         a.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(f"Optimizers on {summary['model']} (seed 0; dotted: AdamW's final loss)")
@@ -294,8 +300,9 @@ def report(records: list[dict], out_dir: Path, header: dict, other_records: Sequ
                   if seeded else "sweep (bpc)"]
         md += [f"- model: {summary['model']}, {summary['steps']} steps, " + (
                    "seeds as listed (each against AdamW's run of the same seed)" if seeded else "seed 0")
-               + f"; target: AdamW's final validation loss {summary['target_val_loss'] / math.log(2):.3f} bpc"
-               + (" (seed 0)" if seeded else ""), "",
+               + (f"; target: AdamW's final validation loss {summary['target_val_loss'] / math.log(2):.3f} bpc"
+                  + (" (seed 0)" if seeded else "") if math.isfinite(summary["target_val_loss"])
+                  else "; target: none yet (no AdamW run at this budget)"), "",
                markdown_table(heads, rows),
                "", "`*`: the best rate is at an end of the sweep. `-`: never reached AdamW's final loss.", "",
                "![curves](optimizer_curves.png)", ""]
