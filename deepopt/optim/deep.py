@@ -8,6 +8,7 @@ from typing import Any, Iterable, Mapping
 from torch import Tensor
 
 from ..chain import Chain
+from ..levels.adaptive import DiagonalPreconditioner
 from ..levels.deep import DeepMemory
 from .base import LevelOptimizer, Rule
 
@@ -23,13 +24,18 @@ class DeepMomentum(LevelOptimizer):
     :math:`\mu` on momentum's inner objective :math:`-\langle m_\phi(u), u\rangle`, computed with
     ``torch.func.grad`` (:mod:`deepopt.levels.deep`). Nested Learning reading: momentum is a
     linear memory of gradients trained by one gradient step per token of the gradient stream;
-    DMGD gives that memory depth (an MLP), so it can compress the stream non-linearly. ``sigma`` is ``"identity"``, ``"sign"``,
+    DMGD gives that memory depth (an MLP), so it can compress the stream non-linearly.
+    ``precondition=True`` feeds the memory Adam's preconditioned gradient instead,
+    :math:`x_t = g_t / (\sqrt{\hat v_t} + \epsilon)` with :math:`v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2`
+    (a :class:`~deepopt.levels.DiagonalPreconditioner` level before the memory, bias-corrected as
+    Adam): the memory then sees gradients of one scale in every tensor. ``sigma`` is ``"identity"``, ``"sign"``,
     ``"rms"`` (the read-out divided by its root mean square over the tensor: a step of RMS ``lr``)
     or ``"ns"`` (Newton-Schulz on matrices, identity on the rest; in bf16 as torch's Muon, or in
     float32 on a CPU where bf16 matmuls are emulated: :mod:`deepopt.levels.precision`).
 
     Reduction: ``inner_lr=0`` (with the default silent MLP init) is exactly
-    ``torch.optim.SGD(momentum=momentum)``. The memory's initial MLP weights (``memory_init``, a
+    ``torch.optim.SGD(momentum=momentum)``; with ``precondition=True`` (and no weight decay, which is
+    coupled here and decoupled there) it is exactly :class:`~deepopt.PreconditionedMomentum`. The memory's initial MLP weights (``memory_init``, a
     param-group key, so it is saved in ``state_dict()``), ``momentum`` and ``inner_lr`` are what
     :mod:`deepopt.meta` learns.
 
@@ -40,6 +46,9 @@ class DeepMomentum(LevelOptimizer):
         sigma: read-out map.
         hidden: width of the memory MLP.
         memory_init: initial ``{"w1", "b1", "w2"}`` of shape ``(hidden,)``.
+        precondition: feed the memory ``g / (sqrt(v_hat) + eps)`` (fixed at construction).
+        beta2, eps: the preconditioner's decay and denominator term (param-group keys; with
+            ``precondition=True`` only).
         maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
@@ -55,10 +64,14 @@ class DeepMomentum(LevelOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, inner_lr: float = 0.1,
                  sigma: str = "identity", hidden: int = 8, weight_decay: float = 0.0,
-                 memory_init: Mapping[str, Tensor] | None = None, *, impl: str = "auto",
+                 memory_init: Mapping[str, Tensor] | None = None, precondition: bool = False,
+                 beta2: float = 0.999, eps: float = 1e-8, *, impl: str = "auto",
                  nonfinite: str = "skip", maximize: bool = False) -> None:
-        rule = self._rule(lr, momentum, inner_lr, sigma, hidden, weight_decay, memory_init)
-        self.memory: DeepMemory = rule.chains[0].levels[0]
+        if not isinstance(precondition, bool):
+            raise TypeError(f"precondition must be True or False, got {precondition!r}")
+        self.precondition = precondition
+        rule = self._rule(lr, momentum, inner_lr, sigma, hidden, weight_decay, memory_init, precondition, beta2, eps)
+        self.memory: DeepMemory = rule.chains[0].levels[-1]
         super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
                          maximize=maximize)
 
@@ -98,8 +111,12 @@ class DeepMomentum(LevelOptimizer):
 
     @classmethod
     def _rule(cls, lr: float, momentum: float, inner_lr: float, sigma: str, hidden: int, weight_decay: float,
-              memory_init: Mapping[str, Tensor] | None) -> Rule:
+              memory_init: Mapping[str, Tensor] | None, precondition: bool = False, beta2: float = 0.999,
+              eps: float = 1e-8) -> Rule:
         memory = DeepMemory(momentum, inner_lr, sigma, hidden, memory_init)
         defaults = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, sigma=sigma, weight_decay=weight_decay,
                         memory_init=memory.memory_init)
-        return Rule([Chain(memory)], defaults, cls.weight_decay_mode)
+        if not precondition:
+            return Rule([Chain(memory)], defaults, cls.weight_decay_mode)
+        defaults.update(beta2=beta2, eps=eps)
+        return Rule([Chain(DiagonalPreconditioner(beta2, eps), memory)], defaults, cls.weight_decay_mode)

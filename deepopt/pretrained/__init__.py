@@ -9,12 +9,14 @@ initial weights ``memory_init`` and a model card. The package ships some as
 
     {"format": 1, "name": "default", "optimizer": "DeepMomentum",
      "hyperparameters": {"lr": float, "momentum": float, "inner_lr": float,
-                         "sigma": "identity" | "sign" | "rms" | "ns", "hidden": int, "weight_decay": float},
+                         "sigma": "identity" | "sign" | "rms" | "ns", "hidden": int, "weight_decay": float,
+                         optional: "precondition": bool, "beta2": float, "eps": float},
      "memory_init": {"w1": [hidden floats], "b1": [hidden floats], "w2": [hidden floats]},
      "card": {"summary": str, "training_distribution": str, "meta_objective": str, "horizon": str,
               "compute": str, "command": str, "evaluation": str}}
 
-Numbers are written exactly (a float32 ``memory_init`` entry or a float hyperparameter comes back
+The optional keys (:data:`OPTIONAL`, with their defaults) are written only for a preconditioned
+memory (``precondition: true``, ``DeepMomentum(precondition=True)``). Numbers are written exactly (a float32 ``memory_init`` entry or a float hyperparameter comes back
 bit for bit); reading a file parses JSON only, nothing in it is executed.
 
 Example:
@@ -47,7 +49,7 @@ from torch import Tensor
 from ..levels.deep.level import SIGMAS
 from ..optim.registry import OPTIMIZERS
 
-__all__ = ["CARD_KEYS", "FORMAT", "HYPERPARAMETERS", "PretrainedMemory", "available", "load", "save"]
+__all__ = ["CARD_KEYS", "FORMAT", "HYPERPARAMETERS", "OPTIONAL", "PretrainedMemory", "available", "load", "save"]
 
 #: the file format this version reads and writes
 FORMAT = 1
@@ -55,6 +57,8 @@ FORMAT = 1
 OPTIMIZER = "DeepMomentum"
 #: the keys of ``"hyperparameters"`` (``memory_init`` has its own entry)
 HYPERPARAMETERS = ("lr", "momentum", "inner_lr", "sigma", "hidden", "weight_decay")
+#: optional keys of ``"hyperparameters"`` and their values when absent (the preconditioned memory's)
+OPTIONAL = {"precondition": False, "beta2": 0.999, "eps": 1e-8}
 #: the model card's keys (free text each; a card may hold more)
 CARD_KEYS = ("summary", "training_distribution", "meta_objective", "horizon", "compute", "command", "evaluation")
 _TOP_KEYS = ("format", "name", "optimizer", "hyperparameters", "memory_init", "card")
@@ -79,8 +83,8 @@ class PretrainedMemory:
     """One memory file, read and validated.
 
     ``hyperparameters`` holds ``lr`` (the recommended learning rate), ``momentum``, ``inner_lr``,
-    ``sigma``, ``hidden``, ``weight_decay`` and ``memory_init`` (float32 tensors of shape
-    ``(hidden,)``); ``card`` the model card (what it was trained on, how, how it was evaluated).
+    ``sigma``, ``hidden``, ``weight_decay``, ``precondition``, ``beta2``, ``eps`` and ``memory_init``
+    (float32 tensors of shape ``(hidden,)``); ``card`` the model card (what it was trained on, how, how it was evaluated).
     """
 
     name: str
@@ -110,7 +114,8 @@ class PretrainedMemory:
         return out
 
     def __repr__(self) -> str:
-        hp = ", ".join(f"{k}={self.hyperparameters[k]!r}" for k in HYPERPARAMETERS)
+        shown = HYPERPARAMETERS + (tuple(OPTIONAL) if self.hyperparameters["precondition"] else ())
+        hp = ", ".join(f"{k}={self.hyperparameters[k]!r}" for k in shown)
         return f"PretrainedMemory(name={self.name!r}, optimizer={self.optimizer!r}, {hp})"
 
 
@@ -183,8 +188,19 @@ def _validate(doc: Any, source: str) -> PretrainedMemory:
     if not isinstance(doc["name"], str) or not _NAME.fullmatch(doc["name"]):
         raise ValueError(f"{source}: name {doc['name']!r} must be letters, digits, '_' or '-'; {_HOW}")
     hp_doc, init_doc, card_doc = doc["hyperparameters"], doc["memory_init"], doc["card"]
-    _keys(hp_doc, HYPERPARAMETERS, "'hyperparameters'", source)
+    _keys(hp_doc, HYPERPARAMETERS, "'hyperparameters'", source, extra=True)
+    unknown = sorted(set(hp_doc) - set(HYPERPARAMETERS) - set(OPTIONAL))
+    if unknown:
+        raise ValueError(f"{source}: 'hyperparameters' has unknown keys {unknown} (it takes "
+                         f"{list(HYPERPARAMETERS)} and optionally {list(OPTIONAL)}); {_HOW}")
     hp: dict[str, Any] = {k: _number(hp_doc[k], f"hyperparameters.{k}", source) for k in _FLOATS}
+    precondition = hp_doc.get("precondition", OPTIONAL["precondition"])
+    if not isinstance(precondition, bool):
+        raise ValueError(f"{source}: hyperparameters.precondition must be true or false, got {precondition!r}; "
+                         f"{_HOW}")
+    hp["precondition"] = precondition
+    for k in ("beta2", "eps"):
+        hp[k] = _number(hp_doc[k], f"hyperparameters.{k}", source) if k in hp_doc else OPTIONAL[k]
     hidden = hp_doc["hidden"]
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"{source}: hyperparameters.hidden must be an int >= 1 (the memory MLP's width), got "
@@ -236,9 +252,10 @@ def save(path: str | os.PathLike, hyperparameters: Mapping[str, Any], *, name: s
     path = Path(path)
     if path.suffix != ".json":
         raise ValueError(f"a memory file ends in .json, got {str(path)!r}")
-    unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS) - {"memory_init"})
+    unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS) - set(OPTIONAL) - {"memory_init"})
     if unknown:
-        raise ValueError(f"a memory file holds {list(HYPERPARAMETERS) + ['memory_init']}; drop {unknown}")
+        raise ValueError(f"a memory file holds {list(HYPERPARAMETERS) + list(OPTIONAL) + ['memory_init']}; "
+                         f"drop {unknown}")
     if "memory_init" not in hyperparameters:
         raise ValueError("hyperparameters has no memory_init (the learned initial MLP weights): a memory file "
                          "ships them; learn them with deepopt.meta.MetaLearner('DeepMomentum')")
@@ -257,6 +274,9 @@ def save(path: str | os.PathLike, hyperparameters: Mapping[str, Any], *, name: s
             hp[k] = _plain_float(v, k)
         elif k in ("hidden", "sigma"):
             hp[k] = v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
+    if hyperparameters.get("precondition", False):  # written only where it matters: plain files stay as they were
+        hp["precondition"] = hyperparameters["precondition"]
+        hp.update({k: _plain_float(hyperparameters.get(k, OPTIONAL[k]), k) for k in ("beta2", "eps")})
     doc = {"format": FORMAT, "name": name, "optimizer": OPTIMIZER, "hyperparameters": hp,
            "memory_init": {k: v.tolist() for k, v in init.items()}, "card": dict(card) if isinstance(card, Mapping) else card}
     _validate(doc, str(path))

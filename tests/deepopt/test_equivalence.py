@@ -110,6 +110,16 @@ def test_deep_momentum_with_zero_inner_lr_is_sgd(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_preconditioned_deep_momentum_with_zero_inner_lr_is_preconditioned_momentum(impl):
+    # (weight decay differs: coupled in DeepMomentum, as SGD; decoupled in PreconditionedMomentum)
+    a, b = run_pair(lambda p: deepopt.PreconditionedMomentum(p, lr=0.01, momentum=0.9, beta2=0.99, eps=1e-6,
+                                                             impl=impl),
+                    lambda p: deepopt.DeepMomentum(p, lr=0.01, momentum=0.9, inner_lr=0.0, precondition=True,
+                                                   beta2=0.99, eps=1e-6, impl=impl))
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_m3_one_level_identity_is_adamw(impl):
     def m3(p):
         opt = deepopt.M3(p, lr=0.01, momenta=[(0.9, 1, 1.0)], betas=(0.9, 0.999, 0.0), weight_decay=0.1,

@@ -184,8 +184,9 @@ def test_save_refuses_what_load_would(tmp_path):
 def test_kwargs_overrides_win_and_are_checked(path):
     mem = P.load(path)
     kw = mem.kwargs()
-    assert set(kw) == {"lr", "momentum", "inner_lr", "sigma", "hidden", "weight_decay", "memory_init"}
-    assert kw["lr"] == float(torch.tensor(0.037))
+    assert set(kw) == {"lr", "momentum", "inner_lr", "sigma", "hidden", "weight_decay", "memory_init",
+                       "precondition", "beta2", "eps"}
+    assert kw["lr"] == float(torch.tensor(0.037)) and kw["precondition"] is False
     kw["memory_init"]["w1"].zero_()  # fresh tensors: the memory is unchanged
     assert not torch.equal(mem.hyperparameters["memory_init"]["w1"], kw["memory_init"]["w1"])
     over = mem.kwargs(lr=0.5, weight_decay=0.01, impl="reference", maximize=True)
@@ -323,3 +324,26 @@ def test_public_names():
     assert "pretrained" in deepopt.__all__ and deepopt.pretrained is P
     assert "deep_momentum_pretrained" in F.__all__
     assert set(P.__all__) >= {"available", "load", "save", "PretrainedMemory"}
+
+
+def test_preconditioned_memory_round_trip(tmp_path, path):
+    """precondition, beta2 and eps are written for a preconditioned memory only, read back exactly, and
+    build DeepMomentum(precondition=True); a plain file has none of them and reads precondition=False."""
+    assert "precondition" not in _doc(path)["hyperparameters"]
+    pre = P.save(tmp_path / "pre.json", dict(_learned(), precondition=True, beta2=0.99, eps=torch.tensor(1e-6)),
+                 name="pre", card=CARD)
+    hp = _doc(pre)["hyperparameters"]
+    assert (hp["precondition"], hp["beta2"], hp["eps"]) == (True, 0.99, float(torch.tensor(1e-6)))
+    mem = P.load(pre)
+    assert "precondition=True, beta2=0.99" in repr(mem)
+    opt = deepopt.DeepMomentum.pretrained([torch.nn.Parameter(torch.ones(3))], name=pre)
+    assert opt.precondition and opt.param_groups[0]["beta2"] == 0.99
+    assert [type(lv).__name__ for lv in opt.chains[0].levels] == ["DiagonalPreconditioner", "DeepMemory"]
+    doc = _doc(pre)
+    doc["hyperparameters"]["precondition"] = "yes"
+    with pytest.raises(ValueError, match="hyperparameters.precondition must be true or false"):
+        P.load(_write(tmp_path, doc))
+    doc["hyperparameters"]["precondition"] = True
+    doc["hyperparameters"]["beta3"] = 0.9
+    with pytest.raises(ValueError, match=r"unknown keys \['beta3'\].*optionally"):
+        P.load(_write(tmp_path, doc))

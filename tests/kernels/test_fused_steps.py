@@ -47,6 +47,8 @@ CASES = {
     "deep_sign": (deepopt.DeepMomentum, dict(lr=0.05, sigma="sign")),
     "deep_ns": (deepopt.DeepMomentum, dict(lr=0.05, sigma="ns", inner_lr=0.2)),
     "deep_rms": (deepopt.DeepMomentum, dict(lr=0.05, sigma="rms", inner_lr=0.5, weight_decay=0.01)),
+    "deep_pre": (deepopt.DeepMomentum, dict(lr=0.01, inner_lr=0.5, precondition=True, weight_decay=0.01)),
+    "deep_pre_rms": (deepopt.DeepMomentum, dict(lr=0.01, sigma="rms", inner_lr=0.5, precondition=True, beta2=0.9)),
 }
 STEPS = 4
 REAL = K.fused_step_for
@@ -111,7 +113,8 @@ def test_kernel_equals_reference_and_foreach_fp32(name, monkeypatch):
     compare(pk, ok, pf, of, 2e-3 if "muon" in name or "m3" in name or "ns" in name else 1e-4)
 
 
-@pytest.mark.parametrize("name", ["momentum", "adam", "precond_slow", "m3", "deep", "delta", "delta_f32_terms"])
+@pytest.mark.parametrize("name", ["momentum", "adam", "precond_slow", "m3", "deep", "deep_pre", "delta",
+                                  "delta_f32_terms"])
 @pytest.mark.parametrize("state_dtype", [None, torch.float32])
 def test_kernel_equals_reference_bf16(name, state_dtype, monkeypatch):
     pk, ok = run(name, "triton", torch.bfloat16, state_dtype, monkeypatch)

@@ -27,8 +27,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.launch import REDUCE_BLOCK, FusedStep, apply_rows, f32, row_grad, row_step, tanh, tl_dtype
-from ...kernels.tables import RowSet
+from ...kernels.launch import (REDUCE_BLOCK, FusedStep, apply_rows, bias_correction, f32, row_grad, row_step, tanh,
+                               tl_dtype)
+from ...kernels.tables import RowSet, step_scalars
+from ..adaptive.level import DiagonalPreconditioner
 from ..orthogonal.batched import NSBatches
 from ..orthogonal.fused import ns_method
 from ..orthogonal.level import NS_COEFFICIENTS, adjust_lr_ratio
@@ -58,9 +60,16 @@ def _kernels():
 
 def deep(p: Tensor, g: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, out: Tensor | None, *,
          a: float, eta: float, lr: float, decay: float, wd: float, sign: bool = False,
-         coupled: bool = False) -> None:
-    """The reference of the deep momentum kernels on one tensor (memory and ``p``, or ``out``, in place)."""
+         coupled: bool = False, v: Tensor | None = None, b2: float = 0.0, eps: float = 0.0,
+         den: float = 1.0) -> None:
+    """The reference of the deep momentum kernels on one tensor (memory and ``p``, or ``out``, in place).
+
+    ``v`` (``precondition=True``): the second moment, written first, ``v = b2 v + (1 - b2) u^2`` (stored
+    in its dtype), and the memory's input is ``u / (sqrt(v) den + eps)``, ``den = 1/sqrt(1 - b2^t)``."""
     u = row_grad(p, g, wd, coupled).reshape(-1)
+    if v is not None:
+        v.copy_((b2 * f32(v).reshape(-1) + (1 - b2) * u * u).reshape(v.shape))
+        u = u / (f32(v).reshape(-1).sqrt() * den + eps)
     n = u.numel()
     k = u / (float((u * u).sum() / n) ** 0.5 + 1e-30)
     fw1, fb1, fw2 = f32(w1), f32(b1), f32(w2)
@@ -87,23 +96,32 @@ def deep(p: Tensor, g: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
 
 
 class DeepStep(FusedStep):
-    """``Chain(DeepMemory)``: DeepMomentum, sigma identity, sign, rms or ns (Newton-Schulz on matrices)."""
+    """``Chain(DeepMemory)``: DeepMomentum, sigma identity, sign, rms or ns (Newton-Schulz on matrices);
+    ``Chain(DiagonalPreconditioner(period 1), DeepMemory)``: the same with ``precondition=True``."""
 
     @classmethod
     def covers(cls, chain) -> bool:
-        return len(chain.levels) == 1 and isinstance(chain.levels[0], DeepMemory)
+        lv = chain.levels
+        return isinstance(lv[-1], DeepMemory) and (len(lv) == 1 or (
+            len(lv) == 2 and type(lv[0]) is DiagonalPreconditioner and lv[0].period == 1))
 
     def makes_flag(self, group) -> bool:
         """The sum-of-squares pass reads every gradient before the inner kernel's first store; with
         ``sigma="ns"`` the matrices are a second launch family, so not there."""
-        return self.chain.levels[0].hp(group, "sigma") != "ns"
+        return self.chain.levels[-1].hp(group, "sigma") != "ns"
 
     def run(self, idx, params, grads, states, group, ts, lr, wd, decoupled, kernel) -> None:
-        lvl = self.chain.levels[0]
+        lvl = self.chain.levels[-1]
         n = lvl.name
         a, eta = float(lvl.hp(group, "momentum")), float(lvl.hp(group, "inner_lr"))
         sigma = lvl.hp(group, "sigma")
         decay, coupled = self.decay_terms(lr, wd, decoupled)
+        pre = None  # (b2, eps, the second moment's key, den per row) with precondition=True
+        if len(self.chain.levels) == 2:
+            lp = self.chain.levels[0]
+            b2 = float(lp.hp(group, "beta2"))
+            dens = {i: bias_correction(b2, ts[i]) ** -0.5 for i in idx}
+            pre = (b2, float(lp.hp(group, "eps")), f"{lp.name}.exp_avg_sq", dens)
         ns_rows = [i for i in idx if sigma == "ns" and params[i].ndim >= 2]
         p0 = params[idx[0]]
         batches = NSBatches([(params[i].shape[0], params[i][0].numel()) for i in ns_rows],
@@ -119,12 +137,13 @@ class DeepStep(FusedStep):
         if not kernel:
             for i in idx:
                 s = states[i]
+                more = {} if pre is None else dict(v=s[pre[2]], b2=pre[0], eps=pre[1], den=pre[3][i])
                 deep(params[i], grads[i], *(s[k] for k in keys), slot.get(i), a=a, eta=eta, lr=lr, decay=decay,
-                     wd=wd, sign=sigma == "sign", coupled=coupled)
+                     wd=wd, sign=sigma == "sign", coupled=coupled, **more)
             if sq is not None:
                 sq = torch.stack([f32(slot[i]).square().sum() for i in idx])
         else:
-            self._kernels(idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq)
+            self._kernels(idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq, pre)
         if sq is not None:
             n_el = torch.tensor([float(params[i].numel()) for i in idx]).to(sq.device, non_blocking=True)
             alphas = lr / ((sq / n_el).sqrt() + RMS_EPS)
@@ -135,8 +154,9 @@ class DeepStep(FusedStep):
             apply_rows(self, ns_rows, params, [o.view(params[i].shape) for i, o in zip(ns_rows, outs)], alphas,
                        decay, kernel)
 
-    def _kernels(self, idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq) -> None:
-        lvl = self.chain.levels[0]
+    def _kernels(self, idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq,
+                 pre) -> None:
+        lvl = self.chain.levels[-1]
         h = lvl.hidden
         hp = 1 << max(0, (h - 1).bit_length())
         k = _kernels()
@@ -144,26 +164,30 @@ class DeepStep(FusedStep):
             if not out_rows:
                 continue
             to_out = out_rows[0] in slot
-            main = [[params[i], grads[i], states[i][keys[0]]] + ([slot[i]] if to_out else []) for i in out_rows]
+            main = [[params[i], grads[i], states[i][keys[0]]] + ([slot[i]] if to_out else [])
+                    + ([states[i][pre[2]]] if pre else []) for i in out_rows]
             extra = [[states[i][kk] for kk in keys[1:]] for i in out_rows]
-            rows = RowSet(main, mutable=(0, 2, 3) if to_out else (0, 2), extra=extra)
             wc = len(main[0])
+            rows = RowSet(main, mutable=(0, 2) + ((3,) if to_out else ()) + ((wc - 1,) if pre else ()), extra=extra)
             p, g, b = params[out_rows[0]], grads[out_rows[0]], states[out_rows[0]][keys[0]]
-            dts = dict(P_DT=tl_dtype(p.dtype), G_DT=tl_dtype(g.dtype))
+            dts = dict(P_DT=tl_dtype(p.dtype), G_DT=tl_dtype(g.dtype), PRE=pre is not None, VC=wc - 1)
             sdt = tl_dtype(b.dtype)
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
-            self.launch_first_pass(k.deep_sumsq_kernel, rows, None, red, wd, COUPLED=coupled, block=REDUCE_BLOCK,
-                                   **dts)
+            b2, eps = (pre[0], pre[1]) if pre else (0.0, 0.0)
+            den = red if pre is None else step_scalars([pre[3][i] for i in out_rows], lambda d: [d], p.device)
+            self.launch_first_pass(k.deep_sumsq_kernel, rows, None, red, wd, den, b2, eps, S_DT=sdt, COUPLED=coupled,
+                                   block=REDUCE_BLOCK, **dts)
             block, warps = TILE or READ_TILES[b.element_size()]
-            self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, S_DT=sdt, COUPLED=coupled,
+            self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, den, b2, eps, S_DT=sdt, COUPLED=coupled,
                         LEARN=eta != 0, H=h, HP=hp, WC=wc, SUB=INNER_SLICE[1], block=INNER_SLICE[0],
                         num_warps=INNER_WARPS, **dts)
             t = rows.tables(1024)
             flag = self.found if self.found is not None else red  # any pointer when CHECK is off
             k.deep_phi_kernel[(len(out_rows),)](t.ptrs, t.numel, flag, sums, a, eta, NCOL=len(rows.rows[0]), S_DT=sdt,
                                                 H=h, HP=hp, WC=wc, ALIGNED=t.aligned, CHECK=self.found is not None)
-            self.launch(k.deep_read_kernel, rows, None, red, red if sq is None else sq, lr, decay, wd, S_DT=sdt,
+            self.launch(k.deep_read_kernel, rows, None, red, red if sq is None else sq, lr, decay, wd, den, b2, eps,
+                        S_DT=sdt,
                         O_DT=tl_dtype(slot[out_rows[0]].dtype) if to_out else sdt, COUPLED=coupled,
                         SIGN=sigma == "sign", TO_OUT=to_out, SUMSQ=sq is not None, H=h, HP=hp, WC=wc, block=block,
                         num_warps=warps, **dts)

@@ -21,26 +21,49 @@ from ...kernels.triton_lib import _cast, _col, _grad, _grad_checked, _ld, _row, 
 
 # ----------------------------------------------------------------------------- deep momentum
 @triton.jit
-def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd,
-                      NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, COUPLED: tl.constexpr,
-                      BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
-                      CHECK: tl.constexpr = False, FLAG_OUT: tl.constexpr = False):
-    """Columns p, g: red[row] += sum u^2 (u the decayed gradient), for k = u / rms(u). FLAG_OUT (with
-    CHECK off): also set the non-finite flag ``found`` to 1 where a gradient entry is NaN or +-Inf,
-    so this pass, which reads every gradient anyway, is the step's check (the kernels after it read
-    the flag)."""
+def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, eps,
+                      NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+                      COUPLED: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+                      CHECK: tl.constexpr = False, FLAG_OUT: tl.constexpr = False, PRE: tl.constexpr = False,
+                      VC: tl.constexpr = 0):
+    """Columns p, g: red[row] += sum u^2 (u the decayed gradient), for k = u / rms(u); with PRE, u is
+    the preconditioned gradient (:func:`_preconditioned`, the second moment not stored here). FLAG_OUT
+    (with CHECK off): also set the non-finite flag ``found`` to 1 where a gradient entry is NaN or
+    +-Inf, so this pass, which reads every gradient anyway, is the step's check (the kernels after it
+    read the flag)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     u = _grad_checked(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), found, NCOL, G_DT,
                       COUPLED, ALIGNED, FLAG_OUT)
+    if PRE:
+        u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, False)
     tl.atomic_add(red + row, tl.sum(u * u, 0))
 
 
 @triton.jit
-def _features(ptrs, row, offs, mask, wd, red, numel, NCOL: tl.constexpr, P_DT: tl.constexpr,
+def _preconditioned(ptrs, row, offs, mask, g, den, b2, eps, NCOL: tl.constexpr, S_DT: tl.constexpr,
+                    VC: tl.constexpr, ALIGNED: tl.constexpr, WRITE: tl.constexpr, STORE: tl.constexpr):
+    """``g / (sqrt(v) den[row] + eps)`` with v column VC: WRITE first (``v = b2 v + (1 - b2) g^2``,
+    rounded to the state's dtype as stored; STORE: stored), else v as held (written this step)."""
+    vp = _col(ptrs, row, VC, NCOL, S_DT, ALIGNED)
+    if WRITE:
+        v = _cast(b2 * _ld(vp, offs, mask) + (1.0 - b2) * g * g, S_DT)
+        if STORE:
+            tl.store(vp + offs, v, mask=mask)
+        v = v.to(tl.float32)
+    else:
+        v = _ld(vp, offs, mask)
+    return tl.where(mask, g / (tl.sqrt(v) * tl.load(den + row) + eps), 0.0)
+
+
+@triton.jit
+def _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, NCOL: tl.constexpr, P_DT: tl.constexpr,
               G_DT: tl.constexpr, S_DT: tl.constexpr, COUPLED: tl.constexpr, H: tl.constexpr,
-              HP: tl.constexpr, WC: tl.constexpr, ALIGNED: tl.constexpr):
-    """u, k = u/rms(u), and the memory MLP's (w1, b1, w2) of this row (columns WC, WC+1, WC+2)."""
+              HP: tl.constexpr, WC: tl.constexpr, ALIGNED: tl.constexpr, PRE: tl.constexpr, VC: tl.constexpr):
+    """u (PRE: preconditioned by the second moment written this step), k = u/rms(u), and the memory
+    MLP's (w1, b1, w2) of this row (columns WC, WC+1, WC+2)."""
     u = _grad(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), NCOL, G_DT, COUPLED, ALIGNED)
+    if PRE:
+        u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, False, False)
     rms = tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32))
     k = u / (rms + 1e-30)
     j = tl.arange(0, HP)
@@ -52,13 +75,14 @@ def _features(ptrs, row, offs, mask, wd, red, numel, NCOL: tl.constexpr, P_DT: t
 
 
 @triton.jit
-def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd,
+def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, den, b2, eps,
                       NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                       COUPLED: tl.constexpr, LEARN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
                       WC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr = False,
-                      CHECK: tl.constexpr = False):
+                      CHECK: tl.constexpr = False, PRE: tl.constexpr = False, VC: tl.constexpr = 0):
     """Columns p, g, bias, then w1, b1, w2 at WC: bias = a bias + u, and (LEARN) the inner gradient's sums
-    sums[row] += (sum u h_j, sum u (1 - h_j^2), sum u (1 - h_j^2) k), h_j = tanh(w1_j k + b1_j).
+    sums[row] += (sum u h_j, sum u (1 - h_j^2), sum u (1 - h_j^2) k), h_j = tanh(w1_j k + b1_j). With
+    PRE (second moment in column VC, written and stored here), u is the preconditioned gradient.
 
     The block is walked in slices of SUB elements whose (HP, SUB) products add up in registers; the
     sums over elements cross the lanes once per block (a block of BLOCK = 8 SUB pays one reduction
@@ -78,6 +102,8 @@ def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd,
         offs = offs0 + c
         mask = offs < n
         u = _grad(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED)
+        if PRE:
+            u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, True)
         tl.store(bp + offs, _cast(a * _ld(bp, offs, mask) + u, S_DT), mask=mask)
         if LEARN:
             k = u / (rms + 1e-30)
@@ -119,17 +145,18 @@ def deep_phi_kernel(ptrs, numel, found, sums, a, eta, NCOL: tl.constexpr, S_DT: 
 
 
 @triton.jit
-def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, sq, lr, decay, wd,
+def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, sq, lr, decay, wd, den, b2, eps,
                      NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                      O_DT: tl.constexpr, COUPLED: tl.constexpr, SIGN: tl.constexpr, TO_OUT: tl.constexpr,
                      H: tl.constexpr, HP: tl.constexpr, WC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
-                     CHECK: tl.constexpr = False, SUMSQ: tl.constexpr = False):
+                     CHECK: tl.constexpr = False, SUMSQ: tl.constexpr = False, PRE: tl.constexpr = False,
+                     VC: tl.constexpr = 0):
     """Columns p, g, bias[, out], then w1, b1, w2 at WC: read m(u) = bias + sum_j w2_j tanh(w1_j k + b1_j)
     (new memory), sigma = sign or identity; p = decay p - lr sigma(m), or (TO_OUT) out = m, and with
     SUMSQ sq[row] += sum m^2 (the "rms" read-out's scale)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
-    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, NCOL, P_DT, G_DT, S_DT,
-                                        COUPLED, H, HP, WC, ALIGNED)
+    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, NCOL, P_DT, G_DT,
+                                        S_DT, COUPLED, H, HP, WC, ALIGNED, PRE, VC)
     h = _tanh_for(w1[:, None] * k[None, :] + b1[:, None], S_DT)  # (HP, BLOCK): the hidden units' sum stays in a thread
     d = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask) + tl.sum(h * w2[:, None], 0)
     if SIGN:
