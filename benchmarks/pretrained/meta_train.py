@@ -16,9 +16,11 @@ zero, meta-trains through the straight-through estimator, ``deepopt.levels.deep.
        meta-loss = mean over tasks and steps t of  L_task(W_t) / L_task(W_0);
 
 3. validation of the learned values on the same validation tasks (the same normalized loss over the
-   run, no gradient).
+   run, no gradient); with ``--keep-hand-set`` a learned memory that validates worse than the hand-set
+   one at the grid's best rate is dropped for that hand-set memory (the result says which was kept).
 
-The read-out with the lowest validation loss is the memory: ``OUT/memory.json`` (the format of
+``--precondition`` meta-trains ``DeepMomentum(precondition=True)``, whose memory reads Adam's
+preconditioned gradient. The read-out with the lowest validation loss is the memory: ``OUT/memory.json`` (the format of
 :mod:`deepopt.pretrained`; ``--ship NAME`` also writes ``deepopt/pretrained/NAME.json``), beside
 ``OUT/summary.json`` (every read-out's starting rate, learned values, validation loss, history).
 
@@ -55,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 from deepopt import functional as F
-from deepopt.levels.deep import SIGMAS, straight_through_sign
+from deepopt.levels.deep import SIGMAS, default_memory_init, straight_through_sign
 from deepopt.meta import MetaLearner, MetaTrainer, unroll
 
 from .families import FAMILIES, META_FAMILIES
@@ -160,7 +162,7 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
     val_steps = args.validation_steps or max(args.unroll, args.unroll_max or 0)
     sample = Sampler(args.families, val_steps, args.device)
     val_tasks = [sample(vg) for _ in range(args.validation_tasks)]
-    fixed = dict(HAND_SET, sigma=sigma, hidden=args.hidden)
+    fixed = dict(HAND_SET, sigma=sigma, hidden=args.hidden, **({"precondition": True} if args.precondition else {}))
     ckpt_path = folder / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu") if ckpt_path.exists() else None
     if ckpt is None:
@@ -200,9 +202,15 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
         if i % args.checkpoint_every == 0:
             checkpoint()
     learned = learner.learned()
+    loss = validation_loss(learned, val_tasks, val_steps)
+    kept = "learned"
+    if args.keep_hand_set and not loss < grid[start_lr]:  # meta-training did not help: the hand-set memory
+        hand = dict(fixed, lr=start_lr, memory_init=default_memory_init(args.hidden))  # what the grid ran
+        learned, loss, kept = hand, grid[start_lr], "hand-set"
     result = {"sigma": sigma, "lr_grid": {str(k): v for k, v in grid.items()}, "start_lr": start_lr,
-              "validation_loss_hand_set": grid[start_lr],
-              "validation_loss": validation_loss(learned, val_tasks, val_steps), "validation_steps": val_steps,
+              "validation_loss_hand_set": grid[start_lr], "validation_loss_learned": loss if kept == "learned"
+              else validation_loss(learner.learned(), val_tasks, val_steps),
+              "validation_loss": loss, "kept": kept, "validation_steps": val_steps,
               "learned": _plain(learned), "history": history,
               "skipped_steps": sum(h["skipped"] for h in history),
               "seconds": round(used + time.perf_counter() - t0, 1)}
@@ -215,9 +223,16 @@ def _card(args: argparse.Namespace, best: dict, results: list[dict], world: int,
     families = "; ".join(f"{n}: {FAMILIES[n].description}" for n in args.families)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"
     return {
-        "summary": f"DeepMomentum memory (read-out {best['sigma']}) meta-learned over {len(args.families)} task "
-                   f"families; validation loss {best['validation_loss']:.4f} of the initial loss against "
-                   f"{best['validation_loss_hand_set']:.4f} for the hand-set memory at its best grid rate",
+        "summary": (f"DeepMomentum memory (read-out {best['sigma']}"
+                    + (", over Adam-preconditioned gradients" if args.precondition else "") + ") "
+                    + (f"meta-learned over {len(args.families)} task families; validation loss "
+                       f"{best['validation_loss']:.4f} of the initial loss against "
+                       f"{best['validation_loss_hand_set']:.4f} for the hand-set memory at its best grid rate"
+                       if best.get("kept", "learned") == "learned" else
+                       f"hand-set (momentum 0.9, inner rate 0.1, the silent initial MLP) at the rate chosen on "
+                       f"{len(args.families)} meta-training task families: meta-training from it validated at "
+                       f"{best['validation_loss_learned']:.4f} of the initial loss, not below the hand-set "
+                       f"memory's {best['validation_loss_hand_set']:.4f}, so the hand-set memory is kept")),
         "training_distribution": families,
         "meta_objective": "mean over the run of each task's training loss divided by its initial loss, "
                           f"truncated unrolls of {args.truncation} steps, {args.tasks_per_step} tasks per outer "
@@ -253,6 +268,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="inner steps of the rate grid and the validation (default: the longest unroll)")
     ap.add_argument("--fixed-lr", action="store_true",
                     help="keep the grid's best rate: learn the memory, momentum and inner rate only")
+    ap.add_argument("--precondition", action="store_true",
+                    help="meta-train DeepMomentum(precondition=True): the memory reads Adam's preconditioned gradient")
+    ap.add_argument("--keep-hand-set", action="store_true",
+                    help="keep the hand-set memory where the learned one does not validate lower")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)

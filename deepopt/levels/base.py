@@ -146,6 +146,21 @@ def is_one(x: Any) -> bool:
     return not isinstance(x, Tensor) and x == 1.0
 
 
+def sqrt_moment(v: Tensor) -> Tensor:
+    """``sqrt(v)`` of a second moment, with the same values, but differentiable at ``v = 0``: there
+    (an entry whose gradients were all zero so far) its derivative is 0 rather than ``inf``, whose
+    product with the zero derivative of ``v`` would be NaN in a meta-gradient (:mod:`deepopt.meta`
+    differentiates through the optimizer's steps). NaN stays NaN.
+
+    Example:
+        >>> v = torch.tensor([0.0, 4.0], requires_grad=True)
+        >>> sqrt_moment(v).detach(), torch.autograd.grad(sqrt_moment(v).sum(), v)[0]
+        (tensor([0., 2.]), tensor([0.0000, 0.2500]))
+    """
+    zero = v == 0
+    return torch.where(zero, torch.ones_like(v), v).sqrt().masked_fill(zero, 0.0)
+
+
 def axpy(x: Tensor, y: Tensor, alpha: Any) -> Tensor:
     """``x + alpha * y``: ``torch.add(x, y, alpha=alpha)`` for a number (bit-exact with torch's
     optimizers), plain arithmetic for a tensor ``alpha`` (a hyperparameter being differentiated)."""

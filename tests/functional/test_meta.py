@@ -210,3 +210,33 @@ def test_sync_sees_every_meta_gradient_before_the_step():
     torch.optim.Adam.step(direct.meta_opt)
     for a, b in zip(synced.learner.parameters(), direct.learner.parameters()):
         assert torch.equal(a, b)
+
+
+class WithDeadEntries(Quadratic):
+    """The quadratic, plus a vector half of whose entries have gradients so small (~1e-200) that their
+    squares underflow: their second moments stay exactly 0 while the gradients are not (and depend
+    on the parameters, so the meta-gradient flows through them)."""
+
+    def __init__(self, g: torch.Generator, dtype=torch.float32):
+        super().__init__(g, dtype)
+        self.params["e"] = torch.randn(6, generator=g, dtype=dtype)
+
+    def loss(self, params, step):
+        e = params["e"]
+        rest = super().loss({k: v for k, v in params.items() if k != "e"}, step)
+        return rest + (e[:3] ** 2).sum() + 1e-200 * (e[3:] ** 2).sum()
+
+
+@pytest.mark.parametrize("optimizer,kw", [
+    ("DeepMomentum", dict(lr=0.01, momentum=0.8, inner_lr=0.2, hidden=4, precondition=True)),
+    ("M3", dict(lr=0.02, frequency=2, ns_dtype=None, alpha=0.5)),
+])
+def test_meta_gradient_is_finite_where_a_second_moment_stays_zero(optimizer, kw):
+    """sqrt(v) at v = 0 has an infinite derivative; the preconditioners differentiate it as 0, so the
+    meta-gradient is finite (it was NaN) and still matches finite differences."""
+    learner = MetaLearner(optimizer, **kw).double()
+    task = WithDeadEntries(torch.Generator().manual_seed(0), torch.float64)
+    f, raw = _meta_loss_fn(learner, task, steps=4)
+    grads = torch.autograd.grad(f(*raw), raw, allow_unused=True)
+    assert all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+    assert torch.autograd.gradcheck(f, raw, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)

@@ -29,7 +29,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ..base import Direction, Level, State, addcmul, axpy, check_nonnegative, check_unit_interval, zeros_like
+from ..base import (Direction, Level, State, addcmul, axpy, check_nonnegative, check_unit_interval, sqrt_moment,
+                    zeros_like)
 
 __all__ = ["AdamMoments", "DiagonalPreconditioner", "ADAM_FORMS"]
 
@@ -100,10 +101,10 @@ class AdamMoments(Level):
         m, eps = state["exp_avg"], self.hp(group, "eps")
         v = state["max_exp_avg_sq" if self._ams(group) else "exp_avg_sq"]
         if self.hp(group, "form") == "accumulate":
-            return Direction(m, v.sqrt() + eps)
+            return Direction(m, sqrt_moment(v) + eps)
         b1, b2 = self.hp(group, "betas")
         bc2_sqrt = (1 - b2**t) ** 0.5
-        return Direction(m, v.sqrt() / bc2_sqrt + eps, div=1 - b1**t)
+        return Direction(m, sqrt_moment(v) / bc2_sqrt + eps, div=1 - b1**t)
 
     def write_(self, states: list[State], xs: list[Tensor], ps: list[Tensor],
                group: Mapping[str, Any], ts: list[int]) -> None:
@@ -170,7 +171,7 @@ class DiagonalPreconditioner(Level):
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         bc2_sqrt = (1 - self.hp(group, "beta2") ** t) ** 0.5
-        return Direction(x, state["exp_avg_sq"].sqrt() / bc2_sqrt + self.hp(group, "eps"))
+        return Direction(x, sqrt_moment(state["exp_avg_sq"]) / bc2_sqrt + self.hp(group, "eps"))
 
     def _plain(self, group: Mapping[str, Any]) -> bool:
         """Whether the foreach path applies: float hyperparameters (tensors go through the reference)."""

@@ -8,7 +8,10 @@
     w2 = a w2 + eta S_0 / n,  w1 += eta w2_old S_2 / n,  b1 += eta w2_old S_1 / n   (deep_phi_kernel)
     m = bias + sum_j w2_j tanh(w1_j k + b1_j) (new memory);  p = decay p - lr sigma(m)  (deep_read_kernel)
 
-with ``sigma="ns"`` the read-out goes to stacked buffers, a batched Newton-Schulz and the apply
+with ``precondition=True`` the memory's input ``u`` is ``g / (sqrt(v) / sqrt(1 - b2^t) + eps)``: the
+sum-of-squares pass computes the new second moment ``v = b2 v + (1 - b2) g^2`` without storing it
+(it is also the non-finite check), the inner kernel stores it, the read kernel reads it back. With
+``sigma="ns"`` the read-out goes to stacked buffers, a batched Newton-Schulz and the apply
 kernel; with ``sigma="rms"`` every row's read-out goes to a buffer while the read kernel sums its
 squares, then the apply kernel steps ``p = decay p - lr m / (sqrt(sum m^2 / n) + eps)`` (scales
 computed on the device: no host read). :func:`deep` does to one tensor what these kernels

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..base import Direction, Level, State, check_nonnegative, check_unit_interval, zeros_like
+from ..base import Direction, Level, State, check_nonnegative, check_unit_interval, sqrt_moment, zeros_like
 from ..orthogonal.level import NS_COEFFICIENTS, check_ns_method, owner_batched
 from ..precision import ns_compute_dtype
 
@@ -187,7 +187,7 @@ class MultiScaleMomentum(Level):
         stable = self.hp(group, "form") == "stable"
         momenta, eps, b2 = self.hp(group, "momenta"), self.hp(group, "eps"), self.hp(group, "beta2")
         v = state["exp_avg_sq"]
-        den = (v.sqrt() / (1 - b2**t) ** 0.5 + eps) if stable else v.sqrt() + eps
+        den = (sqrt_moment(v) / (1 - b2**t) ** 0.5 + eps) if stable else sqrt_moment(v) + eps
         if not self._matrix(p, group):
             if len(momenta) == 1 and momenta[0][1] == 1:
                 beta, _, w = momenta[0]
