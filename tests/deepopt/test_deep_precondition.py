@@ -1,6 +1,7 @@
-"""DeepMomentum(precondition=True): the memory reads Adam's preconditioned gradient. Its functional
-twin, a bit-exact resume through ``torch.load(weights_only=True)``, and a clear error on bad input
-(the fused kernels against their reference: tests/kernels/test_fused_steps.py, cases ``deep_pre*``)."""
+"""DeepMomentum(precondition=True): the memory reads Adam's preconditioned gradient. A bit-exact
+resume through ``torch.load(weights_only=True)`` and a clear error on bad input (the fused kernels
+against their reference: tests/kernels/test_fused_steps.py, cases ``deep_pre*``; the functional twin:
+tests/functional/test_functional.py; the reduction to PreconditionedMomentum: test_equivalence.py)."""
 
 import io
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 import deepopt
-from deepopt import functional as F
 
 KW = dict(lr=0.01, inner_lr=0.3, weight_decay=0.01, precondition=True, beta2=0.99, eps=1e-7)
 
@@ -21,25 +21,6 @@ def _params(seed=0, dtype=torch.float64):
 def _grads(ps, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in ps]
-
-
-@pytest.mark.parametrize("impl", ["reference", "foreach"])
-def test_functional_update_equals_class_step(impl):
-    ps = _params()
-    init = {str(i): p.detach().clone() for i, p in enumerate(ps)}
-    opt = deepopt.DeepMomentum(ps, impl=impl, **KW)
-    tx = F.deep_momentum(**KW)
-    params, state = dict(init), tx.init(init)
-    for s in range(8):
-        grads = dict(zip(init, _grads(ps, s)))
-        for p, gr in zip(ps, grads.values()):
-            p.grad = gr.clone()
-        opt.step()
-        updates, state = tx.update(grads, state, params)
-        params = F.apply_updates(params, updates)
-    for p, k in zip(ps, init):
-        torch.testing.assert_close(params[k], p.detach(), rtol=1e-12, atol=1e-12)
-        assert set(state[k]) == set(opt.state[p]) and "precond.exp_avg_sq" in state[k]
 
 
 def test_resume_through_weights_only_load_is_bit_exact():

@@ -9,7 +9,7 @@ from deepopt import functional as F
 from deepopt.levels import DiagonalPreconditioner, Momentum, NewtonSchulz
 
 NAMES = ["MomentumMemory", "AdamMemory", "MuonMemory", "PreconditionedMomentum", "DeltaMomentum",
-         "DeepMomentum", "M3"]
+         "DeepMomentum", "DeepMomentum(precondition)", "M3"]
 KW = {
     "MomentumMemory": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
     "AdamMemory": dict(lr=0.01, weight_decay=0.1),
@@ -17,8 +17,14 @@ KW = {
     "PreconditionedMomentum": dict(lr=0.01, precond_period=3, weight_decay=0.01),
     "DeltaMomentum": dict(lr=0.05, delta=0.7, weight_decay=0.01),
     "DeepMomentum": dict(lr=0.05, inner_lr=0.3, weight_decay=0.01),
+    "DeepMomentum(precondition)": dict(lr=0.01, inner_lr=0.3, weight_decay=0.01, precondition=True, beta2=0.99),
     "M3": dict(lr=0.01, frequency=3, weight_decay=0.01, ns_dtype=None),
 }
+def cls_name(name):
+    """The optimizer of a case ("DeepMomentum(precondition)": DeepMomentum with the case's arguments)."""
+    return name.split("(")[0]
+
+
 SHAPES = {"w": (5, 3), "b": (7,), "conv": (4, 2, 3), "s": ()}
 
 
@@ -32,8 +38,8 @@ def _init(dtype=torch.float64, seed=0):
 def test_functional_update_equals_class_step(name, impl):
     init = _init()
     ps = [v.clone().requires_grad_() for v in init.values()]
-    opt = deepopt.OPTIMIZERS[name](ps, impl=impl, **KW[name])
-    tx = F.make(name, **KW[name])
+    opt = deepopt.OPTIMIZERS[cls_name(name)](ps, impl=impl, **KW[name])
+    tx = F.make(cls_name(name), **KW[name])
     params, state = dict(init), tx.init(init)
     g = torch.Generator().manual_seed(1)
     for _ in range(12):
@@ -64,7 +70,7 @@ def _run(tx, w0, steps=6):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_over_four_seeds_equals_four_runs(name):
-    tx = F.make(name, **KW[name])
+    tx = F.make(cls_name(name), **KW[name])
     seeds = [{"w": torch.randn(4, 6, dtype=torch.float64), "b": torch.randn(6, dtype=torch.float64)} for _ in range(4)]
     stacked = {k: torch.stack([s[k] for s in seeds]) for k in seeds[0]}
     batched, _ = vmap(lambda w0: _run(tx, w0))(stacked)
@@ -191,12 +197,12 @@ def test_bad_input_names_the_problem():
 def test_rule_classmethod_builds_what_the_constructor_builds():
     p = [torch.nn.Parameter(torch.randn(3, 3))]
     for name in NAMES:
-        opt = deepopt.OPTIMIZERS[name](p, **KW[name])
-        rule = deepopt.OPTIMIZERS[name].rule(**KW[name])
+        opt = deepopt.OPTIMIZERS[cls_name(name)](p, **KW[name])
+        rule = deepopt.OPTIMIZERS[cls_name(name)].rule(**KW[name])
         assert [repr(c) for c in rule.chains] == [repr(c) for c in opt.chains]
         assert rule.weight_decay_mode == opt.weight_decay_mode
         group = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "period")}
-        assert set(group) == set(F.make(name, **KW[name]).group)
+        assert set(group) == set(F.make(cls_name(name), **KW[name]).group)
 
 
 def test_vmap_over_learning_rates_and_decays():
