@@ -9,7 +9,8 @@ enforced in training by ``deepopt.lightning.MultiTimescale`` (slow levels accumu
 and step every C optimizer steps) and logged by ``LevelMonitor``.
 
 Optimizer by name: ``AdamW`` (torch), any ``deepopt.OPTIMIZERS`` name (M3, AdamMemory, MuonMemory...)
-or ``DeepMomentum.pretrained`` (the shipped meta-learned memory at its recommended learning rate).
+or ``DeepMomentum.pretrained`` (the shipped meta-learned memory at its recommended learning rate;
+``DeepMomentum.pretrained(NAME)`` another shipped memory, see ``deepopt.pretrained.available()``).
 Validation reports bits per character and prints a sample.
 
     python -m lightning_examples.char_lm fit --config lightning_examples/configs/char_lm.yaml
@@ -83,11 +84,13 @@ class ShakespeareChars(pl.LightningDataModule):
 
 
 def check_optimizer(name: str) -> str:
-    """``name`` if it is ``AdamW``, a ``deepopt.OPTIMIZERS`` name or ``DeepMomentum.pretrained``."""
-    if name.endswith(".pretrained"):
-        if name != "DeepMomentum.pretrained":
-            raise ValueError(f"only DeepMomentum has pretrained memories: use 'DeepMomentum.pretrained', got {name!r}")
-    elif name != "AdamW" and name not in deepopt.OPTIMIZERS:
+    """``name`` if it is ``AdamW``, a ``deepopt.OPTIMIZERS`` name or ``DeepMomentum.pretrained[(NAME)]``."""
+    if deepopt.pretrained.memory_of(name) is not None:
+        return name
+    if ".pretrained" in name:
+        raise ValueError(f"only DeepMomentum has pretrained memories: use 'DeepMomentum.pretrained' or "
+                         f"'DeepMomentum.pretrained(NAME)', got {name!r}")
+    if name != "AdamW" and name not in deepopt.OPTIMIZERS:
         raise ValueError(f"optimizer must be 'AdamW', 'DeepMomentum.pretrained' or one of {sorted(deepopt.OPTIMIZERS)}, "
                          f"got {name!r}")
     return name
@@ -137,8 +140,9 @@ class CharLM(pl.LightningModule):
     def configure_optimizers(self):
         hp = dict(lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         name = self.hparams.optimizer
-        if name == "DeepMomentum.pretrained":  # the memory's recommended lr, not hparams.lr
-            opt = deepopt.DeepMomentum.pretrained(self.parameters(), weight_decay=self.hparams.weight_decay)
+        memory = deepopt.pretrained.memory_of(name)
+        if memory is not None:  # the memory's recommended lr, not hparams.lr
+            opt = deepopt.DeepMomentum.pretrained(self.parameters(), name=memory, weight_decay=self.hparams.weight_decay)
         else:
             cls = torch.optim.AdamW if name == "AdamW" else deepopt.OPTIMIZERS[name]
             opt = cls(self.parameters(), **hp)

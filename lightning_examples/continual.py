@@ -89,7 +89,8 @@ class ContinualClassifier(pl.LightningModule):
     Args:
         lr: every method's learning rate (not ``DeepMomentum.pretrained``'s: its memory's applies).
         deepopt_optimizer: the ``deepopt`` method's optimizer: a ``deepopt.OPTIMIZERS`` name or
-            ``DeepMomentum.pretrained`` (the shipped meta-learned memory).
+            ``DeepMomentum.pretrained`` (the shipped meta-learned memory; ``DeepMomentum.pretrained(NAME)``
+            another shipped one).
     """
 
     def __init__(self, method: str = "adamw", hidden: int = 256, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -98,9 +99,10 @@ class ContinualClassifier(pl.LightningModule):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if deepopt_optimizer not in deepopt.OPTIMIZERS and deepopt_optimizer != "DeepMomentum.pretrained":
+        if deepopt_optimizer not in deepopt.OPTIMIZERS and deepopt.pretrained.memory_of(deepopt_optimizer) is None:
             raise ValueError(f"deepopt_optimizer must be one of {sorted(deepopt.OPTIMIZERS)} or 'DeepMomentum.pretrained' "
-                             f"(only DeepMomentum has pretrained memories), got {deepopt_optimizer!r}")
+                             f"or 'DeepMomentum.pretrained(NAME)' (only DeepMomentum has pretrained memories), got "
+                             f"{deepopt_optimizer!r}")
         self.method, self.lr, self.weight_decay, self.deepopt_optimizer = method, lr, weight_decay, deepopt_optimizer
         self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, num_classes))
@@ -121,8 +123,9 @@ class ContinualClassifier(pl.LightningModule):
         if self.method != "deepopt":
             return torch.optim.AdamW(self.parameters(), **hp)
         groups = deepopt.group_by_period(self, self.slow_levels)
-        if self.deepopt_optimizer == "DeepMomentum.pretrained":  # the memory's recommended lr, not self.lr
-            return deepopt.DeepMomentum.pretrained(groups, weight_decay=self.weight_decay)
+        memory = deepopt.pretrained.memory_of(self.deepopt_optimizer)
+        if memory is not None:  # the memory's recommended lr, not self.lr
+            return deepopt.DeepMomentum.pretrained(groups, name=memory, weight_decay=self.weight_decay)
         return deepopt.OPTIMIZERS[self.deepopt_optimizer](groups, **hp)
 
     def configure_callbacks(self):

@@ -49,7 +49,8 @@ from torch import Tensor
 from ..levels.deep.level import SIGMAS
 from ..optim.registry import OPTIMIZERS
 
-__all__ = ["CARD_KEYS", "FORMAT", "HYPERPARAMETERS", "OPTIONAL", "PretrainedMemory", "available", "load", "save"]
+__all__ = ["CARD_KEYS", "FORMAT", "HYPERPARAMETERS", "OPTIONAL", "PretrainedMemory", "available", "load", "memory_of",
+           "save"]
 
 #: the file format this version reads and writes
 FORMAT = 1
@@ -76,6 +77,28 @@ def _shipped() -> Any:
 def available() -> list[str]:
     """The names of the shipped memories, sorted (each ``deepopt/pretrained/<name>.json``)."""
     return sorted(f.name[:-len(".json")] for f in _shipped().iterdir() if f.is_file() and f.name.endswith(".json"))
+
+
+_SPEC = re.compile(r"DeepMomentum\.pretrained(?:\((.*)\))?")
+
+
+def memory_of(spec: str) -> str | None:
+    """The memory an optimizer name asks for: ``"DeepMomentum.pretrained"`` the ``default`` one,
+    ``"DeepMomentum.pretrained(NAME)"`` the shipped ``NAME``; ``None`` for any other name (another
+    optimizer). An unknown ``NAME`` is a ``ValueError`` listing the shipped ones.
+
+    Example:
+        >>> memory_of("DeepMomentum.pretrained"), memory_of("DeepMomentum.pretrained(elementwise)"), memory_of("AdamW")
+        ('default', 'elementwise', None)
+    """
+    match = _SPEC.fullmatch(spec)
+    if match is None:
+        return None
+    name = match.group(1) or "default"
+    if name not in available():
+        raise ValueError(f"unknown pretrained memory {name!r} in {spec!r}; the shipped ones are {available()}: "
+                         f"use 'DeepMomentum.pretrained' (default) or 'DeepMomentum.pretrained(NAME)'")
+    return name
 
 
 @dataclass(frozen=True, eq=False, repr=False)

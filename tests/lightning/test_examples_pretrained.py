@@ -38,6 +38,10 @@ def test_char_lm_builds_the_pretrained_memory_at_its_own_lr(default_memory):
     assert group["initial_lr"] == LR and group["weight_decay"] == 0.02  # not model.lr
     assert group["momentum"] == 0.8 and group["inner_lr"] == 0.05
     assert group["memory_init"]["w2"].eq(0.01).all()
+    named = CharLM(dim=16, depth=1, heads=2, optimizer="DeepMomentum.pretrained(default)", warmup_steps=1)
+    assert named.configure_optimizers()["optimizer"].param_groups[0]["initial_lr"] == LR
+    with pytest.raises(ValueError, match=r"unknown pretrained memory 'nope'.*\['default'\]"):
+        CharLM(optimizer="DeepMomentum.pretrained(nope)")
     with pytest.raises(ValueError, match="only DeepMomentum has pretrained memories"):
         CharLM(optimizer="M3.pretrained")
     with pytest.raises(ValueError, match="'DeepMomentum.pretrained'"):
@@ -66,3 +70,5 @@ def test_continual_deepopt_method_takes_the_pretrained_memory(default_memory):
     assert all(g["lr"] == LR and g["weight_decay"] == 0.01 for g in opt.param_groups)
     with pytest.raises(ValueError, match="only DeepMomentum has pretrained memories"):
         ContinualClassifier(deepopt_optimizer="M3.pretrained")
+    named = ContinualClassifier(method="deepopt", hidden=8, deepopt_optimizer="DeepMomentum.pretrained(default)")
+    assert all(g["lr"] == LR for g in named.configure_optimizers().param_groups)
