@@ -185,6 +185,8 @@ def speed_optimizers(names: Sequence[str] | None = None, device: str = "cuda") -
         makers[name] = (lambda c: lambda ps: make_deepopt(c, ps, None, 1e-4))(cls)
     import deepopt
 
+    # DeepMomentum's memory over Adam-preconditioned gradients (one more state tensor in its kernels)
+    makers["DeepMomentum(precondition)"] = lambda ps: deepopt.DeepMomentum(ps, lr=1e-4, precondition=True)
     for memory in deepopt.pretrained.available():  # the shipped memories: their read-outs' step costs
         key = "DeepMomentum.pretrained" if memory == "default" else f"DeepMomentum.pretrained({memory})"
         makers[key] = (lambda m: lambda ps: deepopt.DeepMomentum.pretrained(ps, name=m, lr=1e-4))(memory)

@@ -98,3 +98,5 @@ def test_speed_times_every_shipped_memory_by_name():
     for n in names:
         opt = makers[f"DeepMomentum.pretrained({n})" if n != "default" else "DeepMomentum.pretrained"]([p])
         assert opt.param_groups[0]["sigma"] == deepopt.pretrained.load(n).hyperparameters["sigma"]
+    pre = makers["DeepMomentum(precondition)"]([p])
+    assert pre.precondition and [type(lv).__name__ for lv in pre.chains[0].levels][0] == "DiagonalPreconditioner"
