@@ -40,6 +40,29 @@ def test_fixed_lr_keeps_the_grid_rate_and_validation_steps_set_the_grid_horizon(
     assert "validation at 6" in card["horizon"] and "rate fixed" in card["horizon"]
 
 
+def test_preconditioned_memory_and_keep_hand_set(tmp_path, monkeypatch):
+    """--precondition meta-trains DeepMomentum(precondition=True); with --keep-hand-set a learned memory
+    that does not validate lower gives way to the hand-set one (here: every validation after the grid
+    is made worse)."""
+    args = ["--out", str(tmp_path), *TINY, "--precondition", "--keep-hand-set", "--fixed-lr"]
+    real, calls = meta_train.validation_loss, []
+
+    def worse_after_the_grid(hp, tasks, steps):
+        calls.append(hp)
+        return real(hp, tasks, steps) + (1.0 if len(calls) > 2 else 0.0)  # the grid has two rates
+
+    monkeypatch.setattr(meta_train, "validation_loss", worse_after_the_grid)
+    assert meta_train.main(args) == 0
+    (result,) = json.loads((tmp_path / "summary.json").read_text())["results"]
+    assert result["kept"] == "hand-set" and result["validation_loss"] == result["validation_loss_hand_set"]
+    assert result["validation_loss_learned"] > result["validation_loss"]
+    memory = deepopt.pretrained.load(tmp_path / "memory.json")
+    hp = memory.hyperparameters
+    assert hp["precondition"] and (hp["momentum"], hp["inner_lr"], hp["lr"]) == (0.9, 0.1, result["start_lr"])
+    assert "so the hand-set memory is kept" in memory.card["summary"]
+    assert "Adam-preconditioned" in memory.card["summary"]
+
+
 def test_cut_short_meta_training_resumes_to_the_same_memory(tmp_path, monkeypatch):
     assert meta_train.main(["--out", str(tmp_path / "whole"), *TINY]) == 0
     clock = iter(range(1000))  # each read of the clock one second later: the deadline passes after two steps
