@@ -216,7 +216,7 @@ def test_bf16_stores_round_to_nearest_even(monkeypatch):
     assert torch.equal(p, expect)
 
 
-@pytest.mark.parametrize("name", ["momentum", "adam", "precond_slow", "delta", "deep"])
+@pytest.mark.parametrize("name", ["momentum", "adam", "precond_slow", "delta", "deep", "deep_pre"])
 def test_kernels_with_counters_at_different_steps(name, monkeypatch):
     """A parameter without a gradient at some steps falls behind the others: per-row step
     scalars (first write, bias corrections) then differ between rows; kernel == reference."""

@@ -119,12 +119,12 @@ class DeepStep(FusedStep):
         a, eta = float(lvl.hp(group, "momentum")), float(lvl.hp(group, "inner_lr"))
         sigma = lvl.hp(group, "sigma")
         decay, coupled = self.decay_terms(lr, wd, decoupled)
-        pre = None  # (b2, eps, the second moment's key, den per row) with precondition=True
+        pre = None  # (b2, eps, the second moment's key, t -> 1/sqrt(1 - b2^t), ts) with precondition=True
         if len(self.chain.levels) == 2:
             lp = self.chain.levels[0]
             b2 = float(lp.hp(group, "beta2"))
-            dens = {i: bias_correction(b2, ts[i]) ** -0.5 for i in idx}
-            pre = (b2, float(lp.hp(group, "eps")), f"{lp.name}.exp_avg_sq", dens)
+            pre = (b2, float(lp.hp(group, "eps")), f"{lp.name}.exp_avg_sq",
+                   lambda t: bias_correction(b2, t) ** -0.5, ts)
         ns_rows = [i for i in idx if sigma == "ns" and params[i].ndim >= 2]
         p0 = params[idx[0]]
         batches = NSBatches([(params[i].shape[0], params[i][0].numel()) for i in ns_rows],
@@ -140,7 +140,7 @@ class DeepStep(FusedStep):
         if not kernel:
             for i in idx:
                 s = states[i]
-                more = {} if pre is None else dict(v=s[pre[2]], b2=pre[0], eps=pre[1], den=pre[3][i])
+                more = {} if pre is None else dict(v=s[pre[2]], b2=pre[0], eps=pre[1], den=pre[3](ts[i]))
                 deep(params[i], grads[i], *(s[k] for k in keys), slot.get(i), a=a, eta=eta, lr=lr, decay=decay,
                      wd=wd, sign=sigma == "sign", coupled=coupled, **more)
             if sq is not None:
@@ -178,7 +178,7 @@ class DeepStep(FusedStep):
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
             b2, eps = (pre[0], pre[1]) if pre else (0.0, 0.0)
-            den = red if pre is None else step_scalars([pre[3][i] for i in out_rows], lambda d: [d], p.device)
+            den = red if pre is None else step_scalars([pre[4][i] for i in out_rows], lambda t: [pre[3](t)], p.device)
             self.launch_first_pass(k.deep_sumsq_kernel, rows, None, red, wd, den, b2, eps, S_DT=sdt, COUPLED=coupled,
                                    block=REDUCE_BLOCK, **dts)
             block, warps = TILE or READ_TILES[b.element_size()]
