@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     pool = run.add_argument_group("pool suites (lm, lm_optimizers, continual_levels, recall) and lm_defaults")
     pool.add_argument("--devices", default="auto", help="cuda:0,cuda:1 or 0,1 or cpu; auto = every visible GPU, else cpu")
     pool.add_argument("--deadline", type=float, help="seconds after which no job starts and running jobs stop")
-    pool.add_argument("--preset", default="gpu", help="size preset: gpu (default), gpu10x (lm, lm_optimizers: issue 16) or tiny (--smoke)")
+    pool.add_argument("--preset", default="gpu", help="size preset: gpu (default), gpu10x (ten times the tokens: lm, lm_optimizers, continual_levels, recall) or tiny (--smoke)")
     pool.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a preset entry (JSON value): KEY=VALUE for every suite, SUITE.KEY=VALUE for one")
     sub.add_parser("list", help="list suites, tasks (and why any is unavailable) and optimizers")

@@ -104,7 +104,7 @@ PRESETS = {
                             "n_tasks": 5, "steps_per_task": 500, "est_step_s": 0.004, "max_seconds": 240},
     }},
 }
-# issue 16, the new budget: each genre trained 5x longer (in the gpu preset's records the first
+# the new budget (gpu10x): each genre trained 5x longer (in the gpu preset's records the first
 # genre's validation loss still fell from 2.33 to 2.20 over its last 200 of 400 steps); the digits
 # tasks as in gpu (accuracy 0.96-0.98 within 100 of their 500 steps)
 PRESETS["gpu10x"] = copy.deepcopy(PRESETS["gpu"])

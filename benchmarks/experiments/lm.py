@@ -1,4 +1,4 @@
-"""Experiment ``lm`` (issue 9, part 1): Transformer++ vs Titans vs HOPE vs HOPE-attention on
+"""Experiment ``lm``: Transformer++ vs Titans vs HOPE vs HOPE-attention on
 Shakespeare characters, the same token budget for all, AdamW at a tuned rate, 3 seeds.
 
 Protocol. Phase ``sweep``: every model at AdamW peak rates ``LR_CENTRES["adam"] x (1/3, 1, 3)``
@@ -15,7 +15,7 @@ steps (1.6 M characters, a third of an epoch) to fit the lent GPU time. Data, mo
     python -m benchmarks run --suite lm --set phase=seeds \\
         --set sweep_records=/tmp/ev/records.jsonl --set steps=<the sweep's> --out /tmp/ev
 
-Preset ``gpu10x`` (issue 16: ten times the tokens; ``--preset gpu10x``): 2,000 steps, 3 seeds,
+Preset ``gpu10x`` (ten times the tokens of ``gpu``; ``--preset gpu10x``): 2,000 steps, 3 seeds,
 size ``small`` (dim 384, depth 6: the fast-weight memories at their layer defaults, chunk 64 and
 the layers' ``max_lr``, instead of the gpu preset's chunk 16 / max_lr 1e-3, which the defaults no
 longer need), every model over all three rates, ``compile="graphed"`` (each AdamW step replayed as
@@ -48,7 +48,7 @@ from ..pool import Job, latest_records, load_records
 PRESETS = {
     "tiny": dict(SIZES["tiny"], steps=6, eval_every=3, seeds=2, target_seconds=None, max_seconds=60),
     "gpu": dict(SIZES["gpu"], steps=200, eval_every=20, val_windows=64, seeds=3, target_seconds=None, max_seconds=480),
-    # issue 16: ten times the tokens (2,000 x 32 x 256 = 16.4 M characters, about 3.3 epochs of the
+    # ten times the tokens (2,000 x 32 x 256 = 16.4 M characters, about 3.3 epochs of the
     # training text), the fast-weight memories at their layer defaults (size "small"), every model
     # over all three rates, CUDA-graphed steps (see COMPILE_CHOICE); ``--set size=large`` for the
     # 40-60 M-parameter runs
@@ -350,7 +350,7 @@ def report(records: list[dict], out_dir: Path, header: dict) -> None:
                      sweep.replace("inf", "diverged") + (" (best at an edge: run phase=extend)" if s["rate_at_edge"] else "")
                      + (" (cut short)" if s["cut_short"] else "") + (f"; also {others}" if others else "")])
     errors = [f"- {r['job']['name']}: {r['error'][:300]}" for r in records if "error" in r]
-    md = ["# Language models on Shakespeare characters (issue 9, part 1)", "",
+    md = ["# Language models on Shakespeare characters", "",
           f"- GPU: {', '.join(gpus)}", f"- report command: `{header.get('command')}`",
           f"- token budget: {first['steps']} steps x {first['tokens_per_step']} characters = "
           f"{first['steps'] * first['tokens_per_step'] / 1e6:.2f} M characters per run, every model",

@@ -1,4 +1,4 @@
-"""Experiment ``lm_optimizers`` (issue 9, part 2): optimizers on the best ``lm`` model.
+"""Experiment ``lm_optimizers``: optimizers on an ``lm`` model (``model=``; ``auto``: the best of the ``lm`` sweep).
 
 AdamW, Muon (torch.optim.Muon on hidden matrices + AdamW on embeddings, head and vectors),
 MuonMemory, M3, DeltaMomentum and DeepMomentum train the same model on the same token budget as
@@ -276,7 +276,8 @@ def report(records: list[dict], out_dir: Path, header: dict, other_records: Sequ
     gpus = sorted({r.get("gpu", r["device"]) for r in records})
     write_json({"header": header, "gpus": gpus, "summary": summary, "records": records}, str(out_dir / "results.json"))
     errors = [f"- {r['job']['name']}: {r['error'][:300]}" for r in records if "error" in r]
-    md = ["# Optimizers on the best language model (issue 9, part 2)", "", f"- GPU: {', '.join(gpus)}",
+    title = "# Optimizers on a language model" + (f" ({summary['model']})" if summary else "")
+    md = [title, "", f"- GPU: {', '.join(gpus)}",
           f"- report command: `{header.get('command')}`"]
     if summary:
         plot(records, summary, out_dir / "optimizer_curves.png", other_records)

@@ -66,7 +66,7 @@ PRESETS = {
                 seeds=[0, 1], steps=1200, batch=256, vocab=256, eval_sequences=512, evals=10, lr=3e-3,
                 memory_max_lr=1e-3, extra=[dict(settings=[[256, 64]], widths=[128])],
                 max_seconds=240),
-    # issue 16: the harder settings (64 pairs in 256 tokens, 128 in 512) for every mixer, the rebuilt
+    # gpu10x: the harder settings (64 pairs in 256 tokens, 128 in 512) for every mixer, the rebuilt
     # Titans memories at their layer defaults (no memory_max_lr), each mixer at its own rate (LR),
     # 3,000 steps of 128 sequences (more sequences than the gpu preset's 1,200 x 256). Not sized on a
     # GPU yet: calibrate with --set steps=20 first; max_seconds caps every run (reported as cut short).
