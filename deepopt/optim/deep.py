@@ -35,9 +35,9 @@ class DeepMomentum(LevelOptimizer):
 
     Reduction: ``inner_lr=0`` (with the default silent MLP init) is exactly
     ``torch.optim.SGD(momentum=momentum)``; with ``precondition=True`` (and no weight decay, which is
-    coupled here and decoupled there) it is exactly :class:`~deepopt.PreconditionedMomentum`. The memory's initial MLP weights (``memory_init``, a
-    param-group key, so it is saved in ``state_dict()``), ``momentum`` and ``inner_lr`` are what
-    :mod:`deepopt.meta` learns.
+    coupled here and decoupled there) it is exactly :class:`~deepopt.PreconditionedMomentum`. The
+    memory's initial MLP weights (``memory_init``, a param-group key, so it is saved in
+    ``state_dict()``), ``momentum`` and ``inner_lr`` are what :mod:`deepopt.meta` learns.
 
     Args:
         params: parameters or param groups.

@@ -16,8 +16,9 @@ initial weights ``memory_init`` and a model card. The package ships some as
               "compute": str, "command": str, "evaluation": str}}
 
 The optional keys (:data:`OPTIONAL`, with their defaults) are written only for a preconditioned
-memory (``precondition: true``, ``DeepMomentum(precondition=True)``). Numbers are written exactly (a float32 ``memory_init`` entry or a float hyperparameter comes back
-bit for bit); reading a file parses JSON only, nothing in it is executed.
+memory (``precondition: true``, ``DeepMomentum(precondition=True)``). Numbers are written exactly
+(a float32 ``memory_init`` entry or a float hyperparameter comes back bit for bit); reading a file
+parses JSON only, nothing in it is executed.
 
 Example:
     >>> import os, tempfile, torch
@@ -107,7 +108,8 @@ class PretrainedMemory:
 
     ``hyperparameters`` holds ``lr`` (the recommended learning rate), ``momentum``, ``inner_lr``,
     ``sigma``, ``hidden``, ``weight_decay``, ``precondition``, ``beta2``, ``eps`` and ``memory_init``
-    (float32 tensors of shape ``(hidden,)``); ``card`` the model card (what it was trained on, how, how it was evaluated).
+    (float32 tensors of shape ``(hidden,)``); ``card`` the model card (what it was trained on, how,
+    how it was evaluated).
     """
 
     name: str
