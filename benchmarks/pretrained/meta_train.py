@@ -202,14 +202,13 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
         if i % args.checkpoint_every == 0:
             checkpoint()
     learned = learner.learned()
-    loss = validation_loss(learned, val_tasks, val_steps)
+    learned_loss = loss = validation_loss(learned, val_tasks, val_steps)
     kept = "learned"
     if args.keep_hand_set and not loss < grid[start_lr]:  # meta-training did not help: the hand-set memory
         hand = dict(fixed, lr=start_lr, memory_init=default_memory_init(args.hidden))  # what the grid ran
         learned, loss, kept = hand, grid[start_lr], "hand-set"
     result = {"sigma": sigma, "lr_grid": {str(k): v for k, v in grid.items()}, "start_lr": start_lr,
-              "validation_loss_hand_set": grid[start_lr], "validation_loss_learned": loss if kept == "learned"
-              else validation_loss(learner.learned(), val_tasks, val_steps),
+              "validation_loss_hand_set": grid[start_lr], "validation_loss_learned": learned_loss,
               "validation_loss": loss, "kept": kept, "validation_steps": val_steps,
               "learned": _plain(learned), "history": history,
               "skipped_steps": sum(h["skipped"] for h in history),

@@ -188,15 +188,17 @@ def _number(value: Any, where: str, source: str) -> float:
     return float(value)
 
 
-def _keys(obj: Any, required: tuple[str, ...], where: str, source: str, extra: bool = False) -> None:
+def _keys(obj: Any, required: tuple[str, ...], where: str, source: str, extra: bool = False,
+          optional: tuple[str, ...] = ()) -> None:
     if not isinstance(obj, Mapping):
         raise ValueError(f"{source}: {where} must be a JSON object, got {type(obj).__name__}; {_HOW}")
     missing = [k for k in required if k not in obj]
     if missing:
         raise ValueError(f"{source}: {where} is missing the keys {missing}; {_HOW}")
-    unknown = sorted(set(obj) - set(required))
+    unknown = sorted(set(obj) - set(required) - set(optional))
     if unknown and not extra:
-        raise ValueError(f"{source}: {where} has unknown keys {unknown} (it takes {list(required)}); {_HOW}")
+        also = f" and optionally {list(optional)}" if optional else ""
+        raise ValueError(f"{source}: {where} has unknown keys {unknown} (it takes {list(required)}{also}); {_HOW}")
 
 
 def _validate(doc: Any, source: str) -> PretrainedMemory:
@@ -213,11 +215,7 @@ def _validate(doc: Any, source: str) -> PretrainedMemory:
     if not isinstance(doc["name"], str) or not _NAME.fullmatch(doc["name"]):
         raise ValueError(f"{source}: name {doc['name']!r} must be letters, digits, '_' or '-'; {_HOW}")
     hp_doc, init_doc, card_doc = doc["hyperparameters"], doc["memory_init"], doc["card"]
-    _keys(hp_doc, HYPERPARAMETERS, "'hyperparameters'", source, extra=True)
-    unknown = sorted(set(hp_doc) - set(HYPERPARAMETERS) - set(OPTIONAL))
-    if unknown:
-        raise ValueError(f"{source}: 'hyperparameters' has unknown keys {unknown} (it takes "
-                         f"{list(HYPERPARAMETERS)} and optionally {list(OPTIONAL)}); {_HOW}")
+    _keys(hp_doc, HYPERPARAMETERS, "'hyperparameters'", source, optional=tuple(OPTIONAL))
     hp: dict[str, Any] = {k: _number(hp_doc[k], f"hyperparameters.{k}", source) for k in _FLOATS}
     precondition = hp_doc.get("precondition", OPTIONAL["precondition"])
     if not isinstance(precondition, bool):

@@ -27,6 +27,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -98,6 +100,18 @@ def deep(p: Tensor, g: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
         row_step(p, d.reshape(p.shape), lr, decay)
 
 
+class _Precondition(NamedTuple):
+    """``precondition=True``: the preconditioner's ``beta2``, ``eps`` and second-moment state key."""
+
+    b2: float
+    eps: float
+    key: str
+
+    def den(self, t: int) -> float:
+        """``1 / sqrt(1 - b2^t)``, the bias correction of the second moment at step ``t``."""
+        return bias_correction(self.b2, t) ** -0.5
+
+
 class DeepStep(FusedStep):
     """``Chain(DeepMemory)``: DeepMomentum, sigma identity, sign, rms or ns (Newton-Schulz on matrices);
     ``Chain(DiagonalPreconditioner(period 1), DeepMemory)``: the same with ``precondition=True``."""
@@ -119,12 +133,10 @@ class DeepStep(FusedStep):
         a, eta = float(lvl.hp(group, "momentum")), float(lvl.hp(group, "inner_lr"))
         sigma = lvl.hp(group, "sigma")
         decay, coupled = self.decay_terms(lr, wd, decoupled)
-        pre = None  # (b2, eps, the second moment's key, t -> 1/sqrt(1 - b2^t), ts) with precondition=True
+        pre = None  # precondition=True: the preconditioner's constants
         if len(self.chain.levels) == 2:
             lp = self.chain.levels[0]
-            b2 = float(lp.hp(group, "beta2"))
-            pre = (b2, float(lp.hp(group, "eps")), f"{lp.name}.exp_avg_sq",
-                   lambda t: bias_correction(b2, t) ** -0.5, ts)
+            pre = _Precondition(float(lp.hp(group, "beta2")), float(lp.hp(group, "eps")), f"{lp.name}.exp_avg_sq")
         ns_rows = [i for i in idx if sigma == "ns" and params[i].ndim >= 2]
         p0 = params[idx[0]]
         batches = NSBatches([(params[i].shape[0], params[i][0].numel()) for i in ns_rows],
@@ -140,13 +152,13 @@ class DeepStep(FusedStep):
         if not kernel:
             for i in idx:
                 s = states[i]
-                more = {} if pre is None else dict(v=s[pre[2]], b2=pre[0], eps=pre[1], den=pre[3](ts[i]))
+                more = {} if pre is None else dict(v=s[pre.key], b2=pre.b2, eps=pre.eps, den=pre.den(ts[i]))
                 deep(params[i], grads[i], *(s[k] for k in keys), slot.get(i), a=a, eta=eta, lr=lr, decay=decay,
                      wd=wd, sign=sigma == "sign", coupled=coupled, **more)
             if sq is not None:
                 sq = torch.stack([f32(slot[i]).square().sum() for i in idx])
         else:
-            self._kernels(idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq, pre)
+            self._kernels(idx, params, grads, states, ts, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq, pre)
         if sq is not None:
             n_el = torch.tensor([float(params[i].numel()) for i in idx]).to(sq.device, non_blocking=True)
             alphas = lr / ((sq / n_el).sqrt() + RMS_EPS)
@@ -157,7 +169,7 @@ class DeepStep(FusedStep):
             apply_rows(self, ns_rows, params, [o.view(params[i].shape) for i, o in zip(ns_rows, outs)], alphas,
                        decay, kernel)
 
-    def _kernels(self, idx, params, grads, states, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq,
+    def _kernels(self, idx, params, grads, states, ts, keys, slot, a, eta, lr, decay, wd, coupled, sigma, sq,
                  pre) -> None:
         lvl = self.chain.levels[-1]
         h = lvl.hidden
@@ -168,7 +180,7 @@ class DeepStep(FusedStep):
                 continue
             to_out = out_rows[0] in slot
             main = [[params[i], grads[i], states[i][keys[0]]] + ([slot[i]] if to_out else [])
-                    + ([states[i][pre[2]]] if pre else []) for i in out_rows]
+                    + ([states[i][pre.key]] if pre else []) for i in out_rows]
             extra = [[states[i][kk] for kk in keys[1:]] for i in out_rows]
             wc = len(main[0])
             rows = RowSet(main, mutable=(0, 2) + ((3,) if to_out else ()) + ((wc - 1,) if pre else ()), extra=extra)
@@ -177,8 +189,8 @@ class DeepStep(FusedStep):
             sdt = tl_dtype(b.dtype)
             red = torch.zeros(len(out_rows), dtype=torch.float32, device=p.device)
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
-            b2, eps = (pre[0], pre[1]) if pre else (0.0, 0.0)
-            den = red if pre is None else step_scalars([pre[4][i] for i in out_rows], lambda t: [pre[3](t)], p.device)
+            b2, eps = (pre.b2, pre.eps) if pre else (0.0, 0.0)
+            den = red if pre is None else step_scalars([ts[i] for i in out_rows], lambda t: [pre.den(t)], p.device)
             self.launch_first_pass(k.deep_sumsq_kernel, rows, None, red, wd, den, b2, eps, S_DT=sdt, COUPLED=coupled,
                                    block=REDUCE_BLOCK, **dts)
             block, warps = TILE or READ_TILES[b.element_size()]
