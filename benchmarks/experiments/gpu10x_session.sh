@@ -13,7 +13,8 @@
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers   # lm_optimizers on Transformer++ (seed 0, six
 #                                                             # optimizers at three rates each; repeat to finish;
 #                                                             # MODEL=hope for HOPE, records in lm10x/optimizers_hope/)
-#   bash benchmarks/experiments/gpu10x_session.sh optimizers_knobs  # M3's knobs at its best rate, then extend
+#   bash benchmarks/experiments/gpu10x_session.sh optimizers_knobs  # M3's knobs at its best rate and the
+#                                                             # extension of edge rates, side by side
 #   bash benchmarks/experiments/gpu10x_session.sh optimizers_seeds  # seeds 0-2 at every best rate
 #   bash benchmarks/experiments/gpu10x_session.sh continual   # continual_levels (graphed losses), six workers;
 #                                                             # repeat until every job is done
@@ -66,9 +67,18 @@ case "${1:-}" in
     R="--set sweep_records=$OUT/records.jsonl"
     case "$1" in
       optimizers) run python3 -m benchmarks run $O --set phase=sweep $W --deadline 540 --out "$OUT" ;;
-      optimizers_knobs)
-        run python3 -m benchmarks run $O --set phase=knobs $R $W --deadline 250 --out "$OUT"
-        run python3 -m benchmarks run $O --set phase=extend $R $W --deadline 250 --out "$OUT" ;;
+      optimizers_knobs)  # the two phases at once, three workers each, in $OUT/knobs and $OUT/extend; their new
+        # records are then appended to $OUT/records.jsonl and the rest packed into $OUT/phases.tgz
+        for phase in knobs extend; do
+          mkdir -p "$OUT/$phase" && cp "$OUT/records.jsonl" "$OUT/$phase/"
+          python3 -m benchmarks run $O --set phase=$phase --set "sweep_records=$OUT/$phase/records.jsonl" $W \
+            --deadline "${DEADLINE:-540}" --out "$OUT/$phase" > "$OUT/$phase/run.txt" 2>&1 &
+        done
+        wait
+        n=$(wc -l < "$OUT/records.jsonl")
+        for phase in knobs extend; do tail -n +$((n + 1)) "$OUT/$phase/records.jsonl" >> "$OUT/records.jsonl"
+          tail -n 5 "$OUT/$phase/run.txt"; done
+        tar czf "$OUT/phases.tgz" -C "$OUT" knobs extend && rm -rf "${OUT:?}/knobs" "${OUT:?}/extend" ;;
       optimizers_seeds) run python3 -m benchmarks run $O --set phase=seeds $R $W --deadline 540 --out "$OUT" ;;
     esac ;;
   continual | recall)  # launch-bound small models: several workers share the GPU
