@@ -2,7 +2,7 @@
 foreach path (``level.py``) beside its fused step and the kernels' reference (``fused.py``) and
 its Triton kernels (``triton_kernels.py``). :mod:`deepopt.levels.fused` maps chains to fused steps."""
 
-from .adaptive import AdamMoments, DiagonalPreconditioner
+from .adaptive import AdamMoments, DiagonalPreconditioner, FactoredPreconditioner
 from .base import Direction, Level, is_boundary, level_step
 from .fused import FUSED_STEPS, fused_step_class, fused_step_for
 from .momentum import DeltaMomentumLevel, Momentum
@@ -13,6 +13,7 @@ __all__ = [
     "DeltaMomentumLevel",
     "DiagonalPreconditioner",
     "Direction",
+    "FactoredPreconditioner",
     "FUSED_STEPS",
     "Level",
     "Momentum",

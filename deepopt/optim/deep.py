@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 from torch import Tensor
 
 from ..chain import Chain
-from ..levels.adaptive import DiagonalPreconditioner
+from ..levels.adaptive import DiagonalPreconditioner, FactoredPreconditioner
 from ..levels.deep import DeepMemory
 from .base import LevelOptimizer, Rule
 
@@ -28,7 +28,11 @@ class DeepMomentum(LevelOptimizer):
     ``precondition=True`` feeds the memory Adam's preconditioned gradient instead,
     :math:`x_t = g_t / (\sqrt{\hat v_t} + \epsilon)` with :math:`v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2`
     (a :class:`~deepopt.levels.DiagonalPreconditioner` level before the memory, bias-corrected as
-    Adam): the memory then sees gradients of one scale in every tensor. ``sigma`` is ``"identity"``, ``"sign"``,
+    Adam): the memory then sees gradients of one scale in every tensor; ``precondition="factored"``
+    divides by Adafactor's factored :math:`\hat v` instead (:class:`~deepopt.levels.FactoredPreconditioner`:
+    a mean of :math:`g^2` per row and per column, no second moment per entry). ``normalize=False``
+    feeds the memory's MLP its input as it comes, not divided by its RMS over the tensor (for a
+    preconditioned input, already of unit scale). ``sigma`` is ``"identity"``, ``"sign"``,
     ``"rms"`` (the read-out divided by its root mean square over the tensor: a step of RMS ``lr``)
     or ``"ns"`` (Newton-Schulz on matrices, identity on the rest; in bf16 as torch's Muon, or in
     float32 on a CPU where bf16 matmuls are emulated: :mod:`deepopt.levels.precision`).
@@ -46,9 +50,12 @@ class DeepMomentum(LevelOptimizer):
         sigma: read-out map.
         hidden: width of the memory MLP.
         memory_init: initial ``{"w1", "b1", "w2"}`` of shape ``(hidden,)``.
-        precondition: feed the memory ``g / (sqrt(v_hat) + eps)`` (fixed at construction).
-        beta2, eps: the preconditioner's decay and denominator term (param-group keys; with
-            ``precondition=True`` only).
+        precondition: False, True (Adam's diagonal ``v``: feed the memory ``g / (sqrt(v_hat) + eps)``)
+            or ``"factored"`` (Adafactor's row and column statistics); fixed at construction.
+        beta2, eps: the preconditioner's decay and denominator term (param-group keys; with a
+            preconditioner only).
+        normalize: the memory's MLP reads its input divided by its RMS over the tensor (default)
+            or, False, as it is (fixed at construction).
         maximize: ascend (step along ``+g``), as torch optimizers.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
@@ -64,13 +71,13 @@ class DeepMomentum(LevelOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, inner_lr: float = 0.1,
                  sigma: str = "identity", hidden: int = 8, weight_decay: float = 0.0,
-                 memory_init: Mapping[str, Tensor] | None = None, precondition: bool = False,
-                 beta2: float = 0.999, eps: float = 1e-8, *, impl: str = "auto",
+                 memory_init: Mapping[str, Tensor] | None = None, precondition: bool | str = False,
+                 beta2: float = 0.999, eps: float = 1e-8, *, normalize: bool = True, impl: str = "auto",
                  nonfinite: str = "skip", maximize: bool = False) -> None:
-        if not isinstance(precondition, bool):
-            raise TypeError(f"precondition must be True or False, got {precondition!r}")
         self.precondition = precondition
-        rule = self._rule(lr, momentum, inner_lr, sigma, hidden, weight_decay, memory_init, precondition, beta2, eps)
+        self.normalize = normalize
+        rule = self._rule(lr, momentum, inner_lr, sigma, hidden, weight_decay, memory_init, precondition, beta2, eps,
+                          normalize)
         self.memory: DeepMemory = rule.chains[0].levels[-1]
         super().__init__(params, rule.defaults, rule.chains, impl=impl, nonfinite=nonfinite,
                          maximize=maximize)
@@ -112,12 +119,15 @@ class DeepMomentum(LevelOptimizer):
 
     @classmethod
     def _rule(cls, lr: float, momentum: float, inner_lr: float, sigma: str, hidden: int, weight_decay: float,
-              memory_init: Mapping[str, Tensor] | None, precondition: bool = False, beta2: float = 0.999,
-              eps: float = 1e-8) -> Rule:
-        memory = DeepMemory(momentum, inner_lr, sigma, hidden, memory_init)
+              memory_init: Mapping[str, Tensor] | None, precondition: bool | str = False, beta2: float = 0.999,
+              eps: float = 1e-8, normalize: bool = True) -> Rule:
+        if not (isinstance(precondition, bool) or precondition == "factored"):
+            raise ValueError(f"precondition must be True, False or 'factored', got {precondition!r}")
+        memory = DeepMemory(momentum, inner_lr, sigma, hidden, memory_init, normalize=normalize)
         defaults = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, sigma=sigma, weight_decay=weight_decay,
                         memory_init=memory.memory_init)
         if not precondition:
             return Rule([Chain(memory)], defaults, cls.weight_decay_mode)
         defaults.update(beta2=beta2, eps=eps)
-        return Rule([Chain(DiagonalPreconditioner(beta2, eps), memory)], defaults, cls.weight_decay_mode)
+        pre = FactoredPreconditioner if precondition == "factored" else DiagonalPreconditioner
+        return Rule([Chain(pre(beta2, eps), memory)], defaults, cls.weight_decay_mode)

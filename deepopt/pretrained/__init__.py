@@ -10,13 +10,15 @@ initial weights ``memory_init`` and a model card. The package ships some as
     {"format": 1, "name": "default", "optimizer": "DeepMomentum",
      "hyperparameters": {"lr": float, "momentum": float, "inner_lr": float,
                          "sigma": "identity" | "sign" | "rms" | "ns", "hidden": int, "weight_decay": float,
-                         optional: "precondition": bool, "beta2": float, "eps": float},
+                         optional: "precondition": bool | "factored", "beta2": float, "eps": float,
+                         "normalize": bool},
      "memory_init": {"w1": [hidden floats], "b1": [hidden floats], "w2": [hidden floats]},
      "card": {"summary": str, "training_distribution": str, "meta_objective": str, "horizon": str,
               "compute": str, "command": str, "evaluation": str}}
 
-The optional keys (:data:`OPTIONAL`, with their defaults) are written only for a preconditioned
-memory (``precondition: true``, ``DeepMomentum(precondition=True)``). Numbers are written exactly
+The optional keys (:data:`OPTIONAL`, with their defaults) are written only where they differ from
+a plain memory: ``precondition`` (``true`` or ``"factored"``, ``DeepMomentum(precondition=...)``) with
+``beta2`` and ``eps``, and ``normalize: false``. Numbers are written exactly
 (a float32 ``memory_init`` entry or a float hyperparameter comes back bit for bit); reading a file
 parses JSON only, nothing in it is executed.
 
@@ -60,7 +62,7 @@ OPTIMIZER = "DeepMomentum"
 #: the keys of ``"hyperparameters"`` (``memory_init`` has its own entry)
 HYPERPARAMETERS = ("lr", "momentum", "inner_lr", "sigma", "hidden", "weight_decay")
 #: optional keys of ``"hyperparameters"`` and their values when absent (the preconditioned memory's)
-OPTIONAL = {"precondition": False, "beta2": 0.999, "eps": 1e-8}
+OPTIONAL = {"precondition": False, "beta2": 0.999, "eps": 1e-8, "normalize": True}
 #: the model card's keys (free text each; a card may hold more)
 CARD_KEYS = ("summary", "training_distribution", "meta_objective", "horizon", "compute", "command", "evaluation")
 _TOP_KEYS = ("format", "name", "optimizer", "hyperparameters", "memory_init", "card")
@@ -107,7 +109,7 @@ class PretrainedMemory:
     """One memory file, read and validated.
 
     ``hyperparameters`` holds ``lr`` (the recommended learning rate), ``momentum``, ``inner_lr``,
-    ``sigma``, ``hidden``, ``weight_decay``, ``precondition``, ``beta2``, ``eps`` and ``memory_init``
+    ``sigma``, ``hidden``, ``weight_decay``, ``precondition``, ``beta2``, ``eps``, ``normalize`` and ``memory_init``
     (float32 tensors of shape ``(hidden,)``); ``card`` the model card (what it was trained on, how,
     how it was evaluated).
     """
@@ -139,7 +141,8 @@ class PretrainedMemory:
         return out
 
     def __repr__(self) -> str:
-        shown = HYPERPARAMETERS + (tuple(OPTIONAL) if self.hyperparameters["precondition"] else ())
+        shown = HYPERPARAMETERS + tuple(k for k in OPTIONAL if self.hyperparameters["precondition"] or (
+            k == "normalize" and not self.hyperparameters["normalize"]))
         hp = ", ".join(f"{k}={self.hyperparameters[k]!r}" for k in shown)
         return f"PretrainedMemory(name={self.name!r}, optimizer={self.optimizer!r}, {hp})"
 
@@ -218,10 +221,14 @@ def _validate(doc: Any, source: str) -> PretrainedMemory:
     _keys(hp_doc, HYPERPARAMETERS, "'hyperparameters'", source, optional=tuple(OPTIONAL))
     hp: dict[str, Any] = {k: _number(hp_doc[k], f"hyperparameters.{k}", source) for k in _FLOATS}
     precondition = hp_doc.get("precondition", OPTIONAL["precondition"])
-    if not isinstance(precondition, bool):
-        raise ValueError(f"{source}: hyperparameters.precondition must be true or false, got {precondition!r}; "
-                         f"{_HOW}")
+    if not (isinstance(precondition, bool) or precondition == "factored"):
+        raise ValueError(f"{source}: hyperparameters.precondition must be true, false or \"factored\", got "
+                         f"{precondition!r}; {_HOW}")
     hp["precondition"] = precondition
+    normalize = hp_doc.get("normalize", OPTIONAL["normalize"])
+    if not isinstance(normalize, bool):
+        raise ValueError(f"{source}: hyperparameters.normalize must be true or false, got {normalize!r}; {_HOW}")
+    hp["normalize"] = normalize
     for k in ("beta2", "eps"):
         hp[k] = _number(hp_doc[k], f"hyperparameters.{k}", source) if k in hp_doc else OPTIONAL[k]
     hidden = hp_doc["hidden"]
@@ -300,6 +307,8 @@ def save(path: str | os.PathLike, hyperparameters: Mapping[str, Any], *, name: s
     if hyperparameters.get("precondition", False):  # written only where it matters: plain files stay as they were
         hp["precondition"] = hyperparameters["precondition"]
         hp.update({k: _plain_float(hyperparameters.get(k, OPTIONAL[k]), k) for k in ("beta2", "eps")})
+    if hyperparameters.get("normalize", True) is not True:
+        hp["normalize"] = hyperparameters["normalize"]
     doc = {"format": FORMAT, "name": name, "optimizer": OPTIMIZER, "hyperparameters": hp,
            "memory_init": {k: v.tolist() for k, v in init.items()}, "card": dict(card) if isinstance(card, Mapping) else card}
     _validate(doc, str(path))

@@ -49,7 +49,9 @@ def test_resume_through_weights_only_load_is_bit_exact():
 
 
 def test_bad_precondition_names_the_parameter():
-    with pytest.raises(TypeError, match="precondition must be True or False"):
+    with pytest.raises(ValueError, match="precondition must be True, False or 'factored'"):
         deepopt.DeepMomentum(_params(), precondition="adam")
+    with pytest.raises(TypeError, match="normalize must be True or False"):
+        deepopt.DeepMomentum(_params(), normalize="no")
     with pytest.raises(ValueError, match="beta2"):
         deepopt.DeepMomentum(_params(), precondition=True, beta2=1.5)

@@ -185,7 +185,7 @@ def test_kwargs_overrides_win_and_are_checked(path):
     mem = P.load(path)
     kw = mem.kwargs()
     assert set(kw) == {"lr", "momentum", "inner_lr", "sigma", "hidden", "weight_decay", "memory_init",
-                       "precondition", "beta2", "eps"}
+                       "precondition", "beta2", "eps", "normalize"}
     assert kw["lr"] == float(torch.tensor(0.037)) and kw["precondition"] is False
     kw["memory_init"]["w1"].zero_()  # fresh tensors: the memory is unchanged
     assert not torch.equal(mem.hyperparameters["memory_init"]["w1"], kw["memory_init"]["w1"])
@@ -341,7 +341,7 @@ def test_preconditioned_memory_round_trip(tmp_path, path):
     assert [type(lv).__name__ for lv in opt.chains[0].levels] == ["DiagonalPreconditioner", "DeepMemory"]
     doc = _doc(pre)
     doc["hyperparameters"]["precondition"] = "yes"
-    with pytest.raises(ValueError, match="hyperparameters.precondition must be true or false"):
+    with pytest.raises(ValueError, match="hyperparameters.precondition must be true, false or"):
         P.load(_write(tmp_path, doc))
     doc["hyperparameters"]["precondition"] = True
     doc["hyperparameters"]["beta3"] = 0.9

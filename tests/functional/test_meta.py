@@ -229,6 +229,7 @@ class WithDeadEntries(Quadratic):
 
 @pytest.mark.parametrize("optimizer,kw", [
     ("DeepMomentum", dict(lr=0.01, momentum=0.8, inner_lr=0.2, hidden=4, precondition=True)),
+    ("DeepMomentum", dict(lr=0.01, momentum=0.8, inner_lr=0.2, hidden=4, precondition="factored", normalize=False)),
     ("M3", dict(lr=0.02, frequency=2, ns_dtype=None, alpha=0.5)),
 ])
 def test_meta_gradient_is_finite_where_a_second_moment_stays_zero(optimizer, kw):

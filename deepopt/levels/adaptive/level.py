@@ -11,7 +11,9 @@ bias correction (``form="ema"``, the default) is exactly ``torch.optim.AdamW``'s
 
 :class:`DiagonalPreconditioner` keeps only the second moment and preconditions its input,
 ``P(x) = x / (sqrt(v_hat) + eps)``; with a ``period`` it is a slow level ("preconditioners as
-levels", Eq. 47).
+levels", Eq. 47). :class:`FactoredPreconditioner` keeps Adafactor's factored second moment instead
+(one mean of ``g^2`` per row and per column of each tensor viewed as a matrix): two vectors of state
+in place of a tensor.
 
 Example:
     >>> import torch
@@ -32,7 +34,7 @@ from torch import Tensor
 from ..base import (Direction, Level, State, addcmul, axpy, check_nonnegative, check_unit_interval, sqrt_moment,
                     zeros_like)
 
-__all__ = ["AdamMoments", "DiagonalPreconditioner", "ADAM_FORMS"]
+__all__ = ["AdamMoments", "DiagonalPreconditioner", "FactoredPreconditioner", "ADAM_FORMS", "FACTORED_EPS"]
 
 ADAM_FORMS = ("ema", "accumulate")
 
@@ -198,3 +200,76 @@ class DiagonalPreconditioner(Level):
         torch._foreach_div_(dens, [(1 - b2**t) ** 0.5 for t in ts])
         torch._foreach_add_(dens, eps)
         return [Direction(x, d) for x, d in zip(xs, dens)]
+
+
+#: Adafactor's ``eps1``: added to ``g^2`` before its row and column means (an all-zero gradient
+#: leaves positive statistics, so ``v_hat`` is never ``0 / 0``)
+FACTORED_EPS = 1e-30
+
+
+class FactoredPreconditioner(Level):
+    r"""Adafactor's factored second moment (Shazeer & Stern, 2018); read ``x / (sqrt(v_hat) + eps)``.
+
+    Each tensor is viewed as a matrix (rows = first dim; a vector is one row). The memory keeps the
+    means of ``g^2`` over each row and each column,
+
+    .. math::
+        r \leftarrow \beta_2 r + (1 - \beta_2)\,\mathrm{mean}_j (g_{ij}^2 + \epsilon_1), \quad
+        c \leftarrow \beta_2 c + (1 - \beta_2)\,\mathrm{mean}_i (g_{ij}^2 + \epsilon_1), \quad
+        \hat v_{ij} = \frac{r_i c_j}{\mathrm{mean}(r)\,(1 - \beta_2^t)},
+
+    the rank-one fit of Adam's ``v`` (exact for a vector, whose one row is its second moment). Its
+    state is ``rows + cols`` numbers (float32, float64 for float64 parameters) instead of one per
+    entry, so a step reads no second moment per element. Nested Learning reading: the same
+    element-wise L2 memory of gradients as :class:`DiagonalPreconditioner`, compressed to a
+    factored memory.
+
+    Args:
+        beta2: decay of the statistics (group key ``"beta2"``).
+        eps: added to the denominator (group key ``"eps"``).
+
+    Example:
+        >>> import torch
+        >>> lvl = FactoredPreconditioner(); group = dict(lvl.defaults); p = torch.zeros(2, 3)
+        >>> g = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]])
+        >>> s = lvl.write(lvl.init(p, group), lvl.write_input(g), p, group, t=1)
+        >>> lvl.read(s, g, p, group, t=1).materialize()  # a rank-one gradient: exactly Adam's sign(g)
+        tensor([[1.0000, 1.0000, 1.0000],
+                [1.0000, 1.0000, 1.0000]])
+    """
+
+    name = "factored"
+    write_first = True
+
+    def __init__(self, beta2: float = 0.999, eps: float = 1e-8, period: int = 1,
+                 keys: Mapping[str, str] | None = None) -> None:
+        super().__init__(period=period, keys=keys, beta2=beta2, eps=eps)
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        check_unit_interval(group, self.key("beta2"))
+        check_nonnegative(group, self.key("eps"))
+
+    def write_input(self, x: Tensor) -> Tensor:
+        return x * x
+
+    def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
+        rows = p.shape[0] if p.ndim >= 2 else 1
+        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        return {"exp_avg_sq_row": p.new_zeros(rows, dtype=dt), "exp_avg_sq_col": p.new_zeros(p.numel() // rows, dtype=dt)}
+
+    def write(self, state: State, x2: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
+        b2 = self.hp(group, "beta2")
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        m = x2.reshape(row.numel(), -1).to(row.dtype) + FACTORED_EPS
+        return {"exp_avg_sq_row": axpy(row * b2, m.mean(1), 1 - b2), "exp_avg_sq_col": axpy(col * b2, m.mean(0), 1 - b2)}
+
+    def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        bc2_sqrt = (1 - self.hp(group, "beta2") ** t) ** 0.5
+        v = torch.outer(row, col / row.mean())  # r_i (c_j / mean r): no underflow of a tiny r_i c_j
+        den = sqrt_moment(v) / bc2_sqrt + self.hp(group, "eps")
+        return Direction(x, den.reshape(x.shape).to(x.dtype))
+
+    def stats(self, state: State) -> dict[str, float]:
+        return {"exp_avg_sq_row": float(state["exp_avg_sq_row"].norm()),
+                "exp_avg_sq_col": float(state["exp_avg_sq_col"].norm())}

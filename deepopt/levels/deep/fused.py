@@ -114,12 +114,13 @@ class _Precondition(NamedTuple):
 
 class DeepStep(FusedStep):
     """``Chain(DeepMemory)``: DeepMomentum, sigma identity, sign, rms or ns (Newton-Schulz on matrices);
-    ``Chain(DiagonalPreconditioner(period 1), DeepMemory)``: the same with ``precondition=True``."""
+    ``Chain(DiagonalPreconditioner(period 1), DeepMemory)``: the same with ``precondition=True``.
+    A memory with ``normalize=False`` or a factored preconditioner runs its foreach path."""
 
     @classmethod
     def covers(cls, chain) -> bool:
         lv = chain.levels
-        return isinstance(lv[-1], DeepMemory) and (len(lv) == 1 or (
+        return isinstance(lv[-1], DeepMemory) and lv[-1].normalize and (len(lv) == 1 or (
             len(lv) == 2 and type(lv[0]) is DiagonalPreconditioner and lv[0].period == 1))
 
     def makes_flag(self, group) -> bool:

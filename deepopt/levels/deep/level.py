@@ -3,9 +3,11 @@
 The memory of one parameter tensor is ``m_phi(u) = b + sum_j w2_j tanh(w1_j k + b1_j)``, applied
 element-wise, with ``k = u / rms(u)`` the gradient normalized per tensor. Its parameters are
 ``phi = (b, w1, b1, w2)``: ``b`` has the parameter's shape (the linear, per-element part of the
-memory) and ``w1, b1, w2`` (``hidden`` numbers each) a shared element-wise MLP. The memory learns
-by gradient descent with decay on the inner objective of momentum, the dot product with the
-incoming gradient (computed with ``torch.func.grad``):
+memory) and ``w1, b1, w2`` (``hidden`` numbers each) a shared element-wise MLP. With
+``normalize=False`` the MLP reads ``k = u`` itself (for an input already of unit scale, such as a
+preconditioned gradient: no pass over the tensor for its RMS). The memory learns by gradient
+descent with decay on the inner objective of momentum, the dot product with the incoming gradient
+(computed with ``torch.func.grad``):
 
     L(phi; u) = -<b, u> - (1/n) sum_e u_e MLP(k_e),
     b <- a b - grad_b L,   w2 <- a w2 - eta grad_w2 L,   (w1, b1) <- (w1, b1) - eta grad L,
@@ -166,15 +168,20 @@ class DeepMemory(Level):
         hidden: width of the element-wise MLP (structural).
         memory_init: initial ``{"w1", "b1", "w2"}`` tensors of shape ``(hidden,)`` (group key
             ``"memory_init"``, learnable by :mod:`deepopt.meta`); default :func:`default_memory_init`.
+        normalize: the MLP reads ``k = u / rms(u)`` (default) or, False, ``k = u`` (structural).
     """
 
     name = "deep"
 
     def __init__(self, momentum: float = 0.9, inner_lr: float = 0.1, sigma: str = "identity", hidden: int = 8,
-                 memory_init: Mapping[str, Tensor] | None = None, keys: Mapping[str, str] | None = None) -> None:
+                 memory_init: Mapping[str, Tensor] | None = None, keys: Mapping[str, str] | None = None,
+                 normalize: bool = True) -> None:
         if not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"invalid hidden: {hidden!r}; the memory MLP needs an int width >= 1")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
         self.hidden = hidden
+        self.normalize = normalize
         init = dict(memory_init) if memory_init is not None else default_memory_init(hidden)
         self._check_init(init)
         self.memory_init = {k: init[k].detach().clone() for k in _MLP_KEYS}
@@ -203,7 +210,7 @@ class DeepMemory(Level):
 
     def write(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
         a, eta = self.hp(group, "momentum"), self.hp(group, "inner_lr")
-        grads = _inner_grad(state, x, _normalize(x))
+        grads = _inner_grad(state, x, self._k(x))
         new = {"bias": torch.add(state["bias"] * a, grads["bias"], alpha=-1.0)}
         for k in _MLP_KEYS:
             keep = state[k] * a if k == "w2" else state[k]  # decay the memory's content, not its features
@@ -229,7 +236,7 @@ class DeepMemory(Level):
                 u = [xs[i] for i in idx]
                 dt = _compute_dtype(u[0])
                 w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(dt) for k in _MLP_KEYS)
-                s0, s1, s2 = inner_sums(u, w1, b1, CHUNK)
+                s0, s1, s2 = inner_sums(u, w1, b1, CHUNK, self.normalize)
                 n = u[0].numel()
                 w1.addcmul_(w2, s2, value=eta / n)
                 b1.addcmul_(w2, s1, value=eta / n)
@@ -252,7 +259,7 @@ class DeepMemory(Level):
             u = [xs[i] for i in idx]
             dt = _compute_dtype(u[0])
             w1, b1, w2 = (torch.stack([states[i][k] for i in idx]).to(dt) for k in _MLP_KEYS)
-            out = mlp_out(u, [states[i]["bias"] for i in idx], w1, b1, w2, CHUNK)
+            out = mlp_out(u, [states[i]["bias"] for i in idx], w1, b1, w2, CHUNK, self.normalize)
             for j, i in enumerate(idx):
                 outs[i] = out[j].view(xs[i].shape).to(states[i]["bias"].dtype)
         return [self._sigma(o, p, group) for o, p in zip(outs, ps)]
@@ -273,8 +280,12 @@ class DeepMemory(Level):
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         # the MLP is always read (a silent one adds exact zeros), so no branch depends on the state
-        out = state["bias"] + _mlp(state, _normalize(x))
+        out = state["bias"] + _mlp(state, self._k(x))
         return self._sigma(out, p, group)
+
+    def _k(self, x: Tensor) -> Tensor:
+        """The MLP's input: ``x / rms(x)``, or ``x`` itself with ``normalize=False``."""
+        return _normalize(x) if self.normalize else x
 
     def stats(self, state: State) -> dict[str, float]:
         return {"bias": float(state["bias"].float().norm()), "mlp_w2": float(state["w2"].float().norm())}
@@ -301,15 +312,19 @@ def _flat(ts, dtype: torch.dtype) -> list[Tensor]:
     return [t.detach().reshape(-1).to(dtype) for t in ts]
 
 
-def _chunks(rows: list[Tensor], chunk: int):
+def _chunks(rows: list[Tensor], chunk: int, normalize: bool = True):
     """``(start, uc, k1)`` per chunk of the equal-sized flat ``rows`` (``chunk`` elements over all
     rows; a single row is read in place, several are gathered into a small block, so nothing of the
     rows' size is allocated): ``uc`` is the ``B x 1 x len`` block of the rows, ``k1`` the
-    ``B x 2 x len`` buffer ``[k; 1]`` with ``k = u / rms(u)`` per row (so ``[w1, b1] @ k1 = w1 k +
-    b1`` is one batched matmul). Every view is made once per chunk width, not once per chunk."""
+    ``B x 2 x len`` buffer ``[k; 1]`` with ``k = u / rms(u)`` per row (``k = u`` with
+    ``normalize=False``; so ``[w1, b1] @ k1 = w1 k + b1`` is one batched matmul). Every view is made
+    once per chunk width, not once per chunk."""
     b, n = len(rows), rows[0].numel()
-    norms = torch.stack(torch._foreach_norm(rows, 2)).view(b, 1, 1)
-    inv = 1.0 / (norms / n ** 0.5 + 1e-30)
+    if normalize:
+        norms = torch.stack(torch._foreach_norm(rows, 2)).view(b, 1, 1)
+        inv = 1.0 / (norms / n ** 0.5 + 1e-30)
+    else:
+        inv = torch.ones(b, 1, 1, dtype=rows[0].dtype, device=rows[0].device)
     width = min(max(1, chunk // b), n)
     parts = rows[0].view(1, 1, n).split(width, 2) if b == 1 else [r.split(width) for r in rows]
     k1 = torch.ones(b, 2, width, dtype=rows[0].dtype, device=rows[0].device)
@@ -334,12 +349,14 @@ def _rows(x, *ws: Tensor) -> tuple:
     return (_flat(x, dt),) + ws
 
 
-def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK,
+               normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(S_0, S_1, S_2)`` of the module docstring, one pass in chunks: ``s = sigmoid(2 (w1 k +
     b1))`` (hidden x chunk), then one matmul ``[u k; u] . [s, s - s^2, 1]`` per chunk, from which
     ``h = 2 s - 1`` and ``1 - h^2 = 4 (s - s^2)`` give the sums. ``x``: one
     tensor (any shape, weights of shape ``(hidden,)``) or ``B`` equal-sized rows (a list of
     tensors or a ``(B, n)`` tensor) with weights ``(B, hidden)`` (then each sum is ``(B, hidden)``).
+    ``normalize=False``: ``k = x``.
 
     Example:
         >>> import torch
@@ -354,7 +371,7 @@ def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[T
     wb, h, b = 2 * torch.stack((w1, b1), -1), w1.shape[1], len(rows)  # B x hidden x 2, doubled: sigmoid(2z)
     acc = torch.zeros(b, 2, 2 * h + 1, dtype=w1.dtype, device=w1.device)  # [u k; u] . [s, s - s^2, 1]
     bufs: dict[int, tuple[Tensor, ...]] = {}
-    for _, uc, k1 in _chunks(rows, chunk):
+    for _, uc, k1 in _chunks(rows, chunk, normalize):
         if uc.shape[2] not in bufs:  # contiguous buffers, reused by every chunk of this width
             sd = torch.empty(b, 2 * h + 1, uc.shape[2], dtype=w1.dtype, device=w1.device)
             sd[:, 2 * h].fill_(1.0)  # the constant row: sum_e u_e
@@ -370,11 +387,12 @@ def inner_sums(x: Tensor, w1: Tensor, b1: Tensor, chunk: int = CHUNK) -> tuple[T
     return (s0[0], s1[0], s2[0]) if single else (s0, s1, s2)
 
 
-def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: int = CHUNK) -> Tensor:
+def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: int = CHUNK,
+            normalize: bool = True) -> Tensor:
     """``bias + sum_j w2_j tanh(w1_j k + b1_j)`` (``k = x / rms(x)``), one pass in chunks (two
     matmuls and a sigmoid each, ``tanh(z) = 2 sigmoid(2 z) - 1``): one tensor (in ``bias``'s
     shape and dtype) or ``B`` rows as in :func:`inner_sums` (``bias`` rows alike; the result
-    ``(B, n)``).
+    ``(B, n)``; ``normalize=False``: ``k = x``).
 
     Example:
         >>> import torch
@@ -394,7 +412,7 @@ def mlp_out(x: Tensor, bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, chunk: 
     rows_b = biases[0].view(1, 1, n) if b == 1 else torch.stack(biases).unsqueeze(1)  # B x 1 x n
     out = torch.empty(b, 1, n, dtype=w1.dtype, device=w1.device)
     bufs: dict[int, tuple[Tensor, Tensor]] = {}
-    for start, uc, k1 in _chunks(rows, chunk):
+    for start, uc, k1 in _chunks(rows, chunk, normalize):
         width = uc.shape[2]
         if width not in bufs:  # a contiguous buffer, reused by every chunk of this width
             z = torch.empty(b, h + 1, width, dtype=w1.dtype, device=w1.device)
