@@ -20,7 +20,8 @@ zero, meta-trains through the straight-through estimator, ``deepopt.levels.deep.
    one at the grid's best rate is dropped for that hand-set memory (the result says which was kept).
 
 ``--precondition`` meta-trains ``DeepMomentum(precondition=True)``, whose memory reads Adam's
-preconditioned gradient. The read-out with the lowest validation loss is the memory: ``OUT/memory.json`` (the format of
+preconditioned gradient (``--precondition factored``: Adafactor's factored second moment;
+``--no-normalize``: the memory reads its input not divided by its RMS). The read-out with the lowest validation loss is the memory: ``OUT/memory.json`` (the format of
 :mod:`deepopt.pretrained`; ``--ship NAME`` also writes ``deepopt/pretrained/NAME.json``), beside
 ``OUT/summary.json`` (every read-out's starting rate, learned values, validation loss, history).
 
@@ -150,6 +151,23 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def structure(args: argparse.Namespace) -> dict[str, Any]:
+    """The memory's fixed structure from the command line: its preconditioner and normalization."""
+    out: dict[str, Any] = {}
+    if args.precondition:
+        out["precondition"] = True if args.precondition == "diagonal" else args.precondition
+    if args.no_normalize:
+        out["normalize"] = False
+    return out
+
+
+def _over(args: argparse.Namespace) -> str:
+    """The card's words for the memory's input."""
+    pre = {"diagonal": ", over Adam-preconditioned gradients",
+           "factored": ", over gradients preconditioned by Adafactor's factored second moment"}
+    return pre.get(args.precondition or "", "") + (", not normalized" if args.no_normalize else "")
+
+
 def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, deadline: float) -> dict | None:
     """One read-out's lr choice, meta-training and validation; ``None`` if ``deadline`` came first
     (the checkpoint holds the progress)."""
@@ -162,7 +180,7 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
     val_steps = args.validation_steps or max(args.unroll, args.unroll_max or 0)
     sample = Sampler(args.families, val_steps, args.device)
     val_tasks = [sample(vg) for _ in range(args.validation_tasks)]
-    fixed = dict(HAND_SET, sigma=sigma, hidden=args.hidden, **({"precondition": True} if args.precondition else {}))
+    fixed = dict(HAND_SET, sigma=sigma, hidden=args.hidden, **structure(args))
     ckpt_path = folder / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu") if ckpt_path.exists() else None
     if ckpt is None:
@@ -223,7 +241,7 @@ def _card(args: argparse.Namespace, best: dict, results: list[dict], world: int,
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"
     return {
         "summary": (f"DeepMomentum memory (read-out {best['sigma']}"
-                    + (", over Adam-preconditioned gradients" if args.precondition else "") + ") "
+                    + _over(args) + ") "
                     + (f"meta-learned over {len(args.families)} task families; validation loss "
                        f"{best['validation_loss']:.4f} of the initial loss against "
                        f"{best['validation_loss_hand_set']:.4f} for the hand-set memory at its best grid rate"
@@ -267,8 +285,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="inner steps of the rate grid and the validation (default: the longest unroll)")
     ap.add_argument("--fixed-lr", action="store_true",
                     help="keep the grid's best rate: learn the memory, momentum and inner rate only")
-    ap.add_argument("--precondition", action="store_true",
-                    help="meta-train DeepMomentum(precondition=True): the memory reads Adam's preconditioned gradient")
+    ap.add_argument("--precondition", nargs="?", const="diagonal", choices=["diagonal", "factored"],
+                    help="meta-train a preconditioned memory: DeepMomentum(precondition=True) (diagonal, the "
+                         "default: Adam's second moment) or precondition='factored' (Adafactor's)")
+    ap.add_argument("--no-normalize", action="store_true",
+                    help="DeepMomentum(normalize=False): the memory reads its input not divided by its RMS")
     ap.add_argument("--keep-hand-set", action="store_true",
                     help="keep the hand-set memory where the learned one does not validate lower")
     ap.add_argument("--seed", type=int, default=0)

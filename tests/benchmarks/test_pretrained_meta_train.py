@@ -63,6 +63,17 @@ def test_preconditioned_memory_and_keep_hand_set(tmp_path, monkeypatch):
     assert "Adam-preconditioned" in memory.card["summary"]
 
 
+def test_factored_unnormalized_memory(tmp_path):
+    """--precondition factored --no-normalize meta-trains DeepMomentum(precondition="factored",
+    normalize=False) and the memory file carries both."""
+    assert meta_train.main(["--out", str(tmp_path), *TINY, "--precondition", "factored", "--no-normalize"]) == 0
+    memory = deepopt.pretrained.load(tmp_path / "memory.json")
+    assert (memory.hyperparameters["precondition"], memory.hyperparameters["normalize"]) == ("factored", False)
+    assert "factored second moment, not normalized" in memory.card["summary"]
+    opt = deepopt.DeepMomentum.pretrained([torch.nn.Parameter(torch.ones(3, 2))], name=tmp_path / "memory.json")
+    assert type(opt.chains[0].levels[0]).__name__ == "FactoredPreconditioner"
+
+
 def test_cut_short_meta_training_resumes_to_the_same_memory(tmp_path, monkeypatch):
     assert meta_train.main(["--out", str(tmp_path / "whole"), *TINY]) == 0
     clock = iter(range(1000))  # each read of the clock one second later: the deadline passes after two steps
