@@ -260,14 +260,16 @@ class FactoredPreconditioner(Level):
     def write(self, state: State, x2: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> State:
         b2 = self.hp(group, "beta2")
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        m = x2.reshape(row.numel(), -1).to(row.dtype) + FACTORED_EPS
-        return {"exp_avg_sq_row": axpy(row * b2, m.mean(1), 1 - b2), "exp_avg_sq_col": axpy(col * b2, m.mean(0), 1 - b2)}
+        m = x2.reshape(row.numel(), -1).to(row.dtype)  # mean(g^2 + eps1) = mean(g^2) + eps1: no shifted copy
+        return {"exp_avg_sq_row": axpy(row * b2, m.mean(1) + FACTORED_EPS, 1 - b2),
+                "exp_avg_sq_col": axpy(col * b2, m.mean(0) + FACTORED_EPS, 1 - b2)}
 
     def read(self, state: State, x: Tensor, p: Tensor, group: Mapping[str, Any], t: int) -> Direction:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         bc2_sqrt = (1 - self.hp(group, "beta2") ** t) ** 0.5
-        v = torch.outer(row, col / row.mean())  # r_i (c_j / mean r): no underflow of a tiny r_i c_j
-        den = sqrt_moment(v) / bc2_sqrt + self.hp(group, "eps")
+        # sqrt(v_hat) = sqrt(r_i) sqrt(c_j / mean r) / sqrt(1 - b2^t): one outer product of two short
+        # vectors plus eps, one pass over the tensor (and no underflow of a tiny r_i c_j)
+        den = torch.outer(sqrt_moment(row), sqrt_moment(col / row.mean()) / bc2_sqrt) + self.hp(group, "eps")
         return Direction(x, den.reshape(x.shape).to(x.dtype))
 
     def stats(self, state: State) -> dict[str, float]:
