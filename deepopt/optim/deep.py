@@ -95,8 +95,9 @@ class DeepMomentum(LevelOptimizer):
         (each memory's card says which); for much longer runs decay it with a scheduler (it lives
         in ``group["lr"]``): at 10x its evaluation horizon with a constant rate, the ``default``
         memory (Newton-Schulz read-out) kept training but overfit or oscillated in 5 of 15 runs,
-        ``elementwise`` and ``adaptive`` (identity read-out over Adam-preconditioned gradients) in
-        none (``benchmarks/results/pretrained``).
+        ``elementwise``, ``adaptive`` (identity read-out over Adam-preconditioned gradients) and
+        ``factored`` (over Adafactor-preconditioned gradients, SGD-momentum's state size) in none
+        (``benchmarks/results/pretrained``).
 
         Example:
             >>> import os, tempfile, torch, deepopt
