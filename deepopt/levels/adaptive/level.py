@@ -137,7 +137,25 @@ class AdamMoments(Level):
         return [Direction(m, d, div=1 - b1**t) for m, d, t in zip(ms, dens, ts)]
 
 
-class DiagonalPreconditioner(Level):
+class _SecondMoment(Level):
+    """A memory of ``g^2`` that preconditions its input (the shared hyperparameters and write input of
+    :class:`DiagonalPreconditioner` and :class:`FactoredPreconditioner`)."""
+
+    write_first = True
+
+    def __init__(self, beta2: float = 0.999, eps: float = 1e-8, period: int = 1,
+                 keys: Mapping[str, str] | None = None) -> None:
+        super().__init__(period=period, keys=keys, beta2=beta2, eps=eps)
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        check_unit_interval(group, self.key("beta2"))
+        check_nonnegative(group, self.key("eps"))
+
+    def write_input(self, x: Tensor) -> Tensor:
+        return x * x
+
+
+class DiagonalPreconditioner(_SecondMoment):
     """Second-moment memory ``v <- b2 v + (1 - b2) g^2``; read ``x / (sqrt(v_hat) + eps)``.
 
     As a slow level (``period=C``) it accumulates ``g^2`` and is rewritten at steps
@@ -151,18 +169,6 @@ class DiagonalPreconditioner(Level):
 
     name = "precond"
     elementwise = True  # acts on each entry alone: runs on local DTensor shards
-    write_first = True
-
-    def __init__(self, beta2: float = 0.999, eps: float = 1e-8, period: int = 1,
-                 keys: Mapping[str, str] | None = None) -> None:
-        super().__init__(period=period, keys=keys, beta2=beta2, eps=eps)
-
-    def validate(self, group: Mapping[str, Any]) -> None:
-        check_unit_interval(group, self.key("beta2"))
-        check_nonnegative(group, self.key("eps"))
-
-    def write_input(self, x: Tensor) -> Tensor:
-        return x * x
 
     def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
         return {"exp_avg_sq": zeros_like(p)}
@@ -207,7 +213,7 @@ class DiagonalPreconditioner(Level):
 FACTORED_EPS = 1e-30
 
 
-class FactoredPreconditioner(Level):
+class FactoredPreconditioner(_SecondMoment):
     r"""Adafactor's factored second moment (Shazeer & Stern, 2018); read ``x / (sqrt(v_hat) + eps)``.
 
     Each tensor is viewed as a matrix (rows = first dim; a vector is one row). The memory keeps the
@@ -239,18 +245,6 @@ class FactoredPreconditioner(Level):
     """
 
     name = "factored"
-    write_first = True
-
-    def __init__(self, beta2: float = 0.999, eps: float = 1e-8, period: int = 1,
-                 keys: Mapping[str, str] | None = None) -> None:
-        super().__init__(period=period, keys=keys, beta2=beta2, eps=eps)
-
-    def validate(self, group: Mapping[str, Any]) -> None:
-        check_unit_interval(group, self.key("beta2"))
-        check_nonnegative(group, self.key("eps"))
-
-    def write_input(self, x: Tensor) -> Tensor:
-        return x * x
 
     def init(self, p: Tensor, group: Mapping[str, Any]) -> State:
         rows = p.shape[0] if p.ndim >= 2 else 1
