@@ -75,7 +75,6 @@ class DeepMomentum(LevelOptimizer):
                  beta2: float = 0.999, eps: float = 1e-8, *, normalize: bool = True, impl: str = "auto",
                  nonfinite: str = "skip", maximize: bool = False) -> None:
         self.precondition = precondition
-        self.normalize = normalize
         rule = self._rule(lr, momentum, inner_lr, sigma, hidden, weight_decay, memory_init, precondition, beta2, eps,
                           normalize)
         self.memory: DeepMemory = rule.chains[0].levels[-1]
