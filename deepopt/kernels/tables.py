@@ -79,10 +79,12 @@ class RowSet:
             copies are written back by :meth:`finish`.
         extra: per-row tensors of any size appended as further columns (addresses only: small
             per-parameter memories such as a memory MLP's weights; they must be contiguous).
+        contiguous: rows not in row-major order are computed on contiguous copies even where
+            their columns share another dense layout (for kernels that index a row as a matrix).
     """
 
     def __init__(self, rows: Sequence[Sequence[Tensor]], mutable: Sequence[int] = (),
-                 extra: Sequence[Sequence[Tensor]] = ()) -> None:
+                 extra: Sequence[Sequence[Tensor]] = (), contiguous: bool = False) -> None:
         self.rows: list[list[Tensor]] = []
         self._writeback: list[tuple[Tensor, Tensor]] = []
         self._numel: tuple[int, ...] = ()
@@ -102,7 +104,7 @@ class RowSet:
             if not all(t.numel() == n and t.is_contiguous() for t in row):  # the usual row: dense, as is
                 if any(t.numel() != n for t in row):
                     raise ValueError("every tensor of a row must have the parameter's number of elements")
-                if not same_dense_layout(row):
+                if contiguous or not same_dense_layout(row):
                     copies = [t.contiguous() for t in row]
                     for c in mutable:
                         if copies[c] is not row[c]:
@@ -141,6 +143,37 @@ class RowSet:
         table.copy_(ptrs - table.data_ptr(), non_blocking=True)
         tables = Tables(table, *(t.to(device, non_blocking=True) for t in (numel, blk_row, blk_start)),
                         aligned=aligned)
+        _CACHE[key] = tables
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return tables
+
+    def tile_tables(self, cols: Sequence[int], tile_rows: int, tile_cols: int) -> Tables:
+        """Device tables for 2-D tiles: row ``i`` viewed as a ``(numel / cols[i], cols[i])`` matrix
+        in row-major order, cut into tiles of ``tile_rows x tile_cols``; ``blk_start[b]`` is then the
+        tile's index within its row, row-major over the tiles (cached by address like
+        :meth:`tables`).
+
+        Example:
+            >>> rows = RowSet([[torch.zeros(4, 6)], [torch.zeros(5)]])
+            >>> t = rows.tile_tables([6, 5], tile_rows=2, tile_cols=4)
+            >>> t.blk_row.tolist(), t.blk_start.tolist()
+            ([0, 0, 0, 0, 1, 1], [0, 1, 2, 3, 0, 1])
+        """
+        flat = self._flat if self._flat is not None else [t for row in self.rows for t in row]
+        key = ("tiles", self.rows[0][0].device, tile_rows, tile_cols, tuple(cols), self._numel,
+               tuple(map(Tensor.data_ptr, flat)))
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit
+        base = self.tables(tile_rows * tile_cols)
+        ntiles = [-(-(n // c) // tile_rows) * -(-c // tile_cols) if n else 0 for n, c in zip(self._numel, cols)]
+        blk_row = torch.repeat_interleave(torch.arange(len(self.rows), dtype=torch.int32), torch.tensor(ntiles))
+        blk_start = torch.cat([torch.arange(k, dtype=torch.int64) for k in ntiles])
+        device = base.ptrs.device
+        tables = Tables(base.ptrs, base.numel, blk_row.to(device, non_blocking=True),
+                        blk_start.to(device, non_blocking=True), aligned=False)
         _CACHE[key] = tables
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)

@@ -49,6 +49,15 @@ CASES = {
     "deep_rms": (deepopt.DeepMomentum, dict(lr=0.05, sigma="rms", inner_lr=0.5, weight_decay=0.01)),
     "deep_pre": (deepopt.DeepMomentum, dict(lr=0.01, inner_lr=0.5, precondition=True, weight_decay=0.01)),
     "deep_pre_rms": (deepopt.DeepMomentum, dict(lr=0.01, sigma="rms", inner_lr=0.5, precondition=True, beta2=0.9)),
+    "deep_factored": (deepopt.DeepMomentum, dict(lr=0.01, inner_lr=0.5, precondition="factored", normalize=False,
+                                                 weight_decay=0.01)),
+    "deep_factored_norm": (deepopt.DeepMomentum, dict(lr=0.01, sigma="rms", inner_lr=0.5, precondition="factored",
+                                                      beta2=0.9)),
+    "deep_factored_ns": (deepopt.DeepMomentum, dict(lr=0.01, sigma="ns", inner_lr=0.5, precondition="factored",
+                                                    normalize=False)),
+    "deep_unnormalized": (deepopt.DeepMomentum, dict(lr=0.01, sigma="sign", inner_lr=0.5, normalize=False)),
+    "deep_pre_unnormalized": (deepopt.DeepMomentum, dict(lr=0.01, inner_lr=0.5, precondition=True, normalize=False,
+                                                         weight_decay=0.01)),
 }
 STEPS = 4
 REAL = K.fused_step_for
@@ -113,8 +122,8 @@ def test_kernel_equals_reference_and_foreach_fp32(name, monkeypatch):
     compare(pk, ok, pf, of, 2e-3 if "muon" in name or "m3" in name or "ns" in name else 1e-4)
 
 
-@pytest.mark.parametrize("name", ["momentum", "adam", "precond_slow", "m3", "deep", "deep_pre", "delta",
-                                  "delta_f32_terms"])
+@pytest.mark.parametrize("name", ["momentum", "adam", "precond_slow", "m3", "deep", "deep_pre", "deep_factored",
+                                  "delta", "delta_f32_terms"])
 @pytest.mark.parametrize("state_dtype", [None, torch.float32])
 def test_kernel_equals_reference_bf16(name, state_dtype, monkeypatch):
     pk, ok = run(name, "triton", torch.bfloat16, state_dtype, monkeypatch)
@@ -122,8 +131,8 @@ def test_kernel_equals_reference_bf16(name, state_dtype, monkeypatch):
     compare(pk, ok, pr, orf, 2e-2)
     for p in pk:
         for k, v in ok.state[p].items():
-            if k != "step":
-                assert v.dtype == (state_dtype or torch.bfloat16), k
+            if k != "step":  # the factored statistics are float32 whatever the parameters
+                assert v.dtype == (torch.float32 if k.startswith("factored.") else state_dtype or torch.bfloat16), k
 
 
 
@@ -144,7 +153,8 @@ def test_kernels_read_the_nonfinite_flag_and_store_nothing(name, monkeypatch):
     params[0].grad[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         opt.step()
-    makes = (name.startswith("deep") and "ns" not in name) or name.startswith("delta")
+    # (an unnormalized memory without factored statistics has no first pass: the shell checks)
+    makes = (name.startswith("deep") and "ns" not in name and "unnormalized" not in name) or name.startswith("delta")
     assert made == [makes] and taken == ([] if makes else [True])  # the kernels, not a host check, skip it
     assert opt.skipped_steps == 1
     for p, q in zip(params, before):
@@ -159,7 +169,7 @@ def test_kernels_read_the_nonfinite_flag_and_store_nothing(name, monkeypatch):
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("mixed", [False, True])
-@pytest.mark.parametrize("name", ["deep", "delta"])
+@pytest.mark.parametrize("name", ["deep", "deep_factored", "delta"])
 def test_first_pass_checks_the_gradients(name, bad, mixed, monkeypatch):
     """DeepMomentum's sum-of-squares kernel and DeltaMomentum's reduction are the step's
     non-finite check: a NaN or +-Inf in the last entry of the last tensor skips the step with

@@ -13,6 +13,11 @@
       v <- b2 v + (1 - b2) g^2 (period C: through acc, written at t = 1, C + 1, ... with acc / chunk)
       x = g / (sqrt(v) den_scale + eps),  buf = x (first) or a buf + c_g x,  p = decay p - lr read(buf)
 
+* The factored second moment (``FactoredPreconditioner``, inside DeepMomentum's fused step): a
+  2-D-tiled pass adds the row and column sums of ``u^2``, one program per tensor then writes
+  ``r = b2 r + (1 - b2) (sum_j u^2 / cols + eps1)``, ``c`` likewise and ``mean(r)``; the kernels after
+  it divide by ``sqrt(r_i) sqrt(c_j / mean r) den + eps`` (:func:`factored`).
+
 ``decay = 1 - lr wd`` (decoupled) or 1; ``coupled`` adds ``wd p`` to the gradient. :func:`adam` and
 :func:`precond_momentum` do to one tensor what the kernels of
 :mod:`deepopt.levels.adaptive.triton_kernels` do to each row (float32 math).
@@ -36,9 +41,9 @@ from ...kernels.launch import FusedStep, bias_correction, f32, first_write, row_
 from ...kernels.tables import RowSet, step_scalars
 from ..base import is_boundary, level_step
 from ..momentum.level import Momentum
-from .level import AdamMoments, DiagonalPreconditioner
+from .level import FACTORED_EPS, AdamMoments, DiagonalPreconditioner
 
-__all__ = ["AdamStep", "PrecondMomentumStep", "adam", "precond_momentum"]
+__all__ = ["AdamStep", "PrecondMomentumStep", "adam", "factored", "precond_momentum"]
 
 
 def _kernels():
@@ -78,6 +83,17 @@ def precond_momentum(p: Tensor, g: Tensor, v: Tensor, buf: Tensor, acc: Tensor |
     new = y if first else a * f32(buf) + c_g * y
     buf.copy_(new)
     row_step(p, y + a * new if nesterov else new, lr, decay)
+
+
+def factored(u: Tensor, row: Tensor, col: Tensor, *, b2: float, eps: float, den: float) -> Tensor:
+    """The reference of the factored kernels on one tensor's float32 input ``u`` (the row and column
+    statistics written in place, rows = the first dim): returns ``u / (sqrt(r_i) sqrt(c_j / mean r)
+    den + eps)``, ``den = 1 / sqrt(1 - b2^t)``, flat."""
+    m = (u * u).reshape(row.numel(), -1)
+    row.copy_(b2 * f32(row) + (1 - b2) * (m.sum(1) / m.shape[1] + FACTORED_EPS))
+    col.copy_(b2 * f32(col) + (1 - b2) * (m.sum(0) / m.shape[0] + FACTORED_EPS))
+    r, c = f32(row), f32(col)
+    return u.reshape(-1) / (torch.outer(r.sqrt(), (c / r.mean()).sqrt()) * den + eps).reshape(-1)
 
 
 class AdamStep(FusedStep):

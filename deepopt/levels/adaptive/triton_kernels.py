@@ -1,4 +1,5 @@
-"""Triton kernels of the adaptive family: Adam's moments (both forms) and preconditioned momentum.
+"""Triton kernels of the adaptive family: Adam's moments (both forms), preconditioned momentum, and
+the factored second moment (its statistics and the helper that divides by it).
 
 Conventions (tables, dtypes, ``COUPLED``, the non-finite flag ``found``) in
 :mod:`deepopt.kernels.triton_lib`; each kernel's tensor-by-tensor reference and its math are in
@@ -10,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...kernels.triton_lib import _cast, _col, _grad_p, _ld, _row
+from ...kernels.triton_lib import _cast, _col, _grad_p, _ld, _row, _upto
 
 
 # ----------------------------------------------------------------------------- Adam
@@ -67,3 +68,92 @@ def precond_momentum_kernel(ptrs, numel, blk_row, blk_start, found, scal, b2, ep
     if NESTEROV:
         d = x + a * buf
     tl.store(pp + offs, _cast(p * decay - lr * d, P_DT), mask=mask)
+
+
+# ----------------------------------------------------------------------------- factored second moment
+@triton.jit
+def factored_sums_kernel(ptrs, numel, blk_row, blk_start, found, ncols, wd,
+                         NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, COUPLED: tl.constexpr,
+                         RC: tl.constexpr, TR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                         BLOCK: tl.constexpr = 0, ALIGNED: tl.constexpr = False, CHECK: tl.constexpr = False,
+                         FLAG_OUT: tl.constexpr = False):
+    """Columns p, g; float32 scratch rows at column RC (one per matrix row) and RC + 1 (one per
+    column), zero before: add the row and column sums of ``u^2`` (u the decayed gradient), the row
+    seen as a (numel / ncols[row], ncols[row]) matrix. Program = one tile (TR rows x BC columns,
+    :meth:`~deepopt.kernels.tables.RowSet.tile_tables`), walked in chunks of BR rows: one atomic per
+    row of a chunk, one per column of the tile. FLAG_OUT (CHECK off): set ``found`` where a gradient
+    entry is NaN or +-Inf (this pass reads every gradient first)."""
+    pid = tl.program_id(0)
+    row = tl.load(blk_row + pid).to(tl.int64)
+    tile = tl.load(blk_start + pid)
+    nc = tl.load(ncols + row).to(tl.int64)
+    nr = _upto(tl.load(numel + row), found, CHECK) // nc
+    ntc = tl.cdiv(nc, BC)
+    ti = tile // ntc
+    jj = (tile - ti * ntc) * BC + tl.arange(0, BC)
+    jm = jj < nc
+    i_end = tl.minimum(ti * TR + TR, nr)
+    gp = _col(ptrs, row, 1, NCOL, G_DT, ALIGNED)
+    pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
+    rp = _col(ptrs, row, RC, NCOL, tl.float32, ALIGNED)
+    cp = _col(ptrs, row, RC + 1, NCOL, tl.float32, ALIGNED)
+    col_sum = tl.zeros([BC], dtype=tl.float32)
+    for i0 in range(ti * TR, i_end, BR):
+        ii = i0 + tl.arange(0, BR)
+        im = ii < i_end
+        offs = ii[:, None] * nc + jj[None, :]
+        mask = im[:, None] & jm[None, :]
+        g = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
+        if FLAG_OUT:
+            bad = tl.sum(tl.sum(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), 1), 0)
+            if bad > 0:
+                tl.store(found, 1.0)
+        if COUPLED:
+            g += wd * tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
+        u2 = g * g
+        tl.atomic_add(rp + ii, tl.sum(u2, 1), mask=im)
+        col_sum += tl.sum(u2, 0)
+    tl.atomic_add(cp + jj, col_sum, mask=jm)
+
+
+@triton.jit
+def factored_moment_kernel(ptrs, numel, found, ncols, mean, b2, eps1, NCOL: tl.constexpr, F_DT: tl.constexpr,
+                           FC: tl.constexpr, RC: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr = False,
+                           CHECK: tl.constexpr = False):
+    """One program per row: the statistics r (column FC) and c (FC + 1) from the sums at RC, RC + 1,
+    ``r = b2 r + (1 - b2) (sum_j u_ij^2 / cols + eps1)``, c likewise over rows, both stored in F_DT;
+    ``mean[row] = mean(r)`` (the new one)."""
+    row = tl.program_id(0).to(tl.int64)
+    nc = tl.load(ncols + row).to(tl.int64)
+    nr = _upto(tl.load(numel + row), found, CHECK) // nc
+    nc = tl.where(nr > 0, nc, 0)
+    fr = nr.to(tl.float32)
+    fc = nc.to(tl.float32)
+    rp = _col(ptrs, row, FC, NCOL, F_DT, ALIGNED)
+    cp = _col(ptrs, row, FC + 1, NCOL, F_DT, ALIGNED)
+    rs = _col(ptrs, row, RC, NCOL, tl.float32, ALIGNED)
+    cs = _col(ptrs, row, RC + 1, NCOL, tl.float32, ALIGNED)
+    total = tl.zeros([CHUNK], dtype=tl.float32)
+    for k in range(0, nr, CHUNK):
+        o = k + tl.arange(0, CHUNK)
+        m = o < nr
+        r = _cast(b2 * _ld(rp, o, m) + (1.0 - b2) * (_ld(rs, o, m) / fc + eps1), F_DT)
+        tl.store(rp + o, r, mask=m)
+        total += tl.where(m, r.to(tl.float32), 0.0)
+    tl.store(mean + row, tl.sum(total, 0) / fr, mask=nr > 0)
+    for k in range(0, nc, CHUNK):
+        o = k + tl.arange(0, CHUNK)
+        m = o < nc
+        tl.store(cp + o, _cast(b2 * _ld(cp, o, m) + (1.0 - b2) * (_ld(cs, o, m) / fr + eps1), F_DT), mask=m)
+
+
+@triton.jit
+def _factored(ptrs, row, offs, mask, g, den, eps, ncols, mean, NCOL: tl.constexpr, F_DT: tl.constexpr,
+              FC: tl.constexpr, ALIGNED: tl.constexpr):
+    """``g / (sqrt(r_i) sqrt(c_j / mean(r)) den[row] + eps)`` for the elements ``offs`` of a row seen
+    as a matrix with ``ncols[row]`` columns (r, c at columns FC, FC + 1, written this step)."""
+    nc = tl.load(ncols + row)
+    i = offs // nc
+    r = tl.load(_col(ptrs, row, FC, NCOL, F_DT, ALIGNED) + i, mask=mask, other=1.0).to(tl.float32)
+    c = tl.load(_col(ptrs, row, FC + 1, NCOL, F_DT, ALIGNED) + (offs - i * nc), mask=mask, other=1.0).to(tl.float32)
+    return tl.where(mask, g / (tl.sqrt(r) * tl.sqrt(c / tl.load(mean + row)) * tl.load(den + row) + eps), 0.0)

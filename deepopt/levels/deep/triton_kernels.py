@@ -17,17 +17,20 @@ import triton
 import triton.language as tl
 
 from ...kernels.triton_lib import _cast, _col, _grad, _grad_checked, _ld, _row, _row_limit, _tanh_for, _upto
+from ..adaptive.triton_kernels import _factored
 
 
 # ----------------------------------------------------------------------------- deep momentum
 @triton.jit
-def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, eps,
+def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, eps, ncols, mean,
                       NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                       COUPLED: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
                       CHECK: tl.constexpr = False, FLAG_OUT: tl.constexpr = False, PRE: tl.constexpr = False,
-                      VC: tl.constexpr = 0):
+                      VC: tl.constexpr = 0, FACT: tl.constexpr = False, F_DT: tl.constexpr = tl.float32,
+                      FC: tl.constexpr = 0):
     """Columns p, g: red[row] += sum u^2 (u the decayed gradient), for k = u / rms(u); with PRE, u is
-    the preconditioned gradient (:func:`_preconditioned`, the second moment not stored here). FLAG_OUT
+    the preconditioned gradient (:func:`_preconditioned`, the second moment not stored here), with
+    FACT divided by the factored second moment (written before, :func:`_factored`). FLAG_OUT
     (with CHECK off): also set the non-finite flag ``found`` to 1 where a gradient entry is NaN or
     +-Inf, so this pass, which reads every gradient anyway, is the step's check (the kernels after it
     read the flag)."""
@@ -36,6 +39,8 @@ def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, 
                       COUPLED, ALIGNED, FLAG_OUT)
     if PRE:
         u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, False)
+    if FACT:
+        u = _factored(ptrs, row, offs, mask, u, den, eps, ncols, mean, NCOL, F_DT, FC, ALIGNED)
     tl.atomic_add(red + row, tl.sum(u * u, 0))
 
 
@@ -56,16 +61,20 @@ def _preconditioned(ptrs, row, offs, mask, g, den, b2, eps, NCOL: tl.constexpr, 
 
 
 @triton.jit
-def _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, NCOL: tl.constexpr, P_DT: tl.constexpr,
-              G_DT: tl.constexpr, S_DT: tl.constexpr, COUPLED: tl.constexpr, H: tl.constexpr,
-              HP: tl.constexpr, WC: tl.constexpr, ALIGNED: tl.constexpr, PRE: tl.constexpr, VC: tl.constexpr):
-    """u (PRE: preconditioned by the second moment written this step), k = u/rms(u), and the memory
-    MLP's (w1, b1, w2) of this row (columns WC, WC+1, WC+2)."""
+def _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, mean, NCOL: tl.constexpr,
+              P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, COUPLED: tl.constexpr, H: tl.constexpr,
+              HP: tl.constexpr, WC: tl.constexpr, ALIGNED: tl.constexpr, PRE: tl.constexpr, VC: tl.constexpr,
+              FACT: tl.constexpr, F_DT: tl.constexpr, NORM: tl.constexpr):
+    """u (PRE / FACT: preconditioned by the second moment written this step), k = u/rms(u) (NORM) or
+    u, and the memory MLP's (w1, b1, w2) of this row (columns WC, WC+1, WC+2; FACT: r, c at WC+3, WC+4)."""
     u = _grad(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), NCOL, G_DT, COUPLED, ALIGNED)
     if PRE:
         u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, False, False)
-    rms = tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32))
-    k = u / (rms + 1e-30)
+    if FACT:
+        u = _factored(ptrs, row, offs, mask, u, den, eps, ncols, mean, NCOL, F_DT, WC + 3, ALIGNED)
+    k = u
+    if NORM:
+        k = u / (tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32)) + 1e-30)
     j = tl.arange(0, HP)
     jm = j < H
     w1 = tl.load(_col(ptrs, row, WC, NCOL, S_DT, ALIGNED) + j, mask=jm, other=0.0).to(tl.float32)
@@ -75,14 +84,16 @@ def _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, NCOL: tl.cons
 
 
 @triton.jit
-def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, den, b2, eps,
+def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, den, b2, eps, ncols, mean,
                       NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                       COUPLED: tl.constexpr, LEARN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
                       WC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr = False,
-                      CHECK: tl.constexpr = False, PRE: tl.constexpr = False, VC: tl.constexpr = 0):
+                      CHECK: tl.constexpr = False, PRE: tl.constexpr = False, VC: tl.constexpr = 0,
+                      FACT: tl.constexpr = False, F_DT: tl.constexpr = tl.float32, NORM: tl.constexpr = True):
     """Columns p, g, bias, then w1, b1, w2 at WC: bias = a bias + u, and (LEARN) the inner gradient's sums
     sums[row] += (sum u h_j, sum u (1 - h_j^2), sum u (1 - h_j^2) k), h_j = tanh(w1_j k + b1_j). With
-    PRE (second moment in column VC, written and stored here), u is the preconditioned gradient.
+    PRE (second moment in column VC, written and stored here), u is the preconditioned gradient; with
+    FACT divided by the factored second moment (r, c at WC+3, WC+4, written before); NORM off: k = u.
 
     The block is walked in slices of SUB elements whose (HP, SUB) products add up in registers; the
     sums over elements cross the lanes once per block (a block of BLOCK = 8 SUB pays one reduction
@@ -90,7 +101,9 @@ def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, 
     row, offs0, n = _row_limit(blk_row, blk_start, numel, found, SUB, ALIGNED, CHECK)
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
     bp = _col(ptrs, row, 2, NCOL, S_DT, ALIGNED)
-    rms = tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32))
+    rms = 1.0
+    if NORM:
+        rms = tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32)) + 1e-30
     j = tl.arange(0, HP)
     jm = j < H
     w1 = tl.load(_col(ptrs, row, WC, NCOL, S_DT, ALIGNED) + j, mask=jm, other=0.0).to(tl.float32)
@@ -104,9 +117,13 @@ def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, 
         u = _grad(ptrs, row, offs, mask, wd, pp, NCOL, G_DT, COUPLED, ALIGNED)
         if PRE:
             u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, True)
+        if FACT:
+            u = _factored(ptrs, row, offs, mask, u, den, eps, ncols, mean, NCOL, F_DT, WC + 3, ALIGNED)
         tl.store(bp + offs, _cast(a * _ld(bp, offs, mask) + u, S_DT), mask=mask)
         if LEARN:
-            k = u / (rms + 1e-30)
+            k = u
+            if NORM:
+                k = u / rms
             h = _tanh_for(w1[:, None] * k[None, :] + b1[:, None], S_DT)
             uu = tl.where(mask, u, 0.0)[None, :]
             acc_h += uu * h
@@ -145,18 +162,19 @@ def deep_phi_kernel(ptrs, numel, found, sums, a, eta, NCOL: tl.constexpr, S_DT: 
 
 
 @triton.jit
-def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, sq, lr, decay, wd, den, b2, eps,
+def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, sq, lr, decay, wd, den, b2, eps, ncols, mean,
                      NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                      O_DT: tl.constexpr, COUPLED: tl.constexpr, SIGN: tl.constexpr, TO_OUT: tl.constexpr,
                      H: tl.constexpr, HP: tl.constexpr, WC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
                      CHECK: tl.constexpr = False, SUMSQ: tl.constexpr = False, PRE: tl.constexpr = False,
-                     VC: tl.constexpr = 0):
+                     VC: tl.constexpr = 0, FACT: tl.constexpr = False, F_DT: tl.constexpr = tl.float32,
+                     NORM: tl.constexpr = True):
     """Columns p, g, bias[, out], then w1, b1, w2 at WC: read m(u) = bias + sum_j w2_j tanh(w1_j k + b1_j)
     (new memory), sigma = sign or identity; p = decay p - lr sigma(m), or (TO_OUT) out = m, and with
     SUMSQ sq[row] += sum m^2 (the "rms" read-out's scale)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
-    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, NCOL, P_DT, G_DT,
-                                        S_DT, COUPLED, H, HP, WC, ALIGNED, PRE, VC)
+    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, mean, NCOL,
+                                        P_DT, G_DT, S_DT, COUPLED, H, HP, WC, ALIGNED, PRE, VC, FACT, F_DT, NORM)
     h = _tanh_for(w1[:, None] * k[None, :] + b1[:, None], S_DT)  # (HP, BLOCK): the hidden units' sum stays in a thread
     d = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask) + tl.sum(h * w2[:, None], 0)
     if SIGN:
