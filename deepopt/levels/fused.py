@@ -12,7 +12,7 @@ Each step class says which chains it fuses (``covers``); they live beside their 
 | ``DeltaMomentumLevel`` | ``momentum.DeltaStep`` | DeltaMomentum |
 | ``Momentum`` + ``NewtonSchulz`` | ``orthogonal.MuonStep`` | MuonMemory |
 | ``MultiScaleMomentum`` | ``multiscale.M3Step`` | M3 |
-| ``DeepMemory``, or ``DiagonalPreconditioner`` (period 1) + ``DeepMemory`` | ``deep.DeepStep`` | DeepMomentum (sigma identity, sign, rms, ns; ``precondition``) |
+| ``DeepMemory``, or ``DiagonalPreconditioner`` / ``FactoredPreconditioner`` (period 1) + ``DeepMemory`` | ``deep.DeepStep`` | DeepMomentum (sigma identity, sign, rms, ns; ``precondition`` True or "factored"; ``normalize``) |
 
 Not covered (``None``): a Momentum, AdamMoments or DeltaMomentumLevel level with a period > 1,
 float64 parameters (the kernels compute in float32), ``amsgrad=True``, and any other chain.

@@ -1,7 +1,8 @@
 """DeepMomentum(precondition="factored", normalize=False): the memory reads the gradient divided by
 Adafactor's factored second moment, as it comes. The level against Adafactor's formulas, the
 reduction to momentum over factored-preconditioned gradients, the foreach path against the
-reference, a bit-exact resume, the memory file, and where the fused kernels stand."""
+reference, the fused step's references against the foreach path, a bit-exact resume, and the memory
+file. (The Triton kernels against these references: tests/kernels/test_fused_steps.py.)"""
 
 import io
 
@@ -12,6 +13,7 @@ import deepopt
 from deepopt import pretrained as P
 from deepopt.levels import DiagonalPreconditioner, FactoredPreconditioner, fused_step_class
 from deepopt.levels.adaptive import FACTORED_EPS
+from deepopt.levels.deep import DeepStep
 
 from .test_fast_paths import run
 
@@ -92,11 +94,32 @@ def test_foreach_equals_reference_float64(kw):
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
-def test_unnormalized_or_factored_memories_run_their_foreach_path(kw):
-    """The fused kernels compute k = u / rms(u) and a diagonal v: these chains are not theirs."""
-    opt = deepopt.DeepMomentum([torch.nn.Parameter(torch.ones(3, 2))], **kw)
-    assert fused_step_class(opt.chains[0]) is None
-    assert fused_step_class(deepopt.DeepMomentum([torch.nn.Parameter(torch.ones(3, 2))]).chains[0]) is not None
+def test_fused_step_references_equal_the_foreach_path(kw, monkeypatch):
+    """The fused step covers these chains; its kernels' references (float32 math, what the kernel
+    tests compare the Triton kernels with) equal the chain's foreach path."""
+    import deepopt.levels.fused as K
+
+    assert fused_step_class(deepopt.DeepMomentum([torch.nn.Parameter(torch.ones(3, 2))], **kw).chains[0]) is DeepStep
+    real = K.fused_step_for
+    g = torch.Generator().manual_seed(0)
+    shapes = ((6, 5), (7,), (), (3, 2, 4))
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    out = []
+    for impl in ("reference", "foreach"):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        monkeypatch.setattr(K, "fused_step_for", lambda chain, group: real(chain, group, impl=impl))
+        opt = deepopt.DeepMomentum(ps, lr=0.01, inner_lr=0.5, weight_decay=0.01, **kw)
+        for gs in grads:
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+        out.append((ps, opt))
+    (pa, oa), (pb, ob) = out
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        for k in oa.state[x]:
+            torch.testing.assert_close(oa.state[x][k], ob.state[y][k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_resume_through_weights_only_load_is_bit_exact():

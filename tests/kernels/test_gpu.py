@@ -69,7 +69,8 @@ def test_gram_form_rounding_error_is_below_torchs_on_cuda():
             assert ours["dev"] <= 0.5 * metrics(torch_ns(x), x, o64)["dev"], (shape, name)
 
 
-@pytest.mark.parametrize("name", ["momentum", "momentum_nesterov", "adam", "precond", "precond_slow", "delta"])
+@pytest.mark.parametrize("name", ["momentum", "momentum_nesterov", "adam", "precond", "precond_slow", "delta",
+                                  "deep_factored"])
 def test_fused_steps_do_not_synchronize(name):
     """A step queues its work and returns: no host synchronisation (CUDA's sync debug mode raises
     on one), the non-finite check included (its flag reaches the host by an asynchronous copy that
