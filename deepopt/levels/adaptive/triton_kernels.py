@@ -117,12 +117,13 @@ def factored_sums_kernel(ptrs, numel, blk_row, blk_start, found, ncols, wd,
 
 
 @triton.jit
-def factored_moment_kernel(ptrs, numel, found, ncols, mean, b2, eps1, NCOL: tl.constexpr, F_DT: tl.constexpr,
+def factored_moment_kernel(ptrs, numel, found, ncols, den, b2, eps1, NCOL: tl.constexpr, F_DT: tl.constexpr,
                            FC: tl.constexpr, RC: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr = False,
                            CHECK: tl.constexpr = False):
     """One program per row: the statistics r (column FC) and c (FC + 1) from the sums at RC, RC + 1,
     ``r = b2 r + (1 - b2) (sum_j u_ij^2 / cols + eps1)``, c likewise over rows, both stored in F_DT;
-    ``mean[row] = mean(r)`` (the new one)."""
+    then the sums' scratch is overwritten with the read's factors ``sqrt(r_i)`` and ``sqrt(c_j /
+    mean(r)) den[row]`` (so the kernels after it divide by one product per element)."""
     row = tl.program_id(0).to(tl.int64)
     nc = tl.load(ncols + row).to(tl.int64)
     nr = _upto(tl.load(numel + row), found, CHECK) // nc
@@ -139,21 +140,25 @@ def factored_moment_kernel(ptrs, numel, found, ncols, mean, b2, eps1, NCOL: tl.c
         m = o < nr
         r = _cast(b2 * _ld(rp, o, m) + (1.0 - b2) * (_ld(rs, o, m) / fc + eps1), F_DT)
         tl.store(rp + o, r, mask=m)
-        total += tl.where(m, r.to(tl.float32), 0.0)
-    tl.store(mean + row, tl.sum(total, 0) / fr, mask=nr > 0)
+        r = r.to(tl.float32)
+        tl.store(rs + o, tl.sqrt(r), mask=m)
+        total += tl.where(m, r, 0.0)
+    scale = tl.load(den + row) / tl.sqrt(tl.sum(total, 0) / fr)
     for k in range(0, nc, CHUNK):
         o = k + tl.arange(0, CHUNK)
         m = o < nc
-        tl.store(cp + o, _cast(b2 * _ld(cp, o, m) + (1.0 - b2) * (_ld(cs, o, m) / fr + eps1), F_DT), mask=m)
+        c = _cast(b2 * _ld(cp, o, m) + (1.0 - b2) * (_ld(cs, o, m) / fr + eps1), F_DT)
+        tl.store(cp + o, c, mask=m)
+        tl.store(cs + o, tl.sqrt(c.to(tl.float32)) * scale, mask=m)
 
 
 @triton.jit
-def _factored(ptrs, row, offs, mask, g, den, eps, ncols, mean, NCOL: tl.constexpr, F_DT: tl.constexpr,
-              FC: tl.constexpr, ALIGNED: tl.constexpr):
-    """``g / (sqrt(r_i) sqrt(c_j / mean(r)) den[row] + eps)`` for the elements ``offs`` of a row seen
-    as a matrix with ``ncols[row]`` columns (r, c at columns FC, FC + 1, written this step)."""
+def _factored(ptrs, row, offs, mask, g, eps, ncols, NCOL: tl.constexpr, SC: tl.constexpr, ALIGNED: tl.constexpr):
+    """``g / (a_i b_j + eps)`` for the elements ``offs`` of a row seen as a matrix with ``ncols[row]``
+    columns: ``a = sqrt(r)`` at column SC and ``b = sqrt(c / mean r) / sqrt(1 - b2^t)`` at SC + 1
+    (float32, written this step by :func:`factored_moment_kernel`)."""
     nc = tl.load(ncols + row)
     i = offs // nc
-    r = tl.load(_col(ptrs, row, FC, NCOL, F_DT, ALIGNED) + i, mask=mask, other=1.0).to(tl.float32)
-    c = tl.load(_col(ptrs, row, FC + 1, NCOL, F_DT, ALIGNED) + (offs - i * nc), mask=mask, other=1.0).to(tl.float32)
-    return tl.where(mask, g / (tl.sqrt(r) * tl.sqrt(c / tl.load(mean + row)) * tl.load(den + row) + eps), 0.0)
+    a = tl.load(_col(ptrs, row, SC, NCOL, tl.float32, ALIGNED) + i, mask=mask, other=1.0)
+    b = tl.load(_col(ptrs, row, SC + 1, NCOL, tl.float32, ALIGNED) + (offs - i * nc), mask=mask, other=1.0)
+    return tl.where(mask, g / (a * b + eps), 0.0)

@@ -13,8 +13,9 @@ sum-of-squares pass computes the new second moment ``v = b2 v + (1 - b2) g^2`` w
 (it is also the non-finite check), the inner kernel stores it, the read kernel reads it back. With
 ``precondition="factored"`` a 2-D-tiled first pass sums ``g^2`` over each row and column of every
 tensor (and makes the non-finite flag), one program per tensor writes Adafactor's statistics ``r``,
-``c`` and ``mean(r)``, and the inner and read kernels divide ``g`` by ``sqrt(r_i) sqrt(c_j / mean r)
-/ sqrt(1 - b2^t) + eps`` (:func:`deepopt.levels.adaptive.fused.factored`). A memory with
+``c`` and the factors ``a_i = sqrt(r_i)``, ``b_j = sqrt(c_j / mean r) / sqrt(1 - b2^t)`` (into the
+sums' scratch), and the inner and read kernels divide ``g`` by ``a_i b_j + eps``
+(:func:`deepopt.levels.adaptive.fused.factored`). A memory with
 ``normalize=False`` reads ``k = u`` (no sum-of-squares pass). With
 ``sigma="ns"`` the read-out goes to stacked buffers, a batched Newton-Schulz and the apply
 kernel; with ``sigma="rms"`` every row's read-out goes to a buffer while the read kernel sums its
@@ -219,10 +220,10 @@ class DeepStep(FusedStep):
             wc = len(main[0])
             p, g, b = params[out_rows[0]], grads[out_rows[0]], states[out_rows[0]][keys[0]]
             scratch = None
-            if fact:  # r, c at WC+3, WC+4; their sums' scratch at WC+5, WC+6
+            if fact:  # the sums' scratch (then the read's factors) at WC+3, WC+4; r, c at WC+5, WC+6
                 scratch = self._factored_scratch([params[i] for i in out_rows])
                 for e, i, sums in zip(extra, out_rows, scratch.sums):
-                    e.extend([states[i][pre.keys[0]], states[i][pre.keys[1]], *sums])
+                    e.extend([*sums, states[i][pre.keys[0]], states[i][pre.keys[1]]])
             mutable = (0, 2) + ((3,) if to_out else ()) + ((wc - 1,) if pre and not fact else ())
             rows = RowSet(main, mutable=mutable, extra=extra, contiguous=fact)
             dts = dict(P_DT=tl_dtype(p.dtype), G_DT=tl_dtype(g.dtype), PRE=pre is not None and not fact,
@@ -232,16 +233,16 @@ class DeepStep(FusedStep):
             sums = torch.zeros(len(out_rows), 3, hp, dtype=torch.float32, device=p.device)
             b2, eps = (pre.b2, pre.eps) if pre else (0.0, 0.0)
             den = red if pre is None else step_scalars([ts[i] for i in out_rows], lambda t: [pre.den(t)], p.device)
-            ncols, mean = (scratch.ncols, scratch.mean) if fact else (red, red)  # any pointers without FACT
+            ncols = scratch.ncols if fact else red  # any pointer without FACT
             if fact:
-                dts["F_DT"] = tl_dtype(states[out_rows[0]][pre.keys[0]].dtype)
-                self._factored_statistics(k, rows, scratch, wc, wd, b2, coupled, dts)
+                self._factored_statistics(rows, scratch, wc, wd, b2, den, coupled, tl_dtype(
+                    states[out_rows[0]][pre.keys[0]].dtype), dts)
             if lvl.normalize:
                 first = self.launch if fact else self.launch_first_pass  # the factored sums made the flag
-                first(k.deep_sumsq_kernel, rows, None, red, wd, den, b2, eps, ncols, mean, S_DT=sdt, COUPLED=coupled,
-                      block=REDUCE_BLOCK, FC=wc + 3, **dts)
+                first(k.deep_sumsq_kernel, rows, None, red, wd, den, b2, eps, ncols, S_DT=sdt, COUPLED=coupled,
+                      block=REDUCE_BLOCK, SC=wc + 3, **dts)
             block, warps = TILE or READ_TILES[b.element_size()]
-            self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, den, b2, eps, ncols, mean, S_DT=sdt,
+            self.launch(k.deep_inner_kernel, rows, None, red, sums, a, wd, den, b2, eps, ncols, S_DT=sdt,
                         COUPLED=coupled, LEARN=eta != 0, H=h, HP=hp, WC=wc, SUB=INNER_SLICE[1], block=INNER_SLICE[0],
                         num_warps=INNER_WARPS, NORM=lvl.normalize, **dts)
             t = rows.tables(1024)
@@ -249,7 +250,7 @@ class DeepStep(FusedStep):
             k.deep_phi_kernel[(len(out_rows),)](t.ptrs, t.numel, flag, sums, a, eta, NCOL=len(rows.rows[0]), S_DT=sdt,
                                                 H=h, HP=hp, WC=wc, ALIGNED=t.aligned, CHECK=self.found is not None)
             self.launch(k.deep_read_kernel, rows, None, red, red if sq is None else sq, lr, decay, wd, den, b2, eps,
-                        ncols, mean, S_DT=sdt,
+                        ncols, S_DT=sdt,
                         O_DT=tl_dtype(slot[out_rows[0]].dtype) if to_out else sdt, COUPLED=coupled,
                         SIGN=sigma == "sign", TO_OUT=to_out, SUMSQ=sq is not None, H=h, HP=hp, WC=wc, block=block,
                         num_warps=warps, NORM=lvl.normalize, **dts)
@@ -266,30 +267,30 @@ class DeepStep(FusedStep):
                 self._scratch.pop(next(iter(self._scratch)))
         return hit
 
-    def _factored_statistics(self, k, rows: RowSet, scratch: "_FactoredScratch", wc: int, wd: float, b2: float,
-                             coupled: bool, dts: dict) -> None:
+    def _factored_statistics(self, rows: RowSet, scratch: "_FactoredScratch", wc: int, wd: float, b2: float,
+                             den: Tensor, coupled: bool, f_dt, dts: dict) -> None:
         """The tiled pass of row and column sums of ``u^2`` (the step's first pass: it makes the
-        flag where this call does), then the statistics ``r``, ``c`` and ``mean(r)``."""
+        flag where this call does), then the statistics ``r``, ``c`` and the read's factors."""
         from ..adaptive import triton_kernels as ak
 
         scratch.flat.zero_()
         tr, br, bc = FACTORED_TILE
         t = rows.tile_tables(scratch.cols, tr, bc)
         make = self.make_flag
-        flag = self.found if self.found is not None else scratch.mean  # any pointer when CHECK is off
+        flag = self.found if self.found is not None else scratch.flat  # any pointer when CHECK is off
         ak.factored_sums_kernel[t.grid](t.ptrs, t.numel, t.blk_row, t.blk_start, flag, scratch.ncols, wd,
                                         NCOL=len(rows.rows[0]), P_DT=dts["P_DT"], G_DT=dts["G_DT"], COUPLED=coupled,
-                                        RC=wc + 5, TR=tr, BR=br, BC=bc, CHECK=self.found is not None and not make,
+                                        RC=wc + 3, TR=tr, BR=br, BC=bc, CHECK=self.found is not None and not make,
                                         FLAG_OUT=make, num_warps=8)
         t = rows.tables(1024)
-        ak.factored_moment_kernel[(len(rows),)](t.ptrs, t.numel, flag, scratch.ncols, scratch.mean, b2, FACTORED_EPS,
-                                                NCOL=len(rows.rows[0]), F_DT=dts["F_DT"], FC=wc + 3, RC=wc + 5,
+        ak.factored_moment_kernel[(len(rows),)](t.ptrs, t.numel, flag, scratch.ncols, den, b2, FACTORED_EPS,
+                                                NCOL=len(rows.rows[0]), F_DT=f_dt, FC=wc + 5, RC=wc + 3,
                                                 CHUNK=1024, ALIGNED=t.aligned, CHECK=self.found is not None)
 
 
 class _FactoredScratch:
-    """Per list of shapes: the float32 sums of ``u^2`` over each row and each column of every tensor
-    (views of one buffer, each 16-byte aligned), ``mean(r)`` per tensor, and its column counts."""
+    """Per list of shapes: the float32 sums of ``u^2`` over each row and each column of every tensor,
+    then the read's factors (views of one buffer, each 16-byte aligned), and the column counts."""
 
     def __init__(self, ps: list[Tensor]) -> None:
         shape = [(p.shape[0] if p.ndim >= 2 else 1, p.numel() // (p.shape[0] if p.ndim >= 2 else 1)) for p in ps]
@@ -300,4 +301,3 @@ class _FactoredScratch:
         self.sums = list(zip(views[::2], views[1::2]))
         self.cols = [c for _, c in shape]
         self.ncols = torch.tensor(self.cols, dtype=torch.int64, device=device)
-        self.mean = torch.ones(len(ps), dtype=torch.float32, device=device)

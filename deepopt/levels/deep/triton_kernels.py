@@ -22,12 +22,11 @@ from ..adaptive.triton_kernels import _factored
 
 # ----------------------------------------------------------------------------- deep momentum
 @triton.jit
-def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, eps, ncols, mean,
+def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, eps, ncols,
                       NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                       COUPLED: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
                       CHECK: tl.constexpr = False, FLAG_OUT: tl.constexpr = False, PRE: tl.constexpr = False,
-                      VC: tl.constexpr = 0, FACT: tl.constexpr = False, F_DT: tl.constexpr = tl.float32,
-                      FC: tl.constexpr = 0):
+                      VC: tl.constexpr = 0, FACT: tl.constexpr = False, SC: tl.constexpr = 0):
     """Columns p, g: red[row] += sum u^2 (u the decayed gradient), for k = u / rms(u); with PRE, u is
     the preconditioned gradient (:func:`_preconditioned`, the second moment not stored here), with
     FACT divided by the factored second moment (written before, :func:`_factored`). FLAG_OUT
@@ -40,7 +39,7 @@ def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, 
     if PRE:
         u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, False)
     if FACT:
-        u = _factored(ptrs, row, offs, mask, u, den, eps, ncols, mean, NCOL, F_DT, FC, ALIGNED)
+        u = _factored(ptrs, row, offs, mask, u, eps, ncols, NCOL, SC, ALIGNED)
     tl.atomic_add(red + row, tl.sum(u * u, 0))
 
 
@@ -61,17 +60,18 @@ def _preconditioned(ptrs, row, offs, mask, g, den, b2, eps, NCOL: tl.constexpr, 
 
 
 @triton.jit
-def _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, mean, NCOL: tl.constexpr,
+def _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, NCOL: tl.constexpr,
               P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, COUPLED: tl.constexpr, H: tl.constexpr,
               HP: tl.constexpr, WC: tl.constexpr, ALIGNED: tl.constexpr, PRE: tl.constexpr, VC: tl.constexpr,
-              FACT: tl.constexpr, F_DT: tl.constexpr, NORM: tl.constexpr):
+              FACT: tl.constexpr, NORM: tl.constexpr):
     """u (PRE / FACT: preconditioned by the second moment written this step), k = u/rms(u) (NORM) or
-    u, and the memory MLP's (w1, b1, w2) of this row (columns WC, WC+1, WC+2; FACT: r, c at WC+3, WC+4)."""
+    u, and the memory MLP's (w1, b1, w2) of this row (columns WC, WC+1, WC+2; FACT: the read's factors
+    at WC+3, WC+4)."""
     u = _grad(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), NCOL, G_DT, COUPLED, ALIGNED)
     if PRE:
         u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, False, False)
     if FACT:
-        u = _factored(ptrs, row, offs, mask, u, den, eps, ncols, mean, NCOL, F_DT, WC + 3, ALIGNED)
+        u = _factored(ptrs, row, offs, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED)
     k = u
     if NORM:
         k = u / (tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32)) + 1e-30)
@@ -84,16 +84,17 @@ def _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, mean, 
 
 
 @triton.jit
-def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, den, b2, eps, ncols, mean,
+def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, den, b2, eps, ncols,
                       NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                       COUPLED: tl.constexpr, LEARN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
                       WC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr = False,
                       CHECK: tl.constexpr = False, PRE: tl.constexpr = False, VC: tl.constexpr = 0,
-                      FACT: tl.constexpr = False, F_DT: tl.constexpr = tl.float32, NORM: tl.constexpr = True):
+                      FACT: tl.constexpr = False, NORM: tl.constexpr = True):
     """Columns p, g, bias, then w1, b1, w2 at WC: bias = a bias + u, and (LEARN) the inner gradient's sums
     sums[row] += (sum u h_j, sum u (1 - h_j^2), sum u (1 - h_j^2) k), h_j = tanh(w1_j k + b1_j). With
     PRE (second moment in column VC, written and stored here), u is the preconditioned gradient; with
-    FACT divided by the factored second moment (r, c at WC+3, WC+4, written before); NORM off: k = u.
+    FACT divided by the factored second moment (its read's factors at WC+3, WC+4, written before);
+    NORM off: k = u.
 
     The block is walked in slices of SUB elements whose (HP, SUB) products add up in registers; the
     sums over elements cross the lanes once per block (a block of BLOCK = 8 SUB pays one reduction
@@ -118,7 +119,7 @@ def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, 
         if PRE:
             u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, True)
         if FACT:
-            u = _factored(ptrs, row, offs, mask, u, den, eps, ncols, mean, NCOL, F_DT, WC + 3, ALIGNED)
+            u = _factored(ptrs, row, offs, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED)
         tl.store(bp + offs, _cast(a * _ld(bp, offs, mask) + u, S_DT), mask=mask)
         if LEARN:
             k = u
@@ -162,19 +163,18 @@ def deep_phi_kernel(ptrs, numel, found, sums, a, eta, NCOL: tl.constexpr, S_DT: 
 
 
 @triton.jit
-def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, sq, lr, decay, wd, den, b2, eps, ncols, mean,
+def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, sq, lr, decay, wd, den, b2, eps, ncols,
                      NCOL: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
                      O_DT: tl.constexpr, COUPLED: tl.constexpr, SIGN: tl.constexpr, TO_OUT: tl.constexpr,
                      H: tl.constexpr, HP: tl.constexpr, WC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
                      CHECK: tl.constexpr = False, SUMSQ: tl.constexpr = False, PRE: tl.constexpr = False,
-                     VC: tl.constexpr = 0, FACT: tl.constexpr = False, F_DT: tl.constexpr = tl.float32,
-                     NORM: tl.constexpr = True):
+                     VC: tl.constexpr = 0, FACT: tl.constexpr = False, NORM: tl.constexpr = True):
     """Columns p, g, bias[, out], then w1, b1, w2 at WC: read m(u) = bias + sum_j w2_j tanh(w1_j k + b1_j)
     (new memory), sigma = sign or identity; p = decay p - lr sigma(m), or (TO_OUT) out = m, and with
     SUMSQ sq[row] += sum m^2 (the "rms" read-out's scale)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
-    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, mean, NCOL,
-                                        P_DT, G_DT, S_DT, COUPLED, H, HP, WC, ALIGNED, PRE, VC, FACT, F_DT, NORM)
+    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, NCOL,
+                                        P_DT, G_DT, S_DT, COUPLED, H, HP, WC, ALIGNED, PRE, VC, FACT, NORM)
     h = _tanh_for(w1[:, None] * k[None, :] + b1[:, None], S_DT)  # (HP, BLOCK): the hidden units' sum stays in a thread
     d = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask) + tl.sum(h * w2[:, None], 0)
     if SIGN:
