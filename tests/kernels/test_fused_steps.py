@@ -259,12 +259,15 @@ def test_launch_config_follows_the_narrowest_element():
         assert block // (32 * warps) * {1024: 4, 512: 2}[block] == 32  # bytes per thread
 
 
-def test_deep_inner_kernel_walks_blocks_of_several_slices(monkeypatch):
+@pytest.mark.parametrize("name", ["deep", "deep_factored"])
+def test_deep_inner_kernel_walks_blocks_of_several_slices(name, monkeypatch):
     """A matrix of 3,500 elements spans two of the inner kernel's blocks (2,048 elements here, slices
-    of 256, the last one partial): the sums over the blocks' slices still equal the reference's."""
+    of 256, the last one partial): the sums over the blocks' slices still equal the reference's.
+    Factored: its 70 columns wrap many times in a block and a 1,300-element vector spans several
+    (each element's matrix row and column found from the block's start)."""
     from deepopt.levels.deep import fused
 
     monkeypatch.setattr(fused, "INNER_SLICE", (2048, 256))
-    pk, ok = run("deep", "triton", monkeypatch=monkeypatch, scale=10)
-    pr, orf = run("deep", "reference", monkeypatch=monkeypatch, scale=10)
+    pk, ok = run(name, "triton", monkeypatch=monkeypatch, scale=10)
+    pr, orf = run(name, "reference", monkeypatch=monkeypatch, scale=10)
     compare(pk, ok, pr, orf, 1e-5)

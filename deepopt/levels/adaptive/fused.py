@@ -93,7 +93,7 @@ def factored(u: Tensor, row: Tensor, col: Tensor, *, b2: float, eps: float, den:
     row.copy_(b2 * f32(row) + (1 - b2) * (m.sum(1) / m.shape[1] + FACTORED_EPS))
     col.copy_(b2 * f32(col) + (1 - b2) * (m.sum(0) / m.shape[0] + FACTORED_EPS))
     r, c = f32(row), f32(col)
-    return u.reshape(-1) / (torch.outer(r.sqrt(), (c / r.mean()).sqrt()) * den + eps).reshape(-1)
+    return u.reshape(-1) / (torch.outer(r.sqrt(), c.sqrt() * (den / r.mean().sqrt())) + eps).reshape(-1)
 
 
 class AdamStep(FusedStep):

@@ -153,12 +153,21 @@ def factored_moment_kernel(ptrs, numel, found, ncols, den, b2, eps1, NCOL: tl.co
 
 
 @triton.jit
-def _factored(ptrs, row, offs, mask, g, eps, ncols, NCOL: tl.constexpr, SC: tl.constexpr, ALIGNED: tl.constexpr):
-    """``g / (a_i b_j + eps)`` for the elements ``offs`` of a row seen as a matrix with ``ncols[row]``
-    columns: ``a = sqrt(r)`` at column SC and ``b = sqrt(c / mean r) / sqrt(1 - b2^t)`` at SC + 1
-    (float32, written this step by :func:`factored_moment_kernel`)."""
+def _factored(ptrs, row, offs, start, mask, g, eps, ncols, NCOL: tl.constexpr, SC: tl.constexpr,
+              ALIGNED: tl.constexpr):
+    """``g / (a_i b_j + eps)`` for the elements ``offs`` (from ``start``, fewer than 2^30 of them
+    after it) of a row seen as a matrix with ``ncols[row]`` columns: ``a = sqrt(r)`` at column SC
+    and ``b = sqrt(c / mean r) / sqrt(1 - b2^t)`` at SC + 1 (float32, written this step by
+    :func:`factored_moment_kernel`). The element's matrix row and column come from one scalar
+    division and, per element, a float32 quotient corrected by one (``x / cols`` is below ``1 +
+    BLOCK / cols``, so the float estimate is off by less than one), not an integer division."""
     nc = tl.load(ncols + row)
-    i = offs // nc
-    a = tl.load(_col(ptrs, row, SC, NCOL, tl.float32, ALIGNED) + i, mask=mask, other=1.0)
-    b = tl.load(_col(ptrs, row, SC + 1, NCOL, tl.float32, ALIGNED) + (offs - i * nc), mask=mask, other=1.0)
+    i0 = start // nc
+    x = (offs - i0 * nc).to(tl.int32)  # the offset from row i0's start: below cols + BLOCK
+    n32 = nc.to(tl.int32)
+    q = (x.to(tl.float32) * (1.0 / n32.to(tl.float32))).to(tl.int32)
+    r = x - q * n32
+    q = tl.where(r < 0, q - 1, tl.where(r >= n32, q + 1, q))
+    a = tl.load(_col(ptrs, row, SC, NCOL, tl.float32, ALIGNED) + (i0 + q), mask=mask, other=1.0)
+    b = tl.load(_col(ptrs, row, SC + 1, NCOL, tl.float32, ALIGNED) + (x - q * n32), mask=mask, other=1.0)
     return tl.where(mask, g / (a * b + eps), 0.0)

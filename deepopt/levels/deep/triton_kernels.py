@@ -34,12 +34,13 @@ def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, 
     +-Inf, so this pass, which reads every gradient anyway, is the step's check (the kernels after it
     read the flag)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
+    start = tl.load(blk_start + tl.program_id(0))
     u = _grad_checked(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), found, NCOL, G_DT,
                       COUPLED, ALIGNED, FLAG_OUT)
     if PRE:
         u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, False)
     if FACT:
-        u = _factored(ptrs, row, offs, mask, u, eps, ncols, NCOL, SC, ALIGNED)
+        u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, SC, ALIGNED)
     tl.atomic_add(red + row, tl.sum(u * u, 0))
 
 
@@ -60,7 +61,7 @@ def _preconditioned(ptrs, row, offs, mask, g, den, b2, eps, NCOL: tl.constexpr, 
 
 
 @triton.jit
-def _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, NCOL: tl.constexpr,
+def _features(ptrs, row, offs, start, mask, wd, red, numel, den, b2, eps, ncols, NCOL: tl.constexpr,
               P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, COUPLED: tl.constexpr, H: tl.constexpr,
               HP: tl.constexpr, WC: tl.constexpr, ALIGNED: tl.constexpr, PRE: tl.constexpr, VC: tl.constexpr,
               FACT: tl.constexpr, NORM: tl.constexpr):
@@ -71,7 +72,7 @@ def _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, NCOL: 
     if PRE:
         u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, False, False)
     if FACT:
-        u = _factored(ptrs, row, offs, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED)
+        u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED)
     k = u
     if NORM:
         k = u / (tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32)) + 1e-30)
@@ -100,6 +101,7 @@ def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, 
     sums over elements cross the lanes once per block (a block of BLOCK = 8 SUB pays one reduction
     for eight slices)."""
     row, offs0, n = _row_limit(blk_row, blk_start, numel, found, SUB, ALIGNED, CHECK)
+    start = tl.load(blk_start + tl.program_id(0))
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
     bp = _col(ptrs, row, 2, NCOL, S_DT, ALIGNED)
     rms = 1.0
@@ -119,7 +121,7 @@ def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, 
         if PRE:
             u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, True)
         if FACT:
-            u = _factored(ptrs, row, offs, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED)
+            u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED)
         tl.store(bp + offs, _cast(a * _ld(bp, offs, mask) + u, S_DT), mask=mask)
         if LEARN:
             k = u
@@ -173,7 +175,8 @@ def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, sq, lr, decay,
     (new memory), sigma = sign or identity; p = decay p - lr sigma(m), or (TO_OUT) out = m, and with
     SUMSQ sq[row] += sum m^2 (the "rms" read-out's scale)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
-    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, mask, wd, red, numel, den, b2, eps, ncols, NCOL,
+    start = tl.load(blk_start + tl.program_id(0))
+    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, start, mask, wd, red, numel, den, b2, eps, ncols, NCOL,
                                         P_DT, G_DT, S_DT, COUPLED, H, HP, WC, ALIGNED, PRE, VC, FACT, NORM)
     h = _tanh_for(w1[:, None] * k[None, :] + b1[:, None], S_DT)  # (HP, BLOCK): the hidden units' sum stays in a thread
     d = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask) + tl.sum(h * w2[:, None], 0)
