@@ -108,6 +108,28 @@ def deep_tiles(shapes, repeats: int) -> None:
         fused.TILE, fused.INNER_SLICE = saved, saved_slice
 
 
+#: the factored statistics' tiled pass: (rows per program, rows per chunk, columns, warps)
+FACTORED_TILES = [(64, 16, 256, 8), (128, 16, 128, 8), (128, 16, 128, 4), (256, 16, 128, 8), (128, 32, 128, 8),
+                  (128, 8, 256, 8), (64, 8, 512, 8), (256, 32, 64, 4)]
+
+
+def factored_tiles(shapes, repeats: int) -> None:
+    """The factored memory's tiled pass (row and column sums of ``g^2``) ms per step at each tile."""
+    from deepopt.levels.deep import fused
+
+    make = speed_optimizers(["DeepMomentum.pretrained(factored)"], "cuda")["DeepMomentum.pretrained(factored)"]
+    saved = fused.FACTORED_TILE
+    print("\n| tile (rows, chunk rows, columns, warps) | dtype | factored_sums_kernel ms |\n|---|---|---|")
+    try:
+        for tile in FACTORED_TILES:
+            for dtype in DTYPES:
+                fused.FACTORED_TILE = tile
+                t = kernel_ms(make, shapes, dtype, repeats)
+                print(f"| {tile} | {str(dtype).split('.')[-1]} | {t.get('factored_sums_kernel', 0):.3f} |")
+    finally:
+        fused.FACTORED_TILE = saved
+
+
 def table(rows: dict[str, dict[str, float]]) -> list[str]:
     lines = ["| kernel | fp32 ms | bf16 ms | bf16 / fp32 |", "|---|---|---|---|"]
     for name, t in rows.items():
@@ -124,6 +146,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chain", type=int, default=10, help="steps back to back in the throughput timing")
     p.add_argument("--deep-tiles", action="store_true", help="DeepMomentum's inner and read kernels at several tiles")
+    p.add_argument("--factored-tiles", action="store_true", help="the factored memory's tiled pass at several tiles")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("optimizer_kernels: needs a CUDA device; nothing to do")
@@ -131,6 +154,8 @@ def main(argv=None) -> None:
     shapes = gpt_param_shapes(layers=a.layers)
     if a.deep_tiles:
         deep_tiles(shapes, a.repeats)
+    if a.factored_tiles:
+        factored_tiles(shapes, a.repeats)
     makers = speed_optimizers(a.optimizers, "cuda")
     print(f"{torch.cuda.get_device_name()}, {sum(s[0] * s[1] for _, s in shapes) / 1e9:.2f} B params, "
           f"median of {a.repeats} profiled steps")

@@ -271,3 +271,28 @@ def test_deep_inner_kernel_walks_blocks_of_several_slices(name, monkeypatch):
     pk, ok = run(name, "triton", monkeypatch=monkeypatch, scale=10)
     pr, orf = run(name, "reference", monkeypatch=monkeypatch, scale=10)
     compare(pk, ok, pr, orf, 1e-5)
+
+
+def test_factored_rows_as_wide_as_a_block_or_wider(monkeypatch):
+    """Rows of at least a block's columns take the one-comparison path of the factored read (a block
+    wraps into the next matrix row at most once): matrices of 256 and 300 columns in the read kernel's
+    256-element blocks and one of 2,100 columns in the inner kernel's 2,048-element blocks, against
+    the reference."""
+    from deepopt.levels.deep import fused
+
+    monkeypatch.setattr(fused, "INNER_SLICE", (2048, 256))
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=g) for s in ((3, 256), (3, 300), (2, 2100))]
+    grads = [[torch.randn(x.shape, generator=g) for x in init] for _ in range(3)]
+    out = []
+    for impl in ("triton", "reference"):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        monkeypatch.setattr(K, "fused_step_for", lambda chain, group: REAL(chain, group, impl=impl))
+        opt = deepopt.DeepMomentum(ps, impl="triton", lr=0.01, inner_lr=0.5, precondition="factored",
+                                   normalize=False)
+        for gs in grads:
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+        out.append((ps, opt))
+    compare(*out[0], *out[1], 1e-5)

@@ -81,8 +81,9 @@ def factored_sums_kernel(ptrs, numel, blk_row, blk_start, found, ncols, wd,
     column), zero before: add the row and column sums of ``u^2`` (u the decayed gradient), the row
     seen as a (numel / ncols[row], ncols[row]) matrix. Program = one tile (TR rows x BC columns,
     :meth:`~deepopt.kernels.tables.RowSet.tile_tables`), walked in chunks of BR rows: one atomic per
-    row of a chunk, one per column of the tile. FLAG_OUT (CHECK off): set ``found`` where a gradient
-    entry is NaN or +-Inf (this pass reads every gradient first)."""
+    row of a chunk (a reduction across lanes), the chunks' squares summed in registers and over the
+    tile's rows once at its end (across warps), one atomic per column. FLAG_OUT (CHECK off): set
+    ``found`` where a gradient entry is NaN or +-Inf (this pass reads every gradient first)."""
     pid = tl.program_id(0)
     row = tl.load(blk_row + pid).to(tl.int64)
     tile = tl.load(blk_start + pid)
@@ -97,7 +98,7 @@ def factored_sums_kernel(ptrs, numel, blk_row, blk_start, found, ncols, wd,
     pp = _col(ptrs, row, 0, NCOL, P_DT, ALIGNED)
     rp = _col(ptrs, row, RC, NCOL, tl.float32, ALIGNED)
     cp = _col(ptrs, row, RC + 1, NCOL, tl.float32, ALIGNED)
-    col_sum = tl.zeros([BC], dtype=tl.float32)
+    acc = tl.zeros([BR, BC], dtype=tl.float32)
     for i0 in range(ti * TR, i_end, BR):
         ii = i0 + tl.arange(0, BR)
         im = ii < i_end
@@ -112,8 +113,8 @@ def factored_sums_kernel(ptrs, numel, blk_row, blk_start, found, ncols, wd,
             g += wd * tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
         u2 = g * g
         tl.atomic_add(rp + ii, tl.sum(u2, 1), mask=im)
-        col_sum += tl.sum(u2, 0)
-    tl.atomic_add(cp + jj, col_sum, mask=jm)
+        acc += u2
+    tl.atomic_add(cp + jj, tl.sum(acc, 0), mask=jm)
 
 
 @triton.jit
@@ -154,20 +155,24 @@ def factored_moment_kernel(ptrs, numel, found, ncols, den, b2, eps1, NCOL: tl.co
 
 @triton.jit
 def _factored(ptrs, row, offs, start, mask, g, eps, ncols, NCOL: tl.constexpr, SC: tl.constexpr,
-              ALIGNED: tl.constexpr):
-    """``g / (a_i b_j + eps)`` for the elements ``offs`` (from ``start``, fewer than 2^30 of them
-    after it) of a row seen as a matrix with ``ncols[row]`` columns: ``a = sqrt(r)`` at column SC
-    and ``b = sqrt(c / mean r) / sqrt(1 - b2^t)`` at SC + 1 (float32, written this step by
-    :func:`factored_moment_kernel`). The element's matrix row and column come from one scalar
-    division and, per element, a float32 quotient corrected by one (``x / cols`` is below ``1 +
-    BLOCK / cols``, so the float estimate is off by less than one), not an integer division."""
-    nc = tl.load(ncols + row)
-    i0 = start // nc
-    x = (offs - i0 * nc).to(tl.int32)  # the offset from row i0's start: below cols + BLOCK
-    n32 = nc.to(tl.int32)
-    q = (x.to(tl.float32) * (1.0 / n32.to(tl.float32))).to(tl.int32)
-    r = x - q * n32
-    q = tl.where(r < 0, q - 1, tl.where(r >= n32, q + 1, q))
+              ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """``g / (a_i b_j + eps)`` for the elements ``offs`` (at most BLOCK of them from ``start``) of a
+    row seen as a matrix with ``ncols[row]`` columns (rows of fewer than 2^31 elements): ``a =
+    sqrt(r)`` at column SC and ``b = sqrt(c / mean r) / sqrt(1 - b2^t)`` at SC + 1 (float32, written
+    this step by :func:`factored_moment_kernel`). The element's matrix row and column come from one
+    32-bit division for ``start`` and, per element, one comparison (rows of at least BLOCK columns:
+    a block wraps at most once) or a float32 quotient corrected by one (``x / cols`` is below ``1 +
+    BLOCK / cols``, so the float estimate is off by less than one): no integer division per element."""
+    nc = tl.load(ncols + row).to(tl.int32)
+    s32 = start.to(tl.int32)
+    i0 = s32 // nc
+    x = (offs - start).to(tl.int32) + (s32 - i0 * nc)  # the offset from row i0's start: below cols + BLOCK
+    if nc >= BLOCK:
+        q = (x >= nc).to(tl.int32)
+    else:
+        q = (x.to(tl.float32) * (1.0 / nc.to(tl.float32))).to(tl.int32)
+        r = x - q * nc
+        q = tl.where(r < 0, q - 1, tl.where(r >= nc, q + 1, q))
     a = tl.load(_col(ptrs, row, SC, NCOL, tl.float32, ALIGNED) + (i0 + q), mask=mask, other=1.0)
-    b = tl.load(_col(ptrs, row, SC + 1, NCOL, tl.float32, ALIGNED) + (x - q * n32), mask=mask, other=1.0)
+    b = tl.load(_col(ptrs, row, SC + 1, NCOL, tl.float32, ALIGNED) + (x - q * nc), mask=mask, other=1.0)
     return tl.where(mask, g / (a * b + eps), 0.0)

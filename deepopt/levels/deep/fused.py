@@ -57,9 +57,9 @@ __all__ = ["DeepStep", "deep", "FACTORED_TILE", "READ_TILES", "TILE", "INNER_SLI
 #: 4.05 at (512, 4); bfloat16 1.41 ms at (1024, 4) against 1.55). ``TILE`` overrides it (the sweep).
 READ_TILES = {2: (1024, 4), 4: (256, 4), 8: (256, 4)}
 TILE: tuple[int, int] | None = None
-#: (rows per program, rows per chunk, columns) of the factored statistics' tiled pass: one atomic per
-#: row of a chunk and one per column of a program's tile
-FACTORED_TILE = (64, 16, 256)
+#: (rows per program, rows per chunk, columns, warps) of the factored statistics' tiled pass: one
+#: atomic per row of a chunk and one per column of a program's tile
+FACTORED_TILE = (64, 16, 256, 8)
 #: (elements per program, elements per slice) and warps of the inner kernel, which walks its block
 #: in (hidden, slice) tiles and reduces over the block once (same sweep: (8192, 256) 4.38 ms float32,
 #: 3.88 bfloat16, against 5.35 / 4.85 at (2048, 256): fewer partial sums to reduce)
@@ -183,6 +183,8 @@ class DeepStep(FusedStep):
             flat = torch.empty(sum(params[i].numel() for i in idx), dtype=bias.dtype, device=bias.device)
             slot = {i: v.view(params[i].shape) for i, v in zip(idx, flat.split([params[i].numel() for i in idx]))}
             sq = torch.zeros(len(idx), dtype=torch.float32, device=bias.device)
+        if kernel and pre is not None and pre.factored and any(params[i].numel() >= 2 ** 31 for i in idx):
+            kernel = False  # the factored kernels index a row's matrix in 32 bits: the references then
         if not kernel:
             for i in idx:
                 s = states[i]
@@ -274,14 +276,14 @@ class DeepStep(FusedStep):
         from ..adaptive import triton_kernels as ak
 
         scratch.flat.zero_()
-        tr, br, bc = FACTORED_TILE
+        tr, br, bc, warps = FACTORED_TILE
         t = rows.tile_tables(scratch.cols, tr, bc)
         make = self.make_flag
         flag = self.found if self.found is not None else scratch.flat  # any pointer when CHECK is off
         ak.factored_sums_kernel[t.grid](t.ptrs, t.numel, t.blk_row, t.blk_start, flag, scratch.ncols, wd,
                                         NCOL=len(rows.rows[0]), P_DT=dts["P_DT"], G_DT=dts["G_DT"], COUPLED=coupled,
                                         RC=wc + 3, TR=tr, BR=br, BC=bc, CHECK=self.found is not None and not make,
-                                        FLAG_OUT=make, num_warps=8)
+                                        FLAG_OUT=make, num_warps=warps)
         t = rows.tables(1024)
         ak.factored_moment_kernel[(len(rows),)](t.ptrs, t.numel, flag, scratch.ncols, den, b2, FACTORED_EPS,
                                                 NCOL=len(rows.rows[0]), F_DT=f_dt, FC=wc + 5, RC=wc + 3,

@@ -40,7 +40,7 @@ def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, 
     if PRE:
         u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, False)
     if FACT:
-        u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, SC, ALIGNED)
+        u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, SC, ALIGNED, BLOCK)
     tl.atomic_add(red + row, tl.sum(u * u, 0))
 
 
@@ -61,7 +61,8 @@ def _preconditioned(ptrs, row, offs, mask, g, den, b2, eps, NCOL: tl.constexpr, 
 
 
 @triton.jit
-def _features(ptrs, row, offs, start, mask, wd, red, numel, den, b2, eps, ncols, NCOL: tl.constexpr,
+def _features(ptrs, row, offs, start, mask, wd, red, numel, den, b2, eps, ncols, BLOCK: tl.constexpr,
+              NCOL: tl.constexpr,
               P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, COUPLED: tl.constexpr, H: tl.constexpr,
               HP: tl.constexpr, WC: tl.constexpr, ALIGNED: tl.constexpr, PRE: tl.constexpr, VC: tl.constexpr,
               FACT: tl.constexpr, NORM: tl.constexpr):
@@ -72,7 +73,7 @@ def _features(ptrs, row, offs, start, mask, wd, red, numel, den, b2, eps, ncols,
     if PRE:
         u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, False, False)
     if FACT:
-        u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED)
+        u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED, BLOCK)
     k = u
     if NORM:
         k = u / (tl.sqrt(tl.load(red + row) / tl.load(numel + row).to(tl.float32)) + 1e-30)
@@ -121,7 +122,7 @@ def deep_inner_kernel(ptrs, numel, blk_row, blk_start, found, red, sums, a, wd, 
         if PRE:
             u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, True)
         if FACT:
-            u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED)
+            u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, WC + 3, ALIGNED, BLOCK)
         tl.store(bp + offs, _cast(a * _ld(bp, offs, mask) + u, S_DT), mask=mask)
         if LEARN:
             k = u
@@ -176,8 +177,8 @@ def deep_read_kernel(ptrs, numel, blk_row, blk_start, found, red, sq, lr, decay,
     SUMSQ sq[row] += sum m^2 (the "rms" read-out's scale)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
     start = tl.load(blk_start + tl.program_id(0))
-    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, start, mask, wd, red, numel, den, b2, eps, ncols, NCOL,
-                                        P_DT, G_DT, S_DT, COUPLED, H, HP, WC, ALIGNED, PRE, VC, FACT, NORM)
+    u, k, j, jm, w1, b1, w2 = _features(ptrs, row, offs, start, mask, wd, red, numel, den, b2, eps, ncols, BLOCK,
+                                        NCOL, P_DT, G_DT, S_DT, COUPLED, H, HP, WC, ALIGNED, PRE, VC, FACT, NORM)
     h = _tanh_for(w1[:, None] * k[None, :] + b1[:, None], S_DT)  # (HP, BLOCK): the hidden units' sum stays in a thread
     d = _ld(_col(ptrs, row, 2, NCOL, S_DT, ALIGNED), offs, mask) + tl.sum(h * w2[:, None], 0)
     if SIGN:
