@@ -82,30 +82,33 @@ DEEP_TILES = [(1024, 8), (1024, 4), (512, 4), (512, 8), (256, 4), (256, 2), (204
 DEEP_SLICES = [(2048, 256), (4096, 256), (8192, 256), (2048, 512), (4096, 512), (8192, 512), (2048, 128)]
 
 
+def _sweep(optimizer: str, attr: str, values, kernels: list[str], header: str, shapes, repeats: int) -> None:
+    """One optimizer's kernels' ms per step with ``deepopt.levels.deep.fused.<attr>`` set to each value."""
+    from deepopt.levels.deep import fused
+
+    make = speed_optimizers([optimizer], "cuda")[optimizer]
+    saved = getattr(fused, attr)
+    print(f"\n| {header} | dtype | " + " | ".join(f"{k} ms" for k in kernels) + " |\n|---|---|" + "---|" * len(kernels))
+    try:
+        for value in values:
+            setattr(fused, attr, value)
+            for dtype in DTYPES:
+                t = kernel_ms(make, shapes, dtype, repeats)
+                print(f"| {value} | {str(dtype).split('.')[-1]} | " + " | ".join(f"{t.get(k, 0):.3f}" for k in kernels)
+                      + " |")
+    finally:
+        setattr(fused, attr, saved)
+
+
 def deep_tiles(shapes, repeats: int) -> None:
     """DeepMomentum's inner and read kernel ms per step at each (elements per program, warps), then
     the inner kernel at each (elements per program, slice)."""
     from deepopt.levels.deep import fused
 
-    make = speed_optimizers(["DeepMomentum"], "cuda")["DeepMomentum"]
-    saved, saved_slice = fused.TILE, fused.INNER_SLICE
-    print("\n| tile (block, warps) | dtype | deep_inner_kernel ms | deep_read_kernel ms |\n|---|---|---|---|")
-    try:
-        for tile in DEEP_TILES:
-            for dtype in DTYPES:
-                fused.TILE = tile
-                t = kernel_ms(make, shapes, dtype, repeats)
-                print(f"| {tile} | {str(dtype).split('.')[-1]} | {t.get('deep_inner_kernel', 0):.3f} "
-                      f"| {t.get('deep_read_kernel', 0):.3f} |")
-        fused.TILE = saved
-        print(f"\n| inner (block, slice), {fused.INNER_WARPS} warps | dtype | deep_inner_kernel ms |\n|---|---|---|")
-        for inner in DEEP_SLICES:
-            for dtype in DTYPES:
-                fused.INNER_SLICE = inner
-                t = kernel_ms(make, shapes, dtype, repeats)
-                print(f"| {inner} | {str(dtype).split('.')[-1]} | {t.get('deep_inner_kernel', 0):.3f} |")
-    finally:
-        fused.TILE, fused.INNER_SLICE = saved, saved_slice
+    _sweep("DeepMomentum", "TILE", DEEP_TILES, ["deep_inner_kernel", "deep_read_kernel"], "tile (block, warps)",
+           shapes, repeats)
+    _sweep("DeepMomentum", "INNER_SLICE", DEEP_SLICES, ["deep_inner_kernel"],
+           f"inner (block, slice), {fused.INNER_WARPS} warps", shapes, repeats)
 
 
 #: the factored statistics' tiled pass: (rows per program, rows per chunk, columns, warps)
@@ -115,19 +118,8 @@ FACTORED_TILES = [(64, 16, 256, 8), (128, 16, 128, 8), (128, 16, 128, 4), (256, 
 
 def factored_tiles(shapes, repeats: int) -> None:
     """The factored memory's tiled pass (row and column sums of ``g^2``) ms per step at each tile."""
-    from deepopt.levels.deep import fused
-
-    make = speed_optimizers(["DeepMomentum.pretrained(factored)"], "cuda")["DeepMomentum.pretrained(factored)"]
-    saved = fused.FACTORED_TILE
-    print("\n| tile (rows, chunk rows, columns, warps) | dtype | factored_sums_kernel ms |\n|---|---|---|")
-    try:
-        for tile in FACTORED_TILES:
-            for dtype in DTYPES:
-                fused.FACTORED_TILE = tile
-                t = kernel_ms(make, shapes, dtype, repeats)
-                print(f"| {tile} | {str(dtype).split('.')[-1]} | {t.get('factored_sums_kernel', 0):.3f} |")
-    finally:
-        fused.FACTORED_TILE = saved
+    _sweep("DeepMomentum.pretrained(factored)", "FACTORED_TILE", FACTORED_TILES, ["factored_sums_kernel"],
+           "tile (rows, chunk rows, columns, warps)", shapes, repeats)
 
 
 def table(rows: dict[str, dict[str, float]]) -> list[str]:
