@@ -89,6 +89,7 @@ class RowSet:
         self._writeback: list[tuple[Tensor, Tensor]] = []
         self._numel: tuple[int, ...] = ()
         self._flat: list[Tensor] | None = None  # every column of every row, when there are no extras
+        self._key: tuple | None = None  # the addresses of every column (the tables' cache key), made once
         rows = [list(row) for row in rows] if extra or not isinstance(rows, list) else rows
         ncol = len(rows[0]) if rows else 0
         if rows and all(len(row) == ncol for row in rows):  # the usual list: every row dense, checked at once
@@ -121,11 +122,18 @@ class RowSet:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _addresses(self) -> tuple:
+        """Every column's address, row by row (computed once: a step launches several kernels over
+        the same rows)."""
+        if self._key is None:
+            flat = self._flat if self._flat is not None else [t for row in self.rows for t in row]
+            self._key = tuple(map(Tensor.data_ptr, flat))
+        return self._key
+
     def tables(self, block: int) -> Tables:
         """The launch's device tables for blocks of ``block`` elements (cached by address)."""
         device = self.rows[0][0].device
-        flat = self._flat if self._flat is not None else [t for row in self.rows for t in row]
-        key = (device, block, self._numel, tuple(map(Tensor.data_ptr, flat)))
+        key = (device, block, self._numel, self._addresses())
         hit = _CACHE.get(key)
         if hit is not None:
             _CACHE.move_to_end(key)
@@ -160,9 +168,7 @@ class RowSet:
             >>> t.blk_row.tolist(), t.blk_start.tolist()
             ([0, 0, 0, 0, 1, 1], [0, 1, 2, 3, 0, 1])
         """
-        flat = self._flat if self._flat is not None else [t for row in self.rows for t in row]
-        key = ("tiles", self.rows[0][0].device, tile_rows, tile_cols, tuple(cols), self._numel,
-               tuple(map(Tensor.data_ptr, flat)))
+        key = ("tiles", self.rows[0][0].device, tile_rows, tile_cols, tuple(cols), self._numel, self._addresses())
         hit = _CACHE.get(key)
         if hit is not None:
             _CACHE.move_to_end(key)
