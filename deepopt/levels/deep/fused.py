@@ -131,7 +131,8 @@ class _Precondition(NamedTuple):
     def reference_args(self, state: dict, t: int) -> dict:
         """The keywords of :func:`deep` for one tensor's ``state`` at step ``t``."""
         held = tuple(state[k] for k in self.keys)
-        return dict(b2=self.b2, eps=self.eps, den=self.den(t), **({"factored": held} if self.factored else {"v": held[0]}))
+        moment = {"factored": held} if self.factored else {"v": held[0]}
+        return dict(b2=self.b2, eps=self.eps, den=self.den(t), **moment)
 
     def den(self, t: int) -> float:
         """``1 / sqrt(1 - b2^t)``, the bias correction of the second moment at step ``t``."""
