@@ -130,14 +130,24 @@ class RowSet:
             self._key = tuple(map(Tensor.data_ptr, flat))
         return self._key
 
-    def tables(self, block: int) -> Tables:
-        """The launch's device tables for blocks of ``block`` elements (cached by address)."""
-        device = self.rows[0][0].device
-        key = (device, block, self._numel, self._addresses())
+    def _cached(self, key: tuple, build: Callable[[], Tables]) -> Tables:
+        """The tables cached under ``key`` plus these rows' device and addresses, or ``build()``'s."""
+        key = (self.rows[0][0].device, self._numel, self._addresses()) + key
         hit = _CACHE.get(key)
         if hit is not None:
             _CACHE.move_to_end(key)
             return hit
+        tables = _CACHE[key] = build()
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return tables
+
+    def tables(self, block: int) -> Tables:
+        """The launch's device tables for blocks of ``block`` elements (cached by address)."""
+        return self._cached((block,), lambda: self._build(block))
+
+    def _build(self, block: int) -> Tables:
+        device = self.rows[0][0].device
         ptrs = torch.tensor([[t.data_ptr() for t in row] for row in self.rows], dtype=torch.int64)
         numel = torch.tensor([row[0].numel() for row in self.rows], dtype=torch.int64)
         nblk = (numel + block - 1) // block
@@ -149,12 +159,7 @@ class RowSet:
         # byte offsets from the table itself (see triton_lib._col); the copies do not wait for the
         # device (from pageable memory CUDA stages the source before returning)
         table.copy_(ptrs - table.data_ptr(), non_blocking=True)
-        tables = Tables(table, *(t.to(device, non_blocking=True) for t in (numel, blk_row, blk_start)),
-                        aligned=aligned)
-        _CACHE[key] = tables
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-        return tables
+        return Tables(table, *(t.to(device, non_blocking=True) for t in (numel, blk_row, blk_start)), aligned=aligned)
 
     def tile_tables(self, cols: Sequence[int], tile_rows: int, tile_cols: int) -> Tables:
         """Device tables for 2-D tiles: row ``i`` viewed as a ``(numel / cols[i], cols[i])`` matrix
@@ -168,22 +173,16 @@ class RowSet:
             >>> t.blk_row.tolist(), t.blk_start.tolist()
             ([0, 0, 0, 0, 1, 1], [0, 1, 2, 3, 0, 1])
         """
-        key = ("tiles", self.rows[0][0].device, tile_rows, tile_cols, tuple(cols), self._numel, self._addresses())
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-            return hit
-        base = self.tables(tile_rows * tile_cols)
-        ntiles = [-(-(n // c) // tile_rows) * -(-c // tile_cols) if n else 0 for n, c in zip(self._numel, cols)]
-        blk_row = torch.repeat_interleave(torch.arange(len(self.rows), dtype=torch.int32), torch.tensor(ntiles))
-        blk_start = torch.cat([torch.arange(k, dtype=torch.int64) for k in ntiles])
-        device = base.ptrs.device
-        tables = Tables(base.ptrs, base.numel, blk_row.to(device, non_blocking=True),
-                        blk_start.to(device, non_blocking=True), aligned=False)
-        _CACHE[key] = tables
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-        return tables
+        def build() -> Tables:
+            base = self.tables(tile_rows * tile_cols)
+            ntiles = [-(-(n // c) // tile_rows) * -(-c // tile_cols) if n else 0 for n, c in zip(self._numel, cols)]
+            blk_row = torch.repeat_interleave(torch.arange(len(self.rows), dtype=torch.int32), torch.tensor(ntiles))
+            blk_start = torch.cat([torch.arange(k, dtype=torch.int64) for k in ntiles])
+            device = base.ptrs.device
+            return Tables(base.ptrs, base.numel, blk_row.to(device, non_blocking=True),
+                          blk_start.to(device, non_blocking=True), aligned=False)
+
+        return self._cached(("tiles", tile_rows, tile_cols, tuple(cols)), build)
 
     def finish(self) -> None:
         """Copy rows computed on contiguous copies back into the caller's tensors."""

@@ -226,7 +226,8 @@ class DeepStep(FusedStep):
             p, g, b = params[out_rows[0]], grads[out_rows[0]], states[out_rows[0]][keys[0]]
             scratch = None
             if fact:  # the sums' scratch (then the read's factors) at WC+3, WC+4; r, c at WC+5, WC+6
-                scratch = self._factored_scratch([params[i] for i in out_rows])
+                scratch = self._factored_scratch([tuple(states[i][k].numel() for k in pre.keys) for i in out_rows],
+                                                 p.device)
                 for e, i, sums in zip(extra, out_rows, scratch.sums):
                     e.extend([*sums, states[i][pre.keys[0]], states[i][pre.keys[1]]])
             mutable = (0, 2) + ((3,) if to_out else ()) + ((wc - 1,) if pre and not fact else ())
@@ -261,13 +262,13 @@ class DeepStep(FusedStep):
                         num_warps=warps, NORM=lvl.normalize, **dts)
             rows.finish()
 
-    def _factored_scratch(self, ps: list[Tensor]) -> "_FactoredScratch":
-        """The persistent scratch of the factored statistics for these parameters' shapes (stable
-        addresses keep the launch tables cached)."""
-        key = (ps[0].device, tuple(p.shape for p in ps))
+    def _factored_scratch(self, shape: list[tuple[int, int]], device: torch.device) -> "_FactoredScratch":
+        """The persistent scratch of the factored statistics for tensors of these (rows, columns)
+        (stable addresses keep the launch tables cached)."""
+        key = (device, tuple(shape))
         hit = self._scratch.get(key)
         if hit is None:
-            hit = self._scratch[key] = _FactoredScratch(ps)
+            hit = self._scratch[key] = _FactoredScratch(shape, device)
             if len(self._scratch) > 16:
                 self._scratch.pop(next(iter(self._scratch)))
         return hit
@@ -297,10 +298,8 @@ class _FactoredScratch:
     """Per list of shapes: the float32 sums of ``u^2`` over each row and each column of every tensor,
     then the read's factors (views of one buffer, each 16-byte aligned), and the column counts."""
 
-    def __init__(self, ps: list[Tensor]) -> None:
-        shape = [(p.shape[0] if p.ndim >= 2 else 1, p.numel() // (p.shape[0] if p.ndim >= 2 else 1)) for p in ps]
+    def __init__(self, shape: list[tuple[int, int]], device: torch.device) -> None:
         sizes = [-(-n // 4) * 4 for rc in shape for n in rc]  # 16-byte multiples
-        device = ps[0].device
         self.flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
         views = [v[:n] for v, n in zip(self.flat.split(sizes), (n for rc in shape for n in rc))]
         self.sums = list(zip(views[::2], views[1::2]))

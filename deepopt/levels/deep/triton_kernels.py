@@ -34,13 +34,13 @@ def deep_sumsq_kernel(ptrs, numel, blk_row, blk_start, found, red, wd, den, b2, 
     +-Inf, so this pass, which reads every gradient anyway, is the step's check (the kernels after it
     read the flag)."""
     row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, CHECK)
-    start = tl.load(blk_start + tl.program_id(0))
     u = _grad_checked(ptrs, row, offs, mask, wd, _col(ptrs, row, 0, NCOL, P_DT, ALIGNED), found, NCOL, G_DT,
                       COUPLED, ALIGNED, FLAG_OUT)
     if PRE:
         u = _preconditioned(ptrs, row, offs, mask, u, den, b2, eps, NCOL, S_DT, VC, ALIGNED, True, False)
     if FACT:
-        u = _factored(ptrs, row, offs, start, mask, u, eps, ncols, NCOL, SC, ALIGNED, BLOCK)
+        u = _factored(ptrs, row, offs, tl.load(blk_start + tl.program_id(0)), mask, u, eps, ncols, NCOL, SC, ALIGNED,
+                      BLOCK)
     tl.atomic_add(red + row, tl.sum(u * u, 0))
 
 
