@@ -8,7 +8,8 @@ an exponential) and builds the functional optimizer (:mod:`deepopt.functional`) 
 loss after K inner steps is differentiable with respect to them. :class:`MetaTrainer` runs
 
     for each outer step:  sample a task; run ``unroll`` inner steps in segments of ``truncation``;
-        after each segment: meta-loss = mean inner loss of the segment, backward, then detach the
+        after each segment: meta-loss = mean inner loss of the segment (``objective="log"``: mean
+        log inner loss), backward, then detach the
         inner parameters and optimizer state (truncation: memory does not grow with ``unroll``
         and is the same at every outer step); optionally ``sync`` the meta-gradient (e.g. its mean
         over processes, each with its own tasks); clip its norm; one Adam step (skipped, and
@@ -52,7 +53,7 @@ from .levels.deep import default_memory_init
 from .optim.base import LevelOptimizer
 from .optim.registry import OPTIMIZERS
 
-__all__ = ["LEARNABLE", "MetaLearner", "MetaTrainer", "Task", "unroll"]
+__all__ = ["LEARNABLE", "OBJECTIVES", "MetaLearner", "MetaTrainer", "Task", "unroll"]
 
 #: What can be learned per optimizer, and how each value is parametrized:
 #: "unit" in (0, 1) by a sigmoid, "positive" by an exponential, "free" as is.
@@ -186,6 +187,22 @@ class MetaLearner(nn.Module):
                              f"MetaLearner learns {list(self.learn)} of {self.optimizer_name}; build a matching one")
 
 
+#: How the inner losses along a run enter the meta-loss (their mean is taken after this):
+#: ``"mean"`` the loss itself; ``"log"`` its logarithm (for positive losses: every task then weighs by
+#: its relative progress, so halving a small loss counts as much as halving a large one).
+def _identity(loss: Tensor) -> Tensor:
+    return loss
+
+
+OBJECTIVES: dict[str, Callable[[Tensor], Tensor]] = {"mean": _identity, "log": torch.log}
+
+
+def _objective(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; use one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
 def _detach(tree: Any) -> Any:
     if isinstance(tree, Tensor):
         return tree.detach()
@@ -195,12 +212,15 @@ def _detach(tree: Any) -> Any:
 
 
 def unroll(tx: F.Transformation, task: Task, steps: int, params: Mapping[str, Tensor] | None = None,
-           state: Any = None, start: int = 0) -> tuple[Tensor, dict[str, Tensor], Any]:
+           state: Any = None, start: int = 0, objective: str = "mean") -> tuple[Tensor, dict[str, Tensor], Any]:
     """Run ``steps`` inner steps; return the mean inner loss (differentiable), params and state.
 
     Pure: the loss is a function of the task's initial parameters and of every tensor in ``tx``
-    (hyperparameters, the memory's initial parameters), through all ``steps`` updates.
+    (hyperparameters, the memory's initial parameters), through all ``steps`` updates. With
+    ``objective="log"`` the mean is of the losses' logarithms (:data:`OBJECTIVES`); the inner steps
+    use the loss's own gradient either way.
     """
+    transform = _objective(objective)
     params = dict(task.params if params is None else params)
     state = tx.init(params) if state is None else state
     total = 0.0
@@ -208,7 +228,7 @@ def unroll(tx: F.Transformation, task: Task, steps: int, params: Mapping[str, Te
         grads, loss = grad_and_value(task.loss)(params, t)
         updates, state = tx.update(grads, state, params)
         params = F.apply_updates(params, updates)
-        total = total + loss
+        total = total + transform(loss)
     return total / steps, params, state
 
 
@@ -232,6 +252,8 @@ class MetaTrainer:
         unroll: inner steps per task; truncation: steps per backward segment (divides ``unroll``).
         meta_lr: Adam's learning rate on the learner's parameters; clip: max meta-gradient norm.
         tasks_per_step: tasks averaged per outer step; seed: the task generator's seed.
+        objective: ``"mean"`` (the inner losses' mean) or ``"log"`` (the mean of their logarithms,
+            for positive losses), see :data:`OBJECTIVES`.
         sync: called with the list of meta-gradients (the learner's parameters' ``.grad``) before
             clipping, to change them in place: with several processes, each with its own ``seed``,
             an all-reduce to their mean (``benchmarks.pretrained.meta_train``) makes every
@@ -240,7 +262,7 @@ class MetaTrainer:
 
     def __init__(self, learner: MetaLearner, sample_task: Callable[[torch.Generator], Task], *, unroll: int = 50,
                  truncation: int = 10, meta_lr: float = 1e-2, clip: float = 1.0, tasks_per_step: int = 1,
-                 seed: int = 0, sync: Callable[[list[Tensor]], None] | None = None) -> None:
+                 seed: int = 0, sync: Callable[[list[Tensor]], None] | None = None, objective: str = "mean") -> None:
         if not (isinstance(unroll, int) and isinstance(truncation, int) and 1 <= truncation <= unroll):
             raise ValueError(f"invalid unroll/truncation: {unroll!r}/{truncation!r}; use ints with "
                              "1 <= truncation <= unroll")
@@ -250,6 +272,8 @@ class MetaTrainer:
             raise ValueError(f"invalid clip: {clip!r}; the meta-gradient's max norm must be > 0")
         if not (isinstance(tasks_per_step, int) and tasks_per_step >= 1):
             raise ValueError(f"invalid tasks_per_step: {tasks_per_step!r}; use an int >= 1")
+        _objective(objective)
+        self.objective = objective
         self.learner, self.sample_task, self.sync = learner, sample_task, sync
         self.unroll, self.truncation, self.clip, self.tasks_per_step = unroll, truncation, clip, tasks_per_step
         self.meta_opt = torch.optim.Adam(learner.parameters(), lr=meta_lr)
@@ -269,7 +293,8 @@ class MetaTrainer:
             params, state = dict(task.params), None
             for s in range(segments):
                 tx = self.learner.transformation()
-                loss, params, state = unroll(tx, task, self.truncation, params, state, start=s * self.truncation)
+                loss, params, state = unroll(tx, task, self.truncation, params, state, start=s * self.truncation,
+                                             objective=self.objective)
                 nodes = max(nodes, _graph_nodes(loss))
                 (loss * scale).backward()
                 total += float(loss.detach()) * scale

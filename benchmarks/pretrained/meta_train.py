@@ -15,6 +15,10 @@ zero, meta-trains through the straight-through estimator, ``deepopt.levels.deep.
 
        meta-loss = mean over tasks and steps t of  L_task(W_t) / L_task(W_0);
 
+   (``--objective log``: of ``log(L_task(W_t) / L_task(W_0))``, so a task counts by its relative progress
+   (halving a loss near zero weighs as much as halving a large one), as the held-out comparison
+   (final loss over AdamW's) does; the validation then reports the geometric mean of the ratio);
+
 3. validation of the learned values on the same validation tasks (the same normalized loss over the
    run, no gradient); with ``--keep-hand-set`` a learned memory that validates worse than the hand-set
    one at the grid's best rate is dropped for that hand-set memory (the result says which was kept).
@@ -104,17 +108,18 @@ def horizon(args: argparse.Namespace, step: int) -> int:
     return choices[int(torch.randint(len(choices), (1,), generator=g))]
 
 
-def validation_loss(hyperparameters: dict, tasks: Sequence[Normalized], steps: int) -> float:
+def validation_loss(hyperparameters: dict, tasks: Sequence[Normalized], steps: int, objective: str = "mean") -> float:
     """Mean normalized loss over ``steps`` inner steps of DeepMomentum with ``hyperparameters``, over
-    ``tasks`` (inf if any run leaves the finite numbers)."""
+    ``tasks`` (inf if any run leaves the finite numbers); for ``objective="log"`` the geometric mean
+    (``exp`` of the mean log: the same order as the meta-objective, on the ratio's scale)."""
     total = 0.0
     for task in tasks:
         with torch.no_grad():  # torch.func.grad inside still differentiates the inner loss
-            loss = float(unroll(F.make("DeepMomentum", **hyperparameters), task, steps)[0])
+            loss = float(unroll(F.make("DeepMomentum", **hyperparameters), task, steps, objective=objective)[0])
         if not math.isfinite(loss):
             return math.inf
         total += loss / len(tasks)
-    return total
+    return math.exp(total) if objective == "log" else total
 
 
 def all_reduce_mean(grads: list[torch.Tensor]) -> None:
@@ -184,7 +189,7 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
     ckpt_path = folder / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu") if ckpt_path.exists() else None
     if ckpt is None:
-        grid = {lr: validation_loss(dict(fixed, lr=lr), val_tasks, val_steps) for lr in args.lr_grid}
+        grid = {lr: validation_loss(dict(fixed, lr=lr), val_tasks, val_steps, args.objective) for lr in args.lr_grid}
         start_lr = min(grid, key=grid.get)
         history, used = [], 0.0
     else:
@@ -193,7 +198,7 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
     learner = MetaLearner("DeepMomentum", learn=learn, lr=start_lr, **fixed).to(args.device)
     trainer = MetaTrainer(learner, sample, unroll=args.unroll, truncation=args.truncation, meta_lr=args.meta_lr,
                           clip=1.0, tasks_per_step=args.tasks_per_step, seed=args.seed + rank,
-                          sync=all_reduce_mean if world > 1 else None)
+                          sync=all_reduce_mean if world > 1 else None, objective=args.objective)
     if ckpt is not None:
         trainer.load_state_dict(ckpt["trainer"])  # rank 0's generator: its task stream continues exactly
         if rank > 0:  # the others' streams were not saved: fresh ones, distinct per rank and resumption
@@ -220,7 +225,7 @@ def train_sigma(sigma: str, args: argparse.Namespace, rank: int, world: int, dea
         if i % args.checkpoint_every == 0:
             checkpoint()
     learned = learner.learned()
-    learned_loss = loss = validation_loss(learned, val_tasks, val_steps)
+    learned_loss = loss = validation_loss(learned, val_tasks, val_steps, args.objective)
     kept = "learned"
     if args.keep_hand_set and not loss < grid[start_lr]:  # meta-training did not help: the hand-set memory
         hand = dict(fixed, lr=start_lr, memory_init=default_memory_init(args.hidden))  # what the grid ran
@@ -251,7 +256,11 @@ def _card(args: argparse.Namespace, best: dict, results: list[dict], world: int,
                        f"{best['validation_loss_learned']:.4f} of the initial loss, not below the hand-set "
                        f"memory's {best['validation_loss_hand_set']:.4f}, so the hand-set memory is kept")),
         "training_distribution": families,
-        "meta_objective": "mean over the run of each task's training loss divided by its initial loss, "
+        "meta_objective": ("mean over the run of each task's training loss divided by its initial loss, "
+                           if args.objective == "mean" else
+                           "mean over the run of the log of each task's training loss divided by its initial loss "
+                           "(validation: its geometric mean), ")
+                          + 
                           f"truncated unrolls of {args.truncation} steps, {args.tasks_per_step} tasks per outer "
                           f"step per process, Adam (meta lr {args.meta_lr}), meta-gradient norm clipped at 1",
         "horizon": (f"{args.unroll} inner steps per task" if not args.unroll_max or args.unroll_max <= args.unroll else
@@ -278,6 +287,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="random horizons: each outer step's unroll drawn from [--unroll, this] (validation at this)")
     ap.add_argument("--truncation", type=int, default=10)
     ap.add_argument("--meta-lr", type=float, default=0.03)
+    ap.add_argument("--objective", choices=["mean", "log"], default="mean",
+                    help="the meta-loss: the mean normalized loss over the run, or the mean of its log")
     ap.add_argument("--hidden", type=int, default=8)
     ap.add_argument("--lr-grid", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3])
     ap.add_argument("--validation-tasks", type=int, default=8)

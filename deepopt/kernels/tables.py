@@ -180,7 +180,8 @@ class RowSet:
             blk_start = torch.cat([torch.arange(k, dtype=torch.int64) for k in ntiles])
             device = base.ptrs.device
             return Tables(base.ptrs, base.numel, blk_row.to(device, non_blocking=True),
-                          blk_start.to(device, non_blocking=True), aligned=False)
+                          blk_start.to(device, non_blocking=True),
+                          aligned=base.aligned and all(c % 16 == 0 for c in cols))
 
         return self._cached(("tiles", tile_rows, tile_cols, tuple(cols)), build)
 

@@ -296,3 +296,35 @@ def test_factored_rows_as_wide_as_a_block_or_wider(monkeypatch):
             opt.step()
         out.append((ps, opt))
     compare(*out[0], *out[1], 1e-5)
+
+
+ALIGNED_SHAPES = [(16, 32), (32, 16), (48,)]
+
+
+def run_aligned(impl, monkeypatch, shapes=ALIGNED_SHAPES, device="cpu", dtype=torch.float32, bad_at=None):
+    """The factored memory over matrices whose column counts are multiples of 16 (its tiled pass
+    then loads vectors); ``bad_at``: the step whose last gradient entry is NaN (a step follows it: on
+    CUDA the flag reaches the host during the next step)."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(device, dtype)) for s in shapes]
+    monkeypatch.setattr(K, "fused_step_for", lambda chain, group: REAL(chain, group, impl=impl))
+    opt = deepopt.DeepMomentum(ps, impl="triton", lr=0.01, inner_lr=0.5, precondition="factored", normalize=False)
+    for s in range(STEPS):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(device, dtype)
+        if s == bad_at:
+            ps[-1].grad.view(-1)[-1] = float("nan")
+        opt.step()
+    return ps, opt
+
+
+def test_factored_tiled_pass_on_aligned_rows(monkeypatch):
+    """Column counts that are multiples of 16 make the tile tables aligned (the tiled pass's vector
+    loads), others not; the step equals the reference there, and a NaN in the last entry is flagged."""
+    from deepopt.kernels.tables import RowSet
+
+    assert RowSet([[torch.zeros(16, 32)], [torch.zeros(48)]]).tile_tables([32, 48], 8, 16).aligned
+    assert not RowSet([[torch.zeros(16, 24)]]).tile_tables([24], 8, 16).aligned
+    compare(*run_aligned("triton", monkeypatch), *run_aligned("reference", monkeypatch), 1e-5)
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        assert run_aligned("triton", monkeypatch, bad_at=STEPS - 2)[1].skipped_steps == 1

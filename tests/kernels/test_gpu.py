@@ -92,3 +92,17 @@ def test_fused_steps_do_not_synchronize(name):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert opt.skipped_steps == 0 and all(int(opt.state[p]["step"]) == 4 for p in params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factored_tiled_pass_on_aligned_rows_on_cuda(dtype, monkeypatch):
+    """The tiled pass compiled with vector loads (column counts multiples of 16, aligned rows):
+    equal to the reference, and a NaN in the last gradient entry skips the step."""
+    from .test_fused_steps import STEPS, run_aligned
+
+    shapes = [(256, 1024), (64, 2048), (4096,)]
+    pk, ok = run_aligned("triton", monkeypatch, shapes, "cuda", dtype)
+    pr, orf = run_aligned("reference", monkeypatch, shapes, "cuda", dtype)
+    compare(pk, ok, pr, orf, 1e-4 if dtype == torch.float32 else 3e-2)
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        assert run_aligned("triton", monkeypatch, shapes, "cuda", dtype, bad_at=STEPS - 2)[1].skipped_steps == 1

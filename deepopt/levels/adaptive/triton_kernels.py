@@ -83,11 +83,15 @@ def factored_sums_kernel(ptrs, numel, blk_row, blk_start, found, ncols, wd,
     :meth:`~deepopt.kernels.tables.RowSet.tile_tables`), walked in chunks of BR rows: one atomic per
     row of a chunk (a reduction across lanes), the chunks' squares summed in registers and over the
     tile's rows once at its end (across warps), one atomic per column. FLAG_OUT (CHECK off): set
-    ``found`` where a gradient entry is NaN or +-Inf (this pass reads every gradient first)."""
+    ``found`` where a gradient entry is NaN or +-Inf (this pass reads every gradient first; the
+    entries' verdicts gather in registers, one reduction per tile). ALIGNED: 16-byte aligned rows
+    whose column counts are multiples of 16, so that a chunk's rows load as vectors."""
     pid = tl.program_id(0)
     row = tl.load(blk_row + pid).to(tl.int64)
     tile = tl.load(blk_start + pid)
     nc = tl.load(ncols + row).to(tl.int64)
+    if ALIGNED:
+        nc = tl.multiple_of(nc, 16)
     nr = _upto(tl.load(numel + row), found, CHECK) // nc
     ntc = tl.cdiv(nc, BC)
     ti = tile // ntc
@@ -99,6 +103,7 @@ def factored_sums_kernel(ptrs, numel, blk_row, blk_start, found, ncols, wd,
     rp = _col(ptrs, row, RC, NCOL, tl.float32, ALIGNED)
     cp = _col(ptrs, row, RC + 1, NCOL, tl.float32, ALIGNED)
     acc = tl.zeros([BR, BC], dtype=tl.float32)
+    bad = tl.zeros([BR, BC], dtype=tl.int32)
     for i0 in range(ti * TR, i_end, BR):
         ii = i0 + tl.arange(0, BR)
         im = ii < i_end
@@ -106,15 +111,16 @@ def factored_sums_kernel(ptrs, numel, blk_row, blk_start, found, ncols, wd,
         mask = im[:, None] & jm[None, :]
         g = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
         if FLAG_OUT:
-            bad = tl.sum(tl.sum(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), 1), 0)
-            if bad > 0:
-                tl.store(found, 1.0)
+            bad |= ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
         if COUPLED:
             g += wd * tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
         u2 = g * g
         tl.atomic_add(rp + ii, tl.sum(u2, 1), mask=im)
         acc += u2
     tl.atomic_add(cp + jj, tl.sum(acc, 0), mask=jm)
+    if FLAG_OUT:
+        if tl.max(tl.max(bad, 1), 0) > 0:
+            tl.store(found, 1.0)
 
 
 @triton.jit

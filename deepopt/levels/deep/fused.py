@@ -286,7 +286,8 @@ class DeepStep(FusedStep):
         flag = self.found if self.found is not None else scratch.flat  # any pointer when CHECK is off
         ak.factored_sums_kernel[t.grid](t.ptrs, t.numel, t.blk_row, t.blk_start, flag, scratch.ncols, wd,
                                         NCOL=len(rows.rows[0]), P_DT=dts["P_DT"], G_DT=dts["G_DT"], COUPLED=coupled,
-                                        RC=wc + 3, TR=tr, BR=br, BC=bc, CHECK=self.found is not None and not make,
+                                        RC=wc + 3, TR=tr, BR=br, BC=bc, ALIGNED=t.aligned,
+                                        CHECK=self.found is not None and not make,
                                         FLAG_OUT=make, num_warps=warps)
         t = rows.tables(1024)
         ak.factored_moment_kernel[(len(rows),)](t.ptrs, t.numel, flag, scratch.ncols, den, b2, FACTORED_EPS,
