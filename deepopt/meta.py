@@ -250,6 +250,11 @@ class MetaTrainer:
         learner: what to learn.
         sample_task: ``sample_task(generator) -> Task`` (e.g. the task class itself).
         unroll: inner steps per task; truncation: steps per backward segment (divides ``unroll``).
+            The optimizer state is detached between segments, and DeepMomentum's memory lives in
+            that state (``memory_init`` is only its starting value), so with ``truncation <
+            unroll`` ``memory_init`` is learned from the first segment's losses alone (a greedy
+            start); ``truncation = unroll`` differentiates the whole run (the graph then grows with
+            ``unroll``). The decays, step sizes and ``alpha`` reach every segment either way.
         meta_lr: Adam's learning rate on the learner's parameters; clip: max meta-gradient norm.
         tasks_per_step: tasks averaged per outer step; seed: the task generator's seed.
         objective: ``"mean"`` (the inner losses' mean) or ``"log"`` (the mean of their logarithms,

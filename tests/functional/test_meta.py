@@ -1,6 +1,7 @@
 """deepopt.meta: meta-gradients (finite differences), flat memory, clipping, reloadable result."""
 
 import gc
+import math
 
 import pytest
 import torch
@@ -164,6 +165,8 @@ def test_bad_input():
         MetaTrainer(learner, Quadratic, unroll=10, truncation=3)
     with pytest.raises(ValueError, match="clip"):
         MetaTrainer(learner, Quadratic, clip=0.0)
+    with pytest.raises(ValueError, match="unknown objective 'median'"):
+        MetaTrainer(learner, Quadratic, objective="median")
 
 
 def test_non_finite_meta_gradient_skips_the_outer_step():
@@ -241,3 +244,37 @@ def test_meta_gradient_is_finite_where_a_second_moment_stays_zero(optimizer, kw)
     grads = torch.autograd.grad(f(*raw), raw, allow_unused=True)
     assert all(g is None or bool(torch.isfinite(g).all()) for g in grads)
     assert torch.autograd.gradcheck(f, raw, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def test_log_objective_is_the_mean_log_loss_and_trains():
+    """``objective="log"``: the unroll's value is the mean of the inner losses' logs (the inner steps
+    unchanged: the same parameters after the run), and a trainer on it lowers the held-out loss."""
+    task = Quadratic(torch.Generator().manual_seed(0), torch.float64)
+    tx = F.make("MomentumMemory", lr=0.05, momentum=0.8)
+    losses = [float(unroll(tx, task, t)[0]) * t for t in range(1, 6)]  # running sums of the losses
+    steps = [losses[0]] + [b - a for a, b in zip(losses, losses[1:])]
+    value, params, _ = unroll(tx, task, 5, objective="log")
+    assert value.item() == pytest.approx(sum(map(math.log, steps)) / 5, rel=1e-12)
+    torch.testing.assert_close(params, unroll(tx, task, 5)[1], rtol=0, atol=0)
+    learner = MetaLearner("MomentumMemory", lr=0.01, momentum=0.5)
+    trainer = MetaTrainer(learner, Quadratic, unroll=10, truncation=5, meta_lr=0.1, objective="log")
+    first = trainer.step()["meta_loss"]
+    for _ in range(30):
+        last = trainer.step()["meta_loss"]
+    assert last < first - 0.5
+
+
+def test_memory_init_learns_from_the_first_segment_only_when_truncated():
+    """The optimizer state (DeepMomentum's memory) is detached between segments: a later segment's
+    loss has no gradient for ``memory_init`` (its decay and step size still get one), while a full
+    unroll of the same steps has."""
+    task = Quadratic(torch.Generator().manual_seed(1))
+    learner = MetaLearner("DeepMomentum", lr=0.05, momentum=0.9, inner_lr=0.1, hidden=4)
+    _, params, state = unroll(learner.transformation(), task, 3)
+    params, state = ({k: v.detach() for k, v in params.items()},
+                     torch.utils._pytree.tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, state))
+    unroll(learner.transformation(), task, 3, params, state, start=3)[0].backward()
+    assert learner.raw["memory_init_w1"].grad is None and learner.raw["inner_lr"].grad.abs() > 0
+    learner.zero_grad()
+    unroll(learner.transformation(), task, 6)[0].backward()
+    assert learner.raw["memory_init_w1"].grad.abs().sum() > 0
