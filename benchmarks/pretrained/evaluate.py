@@ -113,7 +113,7 @@ def _spread(xs: Sequence[float]) -> float:
 def evaluate_family(family: str, args: argparse.Namespace) -> dict:
     """Every optimizer on ``family`` over the seeds; the tuned rates; the long runs."""
     build = makers(args.memory)
-    seeds = range(args.seeds)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     tasks = [task_for(family, s, args.steps, args.device) for s in seeds]
     runs: dict[str, list[dict]] = {}
     runs["pretrained"] = [train(t, build["pretrained"](None)) for t in tasks]
@@ -154,7 +154,8 @@ def write_report(out: Path, meta: dict, families: list[dict]) -> str:
     lines = [f"# A pretrained DeepMomentum memory ({meta['memory']}) on held-out task families", "",
              f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; {meta['seconds']} s.  ",
              f"Command: `{meta['command']}`  ",
-             f"Seeds: {meta['seeds']}; final held-out loss, mean ± sd over seeds (lower is better); tuned = best of "
+             f"Seeds: {meta['seeds']}" + (f" (from seed {meta['first_seed']})" if meta.get("first_seed") else "")
+             + "; final held-out loss, mean ± sd over seeds (lower is better); tuned = best of "
              f"{list(meta['lr_grid'])} by that mean (rate in brackets, * at the grid's edge).", "",
              "| family | steps | " + " | ".join(cols) + " | pretrained / AdamW tuned |",
              "|---|---|" + "---|" * len(cols) + "---|"]
@@ -202,6 +203,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--memory", default="default", help="a shipped memory's name or a memory file")
     ap.add_argument("--families", nargs="+", default=[f.name for f in HELD_OUT_FAMILIES], choices=sorted(FAMILIES))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first-seed .. first-seed + seeds - 1 (fresh task instances of the same families)")
     ap.add_argument("--steps", type=int, default=None, help="override every family's horizon")
     ap.add_argument("--long", type=int, default=10, help="the long runs' horizon, in multiples of the family's")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=list(LR_GRID))
@@ -248,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": f"python -m benchmarks.pretrained.evaluate {argv_text}".strip(),
             "memory": args.memory, "card": pretrained.load(args.memory).card,
-            "seeds": args.seeds, "lr_grid": args.lr_grid, "long": args.long,
+            "seeds": args.seeds, "first_seed": args.first_seed, "lr_grid": args.lr_grid, "long": args.long,
             "seconds": round(time.perf_counter() - start, 1)}
     (out / "results.json").write_text(json.dumps({"meta": meta, "families": families}, indent=1))
     print(write_report(out, meta, families))

@@ -10,8 +10,10 @@ zero, meta-trains through the straight-through estimator, ``deepopt.levels.deep.
    (``--fixed-lr``: the rate stays at the grid's best)
    by truncated unrolls (:class:`deepopt.meta.MetaTrainer`: ``--unroll`` inner steps in segments of
    ``--truncation``, ``--tasks-per-step`` tasks per outer step; with ``--unroll-max`` each outer
-   step's horizon is drawn from [unroll, unroll_max]), each task's loss divided by its initial loss,
-   so that every family weighs the same whatever its loss scale:
+   step's horizon is drawn from [unroll, unroll_max]; the memory lives in the optimizer state, which
+   is detached between segments, so only ``--truncation`` equal to ``--unroll`` teaches
+   ``memory_init`` from the whole run, not its first segment), each task's loss divided by its initial
+   loss, so that every family weighs the same whatever its loss scale:
 
        meta-loss = mean over tasks and steps t of  L_task(W_t) / L_task(W_0);
 
@@ -260,9 +262,10 @@ def _card(args: argparse.Namespace, best: dict, results: list[dict], world: int,
                            if args.objective == "mean" else
                            "mean over the run of the log of each task's training loss divided by its initial loss "
                            "(validation: its geometric mean), ")
-                          + 
-                          f"truncated unrolls of {args.truncation} steps, {args.tasks_per_step} tasks per outer "
-                          f"step per process, Adam (meta lr {args.meta_lr}), meta-gradient norm clipped at 1",
+                          + (f"truncated unrolls of {args.truncation} steps, " if args.truncation < args.unroll else
+                             "each unroll differentiated whole (no truncation), ")
+                          + f"{args.tasks_per_step} tasks per outer step per process, Adam (meta lr {args.meta_lr}), "
+                            "meta-gradient norm clipped at 1",
         "horizon": (f"{args.unroll} inner steps per task" if not args.unroll_max or args.unroll_max <= args.unroll else
                     f"{args.unroll}-{args.unroll_max} inner steps per task (uniform, multiples of {args.truncation})")
                    + f"; rate grid and validation at {best['validation_steps']}"

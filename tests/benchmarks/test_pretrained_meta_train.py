@@ -47,9 +47,9 @@ def test_preconditioned_memory_and_keep_hand_set(tmp_path, monkeypatch):
     args = ["--out", str(tmp_path), *TINY, "--precondition", "--keep-hand-set", "--fixed-lr"]
     real, calls = meta_train.validation_loss, []
 
-    def worse_after_the_grid(hp, tasks, steps):
+    def worse_after_the_grid(hp, tasks, steps, objective="mean"):
         calls.append(hp)
-        return real(hp, tasks, steps) + (1.0 if len(calls) > 2 else 0.0)  # the grid has two rates
+        return real(hp, tasks, steps, objective) + (1.0 if len(calls) > 2 else 0.0)  # the grid has two rates
 
     monkeypatch.setattr(meta_train, "validation_loss", worse_after_the_grid)
     assert meta_train.main(args) == 0
@@ -61,6 +61,20 @@ def test_preconditioned_memory_and_keep_hand_set(tmp_path, monkeypatch):
     assert hp["precondition"] and (hp["momentum"], hp["inner_lr"], hp["lr"]) == (0.9, 0.1, result["start_lr"])
     assert "so the hand-set memory is kept" in memory.card["summary"]
     assert "Adam-preconditioned" in memory.card["summary"]
+
+
+def test_log_objective_and_whole_unrolls(tmp_path):
+    """--objective log validates by the geometric mean of the loss ratio (below 1 on tasks that train),
+    and the card says so; --truncation equal to --unroll is said to differentiate the whole run."""
+    args = [a for a in TINY]
+    args[args.index("--truncation") + 1] = "4"
+    assert meta_train.main(["--out", str(tmp_path), *args, "--objective", "log"]) == 0
+    (result,) = json.loads((tmp_path / "summary.json").read_text())["results"]
+    assert 0 < result["validation_loss"] < 1 and all(math.isfinite(v) for v in result["lr_grid"].values())
+    assert all(h["meta_loss"] < 0 for h in result["history"])  # the mean of log ratios below 1
+    card = deepopt.pretrained.load(tmp_path / "memory.json").card
+    assert "the log of each task's training loss" in card["meta_objective"]
+    assert "differentiated whole (no truncation)" in card["meta_objective"]
 
 
 def test_factored_unnormalized_memory(tmp_path):
@@ -101,6 +115,12 @@ def test_evaluation_scores_and_report(tmp_path):
     assert set(f["long"]["runs"]) == {"pretrained", "adamw_default"} and len(f["long"]["runs"]["pretrained"]) == 2
     text = (tmp_path / "eval" / "results.md").read_text()
     assert "| digits_autoencoder | 3 |" in text and "Both (target: >= 4 of 5)" in text
+    # --first-seed: fresh task instances of the same family (seed 1 is the second task above)
+    (g,) = evaluate.main(["--memory", str(tmp_path / "meta" / "memory.json"), "--out", str(tmp_path / "eval1"),
+                          "--families", "digits_autoencoder", "--seeds", "1", "--first-seed", "1", "--steps", "3",
+                          "--long", "2", "--lr-grid", "1e-3"])
+    assert g["runs"]["pretrained"] == f["runs"]["pretrained"][1:]
+    assert "Seeds: 1 (from seed 1)" in (tmp_path / "eval1" / "results.md").read_text()
 
 
 def test_families_in_worker_processes_give_the_same_results(tmp_path):
