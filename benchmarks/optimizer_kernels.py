@@ -112,8 +112,8 @@ def deep_tiles(shapes, repeats: int) -> None:
 
 
 #: the factored statistics' tiled pass: (rows per program, rows per chunk, columns, warps)
-FACTORED_TILES = [(64, 16, 256, 8), (128, 16, 128, 8), (128, 16, 128, 4), (256, 16, 128, 8), (128, 32, 128, 8),
-                  (128, 8, 256, 8), (64, 8, 512, 8), (256, 32, 64, 4)]
+FACTORED_TILES = [(128, 8, 256, 8), (256, 32, 64, 4), (512, 64, 64, 4), (512, 64, 64, 2), (1024, 64, 64, 4),
+                  (512, 128, 64, 4), (1024, 128, 64, 4), (512, 128, 32, 2), (512, 64, 128, 4), (1024, 64, 64, 2)]
 
 
 def factored_tiles(shapes, repeats: int) -> None:

@@ -59,9 +59,9 @@ READ_TILES = {2: (1024, 4), 4: (256, 4), 8: (256, 4)}
 TILE: tuple[int, int] | None = None
 #: (rows per program, rows per chunk, columns, warps) of the factored statistics' tiled pass: one
 #: atomic per row of a chunk and one per column of a program's tile (one H100, 0.51 B parameters,
-#: ``python -m benchmarks.optimizer_kernels --factored-tiles``: 1.16 ms float32 / 1.14 bfloat16,
-#: against 1.44 / 1.43 at (64, 16, 256, 8) and 1.19-1.51 at the sweep's other tiles)
-FACTORED_TILE = (128, 8, 256, 8)
+#: ``python -m benchmarks.optimizer_kernels --factored-tiles``, aligned rows: 0.69 ms float32 / 0.48
+#: bfloat16, against 0.89 / 0.89 at (128, 8, 256, 8) and 0.70-1.09 / 0.50-0.87 at the sweep's others)
+FACTORED_TILE = (1024, 64, 64, 4)
 #: (elements per program, elements per slice) and warps of the inner kernel, which walks its block
 #: in (hidden, slice) tiles and reduces over the block once (same sweep: (8192, 256) 4.38 ms float32,
 #: 3.88 bfloat16, against 5.35 / 4.85 at (2048, 256): fewer partial sums to reduce)
