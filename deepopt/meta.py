@@ -187,13 +187,13 @@ class MetaLearner(nn.Module):
                              f"MetaLearner learns {list(self.learn)} of {self.optimizer_name}; build a matching one")
 
 
-#: How the inner losses along a run enter the meta-loss (their mean is taken after this):
-#: ``"mean"`` the loss itself; ``"log"`` its logarithm (for positive losses: every task then weighs by
-#: its relative progress, so halving a small loss counts as much as halving a large one).
 def _identity(loss: Tensor) -> Tensor:
     return loss
 
 
+#: How the inner losses along a run enter the meta-loss (their mean is taken after this):
+#: ``"mean"`` the loss itself; ``"log"`` its logarithm (for positive losses: every task then weighs by
+#: its relative progress, so halving a small loss counts as much as halving a large one).
 OBJECTIVES: dict[str, Callable[[Tensor], Tensor]] = {"mean": _identity, "log": torch.log}
 
 
