@@ -5,7 +5,7 @@ The interpreter (which runs the kernels' CPU tests) does not type-check what the
 a runtime ``if`` whose two sides assign one name with different shapes runs there and fails to
 compile. ``record(monkeypatch, run)`` returns the distinct launches of ``run()`` (kernel, signature
 of pointer dtypes and integer/float arguments, constexpr values, integers equal to 1 specialised as
-Triton does); ``compile_failures(launches)`` compiles each and returns the failures.
+Triton does); ``compile_failures(launches)`` compiles each (processes side by side) and returns the failures.
 """
 
 import inspect
@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -76,12 +77,20 @@ def record(monkeypatch, run) -> list[dict]:
     return list(seen.values())
 
 
-def compile_failures(launches: list[dict]) -> list[str]:
-    """Each launch compiled for sm90 in a fresh process (the repository on its path): the failures."""
+def compile_failures(launches: list[dict], workers: int | None = None) -> list[str]:
+    """Each launch compiled for sm90 in fresh processes (the repository on their path), ``workers`` of
+    them side by side (default: one per CPU core, at most 4), each compiling every ``workers``-th
+    launch: the failures."""
     root = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": root}
-    out = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(launches), capture_output=True,
-                         text=True, env=env, timeout=900)
-    if out.returncode != 0:
-        return [f"the compile process failed: {out.stderr[-3000:]}"]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    workers = max(1, min(workers or os.cpu_count() or 1, 4, len(launches)))
+
+    def compile_share(i: int) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(launches[i::workers]),
+                             capture_output=True, text=True, env=env, timeout=900)
+        if out.returncode != 0:
+            return [f"the compile process failed: {out.stderr[-3000:]}"]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(workers) as pool:
+        return [f for share in pool.map(compile_share, range(workers)) for f in share]
