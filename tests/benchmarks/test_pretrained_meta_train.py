@@ -66,7 +66,7 @@ def test_preconditioned_memory_and_keep_hand_set(tmp_path, monkeypatch):
 def test_log_objective_and_whole_unrolls(tmp_path):
     """--objective log validates by the geometric mean of the loss ratio (below 1 on tasks that train),
     and the card says so; --truncation equal to --unroll is said to differentiate the whole run."""
-    args = [a for a in TINY]
+    args = list(TINY)
     args[args.index("--truncation") + 1] = "4"
     assert meta_train.main(["--out", str(tmp_path), *args, "--objective", "log"]) == 0
     (result,) = json.loads((tmp_path / "summary.json").read_text())["results"]

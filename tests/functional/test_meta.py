@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 import deepopt
 from deepopt import functional as F
-from deepopt.meta import MetaLearner, MetaTrainer, unroll
+from deepopt.meta import MetaLearner, MetaTrainer, _detach, unroll
 
 
 class Quadratic:
@@ -271,8 +271,7 @@ def test_memory_init_learns_from_the_first_segment_only_when_truncated():
     task = Quadratic(torch.Generator().manual_seed(1))
     learner = MetaLearner("DeepMomentum", lr=0.05, momentum=0.9, inner_lr=0.1, hidden=4)
     _, params, state = unroll(learner.transformation(), task, 3)
-    params, state = ({k: v.detach() for k, v in params.items()},
-                     torch.utils._pytree.tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, state))
+    params, state = _detach(params), _detach(state)  # what MetaTrainer does between segments
     unroll(learner.transformation(), task, 3, params, state, start=3)[0].backward()
     assert learner.raw["memory_init_w1"].grad is None and learner.raw["inner_lr"].grad.abs() > 0
     learner.zero_grad()
