@@ -1,9 +1,11 @@
 """Newton-Schulz accuracy and time: torch's bf16 iteration against deepopt's forms on the same inputs.
 
-For each input family (:func:`inputs`) and shape, three outputs of the same quintic iteration
+For each input family (:func:`inputs`) and shape, four outputs of the same quintic iteration
 (torch's coefficients, 5 steps): torch's own (``torch.optim._muon._zeropower_via_newtonschulz``,
-bf16), deepopt's ``standard`` form (bf16) and its ``gram`` form (float16 products, restarted), all
-on the same bf16-rounded input, and the exact iteration ``O_64`` (float64). Metrics
+bf16), deepopt's ``standard`` form (bf16), its ``gram`` form (float16 products, restarted) and its
+``auto`` form (the default of MuonMemory and M3: on CUDA the Gram form for wide matrices, symmetric
+products on their block staircase for every shape; on the CPU the standard form), all on the same
+bf16-rounded input, and the exact iteration ``O_64`` (float64). Metrics
 (:func:`metrics`; ``m <= n``, ``O`` as ``m x n``):
 
 * ``dev = ||O - O_64||_F / ||O_64||_F``: the rounding error. Every form computes the same function,
@@ -17,8 +19,10 @@ on the same bf16-rounded input, and the exact iteration ``O_64`` (float64). Metr
   ``U_b`` of the input that the exact iteration brings to at least 0.5, the directions that get
   orthogonalized at all.
 
-On CUDA it also times both forms (CUDA events, median) at the speed suite's shapes. Run
-``python -m benchmarks.ns_accuracy [--device cuda] [--shapes 2048x8192,...]``.
+On CUDA it also times the forms (CUDA events, median) at the speed suite's shapes, and the auto
+form at each block count of ``--blocks`` (the sweep behind
+:data:`~deepopt.levels.orthogonal.symmetric.BLOCK_ROWS`). Run
+``python -m benchmarks.ns_accuracy [--device cuda] [--shapes 2048x8192,...] [--blocks 1,2,4]``.
 
 Example (the metrics on a tiny case):
     >>> import torch
@@ -93,14 +97,15 @@ def torch_ns(m: torch.Tensor, coefficients=NS_COEFFICIENTS, steps: int = 5) -> t
     return _zeropower_via_newtonschulz(m, tuple(coefficients), steps, 1e-7)
 
 
-def metrics(o: torch.Tensor, m: torch.Tensor, o64: torch.Tensor) -> dict[str, float]:
-    """``dev``, ``orth`` and ``band`` of the output ``o`` of input ``m`` (module docstring)."""
+def metrics(o: torch.Tensor, m: torch.Tensor, o64: torch.Tensor, svd=None) -> dict[str, float]:
+    """``dev``, ``orth`` and ``band`` of the output ``o`` of input ``m`` (module docstring);
+    ``svd``: ``torch.linalg.svd`` of ``m`` (as ``m x n``, ``m <= n``, float64), if already computed."""
     o, o64, m = o.double().cpu(), o64.double().cpu(), m.double().cpu()
     if o.shape[0] > o.shape[1]:
         o, o64, m = o.mT, o64.mT, m.mT
     eye = torch.eye(o.shape[0], dtype=torch.float64)
     err = o @ o.mT - eye
-    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    u, _, vh = svd if svd is not None else torch.linalg.svd(m, full_matrices=False)
     gain = ((u.mT @ o64) * vh).sum(1)  # the exact output's singular value along each input direction
     ub = u[:, gain >= 0.5]
     return {"dev": float((o - o64).norm() / o64.norm()), "orth": float(err.norm() / o.shape[0] ** 0.5),
@@ -113,23 +118,36 @@ def accuracy_rows(shapes, families=FAMILIES, seed: int = 0, device: str = "cpu")
         for name, x in inputs(m, n, seed, device).items():
             if name not in families:
                 continue
-            o64 = exact(x.cpu())
+            o64 = exact(x).cpu()
+            wide = x.double().cpu()
+            svd = torch.linalg.svd(wide.mT if m > n else wide, full_matrices=False)  # once per input
             outs = {"exact": o64, "torch": torch_ns(x),
                     "standard": newton_schulz_many([x], method="standard")[0],
-                    "gram": newton_schulz_many([x], method="gram")[0]}
+                    "gram": newton_schulz_many([x], method="gram")[0],
+                    "auto": newton_schulz_many([x], method="auto")[0]}
             for form, o in outs.items():
-                rows.append({"shape": f"{m}x{n}", "family": name, "form": form, **metrics(o, x, o64)})
+                rows.append({"shape": f"{m}x{n}", "family": name, "form": form, **metrics(o, x, o64, svd)})
     return rows
 
 
-def time_forms(shapes, batch: int = 8, repeats: int = 10) -> list[dict]:
-    """Median ms of one batched call per form on CUDA (``batch`` matrices of each shape)."""
+def time_forms(shapes, batch: int = 8, repeats: int = 10, blocks: tuple[int, ...] = ()) -> list[dict]:
+    """Median ms of one batched call per form on CUDA (``batch`` matrices of each shape); the auto
+    form also at each block count of ``blocks`` (form ``auto/q``)."""
+    from deepopt.levels.orthogonal import symmetric
+
     rows = []
     for m, n in shapes:
         x = torch.randn(batch, m, n, device="cuda").bfloat16()
-        for form in ("standard", "gram"):
-            ms = time_cuda(lambda: newton_schulz_many(list(x), method=form), warmup=3, repeats=repeats)
-            rows.append({"shape": f"{m}x{n}", "form": form, "batch": batch, "ms": ms})
+        forms = [("standard", None), ("gram", None), ("auto", None)] + [("auto", q) for q in blocks]
+        for form, q in forms:
+            saved = symmetric.BLOCK_ROWS, symmetric.MAX_BLOCKS
+            if q is not None:  # exactly q blocks
+                symmetric.BLOCK_ROWS, symmetric.MAX_BLOCKS = 1, q
+            try:
+                ms = time_cuda(lambda: newton_schulz_many(list(x), method=form), warmup=3, repeats=repeats)
+            finally:
+                symmetric.BLOCK_ROWS, symmetric.MAX_BLOCKS = saved
+            rows.append({"shape": f"{m}x{n}", "form": form if q is None else f"auto/{q}", "batch": batch, "ms": ms})
     return rows
 
 
@@ -140,6 +158,7 @@ def main(argv=None) -> dict:
                     "shapes on CUDA, 256x1024 and 1024x256 on the CPU)")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--blocks", default="", help="block counts at which to time the auto form, e.g. 1,2,4 (CUDA)")
     args = ap.parse_args(argv)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -147,14 +166,15 @@ def main(argv=None) -> dict:
         shapes = list(SPEED_SHAPES) if args.device == "cuda" else [(256, 1024), (1024, 256)]
     rows = accuracy_rows(shapes, args.families.split(","), device=args.device)
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; torch {torch.__version__}")
-    forms = ("exact (float64)", "torch (bf16)", "standard", "gram")
+    forms = ("exact (float64)", "torch (bf16)", "standard", "gram", "auto")
     print(f"{'shape':>10} {'family':>14} | " + " | ".join(f"{f:>20}" for f in forms))
     print(f"{'':>10} {'':>14} | " + " | ".join(f"{'dev   orth   band':>20}" for _ in forms))
     for i in range(0, len(rows), len(forms)):
         r = rows[i]
         cells = [f"{x['dev']:.4f} {x['orth']:.4f} {x['band']:.4f}" for x in rows[i:i + len(forms)]]
         print(f"{r['shape']:>10} {r['family']:>14} | " + " | ".join(f"{c:>20}" for c in cells))
-    times = time_forms(shapes, args.batch) if args.device == "cuda" else []
+    blocks = tuple(int(q) for q in args.blocks.split(",") if q)
+    times = time_forms(shapes, args.batch, blocks=blocks) if args.device == "cuda" else []
     for t in times:
         print(f"time {t['shape']:>10} {t['form']:>8}: {t['ms']:.3f} ms for {t['batch']} matrices")
     return {"accuracy": rows, "times": times}

@@ -40,14 +40,23 @@ Measured against float64 (``benchmarks/ns_accuracy.py``; the rounding error
 ``||O - O_64||_F / ||O_64||_F``): torch's bf16 iteration 0.011-0.18 by input family, the Gram form
 0.002-0.02 (5-10x smaller), with the orthogonality error of the exact iteration to +-0.001.
 
-Flops on ``m x n`` (``m <= n``, five steps): standard ``5 (4 m^2 n + 2 m^3)``; Gram
+* **symmetric products** (CUDA, ``method`` auto or gram): every ``m x m`` product above is
+  symmetric in exact arithmetic (``A``, ``A^2``, and in the Gram form ``B A``, ``B Q``,
+  ``B (P A)``: polynomials in one symmetric matrix), so only its upper block staircase is computed
+  and mirrored (:func:`~deepopt.levels.orthogonal.symmetric.symmetric_baddbmm`: 0.625 of the
+  flops at ``m >= 2048``, the same dot product per entry). Only ``P X`` (or ``Q X``) is a full
+  product.
+
+Flops on ``m x n`` (``m <= n``, five steps, full products): standard ``5 (4 m^2 n + 2 m^3)``; Gram
 ``8 m^2 n + 28 m^3`` (a segment of ``L`` steps costs ``4L - 3`` products of ``2 m^3`` and two of
-``2 m^2 n``): 0.67x for ``n = 4m``, break-even at ``n = 1.5 m`` (:func:`ns_flops` counts both).
-``method="auto"`` takes the Gram form for ``n >= 2m`` on CUDA; on the CPU (slow float16 matmuls)
-and for squarer matrices it is the standard form, which is torch's iteration exactly, except that
-on a CPU without native bf16 matmuls (AVX2) it computes a 16-bit request in float32
+``2 m^2 n``): 0.67x for ``n = 4m``, break-even at ``n = 1.5 m``; with symmetric products at
+``m = 2048``: standard ``5 (3.25 m^2 n + 1.25 m^3)``, Gram ``6.5 m^2 n + 17.5 m^3``
+(:func:`ns_flops` counts each). ``method="auto"`` takes the Gram form for ``n >= 2m`` on CUDA,
+symmetric products on CUDA for every shape; on the CPU (slow float16 matmuls) it is the standard
+form with full products, which is torch's iteration exactly, except that on a CPU without native
+bf16 matmuls (AVX2) it computes a 16-bit request in float32
 (:func:`~deepopt.levels.precision.ns_compute_dtype`: torch's bf16 iteration is emulated there,
-80x slower than float32).
+80x slower than float32). ``method="standard"`` is torch's iteration on every device.
 
 Example:
     >>> import torch
@@ -74,6 +83,7 @@ from torch import Tensor
 
 from ..precision import ns_compute_dtype
 from .level import NS_COEFFICIENTS
+from .symmetric import flop_fraction, symmetric_baddbmm
 
 __all__ = ["newton_schulz_batched", "gram_newton_schulz", "newton_schulz_many", "orthogonalize_one", "NSBatches",
            "ns_flops", "METHODS", "GRAM_RATIO", "GRAM_RESTART", "orthogonality_error"]
@@ -96,6 +106,28 @@ def _use_gram(m: int, n: int, method: str, device: torch.device | str | None = N
     return method == "auto" and cuda and n >= GRAM_RATIO * m and m > 1
 
 
+def _use_symmetric(method: str, device: torch.device | str | None = None) -> bool:
+    """Whether ``method`` computes the symmetric products on their upper block staircase on
+    ``device`` (None: as on CUDA): auto and gram on CUDA."""
+    cuda = device is None or torch.device(device).type == "cuda"
+    return cuda and method in ("auto", "gram")
+
+
+def _product(left: Tensor, right: Tensor, sym: bool, alpha: float = 1.0, beta: float = 0.0,
+             add: Tensor | None = None) -> Tensor:
+    """``beta * add + alpha * left @ right^T`` for a symmetric result, on its staircase if ``sym``
+    (else one ``bmm``/``baddbmm``: callers pass ``right = A.mT`` for ``left @ A``, the same call as
+    ``baddbmm(add, left, A)``)."""
+    if sym:
+        return symmetric_baddbmm(left, right, alpha=alpha, beta=beta, add=add)
+    if add is None and alpha == 1.0:
+        return torch.bmm(left, right.mT)
+    if add is None:
+        add, beta = torch.empty(left.shape[0], left.shape[1], right.shape[1], dtype=left.dtype,
+                                device=left.device), 0.0
+    return torch.baddbmm(add, left, right.mT, beta=beta, alpha=alpha)
+
+
 def _segments(steps: int) -> list[int]:
     """Lengths of the Gram form's segments between restarts (5 -> [3, 2])."""
     return [min(GRAM_RESTART, steps - k) for k in range(0, steps, GRAM_RESTART)]
@@ -105,31 +137,34 @@ def ns_flops(rows: int, cols: int, steps: int = 5, method: str = "standard") -> 
     """Matmul flops of ``steps`` Newton-Schulz steps on one ``rows x cols`` matrix (``method="auto"``
     counted as on CUDA)."""
     m, n = min(rows, cols), max(rows, cols)
+    f = flop_fraction(m) if _use_symmetric(method) else 1.0
     if not _use_gram(m, n, method) or steps < 1:
-        return steps * (4.0 * m * m * n + 2.0 * m**3)
+        return steps * (2.0 * m * m * n * (1.0 + f) + 2.0 * m**3 * f)
     seg = _segments(steps)
-    return 2.0 * m**3 * sum(4 * L - 3 for L in seg) + 2.0 * m * m * n * 2 * len(seg)
+    return 2.0 * m**3 * f * sum(4 * L - 3 for L in seg) + 2.0 * m * m * n * (1.0 + f) * len(seg)
 
 
 def newton_schulz_batched(x: Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS, steps: int = 5,
-                          eps: float = 1e-7, method: str = "auto") -> Tensor:
+                          eps: float = 1e-7, method: str = "auto", symmetric: bool | None = None) -> Tensor:
     """Orthogonalize each matrix of ``x`` (``(B, rows, cols)``, already in the computation dtype).
 
-    Returns a new contiguous ``(B, rows, cols)`` tensor of ``x``'s dtype.
+    ``symmetric`` (default: as ``method`` takes it on ``x``'s device) computes ``A`` and ``A^2`` on
+    their upper block staircase. Returns a new contiguous ``(B, rows, cols)`` tensor of ``x``'s dtype.
     """
     if x.ndim != 3:
         raise ValueError(f"newton_schulz_batched: x must be (batch, rows, cols), got shape {tuple(x.shape)}")
     a, b, c = (float(v) for v in coefficients)
     tall = x.size(-2) > x.size(-1)
+    sym = _use_symmetric(method, x.device) if symmetric is None else bool(symmetric)
     if steps > 0 and _use_gram(min(x.shape[-2:]), max(x.shape[-2:]), method, x.device):
-        return gram_newton_schulz(x, (a, b, c), steps, eps)
+        return gram_newton_schulz(x, (a, b, c), steps, eps, sym)
     X = x.mT if tall else x
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     if steps == 0:
         return X.mT.contiguous() if tall else X.contiguous()
     for k in range(steps):
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        A = _product(X, X, sym)
+        B = _product(A, A.mT, sym, alpha=c, beta=b, add=A)
         if k == steps - 1 and tall:
             return torch.baddbmm(X.mT, X.mT, B, beta=a)  # (aX + BX)^T = aX^T + X^T B, B symmetric
         X = torch.baddbmm(X, B, X, beta=a)
@@ -137,11 +172,12 @@ def newton_schulz_batched(x: Tensor, coefficients: Sequence[float] = NS_COEFFICI
 
 
 def gram_newton_schulz(x: Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS, steps: int = 5,
-                       eps: float = 1e-7) -> Tensor:
+                       eps: float = 1e-7, symmetric: bool = False) -> Tensor:
     """The Gram form (module docstring) on ``x`` (``(B, rows, cols)``): products in float16 for a
-    16-bit ``x``, else in ``x``'s dtype; returns a contiguous tensor of ``x``'s dtype and shape.
-    Its reference is the standard form (:func:`newton_schulz_batched` with ``method="standard"``),
-    equal in exact arithmetic."""
+    16-bit ``x``, else in ``x``'s dtype, the ``m x m`` ones on their upper block staircase if
+    ``symmetric``; returns a contiguous tensor of ``x``'s dtype and shape. Its reference is the
+    standard form (:func:`newton_schulz_batched` with ``method="standard"``), equal in exact
+    arithmetic."""
     a, b, c = (float(v) for v in coefficients)
     tall = x.size(-2) > x.size(-1)
     X = x.mT if tall else x
@@ -152,23 +188,22 @@ def gram_newton_schulz(x: Tensor, coefficients: Sequence[float] = NS_COEFFICIENT
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc).clamp(min=eps)
     X = torch.mul(X, scale / norm, out=torch.empty(batch, m, n, dtype=dt, device=x.device))
     inv = 1.0 / (scale * scale)
-    mm = torch.empty(batch, m, m, dtype=dt, device=x.device)
     Q = None
     for L in _segments(steps):
         if Q is not None:  # restart: X = Q X, read A again from X
             X = torch.bmm(Q, X)
-        A = torch.baddbmm(mm, X, X.mT, beta=0.0, alpha=inv)
-        for k in range(L):
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        A = _product(X, X, symmetric, alpha=inv)
+        for k in range(L):  # every m x m product is symmetric (A, B, Q: polynomials in one A_0)
+            B = _product(A, A.mT, symmetric, alpha=c, beta=b, add=A)
             if k < L - 1:
-                PA = torch.baddbmm(A, B, A, beta=a)
-                A = torch.baddbmm(PA, B, PA, beta=a)
+                PA = _product(B, A.mT, symmetric, beta=a, add=A)
+                A = _product(B, PA.mT, symmetric, beta=a, add=PA)
             if k == 0:  # Q = aI + B, in B's memory (B is not read again)
                 Q = B
                 d = Q.diagonal(dim1=-2, dim2=-1)
                 d.copy_(d.to(acc) + a)  # a in float32 (a float16 scalar add may round a first)
             else:
-                Q = torch.baddbmm(Q, B, Q, beta=a)
+                Q = _product(B, Q.mT, symmetric, beta=a, add=Q)
     if tall:  # O^T = X^T Q^T: the tall input's orientation, contiguous
         out = torch.baddbmm(torch.empty(batch, n, m, dtype=dt, device=x.device), X.mT, Q.mT, beta=0.0,
                             alpha=1.0 / scale)
