@@ -239,9 +239,9 @@ class FactoredPreconditioner(_SecondMoment):
         >>> lvl = FactoredPreconditioner(); group = dict(lvl.defaults); p = torch.zeros(2, 3)
         >>> g = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]])
         >>> s = lvl.write(lvl.init(p, group), lvl.write_input(g), p, group, t=1)
-        >>> lvl.read(s, g, p, group, t=1).materialize()  # a rank-one gradient: exactly Adam's sign(g)
-        tensor([[1.0000, 1.0000, 1.0000],
-                [1.0000, 1.0000, 1.0000]])
+        >>> d = lvl.read(s, g, p, group, t=1).materialize()  # a rank-one gradient: Adam's sign(g)
+        >>> torch.allclose(d, torch.ones(2, 3))  # to rounding (the last bit differs between CPUs)
+        True
     """
 
     name = "factored"
