@@ -19,10 +19,10 @@ bf16-rounded input, and the exact iteration ``O_64`` (float64). Metrics
   ``U_b`` of the input that the exact iteration brings to at least 0.5, the directions that get
   orthogonalized at all.
 
-On CUDA it also times the forms (CUDA events, median) at the speed suite's shapes, and the auto
-form at each block count of ``--blocks`` (the sweep behind
-:data:`~deepopt.levels.orthogonal.symmetric.BLOCK_ROWS`). Run
-``python -m benchmarks.ns_accuracy [--device cuda] [--shapes 2048x8192,...] [--blocks 1,2,4]``.
+On CUDA it also times the forms (CUDA events, median) at the speed suite's shapes, the gram and
+auto forms also with full products in place of the symmetric ones (``gram/full``, ``auto/full``:
+the forms before symmetric products). Run
+``python -m benchmarks.ns_accuracy [--device cuda] [--shapes 2048x8192,...]``.
 
 Example (the metrics on a tiny case):
     >>> import torch
@@ -130,24 +130,23 @@ def accuracy_rows(shapes, families=FAMILIES, seed: int = 0, device: str = "cpu")
     return rows
 
 
-def time_forms(shapes, batch: int = 8, repeats: int = 10, blocks: tuple[int, ...] = ()) -> list[dict]:
-    """Median ms of one batched call per form on CUDA (``batch`` matrices of each shape); the auto
-    form also at each block count of ``blocks`` (form ``auto/q``)."""
-    from deepopt.levels.orthogonal import symmetric
+def time_forms(shapes, batch: int = 8, repeats: int = 10) -> list[dict]:
+    """Median ms of one batched call per form on CUDA (``batch`` matrices of each shape); the gram
+    and auto forms also with full products (``gram/full``, ``auto/full``)."""
+    from deepopt.levels.orthogonal import batched
 
     rows = []
     for m, n in shapes:
         x = torch.randn(batch, m, n, device="cuda").bfloat16()
-        forms = [("standard", None), ("gram", None), ("auto", None)] + [("auto", q) for q in blocks]
-        for form, q in forms:
-            saved = symmetric.BLOCK_ROWS, symmetric.MAX_BLOCKS
-            if q is not None:  # exactly q blocks
-                symmetric.BLOCK_ROWS, symmetric.MAX_BLOCKS = 1, q
+        for form, full in [("standard", False), ("gram", False), ("auto", False), ("gram", True), ("auto", True)]:
+            saved = batched._use_symmetric
+            if full:
+                batched._use_symmetric = lambda method, device=None: False
             try:
                 ms = time_cuda(lambda: newton_schulz_many(list(x), method=form), warmup=3, repeats=repeats)
             finally:
-                symmetric.BLOCK_ROWS, symmetric.MAX_BLOCKS = saved
-            rows.append({"shape": f"{m}x{n}", "form": form if q is None else f"auto/{q}", "batch": batch, "ms": ms})
+                batched._use_symmetric = saved
+            rows.append({"shape": f"{m}x{n}", "form": form + "/full" * full, "batch": batch, "ms": ms})
     return rows
 
 
@@ -158,7 +157,6 @@ def main(argv=None) -> dict:
                     "shapes on CUDA, 256x1024 and 1024x256 on the CPU)")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--blocks", default="", help="block counts at which to time the auto form, e.g. 1,2,4 (CUDA)")
     args = ap.parse_args(argv)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -173,10 +171,9 @@ def main(argv=None) -> dict:
         r = rows[i]
         cells = [f"{x['dev']:.4f} {x['orth']:.4f} {x['band']:.4f}" for x in rows[i:i + len(forms)]]
         print(f"{r['shape']:>10} {r['family']:>14} | " + " | ".join(f"{c:>20}" for c in cells))
-    blocks = tuple(int(q) for q in args.blocks.split(",") if q)
-    times = time_forms(shapes, args.batch, blocks=blocks) if args.device == "cuda" else []
+    times = time_forms(shapes, args.batch) if args.device == "cuda" else []
     for t in times:
-        print(f"time {t['shape']:>10} {t['form']:>8}: {t['ms']:.3f} ms for {t['batch']} matrices")
+        print(f"time {t['shape']:>10} {t['form']:>10}: {t['ms']:.3f} ms for {t['batch']} matrices")
     return {"accuracy": rows, "times": times}
 
 

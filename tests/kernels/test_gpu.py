@@ -69,17 +69,13 @@ def test_gram_form_rounding_error_is_below_torchs_on_cuda():
             assert ours["dev"] <= 0.5 * metrics(torch_ns(x), x, o64)["dev"], (shape, name)
 
 
-@pytest.mark.parametrize("block_rows", [64, 512])
-def test_auto_form_on_symmetric_products_on_cuda(block_rows, monkeypatch):
-    """The default form (Gram for wide matrices, symmetric products on their block staircase):
+def test_auto_form_on_symmetric_products_on_cuda():
+    """The default form (Gram for wide matrices, symmetric products by the Triton kernel):
     orthogonality error within 1% of torch's iteration, rounding error against float64 within
     10% of torch's (square, bf16 products) or at most half of it (Gram form, float16 products)."""
     from benchmarks.ns_accuracy import exact, inputs, metrics, torch_ns
-    from deepopt.levels.orthogonal import symmetric
 
-    monkeypatch.setattr(symmetric, "BLOCK_ROWS", block_rows)
     for shape in [(256, 1024), (1024, 256), (512, 512), (1024, 1024)]:
-        assert len(symmetric.block_bounds(min(shape))) > 2 or block_rows == 512
         for name, x in inputs(*shape, device="cuda").items():
             o64 = exact(x.cpu())
             ours = metrics(newton_schulz_many([x], method="auto")[0], x, o64)
@@ -90,7 +86,7 @@ def test_auto_form_on_symmetric_products_on_cuda(block_rows, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_delta_forget_terms_on_symmetric_products_on_cuda(dtype):
-    """Batched CUDA forget terms (G^T G on its block staircase for rows >= cols) against float64."""
+    """Batched CUDA forget terms (G^T G by the symmetric kernel for rows >= cols) against float64."""
     from deepopt.levels.momentum.level import forget_terms
 
     g = torch.Generator(device="cuda").manual_seed(0)

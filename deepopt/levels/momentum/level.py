@@ -140,7 +140,7 @@ def forget_terms(bufs: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.d
     """Delta momentum's forget terms ``M G^T G`` (``M``, ``G`` the buffer and gradient as matrices),
     each in its buffer's shape and dtype. Associated the cheaper way round (``(M G^T) G`` when
     ``rows <= cols``, else ``M (G^T G)``; a CUDA batch forms the symmetric ``G^T G`` on its upper
-    block staircase, which makes ``M (G^T G)`` the cheaper way for square matrices too) and, off
+    triangle of tiles, which makes ``M (G^T G)`` the cheaper way for square matrices too) and, off
     the CPU, batched: one ``bmm`` pair per group of
     equal shapes (on the CPU a batch saves no launch and costs its stacking copies: one ``mm`` pair
     per matrix).
@@ -225,7 +225,7 @@ class ForgetStacks:
 
 def _forget(m: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
     """``m g^T g`` (matrices or stacks of them), associated the cheaper way round, in ``dtype``.
-    A CUDA stack with ``rows >= cols`` forms the symmetric ``G^T G`` on its upper block staircase
+    A CUDA stack with ``rows >= cols`` forms the symmetric ``G^T G`` on its upper triangle of tiles
     (:func:`~deepopt.levels.orthogonal.symmetric.symmetric_baddbmm`; square matrices too, where
     that makes ``M (G^T G)`` the cheaper association)."""
     gt = g.mT

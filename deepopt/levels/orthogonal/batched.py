@@ -42,16 +42,16 @@ Measured against float64 (``benchmarks/ns_accuracy.py``; the rounding error
 
 * **symmetric products** (CUDA, ``method`` auto or gram): every ``m x m`` product above is
   symmetric in exact arithmetic (``A``, ``A^2``, and in the Gram form ``B A``, ``B Q``,
-  ``B (P A)``: polynomials in one symmetric matrix), so only its upper block staircase is computed
-  and mirrored (:func:`~deepopt.levels.orthogonal.symmetric.symmetric_baddbmm`: 0.625 of the
-  flops at ``m >= 2048``, the same dot product per entry). Only ``P X`` (or ``Q X``) is a full
-  product.
+  ``B (P A)``: polynomials in one symmetric matrix), so only its upper triangle of tiles is
+  computed and mirrored (:func:`~deepopt.levels.orthogonal.symmetric.symmetric_baddbmm`, one
+  Triton kernel for 16-bit inputs: about half of the flops, float32 accumulation as the library
+  matmul). Only ``P X`` (or ``Q X``) is a full product.
 
 Flops on ``m x n`` (``m <= n``, five steps, full products): standard ``5 (4 m^2 n + 2 m^3)``; Gram
 ``8 m^2 n + 28 m^3`` (a segment of ``L`` steps costs ``4L - 3`` products of ``2 m^3`` and two of
-``2 m^2 n``): 0.67x for ``n = 4m``, break-even at ``n = 1.5 m``; with symmetric products at
-``m = 2048``: standard ``5 (3.25 m^2 n + 1.25 m^3)``, Gram ``6.5 m^2 n + 17.5 m^3``
-(:func:`ns_flops` counts each). ``method="auto"`` takes the Gram form for ``n >= 2m`` on CUDA,
+``2 m^2 n``): 0.67x for ``n = 4m``, break-even at ``n = 1.5 m``; with symmetric products
+(counted as half): standard ``5 (3 m^2 n + m^3)``, Gram ``6 m^2 n + 14 m^3`` (:func:`ns_flops`
+counts each). ``method="auto"`` takes the Gram form for ``n >= 2m`` on CUDA,
 symmetric products on CUDA for every shape; on the CPU (slow float16 matmuls) it is the standard
 form with full products, which is torch's iteration exactly, except that on a CPU without native
 bf16 matmuls (AVX2) it computes a 16-bit request in float32
@@ -107,7 +107,7 @@ def _use_gram(m: int, n: int, method: str, device: torch.device | str | None = N
 
 
 def _use_symmetric(method: str, device: torch.device | str | None = None) -> bool:
-    """Whether ``method`` computes the symmetric products on their upper block staircase on
+    """Whether ``method`` computes the symmetric products on their upper triangle of tiles on
     ``device`` (None: as on CUDA): auto and gram on CUDA."""
     cuda = device is None or torch.device(device).type == "cuda"
     return cuda and method in ("auto", "gram")
@@ -115,7 +115,7 @@ def _use_symmetric(method: str, device: torch.device | str | None = None) -> boo
 
 def _product(left: Tensor, right: Tensor, sym: bool, alpha: float = 1.0, beta: float = 0.0,
              add: Tensor | None = None) -> Tensor:
-    """``beta * add + alpha * left @ right^T`` for a symmetric result, on its staircase if ``sym``
+    """``beta * add + alpha * left @ right^T`` for a symmetric result, on its upper triangle if ``sym``
     (else one ``bmm``/``baddbmm``: callers pass ``right = A.mT`` for ``left @ A``, the same call as
     ``baddbmm(add, left, A)``)."""
     if sym:
@@ -149,7 +149,7 @@ def newton_schulz_batched(x: Tensor, coefficients: Sequence[float] = NS_COEFFICI
     """Orthogonalize each matrix of ``x`` (``(B, rows, cols)``, already in the computation dtype).
 
     ``symmetric`` (default: as ``method`` takes it on ``x``'s device) computes ``A`` and ``A^2`` on
-    their upper block staircase. Returns a new contiguous ``(B, rows, cols)`` tensor of ``x``'s dtype.
+    their upper triangle of tiles. Returns a new contiguous ``(B, rows, cols)`` tensor of ``x``'s dtype.
     """
     if x.ndim != 3:
         raise ValueError(f"newton_schulz_batched: x must be (batch, rows, cols), got shape {tuple(x.shape)}")
@@ -174,7 +174,7 @@ def newton_schulz_batched(x: Tensor, coefficients: Sequence[float] = NS_COEFFICI
 def gram_newton_schulz(x: Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS, steps: int = 5,
                        eps: float = 1e-7, symmetric: bool = False) -> Tensor:
     """The Gram form (module docstring) on ``x`` (``(B, rows, cols)``): products in float16 for a
-    16-bit ``x``, else in ``x``'s dtype, the ``m x m`` ones on their upper block staircase if
+    16-bit ``x``, else in ``x``'s dtype, the ``m x m`` ones on their upper triangle of tiles if
     ``symmetric``; returns a contiguous tensor of ``x``'s dtype and shape. Its reference is the
     standard form (:func:`newton_schulz_batched` with ``method="standard"``), equal in exact
     arithmetic."""

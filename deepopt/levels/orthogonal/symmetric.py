@@ -1,25 +1,24 @@
-"""Batched products whose result is known to be symmetric: compute the upper block staircase, mirror it.
+"""Batched products whose result is known to be symmetric: the upper triangle of tiles, mirrored.
 
 Every ``m x m`` product of Newton-Schulz is symmetric in exact arithmetic: ``A = X X^T``, ``A^2``,
 and in the Gram form ``B A``, ``B Q``, ``B (P A)``, all polynomials in one symmetric matrix (so they
-commute and ``(B A)^T = A B = B A``). :func:`symmetric_baddbmm` computes
+commute and ``(B A)^T = A B = B A``); so is delta momentum's ``G^T G``. :func:`symmetric_baddbmm`
+computes
 
     C = beta * D + alpha * L R^T        (L, R: (batch, m, k); D symmetric or absent)
 
-for such a result on ``q`` row blocks (boundaries ``s_0 = 0 < s_1 < ... < s_q = m``): block row
-``i`` is one ``baddbmm`` of ``L[s_i:s_{i+1}]`` against ``R[s_i:]`` (the diagonal block and
-everything right of it), and the blocks below the diagonal blocks are the transposes of those
-above (``q - 1`` copies). That is ``(q + 1) / (2q)`` of the flops (q = 4: 0.625), in ``q``
-launches of the same library matmul, each computed entry the same dot product as in the full
-product.
+for such a result. On CUDA in 16-bit dtypes it runs one Triton kernel
+(:mod:`deepopt.levels.orthogonal.triton_kernels`) that computes the tiles on and above the
+diagonal, each with float32 accumulation as a library matmul, and stores each one twice (at
+``(i, j)`` and transposed at ``(j, i)``): about half of the flops. Elsewhere, and with
+``impl="reference"``, it is :func:`torch.baddbmm` (the full product, every entry computed).
 
 Example:
     >>> import torch
     >>> from deepopt.levels.orthogonal.symmetric import symmetric_baddbmm
     >>> x = torch.randn(2, 8, 5, dtype=torch.float64)
-    >>> c = symmetric_baddbmm(x, x, blocks=3)
-    >>> bool(torch.allclose(c, x @ x.mT)), bool(torch.equal(c[:, 3:, :3], c[:, :3, 3:].mT))
-    (True, True)
+    >>> bool(torch.allclose(symmetric_baddbmm(x, x, alpha=0.5), 0.5 * x @ x.mT))
+    True
 """
 
 from __future__ import annotations
@@ -27,52 +26,67 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["symmetric_baddbmm", "block_bounds", "flop_fraction", "BLOCK_ROWS", "MAX_BLOCKS"]
+__all__ = ["symmetric_baddbmm", "flop_fraction", "uses_kernel", "IMPLS"]
 
-#: rows per block of :func:`block_bounds` (at least; boundaries are multiples of 64)
-BLOCK_ROWS = 512
-#: most blocks by default (the flops fall as (q + 1) / (2q); each block is one more launch)
-MAX_BLOCKS = 4
+IMPLS = ("auto", "triton", "reference")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def block_bounds(m: int, blocks: int | None = None) -> list[int]:
-    """Boundaries ``[0, s_1, ..., m]`` of ``blocks`` row blocks (default: ``m // BLOCK_ROWS``, at
-    most ``MAX_BLOCKS``, at least 1); inner boundaries are rounded to multiples of 64 (tensor-core
-    tiles) where ``m`` allows, and empty blocks are dropped."""
-    q = max(1, min(MAX_BLOCKS, m // BLOCK_ROWS)) if blocks is None else int(blocks)
-    if q < 1:
-        raise ValueError(f"blocks must be at least 1, got {blocks}")
-    step = 64 if m >= 64 * q else 1
-    inner = sorted({min(m, round(m * i / q / step) * step) for i in range(1, q)} - {0, m})
-    return [0, *inner, m]
+def flop_fraction(m: int) -> float:
+    """The share of a full ``m x m`` product's entries that a symmetric one needs: ``(m + 1) / (2m)``."""
+    return (m + 1) / (2 * m)
 
 
-def flop_fraction(m: int, blocks: int | None = None) -> float:
-    """The share of the full product's flops that :func:`symmetric_baddbmm` computes on ``m`` rows
-    (``(q + 1) / (2q)`` for ``q`` equal blocks; 1 for one block)."""
-    b = block_bounds(m, blocks)
-    return sum((hi - lo) * (m - lo) for lo, hi in zip(b[:-1], b[1:])) / (m * m)
+def uses_kernel(left: Tensor, impl: str = "auto") -> bool:
+    """Whether :func:`symmetric_baddbmm` runs its Triton kernel on ``left`` (auto: a CUDA tensor of a
+    16-bit dtype, or any floating tensor under Triton's interpreter)."""
+    from ...kernels.launch import interpreting
+
+    if impl not in IMPLS:
+        raise ValueError(f"invalid impl: {impl!r}; use one of {IMPLS}")
+    if impl != "auto":
+        return impl == "triton"
+    return (left.is_cuda and left.dtype in _KERNEL_DTYPES) or (interpreting() and not left.is_cuda)
 
 
 def symmetric_baddbmm(left: Tensor, right: Tensor, *, alpha: float = 1.0, beta: float = 0.0,
-                      add: Tensor | None = None, blocks: int | None = None) -> Tensor:
-    """``beta * add + alpha * left @ right^T`` (a new ``(batch, m, m)`` tensor of ``left``'s dtype)
-    for a result known to be symmetric (module docstring); ``add`` must be symmetric (it is read
-    on the staircase only: the diagonal blocks and above). ``beta = 0`` ignores ``add`` (NaN in it
-    is not propagated)."""
+                      add: Tensor | None = None, impl: str = "auto") -> Tensor:
+    """``beta * add + alpha * left @ right^T`` (a new contiguous ``(batch, m, m)`` tensor of
+    ``left``'s dtype) for a result known to be symmetric (module docstring). ``add`` must be
+    symmetric (the kernel reads its upper triangle of tiles); ``beta = 0`` or ``add=None`` ignores
+    it (NaN in it is not propagated). ``impl``: ``"auto"`` (:func:`uses_kernel`), ``"triton"``,
+    ``"reference"``."""
     if left.ndim != 3 or right.ndim != 3 or left.shape != right.shape:
         raise ValueError(f"symmetric_baddbmm: left and right must be (batch, m, k) of one shape, got "
                          f"{tuple(left.shape)} and {tuple(right.shape)}")
-    batch, m, _ = left.shape
+    batch, m, k = left.shape
     if add is not None and add.shape != (batch, m, m):
         raise ValueError(f"symmetric_baddbmm: add must be (batch, m, m) = {(batch, m, m)}, got {tuple(add.shape)}")
+    has_d = add is not None and beta != 0.0
+    if not uses_kernel(left, impl):
+        if not has_d and alpha == 1.0:
+            return torch.bmm(left, right.mT)
+        base = add if has_d else torch.empty(batch, m, m, dtype=left.dtype, device=left.device)
+        return torch.baddbmm(base, left, right.mT, beta=beta if has_d else 0.0, alpha=alpha)
+    from ...kernels.launch import interpreting
+    from . import triton_kernels as tk
+
     out = torch.empty(batch, m, m, dtype=left.dtype, device=left.device)
-    bounds = block_bounds(m, blocks)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        dst = out[:, lo:hi, lo:]
-        src = dst if add is None or beta == 0.0 else add[:, lo:hi, lo:]
-        torch.baddbmm(src, left[:, lo:hi], right[:, lo:].mT, beta=0.0 if src is dst else beta, alpha=alpha,
-                      out=dst)
-    for lo, hi in zip(bounds[1:-1], bounds[2:]):
-        out[:, lo:hi, :lo].copy_(out[:, :lo, lo:hi].mT)
+    d = add if has_d else out
+    args = (left, right, d, out, m, k, *left.stride(), *right.stride(), *d.stride(), out.stride(0), out.stride(1),
+            float(alpha), float(beta), has_d, left.dtype not in _KERNEL_DTYPES or interpreting())
+    if interpreting():  # the autotuner times configurations on a GPU: one fixed configuration here
+        block = 16
+
+        def grid(_):
+            t = -(-m // block)
+            return (t * (t + 1) // 2, batch)
+
+        tk.symmetric_product_kernel[grid](*args, BLOCK=block, BLOCK_K=16)
+    else:
+        def grid(meta):
+            t = -(-m // meta["BLOCK"])
+            return (t * (t + 1) // 2, batch)
+
+        tk.symmetric_product_tuned[grid](*args)
     return out
