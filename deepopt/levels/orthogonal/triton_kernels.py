@@ -13,13 +13,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: the autotuner's choices (square output tiles: BLOCK x BLOCK, BLOCK_K along the inner dimension)
+#: the autotuner's choices (square output tiles: BLOCK x BLOCK, BLOCK_K along the inner dimension):
+#: the two that won an H100 sweep of five at 24 x 2048 x {2048, 8192} (each one more compilation)
 CONFIGS = [
     triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
 
 
