@@ -4,7 +4,7 @@ For each input family (:func:`inputs`) and shape, four outputs of the same quint
 (torch's coefficients, 5 steps): torch's own (``torch.optim._muon._zeropower_via_newtonschulz``,
 bf16), deepopt's ``standard`` form (bf16), its ``gram`` form (float16 products, restarted) and its
 ``auto`` form (the default of MuonMemory and M3: on CUDA the Gram form for wide matrices, symmetric
-products on their block staircase for every shape; on the CPU the standard form), all on the same
+products on their upper triangle of tiles for every shape; on the CPU the standard form), all on the same
 bf16-rounded input, and the exact iteration ``O_64`` (float64). Metrics
 (:func:`metrics`; ``m <= n``, ``O`` as ``m x n``):
 

@@ -115,17 +115,10 @@ def _use_symmetric(method: str, device: torch.device | str | None = None) -> boo
 
 def _product(left: Tensor, right: Tensor, sym: bool, alpha: float = 1.0, beta: float = 0.0,
              add: Tensor | None = None) -> Tensor:
-    """``beta * add + alpha * left @ right^T`` for a symmetric result, on its upper triangle if ``sym``
-    (else one ``bmm``/``baddbmm``: callers pass ``right = A.mT`` for ``left @ A``, the same call as
-    ``baddbmm(add, left, A)``)."""
-    if sym:
-        return symmetric_baddbmm(left, right, alpha=alpha, beta=beta, add=add)
-    if add is None and alpha == 1.0:
-        return torch.bmm(left, right.mT)
-    if add is None:
-        add, beta = torch.empty(left.shape[0], left.shape[1], right.shape[1], dtype=left.dtype,
-                                device=left.device), 0.0
-    return torch.baddbmm(add, left, right.mT, beta=beta, alpha=alpha)
+    """``beta * add + alpha * left @ right^T`` for a symmetric result: on its upper triangle of tiles
+    if ``sym``, else one ``bmm``/``baddbmm`` (callers pass ``right = A.mT`` for ``left @ A``: the
+    same call as ``baddbmm(add, left, A)``)."""
+    return symmetric_baddbmm(left, right, alpha=alpha, beta=beta, add=add, impl="auto" if sym else "reference")
 
 
 def _segments(steps: int) -> list[int]:
