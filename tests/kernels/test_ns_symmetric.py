@@ -52,6 +52,19 @@ def test_kernel_mirrors_its_tiles():
     assert torch.equal(out[:, lower], out.mT[:, lower])
 
 
+def test_large_batches_go_in_parts_and_empty_inputs_work(monkeypatch):
+    from deepopt.levels.orthogonal import symmetric
+
+    monkeypatch.setattr(symmetric, "MAX_BATCH", 2)  # CUDA's grid limit is 65535 matrices a launch
+    x = torch.randn(5, 20, 12, device=DEVICE)
+    a = x @ x.mT
+    out = symmetric_baddbmm(x, x, alpha=0.5, beta=2.0, add=a, impl="triton")
+    torch.testing.assert_close(out, 2.0 * a + 0.5 * x @ x.mT, rtol=1e-5, atol=1e-5)
+    assert symmetric_baddbmm(x[:0], x[:0], impl="triton").shape == (0, 20, 20)
+    z = torch.zeros(2, 8, 0, device=DEVICE)
+    assert torch.equal(symmetric_baddbmm(z, z, impl="triton"), torch.zeros(2, 8, 8, device=DEVICE))
+
+
 def test_bad_arguments():
     x = torch.randn(2, 8, 4)
     with pytest.raises(ValueError, match="left and right"):

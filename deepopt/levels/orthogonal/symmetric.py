@@ -30,6 +30,8 @@ __all__ = ["symmetric_baddbmm", "flop_fraction", "uses_kernel", "IMPLS"]
 
 IMPLS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+#: the most matrices one launch takes (CUDA's grid limit on its second axis); larger batches go in parts
+MAX_BATCH = 65535
 
 
 def flop_fraction(m: int) -> float:
@@ -68,10 +70,17 @@ def symmetric_baddbmm(left: Tensor, right: Tensor, *, alpha: float = 1.0, beta: 
             return torch.bmm(left, right.mT)
         base = add if has_d else torch.empty(batch, m, m, dtype=left.dtype, device=left.device)
         return torch.baddbmm(base, left, right.mT, beta=beta if has_d else 0.0, alpha=alpha)
+    if batch > MAX_BATCH:
+        parts = [symmetric_baddbmm(left[i:i + MAX_BATCH], right[i:i + MAX_BATCH], alpha=alpha, beta=beta,
+                                   add=None if add is None else add[i:i + MAX_BATCH], impl=impl)
+                 for i in range(0, batch, MAX_BATCH)]
+        return torch.cat(parts)
     from ...kernels.launch import interpreting
     from . import triton_kernels as tk
 
     out = torch.empty(batch, m, m, dtype=left.dtype, device=left.device)
+    if out.numel() == 0:
+        return out
     d = add if has_d else out
     args = (left, right, d, out, m, k, *left.stride(), *right.stride(), *d.stride(), out.stride(0), out.stride(1),
             float(alpha), float(beta), has_d, left.dtype not in _KERNEL_DTYPES or interpreting())
