@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...kernels.launch import interpreting
+
 __all__ = ["symmetric_baddbmm", "flop_fraction", "uses_kernel", "IMPLS"]
 
 IMPLS = ("auto", "triton", "reference")
@@ -42,8 +44,6 @@ def flop_fraction(m: int) -> float:
 def uses_kernel(left: Tensor, impl: str = "auto") -> bool:
     """Whether :func:`symmetric_baddbmm` runs its Triton kernel on ``left`` (auto: a CUDA tensor of a
     16-bit dtype, or any floating tensor under Triton's interpreter)."""
-    from ...kernels.launch import interpreting
-
     if impl not in IMPLS:
         raise ValueError(f"invalid impl: {impl!r}; use one of {IMPLS}")
     if impl != "auto":
@@ -75,7 +75,6 @@ def symmetric_baddbmm(left: Tensor, right: Tensor, *, alpha: float = 1.0, beta: 
                                    add=None if add is None else add[i:i + MAX_BATCH], impl=impl)
                  for i in range(0, batch, MAX_BATCH)]
         return torch.cat(parts)
-    from ...kernels.launch import interpreting
     from . import triton_kernels as tk
 
     out = torch.empty(batch, m, m, dtype=left.dtype, device=left.device)
@@ -84,18 +83,13 @@ def symmetric_baddbmm(left: Tensor, right: Tensor, *, alpha: float = 1.0, beta: 
     d = add if has_d else out
     args = (left, right, d, out, m, k, *left.stride(), *right.stride(), *d.stride(), out.stride(0), out.stride(1),
             float(alpha), float(beta), has_d, left.dtype not in _KERNEL_DTYPES or interpreting())
+
+    def grid(meta):  # the upper triangle of tiles, for every matrix
+        t = -(-m // meta["BLOCK"])
+        return (t * (t + 1) // 2, batch)
+
     if interpreting():  # the autotuner times configurations on a GPU: one fixed configuration here
-        block = 16
-
-        def grid(_):
-            t = -(-m // block)
-            return (t * (t + 1) // 2, batch)
-
-        tk.symmetric_product_kernel[grid](*args, BLOCK=block, BLOCK_K=16)
+        tk.symmetric_product_kernel[grid](*args, BLOCK=16, BLOCK_K=16)
     else:
-        def grid(meta):
-            t = -(-m // meta["BLOCK"])
-            return (t * (t + 1) // 2, batch)
-
         tk.symmetric_product_tuned[grid](*args)
     return out
