@@ -1,4 +1,5 @@
-"""Triton helpers shared by every fused step's kernels, and the kernel of ``p <- decay p - alpha o``.
+"""Triton helpers shared by every fused step's kernels, the kernel of ``p <- decay p - alpha o`` and
+the non-finite check.
 
 Every kernel follows :mod:`deepopt.kernels.tables`: program ``b`` handles ``BLOCK`` elements of
 row ``blk_row[b]``, whose tensors it finds in ``ptrs[row, col]``; math is float32 whatever the
@@ -171,3 +172,23 @@ def apply_kernel(ptrs, numel, blk_row, blk_start, found, scal, decay,
     o = _ld(_col(ptrs, row, 1, NCOL, O_DT, ALIGNED), offs, mask)
     alpha = tl.load(scal + row * NSCAL)
     tl.store(pp + offs, _cast(_ld(pp, offs, mask) * decay - alpha * o, P_DT), mask=mask)
+
+
+# ----------------------------------------------------------------------------- the non-finite check
+
+
+@triton.jit
+def nonfinite_kernel(ptrs, numel, blk_row, blk_start, found, NCOL: tl.constexpr, G_DT: tl.constexpr,
+                     BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False, CHECK: tl.constexpr = False):
+    """Column g: ``found = 1`` where a block holds NaN or +-Inf (``g - g`` is then NaN, else 0;
+    in float32, exact for 16-bit values, or in float64); a read of the gradients and nothing else,
+    no store where they are finite (``found`` is zeroed by the caller; every writer stores the same
+    1, so no atomics)."""
+    row, offs, mask = _row(blk_row, blk_start, numel, found, BLOCK, ALIGNED, False)
+    g = tl.load(_col(ptrs, row, 0, NCOL, G_DT, ALIGNED) + offs, mask=mask, other=0.0)
+    if G_DT != tl.float64:
+        g = g.to(tl.float32)
+    d = g - g
+    bad = tl.max((d != d).to(tl.int32), 0)
+    if bad > 0:
+        tl.store(found, 1.0)

@@ -21,12 +21,15 @@ parameters get float32 state by default: float16's range cannot hold Adam's ``v 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import numbers
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
+from ..kernels.nonfinite import kernel_nonfinite_flag, nonfinite_flag_torch
 from ..levels.base import _HOST, host_ints
 
 __all__ = ["CONVENTIONS", "check_conventions", "check_real", "state_dtype_for", "host_ints", "all_finite",
@@ -106,7 +109,9 @@ def nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
     or +-Inf, else 0.0 (None for no tensors). No host sync: one multi-tensor reduction per (device,
     dtype) group, as torch's ``_amp_foreach_non_finite_check_and_unscale_`` (read only here):
 
-    * CUDA: ``torch._foreach_norm(ts, inf)`` (one launch), non-finite iff some max-norm is;
+    * CUDA: one Triton launch per dtype that reads the gradients and sets the flag
+      (:func:`~deepopt.kernels.nonfinite.kernel_nonfinite_flag`); without Triton, and for DTensor
+      gradients, ``torch._foreach_norm(ts, inf)``, non-finite iff some max-norm is;
     * CPU: the sum of each large tensor (one vectorized read at memory speed, float32 accumulation
       for 16-bit dtypes: about half the cost of ``torch._foreach_norm(ts, 2)``, which accumulates in
       float64 there, and ~80x less than the max-norm), ``torch._foreach_norm(ts, 2)`` of the small
@@ -146,8 +151,10 @@ def nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
             bad = ~torch.stack(sums).isfinite().all()
             if bool(bad):  # maybe: an overflow of finite entries, or a real NaN/Inf
                 bad = ~torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all()
+        elif device.type == "cuda" and not dtensor and _kernel_checks(ts[0].dtype):
+            bad = kernel_nonfinite_flag(ts)
         else:
-            bad = ~torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all()
+            bad = nonfinite_flag_torch(ts)
             if is_dtensor(bad):
                 bad = bad.full_tensor()
         flags.append(bad.reshape(1).to(torch.float32))
@@ -157,6 +164,20 @@ def nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
     for f in flags[1:]:
         flag = flag.maximum(f.to(flag.device, non_blocking=True))
     return flag
+
+
+def _kernel_checks(dtype: torch.dtype) -> bool:
+    """Whether CUDA gradients of ``dtype`` get the Triton check: a kernel dtype, compiled Triton
+    (not the interpreter) importable."""
+    from ..kernels.launch import interpreting
+    from ..kernels.nonfinite import KERNEL_DTYPES
+
+    return dtype in KERNEL_DTYPES and not interpreting() and _triton_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def all_finite(tensors: list[Tensor]) -> bool:

@@ -1,0 +1,67 @@
+"""``torch.compile(opt.step)`` on a CUDA device, where the fused steps launch compiled Triton
+kernels (Newton-Schulz's symmetric products among them): the compiled step equals the eager one,
+with dynamo's eager backend for every optimizer and with inductor for the orthogonalizing ones."""
+
+import pytest
+import torch
+from torch import nn
+
+import deepopt
+
+from .helpers import make
+
+pytestmark = pytest.mark.gpu
+
+NAMES = sorted(deepopt.OPTIMIZERS)
+
+
+def cuda_model(dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """Matrices large enough for the kernels' paths (Newton-Schulz on 16-bit symmetric products,
+    delta momentum's batched forget terms), a vector and an odd shape."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(96, 160), nn.LayerNorm(160), nn.Tanh(), nn.Linear(160, 160), nn.Tanh(),
+                         nn.Linear(160, 7)).to("cuda", dtype)
+
+
+def loss_of(model: nn.Module, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(32, 96, generator=g, device="cuda").to(dtype)
+    return (model(x).float() - 1).square().mean()
+
+
+def run_both(name: str, dtype: torch.dtype, backend: str, steps: int = 3):
+    compiled_model, eager_model = cuda_model(dtype), cuda_model(dtype)
+    opt, opt_eager = make(name, compiled_model), make(name, eager_model)
+    step = torch.compile(opt.step, backend=backend)
+    for s in range(steps):
+        for m, o in ((compiled_model, opt), (eager_model, opt_eager)):
+            o.zero_grad()
+            loss_of(m, s).backward()
+        step()
+        opt_eager.step()
+    torch.cuda.synchronize()
+    return compiled_model, eager_model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_step_equals_eager_on_cuda(name, dtype):
+    torch._dynamo.reset()
+    compiled, eager = run_both(name, dtype, "eager")
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["MuonMemory", "M3", "DeltaMomentum"])
+def test_inductor_compiled_step_equals_eager_on_cuda(name, dtype):
+    torch._dynamo.reset()
+    compiled, eager = run_both(name, dtype, "inductor")
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        assert torch.isfinite(p).all()
+        # inductor may fuse the element-wise torch ops around the kernels (other roundings)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
