@@ -49,6 +49,8 @@ def run_both(name: str, dtype: torch.dtype, backend: str, steps: int = 3):
 def test_compiled_step_equals_eager_on_cuda(name, dtype):
     torch._dynamo.reset()
     compiled, eager = run_both(name, dtype, "eager")
+    start = cuda_model(dtype)
+    assert all(not torch.equal(p, q) for p, q in zip(compiled.parameters(), start.parameters()))  # it stepped
     for p, q in zip(compiled.parameters(), eager.parameters()):
         assert torch.isfinite(p).all()
         torch.testing.assert_close(p, q, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
