@@ -4,7 +4,7 @@ optimizer steps that run it, with each form in the same run.
 On the speed suite's GPT-like list (:func:`benchmarks.speed.gpt_param_shapes`, ``--layers``
 blocks), per dtype: the check alone in its torch form (``torch._foreach_norm(ts, inf)``, then "are
 the norms finite") and as the Triton kernel at each ``(elements per program, warps)`` of
-``--configs`` (read GB/s beside each); then one synchronised step of each optimizer of
+``CONFIGS`` (read GB/s beside each), and the host's time per call on many tiny gradients; then one synchronised step of each optimizer of
 ``--optimizers`` with the kernel check and with the torch form, alternated ``--rounds`` times
 (median), beside the torch optimizer it is compared with.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -55,6 +56,25 @@ def check_table(shapes, dtype: torch.dtype, configs, repeats: int) -> list[str]:
     grads[len(grads) // 2].view(-1)[-1] = float("nan")
     assert float(nonfinite.kernel_nonfinite_flag(grads)) == 1.0
     return lines
+
+
+def host_table(tensors: int = 145, numel: int = 64, calls: int = 300) -> list[str]:
+    """Host microseconds per check call on many tiny gradients (the GPU idle: the launches' Python),
+    the two forms alternated, median over the calls."""
+    from deepopt.kernels import nonfinite
+
+    grads = [torch.randn(numel, device="cuda") for _ in range(tensors)]
+    times: dict[str, list[float]] = {"torch": [], "kernel": []}
+    forms = {"torch": nonfinite.nonfinite_flag_torch, "kernel": nonfinite.kernel_nonfinite_flag}
+    for _ in range(calls):
+        for name, fn in forms.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(grads)
+            times[name].append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize()
+    return [f"host time of one check, {tensors} tensors of {numel} elements", "| form | us |", "|---|---|"] + [
+        f"| {name} | {statistics.median(ts[calls // 10:]):.1f} |" for name, ts in times.items()]
 
 
 def step_table(shapes, dtype: torch.dtype, names, rounds: int, repeats: int) -> list[str]:
@@ -103,6 +123,7 @@ def main(argv=None) -> None:
         return
     shapes = gpt_param_shapes(layers=a.layers)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("\n".join(host_table()) + "\n")
     for dtype in (torch.float32, torch.bfloat16):
         print("\n".join(check_table(shapes, dtype, CONFIGS, a.repeats)) + "\n")
     for dtype in (torch.float32, torch.bfloat16):
