@@ -150,7 +150,7 @@ def nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
                 sums += torch._foreach_norm([t for t in ts if t.numel() < _LARGE], 2)
             bad = ~torch.stack(sums).isfinite().all()
             if bool(bad):  # maybe: an overflow of finite entries, or a real NaN/Inf
-                bad = ~torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all()
+                bad = nonfinite_flag_torch(ts)
         elif device.type == "cuda" and not dtensor and _kernel_checks(ts[0].dtype):
             bad = kernel_nonfinite_flag(ts)
         else:

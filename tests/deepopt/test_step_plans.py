@@ -210,6 +210,7 @@ def test_nonfinite_flag_by_sums(dtype):
     for n in (10, 1 << 16):  # small tensors (a norm each) and large ones (a sum each)
         ok = [torch.randn(n).to(dtype), torch.full((n,), big, dtype=dtype)]  # overflows: "maybe", then no
         assert float(nonfinite_flag(ok)) == 0.0
+        assert float(nonfinite_flag(ok + [torch.empty(0, dtype=dtype)])) == 0.0  # an empty tensor has no max-norm
         for bad in (float("nan"), float("inf"), -float("inf")):
             t = torch.randn(n).to(dtype)
             t[3] = bad
