@@ -81,3 +81,15 @@ def test_the_shell_checks_cuda_gradients_with_the_kernel(monkeypatch):
     p[1].grad[3] = 0.0
     opt.step()
     assert opt.skipped_steps == 1 and bool((p[0] < 1).all())
+
+
+@pytest.mark.gpu
+def test_a_cuda_step_with_an_empty_parameter():
+    import deepopt
+
+    p = [torch.nn.Parameter(torch.ones(8, 8, device="cuda")), torch.nn.Parameter(torch.empty(0, device="cuda"))]
+    opt = deepopt.MomentumMemory(p, lr=0.1)
+    for q in p:
+        q.grad = torch.ones_like(q)
+    opt.step()
+    assert opt.skipped_steps == 0 and bool((p[0] < 1).all())
