@@ -16,7 +16,7 @@ then (the Continuum Memory System rule, Behrouz et al. 2025, Eq. 71).
 
 Non-finite gradients (``nonfinite=``): ``"skip"`` (default) computes, before anything changes, a
 flag on the device, "some gradient holds NaN or Inf" (:func:`~deepopt.optim.conventions.nonfinite_flag`:
-one multi-tensor reduction per dtype group, no host sync), and a step with the flag set leaves every
+one multi-tensor pass per dtype group, on CUDA a Triton launch; no host sync), and a step with the flag set leaves every
 parameter and every state untouched, warns, and counts in ``optimizer.skipped_steps``. Where the
 fused kernels run (CUDA), they read the flag and store nothing when it is set, as torch's fused
 Adam does with ``found_inf``; the shell reads the flag lazily (at the next step, or when
