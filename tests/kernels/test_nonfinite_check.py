@@ -93,3 +93,19 @@ def test_a_cuda_step_with_an_empty_parameter():
         q.grad = torch.ones_like(q)
     opt.step()
     assert opt.skipped_steps == 0 and bool((p[0] < 1).all())
+
+
+def test_kernel_compiles_for_sm90_in_every_dtype(monkeypatch):
+    """Its launches in the interpreter (each dtype, aligned and not), compiled for sm90 as on a GPU."""
+    if not interpreting():
+        pytest.skip("records launches through Triton's interpreter (a CPU run)")
+    from ..triton_compile import compile_failures, record
+
+    def calls():
+        for dtype in DTYPES:
+            kernel_nonfinite_flag([torch.randn(64).to(dtype), torch.randn(7).to(dtype)])
+            kernel_nonfinite_flag([torch.randn(64).to(dtype)])
+
+    launches = record(monkeypatch, calls)
+    assert len(launches) == 2 * len(DTYPES)
+    assert not compile_failures(launches)
