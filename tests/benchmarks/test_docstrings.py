@@ -23,7 +23,7 @@ MODULES = ["benchmarks.cli", "benchmarks.continual", "benchmarks.continual_tasks
            "benchmarks.layers.long_context_bench", "benchmarks.layers.cms_in_context_bench", "benchmarks.lm_defaults",
            "benchmarks.lm_defaults.train", "benchmarks.lm_defaults.report", "benchmarks.lm_defaults.cli",
            "benchmarks.lr_transfer", "benchmarks.lr_transfer.tasks", "benchmarks.lr_transfer.sweep",
-           "benchmarks.lr_transfer.report", "benchmarks.lr_transfer.cli"]
+           "benchmarks.lr_transfer.report", "benchmarks.lr_transfer.cli", "benchmarks.nonfinite_check"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -32,3 +32,4 @@ def test_docstring_examples(name):
     failures, attempted = run_examples(module, optionflags=doctest.ELLIPSIS)
     assert attempted > 0, f"{name} has no docstring example"
     assert failures == 0, f"{name}: {failures} of {attempted} docstring examples failed"
+
