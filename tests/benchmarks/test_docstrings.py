@@ -32,4 +32,3 @@ def test_docstring_examples(name):
     failures, attempted = run_examples(module, optionflags=doctest.ELLIPSIS)
     assert attempted > 0, f"{name} has no docstring example"
     assert failures == 0, f"{name}: {failures} of {attempted} docstring examples failed"
-
