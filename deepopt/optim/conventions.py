@@ -29,7 +29,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ..kernels.nonfinite import kernel_nonfinite_flag, nonfinite_flag_torch
+from ..kernels.launch import interpreting
+from ..kernels.nonfinite import KERNEL_DTYPES, kernel_nonfinite_flag, nonfinite_flag_torch
 from ..levels.base import _HOST, host_ints
 
 __all__ = ["CONVENTIONS", "check_conventions", "check_real", "state_dtype_for", "host_ints", "all_finite",
@@ -169,9 +170,6 @@ def nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
 def _kernel_checks(dtype: torch.dtype) -> bool:
     """Whether CUDA gradients of ``dtype`` get the Triton check: a kernel dtype, compiled Triton
     (not the interpreter) importable."""
-    from ..kernels.launch import interpreting
-    from ..kernels.nonfinite import KERNEL_DTYPES
-
     return dtype in KERNEL_DTYPES and not interpreting() and _triton_available()
 
 
