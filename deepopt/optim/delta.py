@@ -39,7 +39,8 @@ class DeltaMomentum(LevelOptimizer):
             80x slower than float32); ``torch.bfloat16`` forces it, None keeps the parameter's
             dtype everywhere. The term is scaled by ``lam / ||G||^2``, so bf16 rounding (relative
             2^-8) moves the buffer by at most about ``lam 2^-8 ||m||`` per step; a test bounds the
-            drift from the float32 step. float64 parameters always use float64.
+            drift from the float32 step. float64 parameters always use float64. A float32
+            forget term follows torch's TF32 setting (``allow_tf32``), as any float32 matmul.
         impl, nonfinite: see :class:`~deepopt.optim.base.LevelOptimizer`.
 
     Example:

@@ -32,7 +32,11 @@ EPYC) a sigmoid, so the sigmoid form has no slow case):
     w2 <- a w2 + eta S_0 / n,  w1 <- w1 + eta w2_old S_2 / n,  b1 <- b1 + eta w2_old S_1 / n,
 
 and the read-out in a second pass; it equals the reference (``torch.func.grad``) to float
-rounding (tests: 1e-5 relative in float32, 1e-10 in float64).
+rounding (tests: 1e-5 relative in float32, 1e-10 in float64). Its sums and ``w1 k + b1`` are
+float32 matmuls, so on CUDA with TF32 on (``torch.backends.cuda.matmul.allow_tf32`` or
+``torch.set_float32_matmul_precision("high")``) they carry TF32's 10-bit rounding like any float32
+matmul (about 1e-3 relative per product); CUDA runs this path for DTensor parameters (FSDP2)
+and ``impl="foreach"``, and the default fused kernels use no matmul.
 
 Reduction: the update of ``b`` is exactly ``b <- a b + u``; with ``inner_lr=0`` and the default
 ``w2 = 0`` the MLP stays silent and DeepMomentum is exactly SGD momentum (``torch.optim.SGD``,
