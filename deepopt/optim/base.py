@@ -33,6 +33,7 @@ or older deepopt (missing convention keys) load, and ``state_dtype`` is honoured
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import warnings
@@ -484,8 +485,19 @@ class LevelOptimizer(torch.optim.Optimizer):
             if make_flag and not fused.flag_covered(ps, gs, states, group):
                 found.copy_(device_flag(gs))  # several launch families: the check first, as usual
                 make_flag = False
-            fused(ps, gs, states, group, lr=lr, weight_decay=wd, decoupled=not coupled, grads_decayed=False,
-                  found=found, make_flag=make_flag)
+            kw = dict(lr=lr, weight_decay=wd, decoupled=not coupled, grads_decayed=False, found=found,
+                      make_flag=make_flag)
+            if torch.compiler.is_compiling():
+                # the kernels read and write through tables of addresses (RowSet), which dynamo's
+                # analysis of Triton kernels cannot follow (it traces a store's pointer to a kernel
+                # argument, not through a loaded address), so it cannot know what they mutate; the
+                # likely cause of what an H100 showed when they were traced: compiled steps of
+                # DeepMomentum, DeltaMomentum and M3 off their eager twins by more than the bf16
+                # tolerance (3e-2). Under torch.compile the call runs as in eager mode, between
+                # graphs (a quiet graph break, like the shell's host reads).
+                run_eagerly(functools.partial(fused, **kw), ps, gs, states, group)
+            else:
+                fused(ps, gs, states, group, **kw)
             return
         work, gs = _in_state_dtype(ps, gs, states, group)
         if coupled:
