@@ -14,6 +14,8 @@ lives here, below all of them, and imports nothing above :mod:`deepopt.levels.ba
 * ``found``: a float32 one-element device tensor, nonzero when a gradient holds NaN/Inf
   (:func:`deepopt.optim.conventions.nonfinite_flag`); every kernel reads it and then stores
   nothing, as torch's fused Adam does with ``found_inf``, so the step needs no host sync.
+* :func:`on_device`: a step runs its launches on its parameters' CUDA device (Triton launches on
+  the current one).
 * :func:`launch` (one launch over a :class:`~deepopt.kernels.tables.RowSet`), :func:`apply_rows`
   (``p <- decay p - alpha o``), :func:`apply_directions` (the shell's foreach
   ``W <- W - lr (mul/div) num/den``) and the row helpers of the references (float32 math).
@@ -29,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import operator
 import os
@@ -42,7 +45,8 @@ from .tables import RowSet, scalar_table
 
 __all__ = ["FusedStep", "IMPLS", "BLOCK", "REDUCE_BLOCK",
            "apply_directions", "apply_rows", "bias_correction", "cast_state",
-           "first_write", "interpreting", "launch", "launch_config", "tl_dtype", "f32", "row_grad", "row_step", "tanh"]
+           "first_write", "interpreting", "launch", "launch_config", "on_device", "tl_dtype", "f32", "row_grad",
+           "row_step", "tanh"]
 
 IMPLS = ("auto", "triton", "reference", "foreach")
 #: elements per program and warps of the element-wise kernels, by the narrowest storage element of
@@ -155,9 +159,10 @@ class FusedStep(abc.ABC):
         self.found = found if kernel else None
         self.make_flag = make_flag
         try:
-            for idx in self.signatures(params, grads, states):
-                self.run(idx, params, grads, states, group, ts, lr * self.lr_scale(group), float(weight_decay),
-                         decoupled, kernel)
+            with on_device(params[0].device):
+                for idx in self.signatures(params, grads, states):
+                    self.run(idx, params, grads, states, group, ts, lr * self.lr_scale(group), float(weight_decay),
+                             decoupled, kernel)
         finally:
             self.found, self.make_flag = None, False
 
@@ -237,6 +242,26 @@ def bias_correction(beta: float, t: int) -> float:
 
 
 _NO_FLAG: dict[torch.device, Tensor] = {}
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which Triton launches on ``device``. Triton launches on the current CUDA device
+    and its current stream, so stepping tensors on ``cuda:1`` while ``cuda:0`` is current would hand
+    device 1's addresses to device 0: ``torch.cuda.device(device)`` where it is not the current one
+    (torch's fused optimizers guard their device alike), else nothing; nothing either inside
+    ``torch.compile`` graphs, which place kernels by their inputs' device.
+
+    Example:
+        >>> import torch
+        >>> from deepopt.kernels.launch import on_device
+        >>> with on_device(torch.device("cpu")):
+        ...     torch.ones(2).sum().item()
+        2.0
+    """
+    if (device.type == "cuda" and device.index is not None and not torch.compiler.is_compiling()
+            and device.index != torch.cuda.current_device()):
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def launch(kernel_fn: Callable, rows: RowSet, scal: Tensor | None, *args: Any, block: int | None = None,

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .launch import launch, tl_dtype
+from .launch import launch, on_device, tl_dtype
 from .tables import RowSet
 
 __all__ = ["kernel_nonfinite_flag", "nonfinite_flag_torch", "CHECK_CONFIGS", "KERNEL_DTYPES"]
@@ -53,8 +53,9 @@ def kernel_nonfinite_flag(tensors: Sequence[Tensor], found: Tensor | None = None
             by_dtype.setdefault(t.dtype, []).append(t)
     from . import triton_lib
 
-    for dtype, ts in by_dtype.items():
-        block, warps = CHECK_CONFIGS[dtype.itemsize]
-        launch(triton_lib.nonfinite_kernel, RowSet([[t] for t in ts]), None, found=found, check=False,
-               G_DT=tl_dtype(dtype), block=block, num_warps=warps)
+    with on_device(device):
+        for dtype, ts in by_dtype.items():
+            block, warps = CHECK_CONFIGS[dtype.itemsize]
+            launch(triton_lib.nonfinite_kernel, RowSet([[t] for t in ts]), None, found=found, check=False,
+                   G_DT=tl_dtype(dtype), block=block, num_warps=warps)
     return found

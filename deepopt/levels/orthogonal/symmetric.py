@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.launch import interpreting
+from ...kernels.launch import interpreting, on_device
 
 __all__ = ["symmetric_baddbmm", "flop_fraction", "uses_kernel", "IMPLS"]
 
@@ -91,5 +91,6 @@ def symmetric_baddbmm(left: Tensor, right: Tensor, *, alpha: float = 1.0, beta: 
     if interpreting():  # the autotuner times configurations on a GPU: one fixed configuration here
         tk.symmetric_product_kernel[grid](*args, BLOCK=16, BLOCK_K=16)
     else:
-        tk.symmetric_product_tuned[grid](*args)
+        with on_device(out.device):
+            tk.symmetric_product_tuned[grid](*args)
     return out
