@@ -4,6 +4,8 @@ Tiny, odd-sized parameter lists: a matrix, a conv filter, vectors, a scalar, a t
 (non-contiguous) parameter; float32 and bfloat16 parameters, and float32 state for bfloat16.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -255,8 +257,6 @@ def test_compiled_step_runs_the_kernels_as_in_eager_mode(name, monkeypatch):
     write through tables of addresses, which dynamo's analysis of Triton kernels cannot follow), so
     the compiled step equals the eager one bit for bit. Traced, these interpreted kernels failed
     outright; compiled ones on an H100 gave DeepMomentum, DeltaMomentum and M3 steps off by > 3e-2."""
-    import importlib
-
     launch_module = importlib.import_module("deepopt.kernels.launch")
     launches, real = [], launch_module.launch
     monkeypatch.setattr(launch_module, "launch", lambda *a, **k: launches.append(1) or real(*a, **k))
